@@ -1,0 +1,67 @@
+"""mxgate: an SMTP gateway with Exchange-style connectors and transport agents.
+
+This module is the plugin author's API; everything else is internal and may change.
+"""
+
+from mxgate.core.hookspecs import hookimpl
+from mxgate.core.model import (
+    Accept,
+    Address,
+    Disconnect,
+    Envelope,
+    IncomingMessage,
+    Reject,
+    Reply,
+    Session,
+    Stash,
+    StashKey,
+    TempFail,
+    Verdict,
+)
+from mxgate.core.outcomes import (
+    DeliveryReport,
+    Destination,
+    NextHop,
+    PeerVerification,
+    PolicyType,
+    ReportEvent,
+    Route,
+    TlsLevel,
+    TlsOutcome,
+    TlsPolicy,
+    TlsRptResult,
+)
+from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accept",
+    "Address",
+    "ConfigRegistry",
+    "ConnectorSetting",
+    "DeliveryReport",
+    "Destination",
+    "Disconnect",
+    "Envelope",
+    "IncomingMessage",
+    "NextHop",
+    "PeerVerification",
+    "PolicyType",
+    "Reject",
+    "Reply",
+    "ReportEvent",
+    "Route",
+    "Session",
+    "Stash",
+    "StashKey",
+    "TempFail",
+    "TlsLevel",
+    "TlsOutcome",
+    "TlsPolicy",
+    "TlsRptResult",
+    "Verdict",
+    "__version__",
+    "hookimpl",
+    "setting",
+]

@@ -1,0 +1,296 @@
+"""``mxgate ...``: the command line. Plugins add subcommands through ``mxgate_lifecycle_register_commands``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from mxgate import __version__
+from mxgate.core import config as cfg
+from mxgate.core import engine, logs, tracking
+from mxgate.core.errors import ConfigError, MxgateError
+from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins
+
+ENV_CONFIG = "MXGATE_CONFIG"
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help=f"configuration file (default: ${ENV_CONFIG}, else the built-in default)")
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "config", None) or getattr(args, "file", None) or os.environ.get(ENV_CONFIG)
+    return path or None
+
+
+def _load(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
+    return engine.load(_config_path(args))
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, plugins = _load(args)
+    logs.configure(config.server.log_format, config.server.log_level)
+    engine.run(config, plugins)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config, plugins = _load(args)
+    print(f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
+          f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config, _ = _load(args)
+    if args.json:
+        print(json.dumps(cfg.to_document(config), indent=2))
+    else:
+        sys.stdout.write(f"# effective configuration of {config.source}, defaults included\n")
+        sys.stdout.write(tomli_w.dumps(cfg.to_document(config)))
+    return 0
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    plugins = build_plugins()
+    from mxgate.core.plugins import collect_registry  # noqa: PLC0415
+
+    text = render_default(collect_registry(Dispatcher(plugins)))
+    if args.file in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    target = Path(args.file)
+    if target.exists() and not args.force:
+        print(f"mxgate: {target} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    _config, plugins = _load(args)
+    rows = [(i.name, i.source, str(i.priority), "yes" if i.enabled else "no",
+             ", ".join(h.removeprefix("mxgate_") for h in i.hooks) or "-") for i in plugins.infos]
+    if args.json:
+        print(json.dumps([dict(zip(("name", "source", "priority", "enabled", "hooks"), r, strict=True))
+                          for r in rows], indent=2))
+        return 0
+    head = ("NAME", "SOURCE", "PRIORITY", "ENABLED", "HOOKS")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for row in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    config, _ = _load(args)
+    records = tracking.trace(config.state_path, args.id)
+    if not records:
+        print(f"mxgate: no tracking records for {args.id!r} in {config.state_path / tracking.FILE_NAME}",
+              file=sys.stderr)
+        return 1
+    for record in records:
+        print(tracking.format_record(record))
+    return 0
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"mxgate {__version__}")
+    return 0
+
+
+# --- config init --------------------------------------------------------------------------------------------------
+
+
+def render_default(registry: cfg.ConfigRegistry) -> str:
+    """The built-in default as a complete, commented TOML file: every key with its description; keys left at
+    their default are commented out, so the file says exactly what the built-in default says."""
+    out = ["# mxgate configuration. `mxgate config check FILE` validates it; `mxgate config show FILE` prints",
+           "# the effective configuration. Keys that are commented out show their default.", ""]
+    for name, hint in cfg.SECTIONS.items():
+        is_array = typing.get_origin(hint) is tuple
+        cls = typing.get_args(hint)[0] if is_array else hint
+        doc_value = cfg.DEFAULT_DOCUMENT.get(name)
+        items = doc_value if is_array else [doc_value or {}]
+        kind = name if "connector" in name else None
+        for item in items or [{}]:
+            out.append(f"[[{name}]]" if is_array else f"[{name}]")
+            out.extend(_render_fields(cls, item, registry, kind, commented_all=is_array and not doc_value))
+            out.append("")
+    for section, cls in registry.sections.items():
+        out.append(f"[plugins.{section}]")
+        out.extend(_render_fields(cls, {}, registry, None))
+        out.append("")
+    return "\n".join(out)
+
+
+def _render_fields(cls: type, values: dict[str, Any], registry: cfg.ConfigRegistry, kind: str | None,
+                   *, commented_all: bool = False) -> list[str]:
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        meta = f.metadata
+        desc = meta.get("desc", "")
+        if meta.get("choices"):
+            desc += f" One of: {', '.join(meta['choices'])}."
+        lines.append(f"# {desc}")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in values and not commented_all:
+            lines.append(_toml_line(f.name, values[f.name]))
+            continue
+        if required:
+            lines.append("# " + _toml_line(f.name, meta.get("example") or ""))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = meta.get("example") if default is None else default
+        if dataclasses.is_dataclass(shown) or (isinstance(shown, tuple) and shown and
+                                               dataclasses.is_dataclass(shown[0])):
+            shown = cfg._plain(shown)
+        if shown is None:
+            lines.append(f"# {f.name} = (unset)")
+        else:
+            lines.append("# " + _toml_line(f.name, cfg._plain(shown)))
+    if kind:
+        for spec in registry.settings_for(kind):
+            lines.append(f"# {spec.desc} (plugin {registry.owners.get(spec.name, '?')})")
+            lines.append("# " + _toml_line(spec.name, spec.default))
+    return lines
+
+
+def _toml_line(key: str, value: Any) -> str:
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(_toml_line(k, v) for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+
+
+# --- parser -------------------------------------------------------------------------------------------------------
+
+
+def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mxgate",
+        description="SMTP gateway with Exchange-style connectors and transport agents, DNSSEC, DANE, MTA-STS, "
+                    "TLS-RPT and Prometheus metrics.",
+        epilog=f"Without --config (or ${ENV_CONFIG}), mxgate uses its built-in default: SMTP on 127.0.0.1:2525, "
+               "metrics on 127.0.0.1:9925, state under ./var.")
+    parser.add_argument("--version", action="version", version=f"mxgate {__version__}")
+    _config_arg(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the gateway (foreground)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_run)
+
+    p_config = sub.add_parser("config", help="check, show or create a configuration file")
+    csub = p_config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = csub.add_parser("check", help="validate FILE (exit 0 valid, 1 invalid)")
+    p.add_argument("file", nargs="?", help="configuration file (default: --config or the built-in default)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_config_check)
+    p = csub.add_parser("show", help="print the effective configuration, defaults included")
+    p.add_argument("file", nargs="?")
+    p.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    _config_arg(p)
+    p.set_defaults(func=cmd_config_show)
+    p = csub.add_parser("init", help="write a complete, commented default configuration")
+    p.add_argument("file", nargs="?", help="target file (default: standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_config_init)
+
+    p = sub.add_parser("plugins", help="list plugins: name, source, priority, enabled, hooks")
+    p.add_argument("--json", action="store_true")
+    _config_arg(p)
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or Message-ID")
+    p.add_argument("id")
+    _config_arg(p)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    for register in _core_command_modules():
+        register(sub)
+    if plugins is not None:
+        Dispatcher(plugins).call_sync("mxgate_lifecycle_register_commands", subparsers=sub)
+    return parser
+
+
+def _core_command_modules() -> list[Callable[[Any], None]]:
+    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``)."""
+    import importlib  # noqa: PLC0415
+
+    found = []
+    for module in ("mxgate.core.auth", "mxgate.core.queue.cli", "mxgate.core.delivery_cli", "mxgate.core.explain"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        register = getattr(mod, "register_cli", None)
+        if register is not None:
+            found.append(register)
+    return found
+
+
+def _plugins_for_cli(argv: Sequence[str]) -> PluginSet | None:
+    """Plugins may add commands; load them from the config named on the command line, quietly."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        _, plugins = engine.load(known.config or os.environ.get(ENV_CONFIG) or None)
+    except MxgateError:
+        return None
+    return plugins
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_plugins_for_cli(argv))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"mxgate: {len(exc.problems)} configuration error(s)", file=sys.stderr)
+        return 1
+    except MxgateError as exc:
+        print(f"mxgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

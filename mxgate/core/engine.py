@@ -1,0 +1,121 @@
+"""The gateway's lifecycle (aiohttp's Application/Runner/Site): load and freeze config and plugins, start
+services, serve, drain on stop, then ``on_shutdown``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mxgate.core.config import BUILTIN_SOURCE, DEFAULT_DOCUMENT, Config, build_config, plugins_section, read_toml
+from mxgate.core.errors import ConfigError, PluginError, StateError
+from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
+from mxgate.core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | Path | None, *, entry_points: bool = True, extra_plugins: Sequence[tuple[str, Any]] = (),
+         check_files: bool = True) -> tuple[Config, PluginSet]:
+    """Read a config file (or the built-in default), load the plugins it names, validate it with their schema."""
+    if path is None:
+        document, file, base = DEFAULT_DOCUMENT, BUILTIN_SOURCE, Path(".")
+    else:
+        p = Path(path)
+        document, file, base = read_toml(p), str(p), p.parent
+    plugin_conf = plugins_section(document, file)
+    try:
+        plugins = build_plugins(load=plugin_conf.load, disable=plugin_conf.disable, priority=plugin_conf.priority,
+                                base_dir=base, entry_points=entry_points, extra=extra_plugins)
+    except PluginError as exc:
+        raise ConfigError.single(file, "plugins", str(exc)) from exc
+    registry = collect_registry(Dispatcher(plugins))
+    config = build_config(document, file=file, registry=registry, base_dir=str(base), check_files=check_files)
+    return config, plugins
+
+
+def check_state_dir(path: Path) -> None:
+    """A clear start-up error rather than a traceback deep in SQLite."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"state directory {str(path)!r} cannot be created: {exc.strerror}") from exc
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise StateError(f"state directory {str(path)!r} is not readable and writable by this user")
+    probe = path / ".write-test"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StateError(f"state directory {str(path)!r} is not writable: {exc.strerror}") from exc
+
+
+class Gateway:
+    """One running mxgate: listeners, queue, scheduler, plugins."""
+
+    def __init__(self, config: Config, plugins: PluginSet) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.runtime: Runtime | None = None
+        self.servers: list[Any] = []
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> Runtime:
+        from mxgate.core.queue.store import QueueStore  # noqa: PLC0415 - heavy imports only when serving
+        from mxgate.core.smtp.server import start_listeners  # noqa: PLC0415
+
+        check_state_dir(self.config.state_path)
+        runtime = Runtime.create(self.config, self.plugins)
+        self.runtime = runtime
+        runtime.queue = await QueueStore.open(self.config.state_path)
+        await runtime.hooks.on_startup(runtime)
+        self.servers = await start_listeners(runtime)
+        for lst in self.config.listener:
+            log.info("listening", extra={"listener": lst.name, "address": lst.address})
+        return runtime
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        runtime = self.runtime
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), timeout)
+        self.servers = []
+        if runtime is None:
+            return
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        await runtime.hooks.on_shutdown(runtime)
+        if runtime.queue is not None:
+            await runtime.queue.close()
+        runtime.tracking.close()
+        self.runtime = None
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self._stopping.wait()
+        finally:
+            log.info("stopping")
+            await self.stop()
+
+
+def run(config: Config, plugins: PluginSet) -> None:
+    """``mxgate run``: uvloop when installed, else asyncio."""
+    try:
+        import uvloop  # noqa: PLC0415
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(Gateway(config, plugins).serve_forever())

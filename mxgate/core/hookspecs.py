@@ -1,0 +1,307 @@
+"""THE contract between mxgate's core and its plugins (Exchange's transport agents).
+
+Every hook is declared here, grouped by stage in the order a message meets them. Names are
+``mxgate_<stage>_<event>``: ``on_*`` is a notification or veto point, ``resolve_*`` is "first result wins",
+``register_*`` contributes to a registry.
+
+Implementations may be plain functions or ``async def``; the core's dispatcher (:mod:`mxgate.core.plugins`)
+awaits them in pluggy's call order. Wrappers (``hookwrapper``/``wrapper``) are refused on async hooks.
+An implementation declares only the arguments it uses. A hook that raises is logged with the plugin's name and
+counted; on receive hooks the client gets ``451 4.3.0`` and the session continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from mxgate.core.model import Address, Envelope, IncomingMessage, Session, Verdict
+from mxgate.core.outcomes import (
+    DeliveryReport,
+    Destination,
+    NextHop,
+    PeerVerification,
+    ReportEvent,
+    Route,
+    TlsOutcome,
+    TlsPolicy,
+)
+from mxgate.core.settings import ConfigRegistry
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from mxgate.core.auth import AuthResult
+    from mxgate.core.queue.store import QueuedMessage
+    from mxgate.core.runtime import Runtime
+    from mxgate.core.delivery import AttemptContext
+
+PROJECT = "mxgate"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ============================================================================================================
+# lifecycle
+# ============================================================================================================
+
+
+@hookspec
+def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
+    """Called once, before the configuration file is read, to extend the schema.
+
+    Declare a ``[plugins.<name>]`` section with ``registry.add_section(name, FrozenDataclass)`` and connector keys
+    with ``registry.add_connector_setting(ConnectorSetting(...))``. The core validates them like its own keys.
+
+    :param registry: the schema being assembled.
+    :returns: nothing.
+    """
+
+
+@hookspec
+def mxgate_lifecycle_register_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Called when the command line is built: add ``mxgate <command>`` subcommands.
+
+    Set ``parser.set_defaults(func=callable)``; the callable gets ``(args, config)`` and returns an exit code.
+
+    :param subparsers: ``argparse`` subparsers of the ``mxgate`` command.
+    """
+
+
+@hookspec
+def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
+    """Called once the configuration is frozen, before listeners accept connections. Start background tasks here.
+
+    :param runtime: the running gateway: config, resolver, clock, queue, state directory, ``submit()``.
+    """
+
+
+@hookspec
+def mxgate_lifecycle_on_shutdown(runtime: Runtime) -> None:
+    """Called after listeners stopped and in-flight work drained (or timed out). Stop background tasks here."""
+
+
+# ============================================================================================================
+# receive (Exchange's SmtpReceiveAgent). Each veto hook stops at the first non-None Verdict.
+# The core's own policy (connectors, relay rules, smuggling, limits) runs before these hooks and cannot be
+# overridden: an Accept only skips later plugins.
+# ============================================================================================================
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_connect(session: Session) -> Verdict | None:
+    """Called when a client connects, after the inbound connector was chosen by IP and before the banner.
+
+    Stops at the first non-None result.
+
+    :param session: the connection; plugin state goes in ``session.stash``.
+    :returns: ``None`` to abstain, or a Verdict (Reject/Disconnect answer the banner with it).
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_ehlo_command(session: Session, hostname: str) -> Verdict | None:
+    """Called for EHLO and HELO after syntax checks, before the reply.
+
+    Stops at the first non-None result.
+
+    :param hostname: the name the client gave.
+    :returns: ``None`` to abstain, or a Verdict.
+    """
+
+
+@hookspec
+def mxgate_receive_on_starttls(session: Session) -> None:
+    """Called after a STARTTLS handshake completed and the inbound connector was re-evaluated.
+
+    ``session.tls`` holds the negotiated version, cipher and client certificate names. Notification only.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_auth_command(session: Session, mechanism: str, username: str | None) -> Verdict | None:
+    """Called when AUTH starts (username known for PLAIN; None for LOGIN until it is sent). Veto only.
+
+    Stops at the first non-None result.
+
+    :returns: ``None`` to abstain, or a Verdict.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_resolve_credentials(session: Session, username: str, password: str) -> AuthResult | None:
+    """Check a username and password (AUTH PLAIN/LOGIN). The built-in source, a users file with scrypt hashes,
+    is a ``trylast`` implementation any plugin can replace.
+
+    Stops at the first non-None result.
+
+    :returns: an AuthResult (ok or not, and why), or ``None`` if this source does not know the user.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_mail_command(session: Session, envelope: Envelope, sender: Address) -> Verdict | None:
+    """Called for MAIL FROM after syntax and connector checks, before the sender is accepted.
+
+    Stops at the first non-None result.
+
+    :param envelope: the transaction before this command (``mail_from`` not yet set).
+    :param sender: the reverse-path; ``sender.is_null`` for ``<>``.
+    :returns: ``None`` to abstain, or a Verdict.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_rcpt_command(session: Session, envelope: Envelope, rcpt: Address) -> Verdict | None:
+    """Called for each RCPT TO after syntax and relay checks, before the recipient is accepted.
+
+    Stops at the first non-None result.
+
+    :param session: the connection; plugin state goes in ``session.stash``.
+    :param envelope: the current transaction (reset by RSET and after DATA).
+    :returns: ``None`` to abstain, or a :class:`Verdict`.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_end_of_headers(
+    session: Session, envelope: Envelope, message: IncomingMessage
+) -> Verdict | None:
+    """Called once the header block has been read (``message.data`` holds the headers only).
+
+    Stops at the first non-None result.
+
+    :param message: headers so far; ``message.add_header()`` prepends a header to the queued message.
+    :returns: ``None`` to abstain, or a Verdict (the body is then read and discarded).
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_receive_on_end_of_data(session: Session, envelope: Envelope, message: IncomingMessage) -> Verdict | None:
+    """Called after the final ``CRLF.CRLF``, before the message is queued.
+
+    Stops at the first non-None result. If nobody rejects, the message is written to the queue and fsync'ed,
+    and only then answered ``250 2.0.0 Ok: queued as <id>``.
+
+    :param message: the whole message; ``message.add_header()`` prepends a header.
+    :returns: ``None`` to abstain, or a Verdict.
+    """
+
+
+@hookspec
+def mxgate_receive_on_disconnect(session: Session) -> None:
+    """Called when the connection closed, for any reason. Notification only."""
+
+
+# ============================================================================================================
+# categorizer (Exchange's RoutingAgent)
+# ============================================================================================================
+
+
+@hookspec
+def mxgate_categorizer_on_submitted_message(message: QueuedMessage) -> None:
+    """Called when a queued message is first picked up for routing. Notification only."""
+
+
+@hookspec(firstresult=True)
+def mxgate_categorizer_resolve_recipient(message: QueuedMessage, recipient: Address) -> Sequence[Address] | None:
+    """Rewrite or expand one recipient (aliases, distribution lists).
+
+    Stops at the first non-None result.
+
+    :returns: ``None`` to keep the recipient, or the addresses that replace it (may be empty: drop it).
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address) -> Route | None:
+    """Choose the outbound connector for one recipient: the routing override.
+
+    Stops at the first non-None result. The built-in ``trylast`` implementation picks the connector whose
+    ``recipient_domains`` match most specifically (exact > ``*.example.com`` > ``*``; then ``cost``, then order).
+
+    :returns: a Route, or ``None`` to let later implementations decide.
+    """
+
+
+@hookspec
+def mxgate_categorizer_on_routed_message(message: QueuedMessage, routes: Sequence[tuple[Address, Route]]) -> None:
+    """Called after every recipient of a message has a route. Notification only."""
+
+
+# ============================================================================================================
+# delivery (Exchange's DeliveryAgent) and TLS policy
+# ============================================================================================================
+
+
+@hookspec(firstresult=True)
+def mxgate_delivery_resolve_next_hop(destination: Destination) -> NextHop | None:
+    """Resolve the hosts to try for a destination (MX or smart hosts), with DNSSEC status.
+
+    Stops at the first non-None result; the built-in MX/smart-host resolver is ``trylast``.
+    """
+
+
+@hookspec
+def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
+    """Every policy plugin gives its opinion (DANE, MTA-STS, the connector's own ``tls`` setting).
+
+    All results are collected; the core combines them by ``precedence`` (RFC 8461 section 2: DANE > MTA-STS >
+    connector). A policy that ``applies`` with a ``failure`` defers the destination.
+
+    :returns: a TlsPolicy, or ``None`` when this plugin has no opinion.
+    """
+
+
+@hookspec(firstresult=True)
+def mxgate_delivery_on_tls_verify(
+    attempt: AttemptContext, policy: TlsPolicy, chain: Sequence[x509.Certificate]
+) -> PeerVerification | None:
+    """Verify the peer after the handshake, under the policy that decided. The plugin that issued the policy
+    (``policy.source``) answers; others return None. The core's ``trylast`` implementation handles connector
+    policies (WebPKI chain and RFC 6125 names).
+
+    Stops at the first non-None result.
+
+    :param chain: the certificates the peer presented, leaf first (not just the verified part).
+    """
+
+
+@hookspec
+def mxgate_delivery_on_tls_outcome(outcome: TlsOutcome) -> None:
+    """One record per TLS attempt or per policy failure before any attempt. TLS-RPT and metrics consume it."""
+
+
+@hookspec
+def mxgate_delivery_on_delivered(report: DeliveryReport) -> None:
+    """A recipient was accepted by the next hop (2xx after DATA)."""
+
+
+@hookspec
+def mxgate_delivery_on_deferred(report: DeliveryReport) -> None:
+    """A recipient will be retried."""
+
+
+@hookspec
+def mxgate_delivery_on_failed(report: DeliveryReport) -> None:
+    """A recipient failed for good; a DSN goes to the sender (unless the sender is null)."""
+
+
+# ============================================================================================================
+# reporting
+# ============================================================================================================
+
+
+@hookspec
+def mxgate_report_on_event(event: ReportEvent) -> None:
+    """A countable event (connections, rejections, DNS lookups, STS fetches, TLS-RPT sends...). Metrics plugins
+    turn these into series; the labels are bounded by contract (never domains or addresses).
+    """
+
+
+@hookspec
+def mxgate_report_on_plugin_error(plugin: str, hook: str, error: BaseException) -> None:
+    """A plugin's hook implementation raised. Called after the error was logged. Must not raise."""

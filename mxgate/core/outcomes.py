@@ -1,0 +1,163 @@
+"""Delivery-side records that hooks exchange: routes, next hops, TLS policies and outcomes, delivery reports.
+
+TLS policy failures carry their RFC 8460 result type, so TLS-RPT and metrics only aggregate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+
+class TlsRptResult(StrEnum):
+    """RFC 8460 section 4.3 result types."""
+
+    STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
+    CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
+    CERTIFICATE_EXPIRED = "certificate-expired"
+    CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
+    VALIDATION_FAILURE = "validation-failure"
+    TLSA_INVALID = "tlsa-invalid"
+    DNSSEC_INVALID = "dnssec-invalid"
+    DANE_REQUIRED = "dane-required"
+    STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
+    STS_POLICY_INVALID = "sts-policy-invalid"
+    STS_WEBPKI_INVALID = "sts-webpki-invalid"
+
+
+class PolicyType(StrEnum):
+    """RFC 8460 policy-type."""
+
+    TLSA = "tlsa"
+    STS = "sts"
+    NO_POLICY = "no-policy-found"
+
+
+class TlsLevel(IntEnum):
+    """What a policy demands of the TLS layer; higher is stricter."""
+
+    NONE = 0  # no TLS (connector tls = "none")
+    MAY = 1  # opportunistic: TLS when offered, no authentication, cleartext fallback allowed
+    ENCRYPT = 2  # TLS required, peer not authenticated
+    VERIFY = 3  # TLS required, chain verified (certificate_validation)
+    SECURE = 4  # TLS required, chain and name verified (domain_validation, MTA-STS enforce, DANE)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one recipient goes: an outbound connector, optionally with next hops overriding the connector's."""
+
+    connector: str
+    smart_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One delivery job: a connector and the domain (or smart host set) its recipients share."""
+
+    connector: str
+    domain: str  # the nexthop domain: the recipient domain, or the first smart host's name
+    smart_hosts: tuple[str, ...] = ()  # empty: MX delivery
+
+
+@dataclass(frozen=True, slots=True)
+class HopHost:
+    """One host to try, in order, with the DNSSEC status of how we found it."""
+
+    name: str
+    port: int
+    preference: int = 0
+    addresses: tuple[str, ...] = ()  # empty: resolve at connect time
+    secure: bool = False  # the RRset(s) leading to this host validated (MX or CNAME chain, and the addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """The resolved hosts for a destination, or why there are none."""
+
+    destination: Destination
+    hosts: tuple[HopHost, ...]
+    kind: str  # "mx" | "implicit_mx" | "smart_host" | "null_mx" | "error"
+    mx_secure: bool = False  # the MX RRset itself is DNSSEC-secure (RFC 7672 section 2.2.1)
+    error: str | None = None  # with kind "error": why (defer; never read as "no record")
+    permanent: bool = False  # with kind "error"/"null_mx": bounce, not defer
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """One plugin's opinion of how a destination must be reached. The core combines them: DANE > MTA-STS >
+    connector (RFC 8461 section 2), the first applicable opinion of the highest ``precedence`` deciding."""
+
+    source: str  # "dane", "mta_sts", "connector" or a plugin's name
+    policy_type: PolicyType
+    policy_domain: str
+    level: TlsLevel
+    precedence: int  # dane 300, mta_sts 200, connector 100
+    applies: bool = True  # False: the plugin looked and found no policy (still reported, e.g. no-policy-found)
+    report_only: bool = False  # MTA-STS "testing": verify and report, deliver anyway
+    mx_patterns: tuple[str, ...] = ()  # MTA-STS: only MX hosts matching these may be used
+    reference_ids: tuple[str, ...] = ()  # names the certificate must carry when level is SECURE
+    policy_strings: tuple[str, ...] = ()  # for TLS-RPT policy-string
+    failure: TlsRptResult | None = None  # the policy lookup itself failed: defer (unless report_only)
+    detail: str = ""
+    data: object = field(default=None, compare=False)  # the plugin's own policy object for on_tls_verify
+
+
+@dataclass(frozen=True, slots=True)
+class PeerVerification:
+    """The answer of ``on_tls_verify``: did the peer prove it is the right one?"""
+
+    ok: bool
+    label: str  # "verified" (secure DNS/PKIX), "trusted" (insecure MX), "untrusted", "anonymous"
+    result_type: TlsRptResult | None = None
+    matched: str | None = None  # e.g. "3 1 1" (DANE) or the certificate name that matched
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOutcome:
+    """One TLS attempt (or one policy failure before any attempt), as TLS-RPT and metrics see it."""
+
+    connector: str
+    policy_type: PolicyType
+    policy_domain: str
+    success: bool
+    mx_host: str | None = None
+    receiving_ip: str | None = None
+    receiving_helo: str | None = None
+    sending_ip: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    verification: str | None = None  # PeerVerification.label
+    matched: str | None = None
+    result_type: TlsRptResult | None = None
+    policy_strings: tuple[str, ...] = ()
+    mx_patterns: tuple[str, ...] = ()
+    detail: str = ""
+    at: float = 0.0  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """The fate of one recipient after one attempt."""
+
+    message_id: str  # queue id
+    recipient: str
+    connector: str
+    result: str  # "delivered" | "deferred" | "failed"
+    reply: str
+    mx_host: str | None = None
+    received_at: float = 0.0
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvent:
+    """A countable event for observers (metrics): a bounded ``kind`` and bounded label values, never addresses."""
+
+    kind: str  # e.g. "connection", "message_rejected", "sts_fetch", "tlsrpt_sent"
+    labels: tuple[tuple[str, str], ...] = ()
+    value: float = 1.0
+
+    def label(self, name: str, default: str = "") -> str:
+        return next((v for k, v in self.labels if k == name), default)

@@ -1,0 +1,104 @@
+"""The message-tracking log (Exchange's message tracking): one JSON line per step of a message's life.
+
+Events: RECEIVE, REJECT (receive side); ROUTE, ATTEMPT, DELIVER, DEFER, FAIL, DSN (queue and delivery).
+``mxgate trace ID`` prints a message's story in order, by queue id or Message-ID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "tracking.jsonl"
+
+
+class TrackEvent(StrEnum):
+    RECEIVE = "RECEIVE"
+    REJECT = "REJECT"
+    ROUTE = "ROUTE"
+    ATTEMPT = "ATTEMPT"
+    DELIVER = "DELIVER"
+    DEFER = "DEFER"
+    FAIL = "FAIL"
+    DSN = "DSN"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackRecord:
+    ts: float
+    event: str
+    queue_id: str | None
+    message_id: str | None
+    fields: tuple[tuple[str, Any], ...]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return next((v for k, v in self.fields if k == name), default)
+
+
+class TrackingLog:
+    """Appends JSON lines; cheap enough for the hot path (one buffered write and flush per event, no fsync —
+    the queue store, not this log, is what makes acceptance durable)."""
+
+    def __init__(self, state_dir: Path, *, enabled: bool = True, clock: Any = time.time) -> None:
+        self.path = state_dir / FILE_NAME
+        self.enabled = enabled
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._fh = self.path.open("a", encoding="utf-8") if enabled else None
+
+    def write(self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None,
+              **fields: Any) -> None:
+        if self._fh is None:
+            return
+        record = {"ts": round(self.clock(), 6), "event": str(event), "queue_id": queue_id,
+                  "message_id": message_id, **{k: v for k, v in fields.items() if v is not None}}
+        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_records(state_dir: Path) -> Iterator[TrackRecord]:
+    path = state_dir / FILE_NAME
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+            if not isinstance(raw, dict):
+                continue
+            ts, event = raw.pop("ts", 0.0), raw.pop("event", "?")
+            qid, mid = raw.pop("queue_id", None), raw.pop("message_id", None)
+            yield TrackRecord(float(ts), str(event), qid, mid, tuple(raw.items()))
+
+
+def trace(state_dir: Path, ident: str) -> list[TrackRecord]:
+    """Every record of one message, by queue id or Message-ID (with or without angle brackets)."""
+    wanted_mid = ident.strip().strip("<>")
+    records = list(read_records(state_dir))
+    qids = {r.queue_id for r in records if r.queue_id == ident or (r.message_id or "").strip("<>") == wanted_mid}
+    qids.discard(None)
+    return [r for r in records if r.queue_id in qids]
+
+
+def format_record(r: TrackRecord) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts)) + f".{int(r.ts * 1000) % 1000:03d}Z"
+    details = " ".join(f"{k}={v}" for k, v in r.fields)
+    return f"{when} {r.event:<8} {r.queue_id or '-'} {details}".rstrip()

@@ -1,0 +1,6 @@
+"""Built-in agent: Prometheus metrics on ``[metrics] listen``, fed by hooks (issue "Prometheus metrics")."""
+
+from __future__ import annotations
+
+name = "prometheus"
+priority = 95
