@@ -322,7 +322,8 @@ class _Builder:
         if check is not None and value is not None:
             message = check(value)
             if message:
-                self.problem(path, f"{_short(value)}: {message}")
+                # list checks name the offending items themselves
+                self.problem(path, message if isinstance(value, tuple) else f"{_short(value)}: {message}")
                 return None, False
         return value, True
 
@@ -404,6 +405,8 @@ def build_config(
             if item is not None:
                 built[name] = item
     sections = built.pop("_plugin_sections", {})
+    for name, cls in registry.sections.items():
+        sections.setdefault(name, cls())  # every declared plugin section exists, at its defaults if unset
     for name, hint in SECTIONS.items():
         if name not in built:  # a section with errors: cross-check the rest against its defaults
             built[name] = () if typing.get_origin(hint) is tuple else hint()

@@ -222,11 +222,10 @@ def build_plugins(
         doc = (inspect.getdoc(obj) or "").strip().splitlines()
         infos.append(PluginInfo(name, source, prio, enabled, _hook_names(obj), doc[0] if doc else ""))
     infos.sort(key=lambda i: (i.priority, i.name))
-    unknown_hooks = [(n, h) for n, h in ((p.name, h) for p in infos for h in p.hooks)
-                     if not hasattr(pm.hook, h)]
-    if unknown_hooks:
-        plugin, hook = unknown_hooks[0]
-        raise PluginError(f"plugin {plugin!r} implements {hook}, which is not an mxgate hook (see hookspecs.py)")
+    try:
+        pm.check_pending()  # an implementation of a hook nobody declared: a typo, or a plugin for another version
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc}: not an mxgate hook (see hookspecs.py)") from exc
     return PluginSet(pm, infos)
 
 

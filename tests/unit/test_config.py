@@ -1,0 +1,204 @@
+"""Configuration: every kind of mistake gives file, key path, bad value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mxgate.core import engine
+from mxgate.core.config import BUILTIN_SOURCE, load_config
+from mxgate.core.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "mx.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        engine.load(path)
+    return [str(p) for p in info.value.problems]
+
+
+BASE = """
+[[listener]]
+name = "smtp"
+address = "127.0.0.1:2525"
+[[outbound_connector]]
+name = "internet"
+recipient_domains = ["*"]
+use_mx = true
+"""
+
+
+def test_builtin_default_is_valid() -> None:
+    config, plugins = engine.load(None)
+    assert config.source == BUILTIN_SOURCE
+    assert [lst.address for lst in config.listener] == ["127.0.0.1:2525"]
+    assert config.metrics.listen == "127.0.0.1:9925"
+    assert config.server.state_dir == "./var"
+    assert {"dane", "mta_sts", "tlsrpt", "prometheus", "dnssec", "core"} <= set(plugins.names())
+
+
+def test_unknown_key_suggests(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nhostnme = 'mx.example.org'\n" + BASE)
+    assert problems(path) == [f"{path}: server.hostnme: unknown key 'hostnme'; did you mean 'hostname'?"]
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "[listeners]\nx=1\n" + BASE)
+    (msg,) = problems(path)
+    assert "listeners: unknown key 'listeners'; did you mean 'listener'?" in msg
+
+
+def test_wrong_type_names_value_and_expectation(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nmax_message_size = 'big'\n" + BASE)
+    assert problems(path) == [f"{path}: server.max_message_size: expected a whole number, got a string ('big')"]
+
+
+def test_bad_choice_in_array_of_tables_has_index(tmp_path: Path) -> None:
+    text = BASE + """
+[[outbound_connector]]
+name = "partner"
+recipient_domains = ["partner.example"]
+smart_hosts = ["mx.partner.example"]
+tls = "domain_validaton"
+"""
+    (msg,) = problems(write(tmp_path, text))
+    assert "outbound_connector[1].tls: 'domain_validaton' is not allowed; expected one of: none, opportunistic" in msg
+    assert "did you mean 'domain_validation'?" in msg
+
+
+def test_plugin_connector_setting_validated(tmp_path: Path) -> None:
+    text = BASE.replace("use_mx = true", 'use_mx = true\ndane = "always"')
+    (msg,) = problems(write(tmp_path, text))
+    assert "outbound_connector[0].dane: 'always' is not allowed; expected one of: none, opportunistic, mandatory" in msg
+
+
+def test_plugin_section_unknown_and_typo(tmp_path: Path) -> None:
+    text = BASE + "[plugins.tlsrp]\norganization_name = 'x'\n[plugins.tlsrpt]\norganisation_name = 'x'\n"
+    msgs = problems(write(tmp_path, text))
+    assert any("plugins.tlsrp: no loaded plugin declares a [plugins.tlsrp] section; did you mean [plugins.tlsrpt]?"
+               in m for m in msgs)
+    assert any("plugins.tlsrpt.organisation_name: unknown key" in m and "'organization_name'" in m for m in msgs)
+
+
+def test_all_errors_reported_at_once_including_cross_checks(tmp_path: Path) -> None:
+    text = """
+[server]
+max_recipients = 0
+[[listener]]
+name = "a"
+address = "127.0.0.1:2525"
+[[listener]]
+name = "b"
+address = "0.0.0.0:2525"
+tls_cert = "missing.pem"
+tls_key = "missing.key"
+[[outbound_connector]]
+name = "x"
+recipient_domains = ["*"]
+"""
+    msgs = problems(write(tmp_path, text))
+    joined = "\n".join(msgs)
+    assert "server.max_recipients: 0: expected a number greater than 0" in joined
+    assert "listener[1].address: 0.0.0.0:2525 is also used by listener[0]" in joined
+    assert "listener[1].tls_cert: file 'missing.pem' does not exist" in joined
+    assert "outbound_connector[0]: set exactly one of smart_hosts or use_mx = true" in joined
+    assert len(msgs) == 5
+
+
+def test_metrics_port_clash(tmp_path: Path) -> None:
+    text = BASE + '[metrics]\nlisten = "127.0.0.1:2525"\n'
+    (msg,) = problems(write(tmp_path, text))
+    assert "metrics.listen: 127.0.0.1:2525 is also used by listener[0]" in msg
+
+
+def test_overlapping_inbound_connectors(tmp_path: Path) -> None:
+    text = BASE + """
+[[inbound_connector]]
+name = "a"
+sender_ips = ["192.0.2.0/24"]
+[[inbound_connector]]
+name = "b"
+sender_ips = ["192.0.2.0/24"]
+[[inbound_connector]]
+name = "c"
+sender_ips = ["192.0.2.0/24"]
+tls_sender_certificate_name = "mail.partner.example"
+"""
+    (msg,) = problems(write(tmp_path, text))
+    assert "inbound_connector[1]: overlaps inbound_connector[0] ('a')" in msg
+
+
+def test_inbound_connector_needs_a_way_to_match_and_valid_networks(tmp_path: Path) -> None:
+    text = BASE + """
+[[inbound_connector]]
+name = "nothing"
+[[inbound_connector]]
+name = "badnet"
+sender_ips = ["300.1.2.3/8"]
+"""
+    msgs = problems(write(tmp_path, text))
+    assert any("inbound_connector[0]: needs sender_ips or tls_sender_certificate_name" in m for m in msgs)
+    assert any("inbound_connector[1].sender_ips: not an IP address or network: '300.1.2.3/8'" in m for m in msgs)
+
+
+def test_duplicate_names_and_bad_address(tmp_path: Path) -> None:
+    text = BASE + """
+[[outbound_connector]]
+name = "internet"
+recipient_domains = ["example.org"]
+smart_hosts = ["[::1]:x"]
+[[listener]]
+name = "other"
+address = "localhost"
+"""
+    msgs = "\n".join(problems(write(tmp_path, text)))
+    assert "listener[1].address: 'localhost': missing ':port'" in msgs
+    assert "outbound_connector[1].name: 'internet' is already the name of outbound_connector[0]" in msgs
+    assert "outbound_connector[1].smart_hosts[0]: '[::1]:x'" in msgs
+
+
+def test_in_process_dnssec_not_available(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, BASE + '[dns]\ndnssec = "in_process"\n'))
+    assert 'dns.dnssec: "in_process" validation is not available yet' in msg
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\nx=1")
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}: TOML syntax error")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config("/nonexistent/mx.toml")
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "mx.pem").write_text("x")
+    (tmp_path / "certs" / "mx.key").write_text("x")
+    text = BASE.replace('address = "127.0.0.1:2525"',
+                        'address = "127.0.0.1:2525"\ntls_cert = "certs/mx.pem"\ntls_key = "certs/mx.key"')
+    config, _ = engine.load(write(tmp_path, text))
+    assert config.path(config.listener[0].tls_cert or "") == tmp_path / "certs" / "mx.pem"
+
+
+def test_resolvers_accept_strings_and_tables(tmp_path: Path) -> None:
+    text = BASE + '[dns]\nresolvers = ["127.0.0.1:5353", {address = "192.0.2.53", trusted = true}]\n'
+    config, _ = engine.load(write(tmp_path, text))
+    assert [(r.address, r.trusted) for r in config.dns.resolvers] == [("127.0.0.1:5353", False),
+                                                                      ("192.0.2.53", True)]
+
+
+def test_config_objects_are_frozen() -> None:
+    config, _ = engine.load(None)
+    with pytest.raises(AttributeError):
+        config.server.hostname = "evil"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.outbound_connector[0].extra["dane"] = "none"  # type: ignore[index]

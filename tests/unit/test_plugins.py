@@ -1,0 +1,208 @@
+"""Plugin loading (entry point, path, disable, priority) and the async dispatcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mxgate import Accept, Address, Envelope, Reject, Reply, Session, TempFail, hookimpl
+from mxgate.core import engine
+from mxgate.core.errors import ConfigError, PluginError
+from mxgate.core.plugins import Dispatcher, HookCallError, Hooks, build_plugins
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def session() -> Session:
+    return Session(id="s1", listener="smtp", peer_ip="192.0.2.1", peer_port=1234, local_ip="127.0.0.1",
+                   local_port=25)
+
+
+class Recorder:
+    def __init__(self, name: str, priority: int, calls: list[str], verdict: object = None) -> None:
+        self.name, self.priority, self.calls, self.verdict = name, priority, calls, verdict
+
+    @hookimpl
+    async def mxgate_receive_on_rcpt_command(self, rcpt: Address) -> object:
+        self.calls.append(self.name)
+        return self.verdict
+
+
+async def test_priority_orders_calls_and_firstresult_stops() -> None:
+    calls: list[str] = []
+    reject = Reject(Reply(550, "5.7.1", "no"))
+    plugins = build_plugins(entry_points=False, extra=[
+        ("late", Recorder("late", 90, calls)),
+        ("first", Recorder("first", 1, calls)),
+        ("middle", Recorder("middle", 20, calls, reject)),
+        ("never", Recorder("never", 80, calls)),
+    ])
+    hooks = Hooks(Dispatcher(plugins))
+    verdict = await hooks.on_rcpt_command(session(), Envelope(), Address("a", "example.org"))
+    assert verdict == reject
+    assert calls == ["first", "middle"]
+
+
+async def test_priority_override_from_config() -> None:
+    calls: list[str] = []
+    plugins = build_plugins(entry_points=False, priority={"b": 1}, extra=[
+        ("a", Recorder("a", 5, calls)), ("b", Recorder("b", 50, calls))])
+    await Hooks(Dispatcher(plugins)).on_rcpt_command(session(), Envelope(), Address("a", "x.org"))
+    assert calls == ["b", "a"]
+
+
+async def test_sync_and_async_implementations_mix_and_get_only_their_arguments() -> None:
+    seen: list[tuple[str, object]] = []
+
+    class SyncOne:
+        @hookimpl
+        def mxgate_receive_on_mail_command(self, sender: Address) -> None:
+            seen.append(("sync", sender))
+
+    class AsyncOne:
+        @hookimpl
+        async def mxgate_receive_on_mail_command(self, session: Session, envelope: Envelope) -> object:
+            seen.append(("async", session.id))
+            return TempFail(Reply(451, "4.7.1", "later"))
+
+    plugins = build_plugins(entry_points=False, extra=[("s", SyncOne()), ("a", AsyncOne())])
+    verdict = await Hooks(Dispatcher(plugins)).on_mail_command(session(), Envelope(), Address("x", "y.org"))
+    assert isinstance(verdict, TempFail) and verdict.reply.code == 451
+    assert ("sync", Address("x", "y.org")) in seen and ("async", "s1") in seen
+
+
+async def test_raising_plugin_is_reported_with_its_name() -> None:
+    errors: list[tuple[str, str]] = []
+
+    class Broken:
+        name = "broken"
+
+        @hookimpl
+        def mxgate_receive_on_connect(self) -> None:
+            raise RuntimeError("boom")
+
+    class Watcher:
+        @hookimpl
+        def mxgate_report_on_plugin_error(self, plugin: str, hook: str) -> None:
+            errors.append((plugin, hook))
+
+    plugins = build_plugins(entry_points=False, extra=[("broken", Broken()), ("watcher", Watcher())])
+    dispatcher = Dispatcher(plugins)
+    with pytest.raises(HookCallError) as info:
+        await Hooks(dispatcher).on_connect(session())
+    assert info.value.plugin == "broken"
+    assert errors == [("broken", "mxgate_receive_on_connect")]
+    assert dispatcher.stats[("broken", "mxgate_receive_on_connect")].errors == 1
+    # notification hooks log and carry on
+    await Hooks(dispatcher).on_disconnect(session())
+
+
+async def test_bad_return_type_is_refused() -> None:
+    class Stringy:
+        @hookimpl
+        def mxgate_receive_on_connect(self) -> str:
+            return "250 ok"
+
+    plugins = build_plugins(entry_points=False, extra=[("stringy", Stringy())])
+    with pytest.raises(PluginError, match="expected Accept, Reject"):
+        await Hooks(Dispatcher(plugins)).on_connect(session())
+
+
+def test_wrappers_and_unknown_hooks_are_refused() -> None:
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def mxgate_receive_on_connect(self) -> object:
+            return (yield)
+
+    with pytest.raises(PluginError, match="wrapper"):
+        build_plugins(entry_points=False, extra=[("w", Wrapper())])
+
+    class Typo:
+        @hookimpl
+        def mxgate_receive_on_rcpt(self) -> None: ...
+
+    with pytest.raises(PluginError, match="not an mxgate hook"):
+        build_plugins(entry_points=False, extra=[("t", Typo())])
+
+
+def test_verdicts_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Reject(Reply(451, "4.7.1", "x"))
+    with pytest.raises(ValueError):
+        Reply(550, "4.1.1", "class mismatch")
+    with pytest.raises(ValueError):
+        Reply(250, "2.0.0", "two\r\nlines")
+    assert str(Accept(Reply(250, "2.1.5", "ok")).reply) == "250 2.1.5 ok"
+
+
+def test_disable_builtin_and_unknown(tmp_path: Path) -> None:
+    plugins = build_plugins(entry_points=False, disable=["tlsrpt"])
+    info = plugins.info("tlsrpt")
+    assert info is not None and not info.enabled
+    assert plugins.pm.get_plugin("tlsrpt") is None
+    with pytest.raises(PluginError, match="unknown plugins: nope"):
+        build_plugins(entry_points=False, disable=["nope"])
+    with pytest.raises(PluginError, match="essential plugins cannot be disabled"):
+        build_plugins(entry_points=False, disable=["core"])
+
+
+def test_disabled_plugin_section_becomes_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "mx.toml"
+    path.write_text('[plugins]\ndisable = ["tlsrpt"]\n[plugins.tlsrpt]\norganization_name = "x"\n')
+    with pytest.raises(ConfigError, match=r"no loaded plugin declares a \[plugins.tlsrpt\] section"):
+        engine.load(path)
+
+
+def test_load_from_path_with_section(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "header-stamp" / "mxgate_header_stamp.py"
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[plugins]\nload = ["{example}:HeaderStamp"]\n'
+                    '[plugins.header_stamp]\nreject_pattern = "(unclosed"\n')
+    with pytest.raises(ConfigError) as info:
+        engine.load(path)
+    assert "plugins.header_stamp.reject_pattern: '(unclosed': not a regular expression" in str(info.value)
+    path.write_text(f'[plugins]\nload = ["{example}:HeaderStamp"]\n[plugins.header_stamp]\nheader = "X-T"\n')
+    config, plugins = engine.load(path)
+    info2 = plugins.info("header_stamp")
+    assert info2 is not None and info2.source.startswith("config: ") and info2.priority == 10
+    assert config.plugin_section("header_stamp", type(config.plugin_sections["header_stamp"])).header == "X-T"
+
+
+def test_load_errors_name_the_plugin(tmp_path: Path) -> None:
+    path = tmp_path / "mx.toml"
+    path.write_text('[plugins]\nload = ["no_such_module_xyz:Thing"]\n')
+    with pytest.raises(ConfigError, match="plugins: plugin module 'no_such_module_xyz' failed to import"):
+        engine.load(path)
+    path.write_text('[plugins]\nload = ["missing.py"]\n')
+    with pytest.raises(ConfigError, match="missing.py' does not exist"):
+        engine.load(path)
+
+
+def test_entry_point_discovery(tmp_path: Path) -> None:
+    """A real distribution with an entry point in group "mxgate" is found by `mxgate plugins`."""
+    site = tmp_path / "site"
+    (site / "ep_demo-1.0.dist-info").mkdir(parents=True)
+    (site / "ep_demo-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-demo\nVersion: 1.0\n")
+    (site / "ep_demo-1.0.dist-info" / "entry_points.txt").write_text("[mxgate]\nep_demo = ep_demo:Demo\n")
+    (site / "ep_demo.py").write_text(textwrap.dedent("""
+        from mxgate import hookimpl
+        class Demo:
+            '''Demo plugin from an entry point.'''
+            priority = 7
+            @hookimpl
+            def mxgate_receive_on_connect(self):
+                return None
+    """))
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "mxgate", "plugins", "--json"], capture_output=True, text=True,
+                         env=env, check=True, cwd=tmp_path).stdout
+    import json
+
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["ep_demo"]["source"] == "entry point ep-demo"
+    assert rows["ep_demo"]["priority"] == "7"
+    assert rows["ep_demo"]["hooks"] == "receive_on_connect"
