@@ -31,8 +31,10 @@ class HeaderStampConfig:
     header: str = setting("X-Stamped-By", desc="Name of the header added to every accepted message.")
     value: str = setting("mxgate", desc="Its value.")
     reject_pattern: str = setting(
-        "", desc="Recipients whose local part matches this regular expression are refused (550 5.7.1).",
-        check=lambda v: _regex_error(v))
+        "",
+        desc="Recipients whose local part matches this regular expression are refused (550 5.7.1).",
+        check=lambda v: _regex_error(v),
+    )
 
 
 def _regex_error(pattern: str) -> str | None:

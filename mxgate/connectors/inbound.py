@@ -22,26 +22,41 @@ T = TypeVar("T")
 class InboundConnector:
     name: str = setting(desc="Connector name, used in logs, metrics and the tracking log.", check=checks.check_name)
     sender_ips: tuple[str, ...] = setting(
-        (), desc="Client addresses or networks this connector applies to (CIDR).", check=checks.check_networks)
+        (), desc="Client addresses or networks this connector applies to (CIDR).", check=checks.check_networks
+    )
     sender_domains: tuple[str, ...] = setting(
-        (), desc="Sender (MAIL FROM) domains this connector speaks for; patterns as '*.example.com'.",
-        check=checks.check_domain_patterns)
+        (),
+        desc="Sender (MAIL FROM) domains this connector speaks for; patterns as '*.example.com'.",
+        check=checks.check_domain_patterns,
+    )
     tls_sender_certificate_name: str | None = setting(
-        None, desc="Client certificate name (DNS SAN, CN without SANs) that identifies the partner, verified "
-        "against tls_client_ca.")
+        None,
+        desc="Client certificate name (DNS SAN, CN without SANs) that identifies the partner, verified "
+        "against tls_client_ca.",
+    )
     tls_client_ca: str | None = setting(
-        None, desc="CA bundle (PEM) used to verify client certificates for this connector; default: system CAs.")
+        None,
+        desc="CA bundle (PEM) used to verify client certificates for this connector; default: system CAs.",
+    )
     require_tls: bool = setting(False, desc="Refuse MAIL from this connector's clients unless TLS is in use.")
     restrict_domains_to_ips: bool = setting(
-        False, desc="Mail claiming sender_domains is refused (5.7.1) unless it comes from sender_ips.")
+        False, desc="Mail claiming sender_domains is refused (5.7.1) unless it comes from sender_ips."
+    )
     restrict_domains_to_certificate: bool = setting(
-        False, desc="Mail claiming sender_domains is refused (5.7.1) unless the client presented the certificate.")
+        False,
+        desc="Mail claiming sender_domains is refused (5.7.1) unless the client presented the certificate.",
+    )
     accepted_domains: tuple[str, ...] = setting(
-        (), desc="Extra recipient domains accepted from this connector's clients (beyond server.accepted_domains).",
-        check=checks.check_domain_patterns)
+        (),
+        desc="Extra recipient domains accepted from this connector's clients (beyond server.accepted_domains).",
+        check=checks.check_domain_patterns,
+    )
     may_relay: bool = setting(False, desc="Clients of this connector may send to any recipient domain.")
-    treat_as_internal: bool = setting(False, desc="Mail from this connector is internal (Exchange's "
-                                      "TreatMessagesAsInternal): plugins may skip external-only checks.")
+    treat_as_internal: bool = setting(
+        False,
+        desc="Mail from this connector is internal (Exchange's "
+        "TreatMessagesAsInternal): plugins may skip external-only checks.",
+    )
     enabled: bool = setting(True, desc="A disabled connector never matches.")
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
@@ -103,5 +118,5 @@ def _cert_name_matches(wanted: str, presented: set[str]) -> bool:
     if wanted in presented:
         return True
     # a presented wildcard certificate covers exactly one left-most label
-    head, _, parent = wanted.partition(".")
+    _head, _, parent = wanted.partition(".")
     return bool(parent) and f"*.{parent}" in presented

@@ -20,36 +20,53 @@ class OutboundConnector:
     name: str = setting(desc="Connector name, used in logs, metrics and routing.", check=checks.check_name)
     recipient_domains: tuple[str, ...] = setting(
         desc="Recipient domains routed here: 'example.org', '*.example.org' or '*'. The most specific match wins.",
-        check=checks.check_domain_patterns, example=["*"])
+        check=checks.check_domain_patterns,
+        example=["*"],
+    )
     smart_hosts: tuple[str, ...] = setting(
-        (), desc="Relay through these hosts (name, IP, 'host:port', '[v6]:port'), tried in order.")
+        (), desc="Relay through these hosts (name, IP, 'host:port', '[v6]:port'), tried in order."
+    )
     use_mx: bool = setting(False, desc="Deliver to the recipient domain's MX hosts (RFC 5321 section 5.1).")
     port: int = setting(25, desc="Port for smart hosts given without one.")
     mx_port: int = setting(25, desc="Port for MX delivery (tests point this elsewhere).")
     tls: str = setting("opportunistic", desc="TLS for this connector.", choices=TLS_MODES)
     tls_domain: str | None = setting(
-        None, desc="Name the peer certificate must carry under domain_validation (default: the host dialled).")
+        None, desc="Name the peer certificate must carry under domain_validation (default: the host dialled)."
+    )
     tls_ca_file: str | None = setting(
-        None, desc="CA bundle (PEM) for certificate checks on this connector; default: the system CAs.")
+        None, desc="CA bundle (PEM) for certificate checks on this connector; default: the system CAs."
+    )
     auth_username: str | None = setting(None, desc="AUTH to the smart host as this user (only ever under TLS).")
     auth_password_file: str | None = setting(None, desc="File holding the smart host password (one line).")
     cost: int = setting(1, desc="Tie-breaker between equally specific connectors: lower cost wins.")
-    max_connections: int = setting(20, desc="Concurrent connections through this connector.",
-                                   check=checks.check_positive)
+    max_connections: int = setting(
+        20, desc="Concurrent connections through this connector.", check=checks.check_positive
+    )
     max_connections_per_destination: int = setting(
-        5, desc="Concurrent connections to one destination (domain or smart host).", check=checks.check_positive)
-    connect_timeout: float = setting(30.0, desc="Seconds to wait for TCP connect and banner.",
-                                     check=checks.check_positive)
-    command_timeout: float = setting(300.0, desc="Seconds to wait for any reply (RFC 5321 4.5.3.2).",
-                                     check=checks.check_positive)
+        5,
+        desc="Concurrent connections to one destination (domain or smart host).",
+        check=checks.check_positive,
+    )
+    connect_timeout: float = setting(
+        30.0, desc="Seconds to wait for TCP connect and banner.", check=checks.check_positive
+    )
+    command_timeout: float = setting(
+        300.0, desc="Seconds to wait for any reply (RFC 5321 4.5.3.2).", check=checks.check_positive
+    )
     retry_first: float = setting(300.0, desc="Seconds before the first retry.", check=checks.check_positive)
-    retry_max: float = setting(3600.0, desc="Longest gap between retries (exponential backoff).",
-                               check=checks.check_positive)
-    give_up_after: float = setting(5 * 86400.0, desc="Seconds after receipt before a deferred message bounces.",
-                                   check=checks.check_positive)
+    retry_max: float = setting(
+        3600.0, desc="Longest gap between retries (exponential backoff).", check=checks.check_positive
+    )
+    give_up_after: float = setting(
+        5 * 86400.0,
+        desc="Seconds after receipt before a deferred message bounces.",
+        check=checks.check_positive,
+    )
     delay_warning_after: float | None = setting(
-        None, desc="Send a delay warning DSN after this many seconds (unset: none).",
-        check=checks.check_optional_positive)
+        None,
+        desc="Send a delay warning DSN after this many seconds (unset: none).",
+        check=checks.check_optional_positive,
+    )
     test_mode: bool = setting(False, desc="Accept and log but do not deliver (connector dry run).")
     source_address: str | None = setting(None, desc="Local IP to send from.")
     enabled: bool = setting(True, desc="A disabled connector routes nothing.")

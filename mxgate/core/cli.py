@@ -26,8 +26,13 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
-                   help=f"configuration file (default: ${ENV_CONFIG}, else the built-in default)")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"configuration file (default: ${ENV_CONFIG}, else the built-in default)",
+    )
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -51,8 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config, plugins = _load(args)
-    print(f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
-          f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)")
+    print(
+        f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
+        f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"
+    )
     return 0
 
 
@@ -68,7 +75,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_config_init(args: argparse.Namespace) -> int:
     plugins = build_plugins()
-    from mxgate.core.plugins import collect_registry  # noqa: PLC0415
+    from mxgate.core.plugins import collect_registry
 
     text = render_default(collect_registry(Dispatcher(plugins)))
     if args.file in (None, "-"):
@@ -85,11 +92,23 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     _config, plugins = _load(args)
-    rows = [(i.name, i.source, str(i.priority), "yes" if i.enabled else "no",
-             ", ".join(h.removeprefix("mxgate_") for h in i.hooks) or "-") for i in plugins.infos]
+    rows = [
+        (
+            i.name,
+            i.source,
+            str(i.priority),
+            "yes" if i.enabled else "no",
+            ", ".join(h.removeprefix("mxgate_") for h in i.hooks) or "-",
+        )
+        for i in plugins.infos
+    ]
     if args.json:
-        print(json.dumps([dict(zip(("name", "source", "priority", "enabled", "hooks"), r, strict=True))
-                          for r in rows], indent=2))
+        print(
+            json.dumps(
+                [dict(zip(("name", "source", "priority", "enabled", "hooks"), r, strict=True)) for r in rows],
+                indent=2,
+            )
+        )
         return 0
     head = ("NAME", "SOURCE", "PRIORITY", "ENABLED", "HOOKS")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
@@ -102,8 +121,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     config, _ = _load(args)
     records = tracking.trace(config.state_path, args.id)
     if not records:
-        print(f"mxgate: no tracking records for {args.id!r} in {config.state_path / tracking.FILE_NAME}",
-              file=sys.stderr)
+        print(
+            f"mxgate: no tracking records for {args.id!r} in {config.state_path / tracking.FILE_NAME}",
+            file=sys.stderr,
+        )
         return 1
     for record in records:
         print(tracking.format_record(record))
@@ -121,8 +142,11 @@ def cmd_version(_args: argparse.Namespace) -> int:
 def render_default(registry: cfg.ConfigRegistry) -> str:
     """The built-in default as a complete, commented TOML file: every key with its description; keys left at
     their default are commented out, so the file says exactly what the built-in default says."""
-    out = ["# mxgate configuration. `mxgate config check FILE` validates it; `mxgate config show FILE` prints",
-           "# the effective configuration. Keys that are commented out show their default.", ""]
+    out = [
+        "# mxgate configuration. `mxgate config check FILE` validates it; `mxgate config show FILE` prints",
+        "# the effective configuration. Keys that are commented out show their default.",
+        "",
+    ]
     for name, hint in cfg.SECTIONS.items():
         is_array = typing.get_origin(hint) is tuple
         cls = typing.get_args(hint)[0] if is_array else hint
@@ -140,8 +164,14 @@ def render_default(registry: cfg.ConfigRegistry) -> str:
     return "\n".join(out)
 
 
-def _render_fields(cls: type, values: dict[str, Any], registry: cfg.ConfigRegistry, kind: str | None,
-                   *, commented_all: bool = False) -> list[str]:
+def _render_fields(
+    cls: type,
+    values: dict[str, Any],
+    registry: cfg.ConfigRegistry,
+    kind: str | None,
+    *,
+    commented_all: bool = False,
+) -> list[str]:
     lines: list[str] = []
     for f in dataclasses.fields(cls):
         if f.name == "extra":
@@ -158,10 +188,12 @@ def _render_fields(cls: type, values: dict[str, Any], registry: cfg.ConfigRegist
         if required:
             lines.append("# " + _toml_line(f.name, meta.get("example") or ""))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory
+        default = f.default if factory is dataclasses.MISSING else factory()
         shown = meta.get("example") if default is None else default
-        if dataclasses.is_dataclass(shown) or (isinstance(shown, tuple) and shown and
-                                               dataclasses.is_dataclass(shown[0])):
+        if dataclasses.is_dataclass(shown) or (
+            isinstance(shown, tuple) and shown and dataclasses.is_dataclass(shown[0])
+        ):
             shown = cfg._plain(shown)
         if shown is None:
             lines.append(f"# {f.name} = (unset)")
@@ -183,7 +215,7 @@ def _toml_value(value: Any) -> str:
         return "{ " + ", ".join(_toml_line(k, v) for k, v in value.items()) + " }"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+    return tomli_w.dumps({"v": value}).strip()[len("v = ") :]
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -193,9 +225,10 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mxgate",
         description="SMTP gateway with Exchange-style connectors and transport agents, DNSSEC, DANE, MTA-STS, "
-                    "TLS-RPT and Prometheus metrics.",
+        "TLS-RPT and Prometheus metrics.",
         epilog=f"Without --config (or ${ENV_CONFIG}), mxgate uses its built-in default: SMTP on 127.0.0.1:2525, "
-               "metrics on 127.0.0.1:9925, state under ./var.")
+        "metrics on 127.0.0.1:9925, state under ./var.",
+    )
     parser.add_argument("--version", action="version", version=f"mxgate {__version__}")
     _config_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -242,10 +275,15 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
 
 def _core_command_modules() -> list[Callable[[Any], None]]:
     """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``)."""
-    import importlib  # noqa: PLC0415
+    import importlib
 
     found = []
-    for module in ("mxgate.core.auth", "mxgate.core.queue.cli", "mxgate.core.delivery_cli", "mxgate.core.explain"):
+    for module in (
+        "mxgate.core.auth",
+        "mxgate.core.queue.cli",
+        "mxgate.core.delivery_cli",
+        "mxgate.core.explain",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -39,18 +39,24 @@ BUILTIN_SOURCE = "<built-in default>"
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str = setting(
-        factory=socket.getfqdn, desc="Our host name: EHLO, banner, Received headers, DSNs.", check=checks.check_hostname,
-        example="mx.example.org")
+        factory=socket.getfqdn,
+        desc="Our host name: EHLO, banner, Received headers, DSNs.",
+        check=checks.check_hostname,
+        example="mx.example.org",
+    )
     state_dir: str = setting("./var", desc="Queue, caches, TLS-RPT data and tracking log live here.")
-    max_message_size: int = setting(52428800, desc="Largest message accepted, in bytes (advertised as SIZE).",
-                                    check=checks.check_positive)
+    max_message_size: int = setting(
+        52428800, desc="Largest message accepted, in bytes (advertised as SIZE).", check=checks.check_positive
+    )
     max_recipients: int = setting(1000, desc="Most recipients per message.", check=checks.check_positive)
     accepted_domains: tuple[str, ...] = setting(
-        (), desc="Domains we accept mail for from anyone on the internet.", check=checks.check_domain_patterns,
-        example=["example.org"])
+        (),
+        desc="Domains we accept mail for from anyone on the internet.",
+        check=checks.check_domain_patterns,
+        example=["example.org"],
+    )
     log_format: str = setting("logfmt", desc="Log line format.", choices=("logfmt", "json"))
-    log_level: str = setting("info", desc="Least severe level logged.",
-                             choices=("debug", "info", "warning", "error"))
+    log_level: str = setting("info", desc="Least severe level logged.", choices=("debug", "info", "warning", "error"))
     tracking_log: bool = setting(True, desc="Write the message-tracking log (JSON lines) behind `mxgate trace`.")
 
 
@@ -69,14 +75,17 @@ class ListenerConfig:
     tls_key: str | None = setting(None, desc="Private key (PEM) for tls_cert.")
     sni_certificates: tuple[SniCertificate, ...] = setting((), desc="Other certificates chosen by SNI name.")
     tls_client_ca: str | None = setting(
-        None, desc="CA bundle for verifying client certificates (inbound connectors by certificate).")
+        None, desc="CA bundle for verifying client certificates (inbound connectors by certificate)."
+    )
     require_tls: bool = setting(False, desc="Refuse MAIL until STARTTLS (530 5.7.0).")
     implicit_tls: bool = setting(False, desc="TLS from the first byte (port 465 style).")
     allow_plaintext_auth: bool = setting(False, desc="Offer AUTH without TLS (only for trusted networks).")
-    max_message_size: int | None = setting(None, desc="Override server.max_message_size here.",
-                                           check=checks.check_optional_positive)
-    max_recipients: int | None = setting(None, desc="Override server.max_recipients here.",
-                                         check=checks.check_optional_positive)
+    max_message_size: int | None = setting(
+        None, desc="Override server.max_message_size here.", check=checks.check_optional_positive
+    )
+    max_recipients: int | None = setting(
+        None, desc="Override server.max_recipients here.", check=checks.check_optional_positive
+    )
     idle_timeout: float = setting(300.0, desc="Seconds a client may stay silent.", check=checks.check_positive)
     session_timeout: float = setting(1800.0, desc="Longest session, in seconds.", check=checks.check_positive)
     max_errors: int = setting(10, desc="Bad commands before 421 and close.", check=checks.check_positive)
@@ -106,31 +115,41 @@ def _parse_resolver(value: Any) -> Any:
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
     resolvers: tuple[ResolverEndpointConfig, ...] = setting(
-        (), desc='Validating resolvers: "host:port" or {address, trusted}; empty = /etc/resolv.conf. '
-        "AD is trusted only from loopback or trusted = true.", parse=_parse_resolver, example=["127.0.0.1:53"])
-    dnssec: str = setting("validating_resolver", desc="Where DNSSEC validation happens.",
-                          choices=("validating_resolver", "in_process"))
+        (),
+        desc='Validating resolvers: "host:port" or {address, trusted}; empty = /etc/resolv.conf. '
+        "AD is trusted only from loopback or trusted = true.",
+        parse=_parse_resolver,
+        example=["127.0.0.1:53"],
+    )
+    dnssec: str = setting(
+        "validating_resolver",
+        desc="Where DNSSEC validation happens.",
+        choices=("validating_resolver", "in_process"),
+    )
     timeout: float = setting(5.0, desc="Seconds per DNS query.", check=checks.check_positive)
     cache_size: int = setting(10000, desc="Most cached answers.", check=checks.check_positive)
     self_test_secure: str = setting("ietf.org", desc="A name that must validate as secure (start-up self-test).")
-    self_test_bogus: str = setting(
-        "dnssec-failed.org", desc="A name that must fail validation (start-up self-test).")
+    self_test_bogus: str = setting("dnssec-failed.org", desc="A name that must fail validation (start-up self-test).")
 
 
 @dataclass(frozen=True, slots=True)
 class PluginsConfig:
-    load: tuple[str, ...] = setting(
-        (), desc='Extra plugins: "package.module:object" or "path/to/file.py".')
+    load: tuple[str, ...] = setting((), desc='Extra plugins: "package.module:object" or "path/to/file.py".')
     disable: tuple[str, ...] = setting((), desc="Plugins turned off by name (built-ins included, but not core).")
     priority: Mapping[str, int] = setting(
-        factory=lambda: MappingProxyType({}), desc="Call order by plugin name: 1 runs first (Exchange's agent priority).")
+        factory=lambda: MappingProxyType({}),
+        desc="Call order by plugin name: 1 runs first (Exchange's agent priority).",
+    )
     hook_trace: bool = setting(False, desc="Log every hook call with its duration (debugging).")
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    listen: str | None = setting("127.0.0.1:9925", desc='Prometheus endpoint "host:port"; unset turns it off.',
-                                 check=checks.check_optional_hostport)
+    listen: str | None = setting(
+        "127.0.0.1:9925",
+        desc='Prometheus endpoint "host:port"; unset turns it off.',
+        check=checks.check_optional_hostport,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +262,9 @@ class _Builder:
             extra_values = {}
             for spec in extras:
                 if spec.name in table:
-                    converted, good = self.value(spec.type, table[spec.name], f"{path}.{spec.name}",
-                                                 {"choices": spec.choices})
+                    converted, good = self.value(
+                        spec.type, table[spec.name], f"{path}.{spec.name}", {"choices": spec.choices}
+                    )
                     if good:
                         extra_values[spec.name] = converted
                     else:
@@ -332,8 +352,14 @@ _BAD = object()
 
 
 def _describe(value: Any) -> str:
-    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
     return f"{kind} ({_short(value)})"
 
 
@@ -397,8 +423,10 @@ def build_config(
             if not isinstance(raw, list):
                 b.problem(name, f"expected an array of tables [[{name}]], got {_describe(raw)}")
                 continue
-            items = [b.build(item_cls, item, f"{name}[{i}]", extra_kind=name if "connector" in name else None)
-                     for i, item in enumerate(raw)]
+            items = [
+                b.build(item_cls, item, f"{name}[{i}]", extra_kind=name if "connector" in name else None)
+                for i, item in enumerate(raw)
+            ]
             built[name] = tuple(i for i in items if i is not None)
         else:
             item = b.build(hint, raw if raw is not None else {}, name)
@@ -433,8 +461,11 @@ def _split_plugin_sections(
         elif isinstance(value, dict):
             hint = difflib.get_close_matches(key, list(registry.sections), n=1)
             msg = f"no loaded plugin declares a [plugins.{key}] section"
-            msg += f"; did you mean [plugins.{hint[0]}]?" if hint else (
-                f"; plugin sections: {', '.join(sorted(registry.sections)) or 'none'}")
+            msg += (
+                f"; did you mean [plugins.{hint[0]}]?"
+                if hint
+                else (f"; plugin sections: {', '.join(sorted(registry.sections)) or 'none'}")
+            )
             b.problem(f"plugins.{key}", msg)
         else:
             b.unknown_keys({key: value}, sorted(own_keys), "plugins")
@@ -447,7 +478,10 @@ def _cross_check(b: _Builder, config: Config, *, check_files: bool) -> None:
         seen: dict[str, int] = {}
         for i, item in enumerate(getattr(config, section)):
             if item.name in seen:
-                b.problem(f"{section}[{i}].name", f"{item.name!r} is already the name of {section}[{seen[item.name]}]")
+                b.problem(
+                    f"{section}[{i}].name",
+                    f"{item.name!r} is already the name of {section}[{seen[item.name]}]",
+                )
             seen[item.name] = i
 
     bound: dict[tuple[str, int], str] = {}
@@ -478,8 +512,7 @@ def _cross_check(b: _Builder, config: Config, *, check_files: bool) -> None:
         if conn.restrict_domains_to_ips and not conn.sender_ips:
             b.problem(f"inbound_connector[{i}].restrict_domains_to_ips", "needs sender_ips")
         if conn.restrict_domains_to_certificate and not conn.tls_sender_certificate_name:
-            b.problem(f"inbound_connector[{i}].restrict_domains_to_certificate",
-                      "needs tls_sender_certificate_name")
+            b.problem(f"inbound_connector[{i}].restrict_domains_to_certificate", "needs tls_sender_certificate_name")
         if (conn.restrict_domains_to_ips or conn.restrict_domains_to_certificate) and not conn.sender_domains:
             b.problem(f"inbound_connector[{i}]", "restrict_domains_to_* needs sender_domains to restrict")
         if check_files:
@@ -487,9 +520,11 @@ def _cross_check(b: _Builder, config: Config, *, check_files: bool) -> None:
         for j in range(i):
             other = config.inbound_connector[j]
             if _indistinguishable(other, conn):
-                b.problem(f"inbound_connector[{i}]",
-                          f"overlaps inbound_connector[{j}] ({other.name!r}) with the same sender_ips and "
-                          "certificate name: no way to tell them apart")
+                b.problem(
+                    f"inbound_connector[{i}]",
+                    f"overlaps inbound_connector[{j}] ({other.name!r}) with the same sender_ips and "
+                    "certificate name: no way to tell them apart",
+                )
 
     for i, out in enumerate(config.outbound_connector):
         if bool(out.smart_hosts) == bool(out.use_mx):
@@ -538,8 +573,7 @@ def _file_exists(b: _Builder, config: Config, path: str, value: str | None) -> N
         b.problem(path, f"file {value!r} does not exist (looked at {config.path(value)})")
 
 
-def load_config(path: str | Path | None, registry: ConfigRegistry | None = None, *, check_files: bool = True
-                ) -> Config:
+def load_config(path: str | Path | None, registry: ConfigRegistry | None = None, *, check_files: bool = True) -> Config:
     """Read and validate a file, or the built-in default when ``path`` is None."""
     if path is None:
         return build_config(DEFAULT_DOCUMENT, registry=registry, base_dir=".", check_files=check_files)

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mxgate.core.config import BUILTIN_SOURCE, DEFAULT_DOCUMENT, Config, build_config, plugins_section, read_toml
+from mxgate.core.config import (
+    BUILTIN_SOURCE,
+    DEFAULT_DOCUMENT,
+    Config,
+    build_config,
+    plugins_section,
+    read_toml,
+)
 from mxgate.core.errors import ConfigError, PluginError, StateError
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
 from mxgate.core.runtime import Runtime
@@ -20,8 +27,13 @@ from mxgate.core.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def load(path: str | Path | None, *, entry_points: bool = True, extra_plugins: Sequence[tuple[str, Any]] = (),
-         check_files: bool = True) -> tuple[Config, PluginSet]:
+def load(
+    path: str | Path | None,
+    *,
+    entry_points: bool = True,
+    extra_plugins: Sequence[tuple[str, Any]] = (),
+    check_files: bool = True,
+) -> tuple[Config, PluginSet]:
     """Read a config file (or the built-in default), load the plugins it names, validate it with their schema."""
     if path is None:
         document, file, base = DEFAULT_DOCUMENT, BUILTIN_SOURCE, Path(".")
@@ -30,8 +42,14 @@ def load(path: str | Path | None, *, entry_points: bool = True, extra_plugins: S
         document, file, base = read_toml(p), str(p), p.parent
     plugin_conf = plugins_section(document, file)
     try:
-        plugins = build_plugins(load=plugin_conf.load, disable=plugin_conf.disable, priority=plugin_conf.priority,
-                                base_dir=base, entry_points=entry_points, extra=extra_plugins)
+        plugins = build_plugins(
+            load=plugin_conf.load,
+            disable=plugin_conf.disable,
+            priority=plugin_conf.priority,
+            base_dir=base,
+            entry_points=entry_points,
+            extra=extra_plugins,
+        )
     except PluginError as exc:
         raise ConfigError.single(file, "plugins", str(exc)) from exc
     registry = collect_registry(Dispatcher(plugins))
@@ -66,8 +84,8 @@ class Gateway:
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
-        from mxgate.core.queue.store import QueueStore  # noqa: PLC0415 - heavy imports only when serving
-        from mxgate.core.smtp.server import start_listeners  # noqa: PLC0415
+        from mxgate.core.queue.store import QueueStore
+        from mxgate.core.smtp.server import start_listeners
 
         check_state_dir(self.config.state_path)
         runtime = Runtime.create(self.config, self.plugins)
@@ -113,7 +131,7 @@ class Gateway:
 def run(config: Config, plugins: PluginSet) -> None:
     """``mxgate run``: uvloop when installed, else asyncio."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         runner: Any = uvloop.run
     except ImportError:

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from mxgate.core.auth import AuthResult
+    from mxgate.core.delivery import AttemptContext
     from mxgate.core.queue.store import QueuedMessage
     from mxgate.core.runtime import Runtime
-    from mxgate.core.delivery import AttemptContext
 
 PROJECT = "mxgate"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -167,9 +167,7 @@ def mxgate_receive_on_rcpt_command(session: Session, envelope: Envelope, rcpt: A
 
 
 @hookspec(firstresult=True)
-def mxgate_receive_on_end_of_headers(
-    session: Session, envelope: Envelope, message: IncomingMessage
-) -> Verdict | None:
+def mxgate_receive_on_end_of_headers(session: Session, envelope: Envelope, message: IncomingMessage) -> Verdict | None:
     """Called once the header block has been read (``message.data`` holds the headers only).
 
     Stops at the first non-None result.

@@ -233,8 +233,10 @@ def _check_wrappers(name: str, obj: Any) -> None:
     for attr in _hook_names(obj):
         opts = getattr(getattr(obj, attr), "mxgate_impl", None)
         if isinstance(opts, dict) and (opts.get("hookwrapper") or opts.get("wrapper")):
-            raise PluginError(f"plugin {name!r}: {attr} is a wrapper; mxgate dispatches hooks asynchronously "
-                              "and does not support wrappers")
+            raise PluginError(
+                f"plugin {name!r}: {attr} is a wrapper; mxgate dispatches hooks asynchronously "
+                "and does not support wrappers"
+            )
 
 
 class Dispatcher:
@@ -277,8 +279,15 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             stats.seconds += elapsed
             if self.trace:
-                log.debug("hook call", extra={"hook": hook, "plugin": impl.plugin_name, "ms": round(elapsed * 1e3, 3),
-                                              "result": type(result).__name__})
+                log.debug(
+                    "hook call",
+                    extra={
+                        "hook": hook,
+                        "plugin": impl.plugin_name,
+                        "ms": round(elapsed * 1e3, 3),
+                        "result": type(result).__name__,
+                    },
+                )
             if result is not None:
                 if first:
                     return result
@@ -302,8 +311,9 @@ class Dispatcher:
             return
         for impl in self.impls("mxgate_report_on_plugin_error"):
             try:
-                result = impl.function(**{a: v for a, v in
-                                          {"plugin": plugin, "hook": hook, "error": exc}.items() if a in impl.argnames})
+                result = impl.function(
+                    **{a: v for a, v in {"plugin": plugin, "hook": hook, "error": exc}.items() if a in impl.argnames}
+                )
                 if inspect.isawaitable(result):
                     await result
             except Exception:  # an error reporter that fails is logged and ignored
@@ -340,38 +350,77 @@ class Hooks:
         return _verdict(await self._call("mxgate_receive_on_connect", raise_errors=True, session=session))
 
     async def on_ehlo_command(self, session: Session, hostname: str) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_ehlo_command", raise_errors=True, session=session,
-                                         hostname=hostname))
+        return _verdict(
+            await self._call("mxgate_receive_on_ehlo_command", raise_errors=True, session=session, hostname=hostname)
+        )
 
     async def on_starttls(self, session: Session) -> None:
         await self._call("mxgate_receive_on_starttls", session=session)
 
     async def on_auth_command(self, session: Session, mechanism: str, username: str | None) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_auth_command", raise_errors=True, session=session,
-                                         mechanism=mechanism, username=username))
+        return _verdict(
+            await self._call(
+                "mxgate_receive_on_auth_command",
+                raise_errors=True,
+                session=session,
+                mechanism=mechanism,
+                username=username,
+            )
+        )
 
     async def resolve_credentials(self, session: Session, username: str, password: str) -> AuthResult | None:
-        result: AuthResult | None = await self._call("mxgate_receive_resolve_credentials", raise_errors=True,
-                                                     session=session, username=username, password=password)
+        result: AuthResult | None = await self._call(
+            "mxgate_receive_resolve_credentials",
+            raise_errors=True,
+            session=session,
+            username=username,
+            password=password,
+        )
         return result
 
     async def on_mail_command(self, session: Session, envelope: Envelope, sender: Address) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_mail_command", raise_errors=True, session=session,
-                                         envelope=envelope, sender=sender))
+        return _verdict(
+            await self._call(
+                "mxgate_receive_on_mail_command",
+                raise_errors=True,
+                session=session,
+                envelope=envelope,
+                sender=sender,
+            )
+        )
 
     async def on_rcpt_command(self, session: Session, envelope: Envelope, rcpt: Address) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_rcpt_command", raise_errors=True, session=session,
-                                         envelope=envelope, rcpt=rcpt))
+        return _verdict(
+            await self._call(
+                "mxgate_receive_on_rcpt_command",
+                raise_errors=True,
+                session=session,
+                envelope=envelope,
+                rcpt=rcpt,
+            )
+        )
 
-    async def on_end_of_headers(self, session: Session, envelope: Envelope, message: IncomingMessage
-                                ) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_end_of_headers", raise_errors=True, session=session,
-                                         envelope=envelope, message=message))
+    async def on_end_of_headers(self, session: Session, envelope: Envelope, message: IncomingMessage) -> Verdict | None:
+        return _verdict(
+            await self._call(
+                "mxgate_receive_on_end_of_headers",
+                raise_errors=True,
+                session=session,
+                envelope=envelope,
+                message=message,
+            )
+        )
 
-    async def on_end_of_data(self, session: Session, envelope: Envelope, message: IncomingMessage
-                             ) -> Verdict | None:
-        return _verdict(await self._call("mxgate_receive_on_end_of_data", raise_errors=True, session=session,
-                                         envelope=envelope, message=message))
+    async def on_end_of_data(self, session: Session, envelope: Envelope, message: IncomingMessage) -> Verdict | None:
+        return _verdict(
+            await self._call(
+                "mxgate_receive_on_end_of_data",
+                raise_errors=True,
+                session=session,
+                envelope=envelope,
+                message=message,
+            )
+        )
 
     async def on_disconnect(self, session: Session) -> None:
         await self._call("mxgate_receive_on_disconnect", session=session)
@@ -381,13 +430,15 @@ class Hooks:
         await self._call("mxgate_categorizer_on_submitted_message", message=message)
 
     async def resolve_recipient(self, message: QueuedMessage, recipient: Address) -> Sequence[Address] | None:
-        result: Sequence[Address] | None = await self._call("mxgate_categorizer_resolve_recipient",
-                                                            message=message, recipient=recipient)
+        result: Sequence[Address] | None = await self._call(
+            "mxgate_categorizer_resolve_recipient", message=message, recipient=recipient
+        )
         return result
 
     async def resolve_route(self, message: QueuedMessage, recipient: Address) -> Route | None:
-        result: Route | None = await self._call("mxgate_categorizer_resolve_route", message=message,
-                                                recipient=recipient)
+        result: Route | None = await self._call(
+            "mxgate_categorizer_resolve_route", message=message, recipient=recipient
+        )
         return result
 
     async def on_routed_message(self, message: QueuedMessage, routes: Sequence[tuple[Address, Route]]) -> None:
@@ -399,14 +450,17 @@ class Hooks:
         return result
 
     async def resolve_tls_policy(self, destination: Destination, next_hop: NextHop) -> list[TlsPolicy]:
-        result: list[TlsPolicy] = await self._call("mxgate_delivery_resolve_tls_policy", destination=destination,
-                                                   next_hop=next_hop)
+        result: list[TlsPolicy] = await self._call(
+            "mxgate_delivery_resolve_tls_policy", destination=destination, next_hop=next_hop
+        )
         return result
 
-    async def on_tls_verify(self, attempt: AttemptContext, policy: TlsPolicy, chain: Sequence[x509.Certificate]
-                            ) -> PeerVerification | None:
-        result: PeerVerification | None = await self._call("mxgate_delivery_on_tls_verify", attempt=attempt,
-                                                           policy=policy, chain=chain)
+    async def on_tls_verify(
+        self, attempt: AttemptContext, policy: TlsPolicy, chain: Sequence[x509.Certificate]
+    ) -> PeerVerification | None:
+        result: PeerVerification | None = await self._call(
+            "mxgate_delivery_on_tls_verify", attempt=attempt, policy=policy, chain=chain
+        )
         return result
 
     async def on_tls_outcome(self, outcome: TlsOutcome) -> None:
@@ -429,6 +483,7 @@ class Hooks:
 
 def _verdict(result: object) -> Verdict | None:
     if result is None or isinstance(result, VERDICT_TYPES):
-        return result  # type: ignore[return-value]
-    raise PluginError(f"a receive hook returned {type(result).__name__}; expected Accept, Reject, TempFail, "
-                      "Disconnect or None")
+        return result
+    raise PluginError(
+        f"a receive hook returned {type(result).__name__}; expected Accept, Reject, TempFail, Disconnect or None"
+    )

@@ -45,5 +45,10 @@ class Runtime:
         state = config.state_path
         state.mkdir(parents=True, exist_ok=True)
         dispatcher = Dispatcher(plugins, trace=config.plugins.hook_trace)
-        return cls(config=config, plugins=plugins, hooks=Hooks(dispatcher),
-                   tracking=TrackingLog(state, enabled=config.server.tracking_log, clock=clock), clock=clock)
+        return cls(
+            config=config,
+            plugins=plugins,
+            hooks=Hooks(dispatcher),
+            tracking=TrackingLog(state, enabled=config.server.tracking_log, clock=clock),
+            clock=clock,
+        )

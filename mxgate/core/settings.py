@@ -34,8 +34,14 @@ def setting(
     ``parse`` converts a raw TOML value before type conversion (it raises ``ValueError`` with the expectation);
     ``expects`` describes the accepted shape for error messages when the type alone does not say it.
     """
-    meta = {"desc": desc, "choices": tuple(choices) if choices else None, "check": check, "example": example,
-            "parse": parse, "expects": expects}
+    meta = {
+        "desc": desc,
+        "choices": tuple(choices) if choices else None,
+        "check": check,
+        "example": example,
+        "parse": parse,
+        "expects": expects,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -55,12 +55,18 @@ class TrackingLog:
         self._lock = threading.Lock()
         self._fh = self.path.open("a", encoding="utf-8") if enabled else None
 
-    def write(self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None,
-              **fields: Any) -> None:
+    def write(
+        self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None, **fields: Any
+    ) -> None:
         if self._fh is None:
             return
-        record = {"ts": round(self.clock(), 6), "event": str(event), "queue_id": queue_id,
-                  "message_id": message_id, **{k: v for k, v in fields.items() if v is not None}}
+        record = {
+            "ts": round(self.clock(), 6),
+            "event": str(event),
+            "queue_id": queue_id,
+            "message_id": message_id,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         with self._lock:
             self._fh.write(line)

@@ -10,7 +10,10 @@ name = "dane"
 priority = 40
 
 DANE_MODE = ConnectorSetting(
-    "outbound_connector", "dane", str, "opportunistic",
+    "outbound_connector",
+    "dane",
+    str,
+    "opportunistic",
     "DANE (RFC 7672): none | opportunistic (use TLSA where published) | mandatory (no usable TLSA, no delivery).",
     ("none", "opportunistic", "mandatory"),
 )

@@ -10,9 +10,11 @@ name = "mta_sts"
 priority = 45
 
 MTA_STS_MODE = ConnectorSetting(
-    "outbound_connector", "mta_sts", str, "opportunistic",
-    "MTA-STS (RFC 8461): none | opportunistic (honour the published mode) | mandatory (no valid policy, no "
-    "delivery).",
+    "outbound_connector",
+    "mta_sts",
+    str,
+    "opportunistic",
+    "MTA-STS (RFC 8461): none | opportunistic (honour the published mode) | mandatory (no valid policy, no delivery).",
     ("none", "opportunistic", "mandatory"),
 )
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-_FIXTURE_MODULES = ("mxgate.testing.ca", "mxgate.testing.sinks", "mxgate.testing.dnslab", "mxgate.testing.gateway")
+_FIXTURE_MODULES = (
+    "mxgate.testing.ca",
+    "mxgate.testing.sinks",
+    "mxgate.testing.dnslab",
+    "mxgate.testing.gateway",
+)
 
 for _module in _FIXTURE_MODULES:
     try:

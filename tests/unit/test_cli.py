@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def mxgate(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mxgate", *args], capture_output=True, text=True, cwd=cwd,
-                          input=stdin, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mxgate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=stdin,
+        timeout=60,
+    )
 
 
 def test_help_lists_commands() -> None:
@@ -52,7 +58,7 @@ def test_config_init_writes_a_valid_commented_default(tmp_path: Path) -> None:
     out = mxgate("config", "init", str(target))
     assert out.returncode == 0, out.stderr
     text = target.read_text()
-    assert "# Our host name" in text and "# dane = \"opportunistic\"" in text and "[plugins.tlsrpt]" in text
+    assert "# Our host name" in text and '# dane = "opportunistic"' in text and "[plugins.tlsrpt]" in text
     assert mxgate("config", "check", str(target)).returncode == 0
     again = mxgate("config", "init", str(target))
     assert again.returncode == 1 and "exists" in again.stderr
@@ -65,8 +71,10 @@ def test_config_init_writes_a_valid_commented_default(tmp_path: Path) -> None:
 
 def test_config_show_prints_defaults(tmp_path: Path) -> None:
     path = tmp_path / "mx.toml"
-    path.write_text('[server]\nhostname = "mx.example.org"\n[[outbound_connector]]\nname = "p"\n'
-                    'recipient_domains = ["partner.example"]\nsmart_hosts = ["mx.partner.example"]\ndane = "mandatory"\n')
+    path.write_text(
+        '[server]\nhostname = "mx.example.org"\n[[outbound_connector]]\nname = "p"\n'
+        'recipient_domains = ["partner.example"]\nsmart_hosts = ["mx.partner.example"]\ndane = "mandatory"\n'
+    )
     out = mxgate("config", "show", str(path))
     assert out.returncode == 0, out.stderr
     doc = tomllib.loads(out.stdout)

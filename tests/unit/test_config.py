@@ -60,13 +60,16 @@ def test_wrong_type_names_value_and_expectation(tmp_path: Path) -> None:
 
 
 def test_bad_choice_in_array_of_tables_has_index(tmp_path: Path) -> None:
-    text = BASE + """
+    text = (
+        BASE
+        + """
 [[outbound_connector]]
 name = "partner"
 recipient_domains = ["partner.example"]
 smart_hosts = ["mx.partner.example"]
 tls = "domain_validaton"
 """
+    )
     (msg,) = problems(write(tmp_path, text))
     assert "outbound_connector[1].tls: 'domain_validaton' is not allowed; expected one of: none, opportunistic" in msg
     assert "did you mean 'domain_validation'?" in msg
@@ -81,8 +84,10 @@ def test_plugin_connector_setting_validated(tmp_path: Path) -> None:
 def test_plugin_section_unknown_and_typo(tmp_path: Path) -> None:
     text = BASE + "[plugins.tlsrp]\norganization_name = 'x'\n[plugins.tlsrpt]\norganisation_name = 'x'\n"
     msgs = problems(write(tmp_path, text))
-    assert any("plugins.tlsrp: no loaded plugin declares a [plugins.tlsrp] section; did you mean [plugins.tlsrpt]?"
-               in m for m in msgs)
+    assert any(
+        "plugins.tlsrp: no loaded plugin declares a [plugins.tlsrp] section; did you mean [plugins.tlsrpt]?" in m
+        for m in msgs
+    )
     assert any("plugins.tlsrpt.organisation_name: unknown key" in m and "'organization_name'" in m for m in msgs)
 
 
@@ -118,7 +123,9 @@ def test_metrics_port_clash(tmp_path: Path) -> None:
 
 
 def test_overlapping_inbound_connectors(tmp_path: Path) -> None:
-    text = BASE + """
+    text = (
+        BASE
+        + """
 [[inbound_connector]]
 name = "a"
 sender_ips = ["192.0.2.0/24"]
@@ -130,25 +137,31 @@ name = "c"
 sender_ips = ["192.0.2.0/24"]
 tls_sender_certificate_name = "mail.partner.example"
 """
+    )
     (msg,) = problems(write(tmp_path, text))
     assert "inbound_connector[1]: overlaps inbound_connector[0] ('a')" in msg
 
 
 def test_inbound_connector_needs_a_way_to_match_and_valid_networks(tmp_path: Path) -> None:
-    text = BASE + """
+    text = (
+        BASE
+        + """
 [[inbound_connector]]
 name = "nothing"
 [[inbound_connector]]
 name = "badnet"
 sender_ips = ["300.1.2.3/8"]
 """
+    )
     msgs = problems(write(tmp_path, text))
     assert any("inbound_connector[0]: needs sender_ips or tls_sender_certificate_name" in m for m in msgs)
     assert any("inbound_connector[1].sender_ips: not an IP address or network: '300.1.2.3/8'" in m for m in msgs)
 
 
 def test_duplicate_names_and_bad_address(tmp_path: Path) -> None:
-    text = BASE + """
+    text = (
+        BASE
+        + """
 [[outbound_connector]]
 name = "internet"
 recipient_domains = ["example.org"]
@@ -157,6 +170,7 @@ smart_hosts = ["[::1]:x"]
 name = "other"
 address = "localhost"
 """
+    )
     msgs = "\n".join(problems(write(tmp_path, text)))
     assert "listener[1].address: 'localhost': missing ':port'" in msgs
     assert "outbound_connector[1].name: 'internet' is already the name of outbound_connector[0]" in msgs
@@ -183,8 +197,10 @@ def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs" / "mx.pem").write_text("x")
     (tmp_path / "certs" / "mx.key").write_text("x")
-    text = BASE.replace('address = "127.0.0.1:2525"',
-                        'address = "127.0.0.1:2525"\ntls_cert = "certs/mx.pem"\ntls_key = "certs/mx.key"')
+    text = BASE.replace(
+        'address = "127.0.0.1:2525"',
+        'address = "127.0.0.1:2525"\ntls_cert = "certs/mx.pem"\ntls_key = "certs/mx.key"',
+    )
     config, _ = engine.load(write(tmp_path, text))
     assert config.path(config.listener[0].tls_cert or "") == tmp_path / "certs" / "mx.pem"
 
@@ -192,8 +208,10 @@ def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
 def test_resolvers_accept_strings_and_tables(tmp_path: Path) -> None:
     text = BASE + '[dns]\nresolvers = ["127.0.0.1:5353", {address = "192.0.2.53", trusted = true}]\n'
     config, _ = engine.load(write(tmp_path, text))
-    assert [(r.address, r.trusted) for r in config.dns.resolvers] == [("127.0.0.1:5353", False),
-                                                                      ("192.0.2.53", True)]
+    assert [(r.address, r.trusted) for r in config.dns.resolvers] == [
+        ("127.0.0.1:5353", False),
+        ("192.0.2.53", True),
+    ]
 
 
 def test_config_objects_are_frozen() -> None:

@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def session() -> Session:
-    return Session(id="s1", listener="smtp", peer_ip="192.0.2.1", peer_port=1234, local_ip="127.0.0.1",
-                   local_port=25)
+    return Session(id="s1", listener="smtp", peer_ip="192.0.2.1", peer_port=1234, local_ip="127.0.0.1", local_port=25)
 
 
 class Recorder:
@@ -35,12 +34,15 @@ class Recorder:
 async def test_priority_orders_calls_and_firstresult_stops() -> None:
     calls: list[str] = []
     reject = Reject(Reply(550, "5.7.1", "no"))
-    plugins = build_plugins(entry_points=False, extra=[
-        ("late", Recorder("late", 90, calls)),
-        ("first", Recorder("first", 1, calls)),
-        ("middle", Recorder("middle", 20, calls, reject)),
-        ("never", Recorder("never", 80, calls)),
-    ])
+    plugins = build_plugins(
+        entry_points=False,
+        extra=[
+            ("late", Recorder("late", 90, calls)),
+            ("first", Recorder("first", 1, calls)),
+            ("middle", Recorder("middle", 20, calls, reject)),
+            ("never", Recorder("never", 80, calls)),
+        ],
+    )
     hooks = Hooks(Dispatcher(plugins))
     verdict = await hooks.on_rcpt_command(session(), Envelope(), Address("a", "example.org"))
     assert verdict == reject
@@ -49,8 +51,11 @@ async def test_priority_orders_calls_and_firstresult_stops() -> None:
 
 async def test_priority_override_from_config() -> None:
     calls: list[str] = []
-    plugins = build_plugins(entry_points=False, priority={"b": 1}, extra=[
-        ("a", Recorder("a", 5, calls)), ("b", Recorder("b", 50, calls))])
+    plugins = build_plugins(
+        entry_points=False,
+        priority={"b": 1},
+        extra=[("a", Recorder("a", 5, calls)), ("b", Recorder("b", 50, calls))],
+    )
     await Hooks(Dispatcher(plugins)).on_rcpt_command(session(), Envelope(), Address("a", "x.org"))
     assert calls == ["b", "a"]
 
@@ -160,8 +165,9 @@ def test_disabled_plugin_section_becomes_unknown(tmp_path: Path) -> None:
 def test_load_from_path_with_section(tmp_path: Path) -> None:
     example = ROOT / "examples" / "header-stamp" / "mxgate_header_stamp.py"
     path = tmp_path / "mx.toml"
-    path.write_text(f'[plugins]\nload = ["{example}:HeaderStamp"]\n'
-                    '[plugins.header_stamp]\nreject_pattern = "(unclosed"\n')
+    path.write_text(
+        f'[plugins]\nload = ["{example}:HeaderStamp"]\n[plugins.header_stamp]\nreject_pattern = "(unclosed"\n'
+    )
     with pytest.raises(ConfigError) as info:
         engine.load(path)
     assert "plugins.header_stamp.reject_pattern: '(unclosed': not a regular expression" in str(info.value)
@@ -178,7 +184,7 @@ def test_load_errors_name_the_plugin(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="plugins: plugin module 'no_such_module_xyz' failed to import"):
         engine.load(path)
     path.write_text('[plugins]\nload = ["missing.py"]\n')
-    with pytest.raises(ConfigError, match="missing.py' does not exist"):
+    with pytest.raises(ConfigError, match=r"missing\.py' does not exist"):
         engine.load(path)
 
 
@@ -188,7 +194,8 @@ def test_entry_point_discovery(tmp_path: Path) -> None:
     (site / "ep_demo-1.0.dist-info").mkdir(parents=True)
     (site / "ep_demo-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-demo\nVersion: 1.0\n")
     (site / "ep_demo-1.0.dist-info" / "entry_points.txt").write_text("[mxgate]\nep_demo = ep_demo:Demo\n")
-    (site / "ep_demo.py").write_text(textwrap.dedent("""
+    (site / "ep_demo.py").write_text(
+        textwrap.dedent("""
         from mxgate import hookimpl
         class Demo:
             '''Demo plugin from an entry point.'''
@@ -196,10 +203,17 @@ def test_entry_point_discovery(tmp_path: Path) -> None:
             @hookimpl
             def mxgate_receive_on_connect(self):
                 return None
-    """))
+    """)
+    )
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "mxgate", "plugins", "--json"], capture_output=True, text=True,
-                         env=env, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mxgate", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     import json
 
     rows = {r["name"]: r for r in json.loads(out)}
