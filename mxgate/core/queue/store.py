@@ -1,0 +1,1045 @@
+"""The durable queue store: SQLite in WAL mode, embedded, no server.
+
+Durability and group commit
+---------------------------
+Every write goes to ONE writer thread that owns its own SQLite connection. The writer takes every job that
+is pending (up to a batch limit), runs them in ONE ``BEGIN IMMEDIATE`` transaction, each job inside its own
+savepoint, commits with ``PRAGMA synchronous=FULL`` (WAL mode: the commit fsyncs the WAL), and only then
+resolves the waiting asyncio futures with ``loop.call_soon_threadsafe``. So :meth:`QueueStore.put` returns
+only after the message is on disk, and concurrent sessions share one fsync. Reads run on a second thread
+with its own connection (WAL readers never block the writer). Blocking SQLite work never runs on the event
+loop.
+
+A job that fails rolls back its own savepoint and gets its exception; the rest of the batch still commits.
+If SQLite abandons the whole transaction (disk full can do that) or the commit fails, every job of the batch
+fails. No job is ever reported done unless its transaction committed.
+
+Finished messages (tombstones)
+------------------------------
+When every recipient of a message is final (delivered or failed) the message is *finished*: its body is
+deleted at once, and a tombstone stays behind -- envelope, per-recipient state, attempts, and the message's
+header section (kept from ``put()`` for DSNs and ``queue show``). Tombstones are not listed, leased or
+counted as queued; :meth:`QueueStore.purge_finished` deletes those finished before a cut-off (the gateway
+calls it with its retention time; the store itself never deletes on a timer).
+
+Several processes
+-----------------
+The CLI can open the same state directory while the gateway runs (WAL, ``busy_timeout``). Only the gateway,
+the one scheduler of a state directory, should open with ``release_leases=True`` (the default): on open it
+releases the leases left by a previous run, so attempts that were in flight when it stopped become due
+again. A second process (the CLI) opens with ``release_leases=False`` and leaves the running gateway's
+leases alone.
+
+Errors
+------
+``sqlite3`` errors never leave this module: disk full (``SQLITE_FULL``, "database or disk is full") becomes
+:class:`QueueFullError` (the receive side answers ``452 4.3.1``), everything else :class:`QueueError`.
+SQLite's transactions guarantee that a failed write leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import copy
+import json
+import math
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final, NamedTuple, TypeVar
+
+from mxgate.core.errors import MxgateError
+
+__all__ = [
+    "Attempt",
+    "MessageNotFoundError",
+    "NewRecipient",
+    "QueueCounts",
+    "QueueError",
+    "QueueFullError",
+    "QueueStore",
+    "QueuedMessage",
+    "QueuedRecipient",
+    "RecipientResult",
+    "RecipientStatus",
+    "StoreStats",
+]
+
+T = TypeVar("T")
+
+DB_NAME: Final = "queue.sqlite3"
+SCHEMA_VERSION: Final = 1
+BUSY_TIMEOUT_MS: Final = 10_000
+MAX_BATCH_JOBS: Final = 1_000
+MAX_BATCH_BYTES: Final = 64 * 1024 * 1024
+MAX_HEADER_BYTES: Final = 64 * 1024
+_ID_RETRIES: Final = 5
+_SQLITE_FULL: Final = 13
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+class QueueError(MxgateError):
+    """The queue store could not do what was asked (I/O error, store closed, corrupt store...)."""
+
+
+class QueueFullError(QueueError):
+    """The disk (or the database's size limit) is full; nothing was written. Answer ``452 4.3.1``."""
+
+
+class MessageNotFoundError(QueueError, LookupError):
+    """No such message (or, for :meth:`QueueStore.body`, its body is gone because it is finished)."""
+
+
+def _map_error(exc: BaseException) -> BaseException:
+    """Turn an sqlite3 error into ours; leave everything else alone."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (isinstance(code, int) and code & 0xFF == _SQLITE_FULL) or "database or disk is full" in str(exc):
+        err: QueueError = QueueFullError(f"queue store full: {exc}")
+    else:
+        err = QueueError(f"queue store error: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+# -- data model ------------------------------------------------------------------------------------------
+
+
+class RecipientStatus(StrEnum):
+    QUEUED = "queued"  # not tried yet
+    DEFERRED = "deferred"  # tried, temporary failure, will retry at next_attempt
+    DELIVERED = "delivered"  # final
+    FAILED = "failed"  # final: permanent failure or expired
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
+
+
+_PENDING: Final = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    """A recipient for :meth:`QueueStore.put` with its RFC 3461 DSN parameters (a plain ``str`` works too)."""
+
+    address: str
+    dsn_notify: str | None = None  # NOTIFY=, e.g. "FAILURE,DELAY" or "NEVER"
+    orcpt: str | None = None  # ORCPT=, decoded, e.g. "rfc822;user@example.org"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecipient:
+    address: str
+    status: RecipientStatus
+    attempts: int
+    last_error: str | None
+    route: str | None  # outbound connector name
+    next_attempt: float  # unix time
+    dsn_notify: str | None = None
+    orcpt: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    id: str
+    sender: str  # "" = null sender
+    recipients: tuple[QueuedRecipient, ...]
+    received_at: float
+    size: int
+    message_id: str | None  # Message-ID header
+    held: bool
+    meta: tuple[tuple[str, str], ...]  # client ip, connector, tls, envid...
+    leased_until: float = 0.0  # unix time; <= now means not leased
+    finished_at: float | None = None  # set when every recipient is final (tombstone)
+
+    @property
+    def next_attempt(self) -> float | None:
+        """Earliest next attempt of the recipients not final yet; ``None`` when the message is final."""
+        pending = [r.next_attempt for r in self.recipients if not r.is_final]
+        return min(pending) if pending else None
+
+    @property
+    def is_final(self) -> bool:
+        return all(r.is_final for r in self.recipients)
+
+    def recipient(self, address: str) -> QueuedRecipient | None:
+        return next((r for r in self.recipients if r.address == address), None)
+
+    def meta_value(self, key: str) -> str | None:
+        return next((v for k, v in self.meta if k == key), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    at: float
+    recipient: str
+    result: str  # "delivered" | "deferred" | "failed"
+    reply: str
+    mx: str | None
+    detail: str | None
+
+
+class RecipientResult(NamedTuple):
+    """One recipient's outcome for :meth:`QueueStore.record_results` (plain 4-tuples work too)."""
+
+    recipient: str
+    status: RecipientStatus
+    reply: str
+    next_attempt: float | None  # required for DEFERRED; ignored for final results
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """A summary of the queue for metrics and ``mxgate queue`` (active = not finished)."""
+
+    messages: int  # active messages
+    held: int  # active messages on hold
+    leased: int  # active messages with a delivery attempt in flight
+    deferred: int  # active messages with at least one deferred recipient
+    finished: int  # tombstones not purged yet
+    bytes: int  # total size of active messages
+    recipients: tuple[tuple[RecipientStatus, int], ...]  # per status, active messages only; every status present
+    oldest_age: float | None  # seconds since the oldest active message arrived; None if the queue is empty
+
+    def recipients_in(self, status: RecipientStatus) -> int:
+        return dict(self.recipients).get(status, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counters of this store object (this process) since it was opened."""
+
+    commits: int  # transactions committed by the writer (each one fsync of the WAL)
+    puts: int  # messages accepted by put()
+    jobs: int  # write jobs that succeeded (puts included)
+    failed_jobs: int
+    largest_batch: int  # most jobs in one commit
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class _IdGenerator:
+    """Short, sortable, unique ids: 48-bit milliseconds + 32-bit counter seeded at random (ULID-like), base32.
+
+    Monotonic within one generator: ids from the same millisecond increment the counter. Only the writer
+    thread calls it, so it needs no lock.
+    """
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._counter = 0
+
+    def next(self, now: float) -> str:
+        ms = max(0, int(now * 1000)) & ((1 << 48) - 1)
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            self._counter += 1
+            if self._counter >= 1 << 32:
+                ms += 1
+                self._counter = secrets.randbits(31)
+        else:
+            self._counter = secrets.randbits(31)  # top bit clear: room to increment
+        self._last_ms = ms
+        value = (ms << 32) | self._counter
+        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(75, -1, -5))
+
+
+def _header_section(data: bytes) -> bytes:
+    """The header section of a message (up to and including the blank line's first line end), capped."""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if ends:
+        end = min(ends)
+        head = data[: end + (2 if data[end : end + 2] == b"\r\n" else 1)]
+    else:
+        head = data
+    return head[:MAX_HEADER_BYTES]
+
+
+def _connect(path: Path, *, reader: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise QueueError(f"{path}: cannot switch to WAL mode (got {mode!r})")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if reader:
+        conn.execute("PRAGMA query_only=1")
+    return conn
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS messages (
+    id           TEXT PRIMARY KEY,
+    sender       TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    size         INTEGER NOT NULL,
+    message_id   TEXT,
+    held         INTEGER NOT NULL DEFAULT 0,
+    meta         TEXT NOT NULL DEFAULT '[]',
+    headers      BLOB NOT NULL DEFAULT x'',
+    lease_until  REAL NOT NULL DEFAULT 0,
+    finished_at  REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bodies (
+    id    TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    data  BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    msg_id        TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    address       TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    route         TEXT,
+    next_attempt  REAL NOT NULL,
+    dsn_notify    TEXT,
+    orcpt         TEXT,
+    PRIMARY KEY (msg_id, idx),
+    UNIQUE (msg_id, address)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE status IN ('queued', 'deferred');
+CREATE TABLE IF NOT EXISTS attempts (
+    seq        INTEGER PRIMARY KEY,
+    msg_id     TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    at         REAL NOT NULL,
+    recipient  TEXT NOT NULL,
+    result     TEXT NOT NULL,
+    reply      TEXT NOT NULL,
+    mx         TEXT,
+    detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg_id);
+CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+
+def _recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
+    return QueuedRecipient(
+        address=row["address"],
+        status=RecipientStatus(row["status"]),
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        route=row["route"],
+        next_attempt=row["next_attempt"],
+        dsn_notify=row["dsn_notify"],
+        orcpt=row["orcpt"],
+    )
+
+
+def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
+    return QueuedMessage(
+        id=row["id"],
+        sender=row["sender"],
+        recipients=recipients,
+        received_at=row["received_at"],
+        size=row["size"],
+        message_id=row["message_id"],
+        held=bool(row["held"]),
+        meta=tuple((str(k), str(v)) for k, v in json.loads(row["meta"])),
+        leased_until=row["lease_until"],
+        finished_at=row["finished_at"],
+    )
+
+
+_MSG_COLS: Final = "id, sender, received_at, size, message_id, held, meta, lease_until, finished_at"
+
+
+def _load(conn: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
+    """Messages by id, in the order given (ids that do not exist are skipped)."""
+    rows: dict[str, sqlite3.Row] = {}
+    rcpts: dict[str, list[QueuedRecipient]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id IN ({marks})", chunk).fetchall():
+            rows[row["id"]] = row
+        for row in conn.execute(
+            f"SELECT * FROM recipients WHERE msg_id IN ({marks}) ORDER BY msg_id, idx", chunk
+        ).fetchall():
+            rcpts.setdefault(row["msg_id"], []).append(_recipient_from_row(row))
+    return [_message_from_row(rows[i], tuple(rcpts.get(i, ()))) for i in ids if i in rows]
+
+
+def _load_one(conn: sqlite3.Connection, msg_id: str) -> QueuedMessage:
+    found = _load(conn, [msg_id])
+    if not found:
+        raise MessageNotFoundError(msg_id)
+    return found[0]
+
+
+def _require(conn: sqlite3.Connection, msg_id: str) -> None:
+    if conn.execute("SELECT 1 FROM messages WHERE id = ?", (msg_id,)).fetchone() is None:
+        raise MessageNotFoundError(msg_id)
+
+
+# -- the writer ------------------------------------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = ("fn", "future", "loop", "weight")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        weight: int,
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+        self.weight = weight
+
+
+def _clone(exc: BaseException) -> BaseException:
+    """One exception object per waiting task (a shared one would collect every task's traceback)."""
+    twin = copy.copy(exc)
+    twin.__cause__ = exc.__cause__
+    return twin
+
+
+def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():  # cancelled: the caller went away
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
+class _Writer:
+    """The single writer thread: group commit of every pending job."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._ids = _IdGenerator()
+        self.commits = 0
+        self.puts = 0
+        self.jobs = 0
+        self.failed_jobs = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._run, name="mxgate-queue-writer", daemon=True)
+        self._thread.start()
+
+    def next_id(self, now: float) -> str:
+        return self._ids.next(now)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], weight: int = 0) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:  # never enqueue behind the stop sentinel
+            if self._closed:
+                future.set_exception(QueueError("queue store is closed"))
+            else:
+                self._jobs.put(_Job(fn, loop, future, weight))
+        return future
+
+    def stop(self) -> None:
+        """Finish the jobs already submitted, then end the thread (blocking; call from a worker thread)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:  # ends at the sentinel that stop() enqueues
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            weight = first.weight
+            while len(batch) < MAX_BATCH_JOBS and weight < MAX_BATCH_BYTES:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+                weight += job.weight
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # a bug must not leave callers waiting forever
+                self._fail(batch, QueueError(f"queue writer failed: {exc!r}"))
+
+    def _fail(self, batch: list[_Job], error: BaseException) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        for job in batch:
+            self.failed_jobs += 1
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(_settle, job.future, None, _clone(error))
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        fatal: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            fatal = _map_error(exc)
+        if fatal is None:
+            for job in batch:
+                try:
+                    conn.execute("SAVEPOINT job")
+                except sqlite3.Error as exc:
+                    fatal = _map_error(exc)
+                    break
+                try:
+                    value = job.fn(conn)
+                except BaseException as exc:  # the job's own failure: undo it, keep the batch
+                    if not conn.in_transaction:  # SQLite abandoned the whole transaction (e.g. disk full)
+                        fatal = _map_error(exc)
+                        break
+                    try:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    except sqlite3.Error as exc2:
+                        fatal = _map_error(exc2)
+                        break
+                    outcomes.append((None, _map_error(exc)))
+                else:
+                    try:
+                        conn.execute("RELEASE job")
+                    except sqlite3.Error as exc:
+                        fatal = _map_error(exc)
+                        break
+                    outcomes.append((value, None))
+        if fatal is None:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                fatal = _map_error(exc)
+        if fatal is not None:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            outcomes = [(None, _clone(fatal)) for _ in batch]
+        else:
+            self.commits += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+        for job, (value, error) in zip(batch, outcomes, strict=True):
+            if error is None:
+                self.jobs += 1
+                if job.weight:
+                    self.puts += 1
+            else:
+                self.failed_jobs += 1
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+
+
+# -- the store -------------------------------------------------------------------------------------------
+
+
+class QueueStore:
+    """The durable message queue of one state directory. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, path: Path, writer: _Writer, reader: sqlite3.Connection) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader_conn = reader
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mxgate-queue-read")
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, state_dir: Path, *, release_leases: bool = True, max_db_bytes: int | None = None) -> QueueStore:
+        """Open (creating if needed) ``state_dir/queue.sqlite3``.
+
+        :param release_leases: release every lease left by a previous run, so attempts in flight when it
+            stopped are due again. Only the gateway (the one scheduler) should; the CLI passes ``False``.
+        :param max_db_bytes: a size limit for the database (SQLite ``max_page_count``); writes beyond it fail
+            with :class:`QueueFullError` like a full disk. ``None``: only the disk limits it.
+        :raises QueueError: the directory or database is unusable.
+        """
+        path = Path(state_dir) / DB_NAME
+        try:
+            writer_conn, reader_conn = await asyncio.to_thread(cls._open_sync, path, max_db_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueError(f"{path}: cannot open queue store: {exc}") from exc
+        store = cls(path, _Writer(writer_conn), reader_conn)
+        if release_leases:
+            try:
+                await store._write(lambda c: c.execute("UPDATE messages SET lease_until = 0 WHERE lease_until > 0"))
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    @staticmethod
+    def _open_sync(path: Path, max_db_bytes: int | None) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _connect(path, reader=False)
+        try:
+            version = writer.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise QueueError(f"{path}: schema version {version} is newer than this mxgate ({SCHEMA_VERSION})")
+            if version < SCHEMA_VERSION:
+                writer.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            writer.execute(stmt)
+                    writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    writer.execute("COMMIT")
+                except BaseException:
+                    writer.execute("ROLLBACK")
+                    raise
+            if max_db_bytes is not None:
+                page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
+                writer.execute(f"PRAGMA max_page_count = {max(1, int(max_db_bytes) // page_size)}")
+            reader = _connect(path, reader=True)
+        except BaseException:
+            writer.close()
+            raise
+        # The WAL file now exists; make its directory entry (and the database's) durable once.
+        _fsync_dir(path.parent)
+        return writer, reader
+
+    async def close(self) -> None:
+        """Finish pending writes and close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._writer.stop)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._reader_conn.close)
+        self._reader.shutdown(wait=True)
+
+    async def __aenter__(self) -> QueueStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def stats(self) -> StoreStats:
+        w = self._writer
+        return StoreStats(
+            commits=w.commits,
+            puts=w.puts,
+            jobs=w.jobs,
+            failed_jobs=w.failed_jobs,
+            largest_batch=w.largest_batch,
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], weight: int = 0) -> T:
+        return await self._writer.submit(fn, weight)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise QueueError("queue store is closed")
+        conn = self._reader_conn
+
+        def run() -> T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                raise _map_error(exc) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+
+    # -- accept ------------------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        sender: str,
+        recipients: Sequence[str | NewRecipient],
+        data: bytes,
+        *,
+        meta: Iterable[tuple[str, str]] = (),
+        message_id: str | None = None,
+        now: float,
+    ) -> str:
+        """Queue a message; returns its id only once message and envelope are fsync'd (group commit).
+
+        Duplicate recipient addresses are queued once. If the caller is cancelled while waiting, the message
+        may still be committed (a possible duplicate, never a loss).
+
+        :raises ValueError: no recipients.
+        :raises QueueFullError: disk or size limit full; nothing was written.
+        """
+        rcpts: dict[str, NewRecipient] = {}
+        for r in recipients:
+            nr = NewRecipient(r) if isinstance(r, str) else r
+            rcpts.setdefault(nr.address, nr)
+        if not rcpts:
+            raise ValueError("a message needs at least one recipient")
+        meta_json = json.dumps([[str(k), str(v)] for k, v in meta])
+        headers = _header_section(data)
+        writer = self._writer
+
+        def job(conn: sqlite3.Connection) -> str:
+            for _ in range(_ID_RETRIES):
+                msg_id = writer.next_id(now)
+                try:
+                    conn.execute(
+                        "INSERT INTO messages (id, sender, received_at, size, message_id, meta, headers)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (msg_id, sender, now, len(data), message_id, meta_json, headers),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    continue
+            else:
+                raise QueueError("could not allocate a unique message id")
+            conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (msg_id, data))
+            conn.executemany(
+                "INSERT INTO recipients (msg_id, idx, address, status, next_attempt, dsn_notify, orcpt)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                [(msg_id, i, r.address, now, r.dsn_notify, r.orcpt) for i, r in enumerate(rcpts.values())],
+            )
+            return msg_id
+
+        return await self._write(job, weight=max(1, len(data)))
+
+    # -- read --------------------------------------------------------------------------------------------
+
+    async def get(self, msg_id: str) -> QueuedMessage | None:
+        """A message (active or finished tombstone), or ``None``."""
+        found = await self._read(lambda c: _load(c, [msg_id]))
+        return found[0] if found else None
+
+    async def body(self, msg_id: str) -> bytes:
+        """The message as received. :raises MessageNotFoundError: unknown, deleted or finished."""
+
+        def run(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT data FROM bodies WHERE id = ?", (msg_id,)).fetchone()
+            if row is None:
+                raise MessageNotFoundError(msg_id)
+            return bytes(row[0])
+
+        return await self._read(run)
+
+    async def headers(self, msg_id: str) -> bytes:
+        """The header section (kept after the message is finished, for DSNs). :raises MessageNotFoundError:"""
+
+        def run(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT headers FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            if row is None:
+                raise MessageNotFoundError(msg_id)
+            return bytes(row[0])
+
+        return await self._read(run)
+
+    async def list(self, *, limit: int = 1000, include_finished: bool = False) -> builtins.list[QueuedMessage]:
+        """Messages in arrival (id) order; active ones only unless ``include_finished``."""
+        where = "" if include_finished else "WHERE finished_at IS NULL"
+
+        def run(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
+            ids = [r[0] for r in conn.execute(f"SELECT id FROM messages {where} ORDER BY id LIMIT ?", (limit,))]
+            return _load(conn, ids)
+
+        return await self._read(run)
+
+    async def attempts(self, msg_id: str) -> builtins.list[Attempt]:
+        """Every recorded attempt of a message, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> builtins.list[Attempt]:
+            rows = conn.execute(
+                "SELECT at, recipient, result, reply, mx, detail FROM attempts WHERE msg_id = ? ORDER BY seq",
+                (msg_id,),
+            ).fetchall()
+            return [Attempt(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+        return await self._read(run)
+
+    async def counts(self, *, now: float) -> QueueCounts:
+        def run(conn: sqlite3.Connection) -> QueueCounts:
+            m = conn.execute(
+                "SELECT count(*), coalesce(sum(held), 0), coalesce(sum(lease_until > ?), 0),"
+                " coalesce(sum(size), 0), min(received_at) FROM messages WHERE finished_at IS NULL",
+                (now,),
+            ).fetchone()
+            finished = conn.execute("SELECT count(*) FROM messages WHERE finished_at IS NOT NULL").fetchone()[0]
+            deferred = conn.execute(
+                "SELECT count(DISTINCT r.msg_id) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                " WHERE m.finished_at IS NULL AND r.status = 'deferred'"
+            ).fetchone()[0]
+            per = dict(
+                conn.execute(
+                    "SELECT r.status, count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                    " WHERE m.finished_at IS NULL GROUP BY r.status"
+                ).fetchall()
+            )
+            return QueueCounts(
+                messages=m[0],
+                held=m[1],
+                leased=m[2],
+                deferred=deferred,
+                finished=finished,
+                bytes=m[3],
+                recipients=tuple((s, int(per.get(s.value, 0))) for s in RecipientStatus),
+                oldest_age=None if m[4] is None else max(0.0, now - m[4]),
+            )
+
+        return await self._read(run)
+
+    # -- scheduling --------------------------------------------------------------------------------------
+
+    async def lease_due(self, now: float, limit: int, lease_seconds: float) -> builtins.list[QueuedMessage]:
+        """Lease up to ``limit`` due messages (not held, not leased), most overdue first.
+
+        A leased message is not returned again until :meth:`record_results` releases it or the lease expires,
+        so two schedulers (or a CLI flush and the scheduler) never attempt the same message at once.
+        """
+
+        def job(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT r.msg_id, min(r.next_attempt) AS due"
+                    " FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                    " WHERE r.status IN ('queued', 'deferred') AND r.next_attempt <= ?"
+                    " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
+                    " GROUP BY r.msg_id ORDER BY due, r.msg_id LIMIT ?",
+                    (now, now, limit),
+                ).fetchall()
+            ]
+            conn.executemany(
+                "UPDATE messages SET lease_until = ? WHERE id = ?", [(now + lease_seconds, i) for i in ids]
+            )
+            return _load(conn, ids)
+
+        return await self._write(job)
+
+    async def record_results(
+        self,
+        msg_id: str,
+        results: Sequence[RecipientResult | tuple[str, RecipientStatus, str, float | None]],
+        *,
+        now: float,
+        mx: str | None = None,
+        detail: str | None = None,
+    ) -> QueuedMessage:
+        """Record one delivery attempt's outcome per recipient, append to the attempts log, release the lease.
+
+        ``DEFERRED`` needs a ``next_attempt``; ``DELIVERED``/``FAILED`` are final (a final recipient is never
+        changed again). When every recipient is final the message is finished: the body is deleted and a
+        tombstone is kept (see the module docs). Returns the message as it is now.
+
+        :raises ValueError: a result for an unknown or final recipient, ``QUEUED`` as a result, or a deferral
+            without a time.
+        """
+        checked = [RecipientResult(*r) for r in results]
+        for r in checked:
+            if r.status is RecipientStatus.QUEUED:
+                raise ValueError(f"{r.recipient}: 'queued' is not a delivery result")
+            if r.status is RecipientStatus.DEFERRED and (r.next_attempt is None or not math.isfinite(r.next_attempt)):
+                raise ValueError(f"{r.recipient}: a deferral needs a next_attempt time")
+
+        def job(conn: sqlite3.Connection) -> QueuedMessage:
+            msg = _load_one(conn, msg_id)
+            for r in checked:
+                current = msg.recipient(r.recipient)
+                if current is None:
+                    raise ValueError(f"{msg_id}: no recipient {r.recipient!r}")
+                if current.is_final:
+                    raise ValueError(f"{msg_id}: recipient {r.recipient!r} is already {current.status}")
+                conn.execute(
+                    "UPDATE recipients SET status = ?, attempts = attempts + 1, last_error = ?,"
+                    " next_attempt = ?"
+                    " WHERE msg_id = ? AND address = ?",
+                    (
+                        r.status.value,
+                        None if r.status is RecipientStatus.DELIVERED else r.reply,
+                        r.next_attempt if r.status is RecipientStatus.DEFERRED else current.next_attempt,
+                        msg_id,
+                        r.recipient,
+                    ),
+                )
+                conn.execute(
+                    "INSERT INTO attempts (msg_id, at, recipient, result, reply, mx, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (msg_id, now, r.recipient, r.status.value, r.reply, mx, detail),
+                )
+            conn.execute("UPDATE messages SET lease_until = 0 WHERE id = ?", (msg_id,))
+            pending = conn.execute(
+                "SELECT count(*) FROM recipients WHERE msg_id = ? AND status IN ('queued', 'deferred')",
+                (msg_id,),
+            ).fetchone()[0]
+            if pending == 0:
+                conn.execute("UPDATE messages SET finished_at = ? WHERE id = ?", (now, msg_id))
+                conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+            return _load_one(conn, msg_id)
+
+        return await self._write(job)
+
+    async def release_lease(self, msg_id: str) -> None:
+        """Give a lease back without recording anything (e.g. the attempt was cancelled at shutdown)."""
+        await self._write(lambda c: c.execute("UPDATE messages SET lease_until = 0 WHERE id = ?", (msg_id,)))
+
+    # -- administration ----------------------------------------------------------------------------------
+
+    async def set_route(self, msg_id: str, rcpt: str, route: str | None) -> None:
+        """Set one recipient's outbound connector. :raises MessageNotFoundError: no such message/recipient."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE recipients SET route = ? WHERE msg_id = ? AND address = ?", (route, msg_id, rcpt)
+            )
+            if cur.rowcount == 0:
+                raise MessageNotFoundError(f"{msg_id}: {rcpt}")
+
+        await self._write(job)
+
+    async def hold(self, msg_id: str) -> None:
+        """Keep a message from delivery until :meth:`release`. :raises MessageNotFoundError:"""
+        await self._set_held(msg_id, True)
+
+    async def release(self, msg_id: str) -> None:
+        await self._set_held(msg_id, False)
+
+    async def _set_held(self, msg_id: str, held: bool) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            _require(conn, msg_id)
+            conn.execute("UPDATE messages SET held = ? WHERE id = ?", (int(held), msg_id))
+
+        await self._write(job)
+
+    async def delete(self, msg_id: str) -> bool:
+        """Remove a message and everything about it. Returns whether it existed."""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            for table, col in (("attempts", "msg_id"), ("recipients", "msg_id"), ("bodies", "id")):
+                conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (msg_id,))
+            return conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,)).rowcount > 0
+
+        return await self._write(job)
+
+    async def flush(self, msg_id: str | None, *, now: float) -> int:
+        """Make the pending recipients of one message (or of all, ``None``) due now; held messages stay held.
+
+        Returns the number of recipients made due.
+        """
+
+        def job(conn: sqlite3.Connection) -> int:
+            sql = "UPDATE recipients SET next_attempt = ? WHERE status IN ('queued', 'deferred') AND next_attempt > ?"
+            args: tuple[Any, ...] = (now, now)
+            if msg_id is not None:
+                _require(conn, msg_id)
+                sql += " AND msg_id = ?"
+                args += (msg_id,)
+            return int(conn.execute(sql, args).rowcount)
+
+        return await self._write(job)
+
+    async def purge_finished(self, before: float) -> int:
+        """Delete the tombstones of messages finished before ``before``. Returns how many."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE finished_at < ?", (before,))]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for table, col in (("attempts", "msg_id"), ("recipients", "msg_id"), ("bodies", "id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
+            return len(ids)
+
+        return await self._write(job)
+
+    async def integrity_check(self) -> builtins.list[str]:
+        """SQLite's ``integrity_check`` plus the queue's invariants; ``[]`` means fine."""
+
+        def run(conn: sqlite3.Connection) -> builtins.list[str]:
+            problems = [
+                str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall() if str(r[0]).lower() != "ok"
+            ]
+            checks: builtins.list[tuple[str, str]] = [
+                (
+                    "active message without a body",
+                    "SELECT m.id FROM messages m LEFT JOIN bodies b ON b.id = m.id"
+                    " WHERE m.finished_at IS NULL AND b.id IS NULL",
+                ),
+                (
+                    "body size differs from the recorded size",
+                    "SELECT m.id FROM messages m JOIN bodies b ON b.id = m.id WHERE length(b.data) != m.size",
+                ),
+                (
+                    "finished message still has a body",
+                    "SELECT m.id FROM messages m JOIN bodies b ON b.id = m.id WHERE m.finished_at IS NOT NULL",
+                ),
+                (
+                    "message without recipients",
+                    "SELECT m.id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id)",
+                ),
+                (
+                    "active message whose recipients are all final",
+                    "SELECT m.id FROM messages m WHERE m.finished_at IS NULL AND NOT EXISTS"
+                    " (SELECT 1 FROM recipients r"
+                    " WHERE r.msg_id = m.id AND r.status IN ('queued', 'deferred'))",
+                ),
+                (
+                    "finished message with a pending recipient",
+                    "SELECT DISTINCT m.id FROM messages m JOIN recipients r ON r.msg_id = m.id"
+                    " WHERE m.finished_at IS NOT NULL AND r.status IN ('queued', 'deferred')",
+                ),
+                (
+                    "recipient with an unknown status",
+                    "SELECT msg_id FROM recipients WHERE status NOT IN ('queued', 'deferred', 'delivered', 'failed')",
+                ),
+                (
+                    "body without a message",
+                    "SELECT b.id FROM bodies b LEFT JOIN messages m ON m.id = b.id WHERE m.id IS NULL",
+                ),
+                (
+                    "recipient without a message",
+                    "SELECT DISTINCT r.msg_id FROM recipients r"
+                    " LEFT JOIN messages m ON m.id = r.msg_id WHERE m.id IS NULL",
+                ),
+                (
+                    "attempt without a message",
+                    "SELECT DISTINCT a.msg_id FROM attempts a"
+                    " LEFT JOIN messages m ON m.id = a.msg_id WHERE m.id IS NULL",
+                ),
+            ]
+            for what, sql in checks:
+                for row in conn.execute(sql + " LIMIT 100").fetchall():
+                    problems.append(f"{row[0]}: {what}")
+            return problems
+
+        return await self._read(run)
