@@ -1,0 +1,671 @@
+"""Real SMTP servers on loopback for delivery tests.
+
+:class:`SmtpSink`
+    an aiosmtpd server in the test's own event loop (``async with SmtpSink(...) as sink``). It offers STARTTLS
+    (or implicit TLS) with a test-CA certificate, answers RCPT/DATA with injected replies, can drop the
+    connection in the middle of DATA, and records every accepted message with what TLS was negotiated and
+    which server name (SNI) the client asked for.
+:class:`ThreadedSmtpSink`
+    the same server running in its own thread and loop, for synchronous tests (``with ThreadedSmtpSink()``).
+:class:`PostfixSink`
+    Postfix's C ``smtp-sink`` (``/usr/sbin/smtp-sink``) on a loopback port, with its stage-wise reject
+    options; fast and independent of our Python stack (a second opinion on what "a real MTA" does).
+
+Pytest fixtures: ``smtp_sink`` (async factory: ``sink = await smtp_sink(tls=cert)``), ``threaded_smtp_sink``
+(sync factory) and ``postfix_sink`` (sync factory; fails clearly when smtp-sink is not installed). Everything they
+start is stopped after the test.
+
+Only loopback addresses are accepted: these are test servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import pytest
+import pytest_asyncio
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from mxgate.core import tls
+from mxgate.testing.ca import IssuedCert
+
+__all__ = [
+    "FIXTURES",
+    "PostfixSink",
+    "ReceivedMessage",
+    "SinkFactory",
+    "SmtpSink",
+    "ThreadedSmtpSink",
+    "postfix_sink",
+    "smtp_sink",
+    "threaded_smtp_sink",
+]
+
+SMTP_SINK_BINARY = "/usr/sbin/smtp-sink"
+
+# Fixture names the ``mxgate`` pytest plugin (mxgate/testing/pytest_plugin.py) re-exports.
+FIXTURES = ("smtp_sink", "threaded_smtp_sink", "postfix_sink")
+
+
+def _require_loopback(host: str) -> None:
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = host == "localhost"
+    if not ok:
+        raise ValueError(f"test sinks listen on loopback only, not {host!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """One message a sink accepted (the DATA reply was 2xx)."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes  # as received after dot-unstuffing, CRLF line ends, without the final "."
+    tls_version: str | None  # "TLSv1.3"; None for a cleartext session
+    cipher: str | None
+    sni: str | None  # the server name the client sent in its TLS ClientHello
+    peer: tuple[str, int] | None  # client address and port
+    helo: str | None = None  # the EHLO/HELO argument
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters, e.g. ("SIZE=123", "BODY=8BITMIME")
+    rcpt_options: tuple[str, ...] = ()
+
+
+# -- SmtpSink (aiosmtpd) -------------------------------------------------------------------------
+
+
+class _SinkSMTP(SMTP):
+    """aiosmtpd's SMTP with a DATA command that can hang up part-way."""
+
+    def __init__(self, handler: _SinkHandler, *, drop_after_data_bytes: int | None, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._drop_after = drop_after_data_bytes
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope, session = self.envelope, self.session
+        if self._drop_after is None or arg or envelope is None or session is None or not envelope.rcpt_tos:
+            await super().smtp_DATA(arg)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        received = b""
+        # Bounded: at most drop_after bytes are read, and a client that finished its message early is cut off
+        # at its final "." instead of being waited on.
+        while len(received) < self._drop_after and not received.endswith(b"\r\n.\r\n"):
+            chunk = await self._reader.read(self._drop_after - len(received))
+            if not chunk:
+                break
+            received += chunk
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+
+class _SinkHandler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self._sink = sink
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self._sink.mail_reply is not None:
+            return self._sink.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self._sink.rcpt_reply_for(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = self._sink.data_reply
+        if reply is not None and not reply.startswith("2"):
+            return reply
+        transport = server.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        info = tls.describe(ssl_object) if ssl_object is not None else None
+        peer = session.peer if isinstance(session.peer, tuple) else None
+        content = envelope.original_content
+        self._sink._record(
+            ReceivedMessage(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=bytes(content) if content is not None else b"",
+                tls_version=info.version if info else None,
+                cipher=info.cipher if info else None,
+                sni=info.server_name if info else None,
+                peer=(str(peer[0]), int(peer[1])) if peer else None,
+                helo=session.host_name,
+                mail_options=tuple(envelope.mail_options),
+                rcpt_options=tuple(envelope.rcpt_options),
+            )
+        )
+        return reply or "250 2.0.0 OK: queued"
+
+
+class SmtpSink:
+    """An aiosmtpd SMTP server on loopback that records what it accepts.
+
+    :param host: loopback address to listen on (``127.0.0.1``, ``::1``).
+    :param port: 0 picks a free port; read it from :attr:`port` after :meth:`start`.
+    :param tls: certificate to serve; STARTTLS is offered when set (unless ``starttls=False``).
+    :param sni: server name -> certificate served when the client asks for it (``*.`` entries allowed).
+    :param starttls: ``False`` never offers STARTTLS, even with a certificate.
+    :param implicit_tls: TLS from the first byte (SMTPS/submissions style) instead of STARTTLS.
+    :param require_tls: answer 530 to MAIL/RCPT/DATA until STARTTLS is done.
+    :param hostname: name in the banner and the EHLO reply.
+    :param rcpt_replies: recipient (full address or local part, case-insensitive) -> reply line, e.g.
+        ``{"busy": "451 4.2.0 try later", "nobody@example.org": "550 5.1.1 no such user"}``.
+    :param mail_reply: reply to every MAIL FROM instead of accepting it.
+    :param data_reply: reply after DATA; a non-2xx reply records nothing.
+    :param drop_after_data_bytes: after "354", read at most this many bytes, then close the connection
+        without a reply (the message is not recorded).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: IssuedCert | None = None,
+        sni: Mapping[str, IssuedCert] | None = None,
+        starttls: bool = True,
+        implicit_tls: bool = False,
+        require_tls: bool = False,
+        hostname: str = "sink.mxgate.test",
+        rcpt_replies: Mapping[str, str] | None = None,
+        mail_reply: str | None = None,
+        data_reply: str | None = None,
+        drop_after_data_bytes: int | None = None,
+        data_size_limit: int = 33_554_432,
+    ) -> None:
+        _require_loopback(host)
+        if (implicit_tls or require_tls or sni) and tls is None:
+            raise ValueError("implicit_tls, require_tls and sni need a certificate (tls=...)")
+        if require_tls and not (starttls or implicit_tls):
+            raise ValueError("require_tls with starttls=False and no implicit TLS would refuse every message")
+        self._host = host
+        self._port = port
+        self.tls = tls
+        self.sni = dict(sni or {})
+        self.starttls = starttls
+        self.implicit_tls = implicit_tls
+        self.require_tls = require_tls
+        self.hostname = hostname
+        self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        self.mail_reply = mail_reply
+        self.data_reply = data_reply
+        self.drop_after_data_bytes = drop_after_data_bytes
+        self.data_size_limit = data_size_limit
+        self.connections = 0  # TCP connections accepted so far
+        self._messages: list[ReceivedMessage] = []
+        self._changed: asyncio.Event | None = None
+        self._server: asyncio.Server | None = None
+        self._protocols: weakref.WeakSet[_SinkSMTP] = weakref.WeakSet()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("sink not started")
+        return self._port
+
+    @property
+    def messages(self) -> tuple[ReceivedMessage, ...]:
+        return tuple(self._messages)
+
+    def rcpt_reply_for(self, address: str) -> str | None:
+        address = address.lower()
+        reply = self.rcpt_replies.get(address)
+        if reply is None and "@" in address:
+            reply = self.rcpt_replies.get(address.rsplit("@", 1)[0])
+        return reply
+
+    def _record(self, message: ReceivedMessage) -> None:
+        self._messages.append(message)
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait_for(self, n: int = 1, timeout: float = 5.0) -> tuple[ReceivedMessage, ...]:
+        """Wait until at least ``n`` messages were accepted; :class:`TimeoutError` after ``timeout`` s."""
+        if self._changed is None:
+            raise RuntimeError("sink not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self._messages) < n:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self._messages)} of {n} messages within {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.messages
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(STARTTLS context, implicit-TLS context)."""
+        if self.tls is None:
+            return None, None
+        ctx = tls.server_context(self.tls.chain_path, self.tls.key_path, sni={n: c.files for n, c in self.sni.items()})
+        if self.implicit_tls:
+            return None, ctx
+        return (ctx if self.starttls else None), None
+
+    async def start(self) -> Self:
+        if self._server is not None:
+            return self
+        loop = asyncio.get_running_loop()
+        starttls_ctx, implicit_ctx = self._contexts()
+        self._changed = asyncio.Event()
+        handler = _SinkHandler(self)
+
+        def factory() -> _SinkSMTP:
+            self.connections += 1
+            proto = _SinkSMTP(
+                handler,
+                drop_after_data_bytes=self.drop_after_data_bytes,
+                hostname=self.hostname,
+                tls_context=starttls_ctx,
+                require_starttls=self.require_tls and starttls_ctx is not None,
+                data_size_limit=self.data_size_limit,
+                enable_SMTPUTF8=True,
+                timeout=30,
+                loop=loop,
+            )
+            self._protocols.add(proto)
+            return proto
+
+        self._server = await loop.create_server(factory, self._host, self._port, ssl=implicit_ctx)
+        self._port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for proto in list(self._protocols):
+            for transport in (proto.transport, getattr(proto, "_original_transport", None)):
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()
+        await server.wait_closed()
+        for _ in range(3):  # let the aborted sessions' tasks see their cancellation
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class ThreadedSmtpSink:
+    """A :class:`SmtpSink` running in its own thread and event loop, for synchronous tests.
+
+    Takes the same arguments as :class:`SmtpSink`; use it as ``with ThreadedSmtpSink(tls=cert) as sink:``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sink = SmtpSink(*args, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return self.sink.host
+
+    @property
+    def port(self) -> int:
+        return self.sink.port
+
+    @property
+    def messages(self) -> tuple[ReceivedMessage, ...]:
+        return self.sink.messages
+
+    @property
+    def connections(self) -> int:
+        return self.sink.connections
+
+    def _run(self, coro: Awaitable[Any], timeout: float) -> Any:
+        if self._loop is None:
+            raise RuntimeError("sink not started")
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop).result(timeout)
+
+    def start(self, timeout: float = 10.0) -> Self:
+        if self._loop is not None:
+            return self
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="mxgate-smtp-sink", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            self._run(self.sink.start(), timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            with contextlib.suppress(Exception):
+                self._run(self.sink.stop(), timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            if not thread.is_alive():
+                loop.close()
+            self._loop = self._thread = None
+
+    def wait_for(self, n: int = 1, timeout: float = 5.0) -> tuple[ReceivedMessage, ...]:
+        result: tuple[ReceivedMessage, ...] = self._run(self.sink.wait_for(n, timeout), timeout + 5)
+        return result
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+# -- PostfixSink (smtp-sink) ---------------------------------------------------------------------
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _commands(names: Iterable[str]) -> str:
+    return ",".join(n.strip().upper() for n in names)
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink`` on a loopback port.
+
+    Reply injection uses smtp-sink's own switches; command names are CONNECT, HELO, EHLO, MAIL, RCPT, DATA,
+    ".", RSET, NOOP, QUIT.
+
+    :param hard_reject: commands answered with ``hard_reply`` (``-f``; default "500 5.3.0 Error: command
+        failed").
+    :param soft_reject: commands answered with ``soft_reply`` (``-r``; default "450 4.3.0 Error: command
+        failed").
+    :param disconnect: commands after which it hangs up without a reply, ``-q``.
+    :param reply_421: commands answered with 421 and a hang-up, ``-Q``.
+    :param dump: keep each transaction as a file (``-d``) in a fresh directory; see :meth:`dumps`.
+
+    As root it runs with ``-u nobody`` (smtp-sink insists); its dump directory is then owned by nobody.
+    Start and stop are synchronous (a few ms); ``async with`` runs them in a thread.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        hostname: str = "smtp-sink.mxgate.test",
+        hard_reject: Iterable[str] = (),
+        soft_reject: Iterable[str] = (),
+        disconnect: Iterable[str] = (),
+        reply_421: Iterable[str] = (),
+        hard_reply: str | None = None,
+        soft_reply: str | None = None,
+        dump: bool = False,
+        extra_args: Iterable[str] = (),
+        binary: str = SMTP_SINK_BINARY,
+        startup_timeout: float = 5.0,
+    ) -> None:
+        _require_loopback(host)
+        self._host = host
+        self._requested_port = port
+        self._port = port
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        args = ["-h", hostname]
+        for flag, names in (("-f", hard_reject), ("-r", soft_reject), ("-q", disconnect), ("-Q", reply_421)):
+            joined = _commands(names)
+            if joined:
+                args += [flag, joined]
+        if hard_reply is not None:
+            args += ["-B", hard_reply]
+        if soft_reply is not None:
+            args += ["-b", soft_reply]
+        self._args = args + list(extra_args)
+        self._dump = dump
+        self._dump_dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("smtp-sink not started")
+        return self._port
+
+    @property
+    def dump_dir(self) -> Path | None:
+        return self._dump_dir
+
+    @staticmethod
+    def available(binary: str = SMTP_SINK_BINARY) -> bool:
+        return os.access(binary, os.X_OK)
+
+    def _command(self, port: int) -> list[str]:
+        cmd = [self.binary]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]
+        cmd += self._args
+        if self._dump_dir is not None:
+            cmd += ["-d", str(self._dump_dir).replace("%", "%%") + "/msg."]
+        address = f"[{self._host}]" if ":" in self._host else self._host
+        return [*cmd, f"inet:{address}:{port}", "64"]
+
+    def start(self) -> Self:
+        if self._proc is not None:
+            return self
+        if not self.available(self.binary):
+            raise FileNotFoundError(f"{self.binary} not found or not executable (install postfix)")
+        if self._dump:
+            self._dump_dir = Path(tempfile.mkdtemp(prefix="mxgate-smtp-sink-"))
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.chown(self._dump_dir, nobody.pw_uid, nobody.pw_gid)
+        attempts = 1 if self._requested_port else 3  # a port we picked may be taken before smtp-sink binds
+        last_error = ""
+        for _ in range(attempts):
+            port = self._requested_port or _free_port(self._host)
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # lives as long as the process
+            proc = subprocess.Popen(
+                self._command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                start_new_session=True,  # its own process group: stop() kills the group
+            )
+            if self._wait_listening(proc, port):
+                self._proc, self._port = proc, port
+                return self
+            last_error = self._read_stderr()
+            self._kill(proc)
+        self._cleanup_dump_dir()
+        raise RuntimeError(f"smtp-sink did not start listening on {self._host}: {last_error.strip()}")
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], port: int) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((self._host, port), timeout=0.5) as probe:
+                    probe.recv(1)  # wait for the start of its banner: it is really serving
+                return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def _read_stderr(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        text = self._stderr.read().decode("utf-8", "replace")
+        self._stderr.close()
+        self._stderr = None
+        return str(text)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            if proc.poll() is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+
+    def _cleanup_dump_dir(self) -> None:
+        if self._dump_dir is not None:
+            shutil.rmtree(self._dump_dir, ignore_errors=True)
+            self._dump_dir = None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._kill(proc)
+        self._read_stderr()
+        self._cleanup_dump_dir()
+
+    def dumps(self) -> list[bytes]:
+        """Dumped transactions (with ``dump=True``): smtp-sink's X-Client-Addr/X-Mail-Args/X-Rcpt-Args headers
+        and a Received: header, then the message. Oldest first."""
+        if self._dump_dir is None:
+            raise RuntimeError("PostfixSink(dump=True) is needed for dumps()")
+        files = sorted(self._dump_dir.glob("msg.*"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [p.read_bytes() for p in files]
+
+    def wait_for_dumps(self, n: int = 1, timeout: float = 5.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            dumps = self.dumps()
+            if len(dumps) >= n:
+                return dumps
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(dumps)} of {n} dumps within {timeout}s")
+            time.sleep(0.05)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+# -- pytest fixtures -----------------------------------------------------------------------------
+
+
+class SinkFactory(Protocol):
+    def __call__(self, **kwargs: Any) -> Awaitable[SmtpSink]: ...
+
+
+@pytest_asyncio.fixture
+async def smtp_sink() -> AsyncIterator[SinkFactory]:
+    """Factory of started :class:`SmtpSink` servers: ``sink = await smtp_sink(tls=cert, ...)``."""
+    sinks: list[SmtpSink] = []
+
+    async def factory(**kwargs: Any) -> SmtpSink:
+        sink = SmtpSink(**kwargs)
+        await sink.start()
+        sinks.append(sink)
+        return sink
+
+    yield factory
+    for sink in reversed(sinks):
+        await sink.stop()
+
+
+@pytest.fixture
+def threaded_smtp_sink() -> Iterator[Callable[..., ThreadedSmtpSink]]:
+    """Factory of started :class:`ThreadedSmtpSink` servers for synchronous tests."""
+    sinks: list[ThreadedSmtpSink] = []
+
+    def factory(**kwargs: Any) -> ThreadedSmtpSink:
+        sink = ThreadedSmtpSink(**kwargs).start()
+        sinks.append(sink)
+        return sink
+
+    yield factory
+    for sink in reversed(sinks):
+        sink.stop()
+
+
+@pytest.fixture
+def postfix_sink() -> Iterator[Callable[..., PostfixSink]]:
+    """Factory of started :class:`PostfixSink` processes; fails the test when smtp-sink is not installed."""
+    if not PostfixSink.available():
+        pytest.fail(f"{SMTP_SINK_BINARY} not installed: `make deps` installs postfix")
+    sinks: list[PostfixSink] = []
+
+    def factory(**kwargs: Any) -> PostfixSink:
+        sink = PostfixSink(**kwargs).start()
+        sinks.append(sink)
+        return sink
+
+    yield factory
+    for sink in reversed(sinks):
+        sink.stop()
