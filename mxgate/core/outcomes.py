@@ -5,6 +5,7 @@ TLS policy failures carry their RFC 8460 result type, so TLS-RPT and metrics onl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
@@ -84,6 +85,19 @@ class NextHop:
 
 
 @dataclass(frozen=True, slots=True)
+class HostPolicy:
+    """A policy's refinement for one host of the next hop (DANE is decided per MX host, RFC 7672 2.2.3)."""
+
+    level: TlsLevel
+    usable: bool = True  # False: never connect to this host (e.g. bogus TLSA); try the next one or defer
+    failure: TlsRptResult | None = None  # why the host is unusable, for the outcome record
+    sni: str | None = None  # server name to send (DANE: the TLSA base domain); default: the host name
+    reference_ids: tuple[str, ...] = ()  # names the certificate must carry (DANE-TA); default: the policy's
+    detail: str = ""
+    data: object = field(default=None, compare=False)  # the plugin's per-host state (e.g. the TLSA RRset)
+
+
+@dataclass(frozen=True, slots=True)
 class TlsPolicy:
     """One plugin's opinion of how a destination must be reached. The core combines them: DANE > MTA-STS >
     connector (RFC 8461 section 2), the first applicable opinion of the highest ``precedence`` deciding."""
@@ -101,6 +115,12 @@ class TlsPolicy:
     failure: TlsRptResult | None = None  # the policy lookup itself failed: defer (unless report_only)
     detail: str = ""
     data: object = field(default=None, compare=False)  # the plugin's own policy object for on_tls_verify
+    hosts: Mapping[str, HostPolicy] = field(default_factory=dict, compare=False)  # per-host refinements by name
+
+    def for_host(self, host: str) -> HostPolicy:
+        """The effective policy for one host: its refinement, or the policy-wide level."""
+        found = self.hosts.get(host.lower().rstrip("."))
+        return found if found is not None else HostPolicy(self.level, reference_ids=self.reference_ids)
 
 
 @dataclass(frozen=True, slots=True)
