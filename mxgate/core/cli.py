@@ -25,7 +25,8 @@ ENV_CONFIG = "MXGATE_CONFIG"
 Command = Callable[[argparse.Namespace], int]
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    """Give a (sub)command the ``-c/--config FILE`` option."""
     p.add_argument(
         "-c",
         "--config",
@@ -40,7 +41,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return path or None
 
 
-def _load(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
+def load_from_args(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
     return engine.load(_config_path(args))
 
 
@@ -48,14 +49,14 @@ def _load(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config, plugins = _load(args)
+    config, plugins = load_from_args(args)
     logs.configure(config.server.log_format, config.server.log_level)
     engine.run(config, plugins)
     return 0
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config, plugins = _load(args)
+    config, plugins = load_from_args(args)
     print(
         f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
         f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"
@@ -64,7 +65,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    config, _ = _load(args)
+    config, _ = load_from_args(args)
     if args.json:
         print(json.dumps(cfg.to_document(config), indent=2))
     else:
@@ -91,7 +92,7 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    _config, plugins = _load(args)
+    _config, plugins = load_from_args(args)
     rows = [
         (
             i.name,
@@ -118,7 +119,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    config, _ = _load(args)
+    config, _ = load_from_args(args)
     records = tracking.trace(config.state_path, args.id)
     if not records:
         print(
@@ -230,23 +231,23 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
         "metrics on 127.0.0.1:9925, state under ./var.",
     )
     parser.add_argument("--version", action="version", version=f"mxgate {__version__}")
-    _config_arg(parser)
+    add_config_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the gateway (foreground)")
-    _config_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_run)
 
     p_config = sub.add_parser("config", help="check, show or create a configuration file")
     csub = p_config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = csub.add_parser("check", help="validate FILE (exit 0 valid, 1 invalid)")
     p.add_argument("file", nargs="?", help="configuration file (default: --config or the built-in default)")
-    _config_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_config_check)
     p = csub.add_parser("show", help="print the effective configuration, defaults included")
     p.add_argument("file", nargs="?")
     p.add_argument("--json", action="store_true", help="JSON instead of TOML")
-    _config_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_config_show)
     p = csub.add_parser("init", help="write a complete, commented default configuration")
     p.add_argument("file", nargs="?", help="target file (default: standard output)")
@@ -255,12 +256,12 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list plugins: name, source, priority, enabled, hooks")
     p.add_argument("--json", action="store_true")
-    _config_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or Message-ID")
     p.add_argument("id")
-    _config_arg(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("version", help="print the version")

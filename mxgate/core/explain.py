@@ -118,9 +118,9 @@ def format_dns(ex: DnsExplanation) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mxgate.core.cli import _load  # cli imports this module for register_cli
+    from mxgate.core.cli import load_from_args  # cli imports this module for register_cli
 
-    config, _plugins = _load(args)
+    config, _plugins = load_from_args(args)
     resolver = resolver_from_config(config.dns)
     ex = asyncio.run(explain_dns(resolver, config, args.domain.rstrip("."), self_test=not args.no_self_test))
     if args.json:

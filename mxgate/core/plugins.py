@@ -55,10 +55,10 @@ DEFAULT_PRIORITY = 100
 # distribution); listed here too so that a source checkout without installed metadata still finds them.
 BUILTIN_PLUGINS: dict[str, str] = {
     "dnssec": "mxgate.plugins.dnssec",
-    "dane": "mxgate.plugins.dane",
-    "mta_sts": "mxgate.plugins.mta_sts",
-    "tlsrpt": "mxgate.plugins.tlsrpt",
-    "prometheus": "mxgate.plugins.prometheus",
+    "dane": "mxgate.plugins.dane:DanePlugin",
+    "mta_sts": "mxgate.plugins.mta_sts:MtaStsPlugin",
+    "tlsrpt": "mxgate.plugins.tlsrpt:TlsRptPlugin",
+    "prometheus": "mxgate.plugins.prometheus:PrometheusPlugin",
 }
 # The essential core: defaults every hook chain falls back to (all ``trylast``). They cannot be disabled,
 # but any plugin can override them by answering first.

@@ -6,9 +6,6 @@ from __future__ import annotations
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting
 
-name = "dane"
-priority = 40
-
 DANE_MODE = ConnectorSetting(
     "outbound_connector",
     "dane",
@@ -19,6 +16,12 @@ DANE_MODE = ConnectorSetting(
 )
 
 
-@hookimpl
-def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
-    registry.add_connector_setting(DANE_MODE, owner=name)
+class DanePlugin:
+    """DANE for SMTP (RFC 7672): TLSA-authenticated delivery."""
+
+    name = "dane"
+    priority = 40
+
+    @hookimpl
+    def mxgate_lifecycle_register_config(self, registry: ConfigRegistry) -> None:
+        registry.add_connector_setting(DANE_MODE, owner=self.name)

@@ -6,9 +6,6 @@ from __future__ import annotations
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting
 
-name = "mta_sts"
-priority = 45
-
 MTA_STS_MODE = ConnectorSetting(
     "outbound_connector",
     "mta_sts",
@@ -19,6 +16,12 @@ MTA_STS_MODE = ConnectorSetting(
 )
 
 
-@hookimpl
-def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
-    registry.add_connector_setting(MTA_STS_MODE, owner=name)
+class MtaStsPlugin:
+    """MTA-STS (RFC 8461): the fallback where DANE is absent."""
+
+    name = "mta_sts"
+    priority = 45
+
+    @hookimpl
+    def mxgate_lifecycle_register_config(self, registry: ConfigRegistry) -> None:
+        registry.add_connector_setting(MTA_STS_MODE, owner=self.name)

@@ -2,5 +2,9 @@
 
 from __future__ import annotations
 
-name = "prometheus"
-priority = 95
+
+class PrometheusPlugin:
+    """Prometheus metrics, fed by hooks."""
+
+    name = "prometheus"
+    priority = 95

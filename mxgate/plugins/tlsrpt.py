@@ -8,9 +8,6 @@ from dataclasses import dataclass
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.settings import ConfigRegistry, setting
 
-name = "tlsrpt"
-priority = 90
-
 
 @dataclass(frozen=True, slots=True)
 class TlsRptConfig:
@@ -20,6 +17,12 @@ class TlsRptConfig:
     submitter: str = setting("", desc="Submitter domain (TLS-Report-Submitter); default: server.hostname.")
 
 
-@hookimpl
-def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
-    registry.add_section(name, TlsRptConfig, owner=name)
+class TlsRptPlugin:
+    """TLS-RPT (RFC 8460): collects TLS outcomes, sends daily reports."""
+
+    name = "tlsrpt"
+    priority = 90
+
+    @hookimpl
+    def mxgate_lifecycle_register_config(self, registry: ConfigRegistry) -> None:
+        registry.add_section(self.name, TlsRptConfig, owner=self.name)
