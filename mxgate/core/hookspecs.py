@@ -277,17 +277,28 @@ def mxgate_delivery_on_tls_outcome(outcome: TlsOutcome) -> None:
 
 @hookspec
 def mxgate_delivery_on_delivered(report: DeliveryReport) -> None:
-    """A recipient was accepted by the next hop (2xx after DATA)."""
+    """Called once per recipient that the next hop accepted (2xx after DATA). Notification only.
+
+    :param report: queue id, recipient, connector, the reply, the MX used, receipt and attempt times.
+    """
 
 
 @hookspec
 def mxgate_delivery_on_deferred(report: DeliveryReport) -> None:
-    """A recipient will be retried."""
+    """Called once per recipient whose attempt failed transiently (4xx, connection or TLS policy failure); it
+    will be retried on the connector's schedule. Notification only.
+
+    :param report: as for ``on_delivered``; ``reply`` says why.
+    """
 
 
 @hookspec
 def mxgate_delivery_on_failed(report: DeliveryReport) -> None:
-    """A recipient failed for good; a DSN goes to the sender (unless the sender is null)."""
+    """Called once per recipient that failed for good (5xx, or the retry schedule ran out); a DSN goes to the
+    envelope sender unless that is the null sender. Notification only.
+
+    :param report: as for ``on_delivered``; ``reply`` says why.
+    """
 
 
 # ============================================================================================================
