@@ -1,0 +1,220 @@
+"""TLS-RPT by mail on loopback: the report goes into mxgate's real queue as a DKIM-signed multipart/report, is sent
+over SMTP to a sink, arrives intact and its DKIM signature verifies (dkimpy, key with s=tlsrpt). The receiving
+side reads a mailed report, checking DKIM with a key served by a real DNS exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import gzip
+import json
+import smtplib
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dkim
+import dns.message
+import dns.rcode
+import jsonschema
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mxgate.core.dns import Resolver
+from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
+from mxgate.core.queue.store import QueueStore
+from mxgate.plugins import _tlsrpt_report as rpt
+from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptService
+from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
+from mxgate.testing.sinks import SmtpSink
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "tlsrpt"
+SCHEMA = json.loads((DATA / "report.schema.json").read_text())
+SELECTOR = "tlsrpt2024"
+SUBMITTER = "mx.sender.example"
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def dkim_key(tmp_path: Path) -> tuple[Path, str]:
+    """(PKCS#8 private key file, the DNS key record with the tlsrpt service type)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "dkim.key"
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return path, f"v=DKIM1; k=rsa; s=tlsrpt; p={base64.b64encode(spki).decode()}"
+
+
+def txt_rr(name: str, text: str) -> str:
+    chunks = [text[i : i + 200] for i in range(0, len(text), 200)]
+    return f"{name}. 60 IN TXT " + " ".join(json.dumps(c) for c in chunks)
+
+
+def handler_for(records: dict[str, str]) -> Any:
+    def handler(q: dns.message.Message) -> dns.message.Message:
+        name = q.question[0].name.to_text(omit_final_dot=True).lower()
+        if name in records:
+            return make_reply(q, answer=[txt_rr(name, records[name])])
+        return make_reply(q, rcode=dns.rcode.NXDOMAIN)
+
+    return handler
+
+
+def outcome(at: float, **kw: Any) -> TlsOutcome:
+    base: dict[str, Any] = {
+        "connector": "internet",
+        "policy_type": PolicyType.TLSA,
+        "policy_domain": "example.org",
+        "success": True,
+        "mx_host": "mx1.example.org",
+        "receiving_ip": "192.0.2.25",
+        "sending_ip": "198.51.100.1",
+        "policy_strings": ("3 1 1 0c72ac70b745ac19998811b131d662c9ac69dbdbe7cb23e5b514b56664c5d3d6",),
+        "at": at,
+    }
+    base.update(kw)
+    return TlsOutcome(**base)
+
+
+def smtp_send(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -> None:
+    with smtplib.SMTP(host, port, timeout=10) as client:
+        client.ehlo("mx.sender.example")
+        client.sendmail(sender, rcpts, data)
+
+
+async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) -> None:
+    key_file, key_record = dkim_key(tmp_path)
+    now = ts("2024-03-05T04:00:00")
+    records = {
+        "_smtp._tls.example.org": "v=TLSRPTv1; rua=mailto:tlsrpt@example.org",
+        f"{SELECTOR}._domainkey.{SUBMITTER}": key_record,
+    }
+    woken: list[bool] = []
+    async with ScriptedDnsServer(handler_for(records)) as dns_server, SmtpSink() as sink:
+        queue = await QueueStore.open(tmp_path / "var")
+        conf = replace(
+            TlsRptConfig(),
+            organization_name="Sender Org",
+            contact_info="tlsrpt@sender.example",
+            dkim_selector=SELECTOR,
+            dkim_key_file=str(key_file),
+            send_window_hours=0.0,
+        )
+        svc = TlsRptService(
+            conf,
+            state_dir=tmp_path / "var",
+            submitter=SUBMITTER,
+            clock=lambda: now,
+            resolver=Resolver([dns_server.endpoint()], timeout=2.0),
+            queue=queue,
+            wakeup=lambda: woken.append(True),
+        )
+        svc.record(outcome(ts("2024-03-04T08:00:00")))
+        svc.record(outcome(ts("2024-03-04T08:00:05"), success=False, result_type=TlsRptResult.DANE_REQUIRED))
+        try:
+            await svc.tick(now)
+            (row,) = await svc.status("2024-03-04")
+            assert row[2:4] == ("mailto:tlsrpt@example.org", "sent")
+            assert woken == [True]
+            (queued,) = await queue.list()
+            assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
+            assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
+            assert queued.meta_value("tls_required") == "no"
+            data = await queue.body(queued.id)
+        finally:
+            await svc.close()
+            await queue.close()
+        # what the delivery core will do: SMTP to the recipient's MX (here: the sink)
+        await asyncio.to_thread(smtp_send, sink.host, sink.port, queued.sender, ["tlsrpt@example.org"], data)
+        (received,) = await sink.wait_for(1)
+
+    msg = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "tlsrpt"
+    assert msg["TLS-Report-Domain"] == "example.org"
+    assert msg["TLS-Report-Submitter"] == SUBMITTER
+    assert msg["TLS-Required"] == "No"
+    assert msg["Subject"].startswith(f"Report Domain: example.org Submitter: {SUBMITTER} Report-ID: <")
+    attachment = next(p for p in msg.walk() if p.get_content_type() == "application/tlsrpt+gzip")
+    assert attachment.get_filename().startswith(f"{SUBMITTER}!example.org!1709510400!1709596799!")
+    report = json.loads(gzip.decompress(attachment.get_content()))
+    jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(
+        report
+    )
+    assert f"<{report['report-id']}>" in msg["Subject"]
+    assert report["policies"][0]["failure-details"][0]["result-type"] == "dane-required"
+
+    sig = msg["DKIM-Signature"]
+    tags = {k.strip(): "".join(v.split()) for k, _, v in (t.partition("=") for t in sig.split(";") if t.strip())}
+    assert (tags["s"], tags["d"]) == (SELECTOR, SUBMITTER)
+    assert "l" not in tags  # RFC 8460 5.3: no body length limit
+    signed = tags["h"].lower().split(":")
+    for header in ("tls-report-domain", "tls-report-submitter", "tls-required", "subject", "from", "content-type"):
+        assert header in signed
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name == f"{SELECTOR}._domainkey.{SUBMITTER}.".encode()
+        return key_record.encode()
+
+    assert dkim.verify(received.data, dnsfunc=dnsfunc, tlsrpt="strict")
+    tampered = received.data.replace(b"TLS-Report-Domain: example.org", b"TLS-Report-Domain: evil.example")
+    assert not dkim.verify(tampered, dnsfunc=dnsfunc, tlsrpt="strict")
+
+
+async def test_mailed_reports_to_our_mailbox_are_read_when_dkim_verifies(tmp_path: Path) -> None:
+    key_file, key_record = dkim_key(tmp_path)
+    now = ts("2024-03-05T04:00:00")
+    records = {f"{SELECTOR}._domainkey.reporter.example": key_record}
+    async with ScriptedDnsServer(handler_for(records)) as dns_server:
+        resolver = Resolver([dns_server.endpoint()], timeout=2.0)
+        reporter = TlsRptService(
+            replace(
+                TlsRptConfig(), organization_name="Reporter Inc", dkim_selector=SELECTOR, dkim_key_file=str(key_file)
+            ),
+            state_dir=tmp_path / "reporter",
+            submitter="reporter.example",
+            clock=lambda: now,
+        )
+        receiver = TlsRptService(
+            replace(TlsRptConfig(), receive_mailbox="tlsrpt@example.org"),
+            state_dir=tmp_path / "receiver",
+            submitter="mx.example.org",
+            clock=lambda: now,
+            resolver=resolver,
+        )
+        try:
+            reporter.record(
+                outcome(ts("2024-03-04T08:00:00"), success=False, result_type=TlsRptResult.CERTIFICATE_NOT_TRUSTED)
+            )
+            aggs = await reporter.aggregates("2024-03-04", "example.org")
+            gz = rpt.gzip_report(reporter.render("2024-03-04", aggs, "r-1@reporter.example"))
+            signed = await reporter.build_signed_mail(
+                ["tlsrpt@example.org"],
+                domain="example.org",
+                report_id="r-1@reporter.example",
+                filename="r.json.gz",
+                gz=gz,
+                now=now,
+            )
+            assert await receiver.receive_mail(signed) == "ok"
+            assert await receiver.receive_mail(signed) == "duplicate"
+            forged = signed.replace(b"This is an aggregate", b"This is a forged")
+            assert await receiver.receive_mail(forged) == "unsigned"
+            unsigned = signed.split(b"\r\n", 1)[1]
+            while unsigned.startswith((b" ", b"\t")):  # drop the folded DKIM-Signature lines
+                unsigned = unsigned.split(b"\r\n", 1)[1]
+            assert await receiver.receive_mail(unsigned) == "unsigned"
+            assert await receiver.reporter_failures() == [("Reporter Inc", 0, 1)]
+        finally:
+            await reporter.close()
+            await receiver.close()
