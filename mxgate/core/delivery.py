@@ -1,0 +1,909 @@
+"""Delivery attempts through outbound connectors: "what to do" apart from "doing it" (STYLE.md).
+
+What to do (pure functions, tested without sockets):
+
+* :func:`combine_policies`: the TLS opinions of the policy plugins (DANE, MTA-STS, the connector's own ``tls``)
+  combined by precedence (RFC 8461 §2: DANE > MTA-STS > connector): the applicable opinion of the highest
+  ``precedence`` decides; a ``report_only`` one (MTA-STS "testing") is verified and reported, while the next
+  applicable, enforcing opinion is what the attempt must satisfy.
+* :func:`filter_hosts`: MTA-STS ``mx`` patterns filter the MX candidates BEFORE connecting (RFC 8461 §4.1).
+* :func:`needs_smtputf8`, :func:`needs_8bitmime`: what the message needs of the peer.
+
+Doing it (:class:`Deliverer`): resolve the next hop (hook), ask for TLS policies (hook), try the hosts in order
+(every address, IPv6 and IPv4), EHLO, STARTTLS as the level demands (outbound, whatever the peer sent after its
+220 is discarded), call ``on_tls_verify`` with the policy that decided, emit one ``on_tls_outcome`` per TLS
+attempt, MAIL/RCPT/DATA pipelined where offered, and report one :class:`RecipientOutcome` per recipient.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from mxgate.core.outcomes import (
+    Destination,
+    HopHost,
+    HostPolicy,
+    NextHop,
+    PeerVerification,
+    PolicyType,
+    TlsLevel,
+    TlsOutcome,
+    TlsPolicy,
+    TlsRptResult,
+)
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError
+from mxgate.core.tls import client_context, describe, peer_chain
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from mxgate.connectors.outbound import OutboundConnector
+    from mxgate.core.runtime import Runtime
+
+__all__ = [
+    "AttemptContext",
+    "Deliverer",
+    "DeliveryResult",
+    "OutgoingMessage",
+    "RecipientOutcome",
+    "TlsDecision",
+    "combine_policies",
+    "connector_level",
+    "filter_hosts",
+    "mx_pattern_matches",
+    "needs_8bitmime",
+    "needs_smtputf8",
+]
+
+log = logging.getLogger(__name__)
+
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+
+CONNECTOR_PRECEDENCE = 100
+_LEVELS = {
+    "none": TlsLevel.NONE,
+    "opportunistic": TlsLevel.MAY,
+    "encryption_only": TlsLevel.ENCRYPT,
+    "certificate_validation": TlsLevel.VERIFY,
+    "domain_validation": TlsLevel.SECURE,
+}
+
+
+# ============================================================================================================
+# records
+# ============================================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """One connection attempt as ``on_tls_verify`` sees it (after the TLS handshake)."""
+
+    connector: str
+    destination: Destination
+    next_hop: NextHop
+    host: HopHost  # the MX or smart host dialled
+    peer_ip: str
+    peer_port: int
+    sni: str | None  # the server name we sent
+    peer_helo: str | None = None  # the name in the peer's banner / EHLO reply
+    tls_version: str | None = None
+    cipher: str | None = None
+    mx_secure: bool = False  # the MX RRset was DNSSEC-secure (RFC 7672 §2.2.1)
+    host_policy: HostPolicy | None = None  # the deciding policy's refinement for this host
+    at: float = 0.0  # unix time of the attempt
+
+    @property
+    def host_secure(self) -> bool:
+        return self.host.secure
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """What one transaction carries."""
+
+    queue_id: str
+    sender: str  # "" = null reverse-path
+    recipients: tuple[str, ...]
+    data: bytes
+    received_at: float = 0.0
+    envid: str | None = None
+    smtputf8: bool = False  # the client asked for SMTPUTF8 when it gave us the message
+    body_8bit: bool = False  # BODY=8BITMIME was declared
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    recipient: str
+    result: str  # "delivered" | "deferred" | "failed"
+    reply: str  # "250 2.0.0 Ok", or our own text for local failures
+    status: str  # RFC 3463 code
+    mx_host: str | None = None
+    remote: bool = False  # the reply came from the remote server (DSN Diagnostic-Code)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    destination: Destination
+    outcomes: tuple[RecipientOutcome, ...]
+    mx_host: str | None = None
+    peer_ip: str | None = None
+    tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the transaction ran under TLS
+    verification: str | None = None
+    steps: tuple[str, ...] = ()  # what happened, for `connector validate` and logs
+    transcript: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsDecision:
+    """``policy`` decided (and is reported); ``enforce`` is what an attempt must satisfy (the same policy unless
+    the deciding one is report-only)."""
+
+    policy: TlsPolicy
+    enforce: TlsPolicy
+
+    @property
+    def report_only(self) -> bool:
+        return self.policy.report_only and self.policy is not self.enforce
+
+
+# ============================================================================================================
+# what to do
+# ============================================================================================================
+
+
+def connector_level(tls: str) -> TlsLevel:
+    """The :class:`TlsLevel` of an outbound connector's ``tls`` setting."""
+    try:
+        return _LEVELS[tls]
+    except KeyError:
+        raise ValueError(f"unknown connector tls mode {tls!r}") from None
+
+
+def connector_policy(connector: OutboundConnector, destination: Destination) -> TlsPolicy:
+    """The connector's own opinion (precedence 100)."""
+    return TlsPolicy(
+        source="connector",
+        policy_type=PolicyType.NO_POLICY,
+        policy_domain=destination.domain,
+        level=connector_level(connector.tls),
+        precedence=CONNECTOR_PRECEDENCE,
+        reference_ids=(connector.tls_domain,) if connector.tls_domain else (),
+        detail=f"connector {connector.name} tls={connector.tls}",
+        data=connector,
+    )
+
+
+def combine_policies(policies: Sequence[TlsPolicy], fallback: TlsPolicy) -> TlsDecision:
+    """Highest ``precedence`` applicable opinion decides (file order among equals); ``fallback`` when none
+    applies. A report-only deciding policy is enforced by the next applicable enforcing one."""
+    applying = sorted((p for p in policies if p.applies), key=lambda p: -p.precedence)
+    if not applying:
+        return TlsDecision(fallback, fallback)
+    deciding = applying[0]
+    if not deciding.report_only:
+        return TlsDecision(deciding, deciding)
+    enforce = next((p for p in applying[1:] if not p.report_only), fallback)
+    return TlsDecision(deciding, enforce)
+
+
+def mx_pattern_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 §4.1: exact, or ``*.example.com`` = exactly one label in front of ``example.com``."""
+    pattern = pattern.lower().rstrip(".")
+    host = host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        first, dot, rest = host.partition(".")
+        return bool(first) and bool(dot) and rest == pattern[2:]
+    return host == pattern
+
+
+def filter_hosts(hosts: Sequence[HopHost], patterns: Sequence[str]) -> tuple[HopHost, ...]:
+    """The hosts whose names match one of ``patterns`` (all hosts when there are no patterns)."""
+    if not patterns:
+        return tuple(hosts)
+    return tuple(h for h in hosts if any(mx_pattern_matches(p, h.name) for p in patterns))
+
+
+def needs_smtputf8(message: OutgoingMessage) -> bool:
+    return message.smtputf8 or not message.sender.isascii() or not all(r.isascii() for r in message.recipients)
+
+
+def needs_8bitmime(message: OutgoingMessage) -> bool:
+    return message.body_8bit or not message.data.isascii()
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _local(code: int, status: str, text: str) -> str:
+    return f"{code} {status} {text}"
+
+
+# ============================================================================================================
+# doing it
+# ============================================================================================================
+
+
+@dataclass
+class _HostFailure:
+    reply: str  # what to tell the queue ("451 4.4.1 ...")
+    status: str
+    permanent: bool = False
+    remote: bool = False
+
+
+@dataclass
+class _Attempt:
+    """Mutable bookkeeping of one delivery (several hosts, several addresses)."""
+
+    steps: list[str] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)
+    failures: list[_HostFailure] = field(default_factory=list)
+
+
+AddressResolver = Callable[[str], Awaitable[tuple[str, ...]]]
+
+
+class Deliverer:
+    """Delivers one destination's recipients of one message through its outbound connector."""
+
+    def __init__(self, runtime: Runtime, *, resolve_addresses: AddressResolver | None = None) -> None:
+        self.runtime = runtime
+        self._resolve_addresses = resolve_addresses
+
+    # -- entry point -------------------------------------------------------------------------------------
+
+    async def deliver(self, destination: Destination, message: OutgoingMessage) -> DeliveryResult:
+        runtime = self.runtime
+        connector = runtime.config.outbound(destination.connector)
+        rec = _Attempt()
+        if connector is None:
+            reply = _local(451, "4.3.5", f"outbound connector {destination.connector!r} is not configured")
+            return self._all(destination, message, DEFERRED, reply, "4.3.5", rec)
+        if connector.test_mode:
+            rec.steps.append(f"connector {connector.name} is in test mode: nothing sent")
+            return self._all(destination, message, DELIVERED, _local(250, "2.0.0", "test mode: not sent"), "2.0.0", rec)
+
+        next_hop = await runtime.hooks.resolve_next_hop(destination)
+        if next_hop is None:
+            reply = _local(451, "4.4.0", "no next hop resolver answered")
+            return self._all(destination, message, DEFERRED, reply, "4.4.0", rec)
+        rec.steps.append(f"next hop ({next_hop.kind}): " + (", ".join(_host_label(h) for h in next_hop.hosts) or "-"))
+        if next_hop.kind == "null_mx":
+            reply = _local(556, "5.1.10", f"recipient domain {destination.domain} accepts no mail (null MX)")
+            return self._all(destination, message, FAILED, reply, "5.1.10", rec)
+        if next_hop.kind == "error" or not next_hop.hosts:
+            why = next_hop.error or "no hosts to deliver to"
+            if next_hop.permanent:
+                return self._all(destination, message, FAILED, _local(550, "5.1.2", why), "5.1.2", rec)
+            return self._all(destination, message, DEFERRED, _local(451, "4.4.3", why), "4.4.3", rec)
+
+        fallback = connector_policy(connector, destination)
+        policies = await runtime.hooks.resolve_tls_policy(destination, next_hop)
+        decision = combine_policies(policies or [fallback], fallback)
+        policy = decision.policy
+        rec.steps.append(
+            f"TLS policy: {policy.source} ({policy.policy_type}, level {policy.level.name}"
+            + (", report only" if decision.report_only else "")
+            + (
+                f", enforced by {decision.enforce.source} level {decision.enforce.level.name}"
+                if decision.report_only
+                else ""
+            )
+            + ")"
+        )
+        if policy.failure is not None:
+            await self._outcome(
+                connector.name,
+                decision,
+                None,
+                None,
+                success=False,
+                result=policy.failure,
+                detail=policy.detail or f"{policy.source} policy lookup failed",
+            )
+            if not decision.report_only:
+                reply = _local(451, "4.7.5", f"TLS policy ({policy.source}) unavailable: {policy.failure}")
+                rec.steps.append(reply)
+                return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
+
+        hosts = filter_hosts(next_hop.hosts, decision.enforce.mx_patterns)
+        if decision.report_only and decision.policy.mx_patterns:
+            for h in next_hop.hosts:
+                if not filter_hosts([h], decision.policy.mx_patterns):
+                    await self._outcome(
+                        connector.name,
+                        decision,
+                        None,
+                        h,
+                        success=False,
+                        result=TlsRptResult.VALIDATION_FAILURE,
+                        detail=f"{h.name} matches no mx pattern of the policy (report only)",
+                    )
+        if not hosts:
+            await self._outcome(
+                connector.name,
+                decision,
+                None,
+                None,
+                success=False,
+                result=TlsRptResult.VALIDATION_FAILURE,
+                detail="no MX host matches the policy's mx patterns",
+            )
+            reply = _local(451, "4.7.5", f"no MX host of {destination.domain} matches the {policy.source} policy")
+            rec.steps.append(reply)
+            return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
+
+        for host in hosts:
+            outcome = await self._try_host(connector, destination, next_hop, decision, host, message, rec)
+            if outcome is not None:
+                return outcome
+        failures = rec.failures
+        if failures and all(f.permanent for f in failures):
+            last = failures[-1]
+            return self._all(destination, message, FAILED, last.reply, last.status, rec, remote=last.remote)
+        transient = next((f for f in reversed(failures) if not f.permanent), None)
+        if transient is None:
+            reply, status = _local(451, "4.4.1", "no host could be reached"), "4.4.1"
+        else:
+            reply, status = transient.reply, transient.status
+            if reply[:1] == "5":  # a permanent-looking reply from one host while others failed transiently
+                reply, status = _local(451, "4.4.1", reply), "4.4.1"
+        return self._all(destination, message, DEFERRED, reply, status, rec, remote=False)
+
+    # -- hosts and addresses -----------------------------------------------------------------------------
+
+    async def _addresses(self, host: HopHost) -> tuple[str, ...]:
+        if host.addresses:
+            return host.addresses
+        if _is_ip(host.name):
+            return (host.name.strip("[]"),)
+        if self._resolve_addresses is not None:
+            return await self._resolve_addresses(host.name)
+        resolver = self.runtime.resolver
+        if resolver is None:
+            return ()
+        a, aaaa = await resolver.resolve_addresses(host.name)
+        out: list[str] = []
+        for ans in (aaaa, a):
+            if not ans.is_failure and ans.exists:
+                out.extend(str(getattr(r, "address", r)) for r in ans.records)
+        return tuple(out)
+
+    async def _try_host(
+        self,
+        connector: OutboundConnector,
+        destination: Destination,
+        next_hop: NextHop,
+        decision: TlsDecision,
+        host: HopHost,
+        message: OutgoingMessage,
+        rec: _Attempt,
+    ) -> DeliveryResult | None:
+        enforce_hp = decision.enforce.for_host(host.name)
+        report_hp = decision.policy.for_host(host.name)
+        for hp, pol in ((enforce_hp, decision.enforce), (report_hp, decision.policy)):
+            if not hp.usable:
+                await self._outcome(
+                    connector.name,
+                    decision,
+                    None,
+                    host,
+                    success=False,
+                    result=hp.failure or TlsRptResult.VALIDATION_FAILURE,
+                    detail=hp.detail or f"{pol.source}: host unusable",
+                )
+                if pol is decision.enforce:
+                    rec.steps.append(f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})")
+                    rec.failures.append(
+                        _HostFailure(
+                            _local(451, "4.7.5", f"{host.name}: {pol.source} policy: {hp.failure or 'host unusable'}"),
+                            "4.7.5",
+                        )
+                    )
+                    return None
+        addresses = await self._addresses(host)
+        if not addresses:
+            rec.steps.append(f"{host.name}: no usable address")
+            rec.failures.append(_HostFailure(_local(451, "4.4.4", f"{host.name}: no usable address"), "4.4.4"))
+            return None
+        for address in addresses:
+            result = await self._try_address(
+                connector, destination, next_hop, decision, host, address, message, rec, enforce_hp, report_hp
+            )
+            if result is not None:
+                return result
+        return None
+
+    async def _try_address(
+        self,
+        connector: OutboundConnector,
+        destination: Destination,
+        next_hop: NextHop,
+        decision: TlsDecision,
+        host: HopHost,
+        address: str,
+        message: OutgoingMessage,
+        rec: _Attempt,
+        enforce_hp: HostPolicy,
+        report_hp: HostPolicy,
+        *,
+        cleartext: bool = False,
+    ) -> DeliveryResult | None:
+        runtime = self.runtime
+        level = enforce_hp.level
+        where = f"{host.name}[{address}]:{host.port}"
+        try:
+            client = await SmtpClient.connect(
+                address,
+                host.port,
+                timeout=connector.command_timeout,
+                connect_timeout=connector.connect_timeout,
+                source_address=connector.source_address,
+            )
+        except SmtpClientError as exc:
+            rec.steps.append(f"{where}: {exc}")
+            rec.failures.append(_HostFailure(_local(451, "4.4.1", f"{where}: {exc}"), "4.4.1"))
+            return None
+        rec.steps.append(f"connected to {where}")
+        tls_info: str | None = None
+        verification: PeerVerification | None = None
+        try:
+            assert client.banner is not None
+            if client.banner.code != 220:
+                rec.failures.append(
+                    _HostFailure(f"{client.banner} (greeting from {where})", client.banner.status, remote=True)
+                )
+                rec.steps.append(f"{where}: greeting {client.banner}")
+                await client.quit()
+                return None
+            ehlo = await client.ehlo(runtime.config.server.hostname)
+            if ehlo.code != 250:
+                rec.failures.append(_HostFailure(f"{ehlo} (EHLO/HELO at {where})", ehlo.status, remote=True))
+                await client.quit()
+                return None
+
+            # -- STARTTLS -------------------------------------------------------------------------------
+            sni = enforce_hp.sni or report_hp.sni or (None if _is_ip(host.name) else host.name.rstrip("."))
+            if level >= TlsLevel.MAY and not cleartext:
+                if not client.supports("STARTTLS"):
+                    await self._outcome(
+                        connector.name,
+                        decision,
+                        client,
+                        host,
+                        success=False,
+                        result=TlsRptResult.STARTTLS_NOT_SUPPORTED,
+                        detail="STARTTLS not offered",
+                    )
+                    if level >= TlsLevel.ENCRYPT:
+                        rec.steps.append(f"{where}: STARTTLS not offered; TLS is required")
+                        rec.failures.append(
+                            _HostFailure(
+                                _local(
+                                    451,
+                                    "4.7.4",
+                                    f"{where} does not offer STARTTLS (required by {decision.enforce.source})",
+                                ),
+                                "4.7.4",
+                            )
+                        )
+                        await client.quit()
+                        return None
+                    rec.steps.append(f"{where}: STARTTLS not offered; continuing in cleartext (opportunistic)")
+                else:
+                    ctx = client_context(verify=False)
+                    try:
+                        reply = await client.starttls(ctx, sni)
+                    except SmtpConnectionError as exc:
+                        await self._outcome(
+                            connector.name,
+                            decision,
+                            client,
+                            host,
+                            success=False,
+                            result=TlsRptResult.VALIDATION_FAILURE,
+                            detail=str(exc),
+                        )
+                        rec.steps.append(f"{where}: {exc}")
+                        if level == TlsLevel.MAY:
+                            rec.steps.append(f"{where}: retrying in cleartext (opportunistic)")
+                            return await self._try_address(
+                                connector,
+                                destination,
+                                next_hop,
+                                decision,
+                                host,
+                                address,
+                                message,
+                                rec,
+                                enforce_hp,
+                                report_hp,
+                                cleartext=True,
+                            )
+                        rec.failures.append(_HostFailure(_local(451, "4.7.5", f"{where}: {exc}"), "4.7.5"))
+                        return None
+                    if reply.code != 220:
+                        await self._outcome(
+                            connector.name,
+                            decision,
+                            client,
+                            host,
+                            success=False,
+                            result=TlsRptResult.STARTTLS_NOT_SUPPORTED,
+                            detail=f"STARTTLS: {reply}",
+                        )
+                        if level >= TlsLevel.ENCRYPT:
+                            rec.failures.append(
+                                _HostFailure(_local(451, "4.7.4", f"{where} refused STARTTLS: {reply}"), "4.7.4")
+                            )
+                            await client.quit()
+                            return None
+                    else:
+                        ssl_object = client.ssl_object
+                        assert ssl_object is not None
+                        info = describe(ssl_object)
+                        tls_info = f"{info.version} {info.cipher}"
+                        rec.steps.append(
+                            f"{where}: TLS {tls_info} (SNI {sni or '-'})"
+                            + (
+                                f"; discarded {client.discarded_after_starttls} bytes sent after 220"
+                                if client.discarded_after_starttls
+                                else ""
+                            )
+                        )
+                        chain = peer_chain(ssl_object)
+                        peer_ip, peer_port = _peer(client)
+                        ctx_rec = AttemptContext(
+                            connector=connector.name,
+                            destination=destination,
+                            next_hop=next_hop,
+                            host=host,
+                            peer_ip=peer_ip,
+                            peer_port=peer_port,
+                            sni=sni,
+                            peer_helo=client.peer_ehlo_name,
+                            tls_version=info.version,
+                            cipher=info.cipher,
+                            mx_secure=next_hop.mx_secure,
+                            host_policy=enforce_hp,
+                            at=runtime.clock(),
+                        )
+                        ok, verification, failure = await self._verify(decision, enforce_hp, report_hp, ctx_rec, chain)
+                        if verification is not None:
+                            rec.steps.append(
+                                f"{where}: peer {verification.label}"
+                                + (f" ({verification.matched})" if verification.matched else "")
+                                + (f": {verification.detail}" if verification.detail else "")
+                            )
+                        await self._outcome(
+                            connector.name,
+                            decision,
+                            client,
+                            host,
+                            success=failure is None,
+                            result=failure.result_type if failure is not None else None,
+                            detail=failure.detail if failure is not None else "",
+                            verification=verification,
+                        )
+                        if not ok:
+                            why = (failure.result_type if failure is not None else None) or "verification failed"
+                            rec.failures.append(
+                                _HostFailure(
+                                    _local(451, "4.7.5", f"{where}: TLS peer verification failed ({why})"), "4.7.5"
+                                )
+                            )
+                            await client.quit()
+                            return None
+                        ehlo = await client.ehlo(runtime.config.server.hostname)
+                        if ehlo.code != 250:
+                            rec.failures.append(
+                                _HostFailure(f"{ehlo} (EHLO after STARTTLS at {where})", ehlo.status, remote=True)
+                            )
+                            await client.quit()
+                            return None
+            if level >= TlsLevel.ENCRYPT and not client.tls:  # defensive: never send under cleartext
+                rec.failures.append(_HostFailure(_local(451, "4.7.4", f"{where}: TLS required"), "4.7.4"))
+                await client.quit()
+                return None
+
+            # -- AUTH (smart hosts; only ever under TLS) -----------------------------------------------
+            if connector.auth_username:
+                if not client.tls:
+                    rec.failures.append(
+                        _HostFailure(
+                            _local(451, "4.7.10", f"{where}: not sending AUTH credentials without TLS"), "4.7.10"
+                        )
+                    )
+                    rec.steps.append(f"{where}: AUTH configured but the session is not encrypted")
+                    await client.quit()
+                    return None
+                password = self._password(connector)
+                auth = await client.auth(connector.auth_username, password)
+                if auth.code != 235:
+                    rec.failures.append(_HostFailure(f"{auth} (AUTH at {where})", auth.status, remote=True))
+                    await client.quit()
+                    return None
+
+            # -- what the message needs ----------------------------------------------------------------
+            limit = client.size_limit
+            if limit is not None and len(message.data) > limit:
+                rec.failures.append(
+                    _HostFailure(
+                        _local(
+                            552, "5.3.4", f"message size {len(message.data)} exceeds the limit of {where} ({limit})"
+                        ),
+                        "5.3.4",
+                        permanent=True,
+                    )
+                )
+                await client.quit()
+                return None
+            utf8 = needs_smtputf8(message)
+            if utf8 and not client.supports("SMTPUTF8"):
+                rec.failures.append(
+                    _HostFailure(
+                        _local(553, "5.6.7", f"{where} does not support SMTPUTF8, which this message needs"),
+                        "5.6.7",
+                        permanent=True,
+                    )
+                )
+                await client.quit()
+                return None
+            eight = needs_8bitmime(message)
+            if eight and not client.supports("8BITMIME"):
+                rec.failures.append(
+                    _HostFailure(
+                        _local(554, "5.6.3", f"{where} does not support 8BITMIME, which this message needs"),
+                        "5.6.3",
+                        permanent=True,
+                    )
+                )
+                await client.quit()
+                return None
+            params: list[str] = []
+            if client.supports("SIZE"):
+                params.append(f"SIZE={len(message.data)}")
+            if eight:
+                params.append("BODY=8BITMIME")
+            if utf8:
+                params.append("SMTPUTF8")
+            return await self._transaction(
+                client, connector, destination, host, message, params, rec, tls_info, verification
+            )
+        except SmtpClientError as exc:
+            rec.steps.append(f"{where}: {exc}")
+            rec.failures.append(_HostFailure(_local(451, "4.4.2", f"{where}: {exc}"), "4.4.2"))
+            client.abort()
+            return None
+        finally:
+            rec.transcript.extend(client.transcript)
+            client.transcript.clear()
+
+    async def _transaction(
+        self,
+        client: SmtpClient,
+        connector: OutboundConnector,
+        destination: Destination,
+        host: HopHost,
+        message: OutgoingMessage,
+        params: list[str],
+        rec: _Attempt,
+        tls_info: str | None,
+        verification: PeerVerification | None,
+    ) -> DeliveryResult:
+        mx = host.name
+        recipients = message.recipients
+        outcomes: dict[str, RecipientOutcome] = {}
+        accepted: list[str] = []
+        try:
+            mail, rcpts, data = await client.envelope(message.sender, params, recipients)
+            if not mail.is_positive:
+                result = FAILED if mail.is_permanent else DEFERRED
+                for r in recipients:
+                    outcomes[r] = RecipientOutcome(r, result, str(mail), mail.status, mx, True)
+                if data is not None and data.code == 354:
+                    await client.abort_data()
+                await client.quit()
+                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+            for r, reply in zip(recipients, rcpts, strict=False):
+                if reply.is_positive:
+                    accepted.append(r)
+                else:
+                    outcomes[r] = RecipientOutcome(
+                        r, FAILED if reply.is_permanent else DEFERRED, str(reply), reply.status, mx, True
+                    )
+            if not accepted:
+                if data is not None and data.code == 354:
+                    await client.abort_data()
+                await client.quit()
+                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+            if data is None or data.code != 354:
+                for r in accepted:
+                    if data is None:
+                        outcomes[r] = RecipientOutcome(r, DEFERRED, _local(451, "4.4.2", "DATA not sent"), "4.4.2", mx)
+                    else:
+                        outcomes[r] = RecipientOutcome(
+                            r, FAILED if data.is_permanent else DEFERRED, str(data), data.status, mx, True
+                        )
+                await client.quit()
+                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+            final = await client.send_data(message.data)
+            for r in accepted:
+                if final.is_positive:
+                    outcomes[r] = RecipientOutcome(r, DELIVERED, str(final), final.status, mx, True)
+                else:
+                    outcomes[r] = RecipientOutcome(
+                        r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True
+                    )
+            await client.quit()
+        except SmtpClientError as exc:
+            # Lost in the middle: whatever was not confirmed is deferred (at-least-once; RFC 5321 §6.1).
+            client.abort()
+            for r in recipients:
+                if r not in outcomes:
+                    outcomes[r] = RecipientOutcome(
+                        r, DEFERRED, _local(451, "4.4.2", f"{host.name}: {exc}"), "4.4.2", mx
+                    )
+            rec.steps.append(f"{host.name}: {exc}")
+        return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+
+    # -- verification and outcomes -------------------------------------------------------------------------
+
+    async def _verify(
+        self,
+        decision: TlsDecision,
+        enforce_hp: HostPolicy,
+        report_hp: HostPolicy,
+        attempt: AttemptContext,
+        chain: Sequence[x509.Certificate],
+    ) -> tuple[bool, PeerVerification | None, PeerVerification | None]:
+        """(may deliver, the verification to report, the failure to report)."""
+        hooks = self.runtime.hooks
+        verification: PeerVerification | None = None
+        failure: PeerVerification | None = None
+        ok = True
+        chain_certs = tuple(chain)
+        if enforce_hp.level >= TlsLevel.VERIFY:
+            verification = await hooks.on_tls_verify(attempt, decision.enforce, chain_certs)
+            if verification is None:
+                verification = PeerVerification(
+                    False,
+                    "untrusted",
+                    TlsRptResult.VALIDATION_FAILURE,
+                    detail=f"nobody verified for policy source {decision.enforce.source!r}",
+                )
+            if not verification.ok:
+                ok = False
+                failure = verification
+        if decision.report_only and report_hp.level >= TlsLevel.VERIFY:
+            reported = await hooks.on_tls_verify(replace(attempt, host_policy=report_hp), decision.policy, chain_certs)
+            if reported is None:
+                reported = PeerVerification(
+                    False,
+                    "untrusted",
+                    TlsRptResult.VALIDATION_FAILURE,
+                    detail=f"nobody verified for policy source {decision.policy.source!r}",
+                )
+            if not reported.ok and failure is None:
+                failure = reported
+            verification = verification or reported
+        if verification is None:
+            verification = PeerVerification(True, "untrusted", detail="encrypted, peer not authenticated")
+        return ok, verification, failure
+
+    async def _outcome(
+        self,
+        connector: str,
+        decision: TlsDecision,
+        client: SmtpClient | None,
+        host: HopHost | None,
+        *,
+        success: bool,
+        result: TlsRptResult | None = None,
+        detail: str = "",
+        verification: PeerVerification | None = None,
+    ) -> None:
+        policy = decision.policy
+        version = cipher = None
+        peer_ip = sending_ip = helo = None
+        if client is not None:
+            peer_ip = _peer(client)[0]
+            sending_ip = client.local_address[0] if client.local_address else None
+            helo = client.peer_ehlo_name
+            obj = client.ssl_object
+            if obj is not None:
+                version = obj.version()
+                c = obj.cipher()
+                cipher = c[0] if c else None
+        outcome = TlsOutcome(
+            connector=connector,
+            policy_type=policy.policy_type,
+            policy_domain=policy.policy_domain,
+            success=success,
+            mx_host=host.name if host is not None else None,
+            receiving_ip=peer_ip,
+            receiving_helo=helo,
+            sending_ip=sending_ip,
+            tls_version=version,
+            cipher=cipher,
+            verification=verification.label if verification is not None else None,
+            matched=verification.matched if verification is not None else None,
+            result_type=result,
+            policy_strings=policy.policy_strings,
+            mx_patterns=policy.mx_patterns,
+            detail=detail,
+            at=self.runtime.clock(),
+        )
+        await self.runtime.hooks.on_tls_outcome(outcome)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _password(self, connector: OutboundConnector) -> str:
+        if not connector.auth_password_file:
+            return ""
+        path = self.runtime.config.path(connector.auth_password_file)
+        text = path.read_text(encoding="utf-8")
+        return text.splitlines()[0] if text else ""
+
+    def _all(
+        self,
+        destination: Destination,
+        message: OutgoingMessage,
+        result: str,
+        reply: str,
+        status: str,
+        rec: _Attempt,
+        *,
+        remote: bool = False,
+    ) -> DeliveryResult:
+        outcomes = tuple(RecipientOutcome(r, result, reply, status, None, remote) for r in message.recipients)
+        rec.steps.append(f"{result}: {reply}")
+        return DeliveryResult(destination, outcomes, steps=tuple(rec.steps), transcript=tuple(rec.transcript))
+
+    def _result(
+        self,
+        destination: Destination,
+        message: OutgoingMessage,
+        outcomes: dict[str, RecipientOutcome],
+        rec: _Attempt,
+        client: SmtpClient,
+        host: HopHost,
+        tls_info: str | None,
+        verification: PeerVerification | None,
+    ) -> DeliveryResult:
+        ordered = tuple(outcomes[r] for r in message.recipients if r in outcomes)
+        for o in ordered:
+            rec.steps.append(f"<{o.recipient}>: {o.result}: {o.reply}")
+        rec.transcript.extend(client.transcript)
+        client.transcript.clear()
+        return DeliveryResult(
+            destination,
+            ordered,
+            mx_host=host.name,
+            peer_ip=client.host,
+            tls=tls_info,
+            verification=verification.label if verification is not None else None,
+            steps=tuple(rec.steps),
+            transcript=tuple(rec.transcript),
+        )
+
+
+def _peer(client: SmtpClient) -> tuple[str, int]:
+    return client.host, client.port
+
+
+def _host_label(h: HopHost) -> str:
+    addrs = ",".join(h.addresses) if h.addresses else "?"
+    pref = f"{h.preference} " if h.preference else ""
+    return f"{pref}{h.name}[{addrs}]:{h.port}{' (secure)' if h.secure else ''}"

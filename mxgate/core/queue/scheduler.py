@@ -1,0 +1,528 @@
+"""The delivery scheduler: lease due messages, categorize, deliver, record, notify.
+
+One background task per gateway (:meth:`Scheduler.run`). Each round it leases the due messages
+(:meth:`QueueStore.lease_due`, so a CLI ``queue flush`` from another process simply makes messages due), and for
+each message:
+
+1. categorizer hooks: ``on_submitted_message`` (first pick-up only), ``resolve_recipient`` per recipient (a
+   rewrite or expansion is *bifurcated*: the new addresses go into a new queued message, marked categorized,
+   and the original recipient is recorded as delivered "expanded"), ``resolve_route`` (firstresult; the core's
+   ``trylast`` default is the most specific connector), ``on_routed_message``;
+2. recipients grouped by :class:`~mxgate.core.outcomes.Destination` (connector + domain, or the connector's smart
+   hosts): one transaction per group, under a per-connector and a per-destination semaphore;
+3. results recorded with the connector's retry schedule (``retry_first``/``retry_max``/``give_up_after``);
+   deferrals past ``give_up_after`` fail;
+4. ``on_delivered``/``on_deferred``/``on_failed`` per recipient, tracking-log events, metrics events; a DSN
+   (RFC 3464) for final failures and an optional delay warning, queued with the null sender (never to the null
+   sender, never for a report or an auto-submitted message: no loops).
+
+Restart semantics come from the store: leases left by a crashed or stopped process are released when the gateway
+opens the queue, so attempts in flight become due again (at-least-once). :meth:`Scheduler.stop` lets in-flight
+attempts finish (bounded) before cancelling, so a clean shutdown does not deliver twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mxgate.connectors.outbound import OutboundConnector
+from mxgate.core import checks
+from mxgate.core.delivery import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    Deliverer,
+    DeliveryResult,
+    OutgoingMessage,
+    RecipientOutcome,
+)
+from mxgate.core.model import Address
+from mxgate.core.outcomes import DeliveryReport, Destination, Route
+from mxgate.core.queue.dsn import build_dsn
+from mxgate.core.queue.retry import RetrySchedule
+from mxgate.core.queue.store import MessageNotFoundError, QueuedMessage, QueueStore, RecipientResult, RecipientStatus
+from mxgate.core.runtime import Runtime
+from mxgate.core.tracking import TrackEvent
+
+__all__ = ["Scheduler", "parse_address", "schedule_for"]
+
+log = logging.getLogger(__name__)
+
+META_CATEGORIZED = "categorized"
+META_EXPANDED_FROM = "expanded_from"
+META_DSN_FOR = "dsn_for"
+
+
+def parse_address(text: str) -> Address:
+    if not text:
+        return Address.null()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return Address(text, "")
+    return Address(local, domain)
+
+
+def schedule_for(connector: OutboundConnector | None) -> RetrySchedule:
+    """The retry schedule of a connector (the defaults for an unknown one)."""
+    if connector is None:
+        return RetrySchedule(delay_warning_after=None)
+    maximum = max(connector.retry_max, connector.retry_first)
+    warn = connector.delay_warning_after
+    if warn is not None and warn >= connector.give_up_after:
+        warn = None
+    return RetrySchedule(
+        first=connector.retry_first,
+        maximum=maximum,
+        give_up_after=connector.give_up_after,
+        delay_warning_after=warn,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    destination: Destination
+    recipients: tuple[str, ...]
+
+
+class Scheduler:
+    """Delivers what is due. ``poll_interval`` bounds how late a flush from another process is noticed."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        poll_interval: float = 1.0,
+        lease_seconds: float = 900.0,
+        batch: int = 100,
+        rng: random.Random | None = None,
+        deliverer: Deliverer | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.batch = batch
+        self.rng = rng or random.Random()
+        self.deliverer = deliverer or Deliverer(runtime)
+        self._event = asyncio.Event()
+        self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._connector_sems: dict[str, asyncio.Semaphore] = {}
+        self._destination_sems: weakref.WeakValueDictionary[tuple[str, str], asyncio.Semaphore] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def queue(self) -> QueueStore:
+        if self.runtime.queue is None:
+            raise RuntimeError("the scheduler needs runtime.queue")
+        return self.runtime.queue
+
+    def wakeup(self) -> None:
+        self._event.set()
+
+    async def run(self) -> None:
+        """The background loop: a round, then wait for a wake-up or the poll interval."""
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery scheduler round failed")
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), self.poll_interval)
+
+    async def run_once(self) -> int:
+        """Lease what is due and start delivering it; returns how many messages were leased."""
+        if self._stopping:
+            return 0
+        room = self.batch - len(self._inflight)
+        if room <= 0:
+            return 0
+        leased = await self.queue.lease_due(self.runtime.clock(), room, self.lease_seconds)
+        for msg in leased:
+            task = asyncio.ensure_future(self._guarded(msg))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return len(leased)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the attempts in flight are done."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Lease nothing more; let attempts in flight finish (up to ``timeout``), then cancel the rest (their
+        leases are given back, so they are due again)."""
+        self._stopping = True
+        self.wakeup()
+        await self.drain(timeout)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    # -- one message -------------------------------------------------------------------------------------
+
+    async def _guarded(self, msg: QueuedMessage) -> None:
+        try:
+            await self.process(msg)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.queue.release_lease(msg.id))
+            raise
+        except Exception as exc:
+            log.exception("delivery of a message failed", extra={"queue_id": msg.id})
+            await self._internal_error(msg, exc)
+
+    async def _internal_error(self, msg: QueuedMessage, exc: BaseException) -> None:
+        now = self.runtime.clock()
+        reply = f"451 4.3.0 internal error: {type(exc).__name__}"
+        results = []
+        for r in msg.recipients:
+            if r.is_final:
+                continue
+            schedule = schedule_for(self.runtime.config.outbound(r.route) if r.route else None)
+            nxt = schedule.next_attempt(msg.received_at, r.attempts + 1, now, self.rng)
+            if nxt is None:
+                results.append(RecipientResult(r.address, RecipientStatus.FAILED, reply, None))
+            else:
+                results.append(RecipientResult(r.address, RecipientStatus.DEFERRED, reply, nxt))
+        try:
+            if results:
+                await self.queue.record_results(msg.id, results, now=now, detail="internal error")
+            else:
+                await self.queue.release_lease(msg.id)
+        except Exception:
+            log.exception("could not record an internal error", extra={"queue_id": msg.id})
+
+    async def process(self, msg: QueuedMessage) -> None:
+        """Categorize and deliver the due recipients of one leased message, record and report the results."""
+        runtime, queue, hooks, tracking = self.runtime, self.queue, self.runtime.hooks, self.runtime.tracking
+        now = runtime.clock()
+        try:
+            body = await queue.body(msg.id)
+        except MessageNotFoundError:
+            return  # deleted (or finished) since it was leased
+        pending = [r for r in msg.recipients if not r.is_final and r.next_attempt <= now]
+        if not pending:
+            await queue.release_lease(msg.id)
+            return
+        if all(r.attempts == 0 and r.route is None for r in msg.recipients):
+            await hooks.on_submitted_message(msg)
+
+        results: dict[str, RecipientResult] = {}
+        outcomes: dict[str, RecipientOutcome] = {}
+        routes: list[tuple[Address, Route]] = []
+        groups: dict[Destination, list[str]] = {}
+        categorized = msg.meta_value(META_CATEGORIZED) == "1"
+        for r in pending:
+            addr = parse_address(r.address)
+            if not categorized:
+                expansion = await hooks.resolve_recipient(msg, addr)
+                if expansion is not None and [str(a) for a in expansion] != [r.address]:
+                    await self._expand(msg, r.address, [str(a) for a in expansion if not a.is_null], body, now)
+                    text = f"250 2.1.5 expanded into {len(expansion)} recipient(s)"
+                    results[r.address] = RecipientResult(r.address, RecipientStatus.DELIVERED, text, None)
+                    continue
+            route = await hooks.resolve_route(msg, addr)
+            connector = runtime.config.outbound(route.connector) if route is not None else None
+            if route is None or connector is None or not connector.enabled:
+                why = (
+                    f"550 5.4.4 no outbound connector routes {addr.domain or r.address}"
+                    if route is None
+                    else f"550 5.4.4 outbound connector {route.connector!r} does not exist or is disabled"
+                )
+                results[r.address] = RecipientResult(r.address, RecipientStatus.FAILED, why, None)
+                outcomes[r.address] = RecipientOutcome(r.address, FAILED, why, "5.4.4")
+                continue
+            routes.append((addr, route))
+            if r.route != connector.name:
+                await queue.set_route(msg.id, r.address, connector.name)
+            smart = route.smart_hosts or connector.smart_hosts
+            if smart:
+                domain = checks.split_hostport(smart[0], connector.port)[0].lower()
+            else:
+                domain = addr.domain.lower().rstrip(".")
+            destination = Destination(connector.name, domain, tuple(smart))
+            groups.setdefault(destination, []).append(r.address)
+            tracking.write(
+                TrackEvent.ROUTE,
+                queue_id=msg.id,
+                message_id=msg.message_id,
+                recipient=r.address,
+                connector=connector.name,
+                destination=domain,
+            )
+        if routes:
+            await hooks.on_routed_message(msg, routes)
+
+        jobs = [_Job(d, tuple(rcpts)) for d, rcpts in groups.items()]
+        delivered = await asyncio.gather(*(self._deliver(msg, job, body) for job in jobs))
+        mx_hosts = {res.mx_host for res in delivered if res.mx_host}
+        for res in delivered:
+            connector = runtime.config.outbound(res.destination.connector)
+            schedule = schedule_for(connector)
+            for out in res.outcomes:
+                outcomes[out.recipient] = out
+                results[out.recipient] = self._result(msg, out, schedule, now)
+
+        previous_attempt = None
+        if any(schedule_for(runtime.config.outbound(d.connector)).delay_warning_after is not None for d in groups):
+            history = await queue.attempts(msg.id)
+            previous_attempt = max((a.at for a in history), default=None)
+
+        ordered = [results[r.address] for r in pending if r.address in results]
+        detail = None
+        if len(mx_hosts) > 1:
+            detail = "; ".join(f"{o.recipient}={o.mx_host}" for o in outcomes.values() if o.mx_host)
+        updated = await queue.record_results(
+            msg.id, ordered, now=now, mx=next(iter(mx_hosts)) if len(mx_hosts) == 1 else None, detail=detail
+        )
+        await self._report(updated, ordered, outcomes, now)
+        await self._dsn(updated, ordered, outcomes, now)
+        await self._delay_warning(updated, groups, previous_attempt, now)
+
+    def _result(
+        self, msg: QueuedMessage, out: RecipientOutcome, schedule: RetrySchedule, now: float
+    ) -> RecipientResult:
+        if out.result == DELIVERED:
+            return RecipientResult(out.recipient, RecipientStatus.DELIVERED, out.reply, None)
+        if out.result == FAILED:
+            return RecipientResult(out.recipient, RecipientStatus.FAILED, out.reply, None)
+        current = msg.recipient(out.recipient)
+        attempts = (current.attempts if current is not None else 0) + 1
+        nxt = schedule.next_attempt(msg.received_at, attempts, now, self.rng)
+        if nxt is None:
+            return RecipientResult(
+                out.recipient,
+                RecipientStatus.FAILED,
+                f"{out.reply} (gave up after {attempts} attempts)",
+                None,
+            )
+        return RecipientResult(out.recipient, RecipientStatus.DEFERRED, out.reply, nxt)
+
+    async def _expand(self, msg: QueuedMessage, original: str, new: Sequence[str], body: bytes, now: float) -> None:
+        if not new:
+            self.runtime.tracking.write(
+                TrackEvent.ROUTE, queue_id=msg.id, message_id=msg.message_id, recipient=original, expanded_to=[]
+            )
+            return
+        meta = [
+            *((k, v) for k, v in msg.meta if k not in (META_CATEGORIZED, META_EXPANDED_FROM)),
+            (META_CATEGORIZED, "1"),
+            (META_EXPANDED_FROM, f"{msg.id} {original}"),
+        ]
+        new_id = await self.queue.put(msg.sender, list(new), body, meta=meta, message_id=msg.message_id, now=now)
+        self.runtime.tracking.write(
+            TrackEvent.ROUTE,
+            queue_id=msg.id,
+            message_id=msg.message_id,
+            recipient=original,
+            expanded_to=list(new),
+            new_queue_id=new_id,
+        )
+        self.wakeup()
+
+    async def _deliver(self, msg: QueuedMessage, job: _Job, body: bytes) -> DeliveryResult:
+        runtime = self.runtime
+        dest = job.destination
+        connector = runtime.config.outbound(dest.connector)
+        limit = connector.max_connections if connector is not None else 1
+        per_dest = connector.max_connections_per_destination if connector is not None else 1
+        csem = self._connector_sems.get(dest.connector)
+        if csem is None:
+            csem = self._connector_sems[dest.connector] = asyncio.Semaphore(limit)
+        key = (dest.connector, dest.domain)
+        dsem = self._destination_sems.get(key)
+        if dsem is None:
+            dsem = asyncio.Semaphore(per_dest)
+            self._destination_sems[key] = dsem
+        outgoing = OutgoingMessage(
+            queue_id=msg.id,
+            sender=msg.sender,
+            recipients=job.recipients,
+            data=body,
+            received_at=msg.received_at,
+            envid=msg.meta_value("envid"),
+            smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
+            body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
+        )
+        async with csem, dsem:
+            result = await self.deliverer.deliver(dest, outgoing)
+        counts: dict[str, int] = {}
+        for o in result.outcomes:
+            counts[o.result] = counts.get(o.result, 0) + 1
+        runtime.tracking.write(
+            TrackEvent.ATTEMPT,
+            queue_id=msg.id,
+            message_id=msg.message_id,
+            connector=dest.connector,
+            destination=dest.domain,
+            mx=result.mx_host,
+            ip=result.peer_ip,
+            tls=result.tls,
+            verification=result.verification,
+            results=counts,
+        )
+        summary = DELIVERED if counts.get(DELIVERED) else (DEFERRED if counts.get(DEFERRED) else FAILED)
+        await runtime.hooks.on_event("delivery_attempt", connector=dest.connector, result=summary)
+        return result
+
+    async def _report(
+        self,
+        msg: QueuedMessage,
+        results: Sequence[RecipientResult],
+        outcomes: dict[str, RecipientOutcome],
+        now: float,
+    ) -> None:
+        hooks, tracking = self.runtime.hooks, self.runtime.tracking
+        for res in results:
+            out = outcomes.get(res.recipient)
+            rcpt = msg.recipient(res.recipient)
+            connector = (rcpt.route if rcpt is not None else None) or ""
+            report = DeliveryReport(
+                message_id=msg.id,
+                recipient=res.recipient,
+                connector=connector,
+                result=str(res.status),
+                reply=res.reply,
+                mx_host=out.mx_host if out is not None else None,
+                received_at=msg.received_at,
+                at=now,
+            )
+            if res.status is RecipientStatus.DELIVERED:
+                tracking.write(
+                    TrackEvent.DELIVER,
+                    queue_id=msg.id,
+                    message_id=msg.message_id,
+                    recipient=res.recipient,
+                    connector=connector,
+                    mx=report.mx_host,
+                    reply=res.reply,
+                )
+                await hooks.on_delivered(report)
+            elif res.status is RecipientStatus.DEFERRED:
+                tracking.write(
+                    TrackEvent.DEFER,
+                    queue_id=msg.id,
+                    message_id=msg.message_id,
+                    recipient=res.recipient,
+                    connector=connector,
+                    mx=report.mx_host,
+                    reply=res.reply,
+                    next_attempt=res.next_attempt,
+                )
+                await hooks.on_deferred(report)
+            else:
+                tracking.write(
+                    TrackEvent.FAIL,
+                    queue_id=msg.id,
+                    message_id=msg.message_id,
+                    recipient=res.recipient,
+                    connector=connector,
+                    mx=report.mx_host,
+                    reply=res.reply,
+                )
+                await hooks.on_failed(report)
+            await hooks.on_event("queue", action=str(res.status), connector=connector or "none")
+
+    async def _dsn(
+        self,
+        msg: QueuedMessage,
+        results: Sequence[RecipientResult],
+        outcomes: dict[str, RecipientOutcome],
+        now: float,
+    ) -> None:
+        failed = []
+        for res in results:
+            if res.status is not RecipientStatus.FAILED:
+                continue
+            out = outcomes.get(res.recipient)
+            if out is not None and out.result == DELIVERED:
+                continue
+            status = out.status if out is not None else _status_of(res.reply)
+            failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
+        if failed:
+            await self._send_dsn(msg, failed, now, None)
+
+    async def _delay_warning(
+        self,
+        msg: QueuedMessage,
+        groups: dict[Destination, list[str]],
+        previous_attempt: float | None,
+        now: float,
+    ) -> None:
+        delayed = []
+        retry_until = None
+        for dest, rcpts in groups.items():
+            connector = self.runtime.config.outbound(dest.connector)
+            schedule = schedule_for(connector)
+            if schedule.delay_warning_after is None:
+                continue
+            already = (
+                previous_attempt is not None and previous_attempt - msg.received_at >= schedule.delay_warning_after
+            )
+            if not schedule.delay_warning_due(msg.received_at, now, already_warned=already):
+                continue
+            for address in rcpts:
+                r = msg.recipient(address)
+                if r is not None and r.status is RecipientStatus.DEFERRED:
+                    delayed.append((address, _status_of(r.last_error or ""), r.last_error, None, "delayed"))
+                    retry_until = schedule.expires_at(msg.received_at)
+        if delayed:
+            until = datetime.fromtimestamp(retry_until, tz=UTC) if retry_until is not None else None
+            await self._send_dsn(msg, delayed, now, until)
+
+    async def _send_dsn(
+        self,
+        msg: QueuedMessage,
+        items: Sequence[tuple[str, str, str | None, str | None, str]],
+        now: float,
+        retry_until: datetime | None,
+    ) -> None:
+        queue = self.queue
+        try:
+            headers = await queue.headers(msg.id)
+        except MessageNotFoundError:
+            return
+        report = build_dsn(
+            reporting_mta=self.runtime.config.server.hostname,
+            original=msg,
+            original_headers=headers,
+            failed=items,
+            now=datetime.fromtimestamp(now, tz=UTC),
+            retry_until=retry_until,
+        )
+        if report is None:
+            return
+        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now)
+        self.runtime.tracking.write(
+            TrackEvent.DSN,
+            queue_id=msg.id,
+            message_id=msg.message_id,
+            dsn_queue_id=dsn_id,
+            action=items[0][4],
+            to=msg.sender,
+            recipients=[i[0] for i in items],
+        )
+        await self.runtime.hooks.on_event("queue", action="dsn", dsn=items[0][4])
+        self.wakeup()
+
+
+def _status_of(reply: str) -> str:
+    parts = reply.split(" ", 2)
+    if len(parts) >= 2 and parts[1][:1] in "245" and parts[1].count(".") == 2:
+        return parts[1]
+    code = parts[0] if parts else ""
+    return f"{code[:1]}.0.0" if code[:1] in ("4", "5") else "4.0.0"

@@ -1,0 +1,311 @@
+"""The scheduler end to end: queue -> categorizer hooks -> delivery to a real sink -> per-recipient state, retry
+schedule, DSN to the sender (never to <>), tracking log, hooks; restart semantics; queue CLI on live state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxgate.core import engine, tracking
+from mxgate.core.cli import main as cli_main
+from mxgate.core.hookspecs import hookimpl
+from mxgate.core.model import Address
+from mxgate.core.outcomes import DeliveryReport, Route
+from mxgate.core.queue.scheduler import Scheduler
+from mxgate.core.queue.store import QueueStore, RecipientStatus
+from mxgate.core.runtime import Runtime
+from mxgate.testing.sinks import SmtpSink
+
+pytestmark = pytest.mark.integration
+
+BODY = b"From: a@sender.test\r\nSubject: hello\r\nMessage-ID: <m1@sender.test>\r\n\r\nHello.\r\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Agent:
+    """Records reports; optionally expands or reroutes recipients."""
+
+    name = "agent"
+
+    def __init__(self) -> None:
+        self.reports: list[DeliveryReport] = []
+        self.submitted: list[str] = []
+        self.routed: list[list[str]] = []
+        self.expand: dict[str, list[str]] = {}
+        self.reroute: dict[str, str] = {}
+
+    @hookimpl
+    def mxgate_categorizer_on_submitted_message(self, message: Any) -> None:
+        self.submitted.append(message.id)
+
+    @hookimpl
+    def mxgate_categorizer_resolve_recipient(self, recipient: Address) -> Sequence[Address] | None:
+        targets = self.expand.get(str(recipient))
+        if targets is None:
+            return None
+        return [Address(*t.split("@")) for t in targets]
+
+    @hookimpl
+    def mxgate_categorizer_resolve_route(self, recipient: Address) -> Route | None:
+        name = self.reroute.get(recipient.domain)
+        return Route(name) if name else None
+
+    @hookimpl
+    def mxgate_categorizer_on_routed_message(self, routes: Sequence[tuple[Address, Route]]) -> None:
+        self.routed.append([f"{a}->{r.connector}" for a, r in routes])
+
+    @hookimpl
+    def mxgate_delivery_on_delivered(self, report: DeliveryReport) -> None:
+        self.reports.append(report)
+
+    @hookimpl
+    def mxgate_delivery_on_deferred(self, report: DeliveryReport) -> None:
+        self.reports.append(report)
+
+    @hookimpl
+    def mxgate_delivery_on_failed(self, report: DeliveryReport) -> None:
+        self.reports.append(report)
+
+
+Env = tuple[Runtime, Scheduler, Agent, Clock, Path]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Env]]]:
+    made: list[Runtime] = []
+
+    async def make(connectors: str) -> Env:
+        path = tmp_path / "mxgate.toml"
+        path.write_text(
+            textwrap.dedent(
+                f"""
+                [server]
+                hostname = "gw.sender.test"
+                state_dir = "{tmp_path / "var"}"
+                [[listener]]
+                name = "smtp"
+                address = "127.0.0.1:1"
+                [metrics]
+                listen = ""
+                """
+            )
+            + textwrap.dedent(connectors),
+            encoding="utf-8",
+        )
+        agent, clock = Agent(), Clock()
+        config, plugins = engine.load(path, entry_points=False, extra_plugins=[("agent", agent)])
+        runtime = Runtime.create(config, plugins, clock=clock)
+        runtime.queue = await QueueStore.open(config.state_path)
+        await runtime.hooks.on_startup(runtime)
+        made.append(runtime)
+        return runtime, Scheduler(runtime, poll_interval=0.05), agent, clock, path
+
+    yield make
+    for rt in made:
+        for task in rt.tasks:
+            task.cancel()
+        if rt.queue is not None:
+            await rt.queue.close()
+        rt.tracking.close()
+
+
+def _relay(sink: SmtpSink, name: str = "relay", domains: str = '["*"]', extra: str = "") -> str:
+    return f"""
+    [[outbound_connector]]
+    name = "{name}"
+    recipient_domains = {domains}
+    smart_hosts = ["{sink.host}:{sink.port}"]
+    tls = "none"
+    retry_first = 60
+    retry_max = 600
+    give_up_after = 3600
+    {extra}
+    """
+
+
+async def _round(s: Scheduler) -> None:
+    await s.run_once()
+    await s.drain(10)
+
+
+async def test_partial_delivery_retry_dsn_and_tracking(env: Callable[[str], Awaitable[Env]]) -> None:
+    replies = {"busy": "451 4.2.0 mailbox busy", "nobody": "550 5.1.1 no such user"}
+    async with SmtpSink(rcpt_replies=replies) as sink:
+        runtime, sched, agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        qid = await queue.put(
+            "a@sender.test",
+            ["ok@x.test", "busy@x.test", "nobody@x.test"],
+            BODY,
+            message_id="<m1@sender.test>",
+            now=clock.now,
+        )
+        await _round(sched)
+        assert [m.rcpt_tos for m in sink.messages] == [("ok@x.test",)]
+        msg = await queue.get(qid)
+        assert msg is not None
+        state = {r.address: r for r in msg.recipients}
+        assert state["ok@x.test"].status is RecipientStatus.DELIVERED
+        assert state["nobody@x.test"].status is RecipientStatus.FAILED
+        busy = state["busy@x.test"]
+        assert busy.status is RecipientStatus.DEFERRED and busy.last_error and busy.last_error.startswith("451")
+        assert clock.now + 50 <= busy.next_attempt <= clock.now + 70  # retry_first = 60 with jitter
+        assert {r.route for r in msg.recipients} == {"relay"}
+        assert agent.submitted == [qid]
+        assert sorted((r.recipient, r.result) for r in agent.reports) == [
+            ("busy@x.test", "deferred"),
+            ("nobody@x.test", "failed"),
+            ("ok@x.test", "delivered"),
+        ]
+        # the DSN for nobody@ is queued with the null sender, to the original sender
+        dsns = [m for m in await queue.list() if m.sender == ""]
+        assert len(dsns) == 1 and [r.address for r in dsns[0].recipients] == ["a@sender.test"]
+        dsn_body = await queue.body(dsns[0].id)
+        assert b"delivery-status" in dsn_body and b"Final-Recipient: rfc822; nobody@x.test" in dsn_body
+        assert b"Final-Recipient: rfc822; busy@x.test" not in dsn_body  # deferred, not failed
+        events = [r.event for r in tracking.trace(runtime.state_dir, qid)]
+        for ev in ("ROUTE", "ATTEMPT", "DELIVER", "DEFER", "FAIL", "DSN"):
+            assert ev in events
+
+        # not due yet: nothing happens; then the retry is due and the mailbox no longer busy
+        sink.rcpt_replies.pop("busy")
+        await _round(sched)
+        assert len(sink.messages) == 2  # the DSN went out too (to sender.test through the same relay)
+        clock.now += 120
+        await _round(sched)
+        msg = await queue.get(qid)
+        assert msg is not None and msg.is_final and msg.recipient("busy@x.test").status is RecipientStatus.DELIVERED  # type: ignore[union-attr]
+        assert [m.rcpt_tos for m in sink.messages if m.mail_from == "a@sender.test"] == [
+            ("ok@x.test",),
+            ("busy@x.test",),
+        ]
+
+
+async def test_give_up_after_expiry_and_no_dsn_to_null_sender(env: Callable[[str], Awaitable[Env]]) -> None:
+    async with SmtpSink(rcpt_replies={"busy": "451 4.2.0 busy"}) as sink:
+        runtime, sched, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        normal = await queue.put("a@sender.test", ["busy@x.test"], BODY, now=clock.now)
+        bounce = await queue.put("", ["busy@x.test"], BODY, now=clock.now)
+        await _round(sched)
+        clock.now += 3600  # give_up_after
+        await _round(sched)
+        for qid in (normal, bounce):
+            msg = await queue.get(qid)
+            assert msg is not None and msg.recipients[0].status is RecipientStatus.FAILED
+            assert "gave up" in (msg.recipients[0].last_error or "")
+        dsns = [m for m in await queue.list() if m.sender == ""]
+        assert [m.recipients[0].address for m in dsns] == ["a@sender.test"]  # none for the null-sender message
+
+
+async def test_routing_specificity_override_and_expansion(env: Callable[[str], Awaitable[Env]]) -> None:
+    async with SmtpSink() as wild, SmtpSink() as exact, SmtpSink() as special:
+        runtime, sched, agent, clock, _ = await env(
+            _relay(wild, "wild", '["*"]')
+            + _relay(exact, "exact", '["example.test"]', "cost = 5")
+            + _relay(exact, "exact-cheap-sub", '["*.example.test"]')
+            + _relay(special, "special", '["special.test"]')
+        )
+        agent.reroute = {"override.test": "special"}
+        agent.expand = {"list@example.test": ["m1@example.test", "m2@other.test"]}
+        queue = runtime.queue
+        assert queue is not None
+        qid = await queue.put(
+            "a@sender.test",
+            ["x@example.test", "y@other.test", "z@override.test", "list@example.test"],
+            BODY,
+            now=clock.now,
+        )
+        await _round(sched)
+        await _round(sched)  # the expansion's new message
+        assert sorted(r for m in exact.messages for r in m.rcpt_tos) == ["m1@example.test", "x@example.test"]
+        assert sorted(r for m in wild.messages for r in m.rcpt_tos) == ["m2@other.test", "y@other.test"]
+        assert [m.rcpt_tos for m in special.messages] == [("z@override.test",)]
+        msg = await queue.get(qid)
+        assert msg is not None and msg.is_final
+        assert "expanded" in (msg.recipient("list@example.test").last_error or "expanded")  # type: ignore[union-attr]
+        assert any("z@override.test->special" in r for r in agent.routed[0])
+
+
+async def test_restart_makes_leased_attempts_due_again_once(env: Callable[[str], Awaitable[Env]]) -> None:
+    async with SmtpSink() as sink:
+        runtime, _sched, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        qid = await queue.put("a@sender.test", ["b@x.test"], BODY, now=clock.now)
+        # a "crash" with the attempt in flight: leased, never recorded
+        assert [m.id for m in await queue.lease_due(clock.now, 10, 900)] == [qid]
+        await queue.close()
+        runtime.queue = await QueueStore.open(runtime.state_dir)  # the gateway's open releases old leases
+        sched = Scheduler(runtime, poll_interval=0.05)
+        await _round(sched)
+        await _round(sched)
+        assert len(sink.messages) == 1
+        # a clean stop while delivering waits for the attempt: exactly one copy
+        qid2 = await runtime.queue.put("a@sender.test", ["c@x.test"], BODY, now=clock.now)
+        task = asyncio.ensure_future(sched.run())
+        await sink.wait_for(2, timeout=10)
+        await sched.stop(timeout=10)
+        task.cancel()
+        msg2 = await runtime.queue.get(qid2)
+        assert msg2 is not None and msg2.is_final and len(sink.messages) == 2
+
+
+async def test_queue_cli_on_live_state(
+    env: Callable[[str], Awaitable[Env]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with SmtpSink(rcpt_replies={"busy": "451 4.2.0 busy"}) as sink:
+        runtime, sched, _agent, clock, config_path = await env(_relay(sink))
+        clock.now = time.time()  # the CLI's flush uses the wall clock
+        queue = runtime.queue
+        assert queue is not None
+        qid = await queue.put("a@sender.test", ["busy@x.test"], BODY, message_id="<m1@sender.test>", now=clock.now)
+        await _round(sched)
+
+        def cli(*argv: str) -> tuple[int, str]:
+            code = cli_main(["queue", *argv, "-c", str(config_path)])
+            return code, capsys.readouterr().out
+
+        code, out = await asyncio.to_thread(cli, "list", "--json")
+        rows = json.loads(out)
+        assert code == 0 and [r["id"] for r in rows] == [qid]
+        assert rows[0]["state"] == "deferred" and rows[0]["last_error"].startswith("451 4.2.0")
+        assert rows[0]["recipients"] == [{"address": "busy@x.test", "status": "deferred"}]
+        code, out = await asyncio.to_thread(cli, "list")
+        assert code == 0 and qid in out and "deferred" in out
+        code, out = await asyncio.to_thread(cli, "show", qid)
+        assert code == 0 and "Subject: hello" in out and "busy@x.test deferred" in out and "a@sender.test" in out
+        code, _ = await asyncio.to_thread(cli, "hold", qid)
+        assert code == 0 and (await queue.get(qid)).held  # type: ignore[union-attr]
+        code, _ = await asyncio.to_thread(cli, "flush", qid)
+        assert code == 0
+        clock.now = time.time()
+        sink.rcpt_replies.clear()
+        await _round(sched)
+        assert sink.messages == ()  # held: the flush does not override the hold
+        code, _ = await asyncio.to_thread(cli, "release", qid)
+        assert code == 0
+        await _round(sched)
+        assert [m.rcpt_tos for m in sink.messages] == [("busy@x.test",)]
+        other = await queue.put("a@sender.test", ["b@x.test"], BODY, now=clock.now + 10_000)
+        code, _ = await asyncio.to_thread(cli, "delete", other)
+        assert code == 0 and await queue.get(other) is None
+        code, _ = await asyncio.to_thread(cli, "show", "NOPE")
+        assert code == 1
+        assert (await queue.integrity_check()) == []

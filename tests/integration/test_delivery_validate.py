@@ -1,0 +1,60 @@
+"""`mxgate connector validate NAME --to ADDRESS` against a real sink.
+
+Cleartext here: the CLI runs its own event loop in a worker thread, and aiosmtpd's hand-built STARTTLS on
+Python 3.11 intermittently stalls when client and server live in different loops (see the issue note). The TLS
+lines of the same step list are asserted in test_delivery_sinks.py."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mxgate.core.cli import main as cli_main
+from mxgate.testing.ca import TestCA
+from mxgate.testing.sinks import SmtpSink
+
+pytestmark = pytest.mark.integration
+
+
+async def test_connector_validate_prints_tls_and_replies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = TestCA.create(tmp_path / "ca")
+    async with SmtpSink(tls=ca.issue(["relay.example.test"])) as sink:
+        config = tmp_path / "mxgate.toml"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                [server]
+                hostname = "gw.sender.test"
+                state_dir = "{tmp_path / "var"}"
+                [[listener]]
+                name = "smtp"
+                address = "127.0.0.1:1"
+                [metrics]
+                listen = ""
+                [dns]
+                resolvers = ["127.0.0.1:1"]
+                [plugins]
+                disable = ["dnssec"]
+                [[outbound_connector]]
+                name = "relay"
+                recipient_domains = ["*"]
+                smart_hosts = ["127.0.0.1:{sink.port}"]
+                tls = "none"
+                """
+            ),
+            encoding="utf-8",
+        )
+        argv = ["connector", "validate", "relay", "--to", "b@x.test", "-v", "-c", str(config)]
+        code = await asyncio.to_thread(cli_main, argv)
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "TLS policy: connector (no-policy-found, level NONE)" in out
+        assert "250 2.0.0" in out and "C: RCPT TO:<b@x.test>" in out and "result: delivered" in out
+        assert len(sink.messages) == 1 and sink.messages[0].rcpt_tos == ("b@x.test",)
+        assert (
+            await asyncio.to_thread(cli_main, ["connector", "validate", "nope", "--to", "b@x.test", "-c", str(config)])
+            == 1
+        )

@@ -1,0 +1,204 @@
+"""The SMTP client against scripted servers on loopback: reply parsing, HELO fallback, pipelining, dot-stuffing,
+and the RFC 3207 §4.2 rule that whatever follows the 220 to STARTTLS is discarded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from mxgate.core import tls
+from mxgate.core.smtp.client import (
+    SmtpClient,
+    SmtpConnectionError,
+    SmtpProtocolError,
+    SmtpReply,
+    dot_stuff,
+    parse_enhanced,
+)
+from mxgate.testing.ca import TestCA
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _serve(script: Script) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[int]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> int:
+        server, port = await _serve(script)
+        servers.append(server)
+        return port
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readline(), 5)
+
+
+def test_parse_enhanced_only_when_class_matches() -> None:
+    assert parse_enhanced(550, "5.1.1 no such user") == ("5.1.1", "no such user")
+    assert parse_enhanced(550, "4.1.1 mismatched class") == (None, "4.1.1 mismatched class")
+    assert parse_enhanced(250, "ok") == (None, "ok")
+    reply = SmtpReply.parse(451, ["4.7.1 greylisted", "4.7.1 come back later"])
+    assert reply.status == "4.7.1"
+    assert reply.text == "greylisted come back later"
+    assert str(reply) == "451 4.7.1 greylisted come back later"
+    assert SmtpReply.parse(554, ["no enhanced code"]).status == "5.0.0"
+
+
+def test_dot_stuffing_and_line_ends() -> None:
+    assert dot_stuff(b"a\r\n.b\r\n..c\n") == b"a\r\n..b\r\n...c\r\n"
+    assert dot_stuff(b"no final newline") == b"no final newline\r\n"
+    # bare CR and LF never survive: nothing we relay can end DATA early (smuggling)
+    assert dot_stuff(b"x\n.\ny\rz") == b"x\r\n..\r\ny\r\nz\r\n"
+
+
+async def test_helo_fallback_and_multiline_banner(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    seen: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220-old.example ESMTP\r\n220 second line\r\n")
+        seen.append(await _line(r))
+        w.write(b"502 5.5.1 EHLO not implemented\r\n")
+        seen.append(await _line(r))
+        w.write(b"250 old.example\r\n")
+        seen.append(await _line(r))
+        w.write(b"221 bye\r\n")
+        await w.drain()
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    assert client.banner is not None and client.banner.code == 220 and len(client.banner.lines) == 2
+    reply = await client.ehlo("me.example")
+    assert reply.code == 250 and not client.esmtp and client.extensions == {}
+    assert client.peer_ehlo_name == "old.example"
+    await client.quit()
+    assert seen == [b"EHLO me.example\r\n", b"HELO me.example\r\n", b"QUIT\r\n"]
+
+
+async def test_pipelined_envelope_in_one_write(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    got: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n")
+        await w.drain()
+        # the whole group arrives before we answer anything: proof that it was pipelined
+        for _ in range(4):
+            got.append(await _line(r))
+        w.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n354 go\r\n")
+        await w.drain()
+        body = b""
+        while not body.endswith(b"\r\n.\r\n"):
+            body += await _line(r)
+        got.append(body)
+        w.write(b"250 2.0.0 queued\r\n")
+        await _line(r)
+        w.write(b"221 bye\r\n")
+        await w.drain()
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    await client.ehlo("me.example")
+    assert client.supports("pipelining") and client.size_limit == 1000
+    mail, rcpts, data = await client.envelope("a@x.test", ["SIZE=10"], ["b@y.test", "c@y.test"])
+    assert mail.code == 250 and [r.code for r in rcpts] == [250, 550] and data is not None and data.code == 354
+    assert rcpts[1].status == "5.1.1"
+    final = await client.send_data(b"Subject: t\r\n\r\n.dot\r\n")
+    assert final.code == 250
+    await client.quit()
+    assert got[:4] == [
+        b"MAIL FROM:<a@x.test> SIZE=10\r\n",
+        b"RCPT TO:<b@y.test>\r\n",
+        b"RCPT TO:<c@y.test>\r\n",
+        b"DATA\r\n",
+    ]
+    assert got[4] == b"Subject: t\r\n\r\n..dot\r\n.\r\n"
+
+
+async def test_garbage_and_silence_are_errors(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 400 Bad Request\r\n")
+        await w.drain()
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(2)
+
+    with pytest.raises(SmtpProtocolError):
+        await SmtpClient.connect("127.0.0.1", await scripted(garbage), timeout=2)
+    with pytest.raises(SmtpConnectionError, match="timed out"):
+        await SmtpClient.connect("127.0.0.1", await scripted(silent), timeout=0.2)
+
+
+async def test_starttls_discards_injected_response(
+    scripted: Callable[[Script], Awaitable[int]], tmp_path: Path
+) -> None:
+    """RFC 3207 §4.2: a reply smuggled after "220 ready" must never be read as the answer to our EHLO."""
+    ca = TestCA.create(tmp_path)
+    leaf = ca.issue(["mx.example"])
+    server_ctx = tls.server_context(leaf.chain_path, leaf.key_path)
+    ehlo_after_tls: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-mx.example\r\n250 STARTTLS\r\n")
+        await _line(r)  # STARTTLS
+        w.write(b"220 2.0.0 ready\r\n250-injected.example\r\n250 AUTH PLAIN\r\n")  # one segment
+        await w.drain()
+        await w.start_tls(server_ctx)
+        ehlo_after_tls.append(await _line(r))
+        w.write(b"250-mx.example\r\n250 PIPELINING\r\n")
+        await _line(r)
+        w.write(b"221 bye\r\n")
+        await w.drain()
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    await client.ehlo("me.example")
+    await asyncio.sleep(0.05)  # let the injected bytes arrive together with the 220
+    reply = await client.starttls(tls.client_context(verify=False), "mx.example")
+    assert reply.code == 220
+    assert client.tls and client.discarded_after_starttls > 0
+    ehlo = await client.ehlo("me.example")
+    assert ehlo_after_tls == [b"EHLO me.example\r\n"]
+    assert ehlo.lines[0] == "mx.example"
+    assert client.supports("PIPELINING") and not client.supports("AUTH")
+    assert client.ssl_object is not None and client.ssl_object.version() in ("TLSv1.2", "TLSv1.3")
+    chain = tls.peer_chain(client.ssl_object)
+    assert chain and chain[0].serial_number == leaf.cert.serial_number
+    await client.quit()
+
+
+async def test_handshake_failure_raises_connection_error(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-mx.example\r\n250 STARTTLS\r\n")
+        await _line(r)
+        w.write(b"220 ready\r\nthis is not TLS\r\n" * 3)
+        await w.drain()
+        await asyncio.sleep(0.2)
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=2)
+    await client.ehlo("me.example")
+    with pytest.raises(SmtpConnectionError, match="TLS handshake failed"):
+        await client.starttls(tls.client_context(verify=False), "mx.example")
+    assert not client.tls
