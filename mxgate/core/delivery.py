@@ -115,6 +115,7 @@ class OutgoingMessage:
     envid: str | None = None
     smtputf8: bool = False  # the client asked for SMTPUTF8 when it gave us the message
     body_8bit: bool = False  # BODY=8BITMIME was declared
+    tls_optional: bool = False  # RFC 8689 "TLS-Required: No": recipient-side policies (DANE, MTA-STS) do not bind
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +290,13 @@ class Deliverer:
             return self._all(destination, message, DEFERRED, _local(451, "4.4.3", why), "4.4.3", rec)
 
         fallback = connector_policy(connector, destination)
-        policies = await runtime.hooks.resolve_tls_policy(destination, next_hop)
+        if message.tls_optional:
+            # RFC 8689 section 5: the recipient's policies (DANE, MTA-STS) are ignored; the connector's own
+            # setting, which is the operator's local policy, still holds.
+            policies = []
+            rec.steps.append("TLS-Required: No: DANE and MTA-STS policies do not apply to this message")
+        else:
+            policies = await runtime.hooks.resolve_tls_policy(destination, next_hop)
         decision = combine_policies(policies or [fallback], fallback)
         policy = decision.policy
         rec.steps.append(

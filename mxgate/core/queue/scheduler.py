@@ -69,6 +69,19 @@ def parse_address(text: str) -> Address:
     return Address(local, domain)
 
 
+def tls_required_no(meta_value: str | None, body: bytes) -> bool:
+    """RFC 8689: the sender asked that recipient-side TLS policies not block this message (meta from a plugin
+    such as TLS-RPT, or a ``TLS-Required: No`` header in the message)."""
+    if (meta_value or "").lower() == "no":
+        return True
+    end = body.find(b"\r\n\r\n")
+    for line in (body if end < 0 else body[:end]).split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
+
+
 def schedule_for(connector: OutboundConnector | None) -> RetrySchedule:
     """The retry schedule of a connector (the defaults for an unknown one)."""
     if connector is None:
@@ -357,6 +370,7 @@ class Scheduler:
             envid=msg.meta_value("envid"),
             smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
             body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
+            tls_optional=tls_required_no(msg.meta_value("tls_required"), body),
         )
         async with csem, dsem:
             result = await self.deliverer.deliver(dest, outgoing)
