@@ -325,18 +325,8 @@ class Deliverer:
                 return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
 
         hosts = filter_hosts(next_hop.hosts, decision.enforce.mx_patterns)
-        if decision.report_only and decision.policy.mx_patterns:
-            for h in next_hop.hosts:
-                if not filter_hosts([h], decision.policy.mx_patterns):
-                    await self._outcome(
-                        connector.name,
-                        decision,
-                        None,
-                        h,
-                        success=False,
-                        result=TlsRptResult.VALIDATION_FAILURE,
-                        detail=f"{h.name} matches no mx pattern of the policy (report only)",
-                    )
+        # report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
+        # on_tls_verify reports the mismatch for the session actually made, so it is counted once.
         if not hosts:
             await self._outcome(
                 connector.name,
