@@ -81,17 +81,28 @@ class Gateway:
         self.plugins = plugins
         self.runtime: Runtime | None = None
         self.servers: list[Any] = []
+        self.scheduler: Any = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
+        from mxgate.core.dns import resolver_from_config
+        from mxgate.core.queue.scheduler import Scheduler
         from mxgate.core.queue.store import QueueStore
         from mxgate.core.smtp.server import start_listeners
 
         check_state_dir(self.config.state_path)
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
+        try:
+            runtime.resolver = resolver_from_config(self.config.dns)
+        except ValueError as exc:
+            raise ConfigError.single(self.config.source, "dns.resolvers", str(exc)) from exc
         runtime.queue = await QueueStore.open(self.config.state_path)
+        scheduler = Scheduler(runtime)
+        self.scheduler = scheduler
+        runtime.wakeup = scheduler.wakeup
         await runtime.hooks.on_startup(runtime)
+        runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         self.servers = await start_listeners(runtime)
         for lst in self.config.listener:
             log.info("listening", extra={"listener": lst.name, "address": lst.address})
@@ -107,6 +118,10 @@ class Gateway:
         self.servers = []
         if runtime is None:
             return
+        if self.scheduler is not None:
+            # In-flight attempts finish (bounded) before anything is cancelled: no duplicate after a clean stop.
+            await self.scheduler.stop(timeout)
+            self.scheduler = None
         for task in runtime.tasks:
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)

@@ -1,0 +1,310 @@
+"""SMTP AUTH: results, the built-in users file (scrypt), the per-address failure limiter, ``mxgate user ...``.
+
+The users file holds one ``name:scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>`` line per user; it is written
+atomically with mode 0600. Checking a password costs a deliberately slow scrypt (~50 ms), so callers run
+:meth:`UsersFile.verify` off the event loop (the core plugin does, with :func:`asyncio.to_thread`).
+Unknown users cost the same time as known ones, so timing does not reveal who exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mxgate.core.model import StashKey
+
+__all__ = [
+    "AuthResult",
+    "FailureLimiter",
+    "UsersFile",
+    "hash_password",
+    "register_cli",
+    "verify_password",
+]
+
+USERS_FILE_NAME = "users"
+# scrypt cost: n = 2**14, r = 8, p = 1 (16 MiB, tens of ms) - the standard library's hashlib.scrypt.
+SCRYPT_LOG2_N = 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+_MAXMEM = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """What a credentials source says about one username/password pair."""
+
+    ok: bool
+    user: str | None = None  # the authenticated identity (may be normalised by the source)
+    reason: str = ""  # for logs, never sent to the client
+    temporary: bool = False  # the source could not decide (backend down): 454 4.7.0 instead of 535 5.7.8
+
+    @classmethod
+    def success(cls, user: str) -> AuthResult:
+        return cls(True, user)
+
+    @classmethod
+    def failure(cls, reason: str = "bad credentials", *, temporary: bool = False) -> AuthResult:
+        return cls(False, None, reason, temporary)
+
+
+def hash_password(password: str, *, log2_n: int = SCRYPT_LOG2_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=1 << log2_n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${log2_n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, log2_n, r, p, salt_b64, digest_b64 = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        salt, want = base64.b64decode(salt_b64), base64.b64decode(digest_b64)
+        got = hashlib.scrypt(
+            password.encode("utf-8"), salt=salt, n=1 << int(log2_n), r=int(r), p=int(p), maxmem=_MAXMEM, dklen=len(want)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+_DUMMY_HASH: str | None = None
+
+
+def _dummy_hash() -> str:
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(secrets.token_hex(8))
+    return _DUMMY_HASH
+
+
+def _check_name(name: str) -> str | None:
+    if not name or len(name) > 256:
+        return "a user name is 1 to 256 characters"
+    if any(c in name for c in ":\r\n\0") or name != name.strip():
+        return "a user name may not contain ':', control characters or surrounding spaces"
+    return None
+
+
+class UsersFile:
+    """The built-in credentials source. Re-read when the file changes (mtime/size), so ``mxgate user add``
+    takes effect without a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, int] | None = None
+        self._users: dict[str, str] = {}
+
+    def _load(self) -> dict[str, str]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime, st.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                users: dict[str, str] = {}
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    name, sep, encoded = line.partition(":")
+                    if sep and name and not name.startswith("#"):
+                        users[name] = encoded.strip()
+                self._users, self._stamp = users, stamp
+            return self._users
+
+    def users(self) -> list[str]:
+        return sorted(self._load())
+
+    def verify(self, username: str, password: str) -> AuthResult | None:
+        """Blocking (scrypt). ``None`` = this file does not know the user (after a dummy hash, for timing)."""
+        encoded = self._load().get(username)
+        if encoded is None:
+            verify_password(password, _dummy_hash())
+            return None
+        if verify_password(password, encoded):
+            return AuthResult.success(username)
+        return AuthResult.failure("wrong password")
+
+    def _write(self, users: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".users.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                fh.write("# mxgate users: name:scrypt$log2n$r$p$salt$hash (managed by `mxgate user`)\n")
+                for name in sorted(users):
+                    fh.write(f"{name}:{users[name]}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def add(self, name: str, password: str) -> bool:
+        """Add or replace a user; True when the user is new."""
+        problem = _check_name(name)
+        if problem:
+            raise ValueError(problem)
+        if not password:
+            raise ValueError("empty password")
+        users = dict(self._load())
+        new = name not in users
+        users[name] = hash_password(password)
+        self._write(users)
+        return new
+
+    def remove(self, name: str) -> bool:
+        users = dict(self._load())
+        if users.pop(name, None) is None:
+            return False
+        self._write(users)
+        return True
+
+
+class FailureLimiter:
+    """Failed AUTH attempts per client address in a sliding window; blocked once ``limit`` is reached.
+
+    Memory is bounded: at most ``max_clients`` addresses are tracked (the oldest forgotten first).
+    """
+
+    def __init__(
+        self,
+        limit: int = 5,
+        window: float = 300.0,
+        *,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit, self.window, self.max_clients, self.clock = limit, window, max_clients, clock
+        self._fails: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str) -> deque[float] | None:
+        q = self._fails.get(key)
+        if q is None:
+            return None
+        cutoff = self.clock() - self.window
+        while q and q[0] <= cutoff:
+            q.popleft()
+        if not q:
+            del self._fails[key]
+            return None
+        return q
+
+    def blocked(self, key: str) -> bool:
+        q = self._recent(key)
+        return q is not None and len(q) >= self.limit
+
+    def failed(self, key: str) -> None:
+        q = self._recent(key)
+        if q is None:
+            if len(self._fails) >= self.max_clients:
+                self._fails.pop(next(iter(self._fails)))
+            q = self._fails[key] = deque(maxlen=self.limit)
+        q.append(self.clock())
+
+    def succeeded(self, key: str) -> None:
+        self._fails.pop(key, None)
+
+
+USERS_KEY = StashKey[UsersFile]()
+
+
+def users_for_runtime(runtime: Any) -> UsersFile:
+    """The running gateway's users file (one instance, so its parsed contents are cached)."""
+    users: UsersFile | None = runtime.stash.get(USERS_KEY, None)
+    if users is None:
+        users = runtime.stash[USERS_KEY] = UsersFile(users_file_path(runtime.config))
+    return users
+
+
+def users_file_path(config: Any) -> Path:
+    """``server.users_file`` when the configuration has it, else ``<state_dir>/users``."""
+    configured = getattr(config.server, "users_file", None)
+    path: Path = config.path(configured) if configured else config.state_path / USERS_FILE_NAME
+    return path
+
+
+# --- mxgate user add / remove / list -----------------------------------------------------------------------------
+
+
+def _users_for(args: argparse.Namespace) -> UsersFile:
+    if getattr(args, "users_file", None):
+        return UsersFile(Path(args.users_file))
+    from mxgate.core.cli import load_from_args
+
+    config, _ = load_from_args(args)
+    return UsersFile(users_file_path(config))
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    text = Path(args.password_file).read_text(encoding="utf-8") if args.password_file else sys.stdin.readline()
+    return text.rstrip("\r\n")
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    users = _users_for(args)
+    try:
+        password = _read_password(args)
+        new = users.add(args.name, password)
+    except (OSError, ValueError) as exc:
+        print(f"mxgate user add: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'added' if new else 'updated'} {args.name} in {users.path}")
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    users = _users_for(args)
+    if not users.remove(args.name):
+        print(f"mxgate user remove: no user {args.name!r} in {users.path}", file=sys.stderr)
+        return 1
+    print(f"removed {args.name} from {users.path}")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    for name in _users_for(args).users():
+        print(name)
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """``mxgate user add NAME`` (password from stdin or --password-file), ``user remove NAME``, ``user list``."""
+    from mxgate.core.cli import add_config_arg
+
+    user = subparsers.add_parser("user", help="manage SMTP AUTH users (the built-in users file)")
+    sub = user.add_subparsers(dest="user_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_config_arg(p)
+        p.add_argument("--users-file", metavar="FILE", help="users file (default: <state_dir>/users)")
+
+    p = sub.add_parser("add", help="add a user or change its password (password read from stdin)")
+    common(p)
+    p.add_argument("name")
+    p.add_argument("--password-file", metavar="FILE", help="read the password from this file instead of stdin")
+    p.set_defaults(func=cmd_user_add)
+    p = sub.add_parser("remove", help="remove a user")
+    common(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_remove)
+    p = sub.add_parser("list", help="list user names")
+    common(p)
+    p.set_defaults(func=cmd_user_list)

@@ -1,0 +1,204 @@
+"""MAIL FROM / RCPT TO argument parsing (RFC 5321 §4.1.2, RFC 6531 for SMTPUTF8, RFC 1870 SIZE, RFC 6152 BODY).
+
+Pure functions: a command argument goes in, a :class:`MailCommand` / :class:`RcptCommand` or a
+:class:`ParseError` carrying the :class:`~mxgate.core.model.Reply` to send comes out.
+Syntax of the command as a whole (``FROM:`` missing, parameters) is ``501``/``555``; a path whose address is
+malformed is ``553`` with the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from mxgate.core.model import Address, Reply
+
+__all__ = [
+    "MailCommand",
+    "ParseError",
+    "RcptCommand",
+    "parse_mail",
+    "parse_path",
+    "parse_rcpt",
+]
+
+MAX_LOCAL = 64  # RFC 5321 §4.5.3.1.1
+MAX_DOMAIN = 255  # §4.5.3.1.2
+MAX_PATH = 256  # §4.5.3.1.3
+
+_ATEXT_ASCII = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_DOT_STRING = re.compile(rf"^[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*$")
+# RFC 6531: UTF8-non-ascii is allowed in atext and in quoted strings
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*$")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL_UTF8 = re.compile(
+    r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?$"
+)
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")  # esmtp-value: no "=", no SP, no controls
+
+
+class ParseError(Exception):
+    """A command argument that cannot be accepted, with the reply that says why."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class MailCommand:
+    sender: Address
+    params: tuple[tuple[str, str | None], ...]  # upper-cased keys, in order
+    size: int | None = None
+    body: str = "7BIT"  # 7BIT | 8BITMIME
+    smtputf8: bool = False
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(k if v is None else f"{k}={v}" for k, v in self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class RcptCommand:
+    recipient: Address
+    params: tuple[tuple[str, str | None], ...]
+
+
+def _split_keyword(arg: str, keyword: str, usage: str) -> str:
+    """``FROM:<a@b> SIZE=1`` -> ``<a@b> SIZE=1``; tolerates one space after the colon (common clients)."""
+    if arg[: len(keyword)].upper() != keyword:
+        raise ParseError(Reply(501, "5.5.4", f"Syntax: {usage}"))
+    rest = arg[len(keyword) :]
+    if rest.startswith(" "):
+        rest = rest[1:]
+    return rest
+
+
+def _split_path(rest: str, usage: str) -> tuple[str, str]:
+    """The ``<...>`` path (quotes may contain '>') and the parameter text after it."""
+    if not rest.startswith("<"):
+        raise ParseError(Reply(501, "5.5.4", f"Syntax: {usage} (the address must be in angle brackets)"))
+    in_quotes = False
+    escaped = False
+    for i in range(1, len(rest)):
+        c = rest[i]
+        if escaped:
+            escaped = False
+        elif c == "\\" and in_quotes:
+            escaped = True
+        elif c == '"':
+            in_quotes = not in_quotes
+        elif c == ">" and not in_quotes:
+            after = rest[i + 1 :]
+            if after and not after.startswith(" "):
+                raise ParseError(Reply(501, "5.5.4", f"Syntax: {usage} (space needed before parameters)"))
+            return rest[: i + 1], after.strip(" ")
+    raise ParseError(Reply(501, "5.5.4", f"Syntax: {usage} (missing '>')"))
+
+
+def _check_domain(domain: str, utf8: bool, bad: Reply) -> str:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].upper() == "IPV6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: invalid address literal")) from None
+        return domain
+    if len(domain) > MAX_DOMAIN:
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: domain longer than {MAX_DOMAIN} octets"))
+    labels = domain.split(".")
+    pattern = _LABEL_UTF8 if utf8 else _LABEL
+    if not domain or not all(pattern.match(label) for label in labels):
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: invalid domain"))
+    return domain
+
+
+def parse_path(path: str, *, utf8: bool, bad: Reply, allow_null: bool) -> Address:
+    """``<local@domain>`` (an A-d-l source route is accepted and ignored, RFC 5321 §4.1.2/C) -> Address."""
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH + 2:
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: path longer than {MAX_PATH} octets"))
+    inner = path[1:-1]
+    if inner == "":
+        if allow_null:
+            return Address.null()
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: empty address"))
+    if inner.startswith("@"):
+        colon = inner.find(":")
+        if colon < 0:
+            raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: bad source route"))
+        inner = inner[colon + 1 :]
+    at = inner.rfind("@")
+    if at <= 0:
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: a domain is needed (local@domain)"))
+    local, domain = inner[:at], inner[at + 1 :]
+    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL:
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: local part longer than {MAX_LOCAL} octets"))
+    if local.startswith('"'):
+        ok = (_QUOTED_UTF8 if utf8 else _QUOTED).match(local)
+    else:
+        ok = (_DOT_STRING_UTF8 if utf8 else _DOT_STRING).match(local)
+    if not ok:
+        if not utf8 and not local.isascii():
+            raise ParseError(Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter"))
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: invalid local part"))
+    if not utf8 and not domain.isascii():
+        raise ParseError(Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter"))
+    _check_domain(domain, utf8, bad)
+    return Address(local, domain.rstrip(".").lower() if domain.isascii() else domain.rstrip("."))
+
+
+def _params(text: str) -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = []
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _PARAM_KEY.match(key) or (eq and not _PARAM_VALUE.match(value)):
+            raise ParseError(Reply(501, "5.5.4", f"Bad parameter syntax: {item[:40]!r}"))
+        out.append((key.upper(), value if eq else None))
+    return tuple(out)
+
+
+def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -> MailCommand:
+    """The argument of ``MAIL`` (everything after ``MAIL ``)."""
+    usage = "MAIL FROM:<address> [parameters]"
+    path, rest = _split_path(_split_keyword(arg, "FROM:", usage), usage)
+    params = _params(rest)
+    if params and not esmtp:
+        raise ParseError(Reply(555, "5.5.4", "Parameters need EHLO, not HELO"))
+    size: int | None = None
+    body = "7BIT"
+    utf8 = False
+    for key, value in params:
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise ParseError(Reply(501, "5.5.4", "Bad SIZE parameter: SIZE=<octets>"))
+            size = int(value)
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise ParseError(Reply(501, "5.5.4", "Bad BODY parameter: BODY=7BIT or BODY=8BITMIME"))
+            body = value.upper()
+        elif key == "SMTPUTF8" and smtputf8_offered:
+            if value is not None:
+                raise ParseError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            utf8 = True
+        else:
+            raise ParseError(Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}"))
+    sender = parse_path(path, utf8=utf8, bad=Reply(553, "5.1.7", "Bad sender address syntax"), allow_null=True)
+    return MailCommand(sender, params, size, body, utf8)
+
+
+def parse_rcpt(arg: str, *, smtputf8: bool = False) -> RcptCommand:
+    """The argument of ``RCPT`` (everything after ``RCPT ``); ``smtputf8`` = the transaction declared SMTPUTF8."""
+    usage = "RCPT TO:<address> [parameters]"
+    path, rest = _split_path(_split_keyword(arg, "TO:", usage), usage)
+    params = _params(rest)
+    for key, _value in params:
+        raise ParseError(Reply(555, "5.5.4", f"Unsupported RCPT parameter {key}"))
+    rcpt = parse_path(path, utf8=smtputf8, bad=Reply(553, "5.1.3", "Bad recipient address syntax"), allow_null=False)
+    return RcptCommand(rcpt, params)

@@ -1,0 +1,1074 @@
+"""The receive side's I/O: one asyncio server per ``[[listener]]``, one :class:`Connection` per client.
+
+Why not aiosmtpd's ``SMTP`` class: everything it does per command had to change here -- enhanced status codes
+on every reply, our own EHLO list, bare CR/LF rejection in its line reader, bulk DATA reading, discard of input
+pipelined before STARTTLS, AUTH against a hook, bounded reading of over-long lines, idle *and* session timeouts,
+its per-connection ``inspect`` command table. A subclass would have overridden its reader loop and every
+``smtp_*`` method and kept only its ``StreamReaderProtocol`` plumbing (and its private ``sslproto`` STARTTLS
+swap). So this module is a small ``asyncio.Protocol`` (PERF-NOTES' "bare Protocol": one buffer, ``find()`` for
+CRLF and CRLF.CRLF) driving the decisions of :mod:`mxgate.core.smtp.session`; STARTTLS uses ``loop.start_tls``.
+
+Flow control: input is paused above a high-water mark; replies to pipelined commands are written in one batch
+when the server next waits for input. Over-long lines are discarded as they arrive, never held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.utils
+import itertools
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from mxgate.core import tls as tlsmod
+from mxgate.core.auth import AuthResult, FailureLimiter
+from mxgate.core.config import ListenerConfig
+from mxgate.core.errors import PluginError
+from mxgate.core.model import (
+    Accept,
+    Disconnect,
+    IncomingMessage,
+    Reject,
+    Reply,
+    Session,
+    Stash,
+    StashKey,
+    TempFail,
+    TlsState,
+    Verdict,
+)
+from mxgate.core.plugins import HookCallError
+from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
+from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
+from mxgate.core.tracking import TrackEvent
+
+if TYPE_CHECKING:
+    from mxgate.core.runtime import Runtime
+
+__all__ = ["Connection", "Listener", "parse_headers", "received_header", "start_listeners"]
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER = 256 * 1024  # pause reading above this much unprocessed input
+HANDSHAKE_TIMEOUT = 30.0
+AUTH_FAILURES = StashKey[FailureLimiter]()
+# Commands allowed before STARTTLS on a require_tls listener.
+_BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
+PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
+
+
+class _Gone(Exception):
+    """The client went away (EOF, reset, failed handshake)."""
+
+
+class _Close(Exception):
+    """We are done with this client; the reply (if any) has been queued."""
+
+    def __init__(self, reply: Reply | None = None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def parse_headers(block: bytes) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` pairs of a header block, unfolded; lines without a colon are ignored."""
+    out: list[tuple[str, str]] = []
+    for line in block.decode("utf-8", "surrogateescape").split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t":
+            if out:
+                name, value = out[-1]
+                out[-1] = (name, f"{value} {line.strip()}")
+            continue
+        name, sep, value = line.partition(":")
+        if sep and name and name == name.rstrip():
+            out.append((name, value.strip()))
+    return tuple(out)
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text[:limit])
+
+
+def received_header(
+    *,
+    helo: str | None,
+    ip: str,
+    hostname: str,
+    esmtp: bool,
+    tls: TlsState | None,
+    auth: bool,
+    ident: str,
+    recipients: tuple[str, ...],
+    when: datetime,
+    reverse_dns: str | None = None,
+) -> bytes:
+    """RFC 5321 §4.4 trace header; protocol names per RFC 3848; TLS details in Postfix's style."""
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    lines = [f"Received: from {_clean(helo or 'unknown')} ({reverse_dns or 'unknown'} [{literal}])"]
+    if tls is not None:
+        lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
+    proto = "ESMTP" if esmtp else "SMTP"
+    if esmtp and tls is not None:
+        proto += "S"
+    if esmtp and auth:
+        proto += "A"
+    by = f"\tby {hostname} (mxgate) with {proto} id {ident}"
+    if len(recipients) == 1:
+        by += f"\r\n\tfor <{recipients[0]}>"
+    lines.append(by + ";")
+    lines.append(f"\t{email.utils.format_datetime(when)}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """DNS SANs, or the subject CN when the certificate has no DNS SAN."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = ()
+    if names:
+        return names
+    return tuple(str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+
+
+def tls_state(ssl_object: ssl.SSLObject) -> TlsState:
+    info = tlsmod.describe(ssl_object)
+    chain = tlsmod.peer_chain(ssl_object)
+    # The context requests client certificates with CERT_OPTIONAL and a CA bundle: a certificate that does not
+    # verify fails the handshake, so one that is here was verified.
+    verified = bool(chain) and ssl_object.context.verify_mode != ssl.CERT_NONE
+    return TlsState(
+        version=info.version or "?",
+        cipher=info.cipher or "?",
+        bits=info.bits or 0,
+        sni=info.server_name,
+        peer_certificate_names=_certificate_names(chain[0]) if chain else (),
+        peer_certificate_verified=verified,
+    )
+
+
+def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | None:
+    """The listener's server context: default certificate, SNI map, client certificates when a connector needs
+    them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``)."""
+    if not lc.tls_cert or not lc.tls_key:
+        return None
+    cfg = runtime.config
+    sni = {s.name: (str(cfg.path(s.cert)), str(cfg.path(s.key))) for s in lc.sni_certificates}
+    connectors = [c for c in cfg.inbound_connector if c.enabled]
+    cas = [cfg.path(lc.tls_client_ca)] if lc.tls_client_ca else []
+    cas += [cfg.path(c.tls_client_ca) for c in connectors if c.tls_client_ca]
+    want_client = bool(cas) or any(c.tls_sender_certificate_name for c in connectors)
+    client_ca: Path | None = None
+    if len(set(cas)) == 1:
+        client_ca = cas[0]
+    elif cas:
+        directory = runtime.state_dir / "tls"
+        directory.mkdir(parents=True, exist_ok=True)
+        client_ca = directory / f"client-ca-{lc.name}.pem"
+        client_ca.write_bytes(b"\n".join(p.read_bytes() for p in dict.fromkeys(cas)))
+    return tlsmod.server_context(
+        cfg.path(lc.tls_cert),
+        cfg.path(lc.tls_key),
+        sni=sni,
+        client_ca_file=client_ca,
+        request_client_cert=want_client,
+    )
+
+
+# --- the listener -----------------------------------------------------------------------------------------------
+
+
+class Listener:
+    """One ``[[listener]]``: an asyncio server plus its connections. ``close()`` / ``wait_closed()`` drain it:
+    clients waiting for a command get ``421 4.3.2``; transactions in progress finish first."""
+
+    def __init__(self, runtime: Runtime, config: ListenerConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.tls_context = build_tls_context(runtime, config)
+        self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
+        self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self.server: asyncio.Server | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+
+    def next_session_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = self.config.implicit_tls and self.tls_context is not None
+        self.server = await loop.create_server(
+            lambda: Connection(self),
+            self.config.host,
+            self.config.port,
+            ssl=self.tls_context if implicit else None,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
+            reuse_address=True,
+            backlog=1024,
+        )
+
+    def close(self) -> None:
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+
+    async def wait_closed(self) -> None:
+        try:
+            if self.server is not None:
+                await self.server.wait_closed()
+            tasks = [c.task for c in list(self.connections) if c.task is not None]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for conn in list(self.connections):
+                conn.abort()
+            raise
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self.server.sockets) if self.server is not None else ()
+
+
+async def start_listeners(runtime: Runtime) -> list[Listener]:
+    """Called by the engine: one started :class:`Listener` per ``[[listener]]``."""
+    listeners: list[Listener] = []
+    try:
+        for lc in runtime.config.listener:
+            listener = Listener(runtime, lc)
+            await listener.start()
+            listeners.append(listener)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+# --- one connection ---------------------------------------------------------------------------------------------
+
+
+Handler = Callable[["Connection", str | None], Awaitable[None]]
+
+
+class Connection(asyncio.Protocol):
+    """One SMTP client. I/O here; decisions in :class:`ReceivePolicy`; hooks through ``runtime.hooks``."""
+
+    COMMANDS: ClassVar[dict[bytes, Handler]] = {}  # filled once, after the class body
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.runtime = listener.runtime
+        self.hooks = listener.runtime.hooks
+        self.policy = listener.policy
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.stash = Stash()
+        self.state = ReceiveState(peer_ip="")
+        self.session_id = listener.next_session_id()
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self._out: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._closed = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._stopping = False
+        self._idle_wait = False  # waiting for a command (a shutdown may interrupt)
+        self._deadline = 0.0
+        self._transactions = 0
+        self._headers_msg: IncomingMessage | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        self.listener.connections.add(self)
+        self.task = self.loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return self.state.tls is None  # keep the TCP side open to answer; TLS transports cannot half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        if self._idle_wait:
+            self._wake()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- output ----------------------------------------------------------------------------------------------
+
+    def _reply(self, reply: Reply | str) -> None:
+        self._out.append(f"{reply}\r\n".encode("utf-8", "surrogateescape"))
+
+    def _reply_lines(self, code: int, lines: list[str]) -> None:
+        last = len(lines) - 1
+        self._out.append(
+            "".join(f"{code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)).encode()
+        )
+
+    def _flush(self) -> None:
+        if self._out and not self._closed and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    async def _drain(self) -> None:
+        self._flush()
+        if not self._writing_paused or self._closed:
+            return
+        waiter = self._drain_waiter = self.loop.create_future()
+        timer = self.loop.call_later(self.policy.limits.idle_timeout, waiter.cancel)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled() and self.task is not None and not self.task.cancelling():
+                raise _Gone() from None  # a client that does not read its replies
+            raise
+        finally:
+            timer.cancel()
+            self._drain_waiter = None
+
+    # -- input -----------------------------------------------------------------------------------------------
+
+    async def _wait(self, *, idle: bool = False) -> None:
+        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF."""
+        await self._drain()
+        if self._closed or self._eof:
+            raise _Gone()
+        if idle and self._stopping:
+            raise _Close(R.SHUTDOWN)
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        now = self.loop.time()
+        idle_deadline = now + self.policy.limits.idle_timeout
+        deadline = min(idle_deadline, self._deadline)
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(max(0.0, deadline - now), self._wake)
+        self._idle_wait = idle
+        before = len(self.buf)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._idle_wait = False
+        if len(self.buf) > before:
+            return
+        if self._closed or self._eof:
+            raise _Gone()
+        if idle and self._stopping:
+            raise _Close(R.SHUTDOWN)
+        now = self.loop.time()
+        if now >= self._deadline:
+            raise _Close(R.SESSION_TOO_LONG)
+        if now >= idle_deadline:
+            raise _Close(R.TIMEOUT)
+
+    async def _read_line(self, limit: int, *, idle: bool = True) -> bytes | Reply:
+        """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF).
+
+        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held.
+        """
+        scan = 0
+        while True:
+            i = self.buf.find(b"\n", scan)
+            if i >= 0:
+                line = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
+                if i + 1 > limit:
+                    return R.LINE_TOO_LONG
+                if i == 0 or line[-2] != 0x0D or line.find(b"\r", 0, i - 1) >= 0:
+                    return R.BARE_LF
+                return line[:-2]
+            if len(self.buf) >= limit:
+                self.buf.clear()
+                while True:  # discard up to the end of this line
+                    await self._wait(idle=False)
+                    j = self.buf.find(b"\n")
+                    if j >= 0:
+                        del self.buf[: j + 1]
+                        return R.LINE_TOO_LONG
+                    self.buf.clear()
+            scan = len(self.buf)
+            await self._wait(idle=idle)
+
+    async def _read_data(self) -> tuple[bytes | None, Reply | None]:
+        """The DATA content up to CRLF.CRLF, read in bulk (``find`` over whole chunks, never line by line).
+
+        Returns ``(raw content with dot-stuffing, None)`` or ``(None, reply)`` when it must be refused. Once the
+        size limit is passed (or a header hook refused), input is only scanned for the end and dropped.
+        """
+        limit = self.policy.limits.max_message_size
+        msg = bytearray(b"\r\n")  # the DATA line's CRLF: a first line of "." ends an empty message
+        scan = 0
+        hscan = 0
+        headers_done = False
+        refused: Reply | None = None
+        discarding = False
+        while True:
+            if self.buf:
+                msg += self.buf
+                self.buf.clear()
+            end = msg.find(b"\r\n.\r\n", scan)
+            if end >= 0:
+                self.buf += msg[end + 5 :]  # commands pipelined after the message
+                break
+            if not discarding and not headers_done:
+                j = msg.find(b"\r\n\r\n", hscan)
+                if j >= 0:
+                    headers_done = True
+                    refused = await self._end_of_headers(bytes(msg[2 : j + 2]))
+                    discarding = refused is not None
+                else:
+                    hscan = max(0, len(msg) - 3)
+            if not discarding and len(msg) - 2 > limit:
+                refused, discarding = R.TOO_BIG, True
+            if discarding and len(msg) > 4:
+                del msg[:-4]  # keep only what could start the terminator
+            scan = max(0, len(msg) - 4)
+            await self._wait()
+        if refused is not None:
+            return None, refused
+        content_end = end + 2
+        if content_end - 2 > limit:
+            return None, R.TOO_BIG
+        raw = bytes(msg[2:content_end])
+        del msg
+        lf = raw.count(b"\n")
+        if lf != raw.count(b"\r\n") or raw.count(b"\r") != lf:
+            return None, R.BARE_LF_DATA
+        if not headers_done:
+            j = raw.find(b"\r\n\r\n")
+            refused = await self._end_of_headers(raw if j < 0 else raw[: j + 2])
+            if refused is not None:
+                return None, refused
+        return raw, None
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> Session:
+        st = self.state
+        conn = st.tx_connector if st.envelope.mail_from is not None else st.connector
+        return Session(
+            id=self.session_id,
+            listener=self.listener.config.name,
+            peer_ip=st.peer_ip,
+            peer_port=self.peer[1],
+            local_ip=self.local[0],
+            local_port=self.local[1],
+            connector=conn.name if conn else None,
+            ehlo=st.helo,
+            tls=st.tls,
+            auth_user=st.auth_user,
+            stash=self.stash,
+        )
+
+    async def _veto(self, call: Awaitable[Verdict | None]) -> Verdict | None:
+        """A receive veto hook; a plugin that raises or returns junk becomes 451 4.3.0 (logged with its name)."""
+        try:
+            return await call
+        except HookCallError as exc:
+            log.warning("receive hook failed: answering 451 4.3.0", extra={"plugin": exc.plugin, "hook": exc.hook})
+            return PLUGIN_FAILED
+        except PluginError as exc:
+            log.error("receive hook broke the contract: %s", exc)
+            return PLUGIN_FAILED
+
+    @staticmethod
+    def _outcome(verdict: Verdict | None, default: Reply) -> tuple[Reply, bool, bool]:
+        """(reply, accepted, disconnect)."""
+        if verdict is None:
+            return default, True, False
+        if isinstance(verdict, Accept):
+            reply = verdict.reply if verdict.reply is not None and verdict.reply.is_positive else default
+            return reply, True, False
+        if isinstance(verdict, Disconnect):
+            return verdict.reply, False, True
+        return verdict.reply, False, False
+
+    def _label_connector(self) -> str:
+        conn = self.state.tx_connector or self.state.connector
+        return conn.name if conn else "anonymous"
+
+    async def _rejected(self, stage: str, reply: Reply, reason: str, **fields: Any) -> None:
+        self.runtime.tracking.write(
+            TrackEvent.REJECT,
+            stage=stage,
+            reply=str(reply),
+            connector=self._label_connector(),
+            client=self.state.peer_ip,
+            helo=self.state.helo,
+            tls=self.state.tls.version if self.state.tls else None,
+            **fields,
+        )
+        await self.hooks.on_event("message_rejected", listener=self.listener.config.name, reason=reason)
+
+    async def _end_of_headers(self, block: bytes) -> Reply | None:
+        self._headers_msg = IncomingMessage(block, parse_headers(block))
+        verdict = await self._veto(
+            self.hooks.on_end_of_headers(self.snapshot(), self.state.envelope, self._headers_msg)
+        )
+        reply, ok, _ = self._outcome(verdict, R.OK)
+        return None if ok else reply
+
+    # -- the session -----------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.transport is not None
+        transport = self.transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer, self.local = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
+        self.state.peer_ip = self.peer[0]
+        self._deadline = self.loop.time() + self.policy.limits.session_timeout
+        started = False
+        try:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.state.tls = tls_state(ssl_object)
+            self.state.connector = self.policy.select_connector(self.state)
+            started = True
+            await self._session()
+        except _Close as close:
+            if close.reply is not None:
+                self._reply(close.reply)
+        except (_Gone, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("receive session failed", extra={"session": self.session_id})
+            self._reply(Reply(421, "4.3.0", "Local error, closing connection"))
+        finally:
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            self.listener.connections.discard(self)
+            if started:
+                with contextlib.suppress(Exception):
+                    await self.hooks.on_disconnect(self.snapshot())
+
+    async def _session(self) -> None:
+        listener = self.listener.config.name
+        await self.hooks.on_event("connection", listener=listener, connector=self._label_connector())
+        if self.state.tls is not None:
+            await self.hooks.on_event("tls_session", listener=listener, version=self.state.tls.version)
+        if self.listener.stopping:
+            raise _Close(R.SHUTDOWN)
+        verdict = await self._veto(self.hooks.on_connect(self.snapshot()))
+        if verdict is PLUGIN_FAILED:
+            self.state.deferred = R.PLUGIN_ERROR  # greet, but no transaction gets through
+        elif isinstance(verdict, Reject | TempFail | Disconnect):
+            await self._rejected("connect", verdict.reply, "plugin")
+            raise _Close(verdict.reply)
+        self._reply(self.policy.banner())
+        limits = self.policy.limits
+        while True:
+            line = await self._read_line(limits.command_line)
+            if isinstance(line, Reply):
+                await self._bad(line)
+                continue
+            verb, _, rest = line.partition(b" ")
+            verb = verb.upper()
+            handler = self.COMMANDS.get(verb)
+            if handler is None:
+                await self._bad(R.UNKNOWN)
+                continue
+            try:
+                arg = rest.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                await self._bad(R.BAD_UTF8)
+                continue
+            if self.listener.config.require_tls and self.state.tls is None and verb not in _BEFORE_TLS:
+                await self._bad(R.NEED_TLS)
+                continue
+            await handler(self, arg)
+
+    async def _bad(self, reply: Reply) -> None:
+        """A bad command: answer, count, and close after too many."""
+        self._reply(reply)
+        if self.policy.error(self.state):
+            raise _Close(R.TOO_MANY_ERRORS)
+
+    # -- commands --------------------------------------------------------------------------------------------
+
+    async def cmd_helo(self, arg: str | None, *, esmtp: bool = False) -> None:
+        if not arg or " " in arg or len(arg) > 255:
+            await self._bad(R.EHLO_SYNTAX)
+            return
+        st = self.state
+        st.reset_transaction()
+        st.helo, st.esmtp = arg, esmtp
+        verdict = await self._veto(self.hooks.on_ehlo_command(self.snapshot(), arg))
+        if verdict is not None and not isinstance(verdict, Accept):
+            st.helo = None
+            if isinstance(verdict, Disconnect):
+                raise _Close(verdict.reply)
+            self._reply(verdict.reply)
+            return
+        if esmtp:
+            self._reply_lines(250, self.policy.ehlo_lines(st))
+        else:
+            self._reply(f"250 {self.policy.hostname}")
+
+    async def cmd_ehlo(self, arg: str | None) -> None:
+        await self.cmd_helo(arg, esmtp=True)
+
+    async def cmd_noop(self, arg: str | None) -> None:
+        self._reply(R.OK)
+
+    async def cmd_rset(self, arg: str | None) -> None:
+        if arg:
+            await self._bad(R.NO_ARGS)
+            return
+        self.state.reset_transaction()
+        self._reply(R.RESET)
+
+    async def cmd_quit(self, arg: str | None) -> None:
+        raise _Close(R.BYE)
+
+    async def cmd_vrfy(self, arg: str | None) -> None:
+        self._reply(R.VRFY)
+
+    async def cmd_help(self, arg: str | None) -> None:
+        self._reply(R.HELP)
+
+    async def cmd_not_implemented(self, arg: str | None) -> None:
+        await self._bad(R.NOT_IMPLEMENTED)
+
+    async def cmd_starttls(self, arg: str | None) -> None:
+        ctx = self.listener.tls_context
+        if arg:
+            await self._bad(R.NO_ARGS)
+            return
+        if ctx is None:
+            await self._bad(R.NOT_IMPLEMENTED)
+            return
+        if self.state.tls is not None:
+            await self._bad(R.TLS_ACTIVE)
+            return
+        self._reply(R.TLS_READY)
+        await self._drain()
+        # RFC 3207 §4.2: whatever the client pipelined after STARTTLS is discarded, never executed under TLS.
+        self.buf.clear()
+        assert self.transport is not None
+        try:
+            transport = await self.loop.start_tls(
+                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("STARTTLS handshake failed", extra={"session": self.session_id, "error": repr(exc)})
+            self.transport.abort()
+            raise _Gone() from None
+        if transport is None:
+            raise _Gone()
+        self.transport = transport  # (input that arrived during the handshake came over TLS: kept)
+        st = self.state
+        st.reset_after_tls()
+        ssl_object = transport.get_extra_info("ssl_object")
+        st.tls = tls_state(ssl_object)
+        st.connector = self.policy.select_connector(st)
+        await self.hooks.on_starttls(self.snapshot())
+        await self.hooks.on_event("tls_session", listener=self.listener.config.name, version=st.tls.version)
+
+    async def cmd_auth(self, arg: str | None) -> None:
+        st = self.state
+        problem = self.policy.check_auth(st)
+        if problem is not None:
+            await self._bad(problem)
+            return
+        parts = (arg or "").split()
+        if not parts or len(parts) > 2:
+            await self._bad(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        limiter = self.listener.auth_failures
+        if limiter.blocked(st.peer_ip):
+            await self.hooks.on_event("auth", result="rate_limited")
+            self._reply(R.AUTH_RATE)
+            return
+        mech = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mech not in ("PLAIN", "LOGIN"):
+            await self._bad(R.AUTH_MECH)
+            return
+        creds = await (self._auth_plain(initial) if mech == "PLAIN" else self._auth_login(initial))
+        if isinstance(creds, Reply):
+            await self._bad(creds)
+            return
+        username, password = creds
+        try:
+            result: AuthResult | None = await self.hooks.resolve_credentials(self.snapshot(), username, password)
+        except (HookCallError, PluginError) as exc:
+            log.warning("credentials hook failed: answering 451 4.3.0", extra={"error": repr(exc)})
+            self._reply(R.PLUGIN_ERROR)
+            return
+        if result is not None and result.ok:
+            limiter.succeeded(st.peer_ip)
+            st.auth_user = result.user or username
+            st.connector = self.policy.select_connector(st)  # re-evaluated after AUTH
+            await self.hooks.on_event("auth", result="ok")
+            self._reply(R.AUTH_OK)
+            return
+        if result is not None and result.temporary:
+            await self.hooks.on_event("auth", result="tempfail")
+            self._reply(R.AUTH_TEMP)
+            return
+        limiter.failed(st.peer_ip)
+        await self.hooks.on_event("auth", result="failed")
+        await self._bad(R.AUTH_FAILED)
+
+    async def _auth_line(self, challenge: str) -> str | Reply:
+        self._reply(f"334 {challenge}")
+        line = await self._read_line(self.policy.limits.auth_line)
+        if isinstance(line, Reply):
+            return line
+        text = line.decode("ascii", "replace").strip()
+        return R.AUTH_CANCELLED if text == "*" else text
+
+    @staticmethod
+    def _b64(text: str) -> bytes | None:
+        import binascii
+
+        if text == "=":
+            return b""
+        try:
+            return binascii.a2b_base64(text.encode("ascii", "replace"), strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[str, str] | Reply:
+        text = initial if initial is not None else await self._auth_line("")
+        if isinstance(text, Reply):
+            return text
+        if text == "*":
+            return R.AUTH_CANCELLED
+        raw = self._b64(text)
+        if raw is None:
+            return R.AUTH_BAD64
+        parts = raw.split(b"\0")
+        if len(parts) != 3:
+            return Reply(501, "5.5.2", "PLAIN response must be authzid NUL authcid NUL password")
+        try:
+            authzid, username, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            return R.AUTH_BAD64
+        verdict = await self._veto(self.hooks.on_auth_command(self.snapshot(), "PLAIN", username))
+        reply, ok, _ = self._outcome(verdict, R.OK)
+        if not ok:
+            return reply
+        if authzid and authzid != username:
+            return R.AUTH_FAILED
+        return username, password
+
+    async def _auth_login(self, initial: str | None) -> tuple[str, str] | Reply:
+        verdict = await self._veto(self.hooks.on_auth_command(self.snapshot(), "LOGIN", None))
+        reply, ok, _ = self._outcome(verdict, R.OK)
+        if not ok:
+            return reply
+        values: list[str] = []
+        for given, challenge in ((initial, "VXNlcm5hbWU6"), (None, "UGFzc3dvcmQ6")):
+            text = given if given is not None else await self._auth_line(challenge)
+            if isinstance(text, Reply):
+                return text
+            raw = self._b64(text)
+            if raw is None:
+                return R.AUTH_BAD64
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                return R.AUTH_BAD64
+        return values[0], values[1]
+
+    async def cmd_mail(self, arg: str | None) -> None:
+        st = self.state
+        if st.helo is None:
+            await self._bad(R.NEED_EHLO)
+            return
+        try:
+            mail = parse_mail(arg or "", esmtp=st.esmtp)
+        except ParseError as exc:
+            await self._bad(exc.reply)
+            return
+        problem = self.policy.check_mail(st, mail)
+        if problem is not None:
+            if problem.code == 503:
+                await self._bad(problem)
+            else:
+                self._reply(problem)
+                await self._rejected("mail", problem, _reason(problem), sender=str(mail.sender))
+            return
+        if st.deferred is not None:
+            st.tx_connector = None
+            self._reply(st.deferred)
+            return
+        verdict = await self._veto(self.hooks.on_mail_command(self.snapshot(), st.envelope, mail.sender))
+        reply, ok, close = self._outcome(verdict, R.SENDER_OK)
+        if not ok:
+            st.tx_connector = None
+            await self._rejected("mail", reply, "plugin", sender=str(mail.sender))
+            if close:
+                raise _Close(reply)
+            self._reply(reply)
+            return
+        st.envelope = dataclasses.replace(
+            st.envelope,
+            mail_from=mail.sender,
+            mail_options=mail.options,
+            smtputf8=mail.smtputf8,
+            body=mail.body,
+            declared_size=mail.size,
+        )
+        self._reply(reply)
+
+    async def cmd_rcpt(self, arg: str | None) -> None:
+        st = self.state
+        if st.envelope.mail_from is None:
+            await self._bad(R.NEED_MAIL)
+            return
+        try:
+            rcpt = parse_rcpt(arg or "", smtputf8=st.envelope.smtputf8).recipient
+        except ParseError as exc:
+            await self._bad(exc.reply)
+            return
+        problem = self.policy.check_rcpt(st, rcpt)
+        if problem is not None:
+            self._reply(problem)
+            await self._rejected(
+                "rcpt", problem, _reason(problem), sender=str(st.envelope.mail_from), recipient=str(rcpt)
+            )
+            return
+        verdict = await self._veto(self.hooks.on_rcpt_command(self.snapshot(), st.envelope, rcpt))
+        reply, ok, close = self._outcome(verdict, R.RCPT_OK)
+        if not ok:
+            await self._rejected("rcpt", reply, "plugin", sender=str(st.envelope.mail_from), recipient=str(rcpt))
+            if close:
+                raise _Close(reply)
+            self._reply(reply)
+            return
+        st.envelope = dataclasses.replace(st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt))
+        self._reply(reply)
+
+    async def cmd_data(self, arg: str | None) -> None:
+        st = self.state
+        if arg:
+            await self._bad(R.NO_ARGS)
+            return
+        problem = self.policy.check_data(st)
+        if problem is not None:
+            await self._bad(problem)
+            return
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._transactions += 1
+        raw, refused = await self._read_data()
+        envelope = st.envelope
+        sender = str(envelope.mail_from)
+        try:
+            if refused is not None or raw is None:
+                reply = refused or R.QUEUE_ERROR
+                self._reply(reply)
+                await self._rejected("data", reply, _reason(reply), sender=sender, recipients=len(envelope.rcpt_tos))
+                if (reply is R.BARE_LF_DATA or reply is R.TEXT_LINE_TOO_LONG) and self.policy.error(st):
+                    raise _Close(R.TOO_MANY_ERRORS)
+                return
+            await self._accept_message(raw)
+        finally:
+            st.reset_transaction()
+
+    async def _accept_message(self, raw: bytes) -> None:
+        st = self.state
+        envelope = st.envelope
+        sender = str(envelope.mail_from)
+        # RFC 5321 §4.5.2: remove the transparency dots
+        if raw.startswith(b"."):
+            raw = raw[1:]
+        raw = raw.replace(b"\r\n.", b"\r\n")
+        if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+            self._reply(R.TEXT_LINE_TOO_LONG)
+            await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
+            return
+        j = raw.find(b"\r\n\r\n")
+        headers = parse_headers(raw if j < 0 else raw[: j + 2])
+        message = IncomingMessage(raw, headers)
+        head = self._headers_msg
+        if head is not None:  # headers a plugin added at end of headers
+            for edit in head.added_headers:
+                message.add_header(edit.name, edit.value)
+            self._headers_msg = None
+        verdict = await self._veto(self.hooks.on_end_of_data(self.snapshot(), envelope, message))
+        reply, ok, close = self._outcome(verdict, R.OK)
+        if not ok:
+            await self._rejected("data", reply, "plugin", sender=sender, recipients=len(envelope.rcpt_tos))
+            if close:
+                raise _Close(reply)
+            self._reply(reply)
+            return
+        recipients = tuple(str(r) for r in envelope.rcpt_tos)
+        now = self.runtime.clock()
+        ident = f"{self.session_id}.{self._transactions}"
+        added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
+        received = received_header(
+            helo=st.helo,
+            ip=st.peer_ip,
+            hostname=self.policy.hostname,
+            esmtp=st.esmtp,
+            tls=st.tls,
+            auth=st.auth_user is not None,
+            ident=ident,
+            recipients=recipients,
+            when=datetime.fromtimestamp(now, UTC),
+        )
+        data = added + received + raw
+        message_id = message.get_header("Message-ID")
+        meta = self._meta(envelope)
+        queue = self.runtime.queue
+        from mxgate.core.queue.store import QueueFullError
+
+        try:
+            if queue is None:
+                raise RuntimeError("no queue store")
+            queue_id = await queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+        except QueueFullError:
+            self._reply(R.QUEUE_FULL)
+            await self._rejected("data", R.QUEUE_FULL, "queue_full", sender=sender)
+            return
+        except Exception:
+            log.exception("queueing failed", extra={"session": self.session_id})
+            self._reply(R.QUEUE_ERROR)
+            await self._rejected("data", R.QUEUE_ERROR, "queue_error", sender=sender)
+            return
+        tls = st.tls
+        self.runtime.tracking.write(
+            TrackEvent.RECEIVE,
+            queue_id=queue_id,
+            message_id=message_id,
+            listener=self.listener.config.name,
+            connector=self._label_connector(),
+            client=st.peer_ip,
+            helo=st.helo,
+            tls=tls.version if tls else None,
+            cipher=tls.cipher if tls else None,
+            auth_user=st.auth_user,
+            sender=sender,
+            recipients=len(recipients),
+            size=len(data),
+        )
+        self._reply(f"250 2.0.0 Ok: queued as {queue_id}")
+        self.runtime.wakeup()
+        await self.hooks.on_event(
+            "message_received", listener=self.listener.config.name, connector=self._label_connector()
+        )
+
+    def _meta(self, envelope: Any) -> tuple[tuple[str, str], ...]:
+        st = self.state
+        conn = st.tx_connector
+        meta: list[tuple[str, str]] = [
+            ("client_ip", st.peer_ip),
+            ("helo", st.helo or ""),
+            ("listener", self.listener.config.name),
+            ("connector", conn.name if conn else ""),
+            ("session", self.session_id),
+            ("body", envelope.body),
+        ]
+        if envelope.smtputf8:
+            meta.append(("smtputf8", "yes"))
+        if st.tls is not None:
+            meta += [("tls", st.tls.version), ("cipher", st.tls.cipher)]
+        if st.auth_user is not None:
+            meta.append(("auth_user", st.auth_user))
+        if conn is not None and conn.treat_as_internal:
+            meta.append(("internal", "yes"))
+        return tuple(meta)
+
+
+def _reason(reply: Reply) -> str:
+    """A bounded label for ``message_rejected`` events."""
+    if reply.enhanced == "5.7.1" and "Relay" in reply.text:
+        return "relay"
+    if reply.enhanced == "5.7.1":
+        return "sender_restriction"
+    if reply.code == 530:
+        return "tls_required"
+    if reply.enhanced == "5.3.4":
+        return "size"
+    if reply.enhanced == "5.6.0":
+        return "smuggling"
+    if reply.enhanced == "4.5.3":
+        return "recipients"
+    if reply.enhanced == "5.1.2":
+        return "no_route"
+    if reply.enhanced == "4.3.0":
+        return "plugin"
+    return "policy" if reply.code >= 500 else "tempfail"
+
+
+Connection.COMMANDS = {
+    b"HELO": Connection.cmd_helo,
+    b"EHLO": Connection.cmd_ehlo,
+    b"STARTTLS": Connection.cmd_starttls,
+    b"AUTH": Connection.cmd_auth,
+    b"MAIL": Connection.cmd_mail,
+    b"RCPT": Connection.cmd_rcpt,
+    b"DATA": Connection.cmd_data,
+    b"RSET": Connection.cmd_rset,
+    b"NOOP": Connection.cmd_noop,
+    b"QUIT": Connection.cmd_quit,
+    b"VRFY": Connection.cmd_vrfy,
+    b"HELP": Connection.cmd_help,
+    b"EXPN": Connection.cmd_not_implemented,
+    b"BDAT": Connection.cmd_not_implemented,
+    b"TURN": Connection.cmd_not_implemented,
+    b"ETRN": Connection.cmd_not_implemented,
+}

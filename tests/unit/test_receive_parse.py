@@ -1,0 +1,89 @@
+"""MAIL/RCPT argument parsing: paths, parameters, and the reply each mistake gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from mxgate.core.model import Address
+from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
+
+
+def test_mail_simple_and_params() -> None:
+    m = parse_mail("FROM:<Alice@Example.ORG> SIZE=1000 BODY=8BITMIME")
+    assert m.sender == Address("Alice", "example.org")
+    assert (m.size, m.body, m.smtputf8) == (1000, "8BITMIME", False)
+    assert m.options == ("SIZE=1000", "BODY=8BITMIME")
+
+
+def test_mail_null_sender_and_space_after_colon() -> None:
+    assert parse_mail("FROM:<>").sender.is_null
+    assert parse_mail("from: <a@b.example>").sender == Address("a", "b.example")
+
+
+def test_source_route_ignored_and_quoted_local_part() -> None:
+    assert parse_rcpt("TO:<@relay.example:u@d.example>").recipient == Address("u", "d.example")
+    assert parse_rcpt('TO:<"john doe>x"@d.example>').recipient == Address('"john doe>x"', "d.example")
+
+
+def test_smtputf8() -> None:
+    m = parse_mail("FROM:<jörg@bücher.example> SMTPUTF8")
+    assert m.smtputf8 and m.sender.local == "jörg"
+    with pytest.raises(ParseError) as exc:
+        parse_mail("FROM:<jörg@example.org>")
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (553, "5.6.7")
+    assert parse_rcpt("TO:<ü@example.org>", smtputf8=True).recipient.local == "ü"
+
+
+def test_address_literals() -> None:
+    assert parse_mail("FROM:<a@[192.0.2.1]>").sender.domain == "[192.0.2.1]"
+    assert parse_mail("FROM:<a@[IPv6:2001:db8::1]>").sender.domain == "[ipv6:2001:db8::1]"
+    with pytest.raises(ParseError):
+        parse_mail("FROM:<a@[300.1.1.1]>")
+
+
+@pytest.mark.parametrize(
+    ("arg", "code", "enhanced", "words"),
+    [
+        ("<a@b.example>", 501, "5.5.4", "MAIL FROM"),
+        ("FROM:a@b.example", 501, "5.5.4", "angle brackets"),
+        ("FROM:<a@b.example", 501, "5.5.4", "missing"),
+        ("FROM:<a@b.example>SIZE=1", 501, "5.5.4", "space"),
+        ("FROM:<a@b.example> SIZE=x", 501, "5.5.4", "SIZE"),
+        ("FROM:<a@b.example> BODY=BINARYMIME", 501, "5.5.4", "BODY"),
+        ("FROM:<a@b.example> FOO=1", 555, "5.5.4", "FOO"),
+        ("FROM:<a@b.example> SMTPUTF8=1", 501, "5.5.4", "value"),
+        ("FROM:<a..b@b.example>", 553, "5.1.7", "local part"),
+        ("FROM:<ab.example>", 553, "5.1.7", "domain is needed"),
+        ("FROM:<a@-bad-.example>", 553, "5.1.7", "invalid domain"),
+        ("FROM:<a@b..example>", 553, "5.1.7", "invalid domain"),
+        ("FROM:<" + "x" * 65 + "@b.example>", 553, "5.1.7", "64"),
+    ],
+)
+def test_mail_errors(arg: str, code: int, enhanced: str, words: str) -> None:
+    with pytest.raises(ParseError) as exc:
+        parse_mail(arg)
+    reply = exc.value.reply
+    assert (reply.code, reply.enhanced) == (code, enhanced)
+    assert words in reply.text
+
+
+def test_helo_session_refuses_parameters() -> None:
+    with pytest.raises(ParseError) as exc:
+        parse_mail("FROM:<a@b.example> SIZE=10", esmtp=False)
+    assert exc.value.reply.code == 555
+
+
+@pytest.mark.parametrize(
+    ("arg", "code", "enhanced"),
+    [
+        ("TO:<>", 553, "5.1.3"),
+        ("TO:<postmaster>", 553, "5.1.3"),
+        ("FROM:<a@b.example>", 501, "5.5.4"),
+        ("TO:<a@b.example> NOTIFY=NEVER", 555, "5.5.4"),
+        ("TO:<a b@c.example>", 553, "5.1.3"),
+    ],
+)
+def test_rcpt_errors(arg: str, code: int, enhanced: str) -> None:
+    with pytest.raises(ParseError) as exc:
+        parse_rcpt(arg)
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (code, enhanced)

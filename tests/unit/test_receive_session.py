@@ -1,0 +1,171 @@
+"""Receive-side decisions without a socket: connectors, relay rules, partner restrictions, limits, EHLO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mxgate.core.config import build_config
+from mxgate.core.model import Address, Envelope, TlsState
+from mxgate.core.smtp.parse import parse_mail
+from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
+
+DOC: dict[str, Any] = {
+    "server": {"hostname": "mx.example.org", "accepted_domains": ["example.org"], "max_recipients": 2},
+    "listener": [{"name": "smtp", "address": "127.0.0.1:2525"}],
+    "inbound_connector": [
+        {"name": "exo", "sender_ips": ["10.1.0.0/16"], "may_relay": True, "require_tls": True},
+        {
+            "name": "partner",
+            "sender_ips": ["10.2.0.0/16"],
+            "sender_domains": ["partner.example"],
+            "restrict_domains_to_ips": True,
+            "accepted_domains": ["partner-only.example"],
+        },
+        {
+            "name": "certpartner",
+            "tls_sender_certificate_name": "mail.certpartner.example",
+            "sender_domains": ["certpartner.example"],
+            "restrict_domains_to_certificate": True,
+            "may_relay": True,
+        },
+    ],
+    "outbound_connector": [
+        {"name": "internal", "recipient_domains": ["example.org", "partner-only.example"], "smart_hosts": ["10.9.9.9"]},
+        {"name": "internet", "recipient_domains": ["*.com", "*.net"], "use_mx": True},
+    ],
+}
+
+
+def policy(**listener: Any) -> ReceivePolicy:
+    doc = {**DOC, "listener": [{**DOC["listener"][0], **listener}]}
+    config = build_config(doc, check_files=False)
+    return ReceivePolicy(config, config.listener[0], tls_available=True)
+
+
+TLS = TlsState("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+
+
+def state(ip: str, p: ReceivePolicy, *, tls: TlsState | None = None, mail: str | None = None) -> ReceiveState:
+    st = ReceiveState(peer_ip=ip, tls=tls, helo="client.example", esmtp=True)
+    st.connector = p.select_connector(st)
+    if mail is not None:
+        assert p.check_mail(st, parse_mail(f"FROM:<{mail}>")) is None
+        st.envelope = Envelope(mail_from=parse_mail(f"FROM:<{mail}>").sender)
+    return st
+
+
+def test_anonymous_internet_only_for_accepted_domains() -> None:
+    p = policy()
+    st = state("192.0.2.7", p, mail="someone@elsewhere.com")
+    assert st.connector is None
+    assert p.check_rcpt(st, Address("u", "example.org")) is None
+    relay = p.check_rcpt(st, Address("u", "victim.com"))
+    assert relay is not None and (relay.code, relay.enhanced) == (550, "5.7.1") and "Relay" in relay.text
+    # not even with a connector's extra accepted domain
+    assert p.check_rcpt(st, Address("u", "partner-only.example")) is not None
+
+
+def test_connector_may_relay_but_needs_tls() -> None:
+    p = policy()
+    st = state("10.1.2.3", p)
+    assert st.connector is not None and st.connector.name == "exo"
+    need = p.check_mail(st, parse_mail("FROM:<a@example.org>"))
+    assert need is not None and (need.code, need.enhanced) == (530, "5.7.0") and "exo" in need.text
+    st = state("10.1.2.3", p, tls=TLS, mail="a@example.org")
+    assert p.check_rcpt(st, Address("u", "victim.com")) is None
+
+
+def test_authenticated_user_may_relay() -> None:
+    p = policy()
+    st = state("192.0.2.7", p, mail="a@example.org")
+    st.auth_user = "alice"
+    assert p.check_rcpt(st, Address("u", "anywhere.com")) is None
+
+
+def test_partner_domain_restricted_to_its_ips() -> None:
+    p = policy()
+    outsider = state("192.0.2.7", p)
+    refused = p.check_mail(outsider, parse_mail("FROM:<ceo@partner.example>"))
+    assert refused is not None and (refused.code, refused.enhanced) == (550, "5.7.1")
+    assert "partner" in refused.text and "restrict_domains_to_ips" in refused.text
+    inside = state("10.2.0.9", p, mail="ceo@partner.example")
+    assert inside.tx_connector is not None and inside.tx_connector.name == "partner"
+    assert p.check_rcpt(inside, Address("u", "partner-only.example")) is None
+
+
+def test_connector_scoped_to_sender_domains() -> None:
+    p = policy()
+    st = state("10.2.0.9", p, mail="x@other.com")  # partner IP, but not the partner's domain
+    assert st.tx_connector is None
+    assert p.check_rcpt(st, Address("u", "partner-only.example")) is not None
+
+
+def test_partner_domain_restricted_to_certificate() -> None:
+    p = policy()
+    refused = p.check_mail(state("192.0.2.7", p, tls=TLS), parse_mail("FROM:<a@certpartner.example>"))
+    assert refused is not None and refused.enhanced == "5.7.1" and "certificate" in refused.text
+    wrong = TlsState(
+        "TLSv1.3", "X", 256, peer_certificate_names=("mail.other.example",), peer_certificate_verified=True
+    )
+    assert p.check_mail(state("192.0.2.7", p, tls=wrong), parse_mail("FROM:<a@certpartner.example>")) is not None
+    good = TlsState(
+        "TLSv1.3", "X", 256, peer_certificate_names=("mail.certpartner.example",), peer_certificate_verified=True
+    )
+    st = state("192.0.2.7", p, tls=good, mail="a@certpartner.example")
+    assert st.connector is not None and st.connector.name == "certpartner"
+    assert p.check_rcpt(st, Address("u", "relayed.com")) is None
+    unverified = TlsState("TLSv1.3", "X", 256, peer_certificate_names=("mail.certpartner.example",))
+    assert state("192.0.2.7", p, tls=unverified).connector is None
+
+
+def test_no_route_for_accepted_domain_is_refused() -> None:
+    doc = {**DOC, "outbound_connector": [{"name": "net", "recipient_domains": ["*.com"], "use_mx": True}]}
+    config = build_config(doc, check_files=False)
+    p = ReceivePolicy(config, config.listener[0], tls_available=False)
+    st = state("192.0.2.7", p, mail="a@b.com")
+    reply = p.check_rcpt(st, Address("u", "example.org"))
+    assert reply is not None and (reply.code, reply.enhanced) == (550, "5.1.2") and "No route" in reply.text
+
+
+def test_limits_and_sequence() -> None:
+    p = policy(max_message_size=1000)
+    st = ReceiveState(peer_ip="192.0.2.7")
+    assert p.check_mail(st, parse_mail("FROM:<a@b.com>")) is R.NEED_EHLO
+    st.helo = "x"
+    assert p.check_mail(st, parse_mail("FROM:<a@b.com> SIZE=1001")) is R.TOO_BIG
+    assert p.check_rcpt(st, Address("u", "example.org")) is R.NEED_MAIL
+    st = state("192.0.2.7", p, mail="a@b.com")
+    st.envelope = Envelope(mail_from=Address("a", "b.com"), rcpt_tos=(Address("1", "example.org"),) * 2)
+    assert p.check_rcpt(st, Address("u", "example.org")) is R.TOO_MANY_RCPTS
+    assert p.check_mail(st, parse_mail("FROM:<a@b.com>")) is R.NESTED_MAIL
+
+
+def test_require_tls_listener() -> None:
+    p = policy(require_tls=True, tls_cert="c.pem", tls_key="k.pem")
+    assert p.check_mail(state("192.0.2.7", p), parse_mail("FROM:<a@b.com>")) is R.NEED_TLS
+
+
+def test_ehlo_offers_auth_only_under_tls() -> None:
+    p = policy()
+    plain = state("192.0.2.7", p)
+    lines = p.ehlo_lines(plain)
+    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS", "SIZE 52428800"):
+        assert ext in lines
+    assert not any(line.startswith("AUTH") for line in lines)
+    assert p.check_auth(plain) is R.AUTH_NEEDS_TLS
+    secured = state("192.0.2.7", p, tls=TLS)
+    assert "AUTH PLAIN LOGIN" in p.ehlo_lines(secured) and "STARTTLS" not in p.ehlo_lines(secured)
+    trusted = policy(allow_plaintext_auth=True)
+    assert "AUTH PLAIN LOGIN" in trusted.ehlo_lines(state("192.0.2.7", trusted))
+
+
+def test_reset_after_tls_forgets_everything() -> None:
+    st = ReceiveState(peer_ip="1.2.3.4", helo="x", esmtp=True, auth_user="u", envelope=Envelope(Address("a", "b")))
+    st.reset_after_tls()
+    assert (st.helo, st.esmtp, st.auth_user, st.envelope) == (None, False, None, Envelope())
+
+
+def test_error_budget() -> None:
+    p = policy(max_errors=3)
+    st = ReceiveState(peer_ip="1.2.3.4")
+    assert [p.error(st) for _ in range(3)] == [False, False, True]
