@@ -236,7 +236,7 @@ def users_for_runtime(runtime: Any) -> UsersFile:
 
 def users_file_path(config: Any) -> Path:
     """``server.users_file`` when the configuration has it, else ``<state_dir>/users``."""
-    configured = getattr(config.server, "users_file", None)
+    configured = config.server.users_file
     path: Path = config.path(configured) if configured else config.state_path / USERS_FILE_NAME
     return path
 

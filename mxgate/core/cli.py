@@ -275,7 +275,7 @@ def _type_name(hint: object) -> str:
 
 
 def cmd_config_reference(_args: argparse.Namespace) -> int:
-    from mxgate.core.plugins import collect_registry  # noqa: PLC0415
+    from mxgate.core.plugins import collect_registry
 
     sys.stdout.write(render_reference(collect_registry(Dispatcher(build_plugins()))) + "\n")
     return 0

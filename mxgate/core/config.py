@@ -58,6 +58,9 @@ class ServerConfig:
     log_format: str = setting("logfmt", desc="Log line format.", choices=("logfmt", "json"))
     log_level: str = setting("info", desc="Least severe level logged.", choices=("debug", "info", "warning", "error"))
     tracking_log: bool = setting(True, desc="Write the message-tracking log (JSON lines) behind `mxgate trace`.")
+    users_file: str | None = setting(
+        None, desc="SMTP AUTH users (scrypt hashes; `mxgate user add`); default: <state_dir>/users."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class ListenerConfig:
     )
     require_tls: bool = setting(False, desc="Refuse MAIL until STARTTLS (530 5.7.0).")
     implicit_tls: bool = setting(False, desc="TLS from the first byte (port 465 style).")
+    auth: bool = setting(True, desc="Offer AUTH on this listener (under TLS); false on a port-25 MX.")
     allow_plaintext_auth: bool = setting(False, desc="Offer AUTH without TLS (only for trusted networks).")
     max_message_size: int | None = setting(
         None, desc="Override server.max_message_size here.", check=checks.check_optional_positive

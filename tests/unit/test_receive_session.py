@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mxgate.core.config import build_config
 from mxgate.core.model import Address, Envelope, TlsState
-from mxgate.core.smtp.parse import parse_mail
+from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 
 DOC: dict[str, Any] = {
@@ -169,3 +171,22 @@ def test_error_budget() -> None:
     p = policy(max_errors=3)
     st = ReceiveState(peer_ip="1.2.3.4")
     assert [p.error(st) for _ in range(3)] == [False, False, True]
+
+
+def test_postmaster_without_domain_goes_to_our_first_accepted_domain() -> None:
+    p = policy()
+    assert p.postmaster_domain == "example.org"
+    rcpt = parse_rcpt("TO:<Postmaster>", postmaster_domain=p.postmaster_domain).recipient
+    assert rcpt == Address("postmaster", "example.org")
+    st = state("192.0.2.7", p, mail="someone@elsewhere.com")
+    assert p.check_rcpt(st, rcpt) is None  # anonymous internet mail to postmaster is accepted
+    # without a postmaster domain the bare name is refused as syntax
+    with pytest.raises(ParseError, match="a domain is needed"):
+        parse_rcpt("TO:<postmaster>")
+
+
+def test_listener_without_auth_never_offers_or_accepts_it() -> None:
+    p = policy(auth=False)
+    st = state("192.0.2.7", p, tls=TLS)
+    assert not any(line.startswith("AUTH") for line in p.ehlo_lines(st))
+    assert p.check_auth(st) == R.AUTH_UNAVAILABLE

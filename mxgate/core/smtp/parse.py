@@ -193,12 +193,18 @@ def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -
     return MailCommand(sender, params, size, body, utf8)
 
 
-def parse_rcpt(arg: str, *, smtputf8: bool = False) -> RcptCommand:
-    """The argument of ``RCPT`` (everything after ``RCPT ``); ``smtputf8`` = the transaction declared SMTPUTF8."""
+def parse_rcpt(arg: str, *, smtputf8: bool = False, postmaster_domain: str | None = None) -> RcptCommand:
+    """The argument of ``RCPT`` (everything after ``RCPT ``); ``smtputf8`` = the transaction declared SMTPUTF8.
+
+    ``<Postmaster>`` without a domain (RFC 5321 section 4.5.1: it must be accepted) becomes
+    ``postmaster@<postmaster_domain>`` when that is given.
+    """
     usage = "RCPT TO:<address> [parameters]"
     path, rest = _split_path(_split_keyword(arg, "TO:", usage), usage)
     params = _params(rest)
     for key, _value in params:
         raise ParseError(Reply(555, "5.5.4", f"Unsupported RCPT parameter {key}"))
+    if postmaster_domain and path.lower() == "<postmaster>":
+        return RcptCommand(Address("postmaster", postmaster_domain.lower()), params)
     rcpt = parse_path(path, utf8=smtputf8, bad=Reply(553, "5.1.3", "Bad recipient address syntax"), allow_null=False)
     return RcptCommand(rcpt, params)

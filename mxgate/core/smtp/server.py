@@ -879,7 +879,9 @@ class Connection(asyncio.Protocol):
             await self._bad(R.NEED_MAIL)
             return
         try:
-            rcpt = parse_rcpt(arg or "", smtputf8=st.envelope.smtputf8).recipient
+            rcpt = parse_rcpt(
+                arg or "", smtputf8=st.envelope.smtputf8, postmaster_domain=self.policy.postmaster_domain
+            ).recipient
         except ParseError as exc:
             await self._bad(exc.reply)
             return

@@ -144,8 +144,18 @@ class ReceivePolicy:
     def banner(self) -> str:
         return f"220 {self.hostname} {self.listener.banner or 'ESMTP mxgate'}"
 
+    @property
+    def postmaster_domain(self) -> str:
+        """Where ``RCPT TO:<Postmaster>`` goes: our first plain accepted domain, else our host name."""
+        plain = [d for d in self.config.server.accepted_domains if not d.startswith("*")]
+        return plain[0] if plain else self.hostname
+
     def auth_offered(self, state: ReceiveState) -> bool:
-        return state.auth_user is None and (state.tls is not None or self.listener.allow_plaintext_auth)
+        return (
+            self.listener.auth
+            and state.auth_user is None
+            and (state.tls is not None or self.listener.allow_plaintext_auth)
+        )
 
     def ehlo_lines(self, state: ReceiveState) -> list[str]:
         lines = [
@@ -279,6 +289,8 @@ class ReceivePolicy:
         return None
 
     def check_auth(self, state: ReceiveState) -> Reply | None:
+        if not self.listener.auth:
+            return R.AUTH_UNAVAILABLE
         if state.tls is None and not self.listener.allow_plaintext_auth:
             return R.AUTH_NEEDS_TLS
         if state.helo is None or not state.esmtp:
