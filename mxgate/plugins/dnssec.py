@@ -6,8 +6,10 @@ kept in ``runtime.stash[SELF_TEST]`` for the DANE agent and ``mxgate explain --d
 ``dns_self_test`` (label ``result``: ``validating`` | ``not_validating``) for metrics. When the resolver does not
 validate, DANE is reported unavailable instead of every signed domain looking forged.
 
-The self-test runs in the background: listeners open at once; until it finishes, ``SELF_TEST`` is unset and DANE
-treats the resolver as not (yet) proven.
+The self-test runs in the background and again every hour: listeners open at once. Indeterminate answers (a
+resolver that has just started, a lost packet) are asked again up to three times before the verdict. Until the
+first verdict, ``SELF_TEST`` is unset and the DANE agent relies on each answer's own status (a secure answer
+carries its own proof; mandatory DANE defers without one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mxgate.core.dns import SelfTestResult
+from mxgate.core.dns import DnssecStatus, SelfTestResult
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import StashKey
 from mxgate.core.runtime import Runtime
@@ -28,12 +30,22 @@ log = logging.getLogger(__name__)
 SELF_TEST = StashKey[SelfTestResult]()
 
 
-async def run_self_test(runtime: Runtime) -> SelfTestResult | None:
-    """Run the self-test now, store and report its result."""
+RETRIES = 3  # an indeterminate answer (a resolver just started, a lost packet) is asked again
+RETRY_DELAY = 1.0
+RERUN_INTERVAL = 3600.0  # the result is proven again every hour: a resolver can stop validating
+
+
+async def run_self_test(runtime: Runtime, *, retry_delay: float = RETRY_DELAY) -> SelfTestResult | None:
+    """Run the self-test now (retrying indeterminate answers), store and report its result."""
     if runtime.resolver is None:
         return None
     dns_conf = runtime.config.dns
-    result = await runtime.resolver.self_test(dns_conf.self_test_secure, dns_conf.self_test_bogus)
+    for attempt in range(RETRIES):
+        result = await runtime.resolver.self_test(dns_conf.self_test_secure, dns_conf.self_test_bogus)
+        undecided = DnssecStatus.INDETERMINATE in (result.secure_status, result.bogus_status)
+        if result.validating or not undecided or attempt == RETRIES - 1:
+            break
+        await asyncio.sleep(retry_delay * (attempt + 1))
     runtime.stash[SELF_TEST] = result
     fields = {
         "secure_name": result.secure_name,
@@ -50,7 +62,16 @@ async def run_self_test(runtime: Runtime) -> SelfTestResult | None:
     return result
 
 
+async def _self_test_loop(runtime: Runtime) -> None:
+    while True:
+        try:
+            await run_self_test(runtime)
+        except Exception:  # never let the loop die; the next run tries again
+            log.exception("DNSSEC self-test failed to run")
+        await asyncio.sleep(RERUN_INTERVAL)
+
+
 @hookimpl
 def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
     if runtime.resolver is not None:
-        runtime.tasks.append(asyncio.ensure_future(run_self_test(runtime)))
+        runtime.tasks.append(asyncio.ensure_future(_self_test_loop(runtime)))

@@ -1,0 +1,58 @@
+"""The start-up self-test asks again when the answer is indeterminate, and stops asking once it has a verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mxgate.core import engine
+from mxgate.core.dns import DnssecStatus, SelfTestResult
+from mxgate.core.runtime import Runtime
+from mxgate.plugins.dnssec import SELF_TEST, run_self_test
+
+S, B, I = DnssecStatus.SECURE, DnssecStatus.BOGUS, DnssecStatus.INDETERMINATE
+
+
+class ScriptedSelfTest:
+    """Stands in for the resolver's self_test: the lab cannot make unbound answer 'indeterminate' on demand."""
+
+    def __init__(self, *answers: tuple[DnssecStatus, DnssecStatus]) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def self_test(self, secure: str, bogus: str) -> SelfTestResult:
+        self.calls += 1
+        s, b = self.answers.pop(0)
+        return SelfTestResult(s is S and b is B, secure, bogus, s, b, "")
+
+
+def runtime_with(resolver: Any, tmp_path: Any) -> Runtime:
+    (tmp_path / "mx.toml").write_text(f'[server]\nstate_dir = "{tmp_path}"\n')
+    config, plugins = engine.load(tmp_path / "mx.toml", entry_points=False)
+    runtime = Runtime.create(config, plugins)
+    runtime.resolver = resolver
+    return runtime
+
+
+async def test_indeterminate_is_asked_again(tmp_path: Any) -> None:
+    fake = ScriptedSelfTest((I, B), (S, I), (S, B))
+    runtime = runtime_with(fake, tmp_path)
+    result = await run_self_test(runtime, retry_delay=0)
+    assert fake.calls == 3 and result is not None and result.validating
+    assert runtime.stash[SELF_TEST].validating
+    runtime.tracking.close()
+
+
+async def test_a_clear_negative_verdict_is_not_retried(tmp_path: Any) -> None:
+    fake = ScriptedSelfTest((S, S))  # the bogus name resolved: the resolver does not validate
+    runtime = runtime_with(fake, tmp_path)
+    result = await run_self_test(runtime, retry_delay=0)
+    assert fake.calls == 1 and result is not None and not result.validating
+    runtime.tracking.close()
+
+
+async def test_gives_up_after_three_indeterminate_answers(tmp_path: Any) -> None:
+    fake = ScriptedSelfTest((I, I), (I, I), (I, I), (S, B))
+    runtime = runtime_with(fake, tmp_path)
+    result = await run_self_test(runtime, retry_delay=0)
+    assert fake.calls == 3 and result is not None and not result.validating
+    runtime.tracking.close()
