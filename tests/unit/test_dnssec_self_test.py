@@ -9,7 +9,7 @@ from mxgate.core.dns import DnssecStatus, SelfTestResult
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.dnssec import SELF_TEST, run_self_test
 
-S, B, I = DnssecStatus.SECURE, DnssecStatus.BOGUS, DnssecStatus.INDETERMINATE
+S, B, U = DnssecStatus.SECURE, DnssecStatus.BOGUS, DnssecStatus.INDETERMINATE
 
 
 class ScriptedSelfTest:
@@ -34,7 +34,7 @@ def runtime_with(resolver: Any, tmp_path: Any) -> Runtime:
 
 
 async def test_indeterminate_is_asked_again(tmp_path: Any) -> None:
-    fake = ScriptedSelfTest((I, B), (S, I), (S, B))
+    fake = ScriptedSelfTest((U, B), (S, U), (S, B))
     runtime = runtime_with(fake, tmp_path)
     result = await run_self_test(runtime, retry_delay=0)
     assert fake.calls == 3 and result is not None and result.validating
@@ -51,7 +51,7 @@ async def test_a_clear_negative_verdict_is_not_retried(tmp_path: Any) -> None:
 
 
 async def test_gives_up_after_three_indeterminate_answers(tmp_path: Any) -> None:
-    fake = ScriptedSelfTest((I, I), (I, I), (I, I), (S, B))
+    fake = ScriptedSelfTest((U, U), (U, U), (U, U), (S, B))
     runtime = runtime_with(fake, tmp_path)
     result = await run_self_test(runtime, retry_delay=0)
     assert fake.calls == 3 and result is not None and not result.validating
