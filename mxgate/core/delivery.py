@@ -320,9 +320,10 @@ class Deliverer:
                 detail=policy.detail or f"{policy.source} policy lookup failed",
             )
             if not decision.report_only:
-                reply = _local(451, "4.7.5", f"TLS policy ({policy.source}) unavailable: {policy.failure}")
+                status = policy.status_for(policy.failure)
+                reply = _local(451, status, f"TLS policy ({policy.source}) unavailable: {policy.failure}")
                 rec.steps.append(reply)
-                return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
+                return self._all(destination, message, DEFERRED, reply, status, rec)
 
         hosts = filter_hosts(next_hop.hosts, decision.enforce.mx_patterns)
         # report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
@@ -402,10 +403,11 @@ class Deliverer:
                 )
                 if pol is decision.enforce:
                     rec.steps.append(f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})")
+                    status = pol.status_for(hp.failure)
                     rec.failures.append(
                         _HostFailure(
-                            _local(451, "4.7.5", f"{host.name}: {pol.source} policy: {hp.failure or 'host unusable'}"),
-                            "4.7.5",
+                            _local(451, status, f"{host.name}: {pol.source} policy: {hp.failure or 'host unusable'}"),
+                            status,
                         )
                     )
                     return None
@@ -485,14 +487,15 @@ class Deliverer:
                     )
                     if level >= TlsLevel.ENCRYPT:
                         rec.steps.append(f"{where}: STARTTLS not offered; TLS is required")
+                        status = decision.enforce.status_for(TlsRptResult.STARTTLS_NOT_SUPPORTED, "4.7.4")
                         rec.failures.append(
                             _HostFailure(
                                 _local(
                                     451,
-                                    "4.7.4",
+                                    status,
                                     f"{where} does not offer STARTTLS (required by {decision.enforce.source})",
                                 ),
-                                "4.7.4",
+                                status,
                             )
                         )
                         await client.quit()
@@ -541,8 +544,9 @@ class Deliverer:
                             detail=f"STARTTLS: {reply}",
                         )
                         if level >= TlsLevel.ENCRYPT:
+                            status = decision.enforce.status_for(TlsRptResult.STARTTLS_NOT_SUPPORTED, "4.7.4")
                             rec.failures.append(
-                                _HostFailure(_local(451, "4.7.4", f"{where} refused STARTTLS: {reply}"), "4.7.4")
+                                _HostFailure(_local(451, status, f"{where} refused STARTTLS: {reply}"), status)
                             )
                             await client.quit()
                             return None
@@ -594,10 +598,12 @@ class Deliverer:
                             verification=verification,
                         )
                         if not ok:
-                            why = (failure.result_type if failure is not None else None) or "verification failed"
+                            result_type = failure.result_type if failure is not None else None
+                            why = result_type or "verification failed"
+                            status = decision.enforce.status_for(result_type)
                             rec.failures.append(
                                 _HostFailure(
-                                    _local(451, "4.7.5", f"{where}: TLS peer verification failed ({why})"), "4.7.5"
+                                    _local(451, status, f"{where}: TLS peer verification failed ({why})"), status
                                 )
                             )
                             await client.quit()

@@ -116,6 +116,14 @@ class TlsPolicy:
     detail: str = ""
     data: object = field(default=None, compare=False)  # the plugin's own policy object for on_tls_verify
     hosts: Mapping[str, HostPolicy] = field(default_factory=dict, compare=False)  # per-host refinements by name
+    # enhanced status codes (permanent form, "5.7.323") this policy's failures are reported with, by result type;
+    # deferrals use the 4.x.x form; unlisted results get 4.7.5 / 5.7.5 (RFC 3463 cryptographic failure)
+    status_codes: Mapping[TlsRptResult, str] = field(default_factory=dict, compare=False)
+
+    def status_for(self, result: TlsRptResult | None, default: str = "4.7.5") -> str:
+        """The transient (4.x.x) enhanced code for a failure under this policy."""
+        code = self.status_codes.get(result) if result is not None else None
+        return "4" + code[1:] if code else default
 
     def for_host(self, host: str) -> HostPolicy:
         """The effective policy for one host: its refinement, or the policy-wide level."""

@@ -704,6 +704,7 @@ async def analyse(
             policy_domain=domain,
             level=TlsLevel.SECURE,
             precedence=DANE_PRECEDENCE,
+            status_codes=DANE_STATUS,
             **kwargs,
         )
 

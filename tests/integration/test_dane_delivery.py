@@ -36,7 +36,7 @@ from mxgate.core.outcomes import (
     TlsRptResult,
 )
 from mxgate.core.runtime import Runtime
-from mxgate.plugins.dane import DanePlugin, HostState, make_tlsa, starttls_probe
+from mxgate.plugins.dane import DanePlugin, HostState, dane_status, make_tlsa, starttls_probe
 from mxgate.plugins.dnssec import SELF_TEST
 from mxgate.testing.ca import IssuedCert, TestCA, self_signed
 from mxgate.testing.dnslab import DnsLab, DnsLabError
@@ -487,6 +487,8 @@ async def test_dane_failure_defers(
     assert result_of(res) == "deferred", res.steps
     assert s[name].messages == ()
     assert [o.result_type for o in capture.outcomes if not o.success] == [result_type]
+    # the deferral carries the documented DANE code (Exchange's 4.7.32x family), transient form
+    assert {o.status for o in res.outcomes} == {dane_status(result_type, permanent=False)}
 
 
 async def test_unusable_records_require_tls_but_accept_any_certificate(dane_lab: Lab, tmp_path: Path) -> None:

@@ -212,6 +212,9 @@ async def test_give_up_after_expiry_and_no_dsn_to_null_sender(env: Callable[[str
             assert "gave up" in (msg.recipients[0].last_error or "")
         dsns = [m for m in await queue.list() if m.sender == ""]
         assert [m.recipients[0].address for m in dsns] == ["a@sender.test"]  # none for the null-sender message
+        # the last transient reply (451 4.2.0) is reported as final: Status 5.2.0, not 4.2.0
+        dsn_body = await queue.body(dsns[0].id)
+        assert b"Status: 5.2.0" in dsn_body and b"Status: 4." not in dsn_body
 
 
 async def test_routing_specificity_override_and_expansion(env: Callable[[str], Awaitable[Env]]) -> None:

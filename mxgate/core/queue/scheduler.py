@@ -466,6 +466,8 @@ class Scheduler:
             if out is not None and out.result == DELIVERED:
                 continue
             status = out.status if out is not None else _status_of(res.reply)
+            if status.startswith("4."):  # a transient failure that ran out of retries is reported as final
+                status = "5" + status[1:]
             failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
         if failed:
             await self._send_dsn(msg, failed, now, None)
