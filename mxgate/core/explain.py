@@ -1,7 +1,9 @@
 """``mxgate explain DOMAIN``: what mxgate would see and decide for a destination, with DNSSEC status.
 
 ``--dns`` prints the MX RRset with its status, each host's address records with theirs, and the resolver
-self-test (the known-secure name must validate, the known-bogus one must fail).
+self-test (the known-secure name must validate, the known-bogus one must fail). Policy agents add their own
+views to this command through ``mxgate_lifecycle_register_commands`` (the DANE agent: per-MX TLSA records and
+``--connect``).
 """
 
 from __future__ import annotations

@@ -171,3 +171,9 @@ def test_explain_connect_shows_records_chain_and_match(cli_lab: CliLab, capsys: 
     assert session["chain"][0]["3 1 1"] == make_tlsa(cli_lab.current.cert).data.hex()
     code, text, _ = run(capsys, "dane", "explain", ZONE, "-c", str(cli_lab.config))
     assert code == 0 and "TLS level SECURE" in text and "unusable 1 1 1" in text
+    # the same view through `mxgate explain DOMAIN [--connect]`
+    code, same, _ = run(capsys, "explain", ZONE, "-c", str(cli_lab.config))
+    assert code == 0 and sorted(same.split()) == sorted(text.split())
+    with ThreadedSmtpSink(MX_IP, cli_lab.port, tls=cli_lab.current, hostname=MX):
+        code, out, _ = run(capsys, "explain", ZONE, "--connect", "--json", "-c", str(cli_lab.config))
+    assert code == 0 and json.loads(out)["hosts"][0]["sessions"][0]["label"] == "verified"
