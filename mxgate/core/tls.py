@@ -443,7 +443,7 @@ def _subject_for(name: str) -> verification.Subject:
     return x509.DNSName(norm)
 
 
-def _own_subject(leaf: x509.Certificate) -> verification.Subject | None:
+def own_subject(leaf: x509.Certificate) -> verification.Subject | None:
     """A subject the leaf is valid for by construction, for chain-only validation (see verify_webpki)."""
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -526,7 +526,7 @@ def verify_webpki(
         return VerifyResult(False, VerifyReason.OTHER, f"no trust anchors in {list(paths)}")
     builder = verification.PolicyBuilder().store(store).time(when)
 
-    own = _own_subject(leaf)
+    own = own_subject(leaf)
     if name is not None:
         try:
             subject = _subject_for(name)

@@ -76,7 +76,13 @@ from mxgate.core.outcomes import (
     TlsRptResult,
 )
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting
-from mxgate.core.tls import cert_der, client_context, match_reference_identifiers, normalize_dns_name, peer_chain
+from mxgate.core.tls import (
+    cert_der,
+    client_context,
+    match_reference_identifiers,
+    own_subject,
+    peer_chain,
+)
 
 if TYPE_CHECKING:
     from mxgate.core.delivery import AttemptContext
@@ -316,25 +322,6 @@ class DaneCheck:
     detail: str = ""
 
 
-def _own_subject(leaf: x509.Certificate) -> verification.Subject | None:
-    """A subject the leaf is valid for by construction (cryptography's server verifier needs one; names are
-    checked separately with the RFC 7672 §3.2 rules)."""
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for name in san.get_values_for_type(x509.DNSName):
-        norm = normalize_dns_name(name)
-        if norm is None:
-            continue
-        if norm.startswith("*.") and "*" not in norm[2:]:
-            norm = "wildcard-probe" + norm[1:]
-        if "*" not in norm:
-            return x509.DNSName(norm)
-    ips = san.get_values_for_type(x509.IPAddress)
-    return x509.IPAddress(ips[0]) if ips else None
-
-
 def _verify_signature(cert: x509.Certificate, key: object) -> None:
     """Raise unless ``cert`` is signed by ``key`` (for ``2 1 0`` trust anchors that are bare keys)."""
     algorithm = cert.signature_hash_algorithm
@@ -391,7 +378,7 @@ _EE_POLICY = verification.ExtensionPolicy.permit_all().require_present(
 def _ta_path(chain: Sequence[x509.Certificate], depth: int, now: datetime) -> tuple[bool, bool, str]:
     """Validate ``chain[0]`` up to ``chain[depth]`` as trust anchor. (ok, expired, detail)."""
     leaf, anchor, intermediates = chain[0], chain[depth], list(chain[1:depth])
-    subject = _own_subject(leaf)
+    subject = own_subject(leaf)
     if subject is None:  # cryptography's server verifier demands a subjectAltName
         return _walk_path([leaf, *intermediates], anchor, None, now)
     builder = (
