@@ -1,0 +1,46 @@
+"""The deployment examples do what their READMEs say (``config check`` itself runs in test_cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mxgate.connectors.inbound import select_inbound
+from mxgate.connectors.outbound import select_outbound
+from mxgate.core import engine
+from mxgate.plugins.dane import DANE_MODE
+from mxgate.plugins.mta_sts import MTA_STS_MODE
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_edge_exchange_online() -> None:
+    config, plugins = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    assert "prometheus" in plugins.names() and config.metrics.listen == "127.0.0.1:9925"
+    inbound = config.inbound_connector
+    exo = "mail.protection.outlook.com"
+    # EXO's outbound traffic: its address range AND its verified certificate; neither alone is enough.
+    chosen = select_inbound(inbound, "40.107.22.5", certificate_names=[exo], certificate_verified=True)
+    assert chosen is not None and chosen.name == "from-exchange-online" and chosen.may_relay and chosen.require_tls
+    assert select_inbound(inbound, "40.107.22.5") is None
+    assert select_inbound(inbound, "40.107.22.5", certificate_names=[exo], certificate_verified=False) is None
+    assert select_inbound(inbound, "198.51.100.7", certificate_names=[exo], certificate_verified=True) is None
+    assert select_inbound(inbound, "2a01:111:f403:c000::1", certificate_names=[exo], certificate_verified=True)
+    # Internet mail for the domain goes to EXO, authenticated; everything else by MX.
+    to_exo = select_outbound(config.outbound_connector, "example.org")
+    assert to_exo is not None and to_exo.name == "to-exchange-online"
+    assert to_exo.tls == "domain_validation" and to_exo.tls_domain == exo
+    assert to_exo.smart_hosts == ("example-org.mail.protection.outlook.com",)
+    internet = select_outbound(config.outbound_connector, "example.net")
+    assert internet is not None and internet.use_mx and internet.get(DANE_MODE) == "opportunistic"
+    assert config.server.accepted_domains == ("example.org",)
+
+
+def test_partner_dane() -> None:
+    config, _ = engine.load(EXAMPLES / "partner-dane" / "mxgate.toml", entry_points=False)
+    for domain in ("fabrikam.example", "mx.fabrikam.example"):
+        partner = select_outbound(config.outbound_connector, domain)
+        assert partner is not None and partner.name == "partner-fabrikam"
+        assert partner.use_mx and not partner.smart_hosts  # no pinned address any more
+        assert partner.get(DANE_MODE) == "mandatory" and partner.get(MTA_STS_MODE) == "none"
+    other = select_outbound(config.outbound_connector, "example.net")
+    assert other is not None and other.name == "internet"
