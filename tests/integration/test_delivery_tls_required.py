@@ -43,7 +43,8 @@ async def runtime_for(tmp_path: Path, sink: SmtpSink) -> Runtime:
     path.write_text(
         f'[server]\nstate_dir = "{tmp_path / "var"}"\n[metrics]\nlisten = ""\n'
         "[[listener]]\nname = 'smtp'\naddress = '127.0.0.1:1'\n"
-        f'[[outbound_connector]]\nname = "relay"\nrecipient_domains = ["*"]\nsmart_hosts = ["{sink.host}:{sink.port}"]\n'
+        '[[outbound_connector]]\nname = "relay"\nrecipient_domains = ["*"]\n'
+        f'smart_hosts = ["{sink.host}:{sink.port}"]\n'
         'tls = "opportunistic"\nconnect_timeout = 5\ncommand_timeout = 5\n'
     )
     config, plugins = engine.load(path, entry_points=False, extra_plugins=[("strict", StrictPolicy())])
