@@ -21,6 +21,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 __all__ = [
     "MAX_LINE",
@@ -120,8 +121,7 @@ class _Protocol(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -141,12 +141,12 @@ class _Protocol(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def wait_data(self) -> None:
+    def waiter(self) -> asyncio.Future[None]:
+        """A future the next ``data_received``/EOF/loss resolves. Made synchronously, before awaiting, so that
+        data arriving between the buffer check and the wait cannot be missed (a lost wake-up stalled sessions
+        whose TLS 1.3 server sent session tickets right after the handshake)."""
         self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        return self._waiter
 
 
 @dataclass
@@ -189,7 +189,6 @@ class SmtpClient:
             )
         except (OSError, TimeoutError) as exc:
             raise SmtpConnectionError(f"connect to {host}:{port} failed: {exc or type(exc).__name__}") from exc
-        assert isinstance(transport, asyncio.Transport)
         sock = transport.get_extra_info("sockname")
         client = cls(host, port, timeout, proto, transport)
         if isinstance(sock, tuple):
@@ -237,10 +236,13 @@ class SmtpClient:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise SmtpConnectionError("timed out waiting for a reply")
+            waiter = proto.waiter()
             try:
-                await asyncio.wait_for(proto.wait_data(), remaining)
+                await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 raise SmtpConnectionError("timed out waiting for a reply") from None
+            finally:
+                proto._waiter = None
 
     async def read_reply(self, timeout: float | None = None) -> SmtpReply:
         """Read one reply (all its lines)."""
