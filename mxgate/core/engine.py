@@ -94,7 +94,12 @@ class Gateway:
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
         try:
-            runtime.resolver = resolver_from_config(self.config.dns)
+            runtime.resolver = resolver_from_config(
+                self.config.dns,
+                observer=lambda answer, seconds: runtime.hooks.emit(
+                    "dns_lookup", seconds, rdtype=answer.rdtype, status=str(answer.status), result=str(answer.kind)
+                ),
+            )
         except ValueError as exc:
             raise ConfigError.single(self.config.source, "dns.resolvers", str(exc)) from exc
         runtime.queue = await QueueStore.open(self.config.state_path)

@@ -10,6 +10,7 @@ method per hook, so mypy checks every call site.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.metadata
 import importlib.util
@@ -337,6 +338,7 @@ class Hooks:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self._call = dispatcher.call
+        self._pending: set[asyncio.Task[None]] = set()
 
     # lifecycle
     async def on_startup(self, runtime: Runtime) -> None:
@@ -479,6 +481,13 @@ class Hooks:
     async def on_event(self, kind: str, value: float = 1.0, **labels: str) -> None:
         event = ReportEvent(kind, tuple(sorted(labels.items())), value)
         await self._call("mxgate_report_on_event", event=event)
+
+    def emit(self, kind: str, value: float = 1.0, **labels: str) -> None:
+        """``on_event`` from synchronous code (callbacks such as the resolver's observer): scheduled on the
+        running loop, with a reference kept until it ran."""
+        task = asyncio.get_running_loop().create_task(self.on_event(kind, value, **labels))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
 
 def _verdict(result: object) -> Verdict | None:
