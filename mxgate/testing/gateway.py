@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+import pytest_asyncio
 import tomli_w
 
 from mxgate.core import engine
@@ -99,7 +99,7 @@ async def running_gateway(
         await gateway.stop(timeout=5.0)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def mxgate_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[TestGateway]]]:
     """Async factory: ``await mxgate_gateway(extra_toml, extra_plugins=[...])`` returns a started gateway."""
     stack = contextlib.AsyncExitStack()
