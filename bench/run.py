@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""mxgate benchmarks against Postfix on the same machine (``make bench``).
+
+Systems, each measured the same way and in the same run:
+
+* ``floor``   -- bare aiosmtpd answering 250 without storing (what mxgate's front end costs by itself)
+* ``postfix`` -- a Postfix 3.7 of our own from a temporary directory, relayhost = the sink, default durability
+* ``mxgate``  -- ``mxgate run --config FILE`` relaying through a smart-host connector to the sink
+
+Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
+path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
+Figures and how they are obtained: bench/RESULTS.md.
+
+    .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
+    .venv/bin/python bench/run.py --scenario all
+    .venv/bin/python bench/run.py --quick --json out.json   # smoke test: 200 messages
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import scenarios
+from benchkit.procs import Cleanup, install_signal_exit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See bench/RESULTS.md.")
+    p.add_argument("--messages", type=int, default=20_000, help="messages per measured pass (default 20000)")
+    p.add_argument("--size", type=int, default=10_240, help="payload bytes per message (default 10240)")
+    p.add_argument("--sessions", type=int, default=50, help="concurrent client sessions (default 50)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=[*scenarios.SCENARIOS, "all"],
+        help="relay (default), tls, dane, idle or all; repeatable",
+    )
+    p.add_argument("--systems", default="floor,postfix,mxgate", help="comma-separated subset of floor,postfix,mxgate")
+    p.add_argument(
+        "--latency-messages", type=int, default=None, help="messages of the loadgen latency pass (default messages/4)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="relay: keep sessions open (smtp-source -d); default: one message per connection",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="relay: measure each system N times, interleaved; medians")
+    p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
+    p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
+    p.add_argument(
+        "--mxgate-loop",
+        choices=("default", "asyncio"),
+        default="default",
+        help="event loop of mxgate: what `mxgate run` picks (uvloop when installed), or asyncio (uvloop hidden)",
+    )
+    p.add_argument(
+        "--sink-tickets",
+        type=int,
+        default=2,
+        help="tls/dane: TLS 1.3 session tickets the sink sends after each handshake (Python's default 2)",
+    )
+    p.add_argument("--idle-counts", default="1000,5000", help="idle: session counts (default 1000,5000)")
+    p.add_argument("--timeout", type=float, default=None, help="bound on every pass, seconds")
+    p.add_argument("--quick", action="store_true", help="smoke test: 200 messages, 10 sessions, idle 100")
+    p.add_argument("--json", type=Path, help="also write the full results as JSON here")
+    p.add_argument("--workdir", type=Path, help="where temporary state goes (default: a new directory in $TMPDIR)")
+    p.add_argument("--python", default=sys.executable, help="interpreter for mxgate, the floor, sinks and loadgen")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each result as it comes")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.messages = min(args.messages, 200)
+        args.sessions = min(args.sessions, 10)
+        args.idle_counts = "100"
+    args.scenarios = args.scenario or ["relay"]
+    if "all" in args.scenarios:
+        args.scenarios = list(scenarios.SCENARIOS)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - {"floor", "postfix", "mxgate"}
+    if unknown:
+        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    args.idle_counts = [int(x) for x in args.idle_counts.split(",") if x.strip()]
+    if args.latency_messages is None:
+        args.latency_messages = max(args.messages // 4, min(args.messages, 200))
+    if args.timeout is None:
+        args.timeout = max(60.0, args.messages / 50)  # 50 msg/s would be pathological
+    args.cache = {}
+    return args
+
+
+def _cmd(argv: list[str]) -> str:
+    with contextlib.suppress(Exception):
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    return ""
+
+
+def machine(workdir: Path) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    versions = {"python": platform.python_version()}
+    for mod in ("uvloop", "aiosmtpd"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+    versions["postfix"] = _cmd(["/usr/sbin/postconf", "-dh", "mail_version"])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "filesystem": _cmd(["stat", "-f", "-c", "%T", str(workdir)]),
+        "mxgate_commit": _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "versions": versions,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return round(a / b, 2)
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.1f}"
+    return str(v)
+
+
+METRICS = (
+    ("accept_rate", "acceptance msg/s", True),
+    ("e2e_rate", "end-to-end msg/s", True),
+    ("cpu_s_per_1000", "CPU s / 1000 msgs", False),
+    ("peak_rss_mb", "peak RSS MB (sum)", False),
+    ("peak_pss_mb", "peak PSS MB (sum)", False),
+    ("p50_ms", "p50 acceptance ms", False),
+    ("p99_ms", "p99 acceptance ms", False),
+)
+
+
+def _flat(r: dict[str, Any]) -> dict[str, Any]:
+    lat = r.get("latency_ms") or {}
+    return {**r, "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99")}
+
+
+def _status(r: dict[str, Any]) -> str | None:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if not r.get("ok", True):
+        error = " ".join(str(r.get("error")).split())  # one line: it goes into table cells
+        return f"FAILED: {error[:300]}{'...' if len(error) > 300 else ''}"
+    return None
+
+
+def table(columns: dict[str, dict[str, Any]], ratios: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown table: one row per metric, one column per system, then ratio columns (label, num, den)."""
+    cols = {k: _flat(v) for k, v in columns.items()}
+    head = ["metric", *cols, *(r[0] for r in ratios)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, _ in METRICS:
+        row = [label] + [_fmt(c.get(key)) for c in cols.values()]
+        row += [_fmt(_ratio(cols.get(n, {}).get(key), cols.get(d, {}).get(key))) for _, n, d in ratios]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = [f"- {name}: {s}" for name, c in columns.items() if (s := _status(c))]
+    return [*lines, *(["", *notes] if notes else [])]
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+    m = results["machine"]
+    out = [
+        f"# mxgate bench — {m['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, {m['filesystem']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + f"; mxgate {m['mxgate_commit']}",
+        f"Load: {args.messages} msgs x {args.size} B over {args.sessions} sessions "
+        f"({'sessions reused' if args.reuse else 'one message per connection'} in relay); "
+        f"latency pass {args.latency_messages} msgs; CPU via {results.get('cpu_method', '?')}",
+        "",
+    ]
+    sc = results["scenarios"]
+    if "relay" in sc:
+        r = sc["relay"]
+        out += ["## relay (smtp-source: rates, CPU, memory; loadgen: latency)", ""]
+        out += table(r, [("mxgate/postfix", "mxgate", "postfix"), ("mxgate/floor", "mxgate", "floor")])
+        out.append("")
+    if "relay" in sc:
+        for system, r in sc["relay"].items():
+            prof = r.get("profile") if isinstance(r, dict) else None
+            if not prof:
+                continue
+            out += [
+                f"### profile: {system} (py-spy, {prof['samples']} samples of an extra pass at "
+                f"{_fmt(prof['accept_rate_while_profiled'])} msg/s; share of busy samples)",
+                "",
+                "| self | function | inclusive | function |",
+                "|---|---|---|---|",
+            ]
+            for a, b in zip(prof["self"][:12], prof["inclusive"][:12], strict=False):
+                out.append(f"| {a['share']:.1%} | `{a['function']}` | {b['share']:.1%} | `{b['function']}` |")
+            acts = ", ".join(f"{t['share']:.0%} `{t['function']}`" for t in prof.get("activities", []))
+            out += ["", f"Samples by outermost project frame (thread loop or task): {acts}", ""]
+    for name in ("tls", "dane"):
+        if name in sc:
+            out += [f"## {name} (loadgen, sessions kept open, after a warm-up; sink: countsink)", ""]
+            for system, arms in sc[name].items():
+                if "skipped" in arms or "error" in arms:
+                    out += [f"- {system}: {_status(arms)}", ""]
+                    continue
+                other = "starttls" if name == "tls" else "dane"
+                out += [f"### {system}", ""]
+                out += table(arms, [(f"{other}/plain", other, "plain")])
+                out.append("")
+            if name == "tls":
+                pf, mx = sc[name].get("postfix", {}), sc[name].get("mxgate", {})
+                if "starttls" in pf and "starttls" in mx:
+                    out += ["STARTTLS, mxgate vs Postfix:", ""]
+                    out += table(
+                        {"postfix": pf["starttls"], "mxgate": mx["starttls"]},
+                        [("mxgate/postfix", "mxgate", "postfix")],
+                    )
+                    out.append("")
+    if "idle" in sc:
+        out += ["## idle sessions (loadgen --idle: connect + EHLO, then hold)", ""]
+        out += ["| system | sessions | ready | RSS KB/session | PSS KB/session | RSS MB held | PSS MB held |"]
+        out += ["|---|---|---|---|---|---|---|"]
+        for system, counts in sc["idle"].items():
+            for count, r in counts.items():
+                if _status(r):
+                    out.append(f"| {system} | {count} | {_status(r)} | | | | |")
+                    continue
+                out.append(
+                    f"| {system} | {count} | {r['ready']} | {_fmt(r['rss_kb_per_conn'])} | "
+                    f"{_fmt(r['pss_kb_per_conn'])} | {_fmt(r['rss_mb'])} | {_fmt(r['pss_mb'])} |"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_exit()
+    cleanup = Cleanup()
+    created = args.workdir is None
+    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mxbench-"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(args.workdir, 0o755)  # Postfix's daemons walk into it
+    if created:
+        cleanup.add("workdir", lambda: shutil.rmtree(args.workdir, ignore_errors=True))
+    results: dict[str, Any] = {"machine": machine(args.workdir), "args": {}, "scenarios": {}}
+    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "cache"}
+    started = time.monotonic()
+    try:
+        for name in args.scenarios:
+            results["scenarios"][name] = scenarios.SCENARIOS[name](args)
+    finally:
+        cleanup.run()
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["cpu_method"] = next(iter(_methods(results["scenarios"])), "?")
+    print(render(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    failed = [s for s in _statuses(results["scenarios"]) if s.startswith("FAILED")]
+    return 1 if failed else 0
+
+
+def _walk(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        yield obj
+        for v in obj.values():
+            yield from _walk(v)
+
+
+def _methods(sc: dict[str, Any]) -> list[str]:
+    return [d["cpu_method"] for d in _walk(sc) if "cpu_method" in d]
+
+
+def _statuses(sc: dict[str, Any]) -> list[str]:
+    return [s for d in _walk(sc) if ("ok" in d or "skipped" in d) and (s := _status(d))]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
