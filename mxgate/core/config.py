@@ -385,6 +385,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError.single(str(path), "", "is a directory, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError.single(str(path), "", f"TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError.single(str(path), "", "TOML nested too deeply to read") from None
     except UnicodeDecodeError as exc:
         raise ConfigError.single(str(path), "", f"not UTF-8 text: {exc}") from None
 

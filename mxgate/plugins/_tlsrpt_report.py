@@ -575,7 +575,7 @@ def decode_report_bytes(data: bytes, *, limit: int = MAX_REPORT_BYTES) -> Any:
         raise ReportError(f"report larger than {limit} bytes")
     try:
         return json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ReportError(f"not JSON: {exc}") from exc
 
 

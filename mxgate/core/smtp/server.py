@@ -646,7 +646,7 @@ class Connection(asyncio.Protocol):
     # -- commands --------------------------------------------------------------------------------------------
 
     async def cmd_helo(self, arg: str | None, *, esmtp: bool = False) -> None:
-        if not arg or " " in arg or len(arg) > 255:
+        if not arg or " " in arg or len(arg) > 255 or not arg.isprintable():  # no NUL or controls echoed back
             await self._bad(R.EHLO_SYNTAX)
             return
         st = self.state

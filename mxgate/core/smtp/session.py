@@ -271,8 +271,14 @@ class ReceivePolicy:
         if len(state.envelope.rcpt_tos) >= self.limits.max_recipients:
             return R.TOO_MANY_RCPTS
         domain = rcpt.domain
-        if not self.accepts_domain(state, domain) and not self.may_relay(state):
+        may_relay = self.may_relay(state)
+        if not self.accepts_domain(state, domain) and not may_relay:
             return Reply(550, "5.7.1", f"Relay access denied: we do not accept mail for {domain} from you")
+        if not may_relay and any(c in rcpt.local for c in "%!@"):
+            # sender-specified routing (percent hack, bang path, quoted @): an internal server behind us might
+            # honour it and relay onward; only clients that may relay anyway get to use it (Postfix's
+            # allow_untrusted_routing = no)
+            return Reply(550, "5.7.1", "Sender-specified routing (%, ! or @ in the local part) is not allowed")
         if domain.startswith("["):
             return Reply(550, "5.1.2", "Address literals are not accepted as recipients")
         if select_outbound(self.config.outbound_connector, domain) is None:
