@@ -640,38 +640,35 @@ class Deliverer:
 
             # -- what the message needs ----------------------------------------------------------------
             limit = client.size_limit
-            if limit is not None and len(message.data) > limit:
-                rec.failures.append(
-                    _HostFailure(
-                        _local(
-                            552, "5.3.4", f"message size {len(message.data)} exceeds the limit of {where} ({limit})"
-                        ),
-                        "5.3.4",
-                        permanent=True,
-                    )
-                )
-                await client.quit()
-                return None
             utf8 = needs_smtputf8(message)
-            if utf8 and not client.supports("SMTPUTF8"):
-                rec.failures.append(
-                    _HostFailure(
-                        _local(553, "5.6.7", f"{where} does not support SMTPUTF8, which this message needs"),
-                        "5.6.7",
-                        permanent=True,
-                    )
-                )
-                await client.quit()
-                return None
             eight = needs_8bitmime(message)
-            if eight and not client.supports("8BITMIME"):
-                rec.failures.append(
-                    _HostFailure(
-                        _local(554, "5.6.3", f"{where} does not support 8BITMIME, which this message needs"),
+            unmet = [
+                (code, status, why)
+                for needed, code, status, why in (
+                    (
+                        limit is not None and len(message.data) > limit,
+                        552,
+                        "5.3.4",
+                        f"message size {len(message.data)} exceeds the limit of {where} ({limit})",
+                    ),
+                    (
+                        utf8 and not client.supports("SMTPUTF8"),
+                        553,
+                        "5.6.7",
+                        f"{where} does not support SMTPUTF8, which this message needs",
+                    ),
+                    (
+                        eight and not client.supports("8BITMIME"),
+                        554,
                         "5.6.3",
-                        permanent=True,
-                    )
+                        f"{where} does not support 8BITMIME, which this message needs",
+                    ),
                 )
+                if needed
+            ]
+            if unmet:
+                code, status, why = unmet[0]
+                rec.failures.append(_HostFailure(_local(code, status, why), status, permanent=True))
                 await client.quit()
                 return None
             params: list[str] = []

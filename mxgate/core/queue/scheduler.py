@@ -415,40 +415,21 @@ class Scheduler:
                 received_at=msg.received_at,
                 at=now,
             )
-            if res.status is RecipientStatus.DELIVERED:
-                tracking.write(
-                    TrackEvent.DELIVER,
-                    queue_id=msg.id,
-                    message_id=msg.message_id,
-                    recipient=res.recipient,
-                    connector=connector,
-                    mx=report.mx_host,
-                    reply=res.reply,
-                )
-                await hooks.on_delivered(report)
-            elif res.status is RecipientStatus.DEFERRED:
-                tracking.write(
-                    TrackEvent.DEFER,
-                    queue_id=msg.id,
-                    message_id=msg.message_id,
-                    recipient=res.recipient,
-                    connector=connector,
-                    mx=report.mx_host,
-                    reply=res.reply,
-                    next_attempt=res.next_attempt,
-                )
-                await hooks.on_deferred(report)
-            else:
-                tracking.write(
-                    TrackEvent.FAIL,
-                    queue_id=msg.id,
-                    message_id=msg.message_id,
-                    recipient=res.recipient,
-                    connector=connector,
-                    mx=report.mx_host,
-                    reply=res.reply,
-                )
-                await hooks.on_failed(report)
+            event, notify = {
+                RecipientStatus.DELIVERED: (TrackEvent.DELIVER, hooks.on_delivered),
+                RecipientStatus.DEFERRED: (TrackEvent.DEFER, hooks.on_deferred),
+            }.get(res.status, (TrackEvent.FAIL, hooks.on_failed))
+            tracking.write(
+                event,
+                queue_id=msg.id,
+                message_id=msg.message_id,
+                recipient=res.recipient,
+                connector=connector,
+                mx=report.mx_host,
+                reply=res.reply,
+                next_attempt=res.next_attempt if res.status is RecipientStatus.DEFERRED else None,
+            )
+            await notify(report)
             await hooks.on_event("queue", action=str(res.status), connector=connector or "none")
 
     async def _dsn(
