@@ -106,6 +106,7 @@ class Gateway:
         scheduler = Scheduler(runtime)
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
+        runtime.enqueue = scheduler.enqueue
         await runtime.hooks.on_startup(runtime)
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         self.servers = await start_listeners(runtime)

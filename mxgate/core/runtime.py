@@ -6,7 +6,7 @@ Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,29 @@ class Runtime:
     stash: Stash = field(default_factory=Stash)  # process-wide plugin state, keyed by StashKey
     tasks: list[Any] = field(default_factory=list)  # background tasks the engine cancels at shutdown
     wakeup: Callable[[], None] = lambda: None  # pokes the delivery scheduler (set by the engine)
+    # queues a received message (set by the engine: the scheduler's ``enqueue``, which hands it straight to
+    # delivery); None: ``queue.put`` then ``wakeup``
+    enqueue: Callable[..., Awaitable[str]] | None = None
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        meta: Iterable[tuple[str, str]] = (),
+        message_id: str | None = None,
+        now: float,
+    ) -> str:
+        """Queue a received message; returns its queue id once it is on disk (the receive side's one door)."""
+        if self.enqueue is not None:
+            queue_id: str = await self.enqueue(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            return queue_id
+        if self.queue is None:
+            raise RuntimeError("no queue store")
+        queue_id = await self.queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+        self.wakeup()
+        return queue_id
 
     @property
     def state_dir(self) -> Path:

@@ -312,3 +312,57 @@ async def test_queue_cli_on_live_state(
         code, _ = await asyncio.to_thread(cli, "show", "NOPE")
         assert code == 1
         assert (await queue.integrity_check()) == []
+
+
+async def test_enqueue_hands_a_received_message_straight_to_delivery(env: Callable[[str], Awaitable[Env]]) -> None:
+    async with SmtpSink() as sink:
+        runtime, _, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        sched = Scheduler(runtime, poll_interval=3600)  # no round will run: only the hand-off can deliver
+        qid = await sched.enqueue("a@sender.test", ["b@x.test"], BODY, message_id="<m1@sender.test>", now=clock.now)
+        assert await queue.lease_due(clock.now, 10, 900) == []  # leased in the put's own transaction
+        [got] = await sink.wait_for(1, timeout=10)
+        assert got.mail_from == "a@sender.test" and got.rcpt_tos == ("b@x.test",) and got.data.endswith(BODY)
+        await sched.drain(10)
+        msg = await queue.get(qid)
+        assert msg is not None and msg.is_final and msg.recipients[0].route == "relay"
+        assert msg.leased_until == 0  # the result released the lease
+
+
+async def test_enqueue_with_no_free_slot_queues_for_a_round(env: Callable[[str], Awaitable[Env]]) -> None:
+    async with SmtpSink() as sink:
+        runtime, _, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        sched = Scheduler(runtime, poll_interval=3600, batch=2)  # rounds run only when woken
+        loop = asyncio.ensure_future(sched.run())
+        try:
+            ids = await asyncio.gather(
+                *(sched.enqueue("a@sender.test", [f"r{i}@x.test"], BODY, now=clock.now) for i in range(12))
+            )
+            await sink.wait_for(12, timeout=15)
+            await sched.drain(10)
+            assert sorted(m.rcpt_tos[0] for m in sink.messages) == sorted(f"r{i}@x.test" for i in range(12))
+            for qid in ids:
+                msg = await queue.get(qid)
+                assert msg is not None and msg.is_final
+        finally:
+            await sched.stop(timeout=5)
+            loop.cancel()
+
+
+async def test_enqueue_caller_cancelled_while_committing_still_delivers(
+    env: Callable[[str], Awaitable[Env]],
+) -> None:
+    async with SmtpSink() as sink:
+        runtime, _, _agent, clock, _ = await env(_relay(sink))
+        sched = Scheduler(runtime, poll_interval=3600)
+        caller = asyncio.ensure_future(sched.enqueue("a@sender.test", ["b@x.test"], BODY, now=clock.now))
+        await asyncio.sleep(0)  # the put is submitted
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        [got] = await sink.wait_for(1, timeout=10)  # committed, so delivered: a possible duplicate, never a loss
+        assert got.rcpt_tos == ("b@x.test",)
+        await sched.drain(10)

@@ -507,3 +507,71 @@ async def test_queue_full_on_a_full_filesystem(tiny_fs: Path) -> None:
         assert await store.integrity_check() == []
     finally:
         await store.close()
+
+
+# -- the scheduler's short cuts --
+
+
+async def test_put_leased_returns_the_stored_message_leased(store: QueueStore) -> None:
+    msg = await store.put_leased(
+        "a@example.org",
+        ["b@example.net", NewRecipient("c@example.net", dsn_notify="NEVER"), "b@example.net"],
+        BODY,
+        meta=(("client_ip", "192.0.2.1"),),
+        message_id="<m1@example.org>",
+        now=NOW,
+        lease_seconds=900,
+    )
+    stored = await store.get(msg.id)
+    assert stored == msg  # the in-memory copy is exactly what a read gives back
+    assert msg.leased_until == NOW + 900 and [r.address for r in msg.recipients] == ["b@example.net", "c@example.net"]
+    assert await store.lease_due(NOW + 10, 10, 60) == []  # already leased: no round finds it
+    assert [m.id for m in await store.lease_due(NOW + 901, 10, 60)] == [msg.id]  # a lost lease expires
+
+
+async def test_only_durable_jobs_fsync(store: QueueStore) -> None:
+    before = store.stats
+    msg_id = await store.put("a@example.org", ["b@example.net"], BODY, now=NOW)
+    after_put = store.stats
+    assert (after_put.commits - before.commits, after_put.fsyncs - before.fsyncs) == (1, 1)
+    [msg] = await store.lease_due(NOW, 10, 60)
+    await store.record_results(
+        msg.id, [RecipientResult("b@example.net", RecipientStatus.DELIVERED, "250 ok", None)], now=NOW
+    )
+    after = store.stats
+    assert after.commits - after_put.commits == 2 and after.fsyncs == after_put.fsyncs  # bookkeeping: no fsync
+    await store.hold(msg_id)  # administration stays durable
+    assert store.stats.fsyncs == after.fsyncs + 1
+    # a process crash right now keeps the unsynced commits (they are in the WAL, in the page cache)
+    reader = sqlite3.connect(store.path)
+    try:
+        assert reader.execute("SELECT finished_at FROM messages WHERE id = ?", (msg_id,)).fetchone()[0] == NOW
+    finally:
+        reader.close()
+
+
+async def test_lease_due_walks_due_order_past_leased_messages(store: QueueStore) -> None:
+    ids = [
+        await store.put("a@example.org", [f"r{i}@example.net", f"s{i}@example.net"], BODY, now=NOW + i)
+        for i in range(60)
+    ]
+    first = await store.lease_due(NOW + 100, 10, 60)
+    assert [m.id for m in first] == ids[:10]  # each message once, although it has two due recipients
+    second = await store.lease_due(NOW + 100, 25, 60)
+    assert [m.id for m in second] == ids[10:35]  # the leased ones are skipped, order kept
+    await store.hold(ids[35])
+    third = await store.lease_due(NOW + 100, 100, 60)
+    assert [m.id for m in third] == ids[36:]
+
+
+async def test_record_results_sets_routes_in_the_same_transaction(store: QueueStore) -> None:
+    msg_id = await store.put("a@example.org", ["b@example.net", "c@example.net"], BODY, now=NOW)
+    [msg] = await store.lease_due(NOW, 10, 60)
+    updated = await store.record_results(
+        msg.id,
+        [RecipientResult("b@example.net", RecipientStatus.DELIVERED, "250 ok", None)],
+        now=NOW,
+        routes={"b@example.net": "internet", "c@example.net": "partner"},
+    )
+    assert {r.address: r.route for r in updated.recipients} == {"b@example.net": "internet", "c@example.net": "partner"}
+    assert updated == await store.get(msg_id)

@@ -16,6 +16,12 @@ each message:
    (RFC 3464) for final failures and an optional delay warning, queued with the null sender (never to the null
    sender, never for a report or an auto-submitted message: no loops).
 
+A message the receive side accepts takes a short cut (:meth:`Scheduler.enqueue`): when fewer than ``batch``
+messages are in flight it is queued *leased* (one transaction) and its delivery starts from memory, so it is
+neither found by a due-query nor read back. Otherwise it is queued unleased and a round leases it later; rounds
+run on a wake-up, when deliveries free at least a tenth of the slots while a backlog exists, and every
+``poll_interval``.
+
 Restart semantics come from the store: leases left by a crashed or stopped process are released when the gateway
 opens the queue, so attempts in flight become due again (at-least-once). :meth:`Scheduler.stop` lets in-flight
 attempts finish (bounded) before cancelling, so a clean shutdown does not deliver twice.
@@ -28,7 +34,7 @@ import contextlib
 import logging
 import random
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -126,6 +132,8 @@ class Scheduler:
         self._event = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
+        self._reserved = 0  # enqueue() calls that will start a delivery once their put commits
+        self._backlog = False  # due messages may be waiting in the store for a round
         self._connector_sems: dict[str, asyncio.Semaphore] = {}
         self._destination_sems: weakref.WeakValueDictionary[tuple[str, str], asyncio.Semaphore] = (
             weakref.WeakValueDictionary()
@@ -141,6 +149,57 @@ class Scheduler:
 
     def wakeup(self) -> None:
         self._event.set()
+
+    def _room(self) -> int:
+        return self.batch - len(self._inflight) - self._reserved
+
+    def _start(self, msg: QueuedMessage, body: bytes | None = None) -> None:
+        task = asyncio.ensure_future(self._guarded(msg, body))
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._backlog and self._room() >= max(1, self.batch // 10):
+            self._event.set()
+
+    async def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        meta: Iterable[tuple[str, str]] = (),
+        message_id: str | None = None,
+        now: float,
+    ) -> str:
+        """Queue a received message durably (returns once it is on disk) and, when a slot is free, start
+        delivering it at once from memory. A caller cancelled while the put commits does not strand the
+        message: its delivery starts anyway."""
+        queue = self.queue
+        if self._stopping or self._room() <= 0:
+            queue_id = await queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            self._backlog = True
+            self.wakeup()
+            return queue_id
+        self._reserved += 1
+        put = asyncio.ensure_future(
+            queue.put_leased(
+                sender, recipients, data, meta=meta, message_id=message_id, now=now, lease_seconds=self.lease_seconds
+            )
+        )
+
+        def committed(done: asyncio.Future[QueuedMessage]) -> None:
+            self._reserved -= 1
+            if done.cancelled() or done.exception() is not None:
+                return
+            if self._stopping:  # stays leased until the next start releases it
+                return
+            self._start(done.result(), data)
+
+        put.add_done_callback(committed)
+        msg = await asyncio.shield(put)
+        return msg.id
 
     async def run(self) -> None:
         """The background loop: a round, then wait for a wake-up or the poll interval."""
@@ -159,14 +218,16 @@ class Scheduler:
         """Lease what is due and start delivering it; returns how many messages were leased."""
         if self._stopping:
             return 0
-        room = self.batch - len(self._inflight)
+        room = self._room()
         if room <= 0:
+            self._backlog = True
             return 0
+        self._backlog = False
         leased = await self.queue.lease_due(self.runtime.clock(), room, self.lease_seconds)
+        if len(leased) == room:
+            self._backlog = True  # there may be more
         for msg in leased:
-            task = asyncio.ensure_future(self._guarded(msg))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._start(msg)
         return len(leased)
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -187,9 +248,9 @@ class Scheduler:
 
     # -- one message -------------------------------------------------------------------------------------
 
-    async def _guarded(self, msg: QueuedMessage) -> None:
+    async def _guarded(self, msg: QueuedMessage, body: bytes | None = None) -> None:
         try:
-            await self.process(msg)
+            await self.process(msg, body)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.queue.release_lease(msg.id))
@@ -219,14 +280,17 @@ class Scheduler:
         except Exception:
             log.exception("could not record an internal error", extra={"queue_id": msg.id})
 
-    async def process(self, msg: QueuedMessage) -> None:
-        """Categorize and deliver the due recipients of one leased message, record and report the results."""
+    async def process(self, msg: QueuedMessage, body: bytes | None = None) -> None:
+        """Categorize and deliver the due recipients of one leased message, record and report the results.
+        ``body``: the message data when the caller has it (a message just received); read from the store
+        otherwise."""
         runtime, queue, hooks, tracking = self.runtime, self.queue, self.runtime.hooks, self.runtime.tracking
         now = runtime.clock()
-        try:
-            body = await queue.body(msg.id)
-        except MessageNotFoundError:
-            return  # deleted (or finished) since it was leased
+        if body is None:
+            try:
+                body = await queue.body(msg.id)
+            except MessageNotFoundError:
+                return  # deleted (or finished) since it was leased
         pending = [r for r in msg.recipients if not r.is_final and r.next_attempt <= now]
         if not pending:
             await queue.release_lease(msg.id)
@@ -237,6 +301,7 @@ class Scheduler:
         results: dict[str, RecipientResult] = {}
         outcomes: dict[str, RecipientOutcome] = {}
         routes: list[tuple[Address, Route]] = []
+        new_routes: dict[str, str] = {}
         groups: dict[Destination, list[str]] = {}
         categorized = msg.meta_value(META_CATEGORIZED) == "1"
         for r in pending:
@@ -261,7 +326,7 @@ class Scheduler:
                 continue
             routes.append((addr, route))
             if r.route != connector.name:
-                await queue.set_route(msg.id, r.address, connector.name)
+                new_routes[r.address] = connector.name
             smart = route.smart_hosts or connector.smart_hosts
             if smart:
                 domain = checks.split_hostport(smart[0], connector.port)[0].lower()
@@ -300,7 +365,12 @@ class Scheduler:
         if len(mx_hosts) > 1:
             detail = "; ".join(f"{o.recipient}={o.mx_host}" for o in outcomes.values() if o.mx_host)
         updated = await queue.record_results(
-            msg.id, ordered, now=now, mx=next(iter(mx_hosts)) if len(mx_hosts) == 1 else None, detail=detail
+            msg.id,
+            ordered,
+            now=now,
+            mx=next(iter(mx_hosts)) if len(mx_hosts) == 1 else None,
+            detail=detail,
+            routes=new_routes,
         )
         await self._report(updated, ordered, outcomes, now)
         await self._dsn(updated, ordered, outcomes, now)

@@ -4,9 +4,14 @@ Durability and group commit
 ---------------------------
 Every write goes to ONE writer thread that owns its own SQLite connection. The writer takes every job that
 is pending (up to a batch limit), runs them in ONE ``BEGIN IMMEDIATE`` transaction, each job inside its own
-savepoint, commits with ``PRAGMA synchronous=FULL`` (WAL mode: the commit fsyncs the WAL), and only then
-resolves the waiting asyncio futures with ``loop.call_soon_threadsafe``. So :meth:`QueueStore.put` returns
-only after the message is on disk, and concurrent sessions share one fsync. Reads run on a second thread
+savepoint, commits, and only then resolves the waiting asyncio futures with ``loop.call_soon_threadsafe``.
+A batch that holds a *durable* job (:meth:`QueueStore.put`, the administrative changes) commits with
+``PRAGMA synchronous=FULL`` (WAL mode: the commit fsyncs the WAL); so :meth:`QueueStore.put` returns only after
+the message is on disk, and concurrent sessions share one fsync. The scheduler's bookkeeping (leases, results)
+commits with ``synchronous=NORMAL``: no fsync of its own, but it survives a crash of the process (the WAL is in
+the OS's page cache), and the next durable commit fsyncs it too. Only a power failure can undo such a commit,
+and that undoes nothing a sender was promised: a lost "delivered" record means one more delivery (at least
+once, never lost), a lost lease means nothing (leases are released at start-up). Reads run on a second thread
 with its own connection (WAL readers never block the writer). Blocking SQLite work never runs on the event
 loop.
 
@@ -51,7 +56,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -226,7 +231,8 @@ class QueueCounts:
 class StoreStats:
     """Counters of this store object (this process) since it was opened."""
 
-    commits: int  # transactions committed by the writer (each one fsync of the WAL)
+    commits: int  # transactions committed by the writer
+    fsyncs: int  # commits that fsynced the WAL (those with a durable job)
     puts: int  # messages accepted by put()
     jobs: int  # write jobs that succeeded (puts included)
     failed_jobs: int
@@ -408,7 +414,7 @@ def _require(conn: sqlite3.Connection, msg_id: str) -> None:
 
 
 class _Job:
-    __slots__ = ("fn", "future", "loop", "weight")
+    __slots__ = ("durable", "fn", "future", "loop", "weight")
 
     def __init__(
         self,
@@ -416,11 +422,13 @@ class _Job:
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
         weight: int,
+        durable: bool,
     ) -> None:
         self.fn = fn
         self.loop = loop
         self.future = future
         self.weight = weight
+        self.durable = durable
 
 
 def _clone(exc: BaseException) -> BaseException:
@@ -448,7 +456,9 @@ class _Writer:
         self._closed = False
         self._lock = threading.Lock()
         self._ids = _IdGenerator()
+        self._synchronous = "FULL"  # what _connect set
         self.commits = 0
+        self.fsyncs = 0
         self.puts = 0
         self.jobs = 0
         self.failed_jobs = 0
@@ -459,14 +469,16 @@ class _Writer:
     def next_id(self, now: float) -> str:
         return self._ids.next(now)
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], weight: int = 0) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], weight: int = 0, *, durable: bool = True
+    ) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:  # never enqueue behind the stop sentinel
             if self._closed:
                 future.set_exception(QueueError("queue store is closed"))
             else:
-                self._jobs.put(_Job(fn, loop, future, weight))
+                self._jobs.put(_Job(fn, loop, future, weight, durable))
         return future
 
     def stop(self) -> None:
@@ -514,7 +526,11 @@ class _Writer:
         conn = self._conn
         outcomes: list[tuple[Any, BaseException | None]] = []
         fatal: BaseException | None = None
+        synchronous = "FULL" if any(job.durable for job in batch) else "NORMAL"
         try:
+            if synchronous != self._synchronous:  # a pragma, so set outside the transaction
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             fatal = _map_error(exc)
@@ -557,6 +573,7 @@ class _Writer:
             outcomes = [(None, _clone(fatal)) for _ in batch]
         else:
             self.commits += 1
+            self.fsyncs += synchronous == "FULL"
             self.largest_batch = max(self.largest_batch, len(batch))
         for job, (value, error) in zip(batch, outcomes, strict=True):
             if error is None:
@@ -658,6 +675,7 @@ class QueueStore:
         w = self._writer
         return StoreStats(
             commits=w.commits,
+            fsyncs=w.fsyncs,
             puts=w.puts,
             jobs=w.jobs,
             failed_jobs=w.failed_jobs,
@@ -666,8 +684,8 @@ class QueueStore:
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], weight: int = 0) -> T:
-        return await self._writer.submit(fn, weight)
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], weight: int = 0, *, durable: bool = True) -> T:
+        return await self._writer.submit(fn, weight, durable=durable)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
@@ -702,24 +720,43 @@ class QueueStore:
         :raises ValueError: no recipients.
         :raises QueueFullError: disk or size limit full; nothing was written.
         """
+        msg = await self.put_leased(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+        return msg.id
+
+    async def put_leased(
+        self,
+        sender: str,
+        recipients: Sequence[str | NewRecipient],
+        data: bytes,
+        *,
+        meta: Iterable[tuple[str, str]] = (),
+        message_id: str | None = None,
+        now: float,
+        lease_seconds: float = 0.0,
+    ) -> QueuedMessage:
+        """:meth:`put`, returning the queued message; with ``lease_seconds`` it is leased in the same
+        transaction, so the scheduler can deliver it from memory at once instead of finding it with
+        :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies)."""
         rcpts: dict[str, NewRecipient] = {}
         for r in recipients:
             nr = NewRecipient(r) if isinstance(r, str) else r
             rcpts.setdefault(nr.address, nr)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
-        meta_json = json.dumps([[str(k), str(v)] for k, v in meta])
+        meta_items = tuple((str(k), str(v)) for k, v in meta)
+        meta_json = json.dumps([list(item) for item in meta_items])
         headers = _header_section(data)
         writer = self._writer
+        lease_until = now + lease_seconds if lease_seconds > 0 else 0.0
 
         def job(conn: sqlite3.Connection) -> str:
             for _ in range(_ID_RETRIES):
                 msg_id = writer.next_id(now)
                 try:
                     conn.execute(
-                        "INSERT INTO messages (id, sender, received_at, size, message_id, meta, headers)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (msg_id, sender, now, len(data), message_id, meta_json, headers),
+                        "INSERT INTO messages (id, sender, received_at, size, message_id, meta, headers, lease_until)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (msg_id, sender, now, len(data), message_id, meta_json, headers, lease_until),
                     )
                     break
                 except sqlite3.IntegrityError:
@@ -734,7 +771,21 @@ class QueueStore:
             )
             return msg_id
 
-        return await self._write(job, weight=max(1, len(data)))
+        msg_id = await self._write(job, weight=max(1, len(data)))
+        return QueuedMessage(
+            id=msg_id,
+            sender=sender,
+            recipients=tuple(
+                QueuedRecipient(r.address, RecipientStatus.QUEUED, 0, None, None, now, r.dsn_notify, r.orcpt)
+                for r in rcpts.values()
+            ),
+            received_at=now,
+            size=len(data),
+            message_id=message_id,
+            held=False,
+            meta=meta_items,
+            leased_until=lease_until,
+        )
 
     # -- read --------------------------------------------------------------------------------------------
 
@@ -828,23 +879,27 @@ class QueueStore:
         """
 
         def job(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT r.msg_id, min(r.next_attempt) AS due"
-                    " FROM recipients r JOIN messages m ON m.id = r.msg_id"
+            # Walks the recipients_due index in due order and stops after `limit` messages: the cost is the
+            # messages skipped (leased or held ones, at most those in flight plus held) plus `limit`, not the
+            # backlog. A message's first row in this order carries its earliest due recipient.
+            ids: dict[str, None] = {}
+            if limit > 0:
+                for (msg_id,) in conn.execute(
+                    "SELECT r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
                     " WHERE r.status IN ('queued', 'deferred') AND r.next_attempt <= ?"
                     " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
-                    " GROUP BY r.msg_id ORDER BY due, r.msg_id LIMIT ?",
-                    (now, now, limit),
-                ).fetchall()
-            ]
+                    " ORDER BY r.next_attempt",
+                    (now, now),
+                ):
+                    ids[msg_id] = None
+                    if len(ids) >= limit:
+                        break
             conn.executemany(
                 "UPDATE messages SET lease_until = ? WHERE id = ?", [(now + lease_seconds, i) for i in ids]
             )
-            return _load(conn, ids)
+            return _load(conn, builtins.list(ids))
 
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     async def record_results(
         self,
@@ -854,12 +909,15 @@ class QueueStore:
         now: float,
         mx: str | None = None,
         detail: str | None = None,
+        routes: Mapping[str, str] | None = None,
     ) -> QueuedMessage:
         """Record one delivery attempt's outcome per recipient, append to the attempts log, release the lease.
 
         ``DEFERRED`` needs a ``next_attempt``; ``DELIVERED``/``FAILED`` are final (a final recipient is never
         changed again). When every recipient is final the message is finished: the body is deleted and a
-        tombstone is kept (see the module docs). Returns the message as it is now.
+        tombstone is kept (see the module docs). ``routes`` sets recipients' outbound connectors in the same
+        transaction (see :meth:`set_route`). Returns the message as it is now. Not fsync'd by itself (see the
+        module docs): after a power failure the attempt may be made again.
 
         :raises ValueError: a result for an unknown or final recipient, ``QUEUED`` as a result, or a deferral
             without a time.
@@ -872,6 +930,8 @@ class QueueStore:
                 raise ValueError(f"{r.recipient}: a deferral needs a next_attempt time")
 
         def job(conn: sqlite3.Connection) -> QueuedMessage:
+            for rcpt, route in (routes or {}).items():
+                conn.execute("UPDATE recipients SET route = ? WHERE msg_id = ? AND address = ?", (route, msg_id, rcpt))
             msg = _load_one(conn, msg_id)
             for r in checked:
                 current = msg.recipient(r.recipient)
@@ -906,11 +966,13 @@ class QueueStore:
                 conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
             return _load_one(conn, msg_id)
 
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     async def release_lease(self, msg_id: str) -> None:
         """Give a lease back without recording anything (e.g. the attempt was cancelled at shutdown)."""
-        await self._write(lambda c: c.execute("UPDATE messages SET lease_until = 0 WHERE id = ?", (msg_id,)))
+        await self._write(
+            lambda c: c.execute("UPDATE messages SET lease_until = 0 WHERE id = ?", (msg_id,)), durable=False
+        )
 
     # -- administration ----------------------------------------------------------------------------------
 

@@ -975,13 +975,10 @@ class Connection(asyncio.Protocol):
         data = added + received + raw
         message_id = message.get_header("Message-ID")
         meta = self._meta(envelope)
-        queue = self.runtime.queue
         from mxgate.core.queue.store import QueueFullError
 
         try:
-            if queue is None:
-                raise RuntimeError("no queue store")
-            queue_id = await queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            queue_id = await self.runtime.submit(sender, recipients, data, meta=meta, message_id=message_id, now=now)
         except QueueFullError:
             self._reply(R.QUEUE_FULL)
             await self._rejected("data", R.QUEUE_FULL, "queue_full", sender=sender)
@@ -1008,7 +1005,6 @@ class Connection(asyncio.Protocol):
             size=len(data),
         )
         self._reply(f"250 2.0.0 Ok: queued as {queue_id}")
-        self.runtime.wakeup()
         await self.hooks.on_event(
             "message_received", listener=self.listener.config.name, connector=self._label_connector()
         )
