@@ -248,6 +248,7 @@ class Dispatcher:
         self.trace = trace
         self.stats: dict[tuple[str, str], HookStats] = {}
         self._firstresult: dict[str, bool] = {}
+        self._plans: dict[str, tuple[tuple[pluggy.HookImpl, HookStats], ...]] = {}
         for name in dir(hookspecs):
             if name.startswith("mxgate_"):
                 spec = getattr(plugins.pm.hook, name).spec
@@ -257,14 +258,23 @@ class Dispatcher:
         # get_hookimpls() lists in registration order with trylast first and tryfirst last; calls go in reverse.
         return list(reversed(getattr(self.plugins.pm.hook, hook).get_hookimpls()))
 
+    def _plan(self, hook: str) -> tuple[tuple[pluggy.HookImpl, HookStats], ...]:
+        """The implementations of a hook in call order, each with its stats record (the plugin set is fixed once
+        built, so this is worked out once per hook: it is on every SMTP command's path)."""
+        plan = self._plans.get(hook)
+        if plan is None:
+            plan = self._plans[hook] = tuple(
+                (impl, self.stats.setdefault((impl.plugin_name, hook), HookStats())) for impl in self.impls(hook)
+            )
+        return plan
+
     async def call(self, hook: str, *, raise_errors: bool = False, **kwargs: Any) -> Any:
         """firstresult hooks: the first non-None result or None. Others: the list of non-None results."""
         first = self._firstresult[hook]
         results: list[Any] = []
-        for impl in self.impls(hook):
+        for impl, stats in self._plan(hook):
             args = {a: kwargs[a] for a in impl.argnames}
             started = time.perf_counter()
-            stats = self.stats.setdefault((impl.plugin_name, hook), HookStats())
             stats.calls += 1
             try:
                 result = impl.function(**args)
