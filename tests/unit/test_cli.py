@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -96,6 +97,27 @@ def test_plugins_lists_builtins(tmp_path: Path) -> None:
     assert rows["prometheus"][3] == "no"
     assert rows["core"][1] == "essential"
     assert lines[1].split()[0] == "tlsrpt"  # priority 3 sorts first
+
+
+async def test_tracking_log_writes_one_loop_iteration_together(tmp_path: Path) -> None:
+    log = TrackingLog(tmp_path)
+    try:
+        log.write(TrackEvent.RECEIVE, queue_id="Q1")
+        log.write(TrackEvent.ROUTE, queue_id="Q1")
+        assert log.path.read_text() == ""  # inside the loop: written when this iteration ends
+        await asyncio.sleep(0)
+        assert [json.loads(x)["event"] for x in log.path.read_text().splitlines()] == ["RECEIVE", "ROUTE"]
+        log.write(TrackEvent.DELIVER, queue_id="Q1")
+    finally:
+        log.close()  # closing writes what is pending
+    assert [json.loads(x)["event"] for x in log.path.read_text().splitlines()] == ["RECEIVE", "ROUTE", "DELIVER"]
+
+
+def test_tracking_log_outside_a_loop_writes_at_once(tmp_path: Path) -> None:
+    log = TrackingLog(tmp_path)
+    log.write(TrackEvent.RECEIVE, queue_id="Q1")
+    assert json.loads(log.path.read_text())["queue_id"] == "Q1"
+    log.close()
 
 
 def test_trace_by_queue_id_and_message_id(tmp_path: Path) -> None:
