@@ -932,25 +932,25 @@ class QueueStore:
         def job(conn: sqlite3.Connection) -> QueuedMessage:
             for rcpt, route in (routes or {}).items():
                 conn.execute("UPDATE recipients SET route = ? WHERE msg_id = ? AND address = ?", (route, msg_id, rcpt))
-            msg = _load_one(conn, msg_id)
             for r in checked:
-                current = msg.recipient(r.recipient)
-                if current is None:
-                    raise ValueError(f"{msg_id}: no recipient {r.recipient!r}")
-                if current.is_final:
-                    raise ValueError(f"{msg_id}: recipient {r.recipient!r} is already {current.status}")
-                conn.execute(
+                # next_attempt keeps its value for a final result; only a recipient not final yet is updated
+                cur = conn.execute(
                     "UPDATE recipients SET status = ?, attempts = attempts + 1, last_error = ?,"
-                    " next_attempt = ?"
-                    " WHERE msg_id = ? AND address = ?",
+                    " next_attempt = coalesce(?, next_attempt)"
+                    " WHERE msg_id = ? AND address = ? AND status IN ('queued', 'deferred')",
                     (
                         r.status.value,
                         None if r.status is RecipientStatus.DELIVERED else r.reply,
-                        r.next_attempt if r.status is RecipientStatus.DEFERRED else current.next_attempt,
+                        r.next_attempt if r.status is RecipientStatus.DEFERRED else None,
                         msg_id,
                         r.recipient,
                     ),
                 )
+                if cur.rowcount == 0:
+                    current = _load_one(conn, msg_id).recipient(r.recipient)  # only to say why
+                    if current is None:
+                        raise ValueError(f"{msg_id}: no recipient {r.recipient!r}")
+                    raise ValueError(f"{msg_id}: recipient {r.recipient!r} is already {current.status}")
                 conn.execute(
                     "INSERT INTO attempts (msg_id, at, recipient, result, reply, mx, detail)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
