@@ -438,6 +438,11 @@ def _clone(exc: BaseException) -> BaseException:
     return twin
 
 
+def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, exc in items:
+        _settle(future, value, exc)
+
+
 def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
     if future.done():  # cancelled: the caller went away
         return
@@ -523,10 +528,40 @@ class _Writer:
                 job.loop.call_soon_threadsafe(_settle, job.future, None, _clone(error))
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        synchronous = "FULL" if any(job.durable for job in batch) else "NORMAL"
+        # Optimistic first: the jobs one after another in one transaction. Only if a job fails is the batch rolled
+        # back and run again with a savepoint per job, so that job alone fails (jobs only touch the database).
+        outcomes, fatal = self._transaction(batch, synchronous, savepoints=False)
+        if outcomes is None:
+            outcomes, fatal = self._transaction(batch, synchronous, savepoints=True)
+        assert outcomes is not None
+        if fatal is not None:
+            outcomes = [(None, _clone(fatal)) for _ in batch]
+        else:
+            self.commits += 1
+            self.fsyncs += synchronous == "FULL"
+            self.largest_batch = max(self.largest_batch, len(batch))
+        settle: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for job, (value, error) in zip(batch, outcomes, strict=True):
+            if error is None:
+                self.jobs += 1
+                if job.weight:
+                    self.puts += 1
+            else:
+                self.failed_jobs += 1
+            settle.setdefault(job.loop, []).append((job.future, value, error))
+        for loop, items in settle.items():  # one wake-up per event loop, not one per job
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(_settle_all, items)
+
+    def _transaction(
+        self, batch: list[_Job], synchronous: str, *, savepoints: bool
+    ) -> tuple[list[tuple[Any, BaseException | None]] | None, BaseException | None]:
+        """Run the batch in one transaction and commit. Returns (outcomes, fatal); outcomes None: a job failed
+        without savepoints (everything was rolled back; run again with them)."""
         conn = self._conn
         outcomes: list[tuple[Any, BaseException | None]] = []
         fatal: BaseException | None = None
-        synchronous = "FULL" if any(job.durable for job in batch) else "NORMAL"
         try:
             if synchronous != self._synchronous:  # a pragma, so set outside the transaction
                 conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -536,14 +571,20 @@ class _Writer:
             fatal = _map_error(exc)
         if fatal is None:
             for job in batch:
-                try:
-                    conn.execute("SAVEPOINT job")
-                except sqlite3.Error as exc:
-                    fatal = _map_error(exc)
-                    break
+                if savepoints:
+                    try:
+                        conn.execute("SAVEPOINT job")
+                    except sqlite3.Error as exc:
+                        fatal = _map_error(exc)
+                        break
                 try:
                     value = job.fn(conn)
                 except BaseException as exc:  # the job's own failure: undo it, keep the batch
+                    if not savepoints:
+                        with contextlib.suppress(sqlite3.Error):
+                            if conn.in_transaction:
+                                conn.execute("ROLLBACK")
+                        return None, None
                     if not conn.in_transaction:  # SQLite abandoned the whole transaction (e.g. disk full)
                         fatal = _map_error(exc)
                         break
@@ -555,11 +596,12 @@ class _Writer:
                         break
                     outcomes.append((None, _map_error(exc)))
                 else:
-                    try:
-                        conn.execute("RELEASE job")
-                    except sqlite3.Error as exc:
-                        fatal = _map_error(exc)
-                        break
+                    if savepoints:
+                        try:
+                            conn.execute("RELEASE job")
+                        except sqlite3.Error as exc:
+                            fatal = _map_error(exc)
+                            break
                     outcomes.append((value, None))
         if fatal is None:
             try:
@@ -570,20 +612,7 @@ class _Writer:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-            outcomes = [(None, _clone(fatal)) for _ in batch]
-        else:
-            self.commits += 1
-            self.fsyncs += synchronous == "FULL"
-            self.largest_batch = max(self.largest_batch, len(batch))
-        for job, (value, error) in zip(batch, outcomes, strict=True):
-            if error is None:
-                self.jobs += 1
-                if job.weight:
-                    self.puts += 1
-            else:
-                self.failed_jobs += 1
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+        return outcomes, fatal
 
 
 # -- the store -------------------------------------------------------------------------------------------
