@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z", re.IGNORECASE)
 
 
 def is_hostname(name: str) -> bool:
@@ -99,6 +100,15 @@ def check_positive(value: Any) -> str | None:
 
 def check_optional_positive(value: Any) -> str | None:
     return None if value is None else check_positive(value)
+
+
+def positive_at_most(limit: float) -> Callable[[Any], str | None]:
+    """A check: greater than 0 and at most ``limit``."""
+
+    def check(value: Any) -> str | None:
+        return None if 0 < value <= limit else f"expected a number greater than 0 and at most {limit:g}"
+
+    return check
 
 
 def check_name(value: Any) -> str | None:

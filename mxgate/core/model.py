@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +207,7 @@ class IncomingMessage:
 
     __slots__ = ("_added", "data", "headers")
 
-    _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext
+    _HEADER_NAME = re.compile(r"^[!-9;-~]+\Z")  # RFC 5322 ftext
 
     def __init__(self, data: bytes, headers: tuple[tuple[str, str], ...]) -> None:
         self.data = data

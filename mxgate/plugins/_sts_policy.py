@@ -33,14 +33,14 @@ __all__ = [
 MAX_AGE_LIMIT = 31557600  # RFC 8461 section 3.2: about one year
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 section 3.3
 
-_RECORD_START = re.compile(r"^v=STSv1[ \t]*(;|$)")
-_RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
-_EXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_EXT_VALUE = re.compile(r"^[\x21-\x3a\x3c\x3e-\x7e]+$")
-_POLICY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_POLICY_VALUE = re.compile(r"^[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*$")  # printable, inner spaces allowed
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DIGITS = re.compile(r"^[0-9]{1,10}$")
+_RECORD_START = re.compile(r"^v=STSv1[ \t]*(;|\Z)")
+_RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}\Z")
+_EXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_EXT_VALUE = re.compile(r"^[\x21-\x3a\x3c\x3e-\x7e]+\Z")
+_POLICY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_POLICY_VALUE = re.compile(r"^[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*\Z")  # printable, inner spaces allowed
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+_DIGITS = re.compile(r"^[0-9]{1,10}\Z")
 _KNOWN_KEYS = frozenset({"version", "mode", "max_age", "mx"})
 
 

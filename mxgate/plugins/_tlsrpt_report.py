@@ -69,8 +69,8 @@ class ReportError(ValueError):
 
 # -- the policy record: _smtp._tls.<domain> TXT (RFC 8460 section 3) --------------------------------------------
 
-_EXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_EXT_VALUE = re.compile(r"^[\x21-\x3a\x3c\x3e-\x7e]+$")
+_EXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_EXT_VALUE = re.compile(r"^[\x21-\x3a\x3c\x3e-\x7e]+\Z")
 _FIELD_DELIM = re.compile(r"[ \t]*;[ \t]*")
 _URI_DELIM = re.compile(r"[ \t]*,[ \t]*")
 _VERSION = "v=TLSRPTv1"

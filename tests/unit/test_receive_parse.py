@@ -87,3 +87,25 @@ def test_rcpt_errors(arg: str, code: int, enhanced: str) -> None:
     with pytest.raises(ParseError) as exc:
         parse_rcpt(arg)
     assert (exc.value.reply.code, exc.value.reply.enhanced) == (code, enhanced)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "FROM:<a@example.org\n>",  # "$" in a pattern matches before a final newline; the patterns use \Z
+        "FROM:<a\n@example.org>",
+        "FROM:<a@example.org> X-KEY\n=1",
+    ],
+)
+def test_a_newline_at_the_end_of_a_part_is_refused(arg: str) -> None:
+    with pytest.raises(ParseError) as err:
+        parse_mail(arg)
+    assert err.value.reply.code in (501, 553, 555)
+
+
+def test_header_names_and_status_codes_refuse_a_final_newline() -> None:
+    from mxgate.core.model import IncomingMessage
+
+    msg = IncomingMessage(b"Subject: x\r\n\r\nbody\r\n", ())
+    with pytest.raises(ValueError):
+        msg.add_header("X-Injected\n", "1")

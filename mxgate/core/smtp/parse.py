@@ -28,17 +28,17 @@ MAX_DOMAIN = 255  # §4.5.3.1.2
 MAX_PATH = 256  # §4.5.3.1.3
 
 _ATEXT_ASCII = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_DOT_STRING = re.compile(rf"^[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*$")
+_DOT_STRING = re.compile(rf"^[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*\Z")
 # RFC 6531: UTF8-non-ascii is allowed in atext and in quoted strings
-_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*$")
-_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*\Z")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _LABEL_UTF8 = re.compile(
-    r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?$"
+    r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?\Z"
 )
-_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-_PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")  # esmtp-value: no "=", no SP, no controls
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_PARAM_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+\Z")  # esmtp-value: no "=", no SP, no controls
 
 
 class ParseError(Exception):
