@@ -47,6 +47,20 @@ class OutboundConnector:
         desc="Concurrent connections to one destination (domain or smart host).",
         check=checks.check_positive,
     )
+    connection_reuse: bool = setting(
+        True,
+        desc="Keep a session open after a delivery and reuse it for the next message to the same destination, host "
+        "and TLS policy (Postfix's connection cache); at most max_connections_per_destination idle ones.",
+    )
+    connection_idle_timeout: float = setting(
+        2.0,
+        desc="Seconds an idle session is kept for reuse before QUIT (at most 300).",
+        check=checks.positive_at_most(300.0),
+    )
+    connection_reuse_limit: int = setting(100, desc="Most messages sent over one session.", check=checks.check_positive)
+    connection_max_age: float = setting(
+        300.0, desc="Seconds after connecting that a session is no longer reused.", check=checks.check_positive
+    )
     connect_timeout: float = setting(
         30.0, desc="Seconds to wait for TCP connect and banner.", check=checks.check_positive
     )

@@ -12,11 +12,15 @@ What to do (pure functions, tested without sockets):
 Doing it (:class:`Deliverer`): resolve the next hop (hook), ask for TLS policies (hook), try the hosts in order
 (every address, IPv6 and IPv4), EHLO, STARTTLS as the level demands (outbound, whatever the peer sent after its
 220 is discarded), call ``on_tls_verify`` with the policy that decided, emit one ``on_tls_outcome`` per TLS
-attempt, MAIL/RCPT/DATA pipelined where offered, and report one :class:`RecipientOutcome` per recipient.
+attempt, MAIL/RCPT/DATA pipelined where offered, and report one :class:`RecipientOutcome` per recipient. After a
+transaction the session is kept, idle, for the next message with the same :class:`SessionKey` (connector,
+destination, host, TLS requirements), which checks it with RSET and skips connect, EHLO, STARTTLS and AUTH.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +54,7 @@ __all__ = [
     "DeliveryResult",
     "OutgoingMessage",
     "RecipientOutcome",
+    "SessionKey",
     "TlsDecision",
     "combine_policies",
     "connector_level",
@@ -66,6 +71,10 @@ DEFERRED = "deferred"
 FAILED = "failed"
 
 CONNECTOR_PRECEDENCE = 100
+#: Longest wait for the reply to the RSET that checks a pooled session before reuse (Postfix's smtp_rset_timeout).
+RSET_TIMEOUT = 20.0
+#: Longest wait for the reply to QUIT when pooled sessions are closed by :meth:`Deliverer.close`.
+QUIT_TIMEOUT = 2.0
 _LEVELS = {
     "none": TlsLevel.NONE,
     "opportunistic": TlsLevel.MAY,
@@ -151,6 +160,63 @@ class TlsDecision:
     @property
     def report_only(self) -> bool:
         return self.policy.report_only and self.policy is not self.enforce
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """When an idle session may carry another message: only for a delivery that would have set up an equivalent
+    session — same connector (its settings, AUTH user included), destination, host and port, and the same TLS
+    requirements. The address dialled does not matter (any address of the host would do)."""
+
+    connector: OutboundConnector  # name, tls settings, CA file, source address, AUTH user
+    destination: Destination
+    host: str  # lower case, without the final dot
+    port: int
+    host_secure: bool  # how the host was found (DNSSEC): DANE's "verified" vs "trusted"
+    mx_secure: bool
+    host_policy: HostPolicy  # the enforced refinement: level, SNI, reference ids, usable
+    host_policy_data: str  # repr of its ``data`` (DANE: the TLSA RRset), which HostPolicy does not compare
+    enforce_source: str
+    enforce_level: TlsLevel
+    enforce_type: PolicyType
+    mx_patterns: tuple[str, ...]
+    reference_ids: tuple[str, ...]
+    policy_strings: tuple[str, ...]  # MTA-STS: the policy text, so a new policy is a new key
+    report_source: str | None  # the report-only policy (MTA-STS testing), if any
+    tls_optional: bool  # RFC 8689 TLS-Required: No
+    auth_username: str | None
+
+    @classmethod
+    def of(
+        cls,
+        connector: OutboundConnector,
+        destination: Destination,
+        next_hop: NextHop,
+        decision: TlsDecision,
+        host: HopHost,
+        enforce_hp: HostPolicy,
+        message: OutgoingMessage,
+    ) -> SessionKey:
+        enforce = decision.enforce
+        return cls(
+            connector=connector,
+            destination=destination,
+            host=host.name.lower().rstrip("."),
+            port=host.port,
+            host_secure=host.secure,
+            mx_secure=next_hop.mx_secure,
+            host_policy=enforce_hp,
+            host_policy_data=repr(enforce_hp.data),
+            enforce_source=enforce.source,
+            enforce_level=enforce.level,
+            enforce_type=enforce.policy_type,
+            mx_patterns=enforce.mx_patterns,
+            reference_ids=enforce.reference_ids,
+            policy_strings=enforce.policy_strings,
+            report_source=decision.policy.source if decision.report_only else None,
+            tls_optional=message.tls_optional,
+            auth_username=connector.auth_username,
+        )
 
 
 # ============================================================================================================
@@ -252,15 +318,85 @@ class _Attempt:
     failures: list[_HostFailure] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Session:
+    """An established session (banner, EHLO, STARTTLS, verification, AUTH done) and what its first delivery
+    learnt, kept with it so that a reuse reports the same TLS and verification."""
+
+    client: SmtpClient
+    where: str  # "host[ip]:port"
+    tls_info: str | None
+    verification: PeerVerification | None
+    opened: float  # loop time of the connect
+    messages: int = 0  # transactions started on it
+    timer: asyncio.TimerHandle | None = None  # idle expiry while pooled
+
+
 AddressResolver = Callable[[str], Awaitable[tuple[str, ...]]]
 
 
 class Deliverer:
-    """Delivers one destination's recipients of one message through its outbound connector."""
+    """Delivers one destination's recipients of one message through its outbound connector.
 
-    def __init__(self, runtime: Runtime, *, resolve_addresses: AddressResolver | None = None) -> None:
+    Keeps idle sessions for reuse (Postfix's connection cache): after a transaction, a healthy session goes into
+    a pool under its :class:`SessionKey` instead of QUIT; the next delivery with the same key checks it with RSET
+    and sends over it. Limits per connector: ``connection_reuse``, ``connection_idle_timeout``,
+    ``connection_reuse_limit``, ``connection_max_age``, and at most ``max_connections_per_destination`` idle
+    sessions per key. :meth:`close` QUITs what is pooled; if nobody calls it, a keeper task in ``runtime.tasks``
+    closes the pooled sessions when the engine cancels it at shutdown (or the event loop ends).
+
+    :param reuse: ``False`` never keeps a session (one-shot deliveries such as ``connector validate``).
+    """
+
+    def __init__(
+        self, runtime: Runtime, *, resolve_addresses: AddressResolver | None = None, reuse: bool = True
+    ) -> None:
         self.runtime = runtime
         self._resolve_addresses = resolve_addresses
+        self._idle: dict[SessionKey, list[_Session]] = {}  # most recently pooled last
+        self._closed = not reuse
+        self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def idle_sessions(self) -> int:
+        """Sessions pooled now."""
+        return sum(len(v) for v in self._idle.values())
+
+    async def close(self) -> None:
+        """QUIT every pooled session (concurrently, each bounded by :data:`QUIT_TIMEOUT`) and keep no more
+        sessions from now on. Idempotent."""
+        self._closed = True
+        sessions = self._empty()
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+        if sessions:
+            await asyncio.gather(*(_quit(s.client) for s in sessions), return_exceptions=True)
+
+    def _empty(self) -> list[_Session]:
+        """Every pooled session, out of the pool, timers cancelled."""
+        sessions = [s for idle in self._idle.values() for s in idle]
+        self._idle.clear()
+        for session in sessions:
+            if session.timer is not None:
+                session.timer.cancel()
+                session.timer = None
+        return sessions
+
+    @staticmethod
+    async def _keep() -> None:
+        """The keeper: waits to be cancelled (engine shutdown, end of the event loop); see :meth:`_kept`."""
+        await asyncio.get_running_loop().create_future()
+
+    def _kept(self, keeper: asyncio.Task[None]) -> None:
+        """The keeper ended (a done callback, so also when it was cancelled before it ran): close what is pooled
+        at once (QUIT written, connection dropped: nothing left to wait on) and keep nothing more."""
+        with contextlib.suppress(ValueError):
+            self.runtime.tasks.remove(keeper)
+        self._closed = True
+        for session in self._empty():
+            session.client.quit_nowait()
+            session.client.abort()
 
     # -- entry point -------------------------------------------------------------------------------------
 
@@ -411,6 +547,16 @@ class Deliverer:
                         )
                     )
                     return None
+        key: SessionKey | None = None
+        if connector.connection_reuse and not self._closed:
+            key = SessionKey.of(connector, destination, next_hop, decision, host, enforce_hp, message)
+            session = await self._checkout(key, connector)
+            if session is not None:
+                rec.steps.append(f"reusing session to {session.where} (message {session.messages + 1} on it)")
+                await self.runtime.hooks.on_event("outbound_session_reused", connector=connector.name)
+                # None: this host cannot take the message (recorded); the same host on a new session could not
+                # either, so on to the next host.
+                return await self._send(session, key, connector, destination, host, message, rec)
         addresses = await self._addresses(host)
         if not addresses:
             rec.steps.append(f"{host.name}: no usable address")
@@ -418,7 +564,7 @@ class Deliverer:
             return None
         for address in addresses:
             result = await self._try_address(
-                connector, destination, next_hop, decision, host, address, message, rec, enforce_hp, report_hp
+                connector, destination, next_hop, decision, host, address, message, rec, enforce_hp, report_hp, key
             )
             if result is not None:
                 return result
@@ -436,12 +582,14 @@ class Deliverer:
         rec: _Attempt,
         enforce_hp: HostPolicy,
         report_hp: HostPolicy,
+        key: SessionKey | None,
         *,
         cleartext: bool = False,
     ) -> DeliveryResult | None:
         runtime = self.runtime
         level = enforce_hp.level
         where = f"{host.name}[{address}]:{host.port}"
+        opened = asyncio.get_running_loop().time()
         try:
             client = await SmtpClient.connect(
                 address,
@@ -529,6 +677,7 @@ class Deliverer:
                                 rec,
                                 enforce_hp,
                                 report_hp,
+                                key,
                                 cleartext=True,
                             )
                         rec.failures.append(_HostFailure(_local(451, "4.7.5", f"{where}: {exc}"), "4.7.5"))
@@ -638,49 +787,8 @@ class Deliverer:
                     await client.quit()
                     return None
 
-            # -- what the message needs ----------------------------------------------------------------
-            limit = client.size_limit
-            utf8 = needs_smtputf8(message)
-            eight = needs_8bitmime(message)
-            unmet = [
-                (code, status, why)
-                for needed, code, status, why in (
-                    (
-                        limit is not None and len(message.data) > limit,
-                        552,
-                        "5.3.4",
-                        f"message size {len(message.data)} exceeds the limit of {where} ({limit})",
-                    ),
-                    (
-                        utf8 and not client.supports("SMTPUTF8"),
-                        553,
-                        "5.6.7",
-                        f"{where} does not support SMTPUTF8, which this message needs",
-                    ),
-                    (
-                        eight and not client.supports("8BITMIME"),
-                        554,
-                        "5.6.3",
-                        f"{where} does not support 8BITMIME, which this message needs",
-                    ),
-                )
-                if needed
-            ]
-            if unmet:
-                code, status, why = unmet[0]
-                rec.failures.append(_HostFailure(_local(code, status, why), status, permanent=True))
-                await client.quit()
-                return None
-            params: list[str] = []
-            if client.supports("SIZE"):
-                params.append(f"SIZE={len(message.data)}")
-            if eight:
-                params.append("BODY=8BITMIME")
-            if utf8:
-                params.append("SMTPUTF8")
-            return await self._transaction(
-                client, connector, destination, host, message, params, rec, tls_info, verification
-            )
+            session = _Session(client, where, tls_info, verification, opened)
+            return await self._send(session, key, connector, destination, host, message, rec)
         except SmtpClientError as exc:
             rec.steps.append(f"{where}: {exc}")
             rec.failures.append(_HostFailure(_local(451, "4.4.2", f"{where}: {exc}"), "4.4.2"))
@@ -690,18 +798,75 @@ class Deliverer:
             rec.transcript.extend(client.transcript)
             client.transcript.clear()
 
+    async def _send(
+        self,
+        session: _Session,
+        key: SessionKey | None,
+        connector: OutboundConnector,
+        destination: Destination,
+        host: HopHost,
+        message: OutgoingMessage,
+        rec: _Attempt,
+    ) -> DeliveryResult | None:
+        """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
+        the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
+        client, where = session.client, session.where
+        limit = client.size_limit
+        utf8 = needs_smtputf8(message)
+        eight = needs_8bitmime(message)
+        unmet = [
+            (code, status, why)
+            for needed, code, status, why in (
+                (
+                    limit is not None and len(message.data) > limit,
+                    552,
+                    "5.3.4",
+                    f"message size {len(message.data)} exceeds the limit of {where} ({limit})",
+                ),
+                (
+                    utf8 and not client.supports("SMTPUTF8"),
+                    553,
+                    "5.6.7",
+                    f"{where} does not support SMTPUTF8, which this message needs",
+                ),
+                (
+                    eight and not client.supports("8BITMIME"),
+                    554,
+                    "5.6.3",
+                    f"{where} does not support 8BITMIME, which this message needs",
+                ),
+            )
+            if needed
+        ]
+        if unmet:
+            code, status, why = unmet[0]
+            rec.failures.append(_HostFailure(_local(code, status, why), status, permanent=True))
+            await self._finish(session, key, connector, reset=False)  # nothing was started: still clean
+            rec.transcript.extend(client.transcript)
+            client.transcript.clear()
+            return None
+        params: list[str] = []
+        if client.supports("SIZE"):
+            params.append(f"SIZE={len(message.data)}")
+        if eight:
+            params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")
+        session.messages += 1
+        return await self._transaction(session, key, connector, destination, host, message, params, rec)
+
     async def _transaction(
         self,
-        client: SmtpClient,
+        session: _Session,
+        key: SessionKey | None,
         connector: OutboundConnector,
         destination: Destination,
         host: HopHost,
         message: OutgoingMessage,
         params: list[str],
         rec: _Attempt,
-        tls_info: str | None,
-        verification: PeerVerification | None,
     ) -> DeliveryResult:
+        client, tls_info, verification = session.client, session.tls_info, session.verification
         mx = host.name
         recipients = message.recipients
         outcomes: dict[str, RecipientOutcome] = {}
@@ -714,7 +879,9 @@ class Deliverer:
                     outcomes[r] = RecipientOutcome(r, result, str(mail), mail.status, mx, True)
                 if data is not None and data.code == 354:
                     await client.abort_data()
-                await client.quit()
+                    await client.quit()
+                else:
+                    await self._finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
             for r, reply in zip(recipients, rcpts, strict=False):
                 if reply.is_positive:
@@ -726,7 +893,9 @@ class Deliverer:
             if not accepted:
                 if data is not None and data.code == 354:
                     await client.abort_data()
-                await client.quit()
+                    await client.quit()
+                else:
+                    await self._finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
             if data is None or data.code != 354:
                 for r in accepted:
@@ -736,7 +905,7 @@ class Deliverer:
                         outcomes[r] = RecipientOutcome(
                             r, FAILED if data.is_permanent else DEFERRED, str(data), data.status, mx, True
                         )
-                await client.quit()
+                await self._finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
             final = await client.send_data(message.data)
             for r in accepted:
@@ -746,7 +915,7 @@ class Deliverer:
                     outcomes[r] = RecipientOutcome(
                         r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True
                     )
-            await client.quit()
+            await self._finish(session, key, connector, reset=not final.is_positive)
         except SmtpClientError as exc:
             # Lost in the middle: whatever was not confirmed is deferred (at-least-once; RFC 5321 §6.1).
             client.abort()
@@ -757,6 +926,103 @@ class Deliverer:
                     )
             rec.steps.append(f"{host.name}: {exc}")
         return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+
+    # -- the pool of idle sessions --------------------------------------------------------------------------
+
+    def _reusable(self, session: _Session, connector: OutboundConnector) -> bool:
+        age = asyncio.get_running_loop().time() - session.opened
+        return (
+            not self._closed
+            and not session.client.closed
+            and not session.client.unread  # the peer said something unasked (e.g. 421 before closing)
+            and session.messages < connector.connection_reuse_limit
+            and age < connector.connection_max_age
+        )
+
+    async def _finish(
+        self, session: _Session, key: SessionKey | None, connector: OutboundConnector, *, reset: bool
+    ) -> None:
+        """After a transaction: into the pool when the session may carry another message (``reset``: RSET
+        first, because the transaction was refused part-way), else QUIT."""
+        client = session.client
+        if key is None or not self._reusable(session, connector):
+            await client.quit()
+            return
+        if reset:
+            try:
+                reply = await client.command("RSET", timeout=min(connector.command_timeout, RSET_TIMEOUT))
+            except SmtpClientError:
+                client.abort()
+                return
+            if reply.code != 250:
+                await client.quit()
+                return
+        self._pool(key, session, connector)
+
+    def _pool(self, key: SessionKey, session: _Session, connector: OutboundConnector) -> None:
+        if self._keeper is None:
+            keeper = self._keeper = asyncio.ensure_future(self._keep())
+            self.runtime.tasks.append(keeper)
+            keeper.add_done_callback(self._kept)
+        idle = self._idle.setdefault(key, [])
+        idle.append(session)
+        session.timer = asyncio.get_running_loop().call_later(
+            connector.connection_idle_timeout, self._expire, key, session
+        )
+        while len(idle) > connector.max_connections_per_destination:
+            self._drop(idle.pop(0))
+
+    def _take(self, key: SessionKey) -> _Session | None:
+        """The most recently pooled session under ``key``, out of the pool."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        session = idle.pop()
+        if not idle:
+            del self._idle[key]
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        return session
+
+    def _expire(self, key: SessionKey, session: _Session) -> None:
+        """Idle timeout (a timer callback): out of the pool, QUIT without waiting."""
+        idle = self._idle.get(key)
+        if idle is not None and session in idle:
+            idle.remove(session)
+            if not idle:
+                del self._idle[key]
+        session.timer = None
+        self._drop(session)
+
+    def _drop(self, session: _Session) -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        session.client.quit_nowait()
+        session.client.transcript.clear()
+
+    async def _checkout(self, key: SessionKey, connector: OutboundConnector) -> _Session | None:
+        """A pooled session that answers RSET with 250 (Postfix's liveness check). Sessions the peer closed
+        while idle, or that fail the check, are closed silently: the caller then connects anew."""
+        while (session := self._take(key)) is not None:
+            client = session.client
+            if not self._reusable(session, connector):
+                self._drop(session)
+                continue
+            try:
+                reply = await client.command("RSET", timeout=min(connector.command_timeout, RSET_TIMEOUT))
+            except SmtpClientError as exc:
+                log.debug("pooled session unusable", extra={"peer": session.where, "error": str(exc)})
+                client.abort()
+                client.transcript.clear()
+                continue
+            if reply.code != 250:
+                log.debug("pooled session refused RSET", extra={"peer": session.where, "reply": str(reply)})
+                self._drop(session)
+                continue
+            return session
+        return None
 
     # -- verification and outcomes -------------------------------------------------------------------------
 
@@ -897,6 +1163,14 @@ class Deliverer:
             steps=tuple(rec.steps),
             transcript=tuple(rec.transcript),
         )
+
+
+async def _quit(client: SmtpClient) -> None:
+    try:
+        await client.quit(QUIT_TIMEOUT)
+    finally:
+        if not client.closed:
+            client.abort()
 
 
 def _peer(client: SmtpClient) -> tuple[str, int]:

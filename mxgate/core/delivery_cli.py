@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data = _message(sender, to, connector.name, config.server.hostname)
         msg = OutgoingMessage("validate", sender, (to,), data, received_at=time.time())
         try:
-            result = await Deliverer(runtime).deliver(dest, msg)
+            result = await Deliverer(runtime, reuse=False).deliver(dest, msg)
         finally:
             for task in runtime.tasks:
                 task.cancel()

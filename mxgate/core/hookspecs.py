@@ -272,7 +272,11 @@ def mxgate_delivery_on_tls_verify(
 
 @hookspec
 def mxgate_delivery_on_tls_outcome(outcome: TlsOutcome) -> None:
-    """One record per TLS attempt or per policy failure before any attempt. TLS-RPT and metrics consume it."""
+    """One record per TLS attempt or per policy failure before any attempt. TLS-RPT and metrics consume it.
+
+    A session kept open and reused for further messages (connection reuse) is one attempt: it is not reported
+    again, and neither is ``on_tls_verify`` called again (TLS-RPT counts sessions).
+    """
 
 
 @hookspec

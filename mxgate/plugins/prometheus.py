@@ -28,6 +28,7 @@ kind                           labels                                     metric
 ``message_received``           listener, connector                        ``mxgate_messages_received_total``
 ``message_rejected``           listener, reason                           ``mxgate_messages_rejected_total``
 ``delivery_attempt``           connector, result                          ``mxgate_delivery_attempts_total``
+``outbound_session_reused``    connector                                  ``mxgate_outbound_sessions_reused_total``
 ``queue`` (action ``dsn``)     dsn                                        ``mxgate_dsn_messages_total{action}``
 ``dns_lookup``                 rdtype, status, result; value = seconds    ``mxgate_dns_lookups_total``,
                                                                           ``mxgate_dns_lookup_duration_seconds``
@@ -142,6 +143,11 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
         "mxgate_delivery_attempts",
         "Delivery attempts (one per destination and message), by outbound connector and overall result.",
         ("connector", "result"),
+    ),
+    "outbound_session_reused": EventMetric(
+        "mxgate_outbound_sessions_reused",
+        "Deliveries sent over an already-established outbound session (connection reuse), by outbound connector.",
+        ("connector",),
     ),
     "dns_lookup": EventMetric(
         "mxgate_dns_lookups", "DNS lookups sent to the resolver (cache misses), by type, DNSSEC status and result.",
@@ -417,6 +423,7 @@ class PrometheusPlugin:
                 for kind in ("connection", "message_received"):
                     self._counter(kind, (lst.name, conn))
         for out in config.outbound_connector:
+            self._counter("outbound_session_reused", (out.name,))
             for result in RECIPIENT_STATES:
                 self._counter("delivery_attempt", (out.name, result))
                 self._child(self.recipients, (out.name, result))

@@ -94,11 +94,24 @@ class ReceivedMessage:
 
 
 class _SinkSMTP(SMTP):
-    """aiosmtpd's SMTP with a DATA command that can hang up part-way."""
+    """aiosmtpd's SMTP with a DATA command that can hang up part-way, counting TLS handshakes and hang-ups."""
 
-    def __init__(self, handler: _SinkHandler, *, drop_after_data_bytes: int | None, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: _SinkHandler, *, sink: SmtpSink, drop_after_data_bytes: int | None, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
+        self._sink = sink
         self._drop_after = drop_after_data_bytes
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None:
+            self._sink.tls_handshakes += 1
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._sink._event(disconnected=True)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -141,6 +154,14 @@ class _SinkHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._sink.quits += 1
+        return "221 Bye"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._sink.rsets += 1
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         reply = self._sink.data_reply
@@ -185,6 +206,11 @@ class SmtpSink:
     :param data_reply: reply after DATA; a non-2xx reply records nothing.
     :param drop_after_data_bytes: after "354", read at most this many bytes, then close the connection
         without a reply (the message is not recorded).
+    :param idle_timeout: seconds a client may stay silent before the sink closes the connection (no reply).
+
+    Counters for connection handling: :attr:`connections` (accepted), :attr:`disconnections` (closed, by
+    either side), :attr:`quits`, :attr:`rsets`, :attr:`tls_handshakes`; :meth:`close_connections` hangs up on
+    every open session, as a server that times out idle clients does.
     """
 
     def __init__(
@@ -203,6 +229,7 @@ class SmtpSink:
         data_reply: str | None = None,
         drop_after_data_bytes: int | None = None,
         data_size_limit: int = 33_554_432,
+        idle_timeout: float = 30.0,
     ) -> None:
         _require_loopback(host)
         if (implicit_tls or require_tls or sni) and tls is None:
@@ -222,7 +249,12 @@ class SmtpSink:
         self.data_reply = data_reply
         self.drop_after_data_bytes = drop_after_data_bytes
         self.data_size_limit = data_size_limit
+        self.idle_timeout = idle_timeout
         self.connections = 0  # TCP connections accepted so far
+        self.disconnections = 0  # of those, closed since (by either side)
+        self.quits = 0  # QUIT commands received
+        self.rsets = 0  # RSET commands received
+        self.tls_handshakes = 0  # STARTTLS handshakes completed
         self._messages: list[ReceivedMessage] = []
         self._changed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
@@ -251,10 +283,45 @@ class SmtpSink:
             reply = self.rcpt_replies.get(address.rsplit("@", 1)[0])
         return reply
 
+    @property
+    def open_connections(self) -> int:
+        return self.connections - self.disconnections
+
     def _record(self, message: ReceivedMessage) -> None:
         self._messages.append(message)
+        self._event()
+
+    def _event(self, *, disconnected: bool = False) -> None:
+        if disconnected:
+            self.disconnections += 1
         if self._changed is not None:
             self._changed.set()
+
+    def close_connections(self) -> int:
+        """Close every open session now, without a reply (an idle timeout on the server's side); returns how
+        many were open."""
+        closed = 0
+        for proto in list(self._protocols):
+            transport = proto.transport  # uvloop's transports are not asyncio.WriteTransport instances
+            if transport is not None and not transport.is_closing():
+                transport.close()
+                closed += 1
+        return closed
+
+    async def wait_disconnections(self, n: int = 1, timeout: float = 5.0) -> int:
+        """Wait until at least ``n`` connections were closed; :class:`TimeoutError` after ``timeout`` s."""
+        if self._changed is None:
+            raise RuntimeError("sink not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.disconnections < n:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.disconnections} of {n} connections closed within {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.disconnections
 
     async def wait_for(self, n: int = 1, timeout: float = 5.0) -> tuple[ReceivedMessage, ...]:
         """Wait until at least ``n`` messages were accepted; :class:`TimeoutError` after ``timeout`` s."""
@@ -294,13 +361,14 @@ class SmtpSink:
             self.connections += 1
             proto = _SinkSMTP(
                 handler,
+                sink=self,
                 drop_after_data_bytes=self.drop_after_data_bytes,
                 hostname=self.hostname,
                 tls_context=starttls_ctx,
                 require_starttls=self.require_tls and starttls_ctx is not None,
                 data_size_limit=self.data_size_limit,
                 enable_SMTPUTF8=True,
-                timeout=30,
+                timeout=self.idle_timeout,
                 loop=loop,
             )
             self._protocols.add(proto)
@@ -590,13 +658,19 @@ class PostfixSink:
         return [p.read_bytes() for p in files]
 
     def wait_for_dumps(self, n: int = 1, timeout: float = 5.0) -> list[bytes]:
+        """At least ``n`` dumps, once every dump is written: smtp-sink creates the file before the data arrives,
+        so a dump counts when it is not empty and its size held over one poll."""
         deadline = time.monotonic() + timeout
+        before: dict[Path, int] = {}
         while True:
-            dumps = self.dumps()
-            if len(dumps) >= n:
-                return dumps
+            if self._dump_dir is None:
+                raise RuntimeError("PostfixSink(dump=True) is needed for wait_for_dumps()")
+            sizes = {p: p.stat().st_size for p in self._dump_dir.glob("msg.*")}
+            if len(sizes) >= n and all(size and before.get(p) == size for p, size in sizes.items()):
+                return self.dumps()
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{len(dumps)} of {n} dumps within {timeout}s")
+                raise TimeoutError(f"{len(sizes)} of {n} dumps within {timeout}s")
+            before = sizes
             time.sleep(0.05)
 
     def __enter__(self) -> Self:

@@ -81,6 +81,27 @@ def test_plugin_connector_setting_validated(tmp_path: Path) -> None:
     assert "outbound_connector[0].dane: 'always' is not allowed; expected one of: none, opportunistic, mandatory" in msg
 
 
+def test_connection_reuse_settings(tmp_path: Path) -> None:
+    config, _ = engine.load(write(tmp_path, BASE))
+    (conn,) = config.outbound_connector
+    assert (conn.connection_reuse, conn.connection_idle_timeout) == (True, 2.0)
+    assert (conn.connection_reuse_limit, conn.connection_max_age) == (100, 300.0)
+    text = BASE.replace(
+        "use_mx = true",
+        "use_mx = true\nconnection_idle_timeout = 301\nconnection_reuse_limit = 0\nconnection_max_age = 0",
+    )
+    msgs = "\n".join(problems(write(tmp_path, text, "bad.toml")))
+    assert (
+        "outbound_connector[0].connection_idle_timeout: 301.0: expected a number greater than 0 and at most 300" in msgs
+    )
+    assert "outbound_connector[0].connection_reuse_limit: 0: expected a number greater than 0" in msgs
+    assert "outbound_connector[0].connection_max_age: 0.0: expected a number greater than 0" in msgs
+    off = BASE.replace("use_mx = true", "use_mx = true\nconnection_reuse = false\nconnection_idle_timeout = 0.3")
+    config, _ = engine.load(write(tmp_path, off, "off.toml"))
+    (conn,) = config.outbound_connector
+    assert (conn.connection_reuse, conn.connection_idle_timeout) == (False, 0.3)
+
+
 def test_plugin_section_unknown_and_typo(tmp_path: Path) -> None:
     text = BASE + "[plugins.tlsrp]\norganization_name = 'x'\n[plugins.tlsrpt]\norganisation_name = 'x'\n"
     msgs = problems(write(tmp_path, text))

@@ -4,6 +4,7 @@ MX ordering / implicit MX / null MX / failed DNS (with an injected resolver), an
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.defaults import mx_next_hop, smart_host_next_hop, verify_connector_peer
 from mxgate.core.delivery import (
     OutgoingMessage,
+    SessionKey,
     combine_policies,
     connector_level,
     filter_hosts,
@@ -23,7 +26,16 @@ from mxgate.core.delivery import (
     needs_smtputf8,
 )
 from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
-from mxgate.core.outcomes import Destination, HopHost, PolicyType, TlsLevel, TlsPolicy, TlsRptResult
+from mxgate.core.outcomes import (
+    Destination,
+    HopHost,
+    HostPolicy,
+    NextHop,
+    PolicyType,
+    TlsLevel,
+    TlsPolicy,
+    TlsRptResult,
+)
 from mxgate.testing.ca import TestCA, self_signed
 
 
@@ -195,3 +207,37 @@ def test_connector_verification(tmp_path: Path) -> None:
     assert not old.ok and old.result_type is TlsRptResult.CERTIFICATE_EXPIRED  # type: ignore[attr-defined]
     alone = check(selfie, TlsLevel.VERIFY)
     assert not alone.ok and alone.result_type is TlsRptResult.CERTIFICATE_NOT_TRUSTED  # type: ignore[attr-defined]
+
+
+def test_session_key_tells_apart_what_makes_sessions_different() -> None:
+    """Equal keys only for deliveries that would set up equivalent sessions (connection reuse)."""
+    conn = OutboundConnector(name="internet", recipient_domains=("*",), use_mx=True)
+    host = HopHost("mx.example.test", 25, 10)
+    hop = NextHop(DEST, (host,), "mx")
+    msg = OutgoingMessage("Q1", "a@example.org", ("b@example.test",), b"x")
+    sts_testing = _policy("mta_sts", 200, TlsLevel.SECURE, report_only=True)
+
+    def dane(tlsa: str) -> TlsPolicy:
+        return _policy("dane", 300, TlsLevel.SECURE, hosts={host.name: HostPolicy(TlsLevel.SECURE, data=(tlsa,))})
+
+    def key(
+        policy: TlsPolicy, *, message: OutgoingMessage = msg, connector: OutboundConnector = conn, at: HopHost = host
+    ) -> SessionKey:
+        decision = combine_policies([policy], CONNECTOR)
+        return SessionKey.of(connector, DEST, hop, decision, at, decision.enforce.for_host(at.name), message)
+
+    base = key(dane("3 1 1 aa"))
+    assert key(dane("3 1 1 aa")) == base and hash(key(dane("3 1 1 aa"))) == hash(base)  # a new but equal RRset
+    assert key(dane("3 1 1 aa"), at=HopHost("MX.Example.test.", 25, 20)) == base  # the name, not the preference
+    different = [
+        key(dane("3 1 1 bb")),  # HostPolicy.data does not compare: its repr is in the key
+        key(CONNECTOR),  # level MAY: a session that may have fallen back to cleartext never serves SECURE
+        key(sts_testing),  # the connector enforces, MTA-STS testing reports
+        key(dane("3 1 1 aa"), message=replace(msg, tls_optional=True)),
+        key(dane("3 1 1 aa"), connector=replace(conn, auth_username="relay-user")),
+        key(dane("3 1 1 aa"), connector=replace(conn, name="other")),
+        key(dane("3 1 1 aa"), at=HopHost("mx2.example.test", 25, 10)),
+        key(dane("3 1 1 aa"), at=HopHost("mx.example.test", 2525, 10)),
+    ]
+    assert all(k != base for k in different) and len(set(different)) == len(different)
+    assert (key(sts_testing).report_source, key(sts_testing).enforce_source) == ("mta_sts", "connector")

@@ -237,7 +237,7 @@ class Scheduler:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Lease nothing more; let attempts in flight finish (up to ``timeout``), then cancel the rest (their
-        leases are given back, so they are due again)."""
+        leases are given back, so they are due again); QUIT the sessions kept for reuse."""
         self._stopping = True
         self.wakeup()
         await self.drain(timeout)
@@ -245,6 +245,7 @@ class Scheduler:
             task.cancel()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.deliverer.close()  # QUIT the idle sessions kept for reuse
 
     # -- one message -------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ __all__ = [
 
 MAX_LINE = 4096  # longer than RFC 5321's 512 for replies: real servers send long texts
 MAX_REPLY_LINES = 200
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 
 
 class SmtpClientError(Exception):
@@ -408,11 +408,30 @@ class SmtpClient:
             await self.command("RSET")
         return reply
 
-    async def quit(self) -> None:
-        """QUIT politely (bounded) and close."""
+    async def quit(self, timeout: float = 5.0) -> None:
+        """QUIT politely (waiting at most ``timeout`` and ``self.timeout`` for the reply) and close."""
         with contextlib.suppress(SmtpClientError):
-            await self.command("QUIT", timeout=min(self.timeout, 5.0))
+            await self.command("QUIT", timeout=min(self.timeout, timeout))
         self.close()
+
+    def quit_nowait(self) -> None:
+        """QUIT without waiting for the reply, then close (an idle session expiring from a timer callback: nothing
+        to await, no task to track). The transport sends what is buffered before it closes."""
+        if not self.closed:
+            self.transcript.append("C: QUIT")
+            with contextlib.suppress(OSError, RuntimeError):
+                self._transport.write(b"QUIT\r\n")
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """The peer closed the connection, or we did."""
+        return self._proto.closed or self._transport.is_closing()
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and not read as a reply yet (an idle session should have none)."""
+        return len(self._proto.buffer)
 
     def close(self) -> None:
         if not self._transport.is_closing():
