@@ -379,3 +379,42 @@ async def test_plugin_verdicts_and_failures(mxgate_gateway: Start) -> None:
     assert [r.address for r in msg.recipients] == ["ok@example.org"]
     body = await gw.runtime.queue.body(msg.id)  # type: ignore[union-attr]
     assert body.startswith(b"X-Agent: seen 1\r\nReceived: ")
+
+
+async def test_auth_initial_response_may_exceed_512_octets(
+    mxgate_gateway: Start, test_ca: TestCA, tmp_path: Any
+) -> None:
+    gw = await mxgate_gateway(tls_config(test_ca, tmp_path))
+    password = "p" * 2000  # RFC 4954 §4: an AUTH command line may be up to 12,288 octets
+    UsersFile(gw.state_dir / "users").add("bob", password)
+    raw = await Raw.connect(gw)
+    await raw.cmd("EHLO c.example")
+    assert (await raw.cmd("STARTTLS")).startswith("220 2.0.0")
+    await raw.writer.start_tls(
+        ssl.create_default_context(cafile=str(test_ca.cert_path)), server_hostname="mx.gateway.test"
+    )
+    await raw.cmd("EHLO c.example")
+    line = "AUTH PLAIN " + base64.b64encode(b"\0bob\0" + password.encode()).decode()
+    assert len(line) > 2600
+    assert (await raw.cmd(line)).startswith("235 2.7.0")
+    # every other command keeps the 512-octet limit, and so does AUTH past 12,288
+    assert (await raw.cmd("NOOP " + "x" * 600)).startswith("500 5.5.2 Line too long")
+    assert (await raw.cmd("AUTH PLAIN " + "A" * 13_000)).startswith("500 5.5.2 Line too long")
+    assert (await raw.cmd("NOOP")).startswith("250")
+    raw.close()
+
+
+async def test_http_request_at_the_smtp_port_ends_the_session(mxgate_gateway: Start) -> None:
+    gw = await mxgate_gateway(BASE)
+    for request in (b"GET / HTTP/1.1\r\nHost: mx\r\n\r\n", b"CONNECT mx.example:25 HTTP/1.1\r\n\r\n"):
+        raw = await Raw.connect(gw)
+        assert (await raw.cmd(request)).startswith("221 2.7.0 This is an SMTP server")
+        assert await raw.reply() == "<EOF>"  # closed at once: the header lines are never read as commands
+        raw.close()
+    rejects = [r for r in read_records(gw.state_dir) if r.event == "REJECT"]
+    assert [(r.get("stage"), r.get("command")) for r in rejects] == [("connect", "GET"), ("connect", "CONNECT")]
+    # an unknown verb is still just an error
+    raw = await Raw.connect(gw)
+    assert (await raw.cmd("FOO bar")).startswith("500 5.5.2")
+    assert (await raw.cmd("NOOP")).startswith("250")
+    raw.close()

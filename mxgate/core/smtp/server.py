@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -69,6 +69,11 @@ PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns in
 
 class _Gone(Exception):
     """The client went away (EOF, reset, failed handshake)."""
+
+
+# Requests of other protocols sent to an SMTP port (Postfix's smtpd_forbidden_commands: CONNECT, GET, POST):
+# cross-protocol attacks, from a browser or a proxy. The session ends at the first one.
+_FOREIGN_VERBS: Final = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
 
 
 class _Close(Exception):
@@ -617,14 +622,21 @@ class Connection(asyncio.Protocol):
         self._reply(self.policy.banner())
         limits = self.policy.limits
         while True:
-            line = await self._read_line(limits.command_line)
+            # AUTH may carry an initial response up to RFC 4954's 12,288 octets; every other command 512
+            line = await self._read_line(limits.auth_line)
             if isinstance(line, Reply):
                 await self._bad(line)
                 continue
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
+            if len(line) + 2 > limits.command_line and verb != b"AUTH":
+                await self._bad(R.LINE_TOO_LONG)
+                continue
             handler = self.COMMANDS.get(verb)
             if handler is None:
+                if verb in _FOREIGN_VERBS:  # an HTTP or proxy request at the SMTP port: not a confused client
+                    await self._rejected("connect", R.FOREIGN_PROTOCOL, "protocol", command=verb.decode("ascii"))
+                    raise _Close(R.FOREIGN_PROTOCOL)
                 await self._bad(R.UNKNOWN)
                 continue
             try:

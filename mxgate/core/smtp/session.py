@@ -35,6 +35,7 @@ class R:
     AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
     UNKNOWN = Reply(500, "5.5.2", "Command unrecognized")
+    FOREIGN_PROTOCOL = Reply(221, "2.7.0", "This is an SMTP server, not for HTTP or proxy requests; goodbye")
     NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
     LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (the limit is 512 octets)")
     BARE_LF = Reply(500, "5.5.2", "Bare CR or LF in command; lines end with CRLF")
