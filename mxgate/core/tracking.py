@@ -89,15 +89,22 @@ class TrackingLog:
         """Write the lines not written yet."""
         with self._lock:
             lines, self._pending = self._pending, []
-            if self._fh is not None and lines:
+            if self._fh is None or not lines:
+                return
+            try:
                 self._fh.write("".join(lines))
                 self._fh.flush()
+            except OSError as exc:  # disk full: the log loses lines, the gateway goes on (the queue is what counts)
+                log.warning("tracking log write failed", extra={"error": str(exc), "lines": len(lines)})
 
     def close(self) -> None:
         self.flush()
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as exc:
+                log.warning("tracking log write failed", extra={"error": str(exc)})
 
 
 def read_records(state_dir: Path) -> Iterator[TrackRecord]:

@@ -151,6 +151,64 @@ async def test_full_disk_is_452_without_damage_and_recovers(tmp_path: Path) -> N
             assert await queue.integrity_check() == []
 
 
+async def test_an_attempt_a_full_disk_cannot_record_is_retried_when_space_returns(tmp_path: Path) -> None:
+    """Delivered, but the result cannot be written (disk full): the lease is given back once the store takes writes
+    again, so the message is attempted again within seconds (a duplicate: at least once), not after the 900 s
+    lease."""
+    from mxgate.core import engine
+    from mxgate.core.queue.scheduler import Scheduler
+    from mxgate.core.queue.store import QueueStore
+    from mxgate.core.runtime import Runtime
+
+    with tmpfs(tmp_path / "disk", "8m") as disk, PostfixSink(dump=True, extra_args=["-w", "1"]) as sink:
+        path = tmp_path / "mxgate.toml"
+        path.write_text(
+            f"""
+            [server]
+            state_dir = "{disk / "var"}"
+            [metrics]
+            listen = ""
+            [[outbound_connector]]
+            name = "inside"
+            recipient_domains = ["*"]
+            smart_hosts = ["127.0.0.1:{sink.port}"]
+            tls = "none"
+            """.replace("\n            ", "\n")
+        )
+        config, plugins = engine.load(path, entry_points=False)
+        runtime = Runtime.create(config, plugins)
+        queue = runtime.queue = await QueueStore.open(config.state_path)
+        await runtime.hooks.on_startup(runtime)
+        sched = Scheduler(runtime, poll_interval=0.2)
+        loop_task: asyncio.Task[None] | None = None
+        try:
+            # handed straight to delivery; smtp-sink -w 1 holds DATA for a second, and the disk fills meanwhile
+            qid = await sched.enqueue("a@example.net", ["u@example.org"], message("once", 2000), now=time.time())
+            filler = fill(disk)
+            await sched.drain(15)
+            assert len(await asyncio.to_thread(lambda: sink.wait_for_dumps(1, timeout=5))) == 1
+            msg = await queue.get(qid)
+            assert msg is not None and not msg.is_final and msg.leased_until > time.time() + 600  # not recorded
+            filler.unlink()
+            loop_task = asyncio.ensure_future(sched.run())
+            copies = await asyncio.to_thread(lambda: sink.wait_for_dumps(2, timeout=15))
+            assert len(copies) == 2, "not attempted again when space returned"
+
+            async def recorded() -> bool:
+                m = await queue.get(qid)
+                return m is not None and m.recipients[0].status is RecipientStatus.DELIVERED
+
+            assert await wait_until(recorded, 10)
+        finally:
+            await sched.stop(timeout=5)
+            if loop_task is not None:
+                loop_task.cancel()
+            for task in runtime.tasks:
+                task.cancel()
+            await queue.close()
+            runtime.tracking.close()
+
+
 async def test_full_disk_at_startup_is_a_clear_error(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "1m") as disk:
         fill(disk)

@@ -53,7 +53,14 @@ from mxgate.core.model import Address
 from mxgate.core.outcomes import DeliveryReport, Destination, Route
 from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
-from mxgate.core.queue.store import MessageNotFoundError, QueuedMessage, QueueStore, RecipientResult, RecipientStatus
+from mxgate.core.queue.store import (
+    MessageNotFoundError,
+    QueuedMessage,
+    QueueError,
+    QueueStore,
+    RecipientResult,
+    RecipientStatus,
+)
 from mxgate.core.runtime import Runtime
 from mxgate.core.tracking import TrackEvent
 
@@ -64,6 +71,8 @@ log = logging.getLogger(__name__)
 META_CATEGORIZED = "categorized"
 META_EXPANDED_FROM = "expanded_from"
 META_DSN_FOR = "dsn_for"
+RELEASE_RETRY_FIRST = 1.0  # seconds before the first retry of a lease release the store refused
+RELEASE_RETRY_MAX = 30.0
 
 
 def parse_address(text: str) -> Address:
@@ -134,6 +143,7 @@ class Scheduler:
         self._inflight: set[asyncio.Task[None]] = set()
         self._reserved = 0  # enqueue() calls that will start a delivery once their put commits
         self._backlog = False  # due messages may be waiting in the store for a round
+        self._releasing: set[asyncio.Task[None]] = set()  # leases to give back once the store takes writes
         self._connector_sems: dict[str, asyncio.Semaphore] = {}
         self._destination_sems: weakref.WeakValueDictionary[tuple[str, str], asyncio.Semaphore] = (
             weakref.WeakValueDictionary()
@@ -245,6 +255,8 @@ class Scheduler:
             task.cancel()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        for task in list(self._releasing):  # the next start releases every lease anyway
+            task.cancel()
         await self.deliverer.close()  # QUIT the idle sessions kept for reuse
 
     # -- one message -------------------------------------------------------------------------------------
@@ -256,9 +268,38 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.queue.release_lease(msg.id))
             raise
+        except QueueError as exc:  # the store refused the record (e.g. disk full): try the message again later
+            log.warning(
+                "could not record a delivery attempt; the message will be attempted again",
+                extra={"queue_id": msg.id, "error": str(exc)},
+            )
+            self._release_later(msg.id)
         except Exception as exc:
             log.exception("delivery of a message failed", extra={"queue_id": msg.id})
             await self._internal_error(msg, exc)
+
+    def _release_later(self, msg_id: str) -> None:
+        """Give a lease back once the store takes writes again (retrying with backoff, bounded by the lease), so
+        the message is attempted again as soon as the disk has room rather than when its lease runs out."""
+
+        async def retry() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.lease_seconds
+            delay = RELEASE_RETRY_FIRST
+            while not self._stopping and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                try:
+                    await self.queue.release_lease(msg_id)
+                except QueueError:
+                    delay = min(delay * 2, RELEASE_RETRY_MAX)
+                    continue
+                self._backlog = True
+                self.wakeup()
+                return
+
+        task = asyncio.ensure_future(retry())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _internal_error(self, msg: QueuedMessage, exc: BaseException) -> None:
         now = self.runtime.clock()
@@ -278,8 +319,9 @@ class Scheduler:
                 await self.queue.record_results(msg.id, results, now=now, detail="internal error")
             else:
                 await self.queue.release_lease(msg.id)
-        except Exception:
-            log.exception("could not record an internal error", extra={"queue_id": msg.id})
+        except Exception as exc2:
+            log.warning("could not record an internal error", extra={"queue_id": msg.id, "error": str(exc2)})
+            self._release_later(msg.id)
 
     async def process(self, msg: QueuedMessage, body: bytes | None = None) -> None:
         """Categorize and deliver the due recipients of one leased message, record and report the results.
