@@ -575,3 +575,30 @@ async def test_record_results_sets_routes_in_the_same_transaction(store: QueueSt
     )
     assert {r.address: r.route for r in updated.recipients} == {"b@example.net": "internet", "c@example.net": "partner"}
     assert updated == await store.get(msg_id)
+
+
+async def test_record_results_with_the_known_copy_reads_nothing_back(store: QueueStore) -> None:
+    msg_id = await store.put("a@example.org", ["b@example.net", "c@example.net", "d@example.net"], BODY, now=NOW)
+    [leased] = await store.lease_due(NOW, 10, 60)
+    first = await store.record_results(
+        msg_id,
+        [
+            RecipientResult("b@example.net", RecipientStatus.DELIVERED, "250 ok", None),
+            RecipientResult("c@example.net", RecipientStatus.DEFERRED, "451 busy", NOW + 60),
+        ],
+        now=NOW,
+        routes={"b@example.net": "internet", "c@example.net": "internet", "d@example.net": "partner"},
+        known=leased,
+    )
+    assert first == await store.get(msg_id)  # the same as a read, down to routes, attempts and the lease
+    [again] = await store.lease_due(NOW + 60, 10, 60)
+    done = await store.record_results(
+        msg_id,
+        [
+            RecipientResult("c@example.net", RecipientStatus.FAILED, "550 no", None),
+            RecipientResult("d@example.net", RecipientStatus.DELIVERED, "250 ok", None),
+        ],
+        now=NOW + 60,
+        known=again,
+    )
+    assert done == await store.get(msg_id) and done.finished_at == NOW + 60

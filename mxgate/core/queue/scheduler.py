@@ -414,6 +414,7 @@ class Scheduler:
             mx=next(iter(mx_hosts)) if len(mx_hosts) == 1 else None,
             detail=detail,
             routes=new_routes,
+            known=msg,
         )
         await self._report(updated, ordered, outcomes, now)
         await self._dsn(updated, ordered, outcomes, now)

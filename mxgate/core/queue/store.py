@@ -49,6 +49,7 @@ import builtins
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -396,6 +397,39 @@ def _load(conn: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
         ).fetchall():
             rcpts.setdefault(row["msg_id"], []).append(_recipient_from_row(row))
     return [_message_from_row(rows[i], tuple(rcpts.get(i, ()))) for i in ids if i in rows]
+
+
+def _applied(
+    msg: QueuedMessage,
+    results: Sequence[RecipientResult],
+    routes: Mapping[str, str],
+    *,
+    finished_at: float | None,
+) -> QueuedMessage:
+    """``msg`` as :meth:`QueueStore.record_results` leaves it (what a read would give back)."""
+    by_rcpt = {r.recipient: r for r in results}
+    recipients = []
+    for r in msg.recipients:
+        res = by_rcpt.get(r.address)
+        route = routes.get(r.address, r.route)
+        if res is None:
+            recipients.append(dataclasses.replace(r, route=route))
+            continue
+        recipients.append(
+            dataclasses.replace(
+                r,
+                status=res.status,
+                attempts=r.attempts + 1,
+                last_error=None if res.status is RecipientStatus.DELIVERED else res.reply,
+                next_attempt=(
+                    res.next_attempt
+                    if res.status is RecipientStatus.DEFERRED and res.next_attempt is not None
+                    else r.next_attempt
+                ),
+                route=route,
+            )
+        )
+    return dataclasses.replace(msg, recipients=tuple(recipients), leased_until=0.0, finished_at=finished_at)
 
 
 def _load_one(conn: sqlite3.Connection, msg_id: str) -> QueuedMessage:
@@ -939,14 +973,16 @@ class QueueStore:
         mx: str | None = None,
         detail: str | None = None,
         routes: Mapping[str, str] | None = None,
+        known: QueuedMessage | None = None,
     ) -> QueuedMessage:
         """Record one delivery attempt's outcome per recipient, append to the attempts log, release the lease.
 
         ``DEFERRED`` needs a ``next_attempt``; ``DELIVERED``/``FAILED`` are final (a final recipient is never
         changed again). When every recipient is final the message is finished: the body is deleted and a
         tombstone is kept (see the module docs). ``routes`` sets recipients' outbound connectors in the same
-        transaction (see :meth:`set_route`). Returns the message as it is now. Not fsync'd by itself (see the
-        module docs): after a power failure the attempt may be made again.
+        transaction (see :meth:`set_route`). Returns the message as it is now; with ``known`` (the caller's copy,
+        e.g. the leased message) that copy with these changes applied, so nothing is read back. Not fsync'd by
+        itself (see the module docs): after a power failure the attempt may be made again.
 
         :raises ValueError: a result for an unknown or final recipient, ``QUEUED`` as a result, or a deferral
             without a time.
@@ -993,7 +1029,9 @@ class QueueStore:
             if pending == 0:
                 conn.execute("UPDATE messages SET finished_at = ? WHERE id = ?", (now, msg_id))
                 conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
-            return _load_one(conn, msg_id)
+            if known is None:
+                return _load_one(conn, msg_id)
+            return _applied(known, checked, routes or {}, finished_at=now if pending == 0 else None)
 
         return await self._write(job, durable=False)
 
