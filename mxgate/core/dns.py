@@ -78,6 +78,7 @@ UNREACHABLE_EDE_CODES = frozenset({22, 23})
 _MAX_CNAME_CHAIN = 16
 _DEFAULT_NEGATIVE_TTL = 60
 _EDNS_PAYLOAD = 1232  # DNS flag day 2020
+_KEY_CACHE_SIZE = 4096  # parsed query names kept (cleared when full)
 
 
 class DnsNameError(MxgateError, ValueError):
@@ -235,6 +236,7 @@ class _CacheEntry:
     answer: DnsAnswer
     stored_at: float
     expires_at: float
+    aged: DnsAnswer | None = None  # the answer with its TTL counted down, as last handed out
 
 
 class Resolver:
@@ -273,6 +275,7 @@ class Resolver:
         self._error_ttl = max(0, error_ttl)
         self._max_ttl = max_ttl
         self._cache: OrderedDict[tuple[dns.name.Name, int], _CacheEntry] = OrderedDict()
+        self._keys: dict[tuple[str, str], tuple[dns.name.Name, int]] = {}
         self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[DnsAnswer]] = {}
         for ep in self._endpoints:
             if not ep.trusts_ad:
@@ -301,13 +304,20 @@ class Resolver:
 
     async def resolve(self, name: str | dns.name.Name, rdtype: str, *, use_cache: bool = True) -> DnsAnswer:
         """Look up ``rdtype`` at ``name``; never raises for DNS outcomes (see the module docstring)."""
-        qname = _parse_name(name)
-        qtype = dns.rdatatype.from_text(rdtype)  # raises for an unknown type name: a programming error
-        key = (qname, int(qtype))
+        key = self._keys.get((name, rdtype)) if isinstance(name, str) else None
+        if key is None:
+            qtype = dns.rdatatype.from_text(rdtype)  # raises for an unknown type name: a programming error
+            key = (_parse_name(name), int(qtype))
+            if isinstance(name, str):  # names parsed once: the hot path asks for the same few names again
+                if len(self._keys) >= _KEY_CACHE_SIZE:
+                    self._keys.clear()
+                self._keys[(name, rdtype)] = key
         if use_cache:
             cached = self._cache_get(key)
             if cached is not None:
                 return cached
+        qname, qtype = key[0], dns.rdatatype.RdataType(key[1])
+        if use_cache:
             task = self._inflight.get(key)
             if task is None:
                 task = asyncio.ensure_future(self._lookup_and_store(qname, qtype))
@@ -371,7 +381,9 @@ class Resolver:
         remaining = int(entry.expires_at - now)
         if remaining == entry.answer.ttl:
             return entry.answer
-        return dataclasses.replace(entry.answer, ttl=remaining)
+        if entry.aged is None or entry.aged.ttl != remaining:
+            entry.aged = dataclasses.replace(entry.answer, ttl=remaining)
+        return entry.aged
 
     def _cache_put(self, key: tuple[dns.name.Name, int], answer: DnsAnswer) -> None:
         if self._cache_size == 0:

@@ -164,6 +164,8 @@ class _SinkHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._sink.data_delay:
+            await asyncio.sleep(self._sink.data_delay)
         reply = self._sink.data_reply
         if reply is not None and not reply.startswith("2"):
             return reply
@@ -207,10 +209,12 @@ class SmtpSink:
     :param drop_after_data_bytes: after "354", read at most this many bytes, then close the connection
         without a reply (the message is not recorded).
     :param idle_timeout: seconds a client may stay silent before the sink closes the connection (no reply).
+    :param data_delay: seconds to wait before answering the end of the message (a slow server).
 
     Counters for connection handling: :attr:`connections` (accepted), :attr:`disconnections` (closed, by
-    either side), :attr:`quits`, :attr:`rsets`, :attr:`tls_handshakes`; :meth:`close_connections` hangs up on
-    every open session, as a server that times out idle clients does.
+    either side), :attr:`peak_connections` (most open at once), :attr:`quits`, :attr:`rsets`,
+    :attr:`tls_handshakes`; :meth:`close_connections` hangs up on every open session, as a server that times out
+    idle clients does.
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class SmtpSink:
         drop_after_data_bytes: int | None = None,
         data_size_limit: int = 33_554_432,
         idle_timeout: float = 30.0,
+        data_delay: float = 0.0,
     ) -> None:
         _require_loopback(host)
         if (implicit_tls or require_tls or sni) and tls is None:
@@ -250,7 +255,9 @@ class SmtpSink:
         self.drop_after_data_bytes = drop_after_data_bytes
         self.data_size_limit = data_size_limit
         self.idle_timeout = idle_timeout
+        self.data_delay = data_delay
         self.connections = 0  # TCP connections accepted so far
+        self.peak_connections = 0  # most connections open at the same time
         self.disconnections = 0  # of those, closed since (by either side)
         self.quits = 0  # QUIT commands received
         self.rsets = 0  # RSET commands received
@@ -359,6 +366,7 @@ class SmtpSink:
 
         def factory() -> _SinkSMTP:
             self.connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
             proto = _SinkSMTP(
                 handler,
                 sink=self,

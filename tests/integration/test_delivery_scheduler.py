@@ -366,3 +366,22 @@ async def test_enqueue_caller_cancelled_while_committing_still_delivers(
         [got] = await sink.wait_for(1, timeout=10)  # committed, so delivered: a possible duplicate, never a loss
         assert got.rcpt_tos == ("b@x.test",)
         await sched.drain(10)
+
+
+async def test_connection_limits_hold_under_contention(env: Callable[[str], Awaitable[Env]]) -> None:
+    """40 messages at once to a slow smart host: never more connections than max_connections_per_destination,
+    and never more than max_connections across the connector's destinations (sessions kept for reuse included)."""
+    async with SmtpSink(data_delay=0.05) as one, SmtpSink(data_delay=0.05) as two:
+        runtime, sched, _agent, clock, _ = await env(
+            _relay(one, "one", '["one.test"]', "max_connections_per_destination = 3")
+            + _relay(two, "two", '["two.test"]', "max_connections = 2\nmax_connections_per_destination = 5")
+        )
+        queue = runtime.queue
+        assert queue is not None
+        for i in range(40):
+            await queue.put("a@sender.test", [f"r{i}@{'one' if i % 2 else 'two'}.test"], BODY, now=clock.now)
+        await _round(sched)
+        assert len(one.messages) == 20 and len(two.messages) == 20
+        # the limits are reached (there was contention) and never passed
+        assert (one.peak_connections, two.peak_connections) == (3, 2)
+        assert one.connections < 20 and two.connections < 20  # sessions were reused, not one per message
