@@ -302,8 +302,7 @@ class Resolver:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    async def resolve(self, name: str | dns.name.Name, rdtype: str, *, use_cache: bool = True) -> DnsAnswer:
-        """Look up ``rdtype`` at ``name``; never raises for DNS outcomes (see the module docstring)."""
+    def _key(self, name: str | dns.name.Name, rdtype: str) -> tuple[dns.name.Name, int]:
         key = self._keys.get((name, rdtype)) if isinstance(name, str) else None
         if key is None:
             qtype = dns.rdatatype.from_text(rdtype)  # raises for an unknown type name: a programming error
@@ -312,6 +311,11 @@ class Resolver:
                 if len(self._keys) >= _KEY_CACHE_SIZE:
                     self._keys.clear()
                 self._keys[(name, rdtype)] = key
+        return key
+
+    async def resolve(self, name: str | dns.name.Name, rdtype: str, *, use_cache: bool = True) -> DnsAnswer:
+        """Look up ``rdtype`` at ``name``; never raises for DNS outcomes (see the module docstring)."""
+        key = self._key(name, rdtype)
         if use_cache:
             cached = self._cache_get(key)
             if cached is not None:
@@ -328,6 +332,9 @@ class Resolver:
 
     async def resolve_addresses(self, name: str | dns.name.Name) -> tuple[DnsAnswer, DnsAnswer]:
         """A and AAAA for ``name``, looked up concurrently: ``(a, aaaa)``."""
+        cached_a, cached_aaaa = self._cache_get(self._key(name, "A")), self._cache_get(self._key(name, "AAAA"))
+        if cached_a is not None and cached_aaaa is not None:  # both cached: no tasks to start (every delivery asks)
+            return cached_a, cached_aaaa
         a, aaaa = await asyncio.gather(self.resolve(name, "A"), self.resolve(name, "AAAA"))
         return a, aaaa
 
