@@ -62,6 +62,11 @@ def test_dot_stuffing_and_line_ends() -> None:
     assert dot_stuff(b"no final newline") == b"no final newline\r\n"
     # bare CR and LF never survive: nothing we relay can end DATA early (smuggling)
     assert dot_stuff(b"x\n.\ny\rz") == b"x\r\n..\r\ny\r\nz\r\n"
+    # the fast path (clean CRLF lines, no leading dot) must give exactly what the general one gives
+    assert dot_stuff(b"") == b""
+    assert dot_stuff(b"a\r\nb\r\n") == b"a\r\nb\r\n"
+    assert dot_stuff(b".a\r\n") == b"..a\r\n" and dot_stuff(b"a\r\n\r\n.") == b"a\r\n\r\n..\r\n"
+    assert dot_stuff(b"a\r\r\n") == b"a\r\n\r\n" and dot_stuff(b"a\n\r\n") == b"a\r\n\r\n"
 
 
 async def test_helo_fallback_and_multiline_banner(scripted: Callable[[Script], Awaitable[int]]) -> None:

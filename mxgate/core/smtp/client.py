@@ -103,6 +103,10 @@ def dot_stuff(data: bytes) -> bytes:
 
     Bare CR and LF become CRLF, so that nothing we relay can be read as an end of data (SMTP smuggling).
     """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf == data.count(b"\n") and not data.startswith(b".") and b"\n." not in data:
+        # the usual case (what our own receive side queued): clean CRLF lines, no leading dot; nothing to change
+        return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     lines = text.split(b"\n")
     if lines and lines[-1] == b"":
