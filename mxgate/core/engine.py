@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from mxgate.core.config import (
     BUILTIN_SOURCE,
@@ -149,8 +150,19 @@ class Gateway:
             await self.stop()
 
 
+# Young-generation threshold for the cyclic garbage collector while serving (CPython's default is 700). Mail
+# handling allocates many short-lived objects that reference counting frees; with the default, collections took
+# ~5% of the event loop's time under load (bench/RESULTS.md), and about a tenth of that with this and gc.freeze().
+GC_THRESHOLD: Final = (7000, 20, 100)
+
+
 def run(config: Config, plugins: PluginSet) -> None:
-    """``mxgate run``: uvloop when installed, else asyncio."""
+    """``mxgate run``: uvloop when installed, else asyncio. What start-up built (modules, configuration, plugins)
+    is moved out of the collector's sight (``gc.freeze``) and the collector runs less often: the objects of a
+    running gateway are short-lived and acyclic, freed by reference counting."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         import uvloop
 
