@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -385,3 +386,18 @@ async def test_connection_limits_hold_under_contention(env: Callable[[str], Awai
         # the limits are reached (there was contention) and never passed
         assert (one.peak_connections, two.peak_connections) == (3, 2)
         assert one.connections < 20 and two.connections < 20  # sessions were reused, not one per message
+
+
+async def test_message_deleted_while_in_flight_is_left_alone(
+    env: Callable[[str], Awaitable[Env]], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with SmtpSink(data_delay=0.3) as sink:
+        runtime, sched, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        qid = await sched.enqueue("a@sender.test", ["b@x.test"], BODY, now=clock.now)
+        await asyncio.sleep(0.1)  # delivery has started; the sink holds the end of data
+        assert await queue.delete(qid)
+        await sched.drain(10)
+        assert len(sink.messages) == 1 and await queue.get(qid) is None
+        assert not [r for r in caplog.records if r.name.startswith("mxgate.core") and r.levelno >= logging.WARNING]

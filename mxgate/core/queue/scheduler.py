@@ -268,6 +268,8 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.queue.release_lease(msg.id))
             raise
+        except MessageNotFoundError:
+            return  # deleted (queue delete) while it was being delivered: nothing to record
         except QueueError as exc:  # the store refused the record (e.g. disk full): try the message again later
             log.warning(
                 "could not record a delivery attempt; the message will be attempted again",
