@@ -417,8 +417,9 @@ def _applied(
         else:
             status, attempts = res.status, r.attempts + 1
             last_error = None if res.status is RecipientStatus.DELIVERED else res.reply
-            deferred = res.status is RecipientStatus.DEFERRED and res.next_attempt is not None
-            next_attempt = res.next_attempt if deferred and res.next_attempt is not None else r.next_attempt
+            next_attempt = r.next_attempt
+            if res.status is RecipientStatus.DEFERRED and res.next_attempt is not None:
+                next_attempt = res.next_attempt
         recipients.append(
             QueuedRecipient(r.address, status, attempts, last_error, route, next_attempt, r.dsn_notify, r.orcpt)
         )
