@@ -846,6 +846,8 @@ class DanePlugin:
         mode = _mode(runtime, destination.connector)
         if mode is DaneMode.NONE:
             return None
+        if mode is DaneMode.OPPORTUNISTIC and all(_is_ip(h.name) for h in next_hop.hosts):
+            return None  # smart hosts by IP address: no TLSA to look up, nothing to say (every message asks)
         # Stash.get's default must have the key's type, hence no .get(SELF_TEST, None)
         self_test = runtime.stash[SELF_TEST] if SELF_TEST in runtime.stash else None  # noqa: SIM401
         fallback, fallback_ids = _connector_fallback(runtime, destination.connector)

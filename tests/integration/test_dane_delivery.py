@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import time
@@ -379,6 +380,29 @@ async def test_not_validating_resolver_turns_dane_off_or_defers(dane_lab: Lab, t
             _, policy, _ = await _policy(runtime, fqdn("d311"))
         assert (policy.failure if policy is not None else None) is expect, mode
         assert (policy is None) is (expect is None)
+
+
+async def _recording(events: list[str], emit: Any, kind: str, *args: Any, **labels: Any) -> None:
+    events.append(kind)
+    await emit(kind, *args, **labels)
+
+
+async def test_smart_hosts_by_address_have_no_tlsa(dane_lab: Lab, tmp_path: Path) -> None:
+    """Opportunistic: nothing to examine, no opinion, no lookup counted. Mandatory: still a dane-required failure."""
+    for mode in ("opportunistic", "mandatory"):
+        events: list[str] = []
+        async with gateway_runtime(dane_lab, tmp_path / mode, dane=mode) as (runtime, _):
+            plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
+            dest = Destination("internet", "127.0.0.1", (f"127.0.0.1:{dane_lab.port}", f"[::1]:{dane_lab.port}"))
+            next_hop = await runtime.hooks.resolve_next_hop(dest)
+            assert next_hop is not None and len(next_hop.hosts) == 2
+            runtime.hooks.on_event = functools.partial(_recording, events, runtime.hooks.on_event)  # type: ignore[method-assign]
+            policy = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)
+        if mode == "opportunistic":
+            assert policy is None and "dane_tlsa_lookup" not in events
+        else:
+            assert policy is not None and policy.failure is TlsRptResult.DANE_REQUIRED
+            assert events.count("dane_tlsa_lookup") == 2
 
 
 async def test_cname_smart_host_uses_expanded_base_domain(dane_lab: Lab, tmp_path: Path) -> None:
