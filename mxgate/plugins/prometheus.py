@@ -64,7 +64,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -88,6 +88,8 @@ _M = TypeVar("_M", bound=MetricWrapperBase)
 
 #: Most label sets one metric may grow to; further new ones are folded into "other".
 MAX_SERIES = 2000
+#: Label children kept for reuse, all metrics together (past that, ``labels()`` is asked each time).
+MAX_CHILDREN = 20_000
 #: Longest label value kept (longer ones are cut).
 MAX_LABEL_LENGTH = 64
 #: Seconds between queue reads when nothing happens; after mail moved, the next read comes within QUEUE_DEBOUNCE.
@@ -320,6 +322,7 @@ class PrometheusPlugin:
         self._http_writers: set[asyncio.StreamWriter] = set()
         self._guard = _Guard()
         self._names: dict[int, str] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.counters: dict[str, Counter] = {
@@ -436,14 +439,22 @@ class PrometheusPlugin:
                 self._counter("tlsrpt_sent", (result, method))
 
     def _counter(self, kind: str, values: tuple[str, ...]) -> Counter:
-        return self.counters[kind].labels(*self._guard(EVENT_METRICS[kind].name, values))
+        return self._child(self.counters[kind], values, EVENT_METRICS[kind].name)
 
-    def _child(self, metric: _M, values: tuple[str, ...]) -> _M:
-        """``metric.labels(...)`` through the series guard."""
-        key = self._names.get(id(metric))
+    def _child(self, metric: _M, values: tuple[str, ...], name: str | None = None) -> _M:
+        """``metric.labels(...)`` through the series guard. The children are kept (up to :data:`MAX_CHILDREN`):
+        every message feeds several metrics, and ``labels()`` takes a lock and checks its arguments each time."""
+        cache_key = (id(metric), values)
+        child = self._children.get(cache_key)
+        if child is not None:
+            return cast(_M, child)
+        key = name or self._names.get(id(metric))
         if key is None:
             key = self._names[id(metric)] = next(iter(metric.describe())).name
-        return metric.labels(*self._guard(key, values))
+        child = metric.labels(*self._guard(key, values))
+        if len(self._children) < MAX_CHILDREN:
+            self._children[cache_key] = child
+        return child
 
     # -- queue figures ----------------------------------------------------------------------------------------------
 
