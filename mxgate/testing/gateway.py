@@ -53,6 +53,24 @@ class TestGateway:
     state_dir: Path
 
 
+def delivery_config(directory: Path, connectors: str, *, hostname: str = "gw.sender.test") -> Path:
+    """Write ``directory/mxgate.toml`` for tests that drive the queue and delivery without serving: state in
+    ``directory/var``, a listener that is never started, metrics off, ``connectors`` (TOML) appended."""
+    path = directory / "mxgate.toml"
+    head = f"""
+        [server]
+        hostname = "{hostname}"
+        state_dir = "{directory / "var"}"
+        [[listener]]
+        name = "smtp"
+        address = "127.0.0.1:1"
+        [metrics]
+        listen = ""
+        """
+    path.write_text(textwrap.dedent(head) + textwrap.dedent(connectors), encoding="utf-8")
+    return path
+
+
 def build_document(extra_toml: str, tmp_path: Path) -> dict[str, Any]:
     """The test defaults merged under ``extra_toml`` (tables merge; arrays of tables in extra replace)."""
     smtp_port = free_port()

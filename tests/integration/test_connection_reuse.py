@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from mxgate.core.outcomes import (
 )
 from mxgate.core.runtime import Runtime
 from mxgate.testing.ca import TestCA
-from mxgate.testing.gateway import TestGateway, running_gateway
+from mxgate.testing.gateway import TestGateway, delivery_config, running_gateway
 from mxgate.testing.sinks import PostfixSink, SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -88,23 +87,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
     async def make(connectors: str, *plugins: tuple[str, object]) -> tuple[Runtime, Recorder]:
         directory = tmp_path / f"rt{len(made)}"
         directory.mkdir()
-        path = directory / "mxgate.toml"
-        path.write_text(
-            textwrap.dedent(
-                f"""
-                [server]
-                hostname = "gw.sender.test"
-                state_dir = "{directory / "var"}"
-                [[listener]]
-                name = "smtp"
-                address = "127.0.0.1:1"
-                [metrics]
-                listen = ""
-                """
-            )
-            + textwrap.dedent(connectors),
-            encoding="utf-8",
-        )
+        path = delivery_config(directory, connectors)
         recorder = Recorder()
         config, plugin_set = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder), *plugins])
         runtime = Runtime.create(config, plugin_set)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from mxgate.core.outcomes import DeliveryReport, Route
 from mxgate.core.queue.scheduler import Scheduler
 from mxgate.core.queue.store import QueueStore, RecipientStatus
 from mxgate.core.runtime import Runtime
+from mxgate.testing.gateway import delivery_config
 from mxgate.testing.sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -90,23 +90,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Env]]]:
     made: list[Runtime] = []
 
     async def make(connectors: str) -> Env:
-        path = tmp_path / "mxgate.toml"
-        path.write_text(
-            textwrap.dedent(
-                f"""
-                [server]
-                hostname = "gw.sender.test"
-                state_dir = "{tmp_path / "var"}"
-                [[listener]]
-                name = "smtp"
-                address = "127.0.0.1:1"
-                [metrics]
-                listen = ""
-                """
-            )
-            + textwrap.dedent(connectors),
-            encoding="utf-8",
-        )
+        path = delivery_config(tmp_path, connectors)
         agent, clock = Agent(), Clock()
         config, plugins = engine.load(path, entry_points=False, extra_plugins=[("agent", agent)])
         runtime = Runtime.create(config, plugins, clock=clock)

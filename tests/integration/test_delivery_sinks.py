@@ -4,7 +4,6 @@ several MX hosts on 127.0.0.x (resolver override)."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime
 from mxgate.testing.ca import IssuedCert, TestCA, self_signed
+from mxgate.testing.gateway import delivery_config
 from mxgate.testing.sinks import PostfixSink, SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -68,23 +68,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
     async def make(connectors: str, resolver: Any = None) -> tuple[Runtime, Recorder]:
         directory = tmp_path / f"rt{len(made)}"
         directory.mkdir()
-        path = directory / "mxgate.toml"
-        path.write_text(
-            textwrap.dedent(
-                f"""
-                [server]
-                hostname = "gw.sender.test"
-                state_dir = "{directory / "var"}"
-                [[listener]]
-                name = "smtp"
-                address = "127.0.0.1:1"
-                [metrics]
-                listen = ""
-                """
-            )
-            + textwrap.dedent(connectors),
-            encoding="utf-8",
-        )
+        path = delivery_config(directory, connectors)
         recorder = Recorder()
         config, plugins = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
         runtime = Runtime.create(config, plugins)
