@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
     p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
     p.add_argument(
+        "--mxgate-workers",
+        type=int,
+        default=1,
+        help="mxgate's server.receive_workers: extra processes that receive (default 1: both cores of the VM)",
+    )
+    p.add_argument(
         "--mxgate-loop",
         choices=("default", "asyncio"),
         default="default",

@@ -99,6 +99,7 @@ def _with_system(name: str, args: argparse.Namespace, body: Callable[[System], d
         return {"skipped": reason}
     system = SYSTEMS[name](args.workdir, args.python)
     system.loop = args.mxgate_loop
+    system.receive_workers = args.mxgate_workers
     try:
         return body(system)
     except Exception as exc:  # one system's failure must not hide the others' figures

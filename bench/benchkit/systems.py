@@ -59,6 +59,7 @@ class System:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.loop = "default"  # mxgate: "default" (what `mxgate run` picks: uvloop when installed) or "asyncio"
+        self.receive_workers = 1  # mxgate: server.receive_workers (extra receiving processes)
 
     def _preexec(self) -> None:
         self.group.join()
@@ -196,7 +197,11 @@ class Mxgate(System):
         else:
             outbound["smart_hosts"] = [f"127.0.0.1:{opts.sink_port}"]
         return {
-            "server": {"hostname": "mxgate.bench.test", "state_dir": str(state_dir)},
+            "server": {
+                "hostname": "mxgate.bench.test",
+                "state_dir": str(state_dir),
+                "receive_workers": self.receive_workers,
+            },
             "listener": [listener],
             "inbound_connector": [{"name": "bench", "sender_ips": ["127.0.0.0/8"], "may_relay": True}],
             "outbound_connector": [outbound],

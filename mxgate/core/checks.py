@@ -111,6 +111,10 @@ def positive_at_most(limit: float) -> Callable[[Any], str | None]:
     return check
 
 
+def check_receive_workers(value: Any) -> str | None:
+    return None if 0 <= value <= 64 else "expected a whole number from 0 to 64"
+
+
 def check_name(value: Any) -> str | None:
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
         return None

@@ -50,9 +50,10 @@ def load_from_args(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config, plugins = load_from_args(args)
+    source = engine.read_source(_config_path(args))
+    config, plugins = engine.load_source(source)
     logs.configure(config.server.log_format, config.server.log_level)
-    engine.run(config, plugins)
+    engine.run(config, plugins, source=source)
     return 0
 
 

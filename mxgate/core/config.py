@@ -61,6 +61,13 @@ class ServerConfig:
     users_file: str | None = setting(
         None, desc="SMTP AUTH users (scrypt hashes; `mxgate user add`); default: <state_dir>/users."
     )
+    receive_workers: int = setting(
+        0,
+        desc="Extra processes that accept and receive on the same listeners (each uses a core; delivery, plugins' "
+        "background services and the metrics endpoint stay in the main process). 0: one process.",
+        check=checks.check_receive_workers,
+        example=1,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,23 +379,33 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file; syntax errors become a ConfigError naming the file and line."""
+def read_text(path: Path) -> str:
+    """A configuration file's text; a missing or unreadable file becomes a ConfigError naming it."""
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError.single(str(path), "", "file not found") from None
     except PermissionError:
         raise ConfigError.single(str(path), "", "file not readable (permission denied)") from None
     except IsADirectoryError:
         raise ConfigError.single(str(path), "", "is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError.single(str(path), "", f"TOML syntax error: {exc}") from None
-    except RecursionError:
-        raise ConfigError.single(str(path), "", "TOML nested too deeply to read") from None
     except UnicodeDecodeError as exc:
         raise ConfigError.single(str(path), "", f"not UTF-8 text: {exc}") from None
+
+
+def parse_toml(text: str, file: str) -> dict[str, Any]:
+    """Parse TOML text; syntax errors become a ConfigError naming the file and line."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError.single(file, "", f"TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError.single(file, "", "TOML nested too deeply to read") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; syntax errors become a ConfigError naming the file and line."""
+    return parse_toml(read_text(path), str(path))
 
 
 def plugins_section(document: Mapping[str, Any], file: str) -> PluginsConfig:

@@ -9,7 +9,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,14 +19,33 @@ from mxgate.core.config import (
     DEFAULT_DOCUMENT,
     Config,
     build_config,
+    parse_toml,
     plugins_section,
-    read_toml,
+    read_text,
 )
 from mxgate.core.errors import ConfigError, PluginError, StateError
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
 from mxgate.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A configuration as read once: its TOML text (None: the built-in default), the file name errors give, and
+    the directory relative paths start from. Receive workers are started from the main process's Source, so every
+    process of one gateway runs the same configuration even if the file changes on disk meanwhile."""
+
+    text: str | None
+    file: str = BUILTIN_SOURCE
+    base_dir: str = "."
+
+
+def read_source(path: str | Path | None) -> Source:
+    if path is None:
+        return Source(None)
+    p = Path(path)
+    return Source(read_text(p), str(p), str(p.parent))
 
 
 def load(
@@ -36,11 +56,21 @@ def load(
     check_files: bool = True,
 ) -> tuple[Config, PluginSet]:
     """Read a config file (or the built-in default), load the plugins it names, validate it with their schema."""
-    if path is None:
-        document, file, base = DEFAULT_DOCUMENT, BUILTIN_SOURCE, Path(".")
-    else:
-        p = Path(path)
-        document, file, base = read_toml(p), str(p), p.parent
+    return load_source(
+        read_source(path), entry_points=entry_points, extra_plugins=extra_plugins, check_files=check_files
+    )
+
+
+def load_source(
+    source: Source,
+    *,
+    entry_points: bool = True,
+    extra_plugins: Sequence[tuple[str, Any]] = (),
+    check_files: bool = True,
+) -> tuple[Config, PluginSet]:
+    """:func:`load` from text already read."""
+    file, base = source.file, Path(source.base_dir)
+    document = DEFAULT_DOCUMENT if source.text is None else parse_toml(source.text, file)
     plugin_conf = plugins_section(document, file)
     try:
         plugins = build_plugins(
@@ -74,36 +104,55 @@ def check_state_dir(path: Path) -> None:
         raise StateError(f"state directory {str(path)!r} is not writable: {exc.strerror}") from exc
 
 
-class Gateway:
-    """One running mxgate: listeners, queue, scheduler, plugins."""
+async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
+    """The resolver and (unless ``queue`` is false: a receive worker, whose messages the main process queues)
+    the queue store, before ``on_startup``."""
+    from mxgate.core.dns import resolver_from_config
+    from mxgate.core.queue.store import QueueStore
 
-    def __init__(self, config: Config, plugins: PluginSet) -> None:
+    check_state_dir(runtime.config.state_path)
+    try:
+        runtime.resolver = resolver_from_config(
+            runtime.config.dns,
+            observer=lambda answer, seconds: runtime.hooks.emit(
+                "dns_lookup", seconds, rdtype=answer.rdtype, status=str(answer.status), result=str(answer.kind)
+            ),
+        )
+    except ValueError as exc:
+        raise ConfigError.single(runtime.config.source, "dns.resolvers", str(exc)) from exc
+    if queue:
+        runtime.queue = await QueueStore.open(runtime.config.state_path)
+
+
+class Gateway:
+    """One running mxgate: listeners, queue, scheduler, plugins; and its receive workers when configured
+    (``server.receive_workers``; they are started from ``source``, the configuration text this process read)."""
+
+    def __init__(self, config: Config, plugins: PluginSet, *, source: Source | None = None) -> None:
         self.config = config
         self.plugins = plugins
+        self.source = source
         self.runtime: Runtime | None = None
         self.servers: list[Any] = []
         self.scheduler: Any = None
+        self.workers: Any = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
-        from mxgate.core.dns import resolver_from_config
         from mxgate.core.queue.scheduler import Scheduler
-        from mxgate.core.queue.store import QueueStore
         from mxgate.core.smtp.server import start_listeners
+        from mxgate.core.workers import ReceiveWorkers
 
-        check_state_dir(self.config.state_path)
+        count = self.config.server.receive_workers
+        if count and self.source is None:
+            raise ConfigError.single(
+                self.config.source,
+                "server.receive_workers",
+                "receive workers are started by `mxgate run` (this gateway was built in-process); expected 0",
+            )
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
-        try:
-            runtime.resolver = resolver_from_config(
-                self.config.dns,
-                observer=lambda answer, seconds: runtime.hooks.emit(
-                    "dns_lookup", seconds, rdtype=answer.rdtype, status=str(answer.status), result=str(answer.kind)
-                ),
-            )
-        except ValueError as exc:
-            raise ConfigError.single(self.config.source, "dns.resolvers", str(exc)) from exc
-        runtime.queue = await QueueStore.open(self.config.state_path)
+        await open_services(runtime)
         scheduler = Scheduler(runtime)
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
@@ -111,14 +160,20 @@ class Gateway:
         await runtime.hooks.on_startup(runtime)
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         self.servers = await start_listeners(runtime)
+        if count and self.source is not None:
+            self.workers = ReceiveWorkers(runtime, self.source, self.servers, count)
+            await self.workers.start()
         for lst in self.config.listener:
-            log.info("listening", extra={"listener": lst.name, "address": lst.address})
+            log.info("listening", extra={"listener": lst.name, "address": lst.address, "processes": 1 + count})
         return runtime
 
     async def stop(self, timeout: float = 30.0) -> None:
         runtime = self.runtime
         for server in self.servers:
             server.close()
+        if self.workers is not None:  # they drain their own sessions meanwhile
+            await self.workers.stop(timeout)
+            self.workers = None
         for server in self.servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout)
@@ -139,11 +194,11 @@ class Gateway:
         self.runtime = None
 
     async def serve_forever(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         try:
+            await self.start()
             await self._stopping.wait()
         finally:
             log.info("stopping")
@@ -156,10 +211,15 @@ class Gateway:
 GC_THRESHOLD: Final = (7000, 20, 100)
 
 
-def run(config: Config, plugins: PluginSet) -> None:
+def run(config: Config, plugins: PluginSet, *, source: Source | None = None) -> None:
     """``mxgate run``: uvloop when installed, else asyncio. What start-up built (modules, configuration, plugins)
     is moved out of the collector's sight (``gc.freeze``) and the collector runs less often: the objects of a
     running gateway are short-lived and acyclic, freed by reference counting."""
+    run_loop(Gateway(config, plugins, source=source).serve_forever())
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine (the gateway's or a receive worker's) as described for :func:`run`."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
@@ -169,4 +229,4 @@ def run(config: Config, plugins: PluginSet) -> None:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(Gateway(config, plugins).serve_forever())
+    runner(main)

@@ -18,7 +18,7 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,6 +247,8 @@ class Dispatcher:
         self.plugins = plugins
         self.trace = trace
         self.stats: dict[tuple[str, str], HookStats] = {}
+        # set in a receive worker: plugin errors go to the main process's report hooks (after the log line here)
+        self.error_sink: Callable[[str, str, BaseException], None] | None = None
         self._firstresult: dict[str, bool] = {}
         self._plans: dict[str, tuple[tuple[pluggy.HookImpl, HookStats], ...]] = {}
         for name in dir(hookspecs):
@@ -283,7 +285,7 @@ class Dispatcher:
             except Exception as exc:
                 stats.errors += 1
                 stats.seconds += time.perf_counter() - started
-                await self._report_error(impl.plugin_name, hook, exc)
+                await self.report_error(impl.plugin_name, hook, exc)
                 if raise_errors:
                     raise HookCallError(impl.plugin_name, hook, exc) from exc
                 continue
@@ -316,9 +318,15 @@ class Dispatcher:
                 results.append(result)
         return results
 
-    async def _report_error(self, plugin: str, hook: str, exc: BaseException) -> None:
-        log.error("plugin error", exc_info=exc, extra={"plugin": plugin, "hook": hook})
+    async def report_error(self, plugin: str, hook: str, exc: BaseException, *, logged: bool = False) -> None:
+        """Log a hook implementation's error (unless ``logged`` elsewhere: a receive worker's), then tell the
+        ``report_on_plugin_error`` hooks, or the main process when this is a receive worker."""
+        if not logged:
+            log.error("plugin error", exc_info=exc, extra={"plugin": plugin, "hook": hook})
         if hook == "mxgate_report_on_plugin_error":
+            return
+        if self.error_sink is not None:
+            self.error_sink(plugin, hook, exc)
             return
         for impl in self.impls("mxgate_report_on_plugin_error"):
             try:
@@ -349,6 +357,8 @@ class Hooks:
         self.dispatcher = dispatcher
         self._call = dispatcher.call
         self._pending: set[asyncio.Task[None]] = set()
+        # set in a receive worker: report events go to the main process instead of this process's report hooks
+        self.event_sink: Callable[[str, float, dict[str, str]], None] | None = None
 
     # lifecycle
     async def on_startup(self, runtime: Runtime) -> None:
@@ -489,6 +499,9 @@ class Hooks:
 
     # reporting
     async def on_event(self, kind: str, value: float = 1.0, **labels: str) -> None:
+        if self.event_sink is not None:
+            self.event_sink(kind, value, labels)
+            return
         event = ReportEvent(kind, tuple(sorted(labels.items())), value)
         await self._call("mxgate_report_on_event", event=event)
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.config import Config
 from mxgate.core.model import Stash
@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from mxgate.core.queue.store import QueueStore
 
 
+# The process a plugin's ``on_startup`` runs in. The main process binds the listeners, receives, delivers and runs
+# the plugins' background services; a receive worker (``server.receive_workers``) only receives, on the same
+# listening sockets, and its report events, plugin errors and hook figures go to the main process's hooks.
+ROLE_MAIN: Final = "main"
+ROLE_RECEIVER: Final = "receiver"
+
+
 @dataclass(eq=False)
 class Runtime:
     """Shared services. ``resolver`` and ``queue`` are set during start-up, before ``on_startup`` runs."""
@@ -30,6 +37,7 @@ class Runtime:
     hooks: Hooks
     tracking: TrackingLog
     clock: Callable[[], float] = time.time
+    role: str = ROLE_MAIN  # ROLE_MAIN or ROLE_RECEIVER
     resolver: Resolver | None = None
     queue: QueueStore | None = None
     stash: Stash = field(default_factory=Stash)  # process-wide plugin state, keyed by StashKey
@@ -64,7 +72,9 @@ class Runtime:
         return self.config.state_path
 
     @classmethod
-    def create(cls, config: Config, plugins: PluginSet, *, clock: Callable[[], float] = time.time) -> Runtime:
+    def create(
+        cls, config: Config, plugins: PluginSet, *, clock: Callable[[], float] = time.time, role: str = ROLE_MAIN
+    ) -> Runtime:
         state = config.state_path
         state.mkdir(parents=True, exist_ok=True)
         dispatcher = Dispatcher(plugins, trace=config.plugins.hook_trace)
@@ -74,4 +84,5 @@ class Runtime:
             hooks=Hooks(dispatcher),
             tracking=TrackingLog(state, enabled=config.server.tracking_log, clock=clock),
             clock=clock,
+            role=role,
         )

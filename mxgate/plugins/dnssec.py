@@ -20,7 +20,7 @@ import logging
 from mxgate.core.dns import DnssecStatus, SelfTestResult
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import StashKey
-from mxgate.core.runtime import Runtime
+from mxgate.core.runtime import ROLE_MAIN, Runtime
 
 name = "dnssec"
 priority = 50
@@ -73,5 +73,5 @@ async def _self_test_loop(runtime: Runtime) -> None:
 
 @hookimpl
 def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
-    if runtime.resolver is not None:
+    if runtime.resolver is not None and runtime.role == ROLE_MAIN:  # DANE is decided in the main process
         runtime.tasks.append(asyncio.ensure_future(_self_test_loop(runtime)))

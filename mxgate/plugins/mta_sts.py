@@ -58,6 +58,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
+from mxgate.core.runtime import ROLE_MAIN
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.tls import VerifyReason, client_context, normalize_dns_name, server_context, verify_webpki
 from mxgate.plugins._sts_policy import (
@@ -1052,6 +1053,8 @@ class MtaStsPlugin:
     @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        if runtime.role != ROLE_MAIN:  # policies serve delivery, which only the main process does
+            return
         config = runtime.config
         conf = _section(config)
         self._trust = _trust_paths(config, conf)

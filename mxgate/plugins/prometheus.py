@@ -75,8 +75,8 @@ from prometheus_client.registry import Collector
 from mxgate import __version__
 from mxgate.core.checks import split_hostport
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.model import Session
 from mxgate.core.outcomes import DeliveryReport, ReportEvent, TlsOutcome
+from mxgate.core.runtime import ROLE_MAIN
 
 if TYPE_CHECKING:
     from mxgate.core.queue.store import QueueCounts
@@ -391,6 +391,8 @@ class PrometheusPlugin:
     @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        if runtime.role != ROLE_MAIN:  # a receive worker's events and hook figures are counted by the main process
+            return
         self.clock = runtime.clock
         self.start_time.set(runtime.clock())
         self._preset(runtime)
@@ -502,6 +504,9 @@ class PrometheusPlugin:
             if event.label("action") == "dsn":
                 self._child(self.dsn, (event.label("dsn"),)).inc()
             return
+        if kind == "disconnection":
+            self._child(self.sessions_active, (event.label("listener"),)).dec()
+            return
         spec = EVENT_METRICS.get(kind)
         if spec is None:
             return
@@ -519,10 +524,6 @@ class PrometheusPlugin:
         elif kind == "message_received":
             self._queue_moved()
         self._counter(kind, values).inc(event.value)
-
-    @hookimpl
-    def mxgate_receive_on_disconnect(self, session: Session) -> None:
-        self._child(self.sessions_active, (session.listener,)).dec()
 
     @hookimpl
     def mxgate_delivery_on_tls_outcome(self, outcome: TlsOutcome) -> None:

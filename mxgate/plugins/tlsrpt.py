@@ -51,7 +51,7 @@ from mxgate.core.dns import Resolver
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import Address, Envelope, IncomingMessage, Verdict
 from mxgate.core.outcomes import TlsOutcome, TlsRptResult
-from mxgate.core.runtime import Runtime
+from mxgate.core.runtime import ROLE_MAIN, Runtime
 from mxgate.core.settings import ConfigRegistry, setting
 from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins._tlsrpt_report import (
@@ -1126,12 +1126,14 @@ class TlsRptPlugin:
             wakeup=runtime.wakeup,
             emit=runtime.hooks.on_event,
         )
+        self.service = service
+        if runtime.role != ROLE_MAIN:
+            return  # a receive worker only takes in mailed reports (receive_on_end_of_data); the store is shared
         if conf.dkim_key_file and conf.dkim_selector:
             await asyncio.to_thread(service.dkim_key)  # a bad key is a start-up error, not a silent gap
         else:
             log.warning("TLS-RPT: no DKIM key configured; reports to mailto: addresses will not be sent")
         await service.start_receiver()
-        self.service = service
         runtime.tasks.append(asyncio.ensure_future(service.run_forever()))
 
     @hookimpl

@@ -21,8 +21,9 @@ import email.utils
 import itertools
 import logging
 import secrets
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -210,37 +211,39 @@ class Listener:
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
         self.connections: set[Connection] = set()
         self.stopping = False
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
 
     def next_session_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
+        """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound."""
         loop = asyncio.get_running_loop()
         implicit = self.config.implicit_tls and self.tls_context is not None
-        self.server = await loop.create_server(
-            lambda: Connection(self),
-            self.config.host,
-            self.config.port,
-            ssl=self.tls_context if implicit else None,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
-            reuse_address=True,
-            backlog=1024,
+        tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
+        if sockets:
+            for sock in sockets:
+                self.servers.append(await loop.create_server(lambda: Connection(self), sock=sock, **tls))
+            return
+        self.servers.append(
+            await loop.create_server(
+                lambda: Connection(self), self.config.host, self.config.port, reuse_address=True, backlog=1024, **tls
+            )
         )
 
     def close(self) -> None:
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for conn in list(self.connections):
             conn.shutdown()
 
     async def wait_closed(self) -> None:
         try:
-            if self.server is not None:
-                await self.server.wait_closed()
+            for server in self.servers:
+                await server.wait_closed()
             tasks = [c.task for c in list(self.connections) if c.task is not None]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -251,16 +254,19 @@ class Listener:
 
     @property
     def sockets(self) -> tuple[Any, ...]:
-        return tuple(self.server.sockets) if self.server is not None else ()
+        return tuple(sock for server in self.servers for sock in server.sockets)
 
 
-async def start_listeners(runtime: Runtime) -> list[Listener]:
-    """Called by the engine: one started :class:`Listener` per ``[[listener]]``."""
+async def start_listeners(
+    runtime: Runtime, sockets: Mapping[str, Sequence[socket.socket]] | None = None
+) -> list[Listener]:
+    """Called by the engine: one started :class:`Listener` per ``[[listener]]`` (on the already listening
+    ``sockets`` by listener name, in a receive worker)."""
     listeners: list[Listener] = []
     try:
         for lc in runtime.config.listener:
             listener = Listener(runtime, lc)
-            await listener.start()
+            await listener.start(() if sockets is None else sockets[lc.name])
             listeners.append(listener)
     except BaseException:
         for listener in listeners:
@@ -604,6 +610,7 @@ class Connection(asyncio.Protocol):
             self.listener.connections.discard(self)
             if started:
                 with contextlib.suppress(Exception):
+                    await self.hooks.on_event("disconnection", listener=self.listener.config.name)
                     await self.hooks.on_disconnect(self.snapshot())
 
     async def _session(self) -> None:

@@ -1,0 +1,476 @@
+"""Receive workers (``server.receive_workers = N``): N extra processes that accept on the main process's
+listening sockets and run only the receive stage, so that receiving uses other cores while the main process
+delivers. One process runs Python under one lock (the GIL); bench/RESULTS.md shows that lock, not the disk or the
+network, is what bounds a single process's acceptance rate.
+
+A worker is ``python -m mxgate.core.workers``, started by the main process once its listeners are bound. It reads
+one JSON document on stdin: the configuration :class:`~mxgate.core.engine.Source` (the main process's text, so
+every process runs the same configuration), its slot, and the numbers of the file descriptors it inherited (the
+listening sockets by listener, and its end of a socketpair: the channel). In a worker:
+
+- ``runtime.role`` is :data:`~mxgate.core.runtime.ROLE_RECEIVER`; plugins' ``on_startup`` runs there too and
+  starts no background service that belongs to the main process (metrics endpoint, refreshers, report senders);
+- a message is queued by the main process: the worker sends it over its channel, the main process puts it
+  durably (its one queue writer group-commits every process's messages, and hands the message to delivery from
+  memory) and sends back the queue id; only then does the worker answer 250. SQLite takes one writer at a time,
+  and writers in several processes wait for each other with sleeps (measured: p99 acceptance went from 39 ms to
+  143 ms), so the workers do not open the queue at all (``runtime.queue`` is None there; ``runtime.submit`` works);
+- the channel carries frames (:data:`FRAME`: a length, a kind byte, the payload). Worker to main: ``P`` a message
+  to queue (a JSON head, then the message bytes), ``J`` a JSON list of reports, written together once per loop
+  iteration: ``{"e": kind, "v": value, "l": labels}`` for every report event and ``{"x": [plugin, hook, error]}``
+  for every plugin error (the main process's report hooks receive them as their own, so metrics describe one
+  gateway), ``{"s": [...]}`` hook timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
+  ``A`` the answer to a ``P``: ``{"r": request, "q": queue id}`` or ``{"r": request, "e": "full" | "error"}``;
+- SIGTERM drains it like the main process (clients waiting for a command get 421, transactions finish); so does
+  the channel closing, which means the main process is gone. SIGINT is left to the main process.
+
+The main process supervises them (:class:`ReceiveWorkers`): a worker that exits while the gateway runs is logged,
+its open sessions are closed in the metrics, and it is started again (after 1 s, doubling up to 30 s while it
+keeps dying within 10 s of its start). On stop, workers get SIGTERM and are waited for, then SIGKILLed.
+
+What stays per process: the AUTH failure limiter (``auth_max_failures`` counts in each process) and the DNS cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Final
+
+from mxgate.core.plugins import HookStats
+from mxgate.core.queue.store import QueueFullError
+from mxgate.core.runtime import ROLE_RECEIVER, Runtime
+
+if TYPE_CHECKING:
+    from mxgate.core.engine import Source
+    from mxgate.core.smtp.server import Listener
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL: Final = 1.0  # how often a worker sends its hook timing deltas
+RESTART_DELAY: Final = 1.0  # first delay before a dead worker is started again
+RESTART_DELAY_MAX: Final = 30.0
+STABLE_AFTER: Final = 10.0  # a worker that ran this long before dying is restarted after the first delay again
+READY_TIMEOUT: Final = 60.0  # a worker that does not report ready in this time is killed and restarted
+CHANNEL_LIMIT: Final = 1 << 20
+DRAIN_TIMEOUT: Final = 30.0  # a stopping worker waits this long for its transactions in progress
+
+
+class WorkerPluginError(Exception):
+    """A plugin error that happened in a receive worker, as the main process's report hooks see it."""
+
+
+# Every frame on a channel: payload length (4 bytes, big-endian; the kind byte not included), kind (1 byte).
+FRAME: Final = struct.Struct("!Ic")
+
+
+def _frame(kind: bytes, *parts: bytes) -> list[bytes]:
+    return [FRAME.pack(sum(len(p) for p in parts), kind), *parts]
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """The next frame, or None at a clean end of the channel."""
+    try:
+        head = await reader.readexactly(FRAME.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ConnectionError("channel closed inside a frame") from None
+        return None
+    length, kind = FRAME.unpack(head)
+    return kind, await reader.readexactly(length)
+
+
+# -- in the worker -----------------------------------------------------------------------------------------------
+
+
+class _Channel:
+    """The worker's end: messages to queue (answered by the main process) and reports (written together once
+    per loop iteration)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._reports: list[dict[str, Any]] = []
+        self._answers: dict[int, asyncio.Future[str]] = {}
+        self._requests = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        self.closed = asyncio.Event()
+
+    def report(self, item: dict[str, Any]) -> None:
+        self._reports.append(item)
+        if len(self._reports) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        reports, self._reports = self._reports, []
+        if reports and not self.writer.is_closing():
+            self.writer.writelines(_frame(b"J", json.dumps(reports, separators=(",", ":")).encode()))
+
+    def event(self, kind: str, value: float, labels: dict[str, str]) -> None:
+        self.report({"e": kind, "v": value, "l": labels})
+
+    def plugin_error(self, plugin: str, hook: str, exc: BaseException) -> None:
+        self.report({"x": [plugin, hook, f"{type(exc).__name__}: {exc}"]})
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        meta: Iterable[tuple[str, str]] = (),
+        message_id: str | None = None,
+        now: float,
+    ) -> str:
+        """``runtime.enqueue`` of a worker: the main process queues the message; returns its queue id once it is
+        on disk there. If the main process is gone before it answered, the message may or may not be queued:
+        the client gets a temporary failure and sends again (a possible duplicate, never a loss)."""
+        if self.closed.is_set():
+            raise ConnectionError("the main process is gone")
+        request = next(self._requests)
+        head = json.dumps(
+            {"r": request, "f": sender, "t": list(recipients), "m": list(meta), "i": message_id, "n": now}
+        ).encode()
+        answer: asyncio.Future[str] = self._loop.create_future()
+        self._answers[request] = answer
+        self.flush()  # reports first: they happened before
+        self.writer.writelines(_frame(b"P", HEAD.pack(len(head)), head, data))
+        try:
+            await self.writer.drain()
+            return await answer
+        finally:
+            self._answers.pop(request, None)
+
+    async def read_answers(self) -> None:
+        """Until the main process closes the channel (it stopped or died): then every waiting put fails."""
+        try:
+            while (frame := await _read_frame(self.reader)) is not None:
+                kind, payload = frame
+                if kind != b"A":
+                    continue
+                item = json.loads(payload)
+                answer = self._answers.get(item["r"])
+                if answer is None or answer.done():
+                    continue
+                if "q" in item:
+                    answer.set_result(item["q"])
+                elif item.get("e") == "full":
+                    answer.set_exception(QueueFullError(item.get("d", "queue full")))
+                else:
+                    answer.set_exception(RuntimeError(f"the main process could not queue it: {item.get('d')}"))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            for answer in self._answers.values():
+                if not answer.done():
+                    answer.set_exception(ConnectionError("the main process is gone"))
+
+
+HEAD: Final = struct.Struct("!I")  # a P frame's payload starts with the length of its JSON head
+
+
+class _StatsDeltas:
+    """Hook figures (calls, errors, seconds) accumulated since the last report."""
+
+    def __init__(self, stats: dict[tuple[str, str], HookStats]) -> None:
+        self.stats = stats
+        self.sent: dict[tuple[str, str], tuple[int, int, float]] = {}
+
+    def take(self) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        for key, st in list(self.stats.items()):
+            calls, errors, seconds = self.sent.get(key, (0, 0, 0.0))
+            if st.calls != calls or st.errors != errors:
+                out.append([*key, st.calls - calls, st.errors - errors, st.seconds - seconds])
+                self.sent[key] = (st.calls, st.errors, st.seconds)
+        return out
+
+
+async def serve_worker(spec: dict[str, Any]) -> None:
+    """A receive worker's life: start, serve until SIGTERM or the main process is gone, drain, stop."""
+    from mxgate.core import engine
+    from mxgate.core.smtp.server import start_listeners
+
+    source = engine.Source(**spec["source"])
+    config, plugins = engine.load_source(source)
+    runtime = Runtime.create(config, plugins, role=ROLE_RECEIVER)
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=spec["channel"]), limit=CHANNEL_LIMIT)
+    channel = _Channel(reader, writer)
+    runtime.hooks.event_sink = channel.event
+    runtime.hooks.dispatcher.error_sink = channel.plugin_error
+    runtime.enqueue = channel.submit
+    await engine.open_services(runtime, queue=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    sockets = {name: [socket.socket(fileno=fd) for fd in fds] for name, fds in dict(spec["listeners"]).items()}
+    deltas = _StatsDeltas(runtime.hooks.dispatcher.stats)
+    answers = asyncio.ensure_future(channel.read_answers())
+    listeners: list[Listener] = []
+    try:
+        await runtime.hooks.on_startup(runtime)
+        listeners = await start_listeners(runtime, sockets)
+        channel.report({"ready": os.getpid()})
+        stats_task = asyncio.ensure_future(_send_stats(channel, deltas))
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(channel.closed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        stats_task.cancel()
+        for waiter in waiters:
+            waiter.cancel()
+    finally:
+        for listener in listeners:
+            listener.close()
+        for listener in listeners:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.wait_closed(), DRAIN_TIMEOUT)
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        await runtime.hooks.on_shutdown(runtime)
+        runtime.tracking.close()
+        final = deltas.take()
+        if final:
+            channel.report({"s": final})
+        channel.flush()
+        answers.cancel()
+        with contextlib.suppress(Exception):
+            await writer.drain()
+            writer.close()
+
+
+async def _send_stats(channel: _Channel, deltas: _StatsDeltas) -> None:
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        changed = deltas.take()
+        if changed:
+            channel.report({"s": changed})
+
+
+def worker_main() -> int:
+    """``python -m mxgate.core.workers``: the spec on stdin (see the module docs)."""
+    from mxgate.core import engine, logs
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the main process, which stops us
+    spec = json.loads(sys.stdin.read())
+    server = spec.get("log", {})
+    logs.configure(server.get("format", "logfmt"), server.get("level", "info"))
+    engine.run_loop(serve_worker(spec))
+    return 0
+
+
+# -- in the main process --------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """One running worker as the main process sees it."""
+
+    def __init__(
+        self,
+        slot: int,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.slot = slot
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.started = time.monotonic()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.sessions: Counter[str] = Counter()  # open sessions per listener, to close in the metrics if it dies
+        self.task: asyncio.Task[None] | None = None  # reads its channel
+
+
+class ReceiveWorkers:
+    """The main process's side: starts ``count`` workers on ``listeners``' sockets and keeps them running."""
+
+    def __init__(self, runtime: Runtime, source: Source, listeners: Sequence[Listener], count: int) -> None:
+        self.runtime = runtime
+        self.source = source
+        self.listeners = listeners
+        self.count = count
+        self.workers: dict[int, _Worker] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers.values()]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each serves (or failed to start: a start-up error)."""
+        for slot in range(self.count):
+            worker = await self._spawn(slot)
+            try:
+                await asyncio.wait_for(asyncio.shield(worker.ready), READY_TIMEOUT)
+            except Exception as exc:
+                await self.stop(5.0)
+                raise RuntimeError(f"receive worker {slot} did not start: {exc}") from exc
+            self._tasks.append(asyncio.ensure_future(self._supervise(worker)))
+
+    async def _spawn(self, slot: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        fds = {lst.config.name: [s.fileno() for s in lst.sockets] for lst in self.listeners}
+        server = self.runtime.config.server
+        spec = {
+            "source": asdict(self.source),
+            "slot": slot,
+            "channel": theirs.fileno(),
+            "listeners": fds,
+            "log": {"format": server.log_format, "level": server.log_level},
+        }
+        passed = [theirs.fileno(), *(fd for v in fds.values() for fd in v)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mxgate.core.workers", stdin=asyncio.subprocess.PIPE, pass_fds=passed
+            )
+        finally:
+            theirs.close()
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CHANNEL_LIMIT)
+        worker = _Worker(slot, proc, reader, writer)
+        self.workers[slot] = worker
+        worker.task = asyncio.ensure_future(self._read(worker))
+        log.info("receive worker started", extra={"slot": slot, "pid": proc.pid})
+        return worker
+
+    async def _read(self, worker: _Worker) -> None:
+        """Queue what the worker sends and replay what it reports, until its channel closes."""
+        hooks = self.runtime.hooks
+        puts: set[asyncio.Task[None]] = set()
+        try:
+            while (frame := await _read_frame(worker.reader)) is not None:
+                kind, payload = frame
+                if kind == b"P":
+                    task = asyncio.ensure_future(self._put(worker, payload))
+                    puts.add(task)
+                    task.add_done_callback(puts.discard)
+                elif kind == b"J":
+                    for item in json.loads(payload):
+                        await self._report(worker, item)
+        except (ValueError, KeyError, TypeError):
+            log.exception("receive worker: unreadable frame; closing its channel", extra={"slot": worker.slot})
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if puts:  # what it sent is queued (and answered, if it still listens) before it is counted gone
+                await asyncio.gather(*puts, return_exceptions=True)
+            worker.writer.close()
+            for listener, n in worker.sessions.items():
+                for _ in range(n):  # sessions it had open when it died
+                    await hooks.on_event("disconnection", listener=listener)
+            worker.sessions.clear()
+            if not worker.ready.done():
+                worker.ready.set_exception(RuntimeError(f"exited with {await worker.proc.wait()}"))
+
+    async def _put(self, worker: _Worker, payload: bytes) -> None:
+        (size,) = HEAD.unpack_from(payload)
+        head = json.loads(payload[HEAD.size : HEAD.size + size])
+        data = payload[HEAD.size + size :]
+        answer: dict[str, Any] = {"r": head["r"]}
+        try:
+            answer["q"] = await self.runtime.submit(
+                head["f"], head["t"], data, meta=[tuple(m) for m in head["m"]], message_id=head["i"], now=head["n"]
+            )
+        except QueueFullError as exc:
+            answer.update(e="full", d=str(exc))
+        except Exception as exc:
+            log.exception("queueing a receive worker's message failed", extra={"slot": worker.slot})
+            answer.update(e="error", d=f"{type(exc).__name__}: {exc}")
+        if not worker.writer.is_closing():
+            worker.writer.writelines(_frame(b"A", json.dumps(answer).encode()))
+
+    async def _report(self, worker: _Worker, item: dict[str, Any]) -> None:
+        hooks = self.runtime.hooks
+        if "e" in item:
+            kind, labels = item["e"], item["l"]
+            if kind == "connection":
+                worker.sessions[labels.get("listener", "")] += 1
+            elif kind == "disconnection":
+                worker.sessions[labels.get("listener", "")] -= 1
+            await hooks.on_event(kind, item["v"], **labels)
+        elif "x" in item:
+            plugin, hook, text = item["x"]
+            await hooks.dispatcher.report_error(plugin, hook, WorkerPluginError(text), logged=True)
+        elif "s" in item:
+            for plugin, hook, calls, errors, seconds in item["s"]:
+                st = hooks.dispatcher.stats.setdefault((plugin, hook), HookStats())
+                st.calls += calls
+                st.errors += errors
+                st.seconds += seconds
+        elif "ready" in item and not worker.ready.done():
+            worker.ready.set_result(None)
+
+    async def _supervise(self, worker: _Worker) -> None:
+        delay = RESTART_DELAY
+        while True:
+            code = await worker.proc.wait()
+            if worker.task is not None:
+                await worker.task
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.started
+            delay = RESTART_DELAY if lived >= STABLE_AFTER else min(delay * 2, RESTART_DELAY_MAX)
+            self.restarts += 1
+            log.warning(
+                "receive worker exited; starting it again",
+                extra={"slot": worker.slot, "pid": worker.proc.pid, "returncode": code, "delay": delay},
+            )
+            await self.runtime.hooks.on_event("receive_worker_restart")
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                worker = await self._spawn(worker.slot)
+                await asyncio.wait_for(asyncio.shield(worker.ready), READY_TIMEOUT)
+            except Exception:
+                log.exception("receive worker failed to start", extra={"slot": worker.slot})
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to every worker (they drain their sessions), wait up to ``timeout``, then SIGKILL."""
+        self._stopping = True
+        workers = list(self.workers.values())
+        for w in workers:
+            if w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        waits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=timeout)
+            if pending:
+                for w in workers:
+                    if w.proc.returncode is None:
+                        log.warning("receive worker did not stop in time; killing it", extra={"pid": w.proc.pid})
+                        with contextlib.suppress(ProcessLookupError):
+                            w.proc.kill()
+                await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(w.task for w in workers if w.task is not None), return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
