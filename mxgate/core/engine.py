@@ -110,7 +110,6 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
     from mxgate.core.dns import resolver_from_config
     from mxgate.core.queue.store import QueueStore
 
-    check_state_dir(runtime.config.state_path)
     try:
         runtime.resolver = resolver_from_config(
             runtime.config.dns,
@@ -150,6 +149,7 @@ class Gateway:
                 "server.receive_workers",
                 "receive workers are started by `mxgate run` (this gateway was built in-process); expected 0",
             )
+        check_state_dir(self.config.state_path)
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
         await open_services(runtime)

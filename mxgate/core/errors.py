@@ -45,3 +45,7 @@ class PluginError(MxgateError):
 
 class StateError(MxgateError):
     """The state directory is unusable (missing, unreadable, read-only)."""
+
+
+class WorkerError(MxgateError):
+    """A receive worker process could not start (its own error is logged by it)."""

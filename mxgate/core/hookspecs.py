@@ -77,7 +77,11 @@ def mxgate_lifecycle_register_commands(subparsers: argparse._SubParsersAction) -
 def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
     """Called once the configuration is frozen, before listeners accept connections. Start background tasks here.
 
-    :param runtime: the running gateway: config, resolver, clock, queue, state directory, ``submit()``.
+    With ``server.receive_workers`` it runs in every process: ``runtime.role`` is ``"main"`` (receives, delivers,
+    reports) or ``"receiver"`` (a receive worker: receive hooks only, ``runtime.queue`` is None); start background
+    services only in the main process.
+
+    :param runtime: the running gateway: config, role, resolver, clock, queue, state directory, ``submit()``.
     """
 
 

@@ -30,7 +30,8 @@ ROLE_RECEIVER: Final = "receiver"
 
 @dataclass(eq=False)
 class Runtime:
-    """Shared services. ``resolver`` and ``queue`` are set during start-up, before ``on_startup`` runs."""
+    """Shared services. ``resolver`` and ``queue`` are set during start-up, before ``on_startup`` runs (``queue``
+    stays None in a receive worker, whose ``submit`` goes through the main process)."""
 
     config: Config
     plugins: PluginSet

@@ -49,7 +49,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
-from mxgate.core.plugins import HookStats
+from mxgate.core.errors import MxgateError, WorkerError
+from mxgate.core.plugins import HookCallError, HookStats
 from mxgate.core.queue.store import QueueFullError
 from mxgate.core.runtime import ROLE_RECEIVER, Runtime
 
@@ -206,6 +207,7 @@ async def serve_worker(spec: dict[str, Any]) -> None:
 
     source = engine.Source(**spec["source"])
     config, plugins = engine.load_source(source)
+    engine.check_state_dir(config.state_path)
     runtime = Runtime.create(config, plugins, role=ROLE_RECEIVER)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=spec["channel"]), limit=CHANNEL_LIMIT)
     channel = _Channel(reader, writer)
@@ -267,7 +269,19 @@ def worker_main() -> int:
     spec = json.loads(sys.stdin.read())
     server = spec.get("log", {})
     logs.configure(server.get("format", "logfmt"), server.get("level", "info"))
-    engine.run_loop(serve_worker(spec))
+    slot = spec.get("slot", 0)
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.receive_worker = slot  # which process wrote the line
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
+    try:
+        engine.run_loop(serve_worker(spec))
+    except (MxgateError, HookCallError) as exc:  # logged where it happened; one line to say this process ends
+        print(f"mxgate receive worker {slot}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -323,7 +337,7 @@ class ReceiveWorkers:
                 await asyncio.wait_for(asyncio.shield(worker.ready), READY_TIMEOUT)
             except Exception as exc:
                 await self.stop(5.0)
-                raise RuntimeError(f"receive worker {slot} did not start: {exc}") from exc
+                raise WorkerError(f"receive worker {slot} did not start: {exc}") from exc
             self._tasks.append(asyncio.ensure_future(self._supervise(worker)))
 
     async def _spawn(self, slot: int) -> _Worker:

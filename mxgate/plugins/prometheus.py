@@ -122,7 +122,7 @@ class EventMetric:
 
 
 #: Event kind -> counter. ``dns_lookup``, ``dns_self_test``, ``connection`` and ``queue`` get extra treatment in
-#: :meth:`PrometheusPlugin.mxgate_report_on_event` as well.
+#: :meth:`PrometheusPlugin.mxgate_report_on_event` as well; ``disconnection`` only moves the sessions gauge.
 EVENT_METRICS: Mapping[str, EventMetric] = {
     "connection": EventMetric(
         "mxgate_smtp_connections", "SMTP connections accepted, by listener and inbound connector (anonymous: none).",

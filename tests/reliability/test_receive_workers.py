@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from reliability_kit import GatewayProcess, free_port, gateway_document, write_config
+from reliability_kit import GatewayProcess, free_port, gateway_command, gateway_document, write_config
 
 from mxgate.testing.sinks import SmtpSink
 
@@ -56,6 +56,15 @@ def children(pid: int) -> set[int]:
                 stat = (entry / "stat").read_text()
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                     out.add(int(entry.name))
+    return out
+
+
+def open_files(pid: int) -> list[str]:
+    """What a process's descriptors point at (one may close while we look)."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(fd))
     return out
 
 
@@ -171,7 +180,7 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
             if workers:
                 (worker,) = worker_pids
                 assert worker in pids, "the worker received nothing"
-                fds = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
+                fds = open_files(worker)
                 assert not [f for f in fds if "queue" in f], f"a worker opened the queue: {fds}"
             assert set(pids) <= {setup.gw.pid, *worker_pids}
     assert len(sink.messages) == count
@@ -232,8 +241,7 @@ async def load_while(port: int, clients: int, acked: list[bytes], until: Any, ti
 
 
 def sockets_open(pid: int) -> int:
-    fd_dir = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fd_dir.iterdir() if os.readlink(fd).startswith("socket:"))
+    return sum(1 for target in open_files(pid) if target.startswith("socket:"))
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -293,3 +301,32 @@ async def test_stop_and_main_process_death_leave_no_worker_behind(tmp_path: Path
             assert b.gw.proc is not None
             b.gw.proc.wait(timeout=10)
             wait_until(lambda: not alive(worker), 45, "the orphaned worker to notice and stop")
+
+
+async def test_a_worker_that_cannot_start_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:
+    """A plugin whose start-up fails only in a receive worker: ``mxgate run`` must exit 1 with one line saying
+    which worker did not start (the plugin's error is logged above it), and leave no process behind."""
+    (tmp_path / "broken.py").write_text(
+        "from mxgate.core.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def mxgate_lifecycle_on_startup(runtime):\n"
+        "    if runtime.role == 'receiver':\n"
+        "        raise RuntimeError('no licence for a second process')\n"
+    )
+    doc = gateway_document(tmp_path / "state", port=free_port(), smart_host="127.0.0.1:9")
+    doc["server"]["receive_workers"] = 1
+    doc["plugins"] = {"load": ["broken.py"]}
+    config = write_config(tmp_path / "mxgate.toml", doc)
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(config), cwd=tmp_path, stderr=asyncio.subprocess.PIPE, start_new_session=True
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "mxgate: receive worker 0 did not start" in text, text
+    assert "no licence for a second process" in text, text
+    assert not children(proc.pid)

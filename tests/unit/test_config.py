@@ -102,6 +102,34 @@ def test_connection_reuse_settings(tmp_path: Path) -> None:
     assert (conn.connection_reuse, conn.connection_idle_timeout) == (False, 0.3)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("-1", "server.receive_workers: -1: expected a whole number from 0 to 64"),
+        ("65", "server.receive_workers: 65: expected a whole number from 0 to 64"),
+        ("1.5", "server.receive_workers: expected a whole number, got a number (1.5)"),
+        ('"auto"', "server.receive_workers: expected a whole number, got a string ('auto')"),
+    ],
+)
+def test_receive_workers_bounds(tmp_path: Path, value: str, expected: str) -> None:
+    config, _ = engine.load(write(tmp_path, BASE))
+    assert config.server.receive_workers == 0  # one process unless asked
+    config, _ = engine.load(write(tmp_path, "[server]\nreceive_workers = 3\n" + BASE, "three.toml"))
+    assert config.server.receive_workers == 3
+    msgs = problems(write(tmp_path, f"[server]\nreceive_workers = {value}\n" + BASE, "bad.toml"))
+    assert [m.split(": ", 1)[1] for m in msgs] == [expected]
+
+
+async def test_receive_workers_need_the_mxgate_run_process(tmp_path: Path) -> None:
+    """A gateway built in-process (tests, embedding) has no configuration text to start workers from: a clear
+    configuration error, not a half-started gateway."""
+    config, plugins = engine.load(
+        write(tmp_path, f"[server]\nreceive_workers = 1\nstate_dir = '{tmp_path}/var'\n" + BASE)
+    )
+    with pytest.raises(ConfigError, match=r"server.receive_workers: receive workers are started by `mxgate run`"):
+        await engine.Gateway(config, plugins).start()
+
+
 def test_plugin_section_unknown_and_typo(tmp_path: Path) -> None:
     text = BASE + "[plugins.tlsrp]\norganization_name = 'x'\n[plugins.tlsrpt]\norganisation_name = 'x'\n"
     msgs = problems(write(tmp_path, text))
