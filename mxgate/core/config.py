@@ -63,8 +63,9 @@ class ServerConfig:
     )
     receive_workers: int = setting(
         0,
-        desc="Extra processes that accept and receive on the same listeners (each uses a core; delivery, plugins' "
-        "background services and the metrics endpoint stay in the main process). 0: one process.",
+        desc="Receive worker processes: they accept on the listeners the main process binds and run the receive "
+        "stage; the main process queues, delivers, runs plugins' background services and serves metrics. "
+        "0: one process does everything. One per spare core.",
         check=checks.check_receive_workers,
         example=1,
     )

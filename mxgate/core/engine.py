@@ -159,7 +159,10 @@ class Gateway:
         runtime.enqueue = scheduler.enqueue
         await runtime.hooks.on_startup(runtime)
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
-        self.servers = await start_listeners(runtime)
+        # With receive workers the main process binds the listeners and hands them over: it accepts nothing
+        # itself (measured: when it did, the kernel gave it most connections and its loop, which also delivers,
+        # was the bottleneck while the worker idled at a third of a core).
+        self.servers = await start_listeners(runtime, serve=not count)
         if count and self.source is not None:
             self.workers = ReceiveWorkers(runtime, self.source, self.servers, count)
             await self.workers.start()

@@ -1,7 +1,10 @@
-"""Receive workers (``server.receive_workers = N``): N extra processes that accept on the main process's
-listening sockets and run only the receive stage, so that receiving uses other cores while the main process
-delivers. One process runs Python under one lock (the GIL); bench/RESULTS.md shows that lock, not the disk or the
-network, is what bounds a single process's acceptance rate.
+"""Receive workers (``server.receive_workers = N``): N processes that accept on the listening sockets the main
+process bound and run only the receive stage, so that receiving uses other cores while the main process queues
+and delivers. One process runs Python under one lock (the GIL); bench/RESULTS.md shows that lock, not the disk or
+the network, is what bounds a single process's acceptance rate. The main process itself does not accept while it
+has workers (when it did, the kernel gave it most connections and its loop, which also delivers, was the
+bottleneck while the worker used a third of a core); while a dead worker is restarted, clients wait in the listen
+backlog.
 
 A worker is ``python -m mxgate.core.workers``, started by the main process once its listeners are bound. It reads
 one JSON document on stdin: the configuration :class:`~mxgate.core.engine.Source` (the main process's text, so

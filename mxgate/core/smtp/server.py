@@ -218,8 +218,9 @@ class Listener:
     def next_session_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
-    async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
-        """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound."""
+    async def start(self, sockets: Sequence[socket.socket] = (), *, serve: bool = True) -> None:
+        """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound.
+        ``serve=False`` binds and listens without accepting (the main process when receive workers accept)."""
         loop = asyncio.get_running_loop()
         implicit = self.config.implicit_tls and self.tls_context is not None
         tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
@@ -229,7 +230,13 @@ class Listener:
             return
         self.servers.append(
             await loop.create_server(
-                lambda: Connection(self), self.config.host, self.config.port, reuse_address=True, backlog=1024, **tls
+                lambda: Connection(self),
+                self.config.host,
+                self.config.port,
+                reuse_address=True,
+                backlog=1024,
+                start_serving=serve,
+                **tls,
             )
         )
 
@@ -258,15 +265,15 @@ class Listener:
 
 
 async def start_listeners(
-    runtime: Runtime, sockets: Mapping[str, Sequence[socket.socket]] | None = None
+    runtime: Runtime, sockets: Mapping[str, Sequence[socket.socket]] | None = None, *, serve: bool = True
 ) -> list[Listener]:
     """Called by the engine: one started :class:`Listener` per ``[[listener]]`` (on the already listening
-    ``sockets`` by listener name, in a receive worker)."""
+    ``sockets`` by listener name, in a receive worker; bound but not accepting with ``serve=False``)."""
     listeners: list[Listener] = []
     try:
         for lc in runtime.config.listener:
             listener = Listener(runtime, lc)
-            await listener.start(() if sockets is None else sockets[lc.name])
+            await listener.start(() if sockets is None else sockets[lc.name], serve=serve)
             listeners.append(listener)
     except BaseException:
         for listener in listeners:
