@@ -172,11 +172,11 @@ class Gateway:
 
     async def stop(self, timeout: float = 30.0) -> None:
         runtime = self.runtime
-        for server in self.servers:
-            server.close()
-        if self.workers is not None:  # they drain their own sessions meanwhile
+        if self.workers is not None:  # first: they drain their sessions, whose messages this process queues
             await self.workers.stop(timeout)
             self.workers = None
+        for server in self.servers:
+            server.close()
         for server in self.servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout)

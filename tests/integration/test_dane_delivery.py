@@ -405,6 +405,34 @@ async def test_smart_hosts_by_address_have_no_tlsa(dane_lab: Lab, tmp_path: Path
             assert events.count("dane_tlsa_lookup") == 2
 
 
+async def test_one_analysis_serves_a_destination_for_a_second(dane_lab: Lab, tmp_path: Path) -> None:
+    """Messages to the same destination over the same next hop reuse the analysis for ANALYSIS_REUSE_SECONDS (the
+    MX hosts are examined, and counted, once); after that it is examined again; another self-test result or another
+    next hop is another analysis."""
+    from mxgate.plugins.dane import ANALYSIS_REUSE_SECONDS
+
+    events: list[str] = []
+    async with gateway_runtime(dane_lab, tmp_path) as (runtime, _):
+        runtime.hooks.on_event = functools.partial(_recording, events, runtime.hooks.on_event)  # type: ignore[method-assign]
+        next_hop, first, plugin = await _policy(runtime, fqdn("d311"))
+        examined = events.count("dane_tlsa_lookup")
+        assert examined == len(next_hop.hosts) >= 1
+        dest = next_hop.destination
+        for _ in range(20):
+            assert await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop) is first
+        assert events.count("dane_tlsa_lookup") == examined
+        other = dataclasses.replace(next_hop, hosts=next_hop.hosts[:0] + next_hop.hosts)  # equal: still reused
+        assert await plugin.mxgate_delivery_resolve_tls_policy(dest, other) is first
+        runtime.stash[SELF_TEST] = dataclasses.replace(runtime.stash[SELF_TEST], detail="re-run")
+        again = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)
+        assert again is not first and again == first
+        assert events.count("dane_tlsa_lookup") == 2 * examined
+        await asyncio.sleep(ANALYSIS_REUSE_SECONDS + 0.1)
+        later = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)
+        assert later is not again and later is not None and later.failure is None
+        assert events.count("dane_tlsa_lookup") == 3 * examined
+
+
 async def test_cname_smart_host_uses_expanded_base_domain(dane_lab: Lab, tmp_path: Path) -> None:
     relay = fqdn("relay")
     async with gateway_runtime(dane_lab, tmp_path) as (runtime, _):
