@@ -318,6 +318,20 @@ def write_config(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (a gateway's receive workers)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -19,13 +19,22 @@ import json
 import os
 import random
 import re
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from reliability_kit import UVLOOP, GatewayProcess, RawClient, free_port, gateway_document, write_config
+from reliability_kit import (
+    UVLOOP,
+    GatewayProcess,
+    RawClient,
+    child_pids,
+    free_port,
+    gateway_document,
+    write_config,
+)
 
 from mxgate.core.queue.store import QueueStore
 from mxgate.testing.sinks import PostfixSink
@@ -159,7 +168,10 @@ async def _whereabouts(state: Path, ids: list[str]) -> str:
 
 
 async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: tuple[float, float],
-                    size: int, seed: int | None = None, drain_seconds: float = 60) -> Outcome:  # fmt: skip
+                    size: int, seed: int | None = None, drain_seconds: float = 60,
+                    receive_workers: int = 0) -> Outcome:  # fmt: skip
+    """With ``receive_workers``, odd kills hit the main process alone (as the OOM killer would): its workers must
+    notice, stop by themselves and free the port before it is started again; even kills hit every process."""
     if not PostfixSink.available():
         pytest.skip("Postfix smtp-sink is not installed (make deps)")
     rng = random.Random(seed)
@@ -168,7 +180,9 @@ async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: t
     state = tmp_path / "var"
     with PostfixSink(dump=True) as sink:
         scanner = DumpScanner(sink)
-        doc = gateway_document(state, port=port, smart_host=f"127.0.0.1:{sink.port}")
+        doc = gateway_document(
+            state, port=port, smart_host=f"127.0.0.1:{sink.port}", extra_server={"receive_workers": receive_workers}
+        )
         config = write_config(tmp_path / "mxgate.toml", doc)
         gw = GatewayProcess(config, tmp_path / "gateway.log", uvloop=UVLOOP)
         ledger = Ledger()
@@ -181,8 +195,19 @@ async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: t
             for k in range(kills):
                 await asyncio.sleep(rng.uniform(*load_seconds))
                 assert gw.proc is not None and gw.proc.poll() is None, f"gateway died by itself:\n{gw.tail()}"
-                gw.kill()
-                kill_times.append(time.time())
+                if receive_workers and k % 2 == 1:
+                    workers = child_pids(gw.pid)
+                    assert len(workers) == receive_workers, workers
+                    os.kill(gw.pid, signal.SIGKILL)
+                    gw.proc.wait(timeout=10)
+                    kill_times.append(time.time())
+                    deadline = time.monotonic() + 45
+                    while any(Path(f"/proc/{w}").exists() for w in workers):
+                        assert time.monotonic() < deadline, f"orphaned workers {workers} did not stop"
+                        await asyncio.sleep(0.05)
+                else:
+                    gw.kill()
+                    kill_times.append(time.time())
                 problems = await _integrity(state)
                 assert problems == [], f"integrity after kill {k + 1}: {problems}"
                 await asyncio.to_thread(gw.start, port)
@@ -261,6 +286,17 @@ async def test_mxgate_run_relays(tmp_path: Path, uvloop: bool) -> None:
 
 async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     await crash_run(tmp_path, kills=3, clients=4, load_seconds=(0.4, 1.0), size=2000)
+
+
+async def test_sigkill_under_load_loses_nothing_with_receive_workers(tmp_path: Path) -> None:
+    await crash_run(tmp_path, kills=4, clients=6, load_seconds=(0.4, 1.0), size=2000, receive_workers=1)
+
+
+@pytest.mark.soak
+async def test_soak_sigkill_with_receive_workers_loses_nothing(tmp_path: Path) -> None:
+    await crash_run(
+        tmp_path, kills=25, clients=16, load_seconds=(0.5, 4.0), size=8000, drain_seconds=600, receive_workers=1
+    )
 
 
 @pytest.mark.soak

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from reliability_kit import GatewayProcess, free_port, gateway_command, gateway_document, write_config
+from reliability_kit import (
+    GatewayProcess,
+    child_pids,
+    free_port,
+    gateway_command,
+    gateway_document,
+    write_config,
+)
 
 from mxgate.testing.sinks import SmtpSink
 
@@ -46,17 +53,6 @@ def mxgate_receive_on_ehlo_command(hostname):
     if hostname == "boom.test":
         raise RuntimeError("boom")
 """
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.add(int(entry.name))
-    return out
 
 
 def open_files(pid: int) -> list[str]:
@@ -114,7 +110,7 @@ class Setup:
         self.gw = GatewayProcess(write_config(tmp / "mxgate.toml", doc), tmp / "gateway.log")
 
     def worker_pids(self) -> set[int]:
-        return children(self.gw.pid)
+        return child_pids(self.gw.pid)
 
 
 @contextlib.contextmanager
@@ -330,4 +326,4 @@ async def test_a_worker_that_cannot_start_stops_the_gateway_with_a_clear_error(t
     assert proc.returncode == 1, text
     assert "mxgate: receive worker 0 did not start" in text, text
     assert "no licence for a second process" in text, text
-    assert not children(proc.pid)
+    assert not child_pids(proc.pid)
