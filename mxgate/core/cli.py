@@ -297,7 +297,13 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     add_config_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the gateway (foreground)")
+    p = sub.add_parser(
+        "run",
+        help="run the gateway (foreground)",
+        description="Run the gateway in the foreground until SIGTERM or SIGINT (then drain and stop). With "
+        "server.receive_workers = N it starts N receive worker processes, restarts any that dies and stops them "
+        "with itself.",
+    )
     add_config_arg(p)
     p.set_defaults(func=cmd_run)
 

@@ -94,11 +94,11 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 class Setup:
-    def __init__(self, tmp: Path, sink: SmtpSink, workers: int) -> None:
+    def __init__(self, tmp: Path, sink: SmtpSink, workers: int, state: Path | None = None) -> None:
         self.port = free_port()
         (tmp / "pidtag.py").write_text(PLUGIN)
         doc = gateway_document(
-            tmp / "state",
+            state or tmp / "state",
             port=self.port,
             smart_host=f"127.0.0.1:{sink.port}",
             extra_server={"receive_workers": workers},
@@ -106,7 +106,6 @@ class Setup:
         doc["plugins"] = {"load": ["pidtag.py"]}
         doc["inbound_connector"] = [{"name": "lab", "sender_ips": ["127.0.0.0/8"], "may_relay": True}]
         self.metrics_port = int(doc["metrics"]["listen"].rsplit(":", 1)[1])
-        self.state = tmp / "state"
         self.gw = GatewayProcess(write_config(tmp / "mxgate.toml", doc), tmp / "gateway.log")
 
     def worker_pids(self) -> set[int]:
@@ -114,8 +113,8 @@ class Setup:
 
 
 @contextlib.contextmanager
-def running(tmp: Path, sink: SmtpSink, workers: int) -> Iterator[Setup]:
-    setup = Setup(tmp, sink, workers)
+def running(tmp: Path, sink: SmtpSink, workers: int, *, state: Path | None = None) -> Iterator[Setup]:
+    setup = Setup(tmp, sink, workers, state)
     try:
         setup.gw.start(setup.port)
         if workers:
@@ -327,3 +326,27 @@ async def test_a_worker_that_cannot_start_stops_the_gateway_with_a_clear_error(t
     assert "mxgate: receive worker 0 did not start" in text, text
     assert "no licence for a second process" in text, text
     assert not child_pids(proc.pid)
+
+
+async def test_full_disk_through_a_worker_is_452_and_recovers(tmp_path: Path) -> None:
+    """The main process cannot queue a worker's message (the state directory's disk is full): the worker answers
+    452 4.3.1 as one process would, and takes mail again once space returns."""
+    from test_faults import fill, message, tmpfs, transaction
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        async with SmtpSink() as sink:
+            with running(tmp_path, sink, 1, state=disk / "var") as setup:
+                first = await transaction(setup.port, message("before", 2000))
+                assert first[-1].startswith("250 2.0.0"), first
+                await sink.wait_for(1, timeout=20)
+                await asyncio.sleep(0.5)  # its result recorded before the disk fills
+                filler = fill(disk, leave=64 * 1024)
+                full = await transaction(setup.port, message("while-full", 600_000))
+                assert full[-1].startswith("452 4.3.1"), full
+                filler.unlink()
+                again = await transaction(setup.port, message("after", 600_000))
+                assert again[-1].startswith("250 2.0.0"), again
+                await sink.wait_for(2, timeout=20)
+                assert setup.gw.proc is not None and setup.gw.proc.poll() is None
+    subjects = sorted(re.search(rb"^Subject: (\S+)", m.data, re.M).group(1) for m in sink.messages)  # type: ignore[union-attr]
+    assert subjects == [b"after", b"before"]
