@@ -41,6 +41,7 @@ kind                           labels                                     metric
 ``sts_refresh``                result                                     ``mxgate_sts_refreshes_total``
 ``sts_refresh_failing``        mode                                       ``mxgate_sts_refresh_failing_total``
 ``sts_policy_served``          result                                     ``mxgate_sts_policy_requests_total``
+``receive_worker_restart``     (none)                                     ``mxgate_receive_worker_restarts_total``
 ``tlsrpt_sent``                result, method                             ``mxgate_tlsrpt_reports_sent_total``
 ``tlsrpt_received``            reporter_kind -> method, result            ``mxgate_tlsrpt_reports_received_total``
 ``tlsrpt_received_sessions``   result, result_type; value = sessions      ``mxgate_tlsrpt_received_sessions_total``
@@ -183,6 +184,11 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
     ),
     "sts_policy_served": EventMetric(
         "mxgate_sts_policy_requests", "Requests to our own MTA-STS policy listener, by result.", ("result",)
+    ),
+    "receive_worker_restart": EventMetric(
+        "mxgate_receive_worker_restarts",
+        "Receive workers (server.receive_workers) that died and were started again: alert on any increase.",
+        (),
     ),
     "tlsrpt_sent": EventMetric(
         "mxgate_tlsrpt_reports_sent", "TLS-RPT reports we tried to deliver, by result and method.", ("result", "method")
@@ -441,6 +447,8 @@ class PrometheusPlugin:
                 self._counter("tlsrpt_sent", (result, method))
 
     def _counter(self, kind: str, values: tuple[str, ...]) -> Counter:
+        if not values:  # a counter without labels is its own only series
+            return self.counters[kind]
         return self._child(self.counters[kind], values, EVENT_METRICS[kind].name)
 
     def _child(self, metric: _M, values: tuple[str, ...], name: str | None = None) -> _M:

@@ -190,6 +190,7 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
     assert value(s, "mxgate_hook_calls_total", **hook) == count
     assert value(s, "mxgate_hook_calls_total", plugin="core", hook="mxgate_lifecycle_on_startup") == 1 + workers
     assert value(s, "mxgate_delivery_recipients_total", connector="inside", result="delivered") == count
+    assert s[("mxgate_receive_worker_restarts_total", ())] == 0  # exported (at 0) from the start
 
 
 async def _client(port: int, tag: int, acked: list[bytes], stop: asyncio.Event) -> None:
@@ -275,6 +276,7 @@ async def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(tmp_p
     missing = [t for t in acked if t not in delivered]
     assert missing == [], f"{len(missing)} of {len(acked)} acknowledged messages never delivered"
     assert value(s, "mxgate_events_total", kind="receive_worker_restart") == 1
+    assert value(s, "mxgate_receive_worker_restarts_total") == 1
     assert value(s, "mxgate_smtp_sessions_active", listener="smtp") == 0, "the dead worker's sessions stay open"
 
 

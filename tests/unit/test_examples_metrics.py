@@ -40,9 +40,12 @@ async def exercised() -> dict[str, set[str]]:
     for kind, spec in EVENT_METRICS.items():
         await hooks.on_event(kind, value=0.01, **{src: "x" for src in (spec.sources or spec.labels)})
     await hooks.on_event("queue", action="dsn", dsn="failed")
+    await hooks.on_event("disconnection", listener="x")
     await hooks.on_disconnect(
         Session(id="s", listener="x", peer_ip="192.0.2.1", peer_port=1, local_ip="", local_port=0)
     )
+    failed = {key: st.errors for key, st in hooks.dispatcher.stats.items() if st.errors}
+    assert failed == {}, f"the agent raised on an event it declares: {failed}"
     await hooks.on_tls_outcome(TlsOutcome("x", PolicyType.TLSA, "d", False, result_type=TlsRptResult.TLSA_INVALID))
     await hooks.on_delivered(DeliveryReport("q", "r@x", "x", "delivered", "250", None, 1.0, 2.0))
     await hooks.on_failed(DeliveryReport("q", "r@x", "x", "failed", "550", None, 1.0, 2.0))
