@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from reliability_kit import UVLOOP, GatewayProcess, RawClient, free_port, gateway_document, rss_kib, write_config
+from reliability_kit import (
+    UVLOOP,
+    GatewayProcess,
+    RawClient,
+    child_pids,
+    free_port,
+    gateway_document,
+    rss_kib,
+    write_config,
+)
 
 from mxgate.testing.sinks import PostfixSink
 
@@ -135,7 +144,10 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def load_run(tmp_path: Path, *, sessions: int, waves: int, wave_seconds: float, good_share: float) -> dict:  # type: ignore[type-arg]
+async def load_run(
+    tmp_path: Path, *, sessions: int, waves: int, wave_seconds: float, good_share: float, receive_workers: int = 0
+) -> dict:  # type: ignore[type-arg]
+    """With ``receive_workers`` the memory and descriptor figures are those of every process of the gateway."""
     if not PostfixSink.available():
         pytest.skip("Postfix smtp-sink is not installed (make deps)")
     port = free_port()
@@ -145,6 +157,7 @@ async def load_run(tmp_path: Path, *, sessions: int, waves: int, wave_seconds: f
             port=port,
             smart_host=f"127.0.0.1:{sink.port}",
             extra_listener={"idle_timeout": 3.0, "session_timeout": 60.0, "max_errors": 10},
+            extra_server={"receive_workers": receive_workers},
         )
         gw = GatewayProcess(write_config(tmp_path / "mxgate.toml", doc), tmp_path / "gateway.log", uvloop=UVLOOP)
         await asyncio.to_thread(gw.start, port)
@@ -162,7 +175,9 @@ async def load_run(tmp_path: Path, *, sessions: int, waves: int, wave_seconds: f
                 await asyncio.wait_for(asyncio.gather(*tasks), wave_seconds + 60)
                 # settle: sessions closed, the gateway's queue writer idle again
                 await asyncio.sleep(1.0)
-                samples.append((rss_kib(gw.pid), open_fds(gw.pid)))
+                pids = [gw.pid, *child_pids(gw.pid)]
+                assert len(pids) == 1 + receive_workers, pids
+                samples.append((sum(rss_kib(p) for p in pids), sum(open_fds(p) for p in pids)))
             assert gw.proc is not None and gw.proc.poll() is None, f"the gateway died:\n{gw.tail()}"
         finally:
             returncode = await asyncio.to_thread(gw.stop)
@@ -195,6 +210,15 @@ async def load_run(tmp_path: Path, *, sessions: int, waves: int, wave_seconds: f
 
 async def test_500_concurrent_mixed_sessions(tmp_path: Path) -> None:
     await load_run(tmp_path, sessions=500, waves=3, wave_seconds=3.0, good_share=0.7)
+
+
+async def test_500_concurrent_mixed_sessions_with_a_receive_worker(tmp_path: Path) -> None:
+    await load_run(tmp_path, sessions=500, waves=3, wave_seconds=3.0, good_share=0.7, receive_workers=1)
+
+
+@pytest.mark.soak
+async def test_soak_mixed_load_with_a_receive_worker(tmp_path: Path) -> None:
+    await load_run(tmp_path, sessions=500, waves=10, wave_seconds=20.0, good_share=0.7, receive_workers=1)
 
 
 @pytest.mark.soak
