@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEB_PACKAGES := nsd unbound swaks postfix
+DEB_PACKAGES := nsd unbound swaks postfix iproute2
 # Binaries the tests use, one per Debian package above (same order).
-DEB_PROBES   := /usr/sbin/nsd /usr/sbin/unbound /usr/bin/swaks /usr/sbin/smtp-sink
+DEB_PROBES   := /usr/sbin/nsd /usr/sbin/unbound /usr/bin/swaks /usr/sbin/smtp-sink /usr/bin/ss
 
 .PHONY: run test lint typecheck unit integration soak bench deps venv clean
 

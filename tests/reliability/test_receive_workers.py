@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,6 +54,13 @@ def mxgate_receive_on_ehlo_command(hostname):
     if hostname == "boom.test":
         raise RuntimeError("boom")
 """
+
+
+def listen_backlog(port: int) -> int:
+    """The accept queue's limit of the socket listening on ``port`` (``ss`` shows it as Send-Q of a listener)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    (line,) = out.splitlines()
+    return int(line.split()[2])
 
 
 def open_files(pid: int) -> list[str]:
@@ -172,6 +180,7 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
             s = scrape(setup.metrics_port)
             pids = receiver_pids(sink)
             worker_pids = setup.worker_pids()
+            assert listen_backlog(setup.port) == 1024  # a burst of clients must not overflow the accept queue
             if workers:  # the main process binds the listener but leaves accepting to the worker
                 (worker,) = worker_pids
                 assert set(pids) == {worker}, "the main process received messages itself"

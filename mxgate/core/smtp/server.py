@@ -199,6 +199,12 @@ def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | 
 # --- the listener -----------------------------------------------------------------------------------------------
 
 
+# Connections the kernel completes before we accept them. A full queue drops the client's handshake ACK: it
+# believes it is connected and waits for a banner that comes seconds later (seen as banner timeouts when 500
+# clients arrived at once on asyncio's default of 100).
+BACKLOG: Final = 1024
+
+
 class Listener:
     """One ``[[listener]]``: an asyncio server plus its connections. ``close()`` / ``wait_closed()`` drain it:
     clients waiting for a command get ``421 4.3.2``; transactions in progress finish first."""
@@ -224,9 +230,10 @@ class Listener:
         loop = asyncio.get_running_loop()
         implicit = self.config.implicit_tls and self.tls_context is not None
         tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
-        if sockets:
+        if sockets:  # listen() again with our backlog: a socket bound with serve=False may not listen yet
             for sock in sockets:
-                self.servers.append(await loop.create_server(lambda: Connection(self), sock=sock, **tls))
+                server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG, **tls)
+                self.servers.append(server)
             return
         self.servers.append(
             await loop.create_server(
@@ -234,7 +241,7 @@ class Listener:
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
-                backlog=1024,
+                backlog=BACKLOG,
                 start_serving=serve,
                 **tls,
             )
