@@ -78,6 +78,7 @@ class WorkerPluginError(Exception):
 
 # Every frame on a channel: payload length (4 bytes, big-endian; the kind byte not included), kind (1 byte).
 FRAME: Final = struct.Struct("!Ic")
+HEAD: Final = struct.Struct("!I")  # a P frame's payload starts with the length of its JSON head
 
 
 def _frame(kind: bytes, *parts: bytes) -> list[bytes]:
@@ -181,9 +182,6 @@ class _Channel:
             for answer in self._answers.values():
                 if not answer.done():
                     answer.set_exception(ConnectionError("the main process is gone"))
-
-
-HEAD: Final = struct.Struct("!I")  # a P frame's payload starts with the length of its JSON head
 
 
 class _StatsDeltas:
@@ -320,17 +318,12 @@ class ReceiveWorkers:
         self.listeners = listeners
         self.count = count
         self.workers: dict[int, _Worker] = {}
-        self.restarts = 0
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def stopping(self) -> bool:
         return self._stopping
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers.values()]
 
     async def start(self) -> None:
         """Start every worker and wait until each serves (or failed to start: a start-up error)."""
@@ -448,7 +441,6 @@ class ReceiveWorkers:
                 return
             lived = time.monotonic() - worker.started
             delay = RESTART_DELAY if lived >= STABLE_AFTER else min(delay * 2, RESTART_DELAY_MAX)
-            self.restarts += 1
             log.warning(
                 "receive worker exited; starting it again",
                 extra={"slot": worker.slot, "pid": worker.proc.pid, "returncode": code, "delay": delay},
