@@ -41,6 +41,10 @@ from mxgate.testing.sinks import PostfixSink
 
 pytestmark = [pytest.mark.integration]
 
+# How long after a kill the first copy of a message that was being delivered may still land at the sink: its bytes
+# were in the socket when the process died, and the sink writes its file after reading them (seen once, under CPU
+# stress from other processes, as "a duplicate without a crash").
+IN_FLIGHT_GRACE = 1.0  # seconds
 ENVELOPE = b"MAIL FROM:<load@example.net>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n"
 SUBJECT = re.compile(rb"^Subject: (crash-\S+)\r?$", re.MULTILINE)
 
@@ -238,7 +242,9 @@ async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: t
         assert not strangers, f"the sink got messages nobody sent: {sorted(strangers)[:10]}"
         duplicates = {s: t for s, t in arrived.items() if len(t) > 1}
         for subject, times in duplicates.items():
-            assert any(times[0] <= k <= times[-1] for k in kill_times), (
+            # the first copy may land just after a kill (its bytes were in the socket when the process died, and
+            # the sink writes its file after reading them): a kill up to IN_FLIGHT_GRACE before it counts too
+            assert any(times[0] - IN_FLIGHT_GRACE <= k <= times[-1] for k in kill_times), (
                 f"{subject} delivered {len(times)} times with no kill in between: a duplicate without a crash"
             )
         assert len(acked) > kills * 10, f"only {len(acked)} messages acknowledged: the run proves little"

@@ -97,6 +97,16 @@ def scrape(port: int) -> Samples:
     return out
 
 
+async def settled(port: int, ready: Any, timeout: float = 15.0) -> Samples:
+    """Scrape until ``ready(samples)`` (what the workers report arrives within a second or so; bounded), then once
+    more a little later, so that a figure still moving past its expected value shows."""
+    deadline = time.monotonic() + timeout
+    while not ready(scrape(port)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.2)  # one more stats interval: nothing may come after
+    return scrape(port)
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -176,8 +186,14 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
             assert all(r.startswith(b"451 4.3.0") for r in replies), replies
             await sink.wait_for(count, timeout=30)
             # hook figures travel once a second; sessions close after their last reply
-            await asyncio.sleep(1.5)
-            s = scrape(setup.metrics_port)
+            hook = {"plugin": "pidtag", "hook": "mxgate_receive_on_end_of_data"}
+            s = await settled(
+                setup.metrics_port,
+                lambda s: (
+                    value(s, "mxgate_hook_calls_total", **hook) >= count
+                    and value(s, "mxgate_smtp_sessions_active", listener="smtp") <= 0
+                ),
+            )
             pids = receiver_pids(sink)
             worker_pids = setup.worker_pids()
             assert listen_backlog(setup.port) == 1024  # a burst of clients must not overflow the accept queue
@@ -195,7 +211,6 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
     assert value(s, "mxgate_messages_received_total", listener="smtp", connector="lab") == count
     assert value(s, "mxgate_smtp_sessions_active", listener="smtp") == 0
     assert value(s, "mxgate_plugin_errors_total", plugin="pidtag", hook="mxgate_receive_on_ehlo_command") == booms
-    hook = {"plugin": "pidtag", "hook": "mxgate_receive_on_end_of_data"}
     assert value(s, "mxgate_hook_calls_total", **hook) == count
     assert value(s, "mxgate_hook_calls_total", plugin="core", hook="mxgate_lifecycle_on_startup") == 1 + workers
     assert value(s, "mxgate_delivery_recipients_total", connector="inside", result="delivered") == count
@@ -278,8 +293,9 @@ async def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(tmp_p
             done = True
             await load
             await sink.wait_for(len(acked), timeout=30)
-            await asyncio.sleep(1.5)
-            s = scrape(setup.metrics_port)
+            s = await settled(
+                setup.metrics_port, lambda s: value(s, "mxgate_smtp_sessions_active", listener="smtp") <= 0
+            )
             assert setup.gw.proc is not None and setup.gw.proc.poll() is None, "the main process died"
     delivered = {m.data.rsplit(b"\r\n\r\n", 1)[1].strip() for m in sink.messages}
     missing = [t for t in acked if t not in delivered]
