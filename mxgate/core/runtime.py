@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.config import Config
-from mxgate.core.model import Stash
+from mxgate.core.model import Stash, StashKey
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 # listening sockets, and its report events, plugin errors and hook figures go to the main process's hooks.
 ROLE_MAIN: Final = "main"
 ROLE_RECEIVER: Final = "receiver"
+# In the main process's ``runtime.stash``: slot -> pid of each receive worker running now (metrics read their
+# CPU, memory and descriptors from /proc).
+RECEIVE_WORKER_PIDS: Final = StashKey[dict[int, int]]()
 
 
 @dataclass(eq=False)

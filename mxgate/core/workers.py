@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 from mxgate.core.errors import MxgateError, WorkerError
 from mxgate.core.plugins import HookCallError, HookStats
 from mxgate.core.queue.store import QueueFullError
-from mxgate.core.runtime import ROLE_RECEIVER, Runtime
+from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
 
 if TYPE_CHECKING:
     from mxgate.core.engine import Source
@@ -318,6 +318,8 @@ class ReceiveWorkers:
         self.listeners = listeners
         self.count = count
         self.workers: dict[int, _Worker] = {}
+        self.pids: dict[int, int] = {}  # slot -> pid, while it runs
+        runtime.stash[RECEIVE_WORKER_PIDS] = self.pids
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -360,6 +362,7 @@ class ReceiveWorkers:
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CHANNEL_LIMIT)
         worker = _Worker(slot, proc, reader, writer)
         self.workers[slot] = worker
+        self.pids[slot] = proc.pid
         worker.task = asyncio.ensure_future(self._read(worker))
         log.info("receive worker started", extra={"slot": slot, "pid": proc.pid})
         return worker
@@ -435,6 +438,8 @@ class ReceiveWorkers:
         delay = RESTART_DELAY
         while True:
             code = await worker.proc.wait()
+            if self.pids.get(worker.slot) == worker.proc.pid:
+                del self.pids[worker.slot]
             if worker.task is not None:
                 await worker.task
             if self._stopping:
@@ -479,6 +484,7 @@ class ReceiveWorkers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.pids.clear()
 
 
 if __name__ == "__main__":

@@ -61,11 +61,13 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -77,7 +79,7 @@ from mxgate import __version__
 from mxgate.core.checks import split_hostport
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import DeliveryReport, ReportEvent, TlsOutcome
-from mxgate.core.runtime import ROLE_MAIN
+from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_MAIN
 
 if TYPE_CHECKING:
     from mxgate.core.queue.store import QueueCounts
@@ -294,6 +296,47 @@ class _HookCollector(Collector):
         yield seconds
 
 
+class _WorkerProcessCollector(Collector):
+    """CPU, memory and descriptors of each receive worker (``mxgate_process_*`` describe the main process only),
+    read from /proc at scrape time (Linux, as prometheus-client's process collector)."""
+
+    def __init__(self, plugin: PrometheusPlugin) -> None:
+        self.plugin = plugin
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["slot"]
+        cpu = CounterMetricFamily(
+            "mxgate_receive_worker_cpu_seconds",
+            "CPU time of each receive worker (user and system); starts again from 0 when a worker is restarted.",
+            labels=labels,
+        )
+        rss = GaugeMetricFamily(
+            "mxgate_receive_worker_resident_memory_bytes", "Resident memory of each receive worker.", labels=labels
+        )
+        fds = GaugeMetricFamily(
+            "mxgate_receive_worker_open_fds", "Open descriptors of each receive worker.", labels=labels
+        )
+        runtime = self.plugin.runtime
+        pids = runtime.stash.get(RECEIVE_WORKER_PIDS, {}) if runtime is not None else {}
+        for slot, pid in sorted(pids.items()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue  # it exited between the list and the read
+            cpu.add_metric([str(slot)], (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS)
+            rss.add_metric([str(slot)], pages * _PAGE_SIZE)
+            fds.add_metric([str(slot)], open_fds)
+        yield cpu
+        yield rss
+        yield fds
+
+
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class _StateCollector(Collector):
     """Gauges that must be absent until something is known (a 0 would look like a failure to alert rules)."""
 
@@ -390,6 +433,7 @@ class PrometheusPlugin:
         reg.register(_QueueCollector(self))
         reg.register(_HookCollector(self))
         reg.register(_StateCollector(self))
+        reg.register(_WorkerProcessCollector(self))
         ProcessCollector(namespace="mxgate", registry=reg)  # mxgate_process_*: CPU, memory, open files (Linux)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------

@@ -215,6 +215,13 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
     assert value(s, "mxgate_hook_calls_total", plugin="core", hook="mxgate_lifecycle_on_startup") == 1 + workers
     assert value(s, "mxgate_delivery_recipients_total", connector="inside", result="delivered") == count
     assert s[("mxgate_receive_worker_restarts_total", ())] == 0  # exported (at 0) from the start
+    # the worker's own process figures (mxgate_process_* are the main process's)
+    slots = {labels for (name, labels) in s if name == "mxgate_receive_worker_resident_memory_bytes"}
+    assert slots == ({(("slot", "0"),)} if workers else set())
+    if workers:
+        assert value(s, "mxgate_receive_worker_cpu_seconds_total", slot="0") > 0.1  # it received 400 messages
+        assert value(s, "mxgate_receive_worker_resident_memory_bytes", slot="0") > 10 * 2**20
+        assert value(s, "mxgate_receive_worker_open_fds", slot="0") >= 3
 
 
 async def _client(port: int, tag: int, acked: list[bytes], stop: asyncio.Event) -> None:

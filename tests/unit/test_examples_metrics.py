@@ -4,6 +4,7 @@ Prometheus agent exports. PyYAML is not a dependency: expressions are read from 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mxgate import DeliveryReport, PolicyType, Session, TlsOutcome, TlsRptResult
 from mxgate.core import hookspecs
+from mxgate.core.model import Stash
 from mxgate.core.plugins import Dispatcher, Hooks, build_plugins
 from mxgate.core.queue.store import QueueCounts, RecipientStatus
+from mxgate.core.runtime import RECEIVE_WORKER_PIDS
 from mxgate.plugins.prometheus import EVENT_METRICS, PrometheusPlugin, metric_names, sample_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +39,9 @@ async def exercised() -> dict[str, set[str]]:
     hooks = Hooks(Dispatcher(plugins))
     plugin = plugins.pm.get_plugin("prometheus")
     assert isinstance(plugin, PrometheusPlugin)
-    plugin.runtime = type("R", (), {"hooks": hooks})()  # type: ignore[assignment]  # the hook statistics
+    stash = Stash()
+    stash[RECEIVE_WORKER_PIDS] = {0: os.getpid()}  # this process stands in for a receive worker
+    plugin.runtime = type("R", (), {"hooks": hooks, "stash": stash})()  # type: ignore[assignment]
     for kind, spec in EVENT_METRICS.items():
         await hooks.on_event(kind, value=0.01, **{src: "x" for src in (spec.sources or spec.labels)})
     await hooks.on_event("queue", action="dsn", dsn="failed")

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mxgate import DeliveryReport, PolicyType, TlsOutcome, TlsRptResult, hookimpl
 from mxgate.core import engine
+from mxgate.core.model import Stash
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet, build_plugins
 from mxgate.core.queue.store import QueueStore
 from mxgate.core.runtime import Runtime
@@ -325,7 +326,7 @@ async def test_plugin_errors_and_hook_statistics() -> None:
     hooks = Hooks(Dispatcher(plugins))
     plugin = plugins.pm.get_plugin("prometheus")
     assert isinstance(plugin, PrometheusPlugin)
-    plugin.runtime = type("R", (), {"hooks": hooks})()  # type: ignore[assignment]  # only .hooks is read
+    plugin.runtime = type("R", (), {"hooks": hooks, "stash": Stash()})()  # type: ignore[assignment]  # what is read
     await hooks.on_delivered(report("internet", "delivered", 1.0, 2.0))
     await hooks.on_delivered(report("internet", "delivered", 1.0, 2.0))
     s = scrape(plugin)
