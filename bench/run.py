@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="relay: keep sessions open (smtp-source -d); default: one message per connection",
     )
-    p.add_argument("--repeat", type=int, default=1, help="relay: measure each system N times, interleaved; medians")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="relay, tls, dane: measure each system (each arm) N times, interleaved; medians",
+    )
     p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
     p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
     p.add_argument(

@@ -156,6 +156,11 @@ def _relay_once(system: System, args: argparse.Namespace, *, profile: bool) -> d
             sink.stop()
 
 
+def _interleaved(args: argparse.Namespace, arms: tuple[str, ...]) -> list[str]:
+    """``--repeat`` passes of each arm, interleaved (plain, tls, plain, tls, ...), so that drift hits both."""
+    return [arm for _ in range(args.repeat) for arm in arms]
+
+
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The first run's record with every numeric figure replaced by the median over runs; runs kept."""
     if len(results) == 1:
@@ -219,8 +224,8 @@ def tls(args: argparse.Namespace) -> dict[str, Any]:
     for name in _systems(args, ("postfix", "mxgate")):
 
         def body(system: System) -> dict[str, Any]:
-            arms = {}
-            for arm in ("plain", "starttls"):
+            arms: dict[str, list[dict[str, Any]]] = {}
+            for arm in _interleaved(args, ("plain", "starttls")):
                 secure = arm == "starttls"
                 sink = CountingSink(
                     "countsink",
@@ -237,10 +242,12 @@ def tls(args: argparse.Namespace) -> dict[str, Any]:
                         outbound_tls=secure,
                         ca_file=str(certs["ca"].cert_path) if secure else None,
                     )
-                    arms[arm] = _warm_pair(system, args, opts, sink, starttls=secure, rcpt=drivers.RCPT)
+                    arms.setdefault(arm, []).append(
+                        _warm_pair(system, args, opts, sink, starttls=secure, rcpt=drivers.RCPT)
+                    )
                 finally:
                     sink.stop()
-            return arms
+            return {arm: _median(runs) for arm, runs in arms.items()}
 
         results[name] = _with_system(name, args, body)
         _progress(args, "tls", name, results[name])
@@ -309,17 +316,21 @@ def dane(args: argparse.Namespace) -> dict[str, Any]:
                 continue
 
             def body(system: System) -> dict[str, Any]:
-                arms: dict[str, Any] = {}
-                plain = CountingSink("countsink", python=args.python).start()
-                try:
-                    opts = Options(sink_port=plain.port)
-                    arms["plain"] = _warm_pair(system, args, opts, plain, starttls=False, rcpt=rcpt)
-                finally:
-                    plain.stop()
-                dane = {"resolver": f"{endpoint.host}:{endpoint.port}", "domain": domain, "bogus": "bogus.test"}
-                opts = Options(sink_port=sink.port, dane=dane)
-                arms["dane"] = _warm_pair(system, args, opts, sink, starttls=False, rcpt=rcpt)
-                return arms
+                arms: dict[str, list[dict[str, Any]]] = {}
+                for arm in _interleaved(args, ("plain", "dane")):
+                    if arm == "plain":
+                        plain = CountingSink("countsink", python=args.python).start()
+                        try:
+                            opts = Options(sink_port=plain.port)
+                            result = _warm_pair(system, args, opts, plain, starttls=False, rcpt=rcpt)
+                        finally:
+                            plain.stop()
+                    else:
+                        dane = {"resolver": f"{endpoint.host}:{endpoint.port}", "domain": domain, "bogus": "bogus.test"}
+                        opts = Options(sink_port=sink.port, dane=dane)
+                        result = _warm_pair(system, args, opts, sink, starttls=False, rcpt=rcpt)
+                    arms.setdefault(arm, []).append(result)
+                return {arm: _median(runs) for arm, runs in arms.items()}
 
             results[name] = _with_system(name, args, body)
             _progress(args, "dane", name, results[name])
