@@ -196,7 +196,9 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
             )
             pids = receiver_pids(sink)
             worker_pids = setup.worker_pids()
-            assert listen_backlog(setup.port) == 1024  # a burst of clients must not overflow the accept queue
+            # a burst of clients must not overflow the accept queue (the kernel caps a backlog at somaxconn)
+            somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+            assert listen_backlog(setup.port) == min(1024, somaxconn)
             if workers:  # the main process binds the listener but leaves accepting to the worker
                 (worker,) = worker_pids
                 assert set(pids) == {worker}, "the main process received messages itself"
