@@ -202,17 +202,18 @@ def client_context(
 def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[x509.Certificate, ...]:
     """The certificates the peer sent, leaf first, in the order it sent them; ``()`` when it sent none.
 
-    Works with verification off (CERT_NONE). Python 3.13+ has the public ``get_unverified_chain()`` (DER
-    bytes); 3.10-3.12 have it only on the private ``_sslobj`` (``_ssl.Certificate`` objects). Both put the
-    peer's leaf first on the server side too (OpenSSL's server-side chain lacks it; CPython prepends it, and
-    3.11 yields ``[None]`` for a client without a certificate). Without either, only the leaf is available
-    (``getpeercert``).
+    Works with verification off (CERT_NONE). Every supported Python has ``get_unverified_chain()`` on the
+    private ``_sslobj`` (``_ssl.Certificate`` objects); 3.13+ also has a public one (DER bytes), used only where
+    the private one is missing: 3.13.0's public wrapper calls ``public_bytes`` on each item and so raises
+    AttributeError on the ``None`` that stands for a client without a certificate. Both put the peer's leaf
+    first on the server side too (OpenSSL's server-side chain lacks it; CPython prepends it, and yields ``[None]``
+    for a client without a certificate). Without either, only the leaf is available (``getpeercert``).
     """
-    getter = getattr(ssl_object, "get_unverified_chain", None)
+    getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     if getter is None:
-        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+        getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is not None:
-        # 3.11 on the server side with no client certificate returns [None]: the missing peer leaf.
+        # the server side with no client certificate returns [None]: the missing peer leaf
         raw = [item for item in (getter() or ()) if item is not None]
         if raw:
             return tuple(x509.load_der_x509_certificate(_der_of(item)) for item in raw)
