@@ -1,33 +1,25 @@
 # mxgate — two commands matter: `make run` and `make test` (see README.md).
 PYTHON ?= python3
-VENV   := .venv
+# `make test PYTHON=python3.13` keeps its own virtual environment beside the default one.
+VENV   := $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEB_PACKAGES := nsd unbound swaks postfix iproute2
-# Binaries the tests use, one per Debian package above (same order).
-DEB_PROBES   := /usr/sbin/nsd /usr/sbin/unbound /usr/bin/swaks /usr/sbin/smtp-sink /usr/bin/ss
 
 .PHONY: run test lint typecheck unit integration soak bench deps venv clean
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) 2>/dev/null || \
+	  PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | grep -x '$(patsubst python%,%,$(PYTHON))\(\.[0-9]*\)*' | tail -1)" \
+	  $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,speed]'
 	@touch $@
 
 venv: $(STAMP)
 
-# Debian packages the tests need; installed only when missing (CI runs as root on a fresh machine).
+# Debian packages the tests need, installed only when a probe of what the tests use fails (scripts/deps.sh).
 deps:
-	@missing=""; set -- $(DEB_PROBES); for pkg in $(DEB_PACKAGES); do \
-	  [ -x "$$1" ] || missing="$$missing $$pkg"; shift; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  echo "postfix postfix/main_mailer_type select No configuration" | $$SUDO debconf-set-selections; \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	@sh scripts/deps.sh
 
 run: $(STAMP)
 	$(VENV)/bin/mxgate run
@@ -49,7 +41,7 @@ integration: $(STAMP) deps
 	$(PY) -m pytest -q -m integration
 
 soak: $(STAMP) deps
-	$(PY) -m pytest -q -m soak -o addopts=""
+	$(PY) -m pytest -q -m soak -o addopts="" -o timeout=3600
 
 bench: $(STAMP) deps
 	$(PY) bench/run.py
