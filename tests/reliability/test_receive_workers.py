@@ -226,28 +226,41 @@ async def test_worker_receives_on_the_shared_listener_and_metrics_describe_one_g
         assert value(s, "mxgate_receive_worker_open_fds", slot="0") >= 3
 
 
+async def _reply(r: asyncio.StreamReader) -> bytes:
+    """One whole SMTP reply (its last line), or ``b""`` at EOF: a session cut mid-reply ends the read."""
+    while True:
+        line = await r.readline()
+        if not line or line[3:4] != b"-":
+            return line
+
+
 async def _client(port: int, tag: int, acked: list[bytes], stop: asyncio.Event) -> None:
     """A few messages on one session (sessions come and go, so both processes get some), until ``stop`` or the
     session dies; each body carries a unique token."""
     try:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.wait_for(r.readline(), 10)
-        w.write(b"EHLO load.test\r\n")
-        while not (await asyncio.wait_for(r.readline(), 10)).startswith(b"250 "):
-            pass
-        for i in range(5):
-            if stop.is_set():
-                break
-            token = f"token-{tag}-{i}".encode()
-            w.write(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
-            for _ in range(3):
-                await asyncio.wait_for(r.readline(), 10)
-            w.write(b"Subject: worker test\r\n\r\n" + token + b"\r\n.\r\n")
-            line = await asyncio.wait_for(r.readline(), 10)
-            if not line.startswith(b"250 "):
-                break
-            acked.append(token)
-        w.close()
+        # one deadline for the whole session: ``wait_for`` around each read cannot be relied on to end a loop
+        async with asyncio.timeout(30):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                if not (await _reply(r)).startswith(b"220 "):
+                    return
+                w.write(b"EHLO load.test\r\n")
+                if not (await _reply(r)).startswith(b"250 "):
+                    return
+                for i in range(5):
+                    if stop.is_set():
+                        break
+                    token = f"token-{tag}-{i}".encode()
+                    w.write(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
+                    replies = [await _reply(r) for _ in range(3)]
+                    if not replies[-1].startswith(b"354 "):
+                        break
+                    w.write(b"Subject: worker test\r\n\r\n" + token + b"\r\n.\r\n")
+                    if not (await _reply(r)).startswith(b"250 "):
+                        break
+                    acked.append(token)
+            finally:
+                w.close()
     except (ConnectionError, OSError, TimeoutError):
         pass
 

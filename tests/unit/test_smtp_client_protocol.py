@@ -108,7 +108,9 @@ async def test_pipelined_envelope_in_one_write(scripted: Callable[[Script], Awai
         await w.drain()
         body = b""
         while not body.endswith(b"\r\n.\r\n"):
-            body += await _line(r)
+            line = await _line(r)
+            assert line, f"EOF inside the message: {body!r}"
+            body += line
         got.append(body)
         w.write(b"250 2.0.0 queued\r\n")
         await _line(r)
