@@ -148,8 +148,7 @@ async def load_run(
     tmp_path: Path, *, sessions: int, waves: int, wave_seconds: float, good_share: float, receive_workers: int = 0
 ) -> dict:  # type: ignore[type-arg]
     """With ``receive_workers`` the memory and descriptor figures are those of every process of the gateway."""
-    if not PostfixSink.available():
-        pytest.skip("Postfix smtp-sink is not installed (make deps)")
+    assert PostfixSink.available(), "Postfix smtp-sink is not installed (make deps installs it)"
     port = free_port()
     with PostfixSink() as sink:
         doc = gateway_document(
