@@ -110,6 +110,10 @@ def _mailto_addresses(uri: str) -> list[str]:
 
 
 def _valid_uri(uri: str) -> bool:
+    """A ``mailto:`` with at least one address or an ``https:`` URI with a host. RFC 8460 §3: commas and
+    exclamation points in a URI MUST be percent-encoded, so a literal ``!`` makes the URI unusable."""
+    if "!" in uri:
+        return False
     lowered = uri.lower()
     if lowered.startswith("mailto:"):
         return bool(_mailto_addresses(uri))
@@ -131,17 +135,16 @@ def _parse_one(text: str) -> TlsRptRecord | None:
         fields = fields[:-1]
     if len(fields) < 2:
         return None
-    rua: list[str] | None = None
+    rua: list[str] = []
     for item in fields[1:]:
         name, eq, value = item.partition("=")
         if not eq or not value:
             return None
         if name == "rua":
-            if rua is not None:
-                return None  # rua twice
-            rua = [u for u in _URI_DELIM.split(value)]
-            if any(not u or any(c in u for c in " \t") for u in rua):
+            uris = _URI_DELIM.split(value)
+            if any(not u or any(c in u for c in " \t") for u in uris):
                 return None
+            rua.extend(u for u in uris if u not in rua)  # repeated rua= fields merge (RFC-CHECKLIST 26)
         elif not _EXT_NAME.match(name) or not _EXT_VALUE.match(value):
             return None
     if not rua:
@@ -154,7 +157,8 @@ def _parse_one(text: str) -> TlsRptRecord | None:
 def parse_tlsrpt_record(records: Iterable[str | bytes | Sequence[str | bytes]]) -> TlsRptRecord | None:
     """RFC 8460 section 3: from the TXT records at ``_smtp._tls.<domain>`` pick the ones that begin with
     ``v=TLSRPTv1;``; unless exactly one remains and it is valid (``rua`` present, syntax per the ABNF), the domain
-    does not take reports: ``None``. A record given as several strings is concatenated without spaces.
+    does not take reports: ``None``. A record given as several strings is concatenated without spaces; several
+    ``rua=`` fields are merged (in order, duplicates once).
     """
     candidates: list[str] = []
     for rec in records:
