@@ -419,6 +419,7 @@ class ReceivedReport:
     start: float | None
     end: float | None
     policies: tuple[ReceivedPolicy, ...]
+    rejected: tuple[str, ...] = ()  # why policy entries were left out (no policy-domain, unknown policy-type)
 
     @property
     def success(self) -> int:
@@ -510,17 +511,34 @@ def _as_list(value: object) -> list[Any]:
     return []
 
 
+_POLICY_TYPES = frozenset({"tlsa", "sts", "no-policy-found"})  # RFC 8460 §4.4
+
+
 def parse_received_report(document: object) -> ReceivedReport:
     """Read a report leniently: missing or empty fields become ``""``/0, counts given as strings are read, an
-    ``mx-host`` string becomes a one-element list, datetimes without a zone are UTC. Only a document that is
-    not a JSON object at all is refused (:class:`ReportError`)."""
+    ``mx-host`` string becomes a one-element list, datetimes without a zone are UTC, ``policy-type`` in any case.
+
+    Two things a report cannot do without (RFC 8460 §4.4): a policy entry with no ``policy-domain`` or a
+    ``policy-type`` other than ``tlsa``, ``sts``, ``no-policy-found`` is left out (its reason goes to
+    ``rejected``), never kept under an empty domain. Refused (:class:`ReportError`): a document that is not a
+    JSON object, and one with policy entries of which none is usable."""
     if not isinstance(document, dict):
         raise ReportError("a TLS report must be a JSON object")
     date_range = _as_dict(_get(document, "date-range"))
     policies: list[ReceivedPolicy] = []
-    for item in _as_list(_get(document, "policies")):
+    rejected: list[str] = []
+    entries = _as_list(_get(document, "policies"))
+    for number, item in enumerate(entries, start=1):
         entry = _as_dict(item)
         pol = _as_dict(_get(entry, "policy"))
+        policy_type = _text(_get(pol, "policy-type")).lower()
+        policy_domain = _norm_domain(_text(_get(pol, "policy-domain")))
+        if policy_type not in _POLICY_TYPES:
+            rejected.append(f"policy {number}: policy-type {policy_type[:40]!r} is not tlsa, sts or no-policy-found")
+            continue
+        if not policy_domain:
+            rejected.append(f"policy {number}: no policy-domain")
+            continue
         summary = _as_dict(_get(entry, "summary"))
         failures = []
         for f in _as_list(_get(entry, "failure-details")):
@@ -540,8 +558,8 @@ def parse_received_report(document: object) -> ReceivedReport:
             failure_total = sum(f.count for f in failures)
         policies.append(
             ReceivedPolicy(
-                policy_type=_text(_get(pol, "policy-type")) or "unknown",
-                policy_domain=_norm_domain(_text(_get(pol, "policy-domain"))),
+                policy_type=policy_type,
+                policy_domain=policy_domain,
                 success=_count(_get(summary, "total-successful-session-count")),
                 failure=failure_total,
                 policy_strings=_strings(_get(pol, "policy-string")),
@@ -549,6 +567,8 @@ def parse_received_report(document: object) -> ReceivedReport:
                 failures=tuple(failures),
             )
         )
+    if entries and not policies:
+        raise ReportError("no usable policy in the report: " + "; ".join(rejected[:3]))
     return ReceivedReport(
         organization=_text(_get(document, "organization-name"))[:MAX_TEXT],
         contact=_text(_get(document, "contact-info"))[:MAX_TEXT],
@@ -556,6 +576,7 @@ def parse_received_report(document: object) -> ReceivedReport:
         start=parse_datetime_lenient(_get(date_range, "start-datetime")),
         end=parse_datetime_lenient(_get(date_range, "end-datetime")),
         policies=tuple(policies),
+        rejected=tuple(rejected),
     )
 
 

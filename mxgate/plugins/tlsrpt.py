@@ -892,6 +892,11 @@ class TlsRptService:
             log.info("unreadable TLS report received", extra={"method": method, "error": str(exc)})
             await self.emit("tlsrpt_received", reporter_kind=method, result="invalid")
             return "invalid", None
+        if report.rejected:
+            log.info(
+                "TLS report policies left out",
+                extra={"method": method, "report_id": report.report_id, "rejected": list(report.rejected)},
+            )
         stored = await self.store_received(report, method=method, dkim_state=dkim_state, raw=document)
         await self.emit("tlsrpt_received", reporter_kind=method, result="ok" if stored else "duplicate")
         if stored:
