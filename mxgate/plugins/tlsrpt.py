@@ -947,8 +947,11 @@ class TlsRptService:
         return bool(box) and any(str(r).lower() == box for r in rcpts)
 
     async def verify_dkim(self, data: bytes) -> str:
-        """``pass`` | ``fail`` | ``none`` (no signature) | ``temperror`` (key lookup failed). The key is fetched
-        with our own resolver (DNSSEC status respected: a bogus answer is no key), then dkimpy verifies."""
+        """``pass`` | ``fail`` | ``none`` (no signature) | ``ignored`` (the key lacks ``s=tlsrpt``) |
+        ``temperror`` (key lookup failed). The key is fetched with our own resolver (DNSSEC status respected: a
+        bogus answer is no key), then dkimpy verifies in its strict TLS-RPT mode (``tlsrpt="strict"``): RFC 8460
+        §3 has report signers publish their key with the service type ``tlsrpt``, and we ignore signatures made
+        with keys for other services (``s=email``, ``s=*``, no ``s=``), as the RFC lets receivers do."""
         msg = rpt.parse_message_headers(data)
         sigs = msg.get_all("DKIM-Signature") or []
         if not sigs:
@@ -962,11 +965,21 @@ class TlsRptService:
         if answer.is_failure:
             return "temperror"
         txt = b"".join(b"".join(getattr(r, "strings", ())) for r in answer.records[:1])
+        key_tags = {k.lower(): "".join(v.split()) for k, v in _DKIM_TAG.findall(txt.decode("ascii", "replace"))}
+        services = key_tags.get("s", "*").lower().split(":")
+        if "tlsrpt" not in services:
+            log.info("DKIM key without s=tlsrpt: signature ignored", extra={"key": name, "s": key_tags.get("s", "")})
+            return "ignored"
+        if services != ["tlsrpt"]:
+            # RFC 6376 §3.6.1 allows a list ("email:tlsrpt"); dkimpy's strict mode compares the whole tag
+            txt = b";".join(
+                b" s=tlsrpt" if tag.partition(b"=")[0].strip().lower() == b"s" else tag for tag in txt.split(b";")
+            )
 
         def dnsfunc(_name: bytes, timeout: int = 5) -> bytes:
             return txt
 
-        ok = await asyncio.to_thread(dkim.verify, data, dnsfunc=dnsfunc, tlsrpt=True)
+        ok = await asyncio.to_thread(dkim.verify, data, dnsfunc=dnsfunc, tlsrpt="strict")
         return "pass" if ok else "fail"
 
     async def receive_mail(self, data: bytes) -> str:

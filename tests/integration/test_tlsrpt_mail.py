@@ -218,3 +218,73 @@ async def test_mailed_reports_to_our_mailbox_are_read_when_dkim_verifies(tmp_pat
         finally:
             await reporter.close()
             await receiver.close()
+
+
+@pytest.mark.parametrize("service", ["", "s=email; ", "s=*; "])
+async def test_dkim_keys_without_the_tlsrpt_service_type_are_ignored_rfc8460_3(tmp_path: Path, service: str) -> None:
+    """RFC 8460 §3 (report submitters publish their DKIM key with ``s=tlsrpt``; receivers MAY ignore other
+    signatures): a report signed with a key that lacks ``s=tlsrpt`` counts as unsigned (dkimpy strict mode), so
+    ``receive_require_dkim`` refuses it; the same report signed with an ``s=tlsrpt`` key is read."""
+    key_file, key_record = dkim_key(tmp_path)
+    now = ts("2024-03-05T04:00:00")
+    plain_record = key_record.replace("s=tlsrpt; ", service)
+    assert "s=tlsrpt" not in plain_record
+    records = {
+        f"{SELECTOR}._domainkey.plain.example": plain_record,
+        f"{SELECTOR}._domainkey.reporter.example": key_record,
+        f"{SELECTOR}._domainkey.list.example": key_record.replace("s=tlsrpt", "s=email:tlsrpt"),
+    }
+    async with ScriptedDnsServer(handler_for(records)) as dns_server:
+        resolver = Resolver([dns_server.endpoint()], timeout=2.0)
+        reporters = {
+            name: TlsRptService(
+                replace(TlsRptConfig(), organization_name=name, dkim_selector=SELECTOR, dkim_key_file=str(key_file)),
+                state_dir=tmp_path / name,
+                submitter=name,
+                clock=lambda: now,
+            )
+            for name in ("plain.example", "reporter.example", "list.example")
+        }
+        receiver = TlsRptService(
+            replace(TlsRptConfig(), receive_mailbox="tlsrpt@example.org"),
+            state_dir=tmp_path / "receiver",
+            submitter="mx.example.org",
+            clock=lambda: now,
+            resolver=resolver,
+        )
+        lax = TlsRptService(
+            replace(TlsRptConfig(), receive_mailbox="tlsrpt@example.org", receive_require_dkim=False),
+            state_dir=tmp_path / "lax",
+            submitter="mx.example.org",
+            clock=lambda: now,
+            resolver=resolver,
+        )
+        try:
+            mails = {}
+            for name, reporter in reporters.items():
+                reporter.record(outcome(ts("2024-03-04T08:00:00")))
+                aggs = await reporter.aggregates("2024-03-04", "example.org")
+                gz = rpt.gzip_report(reporter.render("2024-03-04", aggs, f"r-1@{name}"))
+                mails[name] = await reporter.build_signed_mail(
+                    ["tlsrpt@example.org"],
+                    domain="example.org",
+                    report_id=f"r-1@{name}",
+                    filename="r.json.gz",
+                    gz=gz,
+                    now=now,
+                )
+            # the signature itself is sound: dkimpy without strict mode accepts it
+            plain_key = plain_record.encode()
+            assert dkim.verify(mails["plain.example"], dnsfunc=lambda _n, timeout=5: plain_key, tlsrpt=True)
+            assert await receiver.verify_dkim(mails["plain.example"]) == "ignored"
+            assert await receiver.verify_dkim(mails["reporter.example"]) == "pass"
+            assert await receiver.verify_dkim(mails["list.example"]) == "pass"  # RFC 6376 §3.6.1: a list of services
+            assert await receiver.receive_mail(mails["plain.example"]) == "unsigned"
+            assert await receiver.receive_mail(mails["reporter.example"]) == "ok"
+            assert await receiver.reporter_failures() == [("reporter.example", 1, 0)]
+            assert await lax.receive_mail(mails["plain.example"]) == "ok"  # kept, marked dkim=ignored
+        finally:
+            for reporter in reporters.values():
+                await reporter.close()
+            await receiver.close()
+            await lax.close()
