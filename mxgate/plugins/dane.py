@@ -239,11 +239,27 @@ class Tlsa:
             return f"matching type {self.mtype} needs a {want}-byte digest, got {len(self.data)} bytes"
         if not self.data:
             return "empty certificate association data"
+        if self.mtype == Matching.FULL:
+            return _full_data_problem(self.selector, self.data)
         return None
 
     @property
     def usable(self) -> bool:
         return self.unusable_reason is None
+
+
+def _full_data_problem(selector: int, data: bytes) -> str | None:
+    """Matching type 0 carries the certificate (selector 0) or the SubjectPublicKeyInfo (selector 1) itself
+    (RFC 6698 §2.1.2-2.1.3): data that does not parse as one is unusable, not a record that never matches."""
+    try:
+        if selector == Selector.CERT:
+            x509.load_der_x509_certificate(data)
+        else:
+            serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        what = "certificate" if selector == Selector.CERT else "public key (SubjectPublicKeyInfo)"
+        return f"matching type 0 data is not a DER {what}: {exc}"
+    return None
 
 
 def effective_records(records: Sequence[Tlsa]) -> tuple[tuple[Tlsa, ...], tuple[tuple[Tlsa, str], ...]]:

@@ -73,6 +73,27 @@ def test_usability_table(text: str, reason: str | None) -> None:
         assert reason in (rec.unusable_reason or "")
 
 
+def test_full_data_records_need_a_certificate_or_key_rfc6698_2_1_3(pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 6698 §2.1.3/§2.1.2, RFC 7672 §3.1.3: with matching type 0 the data IS the certificate (selector 0) or
+    the SubjectPublicKeyInfo (selector 1). Data that is neither makes the record unusable, so a host that
+    publishes only such records gets unauthenticated mandatory TLS, not an authentication that always fails."""
+    leaf: IssuedCert = pki["leaf"]
+    inter = pki["inter"].cert
+    good = [make_tlsa(leaf.cert, 3, 0, 0), make_tlsa(leaf.cert, 3, 1, 0), make_tlsa(inter, 2, 0, 0)]
+    for rec in good:
+        assert rec.usable, rec.unusable_reason
+    swapped = [
+        Tlsa(3, 0, 0, make_tlsa(leaf.cert, 3, 1, 0).data),  # an SPKI where a certificate belongs
+        Tlsa(2, 1, 0, make_tlsa(inter, 2, 0, 0).data),  # a certificate where an SPKI belongs
+        Tlsa(3, 1, 0, make_tlsa(leaf.cert, 3, 1, 0).data[:-1]),  # truncated key
+        Tlsa(3, 0, 0, make_tlsa(leaf.cert, 3, 0, 0).data + b"\x00"),  # trailing garbage
+    ]
+    usable, dropped = effective_records([*swapped, good[1]])
+    assert usable == (good[1],)
+    assert [rec for rec, _ in dropped] == swapped
+    assert effective_records(swapped)[0] == ()
+
+
 def test_parse_and_text_round_trip() -> None:
     rec = Tlsa.parse(f"3 1 1 {SHA256[:10]} {SHA256[10:]}")
     assert rec.params == "3 1 1" and rec.text == f"3 1 1 {SHA256}" and str(rec) == rec.text
@@ -82,11 +103,11 @@ def test_parse_and_text_round_trip() -> None:
         Tlsa.parse("3 1 1 zz")
 
 
-def test_digest_agility_prefers_sha512_per_usage_and_selector() -> None:
+def test_digest_agility_prefers_sha512_per_usage_and_selector(pki: dict) -> None:  # type: ignore[type-arg]
     r311, r312 = Tlsa.parse(f"3 1 1 {SHA256}"), Tlsa.parse(f"3 1 2 {SHA512}")
     r301 = Tlsa.parse(f"3 0 1 {SHA256}")  # another selector: its own agility group
     r211 = Tlsa.parse(f"2 1 1 {SHA256}")
-    r310 = Tlsa.parse("3 1 0 00ff")  # full data: never subject to agility
+    r310 = make_tlsa(pki["leaf"].cert, 3, 1, 0)  # full data: never subject to agility
     used, dropped = effective_records([r311, r312, r301, r211, r310, Tlsa.parse(f"1 1 1 {SHA256}")])
     assert set(used) == {r312, r301, r211, r310}
     reasons = dict((r.text, why) for r, why in dropped)
