@@ -22,9 +22,10 @@ the chain the peer actually presented, on every connection (there is no session 
 * DANE-EE (3): the leaf certificate (selector 0) or its SubjectPublicKeyInfo (selector 1) matches; no name and no
   date checks (RFC 7671 §5.1).
 * DANE-TA (2): a certificate of the presented chain above the leaf matches (or, for ``2 1 0``, the top of the
-  chain is signed by the published key); the chain is then validated up to it (dates included) with
-  ``cryptography.x509.verification`` and the leaf must carry a reference identifier (RFC 7672 §3.2: DNS-ID SANs,
-  the CN only without them, wildcards only as the whole left-most label).
+  chain is signed by the published key; for ``2 0 0``, by the published certificate, RFC 7671 §5.2); the chain
+  is then validated up to it (dates included) with ``cryptography.x509.verification`` and the leaf must carry a
+  reference identifier (RFC 7672 §3.2: DNS-ID SANs, the CN only without them, wildcards only as the whole
+  left-most label).
 * Digest agility (RFC 7671 §9): per usage and selector only the strongest digest present counts (SHA2-512 over
   SHA2-256); full data (matching type 0) is always used.
 
@@ -451,8 +452,11 @@ def verify_chain(
             if check.ok:
                 return check
             failure = failure or check
-        if not anchors and rec.selector == Selector.SPKI and rec.mtype == Matching.FULL:
-            check = _bare_key_anchor(chain, rec, reference_ids, when)
+        if not anchors and rec.mtype == Matching.FULL:
+            if rec.selector == Selector.SPKI:
+                check = _bare_key_anchor(chain, rec, reference_ids, when)
+            else:
+                check = _full_certificate_anchor(chain, rec, reference_ids, when)
             if check.ok:
                 return check
             if check.result_type is not TlsRptResult.TLSA_INVALID:
@@ -478,6 +482,32 @@ def _name_check(leaf: x509.Certificate, rec: Tlsa, reference_ids: Sequence[str],
             f"{', '.join(reference_ids) or '(no reference identifiers)'}",
         )
     return DaneCheck(True, matched=rec, name=name, detail=f"chain to DANE-TA {rec.params} ({where}), name {name}")
+
+
+def _full_certificate_anchor(
+    chain: Sequence[x509.Certificate], rec: Tlsa, reference_ids: Sequence[str], now: datetime
+) -> DaneCheck:
+    """``2 0 0``: the published certificate need not be in the chain (RFC 7671 §5.2); the highest presented
+    certificate it issued is the top of the path, validated up to it as if the server had sent it."""
+    try:
+        anchor = x509.load_der_x509_certificate(rec.data)
+    except ValueError as exc:
+        return DaneCheck(False, TlsRptResult.TLSA_INVALID, rec, detail=f"2 0 0 data is not a certificate: {exc}")
+    for top in range(len(chain) - 1, -1, -1):
+        if top == 0 and chain[0] == anchor:
+            break  # a DANE-TA record that is the leaf itself anchors nothing
+        try:
+            chain[top].verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        ok, expired, detail = _ta_path((*chain[: top + 1], anchor), top + 1, now)
+        if not ok:
+            rtype = TlsRptResult.CERTIFICATE_EXPIRED if expired else TlsRptResult.VALIDATION_FAILURE
+            return DaneCheck(False, rtype, rec, detail=f"DANE-TA 2 0 0 (not presented): {detail}")
+        return _name_check(chain[0], rec, reference_ids, "certificate not presented")
+    return DaneCheck(
+        False, TlsRptResult.TLSA_INVALID, rec, detail="no presented certificate is issued by the 2 0 0 certificate"
+    )
 
 
 def _bare_key_anchor(

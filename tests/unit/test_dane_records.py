@@ -251,6 +251,27 @@ def test_dane_ta_bare_public_key_not_in_chain(pki: dict) -> None:  # type: ignor
     assert not verify_chain(pki["other_ca_leaf"].chain, [rec], ["mx1.example.test"], NOW).ok
 
 
+def test_dane_ta_full_certificate_not_presented_rfc7671_5_2(pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 7671 §5.2: a ``2 0 0`` record carries the whole trust-anchor certificate, so the server need not send
+    it; the presented chain is validated up to the published certificate (dates, signatures, CA flags) and the
+    leaf name is checked. A certificate that did not issue the chain anchors nothing."""
+    leaf: IssuedCert = pki["leaf"]
+    rec = make_tlsa(pki["root"].cert, 2, 0, 0)
+    assert leaf.chain == (leaf.cert, pki["inter"].cert)  # the root is not sent
+    check = verify_chain(leaf.chain, [rec], ["mx1.example.test"], NOW)
+    assert check.ok and check.matched == rec and check.name == "mx1.example.test", check.detail
+    direct = verify_chain((leaf.cert,), [make_tlsa(pki["inter"].cert, 2, 0, 0)], ["mx1.example.test"], NOW)
+    assert direct.ok, direct.detail  # the server sent the leaf alone; the 2 0 0 intermediate anchors it
+    mismatch = verify_chain(leaf.chain, [rec], ["mx2.example.test"], NOW)
+    assert mismatch.result_type is TlsRptResult.CERTIFICATE_HOST_MISMATCH
+    stranger = verify_chain(pki["other_ca_leaf"].chain, [rec], ["mx1.example.test"], NOW)
+    assert not stranger.ok and stranger.result_type is TlsRptResult.TLSA_INVALID
+    expired = verify_chain(pki["expired"].chain, [rec], ["mx1.example.test"], NOW)
+    assert expired.result_type is TlsRptResult.CERTIFICATE_EXPIRED
+    ee_cert = verify_chain(pki["self"].chain, [make_tlsa(pki["self"].cert, 2, 0, 0)], ["mx1.example.test"], NOW)
+    assert not ee_cert.ok  # a 2 0 0 that is the leaf itself (not a CA) anchors nothing
+
+
 # -- host policies and status codes --------------------------------------------------------------------------
 
 
