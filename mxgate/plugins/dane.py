@@ -23,7 +23,8 @@ the chain the peer actually presented, on every connection (there is no session 
   date checks (RFC 7671 §5.1).
 * DANE-TA (2): a certificate of the presented chain above the leaf matches (or, for ``2 1 0``, the top of the
   chain is signed by the published key; for ``2 0 0``, by the published certificate, RFC 7671 §5.2); the chain
-  is then validated up to it (dates included) with ``cryptography.x509.verification`` and the leaf must carry a
+  is then validated up to it (dates included) with ``cryptography.x509.verification`` under RFC 5280 rules, not
+  the WebPKI profile (keyUsage checked only where present, key identifiers optional), and the leaf must carry a
   reference identifier (RFC 7672 §3.2: DNS-ID SANs, the CN only without them, wildcards only as the whole
   left-most label).
 * Digest agility (RFC 7671 §9): per usage and selector only the strongest digest present counts (SHA2-512 over
@@ -353,10 +354,17 @@ def _verify_signature(cert: x509.Certificate, key: object) -> None:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    """An issuer under RFC 5280: basicConstraints cA (§4.2.1.9), and keyCertSign when keyUsage is present
+    (§4.2.1.3: a CA certificate without keyUsage is fine)."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
     except x509.ExtensionNotFound:
         return False
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _walk_path(
@@ -392,6 +400,27 @@ _EE_POLICY = verification.ExtensionPolicy.permit_all().require_present(
 )
 
 
+def _require_ca(_policy: verification.Policy, _cert: x509.Certificate, bc: x509.BasicConstraints) -> None:
+    if not bc.ca:
+        raise ValueError("basicConstraints does not say cA")
+
+
+def _key_cert_sign_if_present(_policy: verification.Policy, _cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError("keyUsage present without keyCertSign")
+
+
+# DANE-TA validates with RFC 5280 semantics, as OpenSSL does for Postfix and Exim, not with the WebPKI profile
+# (cryptography's webpki_defaults_ca demands keyUsage and key identifiers): a private CA made without keyUsage or
+# AKI/SKI is a valid DANE-TA anchor. Issuers must still be CAs, and a keyUsage that is present must allow
+# keyCertSign (§4.2.1.3, §4.2.1.9). WebPKI stays strict where it belongs (core.tls.verify_webpki, MTA-STS).
+_CA_POLICY = (
+    verification.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _key_cert_sign_if_present)
+)
+
+
 def _ta_path(chain: Sequence[x509.Certificate], depth: int, now: datetime) -> tuple[bool, bool, str]:
     """Validate ``chain[0]`` up to ``chain[depth]`` as trust anchor. (ok, expired, detail)."""
     leaf, anchor, intermediates = chain[0], chain[depth], list(chain[1:depth])
@@ -402,7 +431,7 @@ def _ta_path(chain: Sequence[x509.Certificate], depth: int, now: datetime) -> tu
         verification.PolicyBuilder()
         .store(verification.Store([anchor]))
         .time(now)
-        .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
     )
     try:
         builder.build_server_verifier(subject).verify(leaf, intermediates)

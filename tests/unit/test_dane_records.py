@@ -9,7 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mxgate.core.outcomes import TlsLevel, TlsRptResult
 from mxgate.plugins.dane import (
@@ -270,6 +273,115 @@ def test_dane_ta_full_certificate_not_presented_rfc7671_5_2(pki: dict) -> None: 
     assert expired.result_type is TlsRptResult.CERTIFICATE_EXPIRED
     ee_cert = verify_chain(pki["self"].chain, [make_tlsa(pki["self"].cert, 2, 0, 0)], ["mx1.example.test"], NOW)
     assert not ee_cert.ok  # a 2 0 0 that is the leaf itself (not a CA) anchors nothing
+
+
+@pytest.fixture(scope="module")
+def private_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A private CA as ``openssl req -x509`` makes it without an extensions file: no keyUsage, no key identifiers."""
+    d = tmp_path_factory.mktemp("dane-private-pki")
+    root = TestCA.create(d / "root", key_usage=False, key_identifiers=False)
+    inter = root.intermediate(key_usage=False, key_identifiers=False)
+    return {
+        "root": root,
+        "inter": inter,
+        "leaf": inter.issue(["mx1.example.test"], directory=d),
+        "direct": root.issue(["mx1.example.test"], directory=d),
+        "no_aki": pki_without_aki(d),
+    }
+
+
+def pki_without_aki(d: Path) -> IssuedCert:
+    """A leaf without AKI/SKI from an otherwise WebPKI-shaped CA (keyUsage present)."""
+    return TestCA.create(d / "ku-root").issue(["mx1.example.test"], key_identifiers=False, directory=d)
+
+
+@pytest.mark.parametrize(
+    ("case", "anchor", "with_root"),
+    [
+        ("leaf", "inter", False),  # intermediate without keyUsage as the anchor
+        ("leaf", "root", True),  # root anchor, intermediate without keyUsage and AKI in the path
+        ("direct", "root", True),
+        ("leaf", "root", False),  # 2 0 0: the root is not sent
+    ],
+)
+def test_dane_ta_uses_rfc5280_not_webpki_rfc7672_3_1_2(
+    private_pki: dict,  # type: ignore[type-arg]
+    case: str,
+    anchor: str,
+    with_root: bool,
+) -> None:
+    """RFC 7672 §3.1.2 / RFC 7671 §5.2: DANE-TA chains are validated with RFC 5280 path semantics, as OpenSSL does
+    for Postfix: keyUsage is checked only where present (§4.2.1.3), key identifiers are optional. The WebPKI
+    profile (keyUsage and AKI required) is for MTA-STS and certificate-validating connectors only."""
+    leaf: IssuedCert = private_pki[case]
+    ca: TestCA = private_pki[anchor]
+    for params in ((2, 0, 1), (2, 1, 1), (2, 0, 0)):
+        rec = make_tlsa(ca.cert, *params)
+        check = verify_chain(chain_of(leaf, with_root=with_root), [rec], ["mx1.example.test"], NOW)
+        if params != (2, 0, 0) and not with_root and anchor == "root":
+            assert check.result_type is TlsRptResult.TLSA_INVALID  # a digest anchor must be presented
+            continue
+        assert check.ok, (params, check.detail)
+        assert check.name == "mx1.example.test"
+
+
+def test_dane_ta_leaf_without_key_identifiers(private_pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 5280 §4.2.1.1: AKI is a SHOULD for conforming CAs, not a condition of path validation."""
+    leaf: IssuedCert = private_pki["no_aki"]
+    assert not [e for e in leaf.cert.extensions if isinstance(e.value, x509.AuthorityKeyIdentifier)]
+    for rec in (make_tlsa(leaf.root, 2, 0, 1), make_tlsa(leaf.root, 2, 0, 0)):
+        check = verify_chain(chain_of(leaf, with_root=True), [rec], ["mx1.example.test"], NOW)
+        assert check.ok, check.detail
+
+
+def _hand_made_ca(d: Path, usage: x509.KeyUsage | None, *, ca: bool = True) -> tuple[x509.Certificate, IssuedCert]:
+    """A root with the given keyUsage and basicConstraints cA flag, and a leaf it issued (the test CA always
+    makes usable CAs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hand-made CA")])
+    start = NOW - timedelta(days=1)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    root = builder.sign(key, hashes.SHA256())
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx1.example.test")]))
+        .issuer_name(name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx1.example.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    issued = IssuedCert(leaf, leaf_key, d, d, d, d, (), root)
+    return root, issued
+
+
+@pytest.mark.parametrize(("usage", "ca"), [("signature-only", True), (None, False)])
+def test_dane_ta_still_enforces_rfc5280_ca_rules(tmp_path: Path, usage: str | None, ca: bool) -> None:
+    """RFC 5280 §4.2.1.3 and §4.2.1.9: a keyUsage that is present must allow keyCertSign, and an issuer must be a
+    CA (basicConstraints cA) — with the anchor presented or published in full (2 0 0)."""
+    ku = None
+    if usage == "signature-only":
+        ku = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    root, leaf = _hand_made_ca(tmp_path, ku, ca=ca)
+    for rec, chain in ((make_tlsa(root, 2, 0, 1), (leaf.cert, root)), (make_tlsa(root, 2, 0, 0), (leaf.cert,))):
+        check = verify_chain(chain, [rec], ["mx1.example.test"], NOW)
+        assert not check.ok and check.result_type is not None, check.detail
+    good_root, good_leaf = _hand_made_ca(tmp_path, None)
+    assert verify_chain((good_leaf.cert,), [make_tlsa(good_root, 2, 0, 0)], ["mx1.example.test"], NOW).ok
 
 
 # -- host policies and status codes --------------------------------------------------------------------------
