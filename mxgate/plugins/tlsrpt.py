@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_NAME: Final = "tlsrpt.sqlite3"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: report_message
 DAY: Final = 86400
 GRACE_SECONDS: Final = 600  # after midnight UTC, before a day's report may be built (late outcomes, flushes)
 RETRY_FIRST: Final = 300.0  # first retry after 5 minutes, doubling ...
@@ -184,6 +184,7 @@ CREATE TABLE IF NOT EXISTS received_failure (
     received_id INTEGER NOT NULL, policy_domain TEXT NOT NULL, result_type TEXT NOT NULL,
     receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, count INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS report_message (queue_id TEXT PRIMARY KEY, queued_at REAL NOT NULL);
 """
 
 
@@ -413,6 +414,8 @@ class TlsRptService:
         self._server: asyncio.Server | None = None
         self._dkim_key: bytes | None = None
         self._last_purge = 0.0
+        # queue ids of the reports we mailed: the sessions delivering them are not counted (RFC 8460 §5.3)
+        self._report_messages: set[str] = set()
 
     # -- names -----------------------------------------------------------------------------------------------
 
@@ -435,7 +438,10 @@ class TlsRptService:
     # -- collection ------------------------------------------------------------------------------------------
 
     def record(self, outcome: TlsOutcome) -> None:
-        """Count one outcome in memory (no I/O: this runs on the delivery path)."""
+        """Count one outcome in memory (no I/O: this runs on the delivery path). The session that delivers one of
+        our own mailed reports is not counted (RFC 8460 §5.3)."""
+        if outcome.queue_id is not None and outcome.queue_id in self._report_messages:
+            return
         key, failure = rpt.keys_for_outcome(outcome, at=self.clock())
         if not key.domain:
             return
@@ -780,11 +786,17 @@ class TlsRptService:
             data = await self.build_signed_mail(
                 addrs, domain=domain, report_id=report_id, filename=filename, gz=gz, now=now
             )
-            await self.queue.put(
+            queue_id = await self.queue.put(
                 self.from_addr, list(addrs), data, meta=[("origin", "tlsrpt"), ("tls_required", "no")], now=now
             )
         except Exception as exc:  # key missing, queue full...: retried like an HTTP failure
             return SendResult(uri, "mailto", False, f"{type(exc).__name__}: {exc}"[:300])
+        self._report_messages.add(queue_id)
+
+        def remember(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO report_message (queue_id, queued_at) VALUES (?, ?)", (queue_id, now))
+
+        await self.db.write(remember)
         self.wakeup()
         return SendResult(uri, "mailto", True, "queued")
 
@@ -836,8 +848,15 @@ class TlsRptService:
             conn.execute(f"DELETE FROM received_policy WHERE received_id IN ({old})", (cut_ts,))
             conn.execute(f"DELETE FROM received_failure WHERE received_id IN ({old})", (cut_ts,))
             conn.execute("DELETE FROM received WHERE received_at < ?", (cut_ts,))
+            conn.execute("DELETE FROM report_message WHERE queued_at < ?", (cut_ts,))
 
         await self.db.write(job)
+        await self.load_report_messages()
+
+    async def load_report_messages(self) -> None:
+        """The queue ids of our mailed reports still within retention (at start-up: reports queued before)."""
+        rows = await self.db.run(lambda c: c.execute("SELECT queue_id FROM report_message").fetchall())
+        self._report_messages = {str(r[0]) for r in rows}
 
     # -- receiving -------------------------------------------------------------------------------------------
 
@@ -1151,6 +1170,7 @@ class TlsRptPlugin:
             await asyncio.to_thread(service.dkim_key)  # a bad key is a start-up error, not a silent gap
         else:
             log.warning("TLS-RPT: no DKIM key configured; reports to mailto: addresses will not be sent")
+        await service.load_report_messages()
         await service.start_receiver()
         runtime.tasks.append(asyncio.ensure_future(service.run_forever()))
 
