@@ -454,6 +454,7 @@ class Deliverer:
                 success=False,
                 result=policy.failure,
                 detail=policy.detail or f"{policy.source} policy lookup failed",
+                queue_id=message.queue_id,
             )
             if not decision.report_only:
                 status = policy.status_for(policy.failure)
@@ -473,6 +474,7 @@ class Deliverer:
                 success=False,
                 result=TlsRptResult.VALIDATION_FAILURE,
                 detail="no MX host matches the policy's mx patterns",
+                queue_id=message.queue_id,
             )
             reply = _local(451, "4.7.5", f"no MX host of {destination.domain} matches the {policy.source} policy")
             rec.steps.append(reply)
@@ -536,6 +538,7 @@ class Deliverer:
                     success=False,
                     result=hp.failure or TlsRptResult.VALIDATION_FAILURE,
                     detail=hp.detail or f"{pol.source}: host unusable",
+                    queue_id=message.queue_id,
                 )
                 if pol is decision.enforce:
                     rec.steps.append(f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})")
@@ -632,6 +635,7 @@ class Deliverer:
                         success=False,
                         result=TlsRptResult.STARTTLS_NOT_SUPPORTED,
                         detail="STARTTLS not offered",
+                        queue_id=message.queue_id,
                     )
                     if level >= TlsLevel.ENCRYPT:
                         rec.steps.append(f"{where}: STARTTLS not offered; TLS is required")
@@ -662,6 +666,7 @@ class Deliverer:
                             success=False,
                             result=TlsRptResult.VALIDATION_FAILURE,
                             detail=str(exc),
+                            queue_id=message.queue_id,
                         )
                         rec.steps.append(f"{where}: {exc}")
                         if level == TlsLevel.MAY:
@@ -691,6 +696,7 @@ class Deliverer:
                             success=False,
                             result=TlsRptResult.STARTTLS_NOT_SUPPORTED,
                             detail=f"STARTTLS: {reply}",
+                            queue_id=message.queue_id,
                         )
                         if level >= TlsLevel.ENCRYPT:
                             status = decision.enforce.status_for(TlsRptResult.STARTTLS_NOT_SUPPORTED, "4.7.4")
@@ -745,6 +751,7 @@ class Deliverer:
                             result=failure.result_type if failure is not None else None,
                             detail=failure.detail if failure is not None else "",
                             verification=verification,
+                            queue_id=message.queue_id,
                         )
                         if not ok:
                             result_type = failure.result_type if failure is not None else None
@@ -1079,6 +1086,7 @@ class Deliverer:
         result: TlsRptResult | None = None,
         detail: str = "",
         verification: PeerVerification | None = None,
+        queue_id: str | None = None,
     ) -> None:
         policy = decision.policy
         version = cipher = None
@@ -1110,6 +1118,7 @@ class Deliverer:
             mx_patterns=policy.mx_patterns,
             detail=detail,
             at=self.runtime.clock(),
+            queue_id=queue_id,
         )
         await self.runtime.hooks.on_tls_outcome(outcome)
 

@@ -163,6 +163,7 @@ class TlsOutcome:
     mx_patterns: tuple[str, ...] = ()
     detail: str = ""
     at: float = 0.0  # unix time
+    queue_id: str | None = None  # the queued message the attempt was made for (TLS-RPT: its own reports, §5.3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """MTA-STS (RFC 8461) without I/O: the ``_mta-sts`` TXT record, the policy text, ``mx`` patterns.
 
 Strict where the RFC is strict (version, the record's first field, ``id`` syntax, ``mode``, ``max_age`` range,
-``mx`` required for enforce and testing), tolerant where it asks for tolerance (LF or CRLF, white space around
-``:`` and ``;``, unknown fields ignored, the first instance of a repeated field wins — except ``mx``, which
-repeats by design). Errors are :class:`StsSyntaxError` carrying a one-line reason.
+``mx`` required for enforce and testing, white space only where the grammars of sections 3.1 and 3.2 allow it),
+tolerant where it asks for tolerance (LF or CRLF, white space around ``;`` and after ``:``, unknown fields
+ignored, the first instance of a repeated field wins — except ``mx``, which repeats by design). Errors are
+:class:`StsSyntaxError` carrying a one-line reason.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = [
 MAX_AGE_LIMIT = 31557600  # RFC 8461 section 3.2: about one year
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 section 3.3
 
-_RECORD_START = re.compile(r"^v=STSv1[ \t]*(;|\Z)")
+_RECORD_START = re.compile(r"^v=STSv1[ \t]*;")  # sts-version sts-sep (section 3.1)
 _RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}\Z")
 _EXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 _EXT_VALUE = re.compile(r"^[\x21-\x3a\x3c\x3e-\x7e]+\Z")
@@ -68,15 +69,18 @@ class StsRecord:
 def parse_record(text: str) -> StsRecord:
     """Parse one TXT record (its strings already concatenated).
 
-    ``sts-text-record = sts-version 1*(*WSP ";" *WSP sts-field) [";"]``: ``v=STSv1`` first, ``id`` of 1-32
-    letters and digits required, extensions ``name=value`` allowed; the first of repeated fields wins.
+    ``sts-text-record = sts-version 1*(*WSP ";" *WSP sts-field) [*WSP ";" *WSP]``: ``v=STSv1;`` first,
+    ``id`` of 1-32 letters and digits required, extensions ``name=value`` allowed. A second ``id`` is ignored,
+    whatever it holds; white space only around the ``;`` separators.
     """
     if not _RECORD_START.match(text):
         raise StsSyntaxError("record does not begin with v=STSv1")
-    fields = [f.strip(" \t") for f in text.split(";")]
+    parts = text.split(";")
+    fields = [f.lstrip(" \t") for f in parts[1:]]  # *WSP after each ";"
+    # *WSP before each ";": every field but the last is followed by one; the last only when a ";" ends the record
+    fields = [f.rstrip(" \t") for f in fields[:-1]] + fields[-1:]
     if fields and fields[-1] == "":
-        fields.pop()  # one trailing ";" is allowed
-    fields = fields[1:]  # "v=STSv1"
+        fields.pop()  # one trailing ";" (sts-sep) is allowed
     if not fields:
         raise StsSyntaxError("record has no fields after v=STSv1")
     record_id: str | None = None
@@ -85,10 +89,11 @@ def parse_record(text: str) -> StsRecord:
         if not eq:
             raise StsSyntaxError(f"field {item[:40]!r} is not name=value")
         if name == "id":
+            if record_id is not None:
+                continue  # a second id is ignored, not validated
             if not _RECORD_ID.match(value):
                 raise StsSyntaxError(f"id {value[:40]!r} is not 1-32 letters and digits")
-            if record_id is None:
-                record_id = value
+            record_id = value
         elif name == "v":
             raise StsSyntaxError("v= appears twice")
         elif not _EXT_NAME.match(name) or not _EXT_VALUE.match(value):
@@ -118,8 +123,9 @@ class RecordLookup:
 
 
 def select_record(texts: Sequence[str]) -> RecordLookup:
-    """RFC 8461 section 3.1: records not beginning ``v=STSv1`` are discarded; not exactly one left, or the one
-    left invalid, means no policy is available."""
+    """RFC 8461 section 3.1: records not beginning ``v=STSv1;`` are discarded *before* counting (a bare
+    ``v=STSv1`` beside a valid record leaves one record); not exactly one left, or the one left invalid, means no
+    policy is available."""
     candidates = [t for t in texts if _RECORD_START.match(t)]
     if not candidates:
         return RecordLookup(RecordStatus.NONE, detail="no v=STSv1 record" if texts else "no TXT record")
@@ -153,14 +159,16 @@ class StsPolicy:
 
 
 def _valid_domain(name: str) -> bool:
-    labels = name.split(".")
-    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(label) for label in labels)
+    return len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
 
 
 def _mx_pattern(value: str) -> str:
+    """``["*."] Domain`` (RFC 5321 Domain: one label is enough, ``mx: localhost``). A wildcard over a single label
+    (``*.org``) is refused all the same: it would stand for every host of a TLD."""
     pattern = value.lower().rstrip(".")
-    base = pattern[2:] if pattern.startswith("*.") else pattern
-    if not _valid_domain(base):
+    wildcard = pattern.startswith("*.")
+    base = pattern[2:] if wildcard else pattern
+    if not _valid_domain(base) or (wildcard and "." not in base):
         raise StsSyntaxError(f"mx {value[:60]!r} is not a host name or *.domain pattern")
     return pattern
 
@@ -170,11 +178,15 @@ def parse_policy(text: str) -> StsPolicy:
     seen: dict[str, str] = {}
     mx: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.removesuffix("\r").strip(" \t")
+        # sts-policy-field *WSP term, field = name ":" *WSP value: white space after the colon and at the end of
+        # the line only (blank lines are tolerated)
+        line = raw.removesuffix("\r").rstrip(" \t")
         if not line:
             continue
         key, colon, value = line.partition(":")
-        key, value = key.strip(" \t"), value.strip(" \t")
+        value = value.lstrip(" \t")
+        if key != key.strip(" \t"):
+            raise StsSyntaxError(f"line {number} has white space around its key (RFC 8461 section 3.2)")
         if not colon or not _POLICY_KEY.match(key):
             raise StsSyntaxError(f"line {number} is not 'key: value'")
         if key not in _KNOWN_KEYS:

@@ -110,6 +110,10 @@ def _mailto_addresses(uri: str) -> list[str]:
 
 
 def _valid_uri(uri: str) -> bool:
+    """A ``mailto:`` with at least one address or an ``https:`` URI with a host. RFC 8460 §3: commas and
+    exclamation points in a URI MUST be percent-encoded, so a literal ``!`` makes the URI unusable."""
+    if "!" in uri:
+        return False
     lowered = uri.lower()
     if lowered.startswith("mailto:"):
         return bool(_mailto_addresses(uri))
@@ -131,17 +135,16 @@ def _parse_one(text: str) -> TlsRptRecord | None:
         fields = fields[:-1]
     if len(fields) < 2:
         return None
-    rua: list[str] | None = None
+    rua: list[str] = []
     for item in fields[1:]:
         name, eq, value = item.partition("=")
         if not eq or not value:
             return None
         if name == "rua":
-            if rua is not None:
-                return None  # rua twice
-            rua = [u for u in _URI_DELIM.split(value)]
-            if any(not u or any(c in u for c in " \t") for u in rua):
+            uris = _URI_DELIM.split(value)
+            if any(not u or any(c in u for c in " \t") for u in uris):
                 return None
+            rua.extend(u for u in uris if u not in rua)  # repeated rua= fields merge (RFC-CHECKLIST 26)
         elif not _EXT_NAME.match(name) or not _EXT_VALUE.match(value):
             return None
     if not rua:
@@ -154,7 +157,8 @@ def _parse_one(text: str) -> TlsRptRecord | None:
 def parse_tlsrpt_record(records: Iterable[str | bytes | Sequence[str | bytes]]) -> TlsRptRecord | None:
     """RFC 8460 section 3: from the TXT records at ``_smtp._tls.<domain>`` pick the ones that begin with
     ``v=TLSRPTv1;``; unless exactly one remains and it is valid (``rua`` present, syntax per the ABNF), the domain
-    does not take reports: ``None``. A record given as several strings is concatenated without spaces.
+    does not take reports: ``None``. A record given as several strings is concatenated without spaces; several
+    ``rua=`` fields are merged (in order, duplicates once).
     """
     candidates: list[str] = []
     for rec in records:
@@ -415,6 +419,7 @@ class ReceivedReport:
     start: float | None
     end: float | None
     policies: tuple[ReceivedPolicy, ...]
+    rejected: tuple[str, ...] = ()  # why policy entries were left out (no policy-domain, unknown policy-type)
 
     @property
     def success(self) -> int:
@@ -506,17 +511,34 @@ def _as_list(value: object) -> list[Any]:
     return []
 
 
+_POLICY_TYPES = frozenset({"tlsa", "sts", "no-policy-found"})  # RFC 8460 §4.4
+
+
 def parse_received_report(document: object) -> ReceivedReport:
     """Read a report leniently: missing or empty fields become ``""``/0, counts given as strings are read, an
-    ``mx-host`` string becomes a one-element list, datetimes without a zone are UTC. Only a document that is
-    not a JSON object at all is refused (:class:`ReportError`)."""
+    ``mx-host`` string becomes a one-element list, datetimes without a zone are UTC, ``policy-type`` in any case.
+
+    Two things a report cannot do without (RFC 8460 §4.4): a policy entry with no ``policy-domain`` or a
+    ``policy-type`` other than ``tlsa``, ``sts``, ``no-policy-found`` is left out (its reason goes to
+    ``rejected``), never kept under an empty domain. Refused (:class:`ReportError`): a document that is not a
+    JSON object, and one with policy entries of which none is usable."""
     if not isinstance(document, dict):
         raise ReportError("a TLS report must be a JSON object")
     date_range = _as_dict(_get(document, "date-range"))
     policies: list[ReceivedPolicy] = []
-    for item in _as_list(_get(document, "policies")):
+    rejected: list[str] = []
+    entries = _as_list(_get(document, "policies"))
+    for number, item in enumerate(entries, start=1):
         entry = _as_dict(item)
         pol = _as_dict(_get(entry, "policy"))
+        policy_type = _text(_get(pol, "policy-type")).lower()
+        policy_domain = _norm_domain(_text(_get(pol, "policy-domain")))
+        if policy_type not in _POLICY_TYPES:
+            rejected.append(f"policy {number}: policy-type {policy_type[:40]!r} is not tlsa, sts or no-policy-found")
+            continue
+        if not policy_domain:
+            rejected.append(f"policy {number}: no policy-domain")
+            continue
         summary = _as_dict(_get(entry, "summary"))
         failures = []
         for f in _as_list(_get(entry, "failure-details")):
@@ -536,8 +558,8 @@ def parse_received_report(document: object) -> ReceivedReport:
             failure_total = sum(f.count for f in failures)
         policies.append(
             ReceivedPolicy(
-                policy_type=_text(_get(pol, "policy-type")) or "unknown",
-                policy_domain=_norm_domain(_text(_get(pol, "policy-domain"))),
+                policy_type=policy_type,
+                policy_domain=policy_domain,
                 success=_count(_get(summary, "total-successful-session-count")),
                 failure=failure_total,
                 policy_strings=_strings(_get(pol, "policy-string")),
@@ -545,6 +567,8 @@ def parse_received_report(document: object) -> ReceivedReport:
                 failures=tuple(failures),
             )
         )
+    if entries and not policies:
+        raise ReportError("no usable policy in the report: " + "; ".join(rejected[:3]))
     return ReceivedReport(
         organization=_text(_get(document, "organization-name"))[:MAX_TEXT],
         contact=_text(_get(document, "contact-info"))[:MAX_TEXT],
@@ -552,6 +576,7 @@ def parse_received_report(document: object) -> ReceivedReport:
         start=parse_datetime_lenient(_get(date_range, "start-datetime")),
         end=parse_datetime_lenient(_get(date_range, "end-datetime")),
         policies=tuple(policies),
+        rejected=tuple(rejected),
     )
 
 

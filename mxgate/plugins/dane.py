@@ -22,9 +22,11 @@ the chain the peer actually presented, on every connection (there is no session 
 * DANE-EE (3): the leaf certificate (selector 0) or its SubjectPublicKeyInfo (selector 1) matches; no name and no
   date checks (RFC 7671 §5.1).
 * DANE-TA (2): a certificate of the presented chain above the leaf matches (or, for ``2 1 0``, the top of the
-  chain is signed by the published key); the chain is then validated up to it (dates included) with
-  ``cryptography.x509.verification`` and the leaf must carry a reference identifier (RFC 7672 §3.2: DNS-ID SANs,
-  the CN only without them, wildcards only as the whole left-most label).
+  chain is signed by the published key; for ``2 0 0``, by the published certificate, RFC 7671 §5.2); the chain
+  is then validated up to it (dates included) with ``cryptography.x509.verification`` under RFC 5280 rules, not
+  the WebPKI profile (keyUsage checked only where present, key identifiers optional), and the leaf must carry a
+  reference identifier (RFC 7672 §3.2: DNS-ID SANs, the CN only without them, wildcards only as the whole
+  left-most label).
 * Digest agility (RFC 7671 §9): per usage and selector only the strongest digest present counts (SHA2-512 over
   SHA2-256); full data (matching type 0) is always used.
 
@@ -239,11 +241,27 @@ class Tlsa:
             return f"matching type {self.mtype} needs a {want}-byte digest, got {len(self.data)} bytes"
         if not self.data:
             return "empty certificate association data"
+        if self.mtype == Matching.FULL:
+            return _full_data_problem(self.selector, self.data)
         return None
 
     @property
     def usable(self) -> bool:
         return self.unusable_reason is None
+
+
+def _full_data_problem(selector: int, data: bytes) -> str | None:
+    """Matching type 0 carries the certificate (selector 0) or the SubjectPublicKeyInfo (selector 1) itself
+    (RFC 6698 §2.1.2-2.1.3): data that does not parse as one is unusable, not a record that never matches."""
+    try:
+        if selector == Selector.CERT:
+            x509.load_der_x509_certificate(data)
+        else:
+            serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        what = "certificate" if selector == Selector.CERT else "public key (SubjectPublicKeyInfo)"
+        return f"matching type 0 data is not a DER {what}: {exc}"
+    return None
 
 
 def effective_records(records: Sequence[Tlsa]) -> tuple[tuple[Tlsa, ...], tuple[tuple[Tlsa, str], ...]]:
@@ -336,10 +354,17 @@ def _verify_signature(cert: x509.Certificate, key: object) -> None:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    """An issuer under RFC 5280: basicConstraints cA (§4.2.1.9), and keyCertSign when keyUsage is present
+    (§4.2.1.3: a CA certificate without keyUsage is fine)."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
     except x509.ExtensionNotFound:
         return False
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _walk_path(
@@ -375,6 +400,27 @@ _EE_POLICY = verification.ExtensionPolicy.permit_all().require_present(
 )
 
 
+def _require_ca(_policy: verification.Policy, _cert: x509.Certificate, bc: x509.BasicConstraints) -> None:
+    if not bc.ca:
+        raise ValueError("basicConstraints does not say cA")
+
+
+def _key_cert_sign_if_present(_policy: verification.Policy, _cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError("keyUsage present without keyCertSign")
+
+
+# DANE-TA validates with RFC 5280 semantics, as OpenSSL does for Postfix and Exim, not with the WebPKI profile
+# (cryptography's webpki_defaults_ca demands keyUsage and key identifiers): a private CA made without keyUsage or
+# AKI/SKI is a valid DANE-TA anchor. Issuers must still be CAs, and a keyUsage that is present must allow
+# keyCertSign (§4.2.1.3, §4.2.1.9). WebPKI stays strict where it belongs (core.tls.verify_webpki, MTA-STS).
+_CA_POLICY = (
+    verification.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _key_cert_sign_if_present)
+)
+
+
 def _ta_path(chain: Sequence[x509.Certificate], depth: int, now: datetime) -> tuple[bool, bool, str]:
     """Validate ``chain[0]`` up to ``chain[depth]`` as trust anchor. (ok, expired, detail)."""
     leaf, anchor, intermediates = chain[0], chain[depth], list(chain[1:depth])
@@ -385,7 +431,7 @@ def _ta_path(chain: Sequence[x509.Certificate], depth: int, now: datetime) -> tu
         verification.PolicyBuilder()
         .store(verification.Store([anchor]))
         .time(now)
-        .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=_EE_POLICY)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
     )
     try:
         builder.build_server_verifier(subject).verify(leaf, intermediates)
@@ -435,8 +481,11 @@ def verify_chain(
             if check.ok:
                 return check
             failure = failure or check
-        if not anchors and rec.selector == Selector.SPKI and rec.mtype == Matching.FULL:
-            check = _bare_key_anchor(chain, rec, reference_ids, when)
+        if not anchors and rec.mtype == Matching.FULL:
+            if rec.selector == Selector.SPKI:
+                check = _bare_key_anchor(chain, rec, reference_ids, when)
+            else:
+                check = _full_certificate_anchor(chain, rec, reference_ids, when)
             if check.ok:
                 return check
             if check.result_type is not TlsRptResult.TLSA_INVALID:
@@ -462,6 +511,32 @@ def _name_check(leaf: x509.Certificate, rec: Tlsa, reference_ids: Sequence[str],
             f"{', '.join(reference_ids) or '(no reference identifiers)'}",
         )
     return DaneCheck(True, matched=rec, name=name, detail=f"chain to DANE-TA {rec.params} ({where}), name {name}")
+
+
+def _full_certificate_anchor(
+    chain: Sequence[x509.Certificate], rec: Tlsa, reference_ids: Sequence[str], now: datetime
+) -> DaneCheck:
+    """``2 0 0``: the published certificate need not be in the chain (RFC 7671 §5.2); the highest presented
+    certificate it issued is the top of the path, validated up to it as if the server had sent it."""
+    try:
+        anchor = x509.load_der_x509_certificate(rec.data)
+    except ValueError as exc:
+        return DaneCheck(False, TlsRptResult.TLSA_INVALID, rec, detail=f"2 0 0 data is not a certificate: {exc}")
+    for top in range(len(chain) - 1, -1, -1):
+        if top == 0 and chain[0] == anchor:
+            break  # a DANE-TA record that is the leaf itself anchors nothing
+        try:
+            chain[top].verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        ok, expired, detail = _ta_path((*chain[: top + 1], anchor), top + 1, now)
+        if not ok:
+            rtype = TlsRptResult.CERTIFICATE_EXPIRED if expired else TlsRptResult.VALIDATION_FAILURE
+            return DaneCheck(False, rtype, rec, detail=f"DANE-TA 2 0 0 (not presented): {detail}")
+        return _name_check(chain[0], rec, reference_ids, "certificate not presented")
+    return DaneCheck(
+        False, TlsRptResult.TLSA_INVALID, rec, detail="no presented certificate is issued by the 2 0 0 certificate"
+    )
 
 
 def _bare_key_anchor(

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_NAME: Final = "tlsrpt.sqlite3"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: report_message
 DAY: Final = 86400
 GRACE_SECONDS: Final = 600  # after midnight UTC, before a day's report may be built (late outcomes, flushes)
 RETRY_FIRST: Final = 300.0  # first retry after 5 minutes, doubling ...
@@ -184,6 +184,7 @@ CREATE TABLE IF NOT EXISTS received_failure (
     received_id INTEGER NOT NULL, policy_domain TEXT NOT NULL, result_type TEXT NOT NULL,
     receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, count INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS report_message (queue_id TEXT PRIMARY KEY, queued_at REAL NOT NULL);
 """
 
 
@@ -413,6 +414,8 @@ class TlsRptService:
         self._server: asyncio.Server | None = None
         self._dkim_key: bytes | None = None
         self._last_purge = 0.0
+        # queue ids of the reports we mailed: the sessions delivering them are not counted (RFC 8460 §5.3)
+        self._report_messages: set[str] = set()
 
     # -- names -----------------------------------------------------------------------------------------------
 
@@ -435,7 +438,10 @@ class TlsRptService:
     # -- collection ------------------------------------------------------------------------------------------
 
     def record(self, outcome: TlsOutcome) -> None:
-        """Count one outcome in memory (no I/O: this runs on the delivery path)."""
+        """Count one outcome in memory (no I/O: this runs on the delivery path). The session that delivers one of
+        our own mailed reports is not counted (RFC 8460 §5.3)."""
+        if outcome.queue_id is not None and outcome.queue_id in self._report_messages:
+            return
         key, failure = rpt.keys_for_outcome(outcome, at=self.clock())
         if not key.domain:
             return
@@ -780,11 +786,17 @@ class TlsRptService:
             data = await self.build_signed_mail(
                 addrs, domain=domain, report_id=report_id, filename=filename, gz=gz, now=now
             )
-            await self.queue.put(
+            queue_id = await self.queue.put(
                 self.from_addr, list(addrs), data, meta=[("origin", "tlsrpt"), ("tls_required", "no")], now=now
             )
         except Exception as exc:  # key missing, queue full...: retried like an HTTP failure
             return SendResult(uri, "mailto", False, f"{type(exc).__name__}: {exc}"[:300])
+        self._report_messages.add(queue_id)
+
+        def remember(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO report_message (queue_id, queued_at) VALUES (?, ?)", (queue_id, now))
+
+        await self.db.write(remember)
         self.wakeup()
         return SendResult(uri, "mailto", True, "queued")
 
@@ -836,8 +848,15 @@ class TlsRptService:
             conn.execute(f"DELETE FROM received_policy WHERE received_id IN ({old})", (cut_ts,))
             conn.execute(f"DELETE FROM received_failure WHERE received_id IN ({old})", (cut_ts,))
             conn.execute("DELETE FROM received WHERE received_at < ?", (cut_ts,))
+            conn.execute("DELETE FROM report_message WHERE queued_at < ?", (cut_ts,))
 
         await self.db.write(job)
+        await self.load_report_messages()
+
+    async def load_report_messages(self) -> None:
+        """The queue ids of our mailed reports still within retention (at start-up: reports queued before)."""
+        rows = await self.db.run(lambda c: c.execute("SELECT queue_id FROM report_message").fetchall())
+        self._report_messages = {str(r[0]) for r in rows}
 
     # -- receiving -------------------------------------------------------------------------------------------
 
@@ -892,6 +911,11 @@ class TlsRptService:
             log.info("unreadable TLS report received", extra={"method": method, "error": str(exc)})
             await self.emit("tlsrpt_received", reporter_kind=method, result="invalid")
             return "invalid", None
+        if report.rejected:
+            log.info(
+                "TLS report policies left out",
+                extra={"method": method, "report_id": report.report_id, "rejected": list(report.rejected)},
+            )
         stored = await self.store_received(report, method=method, dkim_state=dkim_state, raw=document)
         await self.emit("tlsrpt_received", reporter_kind=method, result="ok" if stored else "duplicate")
         if stored:
@@ -942,8 +966,11 @@ class TlsRptService:
         return bool(box) and any(str(r).lower() == box for r in rcpts)
 
     async def verify_dkim(self, data: bytes) -> str:
-        """``pass`` | ``fail`` | ``none`` (no signature) | ``temperror`` (key lookup failed). The key is fetched
-        with our own resolver (DNSSEC status respected: a bogus answer is no key), then dkimpy verifies."""
+        """``pass`` | ``fail`` | ``none`` (no signature) | ``ignored`` (the key lacks ``s=tlsrpt``) |
+        ``temperror`` (key lookup failed). The key is fetched with our own resolver (DNSSEC status respected: a
+        bogus answer is no key), then dkimpy verifies in its strict TLS-RPT mode (``tlsrpt="strict"``): RFC 8460
+        §3 has report signers publish their key with the service type ``tlsrpt``, and we ignore signatures made
+        with keys for other services (``s=email``, ``s=*``, no ``s=``), as the RFC lets receivers do."""
         msg = rpt.parse_message_headers(data)
         sigs = msg.get_all("DKIM-Signature") or []
         if not sigs:
@@ -957,11 +984,21 @@ class TlsRptService:
         if answer.is_failure:
             return "temperror"
         txt = b"".join(b"".join(getattr(r, "strings", ())) for r in answer.records[:1])
+        key_tags = {k.lower(): "".join(v.split()) for k, v in _DKIM_TAG.findall(txt.decode("ascii", "replace"))}
+        services = key_tags.get("s", "*").lower().split(":")
+        if "tlsrpt" not in services:
+            log.info("DKIM key without s=tlsrpt: signature ignored", extra={"key": name, "s": key_tags.get("s", "")})
+            return "ignored"
+        if services != ["tlsrpt"]:
+            # RFC 6376 §3.6.1 allows a list ("email:tlsrpt"); dkimpy's strict mode compares the whole tag
+            txt = b";".join(
+                b" s=tlsrpt" if tag.partition(b"=")[0].strip().lower() == b"s" else tag for tag in txt.split(b";")
+            )
 
         def dnsfunc(_name: bytes, timeout: int = 5) -> bytes:
             return txt
 
-        ok = await asyncio.to_thread(dkim.verify, data, dnsfunc=dnsfunc, tlsrpt=True)
+        ok = await asyncio.to_thread(dkim.verify, data, dnsfunc=dnsfunc, tlsrpt="strict")
         return "pass" if ok else "fail"
 
     async def receive_mail(self, data: bytes) -> str:
@@ -1133,6 +1170,7 @@ class TlsRptPlugin:
             await asyncio.to_thread(service.dkim_key)  # a bad key is a start-up error, not a silent gap
         else:
             log.warning("TLS-RPT: no DKIM key configured; reports to mailto: addresses will not be sent")
+        await service.load_report_messages()
         await service.start_receiver()
         runtime.tasks.append(asyncio.ensure_future(service.run_forever()))
 

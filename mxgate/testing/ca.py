@@ -187,13 +187,20 @@ class TestCA:
         *,
         not_before: datetime | None = None,
         not_after: datetime | None = None,
+        key_usage: bool = True,
+        key_identifiers: bool = True,
     ) -> TestCA:
-        """A new self-signed root; writes ``ca.pem`` and ``ca.key`` into ``directory`` (made if missing)."""
+        """A new self-signed root; writes ``ca.pem`` and ``ca.key`` into ``directory`` (made if missing).
+
+        :param key_usage: ``False`` leaves out keyUsage, and
+        :param key_identifiers: ``False`` leaves out subject/authority key identifiers, here and in what this
+            CA issues: a private CA as ``openssl req -x509`` makes one without an extensions section. RFC 5280
+            path validation (DANE-TA) accepts it; the WebPKI profile does not.
+        """
         key = _new_key(key_type)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         start, end = _validity(not_before, not_after, _CA_LIFETIME, _CA_BACKDATE)
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(subject)
@@ -202,11 +209,15 @@ class TestCA:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(key, hashes.SHA256())
         )
+        if key_usage:
+            builder = builder.add_extension(_ca_key_usage(), critical=True)
+        if key_identifiers:
+            ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+            builder = builder.add_extension(ski, critical=False).add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
+        cert = builder.sign(key, hashes.SHA256())
         return cls._store(directory, name, cert, key, None)
 
     @classmethod
@@ -231,16 +242,21 @@ class TestCA:
         directory: Path | None = None,
         not_before: datetime | None = None,
         not_after: datetime | None = None,
+        key_usage: bool = True,
+        key_identifiers: bool = True,
     ) -> TestCA:
-        """A CA signed by this one; files go to ``directory`` (default: a sub-directory named after it)."""
+        """A CA signed by this one; files go to ``directory`` (default: a sub-directory named after it).
+
+        ``key_usage`` and ``key_identifiers`` as for :meth:`create` (an AKI is only written when this CA has a
+        subject key identifier)."""
         key = _new_key(key_type)
         start, end = _validity(not_before, not_after, _CA_LIFETIME, _CA_BACKDATE)
-        cert = (
-            self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, start, end)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+        builder = self._builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, start, end, key_identifiers
+        ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        if key_usage:
+            builder = builder.add_extension(_ca_key_usage(), critical=True)
+        cert = builder.sign(self.key, hashes.SHA256())
         return TestCA._store(directory or self.directory / _slug(name), name, cert, key, self)
 
     # -- properties -------------------------------------------------------------------------------
@@ -276,6 +292,7 @@ class TestCA:
         common_name: str | None = None,
         san: bool = True,
         directory: Path | None = None,
+        key_identifiers: bool = True,
     ) -> IssuedCert:
         """Issue an end-entity certificate.
 
@@ -287,6 +304,8 @@ class TestCA:
         :param san: ``False`` leaves out the subjectAltName (for CN-fallback tests); names then only reach the
             certificate through ``common_name`` or the first name.
         :param directory: where the files go (default: this CA's directory).
+        :param key_identifiers: ``False`` leaves out the subject and authority key identifiers (never written
+            either when this CA has no subject key identifier).
         """
         ips = tuple(ipaddress.ip_address(ip) if isinstance(ip, str) else ip for ip in ip_addresses)
         dns = [_a_label(n) for n in names]
@@ -294,16 +313,17 @@ class TestCA:
         key = _new_key(key_type)
         start, end = _validity(not_before, not_after, _LEAF_LIFETIME)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
-        builder = self._builder(subject, key, start, end)
+        builder = self._builder(subject, key, start, end, key_identifiers)
         builder = _leaf_extensions(builder, key, dns, ips, client=client, san=san, empty_subject=not cn)
         cert = builder.sign(self.key, hashes.SHA256())
         intermediates = self.intermediates
         root = self.root.cert
         return _write_issued(directory or self.directory, cn or "leaf", cert, key, intermediates, root, full=(root,))
 
-    def _builder(self, subject: x509.Name, key: PrivateKey, start: datetime, end: datetime) -> x509.CertificateBuilder:
-        ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return (
+    def _builder(
+        self, subject: x509.Name, key: PrivateKey, start: datetime, end: datetime, key_identifiers: bool = True
+    ) -> x509.CertificateBuilder:
+        builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.cert.subject)
@@ -311,9 +331,16 @@ class TestCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         )
+        try:
+            ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            return builder  # a CA without key identifiers issues without them too
+        if not key_identifiers:
+            return builder
+        return builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
 
 
 def _ca_key_usage() -> x509.KeyUsage:

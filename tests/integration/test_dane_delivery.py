@@ -173,6 +173,19 @@ def _build(workdir: Path) -> Lab:
     p.add("@", "MX", "10 mx").add("mx", "A", "127.0.1.16").add(f"{tcp}.mx", "TLSA", f"3 1 1 {WRONG}")
     hosts[fqdn("mx", PLAIN)] = ("127.0.1.16", c)
     p.add("ins", "MX", f"10 {fqdn('mx311')}.")
+    # RFC 7671 §5.2: 2 0 0 publishes the whole root; the server sends leaf + intermediate only
+    c = leaf(fqdn("mx200"))
+    host("mx200", "127.0.1.17", c, make_tlsa(ca.cert, 2, 0, 0).text)
+    domain("d200", (10, fqdn("mx200")))
+    # DANE-TA is RFC 5280, not WebPKI: a private CA without keyUsage and without key identifiers (openssl req -x509)
+    private = TestCA.create(workdir / "private-ca", key_usage=False, key_identifiers=False)
+    private_inter = private.intermediate(key_usage=False, key_identifiers=False)
+    c = private_inter.issue([fqdn("mxpriv")], directory=certs)
+    host("mxpriv", "127.0.1.18", c, make_tlsa(private_inter.cert, 2, 0, 1).text)
+    domain("dpriv", (10, fqdn("mxpriv")))
+    c = private_inter.issue([fqdn("mxpriv200")], directory=certs)
+    host("mxpriv200", "127.0.1.19", c, make_tlsa(private.cert, 2, 0, 0).text)
+    domain("dpriv200", (10, fqdn("mxpriv200")))
     return Lab(lab, port, hosts, ca, inter, workdir)
 
 
@@ -508,6 +521,9 @@ async def test_verify_real_handshake(
         ("d211", "mx211", "2 1 1"),
         ("dexpired", "mxexp", "3 1 1"),
         ("dtaee", "mxtaee", "3 1 1"),
+        ("d200", "mx200", "2 0 0"),  # RFC 7671 §5.2: the anchor is not sent
+        ("dpriv", "mxpriv", "2 0 1"),  # RFC 7672 §3.1.2: RFC 5280 path validation, no keyUsage / AKI needed
+        ("dpriv200", "mxpriv200", "2 0 0"),
     ],
 )
 async def test_delivered_under_dane(dane_lab: Lab, tmp_path: Path, domain: str, host: str, matched: str) -> None:

@@ -33,6 +33,7 @@ SERVED = [
     ServedPolicy(domain="enf.test", mode="enforce", mx=("mx.enf.test",), max_age=86400),
     ServedPolicy(domain="badc.test", mode="enforce", mx=("mx.badc.test",), max_age=86400),
     ServedPolicy(domain="tbadc.test", mode="testing", mx=("mx.tbadc.test",), max_age=86400),
+    ServedPolicy(domain="bare.test", mode="enforce", mx=("mx.enf.test",), max_age=86400),
 ]
 
 
@@ -79,6 +80,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     enf.add("rogue", "A", ROGUE_IP).add("mx", "A", GOOD_IP)
     for name in ("badc.test", "tbadc.test"):
         dns.zone(name, signed=False).add("@", "MX", "10 mx").add("mx", "A", BADCERT_IP)
+    # RFC 8461 §3.1: a bare "v=STSv1" (no ";") beside the valid record is discarded before counting
+    dns.zone("bare.test", signed=False).add("@", "MX", "10 rogue.enf.test.").add("@", "MX", "20 mx.enf.test.")
+    dns.get("bare.test").add("_mta-sts", "TXT", '"v=STSv1"')
     for served in SERVED:
         zone = dns.get(served.domain)
         zone.add("_mta-sts", "TXT", f'"v=STSv1; id={served.record_id}"')
@@ -168,6 +172,26 @@ async def test_enforce_skips_mx_not_in_policy(world: World, gateway: tuple[Runti
     sessions = [o for o in recorder.outcomes if o.mx_host == "mx.enf.test"]
     assert [(o.policy_type, o.success, o.verification) for o in sessions] == [(PolicyType.STS, True, "verified")]
     assert sessions[0].mx_patterns == ("mx.enf.test",)
+
+
+async def test_bare_version_record_does_not_switch_the_policy_off_rfc8461_3_1(
+    world: World, gateway: tuple[Runtime, Recorder]
+) -> None:
+    """RFC 8461 §3.1: TXT records not beginning "v=STSv1;" are discarded before counting: a bare ``v=STSv1`` beside
+    the valid record leaves exactly one record, so the enforce policy applies and the preferred MX that the
+    policy does not name gets nothing (counting first made it "two records, no policy": opportunistic TLS)."""
+    runtime, recorder = gateway
+    async with (
+        SmtpSink(ROGUE_IP, world.smtp_port, tls=world.certs["rogue"], hostname="rogue.enf.test") as rogue,
+        SmtpSink(GOOD_IP, world.smtp_port, tls=world.certs["good"], hostname="mx.enf.test") as good,
+    ):
+        result = await deliver(runtime, "bare.test")
+        assert [o.result for o in result.outcomes] == ["delivered"], result.steps
+        assert result.mx_host == "mx.enf.test"
+        assert rogue.connections == 0
+        assert len(good.messages) == 1
+    sessions = [o for o in recorder.outcomes if o.mx_host == "mx.enf.test"]
+    assert [(o.policy_type, o.policy_domain, o.success) for o in sessions] == [(PolicyType.STS, "bare.test", True)]
 
 
 async def test_enforce_refuses_certificate_not_valid_for_the_mx(

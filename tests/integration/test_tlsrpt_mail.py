@@ -28,8 +28,10 @@ from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.queue.store import QueueStore
 from mxgate.plugins import _tlsrpt_report as rpt
-from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptService
+from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptPlugin, TlsRptService
+from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
+from mxgate.testing.gateway import running_gateway
 from mxgate.testing.sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -218,3 +220,158 @@ async def test_mailed_reports_to_our_mailbox_are_read_when_dkim_verifies(tmp_pat
         finally:
             await reporter.close()
             await receiver.close()
+
+
+@pytest.mark.parametrize("service", ["", "s=email; ", "s=*; "])
+async def test_dkim_keys_without_the_tlsrpt_service_type_are_ignored_rfc8460_3(tmp_path: Path, service: str) -> None:
+    """RFC 8460 §3 (report submitters publish their DKIM key with ``s=tlsrpt``; receivers MAY ignore other
+    signatures): a report signed with a key that lacks ``s=tlsrpt`` counts as unsigned (dkimpy strict mode), so
+    ``receive_require_dkim`` refuses it; the same report signed with an ``s=tlsrpt`` key is read."""
+    key_file, key_record = dkim_key(tmp_path)
+    now = ts("2024-03-05T04:00:00")
+    plain_record = key_record.replace("s=tlsrpt; ", service)
+    assert "s=tlsrpt" not in plain_record
+    records = {
+        f"{SELECTOR}._domainkey.plain.example": plain_record,
+        f"{SELECTOR}._domainkey.reporter.example": key_record,
+        f"{SELECTOR}._domainkey.list.example": key_record.replace("s=tlsrpt", "s=email:tlsrpt"),
+    }
+    async with ScriptedDnsServer(handler_for(records)) as dns_server:
+        resolver = Resolver([dns_server.endpoint()], timeout=2.0)
+        reporters = {
+            name: TlsRptService(
+                replace(TlsRptConfig(), organization_name=name, dkim_selector=SELECTOR, dkim_key_file=str(key_file)),
+                state_dir=tmp_path / name,
+                submitter=name,
+                clock=lambda: now,
+            )
+            for name in ("plain.example", "reporter.example", "list.example")
+        }
+        receiver = TlsRptService(
+            replace(TlsRptConfig(), receive_mailbox="tlsrpt@example.org"),
+            state_dir=tmp_path / "receiver",
+            submitter="mx.example.org",
+            clock=lambda: now,
+            resolver=resolver,
+        )
+        lax = TlsRptService(
+            replace(TlsRptConfig(), receive_mailbox="tlsrpt@example.org", receive_require_dkim=False),
+            state_dir=tmp_path / "lax",
+            submitter="mx.example.org",
+            clock=lambda: now,
+            resolver=resolver,
+        )
+        try:
+            mails = {}
+            for name, reporter in reporters.items():
+                reporter.record(outcome(ts("2024-03-04T08:00:00")))
+                aggs = await reporter.aggregates("2024-03-04", "example.org")
+                gz = rpt.gzip_report(reporter.render("2024-03-04", aggs, f"r-1@{name}"))
+                mails[name] = await reporter.build_signed_mail(
+                    ["tlsrpt@example.org"],
+                    domain="example.org",
+                    report_id=f"r-1@{name}",
+                    filename="r.json.gz",
+                    gz=gz,
+                    now=now,
+                )
+            # the signature itself is sound: dkimpy without strict mode accepts it
+            plain_key = plain_record.encode()
+            assert dkim.verify(mails["plain.example"], dnsfunc=lambda _n, timeout=5: plain_key, tlsrpt=True)
+            assert await receiver.verify_dkim(mails["plain.example"]) == "ignored"
+            assert await receiver.verify_dkim(mails["reporter.example"]) == "pass"
+            assert await receiver.verify_dkim(mails["list.example"]) == "pass"  # RFC 6376 §3.6.1: a list of services
+            assert await receiver.receive_mail(mails["plain.example"]) == "unsigned"
+            assert await receiver.receive_mail(mails["reporter.example"]) == "ok"
+            assert await receiver.reporter_failures() == [("reporter.example", 1, 0)]
+            assert await lax.receive_mail(mails["plain.example"]) == "ok"  # kept, marked dkim=ignored
+        finally:
+            for reporter in reporters.values():
+                await reporter.close()
+            await receiver.close()
+            await lax.close()
+
+
+async def test_the_session_delivering_a_report_is_not_counted_rfc8460_5_3(tmp_path: Path) -> None:
+    """RFC 8460 §5.3: a sending MTA "SHOULD NOT include this SMTP session in the next report". A real gateway
+    relays an ordinary message and then a mailed TLS report (queued by the plugin itself) to a STARTTLS sink: two
+    TLS sessions reach the sink, one is counted."""
+    key_file, _ = dkim_key(tmp_path)
+    ca = TestCA.create(tmp_path / "ca")
+    cert = ca.issue(["sink.example.org"])
+    async with SmtpSink(tls=cert, hostname="sink.example.org") as sink:
+        toml = f"""
+            [[outbound_connector]]
+            name = "relay"
+            recipient_domains = ["*"]
+            smart_hosts = ["127.0.0.1:{sink.port}"]
+            tls = "opportunistic"
+            [plugins.tlsrpt]
+            organization_name = "Sender Org"
+            dkim_selector = "{SELECTOR}"
+            dkim_key_file = "{key_file}"
+        """
+        (tmp_path / "gw").mkdir()
+        async with running_gateway(toml, tmp_path / "gw") as gw:
+            plugin = next(p for p in gw.runtime.plugins.pm.get_plugins() if isinstance(p, TlsRptPlugin))
+            service = plugin.service
+            assert service is not None
+            await asyncio.to_thread(
+                smtp_send,
+                gw.smtp_host,
+                gw.smtp_port,
+                "a@sender.example",
+                ["b@example.org"],
+                b"Subject: hi\r\n\r\nhello\r\n",
+            )
+            await sink.wait_for(1)
+            now = gw.runtime.clock()
+            day = rpt.utc_day(now)
+
+            async def counted() -> list[tuple[str, int, int]]:
+                await service.flush()
+                return [
+                    (d, a.success, a.failure)
+                    for d in await service.domains(day)
+                    for a in await service.aggregates(day, d)
+                ]
+
+            assert await counted() == [("127.0.0.1", 1, 0)]  # a smart host by address: its own policy domain
+            gz = rpt.gzip_report(service.render(day, await service.aggregates(day, "127.0.0.1"), "r-1"))
+            sent = await service.send_mail(
+                "mailto:tlsrpt@example.org", domain="example.org", report_id="r-1", filename="r.json.gz", gz=gz, now=now
+            )
+            assert sent.ok, sent.detail
+            await sink.wait_for(2)
+            assert sink.tls_handshakes == 2  # the report went over its own TLS session (TLS-Required: No)
+            assert await counted() == [("127.0.0.1", 1, 0)]
+    report_mail = email.message_from_bytes(sink.messages[1].data, policy=email.policy.default)
+    assert report_mail["TLS-Report-Domain"] == "example.org"
+
+
+async def test_report_messages_are_remembered_across_a_restart(tmp_path: Path) -> None:
+    """RFC 8460 §5.3 after a restart: a report still in the queue is delivered later, by a new process; its session
+    is not counted either."""
+    key_file, _ = dkim_key(tmp_path)
+    now = ts("2024-03-05T04:00:00")
+    conf = replace(TlsRptConfig(), organization_name="Sender Org", dkim_selector=SELECTOR, dkim_key_file=str(key_file))
+    queue = await QueueStore.open(tmp_path / "var")
+    try:
+        first = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        sent = await first.send_mail(
+            "mailto:tlsrpt@example.org", domain="example.org", report_id="r-1", filename="r.json.gz", gz=b"x", now=now
+        )
+        assert sent.ok, sent.detail
+        await first.close()
+        (queued,) = await queue.list()
+        second = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        try:
+            await second.load_report_messages()
+            second.record(outcome(now, queue_id=queued.id))
+            assert second.pending == 0
+            second.record(outcome(now, queue_id="some-other-message"))
+            assert second.pending == 1
+        finally:
+            await second.close()
+    finally:
+        await queue.close()

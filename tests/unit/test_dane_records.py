@@ -9,7 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mxgate.core.outcomes import TlsLevel, TlsRptResult
 from mxgate.plugins.dane import (
@@ -73,6 +76,27 @@ def test_usability_table(text: str, reason: str | None) -> None:
         assert reason in (rec.unusable_reason or "")
 
 
+def test_full_data_records_need_a_certificate_or_key_rfc6698_2_1_3(pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 6698 §2.1.3/§2.1.2, RFC 7672 §3.1.3: with matching type 0 the data IS the certificate (selector 0) or
+    the SubjectPublicKeyInfo (selector 1). Data that is neither makes the record unusable, so a host that
+    publishes only such records gets unauthenticated mandatory TLS, not an authentication that always fails."""
+    leaf: IssuedCert = pki["leaf"]
+    inter = pki["inter"].cert
+    good = [make_tlsa(leaf.cert, 3, 0, 0), make_tlsa(leaf.cert, 3, 1, 0), make_tlsa(inter, 2, 0, 0)]
+    for rec in good:
+        assert rec.usable, rec.unusable_reason
+    swapped = [
+        Tlsa(3, 0, 0, make_tlsa(leaf.cert, 3, 1, 0).data),  # an SPKI where a certificate belongs
+        Tlsa(2, 1, 0, make_tlsa(inter, 2, 0, 0).data),  # a certificate where an SPKI belongs
+        Tlsa(3, 1, 0, make_tlsa(leaf.cert, 3, 1, 0).data[:-1]),  # truncated key
+        Tlsa(3, 0, 0, make_tlsa(leaf.cert, 3, 0, 0).data + b"\x00"),  # trailing garbage
+    ]
+    usable, dropped = effective_records([*swapped, good[1]])
+    assert usable == (good[1],)
+    assert [rec for rec, _ in dropped] == swapped
+    assert effective_records(swapped)[0] == ()
+
+
 def test_parse_and_text_round_trip() -> None:
     rec = Tlsa.parse(f"3 1 1 {SHA256[:10]} {SHA256[10:]}")
     assert rec.params == "3 1 1" and rec.text == f"3 1 1 {SHA256}" and str(rec) == rec.text
@@ -82,11 +106,11 @@ def test_parse_and_text_round_trip() -> None:
         Tlsa.parse("3 1 1 zz")
 
 
-def test_digest_agility_prefers_sha512_per_usage_and_selector() -> None:
+def test_digest_agility_prefers_sha512_per_usage_and_selector(pki: dict) -> None:  # type: ignore[type-arg]
     r311, r312 = Tlsa.parse(f"3 1 1 {SHA256}"), Tlsa.parse(f"3 1 2 {SHA512}")
     r301 = Tlsa.parse(f"3 0 1 {SHA256}")  # another selector: its own agility group
     r211 = Tlsa.parse(f"2 1 1 {SHA256}")
-    r310 = Tlsa.parse("3 1 0 00ff")  # full data: never subject to agility
+    r310 = make_tlsa(pki["leaf"].cert, 3, 1, 0)  # full data: never subject to agility
     used, dropped = effective_records([r311, r312, r301, r211, r310, Tlsa.parse(f"1 1 1 {SHA256}")])
     assert set(used) == {r312, r301, r211, r310}
     reasons = dict((r.text, why) for r, why in dropped)
@@ -228,6 +252,136 @@ def test_dane_ta_bare_public_key_not_in_chain(pki: dict) -> None:  # type: ignor
     check = verify_chain(leaf.chain, [rec], ["mx1.example.test"], NOW)
     assert check.ok, check.detail
     assert not verify_chain(pki["other_ca_leaf"].chain, [rec], ["mx1.example.test"], NOW).ok
+
+
+def test_dane_ta_full_certificate_not_presented_rfc7671_5_2(pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 7671 §5.2: a ``2 0 0`` record carries the whole trust-anchor certificate, so the server need not send
+    it; the presented chain is validated up to the published certificate (dates, signatures, CA flags) and the
+    leaf name is checked. A certificate that did not issue the chain anchors nothing."""
+    leaf: IssuedCert = pki["leaf"]
+    rec = make_tlsa(pki["root"].cert, 2, 0, 0)
+    assert leaf.chain == (leaf.cert, pki["inter"].cert)  # the root is not sent
+    check = verify_chain(leaf.chain, [rec], ["mx1.example.test"], NOW)
+    assert check.ok and check.matched == rec and check.name == "mx1.example.test", check.detail
+    direct = verify_chain((leaf.cert,), [make_tlsa(pki["inter"].cert, 2, 0, 0)], ["mx1.example.test"], NOW)
+    assert direct.ok, direct.detail  # the server sent the leaf alone; the 2 0 0 intermediate anchors it
+    mismatch = verify_chain(leaf.chain, [rec], ["mx2.example.test"], NOW)
+    assert mismatch.result_type is TlsRptResult.CERTIFICATE_HOST_MISMATCH
+    stranger = verify_chain(pki["other_ca_leaf"].chain, [rec], ["mx1.example.test"], NOW)
+    assert not stranger.ok and stranger.result_type is TlsRptResult.TLSA_INVALID
+    expired = verify_chain(pki["expired"].chain, [rec], ["mx1.example.test"], NOW)
+    assert expired.result_type is TlsRptResult.CERTIFICATE_EXPIRED
+    ee_cert = verify_chain(pki["self"].chain, [make_tlsa(pki["self"].cert, 2, 0, 0)], ["mx1.example.test"], NOW)
+    assert not ee_cert.ok  # a 2 0 0 that is the leaf itself (not a CA) anchors nothing
+
+
+@pytest.fixture(scope="module")
+def private_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A private CA as ``openssl req -x509`` makes it without an extensions file: no keyUsage, no key identifiers."""
+    d = tmp_path_factory.mktemp("dane-private-pki")
+    root = TestCA.create(d / "root", key_usage=False, key_identifiers=False)
+    inter = root.intermediate(key_usage=False, key_identifiers=False)
+    return {
+        "root": root,
+        "inter": inter,
+        "leaf": inter.issue(["mx1.example.test"], directory=d),
+        "direct": root.issue(["mx1.example.test"], directory=d),
+        "no_aki": pki_without_aki(d),
+    }
+
+
+def pki_without_aki(d: Path) -> IssuedCert:
+    """A leaf without AKI/SKI from an otherwise WebPKI-shaped CA (keyUsage present)."""
+    return TestCA.create(d / "ku-root").issue(["mx1.example.test"], key_identifiers=False, directory=d)
+
+
+@pytest.mark.parametrize(
+    ("case", "anchor", "with_root"),
+    [
+        ("leaf", "inter", False),  # intermediate without keyUsage as the anchor
+        ("leaf", "root", True),  # root anchor, intermediate without keyUsage and AKI in the path
+        ("direct", "root", True),
+        ("leaf", "root", False),  # 2 0 0: the root is not sent
+    ],
+)
+def test_dane_ta_uses_rfc5280_not_webpki_rfc7672_3_1_2(
+    private_pki: dict,  # type: ignore[type-arg]
+    case: str,
+    anchor: str,
+    with_root: bool,
+) -> None:
+    """RFC 7672 §3.1.2 / RFC 7671 §5.2: DANE-TA chains are validated with RFC 5280 path semantics, as OpenSSL does
+    for Postfix: keyUsage is checked only where present (§4.2.1.3), key identifiers are optional. The WebPKI
+    profile (keyUsage and AKI required) is for MTA-STS and certificate-validating connectors only."""
+    leaf: IssuedCert = private_pki[case]
+    ca: TestCA = private_pki[anchor]
+    for params in ((2, 0, 1), (2, 1, 1), (2, 0, 0)):
+        rec = make_tlsa(ca.cert, *params)
+        check = verify_chain(chain_of(leaf, with_root=with_root), [rec], ["mx1.example.test"], NOW)
+        if params != (2, 0, 0) and not with_root and anchor == "root":
+            assert check.result_type is TlsRptResult.TLSA_INVALID  # a digest anchor must be presented
+            continue
+        assert check.ok, (params, check.detail)
+        assert check.name == "mx1.example.test"
+
+
+def test_dane_ta_leaf_without_key_identifiers(private_pki: dict) -> None:  # type: ignore[type-arg]
+    """RFC 5280 §4.2.1.1: AKI is a SHOULD for conforming CAs, not a condition of path validation."""
+    leaf: IssuedCert = private_pki["no_aki"]
+    assert not [e for e in leaf.cert.extensions if isinstance(e.value, x509.AuthorityKeyIdentifier)]
+    for rec in (make_tlsa(leaf.root, 2, 0, 1), make_tlsa(leaf.root, 2, 0, 0)):
+        check = verify_chain(chain_of(leaf, with_root=True), [rec], ["mx1.example.test"], NOW)
+        assert check.ok, check.detail
+
+
+def _hand_made_ca(d: Path, usage: x509.KeyUsage | None, *, ca: bool = True) -> tuple[x509.Certificate, IssuedCert]:
+    """A root with the given keyUsage and basicConstraints cA flag, and a leaf it issued (the test CA always
+    makes usable CAs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hand-made CA")])
+    start = NOW - timedelta(days=1)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    root = builder.sign(key, hashes.SHA256())
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx1.example.test")]))
+        .issuer_name(name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx1.example.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    issued = IssuedCert(leaf, leaf_key, d, d, d, d, (), root)
+    return root, issued
+
+
+@pytest.mark.parametrize(("usage", "ca"), [("signature-only", True), (None, False)])
+def test_dane_ta_still_enforces_rfc5280_ca_rules(tmp_path: Path, usage: str | None, ca: bool) -> None:
+    """RFC 5280 §4.2.1.3 and §4.2.1.9: a keyUsage that is present must allow keyCertSign, and an issuer must be a
+    CA (basicConstraints cA) — with the anchor presented or published in full (2 0 0)."""
+    ku = None
+    if usage == "signature-only":
+        ku = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    root, leaf = _hand_made_ca(tmp_path, ku, ca=ca)
+    for rec, chain in ((make_tlsa(root, 2, 0, 1), (leaf.cert, root)), (make_tlsa(root, 2, 0, 0), (leaf.cert,))):
+        check = verify_chain(chain, [rec], ["mx1.example.test"], NOW)
+        assert not check.ok and check.result_type is not None, check.detail
+    good_root, good_leaf = _hand_made_ca(tmp_path, None)
+    assert verify_chain((good_leaf.cert,), [make_tlsa(good_root, 2, 0, 0)], ["mx1.example.test"], NOW).ok
 
 
 # -- host policies and status codes --------------------------------------------------------------------------

@@ -50,6 +50,18 @@ def test_missing_intermediate_is_untrusted(inter: TestCA) -> None:
     assert not result.ok and result.reason is VerifyReason.UNTRUSTED
 
 
+@pytest.mark.parametrize(("key_usage", "key_identifiers"), [(False, True), (True, False), (False, False)])
+def test_webpki_stays_strict_for_private_ca_shapes(tmp_path: Path, key_usage: bool, key_identifiers: bool) -> None:
+    """The RFC 5280 leniency of DANE-TA (a CA without keyUsage, certificates without AKI) is not WebPKI's: MTA-STS
+    and certificate-validating connectors keep the CA/B profile (RFC 8461 §4.2 "PKIX-validated")."""
+    private = TestCA.create(tmp_path / "private", key_usage=key_usage, key_identifiers=key_identifiers)
+    leaf = private.issue(["mx1.secure.test"], key_identifiers=key_identifiers)
+    assert key_identifiers or not [e for e in leaf.cert.extensions if isinstance(e.value, x509.AuthorityKeyIdentifier)]
+    assert key_usage or not [e for e in private.cert.extensions if isinstance(e.value, x509.KeyUsage)]
+    result = verify_webpki(leaf.chain, name="mx1.secure.test", now=NOW, trust_store_paths=anchors(private))
+    assert not result.ok and result.reason is VerifyReason.UNTRUSTED, result.detail
+
+
 def test_wildcard_leaf(ca: TestCA) -> None:
     leaf = ca.issue(["*.secure.test"])
     assert verify_webpki(leaf.chain, name="mx.secure.test", now=NOW, trust_store_paths=anchors(ca)).ok

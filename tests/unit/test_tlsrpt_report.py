@@ -64,7 +64,6 @@ def test_valid_records(records: list[Any], rua: tuple[str, ...]) -> None:
         ["v=TLSRPTv1"],  # no rua
         ["v=TLSRPTv1;"],
         ["v=TLSRPTv1; rua="],
-        ["v=TLSRPTv1; rua=mailto:a@example.org; rua=mailto:b@example.org"],
         ["v=TLSRPTv2; rua=mailto:a@example.org"],
         ["v=tlsrptv1; rua=mailto:a@example.org"],  # version is case-sensitive (%s in the ABNF)
         [" v=TLSRPTv1; rua=mailto:a@example.org"],
@@ -74,6 +73,27 @@ def test_valid_records(records: list[Any], rua: tuple[str, ...]) -> None:
 )
 def test_invalid_records_mean_no_reporting(records: list[str]) -> None:
     assert rpt.parse_tlsrpt_record(records) is None
+
+
+def test_repeated_rua_fields_merge_rfc8460_3() -> None:
+    """RFC 8460 §3 (RFC-CHECKLIST 26): repeated ``rua=`` fields merge; they do not make the record invalid."""
+    rec = rpt.parse_tlsrpt_record(
+        ["v=TLSRPTv1; rua=mailto:a@example.org; ext=1; rua=https://r.example.org/v1,mailto:a@example.org"]
+    )
+    assert rec is not None
+    assert rec.rua == ("mailto:a@example.org", "https://r.example.org/v1")
+
+
+def test_exclamation_mark_must_be_percent_encoded_rfc8460_3() -> None:
+    """RFC 8460 §3: "commas (ASCII 0x2C) and exclamation points (ASCII 0x21) MUST be encoded" in a rua URI;
+    a literal ``!`` makes that URI unusable (the others stay), ``%21`` is the way to write it."""
+    rec = rpt.parse_tlsrpt_record(["v=TLSRPTv1; rua=mailto:a!b@example.org,mailto:c%21d@example.org"])
+    assert rec is not None
+    assert rec.rua == ("mailto:c%21d@example.org",)
+    assert rec.ignored == ("mailto:a!b@example.org",)
+    assert rec.mailto == ("c!d@example.org",)
+    only_bad = rpt.parse_tlsrpt_record(["v=TLSRPTv1; rua=https://r.example.org/a!b"])
+    assert only_bad is not None and only_bad.rua == () and only_bad.mailto == ()
 
 
 def test_record_keeps_only_mailto_and_https() -> None:

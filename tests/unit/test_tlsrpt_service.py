@@ -394,6 +394,52 @@ async def test_received_reports_are_kept_and_counted_per_reporter(tmp_path: Path
         await svc.close()
 
 
+async def test_received_policies_without_domain_or_known_type_are_rejected_rfc8460_4_4(tmp_path: Path) -> None:
+    """RFC 8460 §4.4: every policy names its ``policy-type`` (tlsa | sts | no-policy-found) and its
+    ``policy-domain``. An entry without a domain or with an unknown type is rejected, never stored under "";
+    a report whose every policy is rejected is invalid."""
+    clock = Clock(ts("2024-03-05T06:00:00"))
+    events = Events()
+    svc = make_service(tmp_path, clock, emit=events)
+
+    def policy(ptype: str | None, domain: str | None, failures: int) -> dict[str, Any]:
+        pol = {k: v for k, v in (("policy-type", ptype), ("policy-domain", domain)) if v is not None}
+        return {
+            "policy": pol,
+            "summary": {"total-successful-session-count": 1, "total-failure-session-count": failures},
+            "failure-details": [{"result-type": "validation-failure", "failed-session-count": failures}],
+        }
+
+    def report(rid: str, *policies: dict[str, Any]) -> bytes:
+        doc = {"organization-name": "Mixed Inc", "report-id": rid, "policies": list(policies)}
+        return json.dumps(doc).encode()
+
+    try:
+        result, parsed = await svc.accept_report(
+            report(
+                "mixed-1",
+                policy("sts", "example.org", 2),
+                policy("sts", "", 3),
+                policy(None, "example.net", 5),
+                policy("dmarc", "example.com", 7),
+            ),
+            method="https",
+        )
+        assert result == "ok" and parsed is not None
+        assert [(p.policy_type, p.policy_domain) for p in parsed.policies] == [("sts", "example.org")]
+        assert len(parsed.rejected) == 3
+        assert await svc.reporter_failures() == [("Mixed Inc", 1, 2)]
+        assert [t for _, t, _ in await svc.received_failure_types()] == ["validation-failure"]
+        result, parsed = await svc.accept_report(
+            report("bad-1", policy("sts", None, 1), policy("nonsense", "example.org", 1)), method="https"
+        )
+        assert (result, parsed) == ("invalid", None)
+        assert [r["result"] for r in events.kinds("tlsrpt_received")] == ["ok", "invalid"]
+        assert await svc.reporter_failures() == [("Mixed Inc", 1, 2)]
+    finally:
+        await svc.close()
+
+
 # -- the plugin through the real dispatcher, and the CLI -------------------------------------------------------------
 
 
