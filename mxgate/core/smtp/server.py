@@ -782,12 +782,19 @@ class Connection(asyncio.Protocol):
             await self._bad(creds)
             return
         username, password = creds
+        # reserved before the (slow) check: parallel connections cannot all slip under the limit
+        if not limiter.reserve(st.peer_ip):
+            await self.hooks.on_event("auth", result="rate_limited")
+            self._reply(R.AUTH_RATE)
+            return
         try:
             result: AuthResult | None = await self.hooks.resolve_credentials(self.snapshot(), username, password)
         except (HookCallError, PluginError) as exc:
             log.warning("credentials hook failed: answering 451 4.3.0", extra={"error": repr(exc)})
             self._reply(R.PLUGIN_ERROR)
             return
+        finally:
+            limiter.release(st.peer_ip)
         if result is not None and result.ok:
             limiter.succeeded(st.peer_ip)
             st.auth_user = result.user or username
