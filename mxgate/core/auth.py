@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mxgate.core.files import private_dir
 from mxgate.core.model import StashKey
 
 __all__ = [
@@ -151,7 +152,7 @@ class UsersFile:
         return AuthResult.failure("wrong password")
 
     def _write(self, users: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".users.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:

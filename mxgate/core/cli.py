@@ -19,6 +19,7 @@ from mxgate import __version__
 from mxgate.core import config as cfg
 from mxgate.core import engine, logs, tracking
 from mxgate.core.errors import ConfigError, MxgateError
+from mxgate.core.files import PRIVATE_UMASK
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins
 
 ENV_CONFIG = "MXGATE_CONFIG"
@@ -53,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = engine.read_source(_config_path(args))
     config, plugins = engine.load_source(source)
     logs.configure(config.server.log_format, config.server.log_level)
+    os.umask(PRIVATE_UMASK)  # whatever the gateway or a plugin creates is its own (0600 files, 0700 directories)
     engine.run(config, plugins, source=source)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from mxgate.core.files import open_private
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class TrackingLog:
         self.enabled = enabled
         self.clock = clock
         self._lock = threading.Lock()
-        self._fh = self.path.open("a", encoding="utf-8") if enabled else None
+        self._fh = os.fdopen(open_private(self.path), "a", encoding="utf-8") if enabled else None  # 0600
         self._pending: list[str] = []
 
     def write(
