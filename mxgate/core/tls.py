@@ -40,6 +40,7 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "CIPHERS_TLS12",
+    "ClientCertificateVerifier",
     "TlsInfo",
     "TlsMode",
     "VerifyReason",
@@ -593,6 +594,38 @@ def verify_client_chain(
         reason = VerifyReason.EXPIRED if "not valid at validation time" in error else VerifyReason.UNTRUSTED
         return VerifyResult(False, reason, error)
     return VerifyResult(True, VerifyReason.OK, "client certificate verified", tuple(verified.chain))
+
+
+class ClientCertificateVerifier:
+    """:func:`verify_client_chain` for one listener, remembering which leaves verified.
+
+    A resumed TLS session carries the client's leaf but not its intermediates (OpenSSL keeps only the peer
+    certificate in a session or ticket), so the chain of a resumed session often cannot be validated again. The
+    session itself proves that this process completed a full handshake with that certificate: a leaf that
+    verified then is still verified on resumption (its dates checked again). Bounded: the oldest forgotten first.
+    """
+
+    def __init__(self, trust_store_paths: Sequence[str] | None, *, max_entries: int = 10_000) -> None:
+        self.trust_store_paths = trust_store_paths
+        self.max_entries = max_entries
+        self._verified: dict[bytes, None] = {}
+
+    def verify(self, chain: Sequence[x509.Certificate], *, now: datetime, resumed: bool = False) -> VerifyResult:
+        result = verify_client_chain(chain, now=now, trust_store_paths=self.trust_store_paths)
+        if not chain:
+            return result
+        der = cert_der(chain[0])
+        if result.ok:
+            self._verified.pop(der, None)
+            self._verified[der] = None
+            if len(self._verified) > self.max_entries:
+                self._verified.pop(next(iter(self._verified)))
+            return result
+        if resumed and der in self._verified:
+            leaf = chain[0]
+            if leaf.not_valid_before_utc <= _as_utc(now) <= leaf.not_valid_after_utc:
+                return VerifyResult(True, VerifyReason.OK, "client certificate verified in the resumed session")
+        return result
 
 
 def verify_webpki(

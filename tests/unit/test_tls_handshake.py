@@ -279,6 +279,31 @@ async def test_server_allows_session_resumption(mx1: IssuedCert) -> None:
         assert tls.describe(server_side).session_reused
 
 
+async def test_a_resumed_session_keeps_its_client_certificate_verified(
+    test_ca: TestCA, inter: TestCA, mx1: IssuedCert
+) -> None:
+    """A resumed session carries the client's leaf without its intermediate: the leaf verified in the full
+    handshake stays verified (a leaf the verifier never saw does not)."""
+    client_cert = inter.issue(["relay.partner.test"], client=True)
+    client_ctx = tls.client_context(verify=False, cert_file=client_cert.chain_path, key_file=client_cert.key_path)
+    now = datetime.now(UTC)
+    async for srv in _serve(_ctx_server(mx1, request_client_cert=True)):
+        reused, session = await asyncio.to_thread(_sync_client, srv.host, srv.port, client_ctx, None)
+        full = await asyncio.wait_for(srv.seen.get(), 5)
+        reused, _ = await asyncio.to_thread(_sync_client, srv.host, srv.port, client_ctx, session)
+        resumed = await asyncio.wait_for(srv.seen.get(), 5)
+        assert reused and resumed.session_reused
+        assert tls.peer_chain(resumed) == (client_cert.cert,)  # the intermediate is not in the session
+        fresh = tls.ClientCertificateVerifier([str(test_ca.cert_path)])
+        assert not fresh.verify(tls.peer_chain(resumed), now=now, resumed=True).ok
+        verifier = tls.ClientCertificateVerifier([str(test_ca.cert_path)])
+        assert verifier.verify(tls.peer_chain(full), now=now).ok
+        assert verifier.verify(tls.peer_chain(resumed), now=now, resumed=True).ok
+        assert not verifier.verify(tls.peer_chain(resumed), now=now, resumed=False).ok
+        later = now + timedelta(days=3650)
+        assert not verifier.verify(tls.peer_chain(resumed), now=later, resumed=True).ok
+
+
 def test_tls_mode_values() -> None:
     assert [m.value for m in TlsMode] == [
         "none",

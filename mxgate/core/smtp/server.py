@@ -153,17 +153,17 @@ def _certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
 
 
 def tls_state(
-    ssl_object: ssl.SSLObject, client_cas: tuple[str, ...] | None = None, *, now: float | None = None
+    ssl_object: ssl.SSLObject, verifier: tlsmod.ClientCertificateVerifier | None = None, *, now: float | None = None
 ) -> TlsState:
     """What the handshake gave. A client certificate never failed it (see :func:`tlsmod.ask_for_client_certificate`):
-    it is verified here, against ``client_cas`` (``()``: the system store; ``None``: certificates not asked for),
-    and the result only decides whether a certificate-pinned connector matches."""
+    it is verified here by the listener's ``verifier`` (``None``: certificates were not asked for), and the result
+    only decides whether a certificate-pinned connector matches."""
     info = tlsmod.describe(ssl_object)
     chain = tlsmod.peer_chain(ssl_object)
     verified = False
-    if chain and client_cas is not None:
+    if chain and verifier is not None:
         when = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-        result = tlsmod.verify_client_chain(chain, now=when, trust_store_paths=client_cas or None)
+        result = verifier.verify(chain, now=when, resumed=bool(ssl_object.session_reused))
         verified = result.ok
         if not result.ok:
             log.info(
@@ -224,7 +224,8 @@ class Listener:
         self.runtime = runtime
         self.config = config
         self.tls_context = build_tls_context(runtime, config)
-        self.client_cas = client_ca_paths(runtime, config) if self.tls_context is not None else None
+        cas = client_ca_paths(runtime, config) if self.tls_context is not None else None
+        self.client_verifier = tlsmod.ClientCertificateVerifier(cas or None) if cas is not None else None
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
         self.connections: set[Connection] = set()
@@ -615,7 +616,7 @@ class Connection(asyncio.Protocol):
         try:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
-                self.state.tls = tls_state(ssl_object, self.listener.client_cas, now=self.runtime.clock())
+                self.state.tls = tls_state(ssl_object, self.listener.client_verifier, now=self.runtime.clock())
             self.state.connector = self.policy.select_connector(self.state)
             started = True
             await self._session()
@@ -764,7 +765,7 @@ class Connection(asyncio.Protocol):
         st = self.state
         st.reset_after_tls()
         ssl_object = transport.get_extra_info("ssl_object")
-        st.tls = tls_state(ssl_object, self.listener.client_cas, now=self.runtime.clock())
+        st.tls = tls_state(ssl_object, self.listener.client_verifier, now=self.runtime.clock())
         st.connector = self.policy.select_connector(st)
         await self.hooks.on_starttls(self.snapshot())
         await self.hooks.on_event("tls_session", listener=self.listener.config.name, version=st.tls.version)
