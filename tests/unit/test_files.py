@@ -75,3 +75,24 @@ async def test_queue_and_tracking_log_are_private_under_umask_022(tmp_path: Path
     finally:
         await store.close()
     assert found[DB_NAME] == found[f"{DB_NAME}-wal"] == found["tracking.jsonl"] == 0o600, found
+
+
+def test_a_dkim_key_others_may_read_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from mxgate.plugins.tlsrpt import _load_dkim_key
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "dkim.key"
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(path, 0o600)
+    with caplog.at_level("WARNING"):
+        assert _load_dkim_key(path).startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert "DKIM key" not in caplog.text
+    os.chmod(path, 0o644)
+    with caplog.at_level("WARNING"):
+        _load_dkim_key(path)
+    assert "DKIM key" in caplog.text and "0644" in caplog.text
