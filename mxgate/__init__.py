@@ -3,6 +3,7 @@
 This module is the plugin author's API; everything else is internal and may change.
 """
 
+from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import (
     Accept,
@@ -63,5 +64,6 @@ __all__ = [
     "Verdict",
     "__version__",
     "hookimpl",
+    "private_file",
     "setting",
 ]

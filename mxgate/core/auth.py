@@ -4,6 +4,11 @@ The users file holds one ``name:scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>`` 
 atomically with mode 0600. Checking a password costs a deliberately slow scrypt (~50 ms), so callers run
 :meth:`UsersFile.verify` off the event loop (the core plugin does, with :func:`asyncio.to_thread`).
 Unknown users cost the same time as known ones, so timing does not reveal who exists.
+
+An AUTH flood must not buy KDF runs: the server reserves each attempt in the :class:`FailureLimiter` before the
+check (failures plus attempts in progress count against the limit, so parallel connections cannot race past it),
+and the checks themselves run in a :class:`KdfPool` -- a few threads of their own with a bounded queue -- so they
+neither take every core from the event loop nor pile up memory (16 MiB per running scrypt).
 """
 
 from __future__ import annotations
@@ -21,20 +26,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from mxgate.core.files import private_dir
 from mxgate.core.model import StashKey
 
 __all__ = [
     "AuthResult",
     "FailureLimiter",
+    "KdfPool",
+    "KdfPoolFull",
     "UsersFile",
     "hash_password",
     "register_cli",
     "verify_password",
 ]
+
+_T = TypeVar("_T")
 
 USERS_FILE_NAME = "users"
 # scrypt cost: n = 2**14, r = 8, p = 1 (16 MiB, tens of ms) - the standard library's hashlib.scrypt.
@@ -141,7 +152,7 @@ class UsersFile:
         return AuthResult.failure("wrong password")
 
     def _write(self, users: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=".users.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -181,7 +192,10 @@ class UsersFile:
 class FailureLimiter:
     """Failed AUTH attempts per client address in a sliding window; blocked once ``limit`` is reached.
 
-    Memory is bounded: at most ``max_clients`` addresses are tracked (the oldest forgotten first).
+    An attempt is reserved (:meth:`reserve`) before its password is checked and released after it: failures plus
+    attempts in progress count against the limit, so 200 parallel connections get at most ``limit`` checks.
+    Memory is bounded: at most ``max_clients`` addresses are tracked (the oldest forgotten first); attempts in
+    progress are bounded by the connections open.
     """
 
     def __init__(
@@ -194,6 +208,7 @@ class FailureLimiter:
     ) -> None:
         self.limit, self.window, self.max_clients, self.clock = limit, window, max_clients, clock
         self._fails: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}
 
     def _recent(self, key: str) -> deque[float] | None:
         q = self._fails.get(key)
@@ -209,7 +224,22 @@ class FailureLimiter:
 
     def blocked(self, key: str) -> bool:
         q = self._recent(key)
-        return q is not None and len(q) >= self.limit
+        return (len(q) if q is not None else 0) + self._pending.get(key, 0) >= self.limit
+
+    def reserve(self, key: str) -> bool:
+        """Take one attempt for ``key``; False (and nothing taken) when it is blocked. Pair with :meth:`release`."""
+        if self.blocked(key):
+            return False
+        self._pending[key] = self._pending.get(key, 0) + 1
+        return True
+
+    def release(self, key: str) -> None:
+        """The reserved attempt is over (record its outcome with :meth:`failed` / :meth:`succeeded` as well)."""
+        n = self._pending.get(key, 0) - 1
+        if n > 0:
+            self._pending[key] = n
+        else:
+            self._pending.pop(key, None)
 
     def failed(self, key: str) -> None:
         q = self._recent(key)
@@ -223,7 +253,59 @@ class FailureLimiter:
         self._fails.pop(key, None)
 
 
+class KdfPoolFull(Exception):
+    """Every slot of the password-check pool is taken: answer "try later"."""
+
+
+class KdfPool:
+    """Password checks in ``workers`` threads of their own, at most ``max_pending`` queued or running.
+
+    The default executor is shared with the rest of the process (and sized for I/O); a flood of AUTH there would
+    take every core from the event loop and delay every other ``to_thread`` caller. Here a full pool answers at
+    once (:meth:`run` returns ``None``: the caller says "try later") instead of queueing without end.
+    """
+
+    def __init__(self, workers: int | None = None, max_pending: int | None = None) -> None:
+        # half the cores at most: the event loop keeps one to itself
+        self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
+        self.max_pending = max_pending or 16 * self.workers
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="mxgate-kdf")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.runs = 0  # checks started (for tests and figures)
+
+    def _done(self, _future: object) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in the pool; :class:`KdfPoolFull` at once when ``max_pending`` checks are already queued
+        or running."""
+        import asyncio
+
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise KdfPoolFull()
+            self._pending += 1
+            self.runs += 1
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 USERS_KEY = StashKey[UsersFile]()
+KDF_POOL_KEY = StashKey[KdfPool]()
+
+
+def kdf_pool_for_runtime(runtime: Any) -> KdfPool:
+    """The process's password-check pool (created on first use, so a receive worker makes its own)."""
+    pool: KdfPool | None = runtime.stash.get(KDF_POOL_KEY, None)
+    if pool is None:
+        pool = runtime.stash[KDF_POOL_KEY] = KdfPool()
+    return pool
 
 
 def users_for_runtime(runtime: Any) -> UsersFile:

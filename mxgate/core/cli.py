@@ -19,7 +19,9 @@ from mxgate import __version__
 from mxgate.core import config as cfg
 from mxgate.core import engine, logs, tracking
 from mxgate.core.errors import ConfigError, MxgateError
+from mxgate.core.files import PRIVATE_UMASK
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins
+from mxgate.core.textsafe import escape
 
 ENV_CONFIG = "MXGATE_CONFIG"
 
@@ -53,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = engine.read_source(_config_path(args))
     config, plugins = engine.load_source(source)
     logs.configure(config.server.log_format, config.server.log_level)
+    os.umask(PRIVATE_UMASK)  # whatever the gateway or a plugin creates is its own (0600 files, 0700 directories)
     engine.run(config, plugins, source=source)
     return 0
 
@@ -121,13 +124,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.message_id is None):
+        print("mxgate trace: give a queue id or --message-id MESSAGE-ID (one of them)", file=sys.stderr)
+        return 2
     config, _ = load_from_args(args)
-    records = tracking.trace(config.state_path, args.id)
+    by_mid = args.message_id is not None
+    ident = args.message_id if by_mid else args.id
+    records = tracking.trace(config.state_path, ident, message_id=by_mid)
     if not records:
+        what = "Message-ID" if by_mid else "queue id"
         print(
-            f"mxgate: no tracking records for {args.id!r} in {config.state_path / tracking.FILE_NAME}",
+            f"mxgate: no tracking records for {what} {escape(ident)!r} in {config.state_path / tracking.FILE_NAME}",
             file=sys.stderr,
         )
+        if not by_mid and ("@" in ident or ident.startswith("<")):
+            print("mxgate: that looks like a Message-ID: mxgate trace --message-id ID", file=sys.stderr)
         return 1
     for record in records:
         print(tracking.format_record(record))
@@ -330,8 +341,11 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     add_config_arg(p)
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or Message-ID")
-    p.add_argument("id")
+    p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or --message-id")
+    p.add_argument("id", nargs="?", help="queue id (as in '250 2.0.0 Ok: queued as ID')")
+    p.add_argument(
+        "--message-id", metavar="MESSAGE-ID", help="every message with this Message-ID (angle brackets optional)"
+    )
     add_config_arg(p)
     p.set_defaults(func=cmd_trace)
 

@@ -62,14 +62,18 @@ class CorePlugin:
 
     @hookimpl(trylast=True)
     async def mxgate_receive_resolve_credentials(self, username: str, password: str) -> AuthResult | None:
-        """The built-in users file (``<state_dir>/users``, scrypt hashes); checked off the event loop."""
-        import asyncio
-
-        from mxgate.core.auth import users_for_runtime
+        """The built-in users file (``<state_dir>/users``, scrypt hashes); checked off the event loop, in the
+        bounded password-check pool (full: a temporary failure, 454 4.7.0)."""
+        from mxgate.core.auth import AuthResult, KdfPoolFull, kdf_pool_for_runtime, users_for_runtime
 
         if self.runtime is None:
             return None
-        return await asyncio.to_thread(users_for_runtime(self.runtime).verify, username, password)
+        try:
+            return await kdf_pool_for_runtime(self.runtime).run(
+                users_for_runtime(self.runtime).verify, username, password
+            )
+        except KdfPoolFull:
+            return AuthResult.failure("password checks busy", temporary=True)
 
     # -- delivery ----------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from mxgate.core.config import (
     read_text,
 )
 from mxgate.core.errors import ConfigError, PluginError, StateError
+from mxgate.core.files import private_dir, state_dir_problem
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
 from mxgate.core.runtime import Runtime
 
@@ -91,7 +92,7 @@ def load_source(
 def check_state_dir(path: Path) -> None:
     """A clear start-up error rather than a traceback deep in SQLite."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)
     except OSError as exc:
         raise StateError(f"state directory {str(path)!r} cannot be created: {exc.strerror}") from exc
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -150,6 +151,9 @@ class Gateway:
                 "receive workers are started by `mxgate run` (this gateway was built in-process); expected 0",
             )
         check_state_dir(self.config.state_path)
+        problem = state_dir_problem(self.config.state_path)
+        if problem:
+            log.warning(problem)
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
         await open_services(runtime)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.config import Config
+from mxgate.core.files import private_dir
 from mxgate.core.model import Stash, StashKey
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
@@ -80,7 +81,7 @@ class Runtime:
         cls, config: Config, plugins: PluginSet, *, clock: Callable[[], float] = time.time, role: str = ROLE_MAIN
     ) -> Runtime:
         state = config.state_path
-        state.mkdir(parents=True, exist_ok=True)
+        private_dir(state)
         dispatcher = Dispatcher(plugins, trace=config.plugins.hook_trace)
         return cls(
             config=config,

@@ -17,7 +17,9 @@ operations; call it via ``asyncio.to_thread`` on the event loop's behalf.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
+import logging
 import os
 import ssl
 import warnings
@@ -38,6 +40,7 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "CIPHERS_TLS12",
+    "ClientCertificateVerifier",
     "TlsInfo",
     "TlsMode",
     "VerifyReason",
@@ -52,8 +55,11 @@ __all__ = [
     "server_context",
     "spki_der",
     "system_trust_store_paths",
+    "verify_client_chain",
     "verify_webpki",
 ]
+
+log = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
 
@@ -111,12 +117,73 @@ def _server_leaf_context(
     # Resumption stays on (tickets, and the session cache): a resumed handshake is ~4x cheaper (PERF-NOTES).
     ctx.options &= ~ssl.OP_NO_TICKET
     if request_client_cert or client_ca_file is not None:
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-        if client_ca_file is not None:
-            ctx.load_verify_locations(cafile=os.fspath(client_ca_file))
-        else:
-            ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+        ask_for_client_certificate(ctx)
     return ctx
+
+
+# -- client certificates: asked for, never fatal ------------------------------------------------------------------
+#
+# Internet MTAs present client certificates from CAs we have never heard of (Exchange Online's among them). With
+# CERT_OPTIONAL, OpenSSL aborts the handshake when a presented certificate does not verify, and Python offers no
+# verify callback to say "record it and go on". So the context gets OpenSSL's callback through ctypes -- one that
+# accepts whatever was presented (Postfix's ask_ccert) -- and the chain is verified after the handshake
+# (:func:`verify_client_chain`); the result only decides whether a certificate-pinned connector matches.
+
+_VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+_SSL_VERIFY_PEER = 0x01
+
+
+def _accept_all(_preverify_ok: int, _store_ctx: int | None) -> int:
+    return 1
+
+
+_accept_presented_certificate = _VERIFY_CALLBACK(_accept_all)  # kept alive: OpenSSL holds the pointer
+
+
+def _libssl() -> Any:
+    import _ssl
+
+    lib = ctypes.CDLL(_ssl.__file__)  # dlsym through _ssl's handle finds the libssl it is linked with
+    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CALLBACK]
+    lib.SSL_CTX_set_verify.restype = None
+    lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    return lib
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: Any) -> int | None:
+    """The ``SSL_CTX *`` of ``ctx``: CPython's context object holds it right after the object header. Checked
+    against what Python reports (verify mode and options) before it is used."""
+    address = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not address:
+        return None
+    if lib.SSL_CTX_get_verify_mode(address) != _SSL_VERIFY_PEER:
+        return None
+    if lib.SSL_CTX_get_options(address) != int(ctx.options):
+        return None
+    return int(address)
+
+
+def ask_for_client_certificate(ctx: ssl.SSLContext) -> bool:
+    """Ask clients for a certificate without ever failing the handshake over it: the client may present none,
+    or one that does not verify (foreign CA, self-signed, expired). Verify it afterwards with
+    :func:`verify_client_chain`. Returns False (and asks for nothing: CERT_NONE) where OpenSSL's verify
+    callback cannot be reached (not CPython's ``_ssl``) -- a failed handshake would be worse than no certificate.
+    """
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    try:
+        lib = _libssl()
+        pointer = _ssl_ctx_pointer(ctx, lib)
+        if pointer is not None:
+            lib.SSL_CTX_set_verify(pointer, _SSL_VERIFY_PEER, _accept_presented_certificate)
+            return True
+    except (OSError, AttributeError, ValueError, ImportError) as exc:
+        log.debug("no OpenSSL verify callback: %r", exc)
+    ctx.verify_mode = ssl.CERT_NONE
+    log.error("client certificates cannot be requested on this Python build: certificate-pinned connectors never match")
+    return False
 
 
 def server_context(
@@ -133,11 +200,10 @@ def server_context(
     :param sni: server name -> ``(cert_file, key_file)``. Exact names win over ``*.`` entries, which match one
         left-most label (``*.example.org`` serves ``mx.example.org``). Names are case-insensitive; unknown
         names get the default certificate.
-    :param client_ca_file: CA bundle that client certificates are verified against; implies
-        ``request_client_cert``.
-    :param request_client_cert: ask for a client certificate (CERT_OPTIONAL). Without ``client_ca_file`` the
-        system trust store is used. A client that presents a certificate which does not verify fails the
-        handshake (Python has no accept-anything verify callback); one that presents none gets through.
+    :param client_ca_file: implies ``request_client_cert`` (kept for callers; the CAs are not loaded here).
+    :param request_client_cert: ask for a client certificate. The handshake never fails over it: a client may
+        present none, or one that does not verify (see :func:`ask_for_client_certificate`); verify the chain
+        after the handshake with :func:`verify_client_chain`.
 
     The SNI callback also records the name the client asked for: see :func:`requested_server_name`.
     """
@@ -479,6 +545,88 @@ def _verify(
     except verification.VerificationError as exc:
         return (), str(exc)
     return tuple(path), ""
+
+
+def _client_verifier(store: verification.Store, when: datetime) -> verification.ClientVerifier:
+    builder = verification.PolicyBuilder().store(store).time(when)
+    policy = getattr(verification, "ExtensionPolicy", None)  # cryptography >= 45
+    if policy is not None:  # a certificate named by its CN alone (no subjectAltName) is still a client certificate
+        ee = policy.webpki_defaults_ee().may_be_present(
+            x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
+        )
+        builder = builder.extension_policies(ca_policy=policy.webpki_defaults_ca(), ee_policy=ee)
+    return builder.build_client_verifier()
+
+
+def verify_client_chain(
+    chain: Sequence[x509.Certificate], *, now: datetime, trust_store_paths: Sequence[str] | None = None
+) -> VerifyResult:
+    """Path validation of the chain a client presented (leaf first), after the handshake: the dates, a path to
+    an anchor in ``trust_store_paths`` (``None``: the system store) and the clientAuth extended key usage
+    (OpenSSL's ``sslclient`` purpose). No name is checked here: the caller compares the names.
+
+    Small (a few signature checks, anchors cached per file): fine on the event loop.
+    """
+    if not chain:
+        return VerifyResult(False, VerifyReason.OTHER, "no client certificate")
+    when = _as_utc(now)
+    leaf, intermediates = chain[0], list(chain[1:])
+    if when > leaf.not_valid_after_utc:
+        return VerifyResult(
+            False, VerifyReason.EXPIRED, f"certificate expired {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    if when < leaf.not_valid_before_utc:
+        return VerifyResult(
+            False,
+            VerifyReason.NOT_YET_VALID,
+            f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
+        )
+    paths = system_trust_store_paths() if trust_store_paths is None else tuple(trust_store_paths)
+    try:
+        _count, store = _trust_store(paths)
+    except OSError as exc:
+        return VerifyResult(False, VerifyReason.OTHER, f"cannot read trust store: {exc}")
+    if store is None:
+        return VerifyResult(False, VerifyReason.OTHER, f"no trust anchors in {list(paths)}")
+    try:
+        verified = _client_verifier(store, when).verify(leaf, intermediates)
+    except verification.VerificationError as exc:
+        error = str(exc)
+        reason = VerifyReason.EXPIRED if "not valid at validation time" in error else VerifyReason.UNTRUSTED
+        return VerifyResult(False, reason, error)
+    return VerifyResult(True, VerifyReason.OK, "client certificate verified", tuple(verified.chain))
+
+
+class ClientCertificateVerifier:
+    """:func:`verify_client_chain` for one listener, remembering which leaves verified.
+
+    A resumed TLS session carries the client's leaf but not its intermediates (OpenSSL keeps only the peer
+    certificate in a session or ticket), so the chain of a resumed session often cannot be validated again. The
+    session itself proves that this process completed a full handshake with that certificate: a leaf that
+    verified then is still verified on resumption (its dates checked again). Bounded: the oldest forgotten first.
+    """
+
+    def __init__(self, trust_store_paths: Sequence[str] | None, *, max_entries: int = 10_000) -> None:
+        self.trust_store_paths = trust_store_paths
+        self.max_entries = max_entries
+        self._verified: dict[bytes, None] = {}
+
+    def verify(self, chain: Sequence[x509.Certificate], *, now: datetime, resumed: bool = False) -> VerifyResult:
+        result = verify_client_chain(chain, now=now, trust_store_paths=self.trust_store_paths)
+        if not chain:
+            return result
+        der = cert_der(chain[0])
+        if result.ok:
+            self._verified.pop(der, None)
+            self._verified[der] = None
+            if len(self._verified) > self.max_entries:
+                self._verified.pop(next(iter(self._verified)))
+            return result
+        if resumed and der in self._verified:
+            leaf = chain[0]
+            if leaf.not_valid_before_utc <= _as_utc(now) <= leaf.not_valid_after_utc:
+                return VerifyResult(True, VerifyReason.OK, "client certificate verified in the resumed session")
+        return result
 
 
 def verify_webpki(

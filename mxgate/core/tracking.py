@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from mxgate.core.files import open_private
+from mxgate.core.textsafe import escape, quote
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class TrackingLog:
         self.enabled = enabled
         self.clock = clock
         self._lock = threading.Lock()
-        self._fh = self.path.open("a", encoding="utf-8") if enabled else None
+        self._fh = os.fdopen(open_private(self.path), "a", encoding="utf-8") if enabled else None  # 0600
         self._pending: list[str] = []
 
     def write(
@@ -124,16 +128,23 @@ def read_records(state_dir: Path) -> Iterator[TrackRecord]:
             yield TrackRecord(float(ts), str(event), qid, mid, tuple(raw.items()))
 
 
-def trace(state_dir: Path, ident: str) -> list[TrackRecord]:
-    """Every record of one message, by queue id or Message-ID (with or without angle brackets)."""
-    wanted_mid = ident.strip().strip("<>")
+def trace(state_dir: Path, ident: str, *, message_id: bool = False) -> list[TrackRecord]:
+    """Every record of one message by its queue id; with ``message_id``, of every message whose Message-ID is
+    ``ident`` (with or without angle brackets). The two are never mixed: a sender chooses its Message-ID, and one
+    equal to another message's queue id must not splice that message's story into its own."""
     records = list(read_records(state_dir))
-    qids = {r.queue_id for r in records if r.queue_id == ident or (r.message_id or "").strip("<>") == wanted_mid}
+    if not message_id:
+        return [r for r in records if r.queue_id == ident]
+    wanted_mid = ident.strip().strip("<>")
+    qids = {r.queue_id for r in records if r.message_id is not None and r.message_id.strip().strip("<>") == wanted_mid}
     qids.discard(None)
     return [r for r in records if r.queue_id in qids]
 
 
 def format_record(r: TrackRecord) -> str:
+    """One line: time, event, queue id, then ``key=value`` fields -- every value escaped for the terminal and
+    quoted when needed (:func:`mxgate.core.textsafe.quote`), so text from the network can neither drive the
+    terminal nor pose as another field."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts)) + f".{int(r.ts * 1000) % 1000:03d}Z"
-    details = " ".join(f"{k}={v}" for k, v in r.fields)
-    return f"{when} {r.event:<8} {r.queue_id or '-'} {details}".rstrip()
+    details = " ".join(f"{escape(k)}={quote(v)}" for k, v in r.fields)
+    return f"{when} {escape(r.event):<8} {escape(r.queue_id or '-')} {details}".rstrip()

@@ -41,7 +41,7 @@ import h11
 import httpx
 from cryptography import x509
 
-from mxgate import __version__
+from mxgate import __version__, private_file
 from mxgate.core import checks
 from mxgate.core.config import Config
 from mxgate.core.dns import DnssecStatus
@@ -292,7 +292,7 @@ class SqlitePolicyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path, companions=("-wal", "-shm", "-journal"))  # 0600, whatever the umask
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
         with self._lock:

@@ -46,6 +46,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mxgate import private_file
 from mxgate.core import checks
 from mxgate.core.dns import Resolver
 from mxgate.core.hookspecs import hookimpl
@@ -199,7 +200,7 @@ class _Db:
         self._closed = False
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path, companions=("-wal", "-shm", "-journal"))  # 0600, whatever the umask
         conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -351,7 +352,11 @@ class SendResult:
 
 
 def _load_dkim_key(path: Path) -> bytes:
-    """PEM in any form cryptography reads -> the PKCS#1 PEM dkimpy signs with (RSA only)."""
+    """PEM in any form cryptography reads -> the PKCS#1 PEM dkimpy signs with (RSA only). A key file others may
+    read is used, with a warning (it is the operator's file)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("TLS-RPT: DKIM key %s is group- or world-accessible (mode %04o); chmod 600 it", path, mode & 0o7777)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path}: DKIM key must be RSA (ed25519 signing needs PyNaCl)")

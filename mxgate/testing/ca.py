@@ -423,10 +423,12 @@ def self_signed(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     common_name: str | None = None,
+    client: bool = False,
 ) -> IssuedCert:
     """A self-signed end-entity certificate (CA:FALSE) for ``names``; ``root`` is the certificate itself.
 
-    ``chain_path`` and ``fullchain_path`` both hold just the certificate.
+    ``chain_path`` and ``fullchain_path`` both hold just the certificate. ``client``: also allow TLS client
+    authentication (EKU clientAuth besides serverAuth), as a client certificate would.
     """
     dns = [_a_label(n) for n in names]
     cn = common_name if common_name is not None else (dns[0] if dns else "self-signed")
@@ -446,7 +448,7 @@ def self_signed(
     builder = builder.add_extension(ski, critical=False).add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
     )
-    builder = _leaf_extensions(builder, key, dns, (), client=False, san=True, empty_subject=False)
+    builder = _leaf_extensions(builder, key, dns, (), client=client, san=True, empty_subject=False)
     cert = builder.sign(key, hashes.SHA256())
     return _write_issued(directory, cn, cert, key, (), cert, full=())
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from mxgate.core.auth import AuthResult, FailureLimiter, UsersFile, hash_password, verify_password
+from mxgate.core.auth import (
+    AuthResult,
+    FailureLimiter,
+    KdfPool,
+    KdfPoolFull,
+    UsersFile,
+    hash_password,
+    verify_password,
+)
 from mxgate.core.cli import main
 
 
@@ -53,6 +63,40 @@ def test_limiter_window() -> None:
     assert len(lim._fails) <= 2
     lim.succeeded("c")
     assert not lim.blocked("c")
+
+
+def test_limiter_counts_attempts_in_progress() -> None:
+    lim = FailureLimiter(limit=3, window=60, clock=lambda: 1000.0)
+    assert [lim.reserve("ip") for _ in range(4)] == [True, True, True, False]  # the 4th races in: refused
+    assert lim.blocked("ip")
+    lim.failed("ip")
+    lim.release("ip")
+    assert lim.blocked("ip")  # one failure + two in progress
+    lim.release("ip")
+    lim.release("ip")
+    assert not lim.blocked("ip") and lim.reserve("ip")
+    lim.succeeded("ip")
+    lim.release("ip")
+    assert lim._pending == {} and lim._fails == {}
+
+
+@pytest.mark.asyncio
+async def test_kdf_pool_is_bounded() -> None:
+    pool = KdfPool(workers=1, max_pending=2)
+    gate = threading.Event()
+    try:
+        first = asyncio.ensure_future(pool.run(gate.wait, 10))
+        second = asyncio.ensure_future(pool.run(lambda: "queued"))
+        await asyncio.sleep(0)
+        with pytest.raises(KdfPoolFull):
+            await pool.run(lambda: "refused")
+        gate.set()
+        assert await first is True and await second == "queued"
+        assert await pool.run(lambda: 42) == 42  # room again
+        assert pool.runs == 3
+    finally:
+        gate.set()
+        pool.shutdown()
 
 
 def test_cli_user_add_list_remove(

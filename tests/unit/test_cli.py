@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -133,10 +134,40 @@ def test_trace_by_queue_id_and_message_id(tmp_path: Path) -> None:
     by_id = mxgate("trace", "Q1", "--config", str(path))
     assert by_id.returncode == 0, by_id.stderr
     assert [line.split()[2] for line in by_id.stdout.splitlines()] == ["RECEIVE", "DELIVER"]
-    by_mid = mxgate("trace", "m1@example.org", "--config", str(path))
+    by_mid = mxgate("trace", "--message-id", "m1@example.org", "--config", str(path))
     assert by_mid.stdout == by_id.stdout
+    by_mid = mxgate("trace", "--message-id", "<m1@example.org>", "--config", str(path))
+    assert by_mid.stdout == by_id.stdout
+    not_a_qid = mxgate("trace", "m1@example.org", "--config", str(path))  # a Message-ID is not a queue id
+    assert not_a_qid.returncode == 1 and "--message-id" in not_a_qid.stderr
     missing = mxgate("trace", "nope", "--config", str(path))
     assert missing.returncode == 1 and "no tracking records" in missing.stderr
+    assert mxgate("trace", "--config", str(path)).returncode == 2
+    assert mxgate("trace", "Q1", "--message-id", "m1@example.org", "--config", str(path)).returncode == 2
+
+
+def test_trace_escapes_and_quotes_what_came_from_the_network(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    log = TrackingLog(state, clock=iter([1.0, 2.0, 3.0]).__next__)
+    forged = '"pad client=10.9.8.7 auth_user=admin"@ext.test'
+    log.write(
+        TrackEvent.RECEIVE, queue_id="Q1", message_id="Q2", client="192.0.2.1", sender=forged, helo="a\x1b]0;pwned\x07b"
+    )
+    log.write(TrackEvent.RECEIVE, queue_id="Q2", message_id="<m2@example.org>", sender="\u202egro.elpmaxe@x")
+    log.close()
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+    q1 = mxgate("trace", "Q1", "--config", str(path)).stdout
+    assert "\x1b" not in q1 and "\x07" not in q1 and "\\x1b]0;pwned\\x07" in q1
+    assert 'sender="\\"pad client=10.9.8.7 auth_user=admin\\"@ext.test"' in q1
+    fields = re.findall(r' ([a-z_]+)=("(?:[^"\\]|\\.)*"|[^ "]*)(?= |$)', q1.strip())
+    assert [k for k, _ in fields] == ["client", "sender", "helo"]  # the sender did not add fields
+    assert dict(fields)["client"] == "192.0.2.1"
+    q2 = mxgate("trace", "Q2", "--config", str(path)).stdout  # Q1's Message-ID is "Q2": not Q2's story
+    assert len(q2.splitlines()) == 1 and "\u202e" not in q2 and "\\u202e" in q2
+    by_mid = mxgate("trace", "--message-id", "Q2", "--config", str(path)).stdout
+    assert len(by_mid.splitlines()) == 1 and " Q1 " in by_mid
 
 
 def test_invalid_config_for_any_command(tmp_path: Path) -> None:

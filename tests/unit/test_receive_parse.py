@@ -34,6 +34,25 @@ def test_smtputf8() -> None:
     assert parse_rcpt("TO:<ü@example.org>", smtputf8=True).recipient.local == "ü"
 
 
+@pytest.mark.parametrize(
+    "char",
+    ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\x9b", "\u061c", "\u200e", "\u200f", "\u202a", "\u202e", "\u2066",
+     "\u2069", "\u2028"],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["local", "quoted", "domain"])
+def test_controls_and_bidi_controls_in_smtputf8_addresses_are_refused(char: str, where: str) -> None:
+    address = {"local": f"a{char}b@d.example", "quoted": f'"a{char}b"@d.example', "domain": f"a@d{char}x.example"}[
+        where
+    ]
+    with pytest.raises(ParseError) as exc:
+        parse_mail(f"FROM:<{address}> SMTPUTF8")
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (553, "5.1.7")
+    assert f"U+{ord(char):04X}" in exc.value.reply.text
+    with pytest.raises(ParseError) as exc:
+        parse_rcpt(f"TO:<{address}>", smtputf8=True)
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (553, "5.1.3")
+
+
 def test_address_literals() -> None:
     assert parse_mail("FROM:<a@[192.0.2.1]>").sender.domain == "[192.0.2.1]"
     assert parse_mail("FROM:<a@[IPv6:2001:db8::1]>").sender.domain == "[ipv6:2001:db8::1]"

@@ -18,6 +18,7 @@ from email.policy import compat32
 from typing import Any, TypeVar
 
 from mxgate.core.queue.store import MessageNotFoundError, QueuedMessage, QueueStore
+from mxgate.core.textsafe import escape
 
 T = TypeVar("T")
 
@@ -99,15 +100,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("queue is empty")
         return 0
     head = ("ID", "AGE", "SENDER", "RECIPIENTS", "STATE", "NEXT", "LAST ERROR")
-    table = [
+    table = [  # sender, recipients and the remote's reply came from the network: escaped for the terminal
         (
-            r["id"],
+            escape(r["id"]),
             r["age"],
-            r["sender"],
-            ",".join(f"{x['address']}({x['status']})" for x in r["recipients"]),
+            escape(r["sender"]),
+            ",".join(f"{escape(x['address'])}({x['status']})" for x in r["recipients"]),
             r["state"],
             _when(r["next_attempt"], now),
-            r["last_error"],
+            escape(r["last_error"]),
         )
         for r in rows
     ]
@@ -130,31 +131,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     if msg is None:
         print(f"mxgate: no message {args.id!r} in the queue", file=sys.stderr)
         return 1
-    print(f"id:          {msg.id}")
+    # Everything but our own counters and dates came from the network (or from a remote server's reply):
+    # escaped, so ESC/C1 sequences, BEL and bidi overrides reach the terminal as text.
+    print(f"id:          {escape(msg.id)}")
     print(f"state:       {_state(msg, now)}")
     received = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(msg.received_at))
     print(f"received:    {received} ({_age(now - msg.received_at)} ago)")
-    print(f"sender:      {msg.sender or '<>'}")
+    print(f"sender:      {escape(msg.sender or '<>')}")
     print(f"size:        {msg.size}")
-    print(f"message-id:  {msg.message_id or '-'}")
+    print(f"message-id:  {escape(msg.message_id or '-')}")
     for key, value in msg.meta:
-        print(f"meta:        {key}={value}")
+        print(f"meta:        {escape(key)}={escape(value)}")
     print("recipients:")
     for r in msg.recipients:
-        extra = f" via {r.route}" if r.route else ""
+        extra = f" via {escape(r.route)}" if r.route else ""
         nxt = "" if r.is_final else f", next {_when(r.next_attempt, now)}"
-        err = f" -- {r.last_error}" if r.last_error else ""
-        print(f"  {r.address}: {r.status}, {r.attempts} attempt(s){extra}{nxt}{err}")
+        err = f" -- {escape(r.last_error)}" if r.last_error else ""
+        print(f"  {escape(r.address)}: {r.status}, {r.attempts} attempt(s){extra}{nxt}{err}")
     print("headers:")
     parsed = BytesHeaderParser(policy=compat32).parsebytes(headers)
     for name, value in parsed.items():
-        print(f"  {name}: {' '.join(str(value).split())}")
+        print(f"  {escape(name)}: {escape(' '.join(str(value).split()))}")
     print("attempts:")
     if not attempts:
         print("  (none)")
     for a in attempts:
         when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(a.at))
-        print(f"  {when} {a.recipient} {a.result} mx={a.mx or '-'}: {a.reply}")
+        print(f"  {when} {escape(a.recipient)} {a.result} mx={escape(a.mx or '-')}: {escape(a.reply)}")
     return 0
 
 

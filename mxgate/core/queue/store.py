@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 from mxgate.core.errors import MxgateError
+from mxgate.core.files import SQLITE_COMPANIONS, private_file
 
 __all__ = [
     "Attempt",
@@ -695,7 +696,7 @@ class QueueStore:
 
     @staticmethod
     def _open_sync(path: Path, max_db_bytes: int | None) -> tuple[sqlite3.Connection, sqlite3.Connection]:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path, companions=SQLITE_COMPANIONS)  # 0600; SQLite gives its WAL and SHM the same mode
         writer = _connect(path, reader=False)
         try:
             version = writer.execute("PRAGMA user_version").fetchone()[0]

@@ -3,7 +3,10 @@
 Pure functions: a command argument goes in, a :class:`MailCommand` / :class:`RcptCommand` or a
 :class:`ParseError` carrying the :class:`~mxgate.core.model.Reply` to send comes out.
 Syntax of the command as a whole (``FROM:`` missing, parameters) is ``501``/``555``; a path whose address is
-malformed is ``553`` with the reason.
+malformed is ``553`` with the reason (RFC 5321 §4.2.2 "mailbox syntax incorrect"), enhanced ``5.1.7`` for the sender
+and ``5.1.3`` for a recipient (RFC 3463 §3.2 "bad sender's / destination mailbox address syntax") -- control and
+bidi characters in an SMTPUTF8 address included. RFC 6531's ``5.6.7`` ("non-ASCII addresses not permitted") is kept
+for a non-ASCII address sent without SMTPUTF8.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from mxgate.core.model import Address, Reply
+from mxgate.core.textsafe import address_problem
 
 __all__ = [
     "MailCommand",
@@ -125,6 +129,11 @@ def parse_path(path: str, *, utf8: bool, bad: Reply, allow_null: bool) -> Addres
     if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH + 2:
         raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: path longer than {MAX_PATH} octets"))
     inner = path[1:-1]
+    # C0/C1 and bidi controls: RFC 6531's UTF8-non-ascii would admit C1 and bidi controls, and an address is shown
+    # to people (logs, `mxgate queue`, the recipient's mail client) -- mailbox syntax we refuse (553, X.1.7/X.1.3)
+    problem = address_problem(inner)
+    if problem is not None:
+        raise ParseError(Reply(bad.code, bad.enhanced, f"{bad.text}: {problem}"))
     if inner == "":
         if allow_null:
             return Address.null()

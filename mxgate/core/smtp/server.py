@@ -23,9 +23,9 @@ import logging
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from cryptography import x509
@@ -152,12 +152,24 @@ def _certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
 
 
-def tls_state(ssl_object: ssl.SSLObject) -> TlsState:
+def tls_state(
+    ssl_object: ssl.SSLObject, verifier: tlsmod.ClientCertificateVerifier | None = None, *, now: float | None = None
+) -> TlsState:
+    """What the handshake gave. A client certificate never failed it (see :func:`tlsmod.ask_for_client_certificate`):
+    it is verified here by the listener's ``verifier`` (``None``: certificates were not asked for), and the result
+    only decides whether a certificate-pinned connector matches."""
     info = tlsmod.describe(ssl_object)
     chain = tlsmod.peer_chain(ssl_object)
-    # The context requests client certificates with CERT_OPTIONAL and a CA bundle: a certificate that does not
-    # verify fails the handshake, so one that is here was verified.
-    verified = bool(chain) and ssl_object.context.verify_mode != ssl.CERT_NONE
+    verified = False
+    if chain and verifier is not None:
+        when = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+        result = verifier.verify(chain, now=when, resumed=bool(ssl_object.session_reused))
+        verified = result.ok
+        if not result.ok:
+            log.info(
+                "client certificate not verified",
+                extra={"subject": chain[0].subject.rfc4514_string()[:200], "reason": str(result.reason)},
+            )
     return TlsState(
         version=info.version or "?",
         cipher=info.cipher or "?",
@@ -168,31 +180,30 @@ def tls_state(ssl_object: ssl.SSLObject) -> TlsState:
     )
 
 
+def client_ca_paths(runtime: Runtime, lc: ListenerConfig) -> tuple[str, ...] | None:
+    """What client certificates are verified against: the listener's ``tls_client_ca`` plus every connector's
+    (``()``: the system store); ``None`` when no connector needs a client certificate (none is asked for)."""
+    cfg = runtime.config
+    connectors = [c for c in cfg.inbound_connector if c.enabled]
+    cas = [str(cfg.path(lc.tls_client_ca))] if lc.tls_client_ca else []
+    cas += [str(cfg.path(c.tls_client_ca)) for c in connectors if c.tls_client_ca]
+    if not cas and not any(c.tls_sender_certificate_name for c in connectors):
+        return None
+    return tuple(dict.fromkeys(cas))
+
+
 def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | None:
-    """The listener's server context: default certificate, SNI map, client certificates when a connector needs
-    them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``)."""
+    """The listener's server context: default certificate, SNI map; client certificates asked for (never
+    required, never fatal) when :func:`client_ca_paths` says a connector needs them."""
     if not lc.tls_cert or not lc.tls_key:
         return None
     cfg = runtime.config
     sni = {s.name: (str(cfg.path(s.cert)), str(cfg.path(s.key))) for s in lc.sni_certificates}
-    connectors = [c for c in cfg.inbound_connector if c.enabled]
-    cas = [cfg.path(lc.tls_client_ca)] if lc.tls_client_ca else []
-    cas += [cfg.path(c.tls_client_ca) for c in connectors if c.tls_client_ca]
-    want_client = bool(cas) or any(c.tls_sender_certificate_name for c in connectors)
-    client_ca: Path | None = None
-    if len(set(cas)) == 1:
-        client_ca = cas[0]
-    elif cas:
-        directory = runtime.state_dir / "tls"
-        directory.mkdir(parents=True, exist_ok=True)
-        client_ca = directory / f"client-ca-{lc.name}.pem"
-        client_ca.write_bytes(b"\n".join(p.read_bytes() for p in dict.fromkeys(cas)))
     return tlsmod.server_context(
         cfg.path(lc.tls_cert),
         cfg.path(lc.tls_key),
         sni=sni,
-        client_ca_file=client_ca,
-        request_client_cert=want_client,
+        request_client_cert=client_ca_paths(runtime, lc) is not None,
     )
 
 
@@ -213,6 +224,8 @@ class Listener:
         self.runtime = runtime
         self.config = config
         self.tls_context = build_tls_context(runtime, config)
+        cas = client_ca_paths(runtime, config) if self.tls_context is not None else None
+        self.client_verifier = tlsmod.ClientCertificateVerifier(cas or None) if cas is not None else None
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
         self.connections: set[Connection] = set()
@@ -603,7 +616,7 @@ class Connection(asyncio.Protocol):
         try:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
-                self.state.tls = tls_state(ssl_object)
+                self.state.tls = tls_state(ssl_object, self.listener.client_verifier, now=self.runtime.clock())
             self.state.connector = self.policy.select_connector(self.state)
             started = True
             await self._session()
@@ -752,7 +765,7 @@ class Connection(asyncio.Protocol):
         st = self.state
         st.reset_after_tls()
         ssl_object = transport.get_extra_info("ssl_object")
-        st.tls = tls_state(ssl_object)
+        st.tls = tls_state(ssl_object, self.listener.client_verifier, now=self.runtime.clock())
         st.connector = self.policy.select_connector(st)
         await self.hooks.on_starttls(self.snapshot())
         await self.hooks.on_event("tls_session", listener=self.listener.config.name, version=st.tls.version)
@@ -782,12 +795,19 @@ class Connection(asyncio.Protocol):
             await self._bad(creds)
             return
         username, password = creds
+        # reserved before the (slow) check: parallel connections cannot all slip under the limit
+        if not limiter.reserve(st.peer_ip):
+            await self.hooks.on_event("auth", result="rate_limited")
+            self._reply(R.AUTH_RATE)
+            return
         try:
             result: AuthResult | None = await self.hooks.resolve_credentials(self.snapshot(), username, password)
         except (HookCallError, PluginError) as exc:
             log.warning("credentials hook failed: answering 451 4.3.0", extra={"error": repr(exc)})
             self._reply(R.PLUGIN_ERROR)
             return
+        finally:
+            limiter.release(st.peer_ip)
         if result is not None and result.ok:
             limiter.succeeded(st.peer_ip)
             st.auth_user = result.user or username
