@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 256 * 1024  # pause reading above this much unprocessed input
 HANDSHAKE_TIMEOUT = 30.0
+# Distinct kinds of rejection (stage, reason, code) one session's tracking events are aggregated by; past this
+# many, further kinds are counted under the last one.
+MAX_REJECT_KINDS: Final = 16
 AUTH_FAILURES = StashKey[FailureLimiter]()
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
@@ -326,6 +329,9 @@ class Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        # rejections of this session already in the tracking log, by kind: the first of a kind is written at
+        # once, the repeats are counted and written as one event when the session ends
+        self._rejects: dict[tuple[str, str, str], tuple[dict[str, Any], int]] = {}
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -569,17 +575,34 @@ class Connection(asyncio.Protocol):
         return conn.name if conn else "anonymous"
 
     async def _rejected(self, stage: str, reply: Reply, reason: str, **fields: Any) -> None:
-        self.runtime.tracking.write(
-            TrackEvent.REJECT,
-            stage=stage,
-            reply=str(reply),
-            connector=self._label_connector(),
-            client=self.state.peer_ip,
-            helo=self.state.helo,
-            tls=self.state.tls.version if self.state.tls else None,
-            **fields,
-        )
+        """Record a rejection: the first of its kind in this session goes to the tracking log at once, repeats
+        are counted and summed up in one event at the end of the session (a client sending thousands of
+        refused RCPTs writes a few lines, not thousands)."""
+        key = (stage, reason, f"{reply.code} {reply.enhanced}")
+        seen = self._rejects.get(key)
+        if seen is None and len(self._rejects) >= MAX_REJECT_KINDS:
+            key = next(reversed(self._rejects))
+            seen = self._rejects[key]
+        if seen is not None:
+            self._rejects[key] = (seen[0], seen[1] + 1)
+        else:
+            record = dict(
+                stage=stage,
+                reply=str(reply),
+                connector=self._label_connector(),
+                client=self.state.peer_ip,
+                helo=self.state.helo,
+                tls=self.state.tls.version if self.state.tls else None,
+            )
+            self._rejects[key] = (record, 0)
+            self.runtime.tracking.write(TrackEvent.REJECT, **record, **fields)
         await self.hooks.on_event("message_rejected", listener=self.listener.config.name, reason=reason)
+
+    def _write_repeated_rejections(self) -> None:
+        for record, repeated in self._rejects.values():
+            if repeated:
+                self.runtime.tracking.write(TrackEvent.REJECT, **record, repeated=repeated, session=self.session_id)
+        self._rejects.clear()
 
     async def _end_of_headers(self, block: bytes) -> Reply | None:
         self._headers_msg = IncomingMessage(block, parse_headers(block))
@@ -622,6 +645,7 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.listener.connections.discard(self)
+            self._write_repeated_rejections()
             if started:
                 with contextlib.suppress(Exception):
                     await self.hooks.on_event("disconnection", listener=self.listener.config.name)
@@ -671,10 +695,22 @@ class Connection(asyncio.Protocol):
             await handler(self, arg)
 
     async def _bad(self, reply: Reply) -> None:
-        """A bad command: answer, count, and close after too many."""
-        self._reply(reply)
+        """A bad command: answer (later and later past the soft error limit), count, and close after too many."""
         if self.policy.error(self.state):
+            self._reply(reply)
             raise _Close(R.TOO_MANY_ERRORS)
+        delay = self.policy.error_delay(self.state)
+        if delay > 0:
+            self._flush()
+            await asyncio.sleep(delay)
+        self._reply(reply)
+
+    async def _refuse(self, reply: Reply) -> None:
+        """A refused MAIL or RCPT: counted as an error (see :meth:`ReceivePolicy.counts_as_error`) or not."""
+        if self.policy.counts_as_error(self.state, reply):
+            await self._bad(reply)
+        else:
+            self._reply(reply)
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -880,8 +916,8 @@ class Connection(asyncio.Protocol):
             if problem.code == 503:
                 await self._bad(problem)
             else:
-                self._reply(problem)
                 await self._rejected("mail", problem, _reason(problem), sender=str(mail.sender))
+                await self._refuse(problem)
             return
         if st.deferred is not None:
             st.tx_connector = None
@@ -894,7 +930,7 @@ class Connection(asyncio.Protocol):
             await self._rejected("mail", reply, "plugin", sender=str(mail.sender))
             if close:
                 raise _Close(reply)
-            self._reply(reply)
+            await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(
             st.envelope,
@@ -920,10 +956,10 @@ class Connection(asyncio.Protocol):
             return
         problem = self.policy.check_rcpt(st, rcpt)
         if problem is not None:
-            self._reply(problem)
             await self._rejected(
                 "rcpt", problem, _reason(problem), sender=str(st.envelope.mail_from), recipient=str(rcpt)
             )
+            await self._refuse(problem)
             return
         verdict = await self._veto(self.hooks.on_rcpt_command(self.snapshot(), st.envelope, rcpt))
         reply, ok, close = self._outcome(verdict, R.RCPT_OK)
@@ -931,7 +967,7 @@ class Connection(asyncio.Protocol):
             await self._rejected("rcpt", reply, "plugin", sender=str(st.envelope.mail_from), recipient=str(rcpt))
             if close:
                 raise _Close(reply)
-            self._reply(reply)
+            await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt))
         self._reply(reply)
@@ -1038,6 +1074,7 @@ class Connection(asyncio.Protocol):
             size=len(data),
         )
         self._reply(f"250 2.0.0 Ok: queued as {queue_id}")
+        st.errors = 0  # a client that delivers mail starts over (max_errors counts errors "without delivering")
         await self.hooks.on_event(
             "message_received", listener=self.listener.config.name, connector=self._label_connector()
         )
