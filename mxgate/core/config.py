@@ -69,6 +69,13 @@ class ServerConfig:
     users_file: str | None = setting(
         None, desc="SMTP AUTH users (scrypt hashes; `mxgate user add`); default: <state_dir>/users."
     )
+    descriptor_reserve: int = setting(
+        100,
+        desc="File descriptors SMTP clients may not take (the queue, deliveries, DNS and logs need them): past "
+        "RLIMIT_NOFILE minus this many, a new connection gets 421 4.3.2. `mxgate run` raises RLIMIT_NOFILE's soft "
+        "limit to the hard limit at start.",
+        check=checks.check_non_negative,
+    )
     receive_workers: int = setting(
         0,
         desc="Receive worker processes: they accept on the listeners the main process binds and run the receive "
@@ -107,6 +114,35 @@ class ListenerConfig:
         None, desc="Override server.max_recipients here.", check=checks.check_optional_positive
     )
     idle_timeout: float = setting(300.0, desc="Seconds a client may stay silent.", check=checks.check_positive)
+    command_timeout: float = setting(
+        60.0,
+        desc="Seconds a client may take to send one command line once it has begun (a client dribbling bytes "
+        "is cut here, not at session_timeout); also the grace period of min_data_rate.",
+        check=checks.check_positive,
+    )
+    min_data_rate: int = setting(
+        500,
+        desc="Bytes per second a DATA transfer must average after its first command_timeout seconds (Postfix's "
+        "smtpd_min_data_rate); slower: 421 4.4.2. 0: no minimum.",
+        check=checks.check_non_negative,
+    )
+    max_connections_per_client: int = setting(
+        20,
+        desc="Concurrent connections from one IPv4 address or IPv6 /64 (counted per receive process); beyond: "
+        "421 4.7.0. 0: no limit.",
+        check=checks.check_non_negative,
+    )
+    max_connections_per_network: int = setting(
+        100,
+        desc="Concurrent connections from one IPv4 /24 (counted per receive process); beyond: 421 4.7.0. 0: no limit.",
+        check=checks.check_non_negative,
+    )
+    connection_limit_exceptions: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1/128"),
+        desc="Client networks the per-client connection limits do not apply to (Postfix's "
+        "smtpd_client_event_limit_exceptions).",
+        check=checks.check_networks,
+    )
     session_timeout: float = setting(1800.0, desc="Longest session, in seconds.", check=checks.check_positive)
     max_errors: int = setting(
         10,

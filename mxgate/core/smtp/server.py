@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import itertools
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -49,6 +51,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
+from mxgate.core.smtp.admission import ACCEPT_BACKOFF, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
@@ -66,6 +69,25 @@ HANDSHAKE_TIMEOUT = 30.0
 # many, further kinds are counted under the last one.
 MAX_REJECT_KINDS: Final = 16
 AUTH_FAILURES = StashKey[FailureLimiter]()
+DESCRIPTORS = StashKey[DescriptorBudget]()  # one per process: every listener's connections count
+ACCEPT_BATCH: Final = 64  # connections accepted per readiness event before other work gets a turn
+# accept() errors after which the same socket is tried again at once (the connection is gone, not the listener)
+_ACCEPT_TRANSIENT: Final = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EPERM,
+        errno.EINTR,
+    }
+)
+_ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
 PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
@@ -209,8 +231,14 @@ BACKLOG: Final = 1024
 
 
 class Listener:
-    """One ``[[listener]]``: an asyncio server plus its connections. ``close()`` / ``wait_closed()`` drain it:
-    clients waiting for a command get ``421 4.3.2``; transactions in progress finish first."""
+    """One ``[[listener]]``: its listening sockets, our own accept loop, its connections. ``close()`` /
+    ``wait_closed()`` drain it: clients waiting for a command get ``421 4.3.2``; transactions in progress finish
+    first.
+
+    Why our own accept loop and not the server's: admission (:mod:`mxgate.core.smtp.admission`) is decided on the
+    address ``accept()`` returns, before a transport or a task exists, and at EMFILE/ENFILE we stop accepting
+    for a moment instead of retrying at once (uvloop retried and logged 9,000 times a second). The asyncio server
+    still binds the sockets (address resolution, dual stack, ``reuse_address``) but never serves."""
 
     def __init__(self, runtime: Runtime, config: ListenerConfig) -> None:
         self.runtime = runtime
@@ -218,9 +246,18 @@ class Listener:
         self.tls_context = build_tls_context(runtime, config)
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
+        self.descriptors = runtime.stash.setdefault(
+            DESCRIPTORS, DescriptorBudget(runtime.config.server.descriptor_reserve)
+        )
+        self.client_limits = ClientLimits(
+            config.max_connections_per_client, config.max_connections_per_network, config.connection_limit_exceptions
+        )
         self.connections: set[Connection] = set()
         self.stopping = False
         self.servers: list[asyncio.Server] = []
+        self._accepting: list[socket.socket] = []
+        self._accept_paused: asyncio.TimerHandle | None = None
+        self._starting: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
 
@@ -231,27 +268,128 @@ class Listener:
         """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound.
         ``serve=False`` binds and listens without accepting (the main process when receive workers accept)."""
         loop = asyncio.get_running_loop()
-        implicit = self.config.implicit_tls and self.tls_context is not None
-        tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
-        if sockets:  # listen() again with our backlog: a socket bound with serve=False may not listen yet
-            for sock in sockets:
-                server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG, **tls)
-                self.servers.append(server)
-            return
-        self.servers.append(
-            await loop.create_server(
+        if sockets:
+            self._accepting += sockets
+        else:
+            server = await loop.create_server(
                 lambda: Connection(self),
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
                 backlog=BACKLOG,
-                start_serving=serve,
-                **tls,
+                start_serving=False,
             )
-        )
+            self.servers.append(server)
+            if serve:  # our accept loop works on duplicates of the server's sockets (uvloop's are not sockets)
+                self._accepting += [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
+        if serve:
+            for sock in self._accepting:
+                sock.listen(BACKLOG)  # (a server made with start_serving=False has not listened yet)
+                sock.setblocking(False)
+            self._resume_accepting()
+
+    # -- accepting --------------------------------------------------------------------------------------------
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self._accepting:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._accepting:
+            loop.remove_reader(sock.fileno())
+        if self._accept_paused is None:
+            self._accept_paused = loop.call_later(seconds, self._resume_accepting)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                self.descriptors.accept_failed(self.config.name, exc)
+                self._pause_accepting(ACCEPT_BACKOFF)
+                return
+            self._admit(conn, str(addr[0]) if isinstance(addr, tuple) else "")
+
+    def _admit(self, conn: socket.socket, ip: str) -> None:
+        refusal = self.descriptors.admit()
+        release_client = None
+        if refusal is None:
+            try:
+                refusal, release_client = self.client_limits.admit(ip)
+            except ValueError:  # not an IP address (a test's Unix socket): no per-client limit
+                refusal = None
+            if refusal is not None:
+                self.descriptors.release()
+        if refusal is not None:
+            # a plain listener says why (best effort, never waits); an implicit-TLS one can only hang up
+            if not (self.config.implicit_tls and self.tls_context is not None):
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(f"{refusal}\r\n".encode())
+            conn.close()
+            return
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.descriptors.release()
+                if release_client is not None:
+                    release_client()
+
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._start_connection(conn, release))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_connection(self, conn: socket.socket, release: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = self.config.implicit_tls and self.tls_context is not None
+        tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
+        protocol: Connection | None = None
+
+        def factory() -> Connection:
+            nonlocal protocol
+            protocol = Connection(self, release=release)
+            return protocol
+
+        try:
+            await loop.connect_accepted_socket(factory, conn, **tls)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("connection not started", extra={"listener": self.config.name, "error": repr(exc)})
+            if protocol is None or protocol.task is None:
+                release()
+            with contextlib.suppress(OSError):
+                conn.close()
+        except BaseException:
+            if protocol is None or protocol.task is None:
+                release()
+            with contextlib.suppress(OSError):
+                conn.close()
+            raise
 
     def close(self) -> None:
         self.stopping = True
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for sock in self._accepting:
+                loop.remove_reader(sock.fileno())
+        for sock in self._accepting:
+            sock.close()
+        self._accepting = []
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -261,6 +399,8 @@ class Listener:
         try:
             for server in self.servers:
                 await server.wait_closed()
+            if self._starting:
+                await asyncio.gather(*self._starting, return_exceptions=True)
             tasks = [c.task for c in list(self.connections) if c.task is not None]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,7 +411,9 @@ class Listener:
 
     @property
     def sockets(self) -> tuple[Any, ...]:
-        return tuple(sock for server in self.servers for sock in server.sockets)
+        if self.servers:
+            return tuple(sock for server in self.servers for sock in server.sockets)
+        return tuple(self._accepting)
 
 
 async def start_listeners(
@@ -303,8 +445,9 @@ class Connection(asyncio.Protocol):
 
     COMMANDS: ClassVar[dict[bytes, Handler]] = {}  # filled once, after the class body
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, *, release: Callable[[], None] | None = None) -> None:
         self.listener = listener
+        self._release = release  # gives back the admission slot (see Listener._admit)
         self.runtime = listener.runtime
         self.hooks = listener.runtime.hooks
         self.policy = listener.policy
@@ -413,8 +556,11 @@ class Connection(asyncio.Protocol):
 
     # -- input -----------------------------------------------------------------------------------------------
 
-    async def _wait(self, *, idle: bool = False) -> None:
-        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF."""
+    async def _wait(self, *, idle: bool = False, until: float | None = None) -> None:
+        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF.
+
+        ``until``: a deadline of the input being read (a command line's, or DATA's minimum rate), besides the
+        idle and session timeouts."""
         await self._drain()
         if self._closed or self._eof:
             raise _Gone()
@@ -425,7 +571,7 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         now = self.loop.time()
         idle_deadline = now + self.policy.limits.idle_timeout
-        deadline = min(idle_deadline, self._deadline)
+        deadline = min(idle_deadline, self._deadline, until if until is not None else self._deadline)
         waiter = self._waiter = self.loop.create_future()
         timer = self.loop.call_later(max(0.0, deadline - now), self._wake)
         self._idle_wait = idle
@@ -447,13 +593,17 @@ class Connection(asyncio.Protocol):
             raise _Close(R.SESSION_TOO_LONG)
         if now >= idle_deadline:
             raise _Close(R.TIMEOUT)
+        if until is not None and now >= until:
+            raise _Close(R.TOO_SLOW)
 
     async def _read_line(self, limit: int, *, idle: bool = True) -> bytes | Reply:
         """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF).
 
-        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held.
+        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held. Once a line has
+        begun it must end within ``command_timeout`` (input that trickles in does not reset a deadline).
         """
         scan = 0
+        until: float | None = None
         while True:
             i = self.buf.find(b"\n", scan)
             if i >= 0:
@@ -464,17 +614,19 @@ class Connection(asyncio.Protocol):
                 if i == 0 or line[-2] != 0x0D or line.find(b"\r", 0, i - 1) >= 0:
                     return R.BARE_LF
                 return line[:-2]
+            if until is None and self.buf:
+                until = self.loop.time() + self.policy.limits.command_timeout
             if len(self.buf) >= limit:
                 self.buf.clear()
                 while True:  # discard up to the end of this line
-                    await self._wait(idle=False)
+                    await self._wait(idle=False, until=until)
                     j = self.buf.find(b"\n")
                     if j >= 0:
                         del self.buf[: j + 1]
                         return R.LINE_TOO_LONG
                     self.buf.clear()
             scan = len(self.buf)
-            await self._wait(idle=idle)
+            await self._wait(idle=idle and until is None, until=until)
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
         """The DATA content up to CRLF.CRLF, read in bulk (``find`` over whole chunks, never line by line).
@@ -482,7 +634,11 @@ class Connection(asyncio.Protocol):
         Returns ``(raw content with dot-stuffing, None)`` or ``(None, reply)`` when it must be refused. Once the
         size limit is passed (or a header hook refused), input is only scanned for the end and dropped.
         """
-        limit = self.policy.limits.max_message_size
+        limits = self.policy.limits
+        limit = limits.max_message_size
+        started = self.loop.time()
+        rate = limits.min_data_rate
+        received = 0
         msg = bytearray(b"\r\n")  # the DATA line's CRLF: a first line of "." ends an empty message
         scan = 0
         hscan = 0
@@ -491,6 +647,7 @@ class Connection(asyncio.Protocol):
         discarding = False
         while True:
             if self.buf:
+                received += len(self.buf)
                 msg += self.buf
                 self.buf.clear()
             end = msg.find(b"\r\n.\r\n", scan)
@@ -510,7 +667,9 @@ class Connection(asyncio.Protocol):
             if discarding and len(msg) > 4:
                 del msg[:-4]  # keep only what could start the terminator
             scan = max(0, len(msg) - 4)
-            await self._wait()
+            # the minimum rate: after a grace of command_timeout, min_data_rate bytes per second on average
+            until = started + limits.command_timeout + received / rate if rate else None
+            await self._wait(until=until)
         if refused is not None:
             return None, refused
         content_end = end + 2
@@ -645,6 +804,8 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.listener.connections.discard(self)
+            if self._release is not None:
+                self._release()
             self._write_repeated_rejections()
             if started:
                 with contextlib.suppress(Exception):

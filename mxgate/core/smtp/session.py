@@ -71,6 +71,7 @@ class R:
     PLUGIN_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
 
     TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+    TOO_SLOW = Reply(421, "4.4.2", "Input too slow, closing connection")
     SESSION_TOO_LONG = Reply(421, "4.4.2", "Session too long, closing connection")
     TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
     SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
@@ -86,6 +87,8 @@ class Limits:
     soft_error_limit: int = 5
     error_sleep: float = 1.0
     recipient_overshoot: int = 1000
+    command_timeout: float = 60.0
+    min_data_rate: int = 500
     command_line: int = 512  # RFC 5321 §4.5.3.1.4, CRLF included
     auth_line: int = 12288  # RFC 4954 §4
     text_line: int = 1000  # §4.5.3.1.6, CRLF included (one more octet allowed for dot-stuffing)
@@ -101,6 +104,8 @@ class Limits:
             soft_error_limit=listener.soft_error_limit,
             error_sleep=listener.error_sleep,
             recipient_overshoot=listener.recipient_overshoot_limit,
+            command_timeout=listener.command_timeout,
+            min_data_rate=listener.min_data_rate,
         )
 
 
