@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,13 @@ class TrackingLog:
         self.max_size = max_size
         self.files = files
         self._lock = threading.Lock()
-        self._fh = self.path.open("a", encoding="utf-8") if enabled else None
+        self._fh = self._open() if enabled else None
         self._pending: list[str] = []
+
+    def _open(self) -> TextIO:
+        """The log file for appending; a new one is created 0600 (it names senders and clients)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", encoding="utf-8")
 
     def write(
         self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None, **fields: Any
@@ -131,11 +136,11 @@ class TrackingLog:
             same = False
         if not same:
             self._fh.close()
-            self._fh = self.path.open("a", encoding="utf-8")
+            self._fh = self._open()
 
     def _rotate(self) -> None:
         assert self._fh is not None
-        with open(self.path.parent / LOCK_NAME, "a") as lock:
+        with open(os.open(self.path.parent / LOCK_NAME, os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:  # only the file we are writing is rotated: another process may have done it already
                 current = os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
@@ -154,7 +159,7 @@ class TrackingLog:
                 else:
                     self.path.unlink()
             self._fh.close()
-            self._fh = self.path.open("a", encoding="utf-8")
+            self._fh = self._open()
 
     def close(self) -> None:
         self.flush()
