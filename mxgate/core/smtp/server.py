@@ -626,7 +626,7 @@ class Connection(asyncio.Protocol):
                         return R.LINE_TOO_LONG
                     self.buf.clear()
             scan = len(self.buf)
-            await self._wait(idle=idle and until is None, until=until)
+            await self._wait(idle=idle, until=until)
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
         """The DATA content up to CRLF.CRLF, read in bulk (``find`` over whole chunks, never line by line).
