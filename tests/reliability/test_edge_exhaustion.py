@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from reliability_kit import GatewayProcess, RawClient, free_port, gateway_document, write_config
 
@@ -32,7 +33,7 @@ def _gateway(
     listener: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     nofile: tuple[int, int] | None = None,
-) -> tuple[GatewayProcess, int]:
+) -> tuple[GatewayProcess, int, str]:
     port = free_port()
     doc = gateway_document(
         tmp_path / "var",
@@ -43,7 +44,14 @@ def _gateway(
     )
     gw = GatewayProcess(write_config(tmp_path / "mxgate.toml", doc), tmp_path / "gateway.log", nofile=nofile)
     gw.start(port)
-    return gw, port
+    return gw, port, f"http://{doc['metrics']['listen']}/metrics"
+
+
+async def _refused_metric(metrics: str, reason: str) -> float:
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(metrics)).text
+    wanted = f'mxgate_smtp_connections_refused_total{{listener="smtp",reason="{reason}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted))
 
 
 async def _open(port: int, source: str, timeout: float = 10.0) -> tuple[RawClient | None, str]:
@@ -72,7 +80,9 @@ async def _greeted_within(port: int, source: str, timeout: float = 10.0) -> floa
 
 @pytest.mark.asyncio
 async def test_per_client_and_per_network_limits(tmp_path: Path) -> None:
-    gw, port = _gateway(tmp_path, listener={"max_connections_per_client": 10, "max_connections_per_network": 25})
+    gw, port, metrics = _gateway(
+        tmp_path, listener={"max_connections_per_client": 10, "max_connections_per_network": 25}
+    )
     held: list[RawClient | None] = []
     try:
         one = await asyncio.gather(*(_open(port, "127.0.0.5") for _ in range(40)))
@@ -84,6 +94,14 @@ async def test_per_client_and_per_network_limits(tmp_path: Path) -> None:
         subnet = await asyncio.gather(*(_open(port, f"127.0.1.{i}") for i in range(1, 41)))
         held += [c for c, _ in subnet]
         assert sorted(g for _, g in subnet) == ["220 mx.ga"] * 25 + ["421 4.7.0"] * 15
+        # counted for the operator (events reach the metrics a moment later: polled)
+        deadline = time.monotonic() + 10
+        while (await _refused_metric(metrics, "client"), await _refused_metric(metrics, "network")) != (30, 15):
+            assert time.monotonic() < deadline, (
+                await _refused_metric(metrics, "client"),
+                await _refused_metric(metrics, "network"),
+            )
+            await asyncio.sleep(0.1)
         waited = await _greeted_within(port, "127.0.2.1")  # another network is served at once
         print(f"a legitimate client elsewhere waited {waited * 1000:.0f} ms for its greeting")
         assert waited < 5.0
@@ -126,7 +144,7 @@ async def _dribble(client: RawClient, data: bytes, interval: float, limit: float
 @pytest.mark.asyncio
 async def test_dribbling_clients_are_cut_long_before_session_timeout(tmp_path: Path) -> None:
     listener = {"command_timeout": 2.0, "idle_timeout": 60.0, "session_timeout": 600.0, "min_data_rate": 500}
-    gw, port = _gateway(tmp_path, listener=listener)
+    gw, port, _ = _gateway(tmp_path, listener=listener)
     try:
         # a command line at 5 bytes/s that never ends: the idle timer alone would be reset by every byte
         client = await RawClient.connect("127.0.0.1", port)
@@ -160,7 +178,7 @@ def _soft_nofile(pid: int) -> int:
 @pytest.mark.asyncio
 async def test_descriptor_reserve_refuses_past_the_budget(tmp_path: Path) -> None:
     # soft 150 raised to the hard 250 at start; 250 - reserve 100 = 150 SMTP connections at most
-    gw, port = _gateway(
+    gw, port, _ = _gateway(
         tmp_path,
         listener={"max_connections_per_client": 0, "max_connections_per_network": 0},
         server={"descriptor_reserve": 100},
@@ -199,7 +217,7 @@ async def test_descriptor_reserve_refuses_past_the_budget(tmp_path: Path) -> Non
 @pytest.mark.asyncio
 async def test_emfile_backs_off_and_logs_once(tmp_path: Path) -> None:
     # no reserve: the 120-descriptor limit is reached by connections, accept() fails with EMFILE
-    gw, port = _gateway(
+    gw, port, _ = _gateway(
         tmp_path,
         listener={"max_connections_per_client": 0, "max_connections_per_network": 0},
         server={"descriptor_reserve": 0},

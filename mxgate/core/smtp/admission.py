@@ -25,7 +25,15 @@ from typing import Final
 
 from mxgate.core.model import Reply
 
-__all__ = ["ACCEPT_BACKOFF", "ClientLimits", "DescriptorBudget", "raise_descriptor_limit"]
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "TOO_MANY_CONNECTIONS",
+    "TOO_MANY_FROM_CLIENT",
+    "TOO_MANY_FROM_NETWORK",
+    "ClientLimits",
+    "DescriptorBudget",
+    "raise_descriptor_limit",
+]
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
-from mxgate.core.smtp.admission import ACCEPT_BACKOFF, ClientLimits, DescriptorBudget
+from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
@@ -322,6 +322,7 @@ class Listener:
     def _admit(self, conn: socket.socket, ip: str) -> None:
         refusal = self.descriptors.admit()
         release_client = None
+        reason = "descriptors"
         if refusal is None:
             try:
                 refusal, release_client = self.client_limits.admit(ip)
@@ -329,7 +330,9 @@ class Listener:
                 refusal = None
             if refusal is not None:
                 self.descriptors.release()
+                reason = "client" if refusal is TOO_MANY_FROM_CLIENT else "network"
         if refusal is not None:
+            self.runtime.hooks.emit("connection_refused", listener=self.config.name, reason=reason)
             # a plain listener says why (best effort, never waits); an implicit-TLS one can only hang up
             if not (self.config.implicit_tls and self.tls_context is not None):
                 with contextlib.suppress(OSError):
