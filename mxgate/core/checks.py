@@ -98,6 +98,10 @@ def check_positive(value: Any) -> str | None:
     return None if value > 0 else "expected a number greater than 0"
 
 
+def check_non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "expected a number of 0 or more"
+
+
 def check_optional_positive(value: Any) -> str | None:
     return None if value is None else check_positive(value)
 

@@ -58,8 +58,23 @@ class ServerConfig:
     log_format: str = setting("logfmt", desc="Log line format.", choices=("logfmt", "json"))
     log_level: str = setting("info", desc="Least severe level logged.", choices=("debug", "info", "warning", "error"))
     tracking_log: bool = setting(True, desc="Write the message-tracking log (JSON lines) behind `mxgate trace`.")
+    tracking_log_max_size: int = setting(
+        104857600, desc="Rotate the tracking log when it reaches this many bytes.", check=checks.check_positive
+    )
+    tracking_log_files: int = setting(
+        10,
+        desc="Rotated tracking logs kept (tracking.jsonl.1 is the newest); older ones are deleted. 0: none kept.",
+        check=checks.check_non_negative,
+    )
     users_file: str | None = setting(
         None, desc="SMTP AUTH users (scrypt hashes; `mxgate user add`); default: <state_dir>/users."
+    )
+    descriptor_reserve: int = setting(
+        100,
+        desc="File descriptors SMTP clients may not take (the queue, deliveries, DNS and logs need them): past "
+        "RLIMIT_NOFILE minus this many, a new connection gets 421 4.3.2. `mxgate run` raises RLIMIT_NOFILE's soft "
+        "limit to the hard limit at start.",
+        check=checks.check_non_negative,
     )
     receive_workers: int = setting(
         0,
@@ -99,8 +114,59 @@ class ListenerConfig:
         None, desc="Override server.max_recipients here.", check=checks.check_optional_positive
     )
     idle_timeout: float = setting(300.0, desc="Seconds a client may stay silent.", check=checks.check_positive)
+    command_timeout: float = setting(
+        60.0,
+        desc="Seconds a client may take to send one command line once it has begun (a client dribbling bytes "
+        "is cut here, not at session_timeout); also the grace period of min_data_rate.",
+        check=checks.check_positive,
+    )
+    min_data_rate: int = setting(
+        500,
+        desc="Bytes per second a DATA transfer must average after its first command_timeout seconds (Postfix's "
+        "smtpd_min_data_rate); slower: 421 4.4.2. 0: no minimum.",
+        check=checks.check_non_negative,
+    )
+    max_connections_per_client: int = setting(
+        20,
+        desc="Concurrent connections from one IPv4 address or IPv6 /64 (counted per receive process); beyond: "
+        "421 4.7.0. 0: no limit.",
+        check=checks.check_non_negative,
+    )
+    max_connections_per_network: int = setting(
+        100,
+        desc="Concurrent connections from one IPv4 /24 (counted per receive process); beyond: 421 4.7.0. 0: no limit.",
+        check=checks.check_non_negative,
+    )
+    connection_limit_exceptions: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1/128"),
+        desc="Client networks the per-client connection limits do not apply to (Postfix's "
+        "smtpd_client_event_limit_exceptions).",
+        check=checks.check_networks,
+    )
     session_timeout: float = setting(1800.0, desc="Longest session, in seconds.", check=checks.check_positive)
-    max_errors: int = setting(10, desc="Bad commands before 421 and close.", check=checks.check_positive)
+    max_errors: int = setting(
+        10,
+        desc="Errors before 421 and close: bad commands, and rejected MAIL/RCPT (relay denied, unknown or too many "
+        "recipients; Postfix's smtpd_hard_error_limit). A delivered message resets the count.",
+        check=checks.check_positive,
+    )
+    soft_error_limit: int = setting(
+        5,
+        desc="Errors after which each further error reply is delayed, by error_sleep more each time "
+        "(Postfix's smtpd_soft_error_limit).",
+        check=checks.check_positive,
+    )
+    error_sleep: float = setting(
+        1.0,
+        desc="Seconds added to the delay of each error reply past soft_error_limit (error_sleep_time); 0: none.",
+        check=checks.check_non_negative,
+    )
+    recipient_overshoot_limit: int = setting(
+        1000,
+        desc="RCPTs past max_recipients answered 452 before each further one counts as an error "
+        "(Postfix's smtpd_recipient_overshoot_limit).",
+        check=checks.check_non_negative,
+    )
     banner: str | None = setting(None, desc="Banner text after '220 <hostname>' (default: 'ESMTP mxgate').")
 
     @property

@@ -221,7 +221,11 @@ GC_THRESHOLD: Final = (7000, 20, 100)
 def run(config: Config, plugins: PluginSet, *, source: Source | None = None) -> None:
     """``mxgate run``: uvloop when installed, else asyncio. What start-up built (modules, configuration, plugins)
     is moved out of the collector's sight (``gc.freeze``) and the collector runs less often: the objects of a
-    running gateway are short-lived and acyclic, freed by reference counting."""
+    running gateway are short-lived and acyclic, freed by reference counting. RLIMIT_NOFILE's soft limit is
+    raised to the hard limit first (receive workers inherit it)."""
+    from mxgate.core.smtp.admission import raise_descriptor_limit
+
+    raise_descriptor_limit()
     run_loop(Gateway(config, plugins, source=source).serve_forever())
 
 

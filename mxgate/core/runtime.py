@@ -87,7 +87,13 @@ class Runtime:
             config=config,
             plugins=plugins,
             hooks=Hooks(dispatcher),
-            tracking=TrackingLog(state, enabled=config.server.tracking_log, clock=clock),
+            tracking=TrackingLog(
+                state,
+                enabled=config.server.tracking_log,
+                clock=clock,
+                max_size=config.server.tracking_log_max_size,
+                files=config.server.tracking_log_files,
+            ),
             clock=clock,
             role=role,
         )

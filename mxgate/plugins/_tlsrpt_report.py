@@ -37,9 +37,11 @@ __all__ = [
     "ReceivedPolicy",
     "ReceivedReport",
     "ReportError",
+    "ReportTooLarge",
     "TlsRptRecord",
     "build_mail",
     "build_report",
+    "check_report_bounds",
     "day_bounds",
     "decode_report_bytes",
     "extract_report_from_mail",
@@ -65,6 +67,23 @@ MEDIA_TYPE_JSON = "application/tlsrpt+json"
 
 class ReportError(ValueError):
     """An incoming report could not be read at all (not JSON, not an object, too large)."""
+
+
+class ReportTooLarge(ReportError):
+    """An incoming report over a limit: bytes (compressed or not), policies or failure-details."""
+
+
+def check_report_bounds(document: object, *, max_policies: int, max_failure_details: int) -> None:
+    """Refuse (:class:`ReportTooLarge`) a report with more policies or failure-details (all policies together)
+    than we keep: counted before anything is parsed, so an oversized report costs no more than its JSON."""
+    if not isinstance(document, dict):
+        return
+    policies = _as_list(_get(document, "policies"))
+    if len(policies) > max_policies:
+        raise ReportTooLarge(f"{len(policies)} policies in one report; at most {max_policies} accepted")
+    details = sum(len(_as_list(_get(_as_dict(p), "failure-details"))) for p in policies)
+    if details > max_failure_details:
+        raise ReportTooLarge(f"{details} failure-details in one report; at most {max_failure_details} accepted")
 
 
 # -- the policy record: _smtp._tls.<domain> TXT (RFC 8460 section 3) --------------------------------------------
@@ -584,7 +603,7 @@ def _gunzip_capped(data: bytes, limit: int) -> bytes:
     d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     out = d.decompress(data, limit + 1)
     if len(out) > limit or d.unconsumed_tail:
-        raise ReportError(f"report larger than {limit} bytes when decompressed")
+        raise ReportTooLarge(f"report larger than {limit} bytes when decompressed")
     return out
 
 
@@ -597,7 +616,7 @@ def decode_report_bytes(data: bytes, *, limit: int = MAX_REPORT_BYTES) -> Any:
         except zlib.error as exc:
             raise ReportError(f"bad gzip data: {exc}") from exc
     elif len(raw) > limit:
-        raise ReportError(f"report larger than {limit} bytes")
+        raise ReportTooLarge(f"report larger than {limit} bytes")
     try:
         return json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

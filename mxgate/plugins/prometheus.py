@@ -23,6 +23,7 @@ kind                           labels                                     metric
 =============================  =========================================  ==========================================
 ``connection``                 listener, connector                        ``mxgate_smtp_connections_total``,
                                                                           ``mxgate_smtp_sessions_active``
+``connection_refused``         listener, reason                           ``mxgate_smtp_connections_refused_total``
 ``tls_session``                listener, version                          ``mxgate_smtp_tls_sessions_total``
 ``auth``                       result                                     ``mxgate_smtp_auth_total``
 ``message_received``           listener, connector                        ``mxgate_messages_received_total``
@@ -130,6 +131,12 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
     "connection": EventMetric(
         "mxgate_smtp_connections", "SMTP connections accepted, by listener and inbound connector (anonymous: none).",
         ("listener", "connector"),
+    ),
+    "connection_refused": EventMetric(
+        "mxgate_smtp_connections_refused",
+        "SMTP connections refused before the greeting (421), by listener and reason: client (per-address limit), "
+        "network (per-/24 limit), descriptors (server.descriptor_reserve reached).",
+        ("listener", "reason"),
     ),
     "tls_session": EventMetric(
         "mxgate_smtp_tls_sessions", "Inbound TLS sessions established (STARTTLS or implicit), by TLS version.",

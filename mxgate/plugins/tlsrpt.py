@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -61,6 +62,7 @@ from mxgate.plugins._tlsrpt_report import (
     PolicyKey,
     ReceivedReport,
     ReportError,
+    ReportTooLarge,
     TlsRptRecord,
 )
 
@@ -87,6 +89,8 @@ HTTP_TIMEOUT: Final = 30.0
 RECEIVE_HEADER_LIMIT: Final = 16 * 1024
 RECEIVE_TIMEOUT: Final = 30.0
 TOP_REPORTERS: Final = 20
+RATE_CLIENTS: Final = 10_000  # client addresses the HTTPS endpoint's rate limiter remembers (oldest forgotten)
+PARSERS: Final = 2  # reports decoded and parsed at the same time (in threads, off the event loop)
 
 
 def _check_non_negative(value: Any) -> str | None:
@@ -136,7 +140,32 @@ class TlsRptConfig:
     receive_cert: str = setting("", desc="Certificate chain (PEM) of the HTTPS endpoint.")
     receive_key: str = setting("", desc="Private key (PEM) of the HTTPS endpoint.")
     receive_max_bytes: int = setting(
-        1048576, desc="Largest report accepted on the HTTPS endpoint, in bytes.", check=checks.check_positive
+        1048576,
+        desc="Largest report accepted, in bytes, as sent and once decompressed (HTTPS: 413 beyond).",
+        check=checks.check_positive,
+    )
+    receive_max_policies: int = setting(
+        100, desc="Most policies in one received report; more: refused (HTTPS: 413).", check=checks.check_positive
+    )
+    receive_max_failure_details: int = setting(
+        1000,
+        desc="Most failure-details in one received report, all policies together; more: refused (HTTPS: 413).",
+        check=checks.check_positive,
+    )
+    receive_reports_per_hour: int = setting(
+        60,
+        desc="POSTs one client address may make to the HTTPS endpoint per hour (in bursts of as many); more: "
+        "429 with Retry-After.",
+        check=checks.check_positive,
+    )
+    receive_store_limit: int = setting(
+        268435456,
+        desc="Size in bytes of the TLS-RPT store (tlsrpt.sqlite3 and its WAL) past which received reports are "
+        "refused (HTTPS: 507) until retention makes room; our own counts are still kept.",
+        check=checks.check_positive,
+    )
+    receive_retention_days: int = setting(
+        30, desc="Days received reports (their counts) are kept.", check=checks.check_positive
     )
 
 
@@ -181,6 +210,8 @@ CREATE TABLE IF NOT EXISTS received_policy (
     received_id INTEGER NOT NULL, policy_type TEXT NOT NULL, policy_domain TEXT NOT NULL,
     success INTEGER NOT NULL, failure INTEGER NOT NULL
 );
+-- received reports are kept as counts: the raw column stays empty (it held the whole JSON once), failures are
+-- summed per (policy domain, result type, receiving MX)
 CREATE TABLE IF NOT EXISTS received_failure (
     received_id INTEGER NOT NULL, policy_domain TEXT NOT NULL, result_type TEXT NOT NULL,
     receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, count INTEGER NOT NULL
@@ -421,6 +452,8 @@ class TlsRptService:
         self._last_purge = 0.0
         # queue ids of the reports we mailed: the sessions delivering them are not counted (RFC 8460 §5.3)
         self._report_messages: set[str] = set()
+        self._parsers = asyncio.Semaphore(PARSERS)
+        self._rates: dict[str, tuple[float, float]] = {}  # client address -> (tokens, when)
 
     # -- names -----------------------------------------------------------------------------------------------
 
@@ -842,7 +875,7 @@ class TlsRptService:
 
     async def purge(self, now: float) -> None:
         cut_day = rpt.utc_day(now - self.conf.retention_days * DAY)
-        cut_ts = now - self.conf.retention_days * DAY
+        received_cut = now - self.conf.receive_retention_days * DAY
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM failure WHERE policy_id IN (SELECT id FROM policy WHERE day < ?)", (cut_day,))
@@ -850,10 +883,10 @@ class TlsRptService:
             conn.execute("DELETE FROM delivery WHERE day < ?", (cut_day,))
             conn.execute("DELETE FROM report WHERE day < ?", (cut_day,))
             old = "SELECT id FROM received WHERE received_at < ?"
-            conn.execute(f"DELETE FROM received_policy WHERE received_id IN ({old})", (cut_ts,))
-            conn.execute(f"DELETE FROM received_failure WHERE received_id IN ({old})", (cut_ts,))
-            conn.execute("DELETE FROM received WHERE received_at < ?", (cut_ts,))
-            conn.execute("DELETE FROM report_message WHERE queued_at < ?", (cut_ts,))
+            conn.execute(f"DELETE FROM received_policy WHERE received_id IN ({old})", (received_cut,))
+            conn.execute(f"DELETE FROM received_failure WHERE received_id IN ({old})", (received_cut,))
+            conn.execute("DELETE FROM received WHERE received_at < ?", (received_cut,))
+            conn.execute("DELETE FROM report_message WHERE queued_at < ?", (now - self.conf.retention_days * DAY,))
 
         await self.db.write(job)
         await self.load_report_messages()
@@ -865,15 +898,23 @@ class TlsRptService:
 
     # -- receiving -------------------------------------------------------------------------------------------
 
-    async def store_received(self, report: ReceivedReport, *, method: str, dkim_state: str, raw: Any) -> bool:
-        """Keep a parsed report; ``False`` when the same reporter's report id was stored before."""
+    async def store_received(self, report: ReceivedReport, *, method: str, dkim_state: str) -> bool:
+        """Keep a parsed report's counts; ``False`` when the same reporter's report id was stored before.
+
+        What an operator asks of received reports is who reports how many failures of which kind against
+        which MX: the counts per policy and the failures summed per (policy domain, result type, receiving MX).
+        Not the report itself, which was 80 times bigger in the store than uploaded."""
         now = self.clock()
-        raw_text = json.dumps(raw, separators=(",", ":"))[: rpt.MAX_REPORT_BYTES]
+        failures: dict[tuple[str, str, str], int] = {}
+        for p in report.policies:
+            for f in p.failures:
+                key = (p.policy_domain, f.result_type, f.receiving_mx)
+                failures[key] = failures.get(key, 0) + f.count
 
         def job(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO received (received_at, method, organization, contact, report_id, start, end,"
-                " dkim, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " dkim, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
                 (
                     now,
                     method,
@@ -883,35 +924,47 @@ class TlsRptService:
                     report.start,
                     report.end,
                     dkim_state,
-                    raw_text,
                 ),
             )
             if cur.rowcount == 0:
                 return False
             rid = cur.lastrowid
-            for p in report.policies:
-                conn.execute(
-                    "INSERT INTO received_policy (received_id, policy_type, policy_domain, success, failure)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (rid, p.policy_type, p.policy_domain, p.success, p.failure),
-                )
-                for f in p.failures:
-                    conn.execute(
-                        "INSERT INTO received_failure (received_id, policy_domain, result_type, receiving_mx,"
-                        " receiving_ip, count) VALUES (?, ?, ?, ?, ?, ?)",
-                        (rid, p.policy_domain, f.result_type, f.receiving_mx, f.receiving_ip, f.count),
-                    )
+            conn.executemany(
+                "INSERT INTO received_policy (received_id, policy_type, policy_domain, success, failure)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(rid, p.policy_type, p.policy_domain, p.success, p.failure) for p in report.policies],
+            )
+            conn.executemany(
+                "INSERT INTO received_failure (received_id, policy_domain, result_type, receiving_mx,"
+                " receiving_ip, count) VALUES (?, ?, ?, ?, '', ?)",
+                [(rid, domain, rtype, mx, n) for (domain, rtype, mx), n in failures.items()],
+            )
             return True
 
         return await self.db.write(job)
 
+    def _read_report(self, data: bytes) -> ReceivedReport:
+        """Decode (gzip or not), bound and parse: runs in a thread (a big report took 1.75 s of the loop)."""
+        conf = self.conf
+        document = rpt.decode_report_bytes(data, limit=min(conf.receive_max_bytes, rpt.MAX_REPORT_BYTES))
+        rpt.check_report_bounds(
+            document, max_policies=conf.receive_max_policies, max_failure_details=conf.receive_max_failure_details
+        )
+        return rpt.parse_received_report(document)
+
     async def accept_report(
         self, data: bytes, *, method: str, dkim_state: str = "none"
     ) -> tuple[str, ReceivedReport | None]:
-        """Decode, parse leniently, store, count. Returns (result, report): result is ok | duplicate | invalid."""
+        """Decode, bound, parse leniently (off the event loop), store the counts, count.
+
+        Returns (result, report): result is ok | duplicate | invalid | too_large."""
         try:
-            document = rpt.decode_report_bytes(data)
-            report = rpt.parse_received_report(document)
+            async with self._parsers:
+                report = await asyncio.to_thread(self._read_report, data)
+        except ReportTooLarge as exc:
+            log.info("oversized TLS report refused", extra={"method": method, "error": str(exc)})
+            await self.emit("tlsrpt_received", reporter_kind=method, result="too_large")
+            return "too_large", None
         except ReportError as exc:
             log.info("unreadable TLS report received", extra={"method": method, "error": str(exc)})
             await self.emit("tlsrpt_received", reporter_kind=method, result="invalid")
@@ -921,7 +974,7 @@ class TlsRptService:
                 "TLS report policies left out",
                 extra={"method": method, "report_id": report.report_id, "rejected": list(report.rejected)},
             )
-        stored = await self.store_received(report, method=method, dkim_state=dkim_state, raw=document)
+        stored = await self.store_received(report, method=method, dkim_state=dkim_state)
         await self.emit("tlsrpt_received", reporter_kind=method, result="ok" if stored else "duplicate")
         if stored:
             await self.emit("tlsrpt_received_sessions", value=float(report.success), result="success")
@@ -1054,15 +1107,20 @@ class TlsRptService:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         try:
             async with asyncio.timeout(RECEIVE_TIMEOUT):
-                status, text = await self._http_request(reader)
+                status, text = await self._http_request(reader, client)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
             status, text = 400, "bad request"
+        extra = ""
+        if status in (429, 507):
+            extra = f"Retry-After: {self._retry_after(client) if status == 429 else 3600}\r\n"
         try:
             body = (text + "\r\n").encode()
             writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n{extra}"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
@@ -1074,7 +1132,31 @@ class TlsRptService:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _http_request(self, reader: asyncio.StreamReader) -> tuple[int, str]:
+    def _rate_ok(self, client: str) -> bool:
+        """A token bucket per client address: ``receive_reports_per_hour`` POSTs, refilled evenly over the hour."""
+        per_hour = float(self.conf.receive_reports_per_hour)
+        now = time.monotonic()
+        tokens, when = self._rates.pop(client, (per_hour, now))
+        tokens = min(per_hour, tokens + (now - when) * per_hour / 3600.0)
+        ok = tokens >= 1.0
+        self._rates[client] = (tokens - 1.0 if ok else tokens, now)  # (re)inserted last: the newest
+        while len(self._rates) > RATE_CLIENTS:
+            del self._rates[next(iter(self._rates))]
+        return ok
+
+    def _retry_after(self, client: str) -> int:
+        tokens, _ = self._rates.get(client, (0.0, 0.0))
+        return max(1, int((1.0 - tokens) * 3600.0 / self.conf.receive_reports_per_hour) + 1)
+
+    def store_size(self) -> int:
+        """Bytes of the store on disk, its WAL included."""
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += os.stat(f"{self.db.path}{suffix}").st_size
+        return size
+
+    async def _http_request(self, reader: asyncio.StreamReader, client: str = "?") -> tuple[int, str]:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -1089,6 +1171,9 @@ class TlsRptService:
                 headers[name.strip().lower()] = value.strip()
         if parts[0] != "POST":
             return 405, "POST reports here"
+        if not self._rate_ok(client):
+            await self.emit("tlsrpt_received", reporter_kind="https", result="rate_limited")
+            return 429, f"too many reports from {client}; at most {self.conf.receive_reports_per_hour} an hour"
         if "chunked" in headers.get("transfer-encoding", "").lower():
             return 411, "Content-Length required"
         length_text = headers.get("content-length", "")
@@ -1096,11 +1181,24 @@ class TlsRptService:
             return 411, "Content-Length required"
         length = int(length_text)
         if length > self.conf.receive_max_bytes:
-            return 413, "report too large"
+            return 413, f"report too large: at most {self.conf.receive_max_bytes} bytes"
+        if self.store_size() >= self.conf.receive_store_limit:
+            log.warning(
+                "TLS-RPT store full: refusing received reports",
+                extra={"limit": self.conf.receive_store_limit, "retention_days": self.conf.receive_retention_days},
+            )
+            await self.emit("tlsrpt_received", reporter_kind="https", result="store_full")
+            return 507, "report store full, try again later"
         data = await reader.readexactly(length)
         result, _ = await self.accept_report(data, method="https")
         if result == "invalid":
             return 400, "not a TLS report"
+        if result == "too_large":
+            return 413, (
+                f"report too large: at most {self.conf.receive_max_bytes} bytes decompressed, "
+                f"{self.conf.receive_max_policies} policies and {self.conf.receive_max_failure_details} "
+                "failure-details"
+            )
         return 200, result
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -1131,7 +1229,15 @@ class TlsRptService:
         await self.db.close()
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    507: "Insufficient Storage",
+}
 
 
 # -- the plugin ---------------------------------------------------------------------------------------------------

@@ -241,10 +241,11 @@ def gateway_document(
 class GatewayProcess:
     """``mxgate run`` in its own process group; :meth:`kill` is SIGKILL to that group."""
 
-    def __init__(self, config: Path, log: Path, *, uvloop: bool = True) -> None:
+    def __init__(self, config: Path, log: Path, *, uvloop: bool = True, nofile: tuple[int, int] | None = None) -> None:
         self.config = config
         self.log = log
         self.uvloop = uvloop
+        self.nofile = nofile  # RLIMIT_NOFILE (soft, hard) to start the gateway with
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, port: int, timeout: float = 20.0) -> None:
@@ -258,6 +259,7 @@ class GatewayProcess:
                 cwd=self.config.parent,
                 env=env,
                 start_new_session=True,
+                preexec_fn=self._limits if self.nofile else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -269,6 +271,12 @@ class GatewayProcess:
                     return
             time.sleep(0.05)
         raise RuntimeError(f"gateway not listening on {port} within {timeout} s:\n{self.tail()}")
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def tail(self, n: int = 4000) -> str:
         try:

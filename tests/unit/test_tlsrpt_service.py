@@ -440,6 +440,54 @@ async def test_received_policies_without_domain_or_known_type_are_rejected_rfc84
         await svc.close()
 
 
+async def test_received_reports_are_bounded_kept_as_counts_and_expire(tmp_path: Path) -> None:
+    clock = Clock(ts("2024-03-05T06:00:00"))
+    svc = make_service(tmp_path, clock, receive_max_policies=2, receive_max_failure_details=3, receive_retention_days=1)
+
+    def doc(policies: int, details: int, rid: str) -> bytes:
+        return json.dumps(
+            {
+                "organization-name": "Org",
+                "report-id": rid,
+                "policies": [
+                    {
+                        "policy": {"policy-type": "sts", "policy-domain": "example.org"},
+                        "summary": {"total-successful-session-count": 1, "total-failure-session-count": details},
+                        "failure-details": [
+                            {
+                                "result-type": "certificate-expired",
+                                "receiving-mx-hostname": "mx.example.org",
+                                "receiving-ip": f"192.0.2.{i}",
+                                "failed-session-count": 2,
+                            }
+                            for i in range(details)
+                        ],
+                    }
+                    for _ in range(policies)
+                ],
+            }
+        ).encode()
+
+    try:
+        assert (await svc.accept_report(doc(3, 0, "a"), method="https"))[0] == "too_large"
+        assert (await svc.accept_report(doc(2, 2, "b"), method="https"))[0] == "too_large"  # 4 details in all
+        assert (await svc.accept_report(doc(1, 3, "c"), method="https"))[0] == "ok"
+        rows = await svc.db.run(
+            lambda c: (
+                c.execute("SELECT raw FROM received").fetchall()
+                + c.execute("SELECT result_type, receiving_mx, receiving_ip, count FROM received_failure").fetchall()
+            )
+        )
+        # no copy of the report; three failure-details against one MX are one row
+        assert rows == [("",), ("certificate-expired", "mx.example.org", "", 6)]
+        assert await svc.received_failure_types() == [("Org", "certificate-expired", 6)]
+        clock.now += 2 * 86400  # past receive_retention_days
+        await svc.purge(clock.now)
+        assert await svc.reporter_failures(days=30) == []
+    finally:
+        await svc.close()
+
+
 # -- the plugin through the real dispatcher, and the CLI -------------------------------------------------------------
 
 

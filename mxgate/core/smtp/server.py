@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import itertools
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -49,6 +51,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
+from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
@@ -62,7 +65,29 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 256 * 1024  # pause reading above this much unprocessed input
 HANDSHAKE_TIMEOUT = 30.0
+# Distinct kinds of rejection (stage, reason, code) one session's tracking events are aggregated by; past this
+# many, further kinds are counted under the last one.
+MAX_REJECT_KINDS: Final = 16
 AUTH_FAILURES = StashKey[FailureLimiter]()
+DESCRIPTORS = StashKey[DescriptorBudget]()  # one per process: every listener's connections count
+ACCEPT_BATCH: Final = 64  # connections accepted per readiness event before other work gets a turn
+# accept() errors after which the same socket is tried again at once (the connection is gone, not the listener)
+_ACCEPT_TRANSIENT: Final = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.EPERM,
+        errno.EINTR,
+    }
+)
+_ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
 PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
@@ -217,8 +242,14 @@ BACKLOG: Final = 1024
 
 
 class Listener:
-    """One ``[[listener]]``: an asyncio server plus its connections. ``close()`` / ``wait_closed()`` drain it:
-    clients waiting for a command get ``421 4.3.2``; transactions in progress finish first."""
+    """One ``[[listener]]``: its listening sockets, our own accept loop, its connections. ``close()`` /
+    ``wait_closed()`` drain it: clients waiting for a command get ``421 4.3.2``; transactions in progress finish
+    first.
+
+    Why our own accept loop and not the server's: admission (:mod:`mxgate.core.smtp.admission`) is decided on the
+    address ``accept()`` returns, before a transport or a task exists, and at EMFILE/ENFILE we stop accepting
+    for a moment instead of retrying at once (uvloop retried and logged 9,000 times a second). The asyncio server
+    still binds the sockets (address resolution, dual stack, ``reuse_address``) but never serves."""
 
     def __init__(self, runtime: Runtime, config: ListenerConfig) -> None:
         self.runtime = runtime
@@ -228,9 +259,18 @@ class Listener:
         self.client_verifier = tlsmod.ClientCertificateVerifier(cas or None) if cas is not None else None
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
+        self.descriptors = runtime.stash.setdefault(
+            DESCRIPTORS, DescriptorBudget(runtime.config.server.descriptor_reserve)
+        )
+        self.client_limits = ClientLimits(
+            config.max_connections_per_client, config.max_connections_per_network, config.connection_limit_exceptions
+        )
         self.connections: set[Connection] = set()
         self.stopping = False
         self.servers: list[asyncio.Server] = []
+        self._accepting: list[socket.socket] = []
+        self._accept_paused: asyncio.TimerHandle | None = None
+        self._starting: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
 
@@ -241,27 +281,131 @@ class Listener:
         """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound.
         ``serve=False`` binds and listens without accepting (the main process when receive workers accept)."""
         loop = asyncio.get_running_loop()
-        implicit = self.config.implicit_tls and self.tls_context is not None
-        tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
-        if sockets:  # listen() again with our backlog: a socket bound with serve=False may not listen yet
-            for sock in sockets:
-                server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG, **tls)
-                self.servers.append(server)
-            return
-        self.servers.append(
-            await loop.create_server(
+        if sockets:
+            self._accepting += sockets
+        else:
+            server = await loop.create_server(
                 lambda: Connection(self),
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
                 backlog=BACKLOG,
-                start_serving=serve,
-                **tls,
+                start_serving=False,
             )
-        )
+            self.servers.append(server)
+            if serve:  # our accept loop works on duplicates of the server's sockets (uvloop's are not sockets)
+                self._accepting += [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
+        if serve:
+            for sock in self._accepting:
+                sock.listen(BACKLOG)  # (a server made with start_serving=False has not listened yet)
+                sock.setblocking(False)
+            self._resume_accepting()
+
+    # -- accepting --------------------------------------------------------------------------------------------
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self._accepting:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._accepting:
+            loop.remove_reader(sock.fileno())
+        if self._accept_paused is None:
+            self._accept_paused = loop.call_later(seconds, self._resume_accepting)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue
+                self.descriptors.accept_failed(self.config.name, exc)
+                self._pause_accepting(ACCEPT_BACKOFF)
+                return
+            self._admit(conn, str(addr[0]) if isinstance(addr, tuple) else "")
+
+    def _admit(self, conn: socket.socket, ip: str) -> None:
+        refusal = self.descriptors.admit()
+        release_client = None
+        reason = "descriptors"
+        if refusal is None:
+            try:
+                refusal, release_client = self.client_limits.admit(ip)
+            except ValueError:  # not an IP address (a test's Unix socket): no per-client limit
+                refusal = None
+            if refusal is not None:
+                self.descriptors.release()
+                reason = "client" if refusal is TOO_MANY_FROM_CLIENT else "network"
+        if refusal is not None:
+            self.runtime.hooks.emit("connection_refused", listener=self.config.name, reason=reason)
+            # a plain listener says why (best effort, never waits); an implicit-TLS one can only hang up
+            if not (self.config.implicit_tls and self.tls_context is not None):
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(f"{refusal}\r\n".encode())
+            conn.close()
+            return
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.descriptors.release()
+                if release_client is not None:
+                    release_client()
+
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._start_connection(conn, release))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_connection(self, conn: socket.socket, release: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = self.config.implicit_tls and self.tls_context is not None
+        tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
+        protocol: Connection | None = None
+
+        def factory() -> Connection:
+            nonlocal protocol
+            protocol = Connection(self, release=release)
+            return protocol
+
+        try:
+            await loop.connect_accepted_socket(factory, conn, **tls)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("connection not started", extra={"listener": self.config.name, "error": repr(exc)})
+            if protocol is None or protocol.task is None:
+                release()
+            with contextlib.suppress(OSError):
+                conn.close()
+        except BaseException:
+            if protocol is None or protocol.task is None:
+                release()
+            with contextlib.suppress(OSError):
+                conn.close()
+            raise
 
     def close(self) -> None:
         self.stopping = True
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for sock in self._accepting:
+                loop.remove_reader(sock.fileno())
+        for sock in self._accepting:
+            sock.close()
+        self._accepting = []
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -271,6 +415,8 @@ class Listener:
         try:
             for server in self.servers:
                 await server.wait_closed()
+            if self._starting:
+                await asyncio.gather(*self._starting, return_exceptions=True)
             tasks = [c.task for c in list(self.connections) if c.task is not None]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -281,7 +427,9 @@ class Listener:
 
     @property
     def sockets(self) -> tuple[Any, ...]:
-        return tuple(sock for server in self.servers for sock in server.sockets)
+        if self.servers:
+            return tuple(sock for server in self.servers for sock in server.sockets)
+        return tuple(self._accepting)
 
 
 async def start_listeners(
@@ -313,8 +461,9 @@ class Connection(asyncio.Protocol):
 
     COMMANDS: ClassVar[dict[bytes, Handler]] = {}  # filled once, after the class body
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, *, release: Callable[[], None] | None = None) -> None:
         self.listener = listener
+        self._release = release  # gives back the admission slot (see Listener._admit)
         self.runtime = listener.runtime
         self.hooks = listener.runtime.hooks
         self.policy = listener.policy
@@ -339,6 +488,9 @@ class Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        # rejections of this session already in the tracking log, by kind: the first of a kind is written at
+        # once, the repeats are counted and written as one event when the session ends
+        self._rejects: dict[tuple[str, str, str], tuple[dict[str, Any], int]] = {}
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -420,8 +572,11 @@ class Connection(asyncio.Protocol):
 
     # -- input -----------------------------------------------------------------------------------------------
 
-    async def _wait(self, *, idle: bool = False) -> None:
-        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF."""
+    async def _wait(self, *, idle: bool = False, until: float | None = None) -> None:
+        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF.
+
+        ``until``: a deadline of the input being read (a command line's, or DATA's minimum rate), besides the
+        idle and session timeouts."""
         await self._drain()
         if self._closed or self._eof:
             raise _Gone()
@@ -432,7 +587,7 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         now = self.loop.time()
         idle_deadline = now + self.policy.limits.idle_timeout
-        deadline = min(idle_deadline, self._deadline)
+        deadline = min(idle_deadline, self._deadline, until if until is not None else self._deadline)
         waiter = self._waiter = self.loop.create_future()
         timer = self.loop.call_later(max(0.0, deadline - now), self._wake)
         self._idle_wait = idle
@@ -454,13 +609,17 @@ class Connection(asyncio.Protocol):
             raise _Close(R.SESSION_TOO_LONG)
         if now >= idle_deadline:
             raise _Close(R.TIMEOUT)
+        if until is not None and now >= until:
+            raise _Close(R.TOO_SLOW)
 
     async def _read_line(self, limit: int, *, idle: bool = True) -> bytes | Reply:
         """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF).
 
-        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held.
+        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held. Once a line has
+        begun it must end within ``command_timeout`` (input that trickles in does not reset a deadline).
         """
         scan = 0
+        until: float | None = None
         while True:
             i = self.buf.find(b"\n", scan)
             if i >= 0:
@@ -471,17 +630,19 @@ class Connection(asyncio.Protocol):
                 if i == 0 or line[-2] != 0x0D or line.find(b"\r", 0, i - 1) >= 0:
                     return R.BARE_LF
                 return line[:-2]
+            if until is None and self.buf:
+                until = self.loop.time() + self.policy.limits.command_timeout
             if len(self.buf) >= limit:
                 self.buf.clear()
                 while True:  # discard up to the end of this line
-                    await self._wait(idle=False)
+                    await self._wait(idle=False, until=until)
                     j = self.buf.find(b"\n")
                     if j >= 0:
                         del self.buf[: j + 1]
                         return R.LINE_TOO_LONG
                     self.buf.clear()
             scan = len(self.buf)
-            await self._wait(idle=idle)
+            await self._wait(idle=idle, until=until)
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
         """The DATA content up to CRLF.CRLF, read in bulk (``find`` over whole chunks, never line by line).
@@ -489,7 +650,11 @@ class Connection(asyncio.Protocol):
         Returns ``(raw content with dot-stuffing, None)`` or ``(None, reply)`` when it must be refused. Once the
         size limit is passed (or a header hook refused), input is only scanned for the end and dropped.
         """
-        limit = self.policy.limits.max_message_size
+        limits = self.policy.limits
+        limit = limits.max_message_size
+        started = self.loop.time()
+        rate = limits.min_data_rate
+        received = 0
         msg = bytearray(b"\r\n")  # the DATA line's CRLF: a first line of "." ends an empty message
         scan = 0
         hscan = 0
@@ -498,6 +663,7 @@ class Connection(asyncio.Protocol):
         discarding = False
         while True:
             if self.buf:
+                received += len(self.buf)
                 msg += self.buf
                 self.buf.clear()
             end = msg.find(b"\r\n.\r\n", scan)
@@ -517,7 +683,9 @@ class Connection(asyncio.Protocol):
             if discarding and len(msg) > 4:
                 del msg[:-4]  # keep only what could start the terminator
             scan = max(0, len(msg) - 4)
-            await self._wait()
+            # the minimum rate: after a grace of command_timeout, min_data_rate bytes per second on average
+            until = started + limits.command_timeout + received / rate if rate else None
+            await self._wait(until=until)
         if refused is not None:
             return None, refused
         content_end = end + 2
@@ -582,17 +750,34 @@ class Connection(asyncio.Protocol):
         return conn.name if conn else "anonymous"
 
     async def _rejected(self, stage: str, reply: Reply, reason: str, **fields: Any) -> None:
-        self.runtime.tracking.write(
-            TrackEvent.REJECT,
-            stage=stage,
-            reply=str(reply),
-            connector=self._label_connector(),
-            client=self.state.peer_ip,
-            helo=self.state.helo,
-            tls=self.state.tls.version if self.state.tls else None,
-            **fields,
-        )
+        """Record a rejection: the first of its kind in this session goes to the tracking log at once, repeats
+        are counted and summed up in one event at the end of the session (a client sending thousands of
+        refused RCPTs writes a few lines, not thousands)."""
+        key = (stage, reason, f"{reply.code} {reply.enhanced}")
+        seen = self._rejects.get(key)
+        if seen is None and len(self._rejects) >= MAX_REJECT_KINDS:
+            key = next(reversed(self._rejects))
+            seen = self._rejects[key]
+        if seen is not None:
+            self._rejects[key] = (seen[0], seen[1] + 1)
+        else:
+            record = dict(
+                stage=stage,
+                reply=str(reply),
+                connector=self._label_connector(),
+                client=self.state.peer_ip,
+                helo=self.state.helo,
+                tls=self.state.tls.version if self.state.tls else None,
+            )
+            self._rejects[key] = (record, 0)
+            self.runtime.tracking.write(TrackEvent.REJECT, **record, **fields)
         await self.hooks.on_event("message_rejected", listener=self.listener.config.name, reason=reason)
+
+    def _write_repeated_rejections(self) -> None:
+        for record, repeated in self._rejects.values():
+            if repeated:
+                self.runtime.tracking.write(TrackEvent.REJECT, **record, repeated=repeated, session=self.session_id)
+        self._rejects.clear()
 
     async def _end_of_headers(self, block: bytes) -> Reply | None:
         self._headers_msg = IncomingMessage(block, parse_headers(block))
@@ -635,6 +820,9 @@ class Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.listener.connections.discard(self)
+            if self._release is not None:
+                self._release()
+            self._write_repeated_rejections()
             if started:
                 with contextlib.suppress(Exception):
                     await self.hooks.on_event("disconnection", listener=self.listener.config.name)
@@ -684,10 +872,22 @@ class Connection(asyncio.Protocol):
             await handler(self, arg)
 
     async def _bad(self, reply: Reply) -> None:
-        """A bad command: answer, count, and close after too many."""
-        self._reply(reply)
+        """A bad command: answer (later and later past the soft error limit), count, and close after too many."""
         if self.policy.error(self.state):
+            self._reply(reply)
             raise _Close(R.TOO_MANY_ERRORS)
+        delay = self.policy.error_delay(self.state)
+        if delay > 0:
+            self._flush()
+            await asyncio.sleep(delay)
+        self._reply(reply)
+
+    async def _refuse(self, reply: Reply) -> None:
+        """A refused MAIL or RCPT: counted as an error (see :meth:`ReceivePolicy.counts_as_error`) or not."""
+        if self.policy.counts_as_error(self.state, reply):
+            await self._bad(reply)
+        else:
+            self._reply(reply)
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -900,8 +1100,8 @@ class Connection(asyncio.Protocol):
             if problem.code == 503:
                 await self._bad(problem)
             else:
-                self._reply(problem)
                 await self._rejected("mail", problem, _reason(problem), sender=str(mail.sender))
+                await self._refuse(problem)
             return
         if st.deferred is not None:
             st.tx_connector = None
@@ -914,7 +1114,7 @@ class Connection(asyncio.Protocol):
             await self._rejected("mail", reply, "plugin", sender=str(mail.sender))
             if close:
                 raise _Close(reply)
-            self._reply(reply)
+            await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(
             st.envelope,
@@ -940,10 +1140,10 @@ class Connection(asyncio.Protocol):
             return
         problem = self.policy.check_rcpt(st, rcpt)
         if problem is not None:
-            self._reply(problem)
             await self._rejected(
                 "rcpt", problem, _reason(problem), sender=str(st.envelope.mail_from), recipient=str(rcpt)
             )
+            await self._refuse(problem)
             return
         verdict = await self._veto(self.hooks.on_rcpt_command(self.snapshot(), st.envelope, rcpt))
         reply, ok, close = self._outcome(verdict, R.RCPT_OK)
@@ -951,7 +1151,7 @@ class Connection(asyncio.Protocol):
             await self._rejected("rcpt", reply, "plugin", sender=str(st.envelope.mail_from), recipient=str(rcpt))
             if close:
                 raise _Close(reply)
-            self._reply(reply)
+            await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt))
         self._reply(reply)
@@ -1058,6 +1258,7 @@ class Connection(asyncio.Protocol):
             size=len(data),
         )
         self._reply(f"250 2.0.0 Ok: queued as {queue_id}")
+        st.errors = 0  # a client that delivers mail starts over (max_errors counts errors "without delivering")
         await self.hooks.on_event(
             "message_received", listener=self.listener.config.name, connector=self._label_connector()
         )

@@ -71,6 +71,7 @@ class R:
     PLUGIN_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
 
     TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+    TOO_SLOW = Reply(421, "4.4.2", "Input too slow, closing connection")
     SESSION_TOO_LONG = Reply(421, "4.4.2", "Session too long, closing connection")
     TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
     SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
@@ -83,6 +84,11 @@ class Limits:
     idle_timeout: float
     session_timeout: float
     max_errors: int
+    soft_error_limit: int = 5
+    error_sleep: float = 1.0
+    recipient_overshoot: int = 1000
+    command_timeout: float = 60.0
+    min_data_rate: int = 500
     command_line: int = 512  # RFC 5321 §4.5.3.1.4, CRLF included
     auth_line: int = 12288  # RFC 4954 §4
     text_line: int = 1000  # §4.5.3.1.6, CRLF included (one more octet allowed for dot-stuffing)
@@ -95,6 +101,11 @@ class Limits:
             idle_timeout=listener.idle_timeout,
             session_timeout=listener.session_timeout,
             max_errors=listener.max_errors,
+            soft_error_limit=listener.soft_error_limit,
+            error_sleep=listener.error_sleep,
+            recipient_overshoot=listener.recipient_overshoot_limit,
+            command_timeout=listener.command_timeout,
+            min_data_rate=listener.min_data_rate,
         )
 
 
@@ -111,11 +122,13 @@ class ReceiveState:
     tx_connector: InboundConnector | None = None  # applies to the current transaction (sender_domains scope)
     envelope: Envelope = field(default_factory=Envelope)
     errors: int = 0
+    overshoot: int = 0  # RCPTs refused past max_recipients in this transaction
     deferred: Reply | None = None  # a failed connect/ehlo hook: transactions get this tempfail
 
     def reset_transaction(self) -> None:
         self.envelope = Envelope()
         self.tx_connector = None
+        self.overshoot = 0
 
     def reset_after_tls(self) -> None:
         """RFC 3207 §4.2: forget everything learnt before STARTTLS."""
@@ -312,3 +325,19 @@ class ReceivePolicy:
         """Count one bad command; True when the client has used up its allowance (421 and close)."""
         state.errors += 1
         return state.errors >= self.limits.max_errors
+
+    def counts_as_error(self, state: ReceiveState, reply: Reply) -> bool:
+        """Whether a refused MAIL or RCPT counts towards ``max_errors``: permanent refusals (relay denied, sender
+        restrictions, unknown recipients) do; 452 for too many recipients only past the overshoot allowance (a
+        client that pipelines more than ``max_recipients`` is told to send the rest later, not punished);
+        temporary refusals (greylisting, a failing plugin) do not."""
+        if reply == R.TOO_MANY_RCPTS:
+            state.overshoot += 1
+            return state.overshoot > self.limits.recipient_overshoot
+        return reply.code >= 500
+
+    def error_delay(self, state: ReceiveState) -> float:
+        """Seconds to wait before an error reply: 0 up to ``soft_error_limit`` errors, then ``error_sleep`` more
+        for each further one (a dictionary attack slows down; a client with a typo does not notice)."""
+        over = state.errors - self.limits.soft_error_limit
+        return over * self.limits.error_sleep if over > 0 else 0.0
