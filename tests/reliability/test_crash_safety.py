@@ -288,10 +288,12 @@ async def test_mxgate_run_relays(tmp_path: Path, uvloop: bool) -> None:
             gw.kill()
 
 
+@pytest.mark.timeout(240)  # a load test: 57 s seen with the machine at well under half speed
 async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     await crash_run(tmp_path, kills=3, clients=4, load_seconds=(0.4, 1.0), size=2000)
 
 
+@pytest.mark.timeout(240)  # a load test: 57 s seen with the machine at well under half speed
 async def test_sigkill_under_load_loses_nothing_with_receive_workers(tmp_path: Path) -> None:
     await crash_run(tmp_path, kills=4, clients=6, load_seconds=(0.4, 1.0), size=2000, receive_workers=1)
 
