@@ -32,7 +32,8 @@ UNKNOWN = {"ghost@example.org": "550 5.1.1 <ghost@example.org>: no such user", "
 
 
 async def _session(port: int, commands: list[bytes]) -> list[str]:
-    """Each command's reply (its last line), or ``EOF`` once the server closed; bounded by the kit's timeouts."""
+    """Each command's reply (its last line); after a 421, ``EOF`` when the server then closed (nothing more is
+    sent); bounded by the kit's timeouts."""
     client = await RawClient.connect("127.0.0.1", port)
     try:
         assert (await client.reply()).code == "220"
@@ -41,7 +42,9 @@ async def _session(port: int, commands: list[bytes]) -> list[str]:
             await client.send(command)
             reply = await client.reply()
             replies.append(reply.lines[-1].decode("utf-8", "replace") if reply.lines else reply.code)
-            if reply.code == "EOF":
+            if reply.code == "421":
+                replies.append((await client.reply()).code)
+            if reply.code in ("421", "EOF"):
                 break
         return replies
     finally:
@@ -160,7 +163,10 @@ def test_unknown_recipient_refused_at_rcpt_and_never_bounced(tmp_path: Path) -> 
         print("after: RCPT ghost@ -> 550 5.1.1 before DATA; DSNs: 0; dictionary probe cut off after 3 unknowns")
 
 
-def test_callout_is_cached_and_an_unreachable_smart_host_gets_the_configured_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "receive-worker"])
+def test_callout_is_cached_and_an_unreachable_smart_host_gets_the_configured_answer(
+    tmp_path: Path, workers: int
+) -> None:
     closed = free_port()  # nothing listens there
     with ThreadedSmtpSink(rcpt_replies=UNKNOWN) as sink:
         port = free_port()
@@ -169,6 +175,7 @@ def test_callout_is_cached_and_an_unreachable_smart_host_gets_the_configured_ans
             port=port,
             smart_host=f"127.0.0.1:{sink.port}",
             accepted=("example.org", "down.example", "open.example"),
+            extra_server={"receive_workers": workers},
         )
         down = {**doc["outbound_connector"][0], "name": "down", "recipient_domains": ["down.example", "open.example"]}
         doc["outbound_connector"].append({**down, "smart_hosts": [f"127.0.0.1:{closed}"]})
