@@ -245,3 +245,27 @@ async def test_rate_limit_and_shared_callouts(tmp_path: Path) -> None:
     busy = await v.check(_session(), Address("x2", "callout.example.org"))  # no token left (the clock stands still)
     assert isinstance(busy, TempFail) and busy.reply.enhanced == "4.4.5"
     assert len(callouts.calls) == 2
+
+
+async def test_rejections_keep_a_non_5_1_status_but_never_the_inside_servers_text(tmp_path: Path) -> None:
+    class Dbeb(Callouts):
+        async def __call__(self, rcpt: Address, sender: Address | None, timeout: float) -> CalloutResult:
+            self.calls.append(str(rcpt))
+            reply = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281) [internal.host.test]"
+            return CalloutResult(str(rcpt), CalloutVerdict.REJECTED, reply, "5.4.1", "inside", "inside.test", True)
+
+    v = _validator(tmp_path, Dbeb({}), Clock())
+    await v.reload()
+    verdict = await v.check(_session(), Address("nobody", "callout.example.org"))
+    assert isinstance(verdict, Reject)
+    assert str(verdict.reply) == "550 5.4.1 Recipient address rejected"
+
+
+async def test_a_domains_on_unavailable_overrides_the_sections(tmp_path: Path) -> None:
+    conf = RecipientsConfig(
+        domain=(RecipientDomain("strict.test", None, True, "tempfail"), RecipientDomain("lax.test", None, True)),
+        on_unavailable="accept",
+    )
+    v = RecipientValidator(conf, resolve_path=lambda n: tmp_path / n, callout=Callouts({}), clock=Clock())
+    assert isinstance(await v.check(_session(), Address("a", "strict.test")), TempFail)
+    assert await v.check(_session(), Address("a", "lax.test")) is None
