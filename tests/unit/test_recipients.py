@@ -269,3 +269,23 @@ async def test_a_domains_on_unavailable_overrides_the_sections(tmp_path: Path) -
     v = RecipientValidator(conf, resolve_path=lambda n: tmp_path / n, callout=Callouts({}), clock=Clock())
     assert isinstance(await v.check(_session(), Address("a", "strict.test")), TempFail)
     assert await v.check(_session(), Address("a", "lax.test")) is None
+
+
+async def test_one_client_network_cannot_use_up_the_callouts(tmp_path: Path) -> None:
+    callouts = Callouts({})
+    clock = Clock()
+    v = _validator(tmp_path, callouts, clock, client_callout_rate=0.5, client_callout_burst=2, unavailable_ttl=0.0)
+
+    def from_(ip: str) -> Session:
+        return Session("s", "smtp", ip, 40000, "127.0.0.1", 25)
+
+    answers = [await v.check(from_("192.0.2.1"), Address(f"g{i}", "callout.example.org")) for i in range(3)]
+    assert [a.reply.enhanced for a in answers if isinstance(a, TempFail)] == ["4.4.3", "4.4.3", "4.4.5"]
+    same_net = await v.check(from_("192.0.2.77"), Address("g9", "callout.example.org"))  # the same /24
+    assert isinstance(same_net, TempFail) and same_net.reply.enhanced == "4.4.5"
+    other = await v.check(from_("198.51.100.1"), Address("g9", "callout.example.org"))
+    assert isinstance(other, TempFail) and other.reply.enhanced == "4.4.3"  # asked: its own budget
+    clock.now += 2.0  # one token back for the first network
+    later = await v.check(from_("192.0.2.1"), Address("g10", "callout.example.org"))
+    assert isinstance(later, TempFail) and later.reply.enhanced == "4.4.3"
+    assert len(callouts.calls) == 4

@@ -11,8 +11,9 @@ each ``[[plugins.recipients.domain]]`` names where the valid recipients of a dom
   hop a delivery would use (:meth:`mxgate.Runtime.callout`: same route, connector, TLS policy and AUTH; MAIL
   FROM, RCPT TO, RSET/QUIT, never DATA); answers are cached (``positive_ttl``, ``negative_ttl``,
   ``unavailable_ttl``), concurrent callouts for one address share one session, at most ``callout_concurrency`` run
-  at once and ``callout_rate`` start per second (a token bucket of ``callout_burst``): beyond that the client gets
-  ``451 4.4.5`` and no callout is made.
+  at once and ``callout_rate`` start per second (a token bucket of ``callout_burst``), of which one client network
+  (IPv4 /24, IPv6 /64) may cause ``client_callout_rate``: beyond that the client gets ``451 4.4.5`` and no callout
+  is made.
 
 Unknown recipients get ``550 5.1.1`` before DATA; after ``max_unknown_recipients`` of them in one connection the
 client gets ``421 4.7.0`` and is disconnected (a dictionary attack learns a few names per connection, not a
@@ -26,6 +27,7 @@ Per process: with ``server.receive_workers`` every worker keeps its own cache an
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -165,6 +167,14 @@ class RecipientsConfig:
         10.0, desc="Callouts started per second at most (per process); beyond it: 451 4.4.5.", check=_positive
     )
     callout_burst: int = setting(20, desc="Callouts that may start at once after a quiet time.", check=_positive)
+    client_callout_rate: float = setting(
+        1.0,
+        desc="Callouts one client network (IPv4 /24, IPv6 /64) may cause per second; beyond it: 451 4.4.5.",
+        check=_positive,
+    )
+    client_callout_burst: int = setting(
+        10, desc="Callouts one client network may cause at once after a quiet time.", check=_positive
+    )
     positive_ttl: float = setting(
         86400.0, desc="Seconds a recipient the next hop accepted is remembered.", check=_not_negative
     )
@@ -210,6 +220,7 @@ class RecipientValidator:
         ]
         self.cache: TtlCache[CalloutResult] = TtlCache(conf.cache_size, clock=clock)
         self.bucket = TokenBucket(conf.callout_rate, conf.callout_burst, clock=clock)
+        self.client_buckets: TtlCache[TokenBucket] = TtlCache(10000, clock=clock)
         self._slots = asyncio.Semaphore(conf.callout_concurrency)
         self._inflight: dict[str, asyncio.Future[CalloutResult]] = {}
         self.callouts = 0  # callouts made (tests and logs)
@@ -291,7 +302,7 @@ class RecipientValidator:
                 return TempFail(NO_LIST)
             if not entry.conf.callout:
                 return await self._unknown(session, "file", UNKNOWN)
-        result, source = await self.verify(rcpt, keys[0])
+        result, source = await self.verify(rcpt, keys[0], client=session.peer_ip)
         if result is None:
             await self._event("none", "busy")
             return TempFail(BUSY)
@@ -314,8 +325,22 @@ class RecipientValidator:
             return Disconnect(TOO_MANY)
         return Reject(reply)
 
-    async def verify(self, rcpt: Address, key: str) -> tuple[CalloutResult | None, str]:
-        """(the answer, "cache" or "callout"); ``None`` when the rate limit allows no callout now."""
+    def _client_bucket(self, peer_ip: str) -> TokenBucket:
+        try:
+            ip = ipaddress.ip_address(peer_ip)
+            net = str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False))
+        except ValueError:
+            net = peer_ip
+        bucket = self.client_buckets.get(net)
+        if bucket is None:
+            bucket = TokenBucket(self.conf.client_callout_rate, self.conf.client_callout_burst, clock=self.clock)
+        # kept while it matters: a bucket that refilled completely is the same as a new one
+        self.client_buckets.put(net, bucket, self.conf.client_callout_burst / self.conf.client_callout_rate + 1.0)
+        return bucket
+
+    async def verify(self, rcpt: Address, key: str, *, client: str | None = None) -> tuple[CalloutResult | None, str]:
+        """(the answer, "cache" or "callout"); ``None`` when a rate limit (the client network's, then the
+        process's) allows no callout now."""
         cached = self.cache.get(key)
         if cached is not None:
             return cached, "cache"
@@ -325,6 +350,8 @@ class RecipientValidator:
             if pending.cancelled() or pending.exception() is not None:
                 return CalloutResult(key, CalloutVerdict.UNAVAILABLE, str(UNAVAILABLE), "4.4.3"), "cache"
             return pending.result(), "cache"
+        if client is not None and not self._client_bucket(client).take():
+            return None, "none"
         if not self.bucket.take():
             return None, "none"
         future: asyncio.Future[CalloutResult] = asyncio.get_running_loop().create_future()
