@@ -276,6 +276,16 @@ def render_reference(registry: cfg.ConfigRegistry) -> str:
     table("[dns] resolvers (table form)", cfg.ResolverEndpointConfig, None)
     for section, cls in sorted(registry.sections.items()):
         table(f"[plugins.{section}]", cls, None)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # arrays of tables inside a plugin's section
+            args = typing.get_args(hints[f.name])
+            if (
+                typing.get_origin(hints[f.name]) is tuple
+                and args
+                and isinstance(args[0], type)
+                and dataclasses.is_dataclass(args[0])
+            ):
+                table(f"[[plugins.{section}.{f.name}]]", args[0], None)
     return "\n".join(out)
 
 

@@ -39,7 +39,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError, SmtpReply
 from mxgate.core.tls import client_context, describe, peer_chain
 
 if TYPE_CHECKING:
@@ -125,6 +125,9 @@ class OutgoingMessage:
     smtputf8: bool = False  # the client asked for SMTPUTF8 when it gave us the message
     body_8bit: bool = False  # BODY=8BITMIME was declared
     tls_optional: bool = False  # RFC 8689 "TLS-Required: No": recipient-side policies (DANE, MTA-STS) do not bind
+    # a recipient callout: MAIL and RCPT only, never DATA. "delivered" then means the next hop accepted the RCPT;
+    # a refused MAIL (or anything but an RCPT reply) is "deferred": the recipient could not be verified.
+    verify_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,13 +349,21 @@ class Deliverer:
     closes the pooled sessions when the engine cancels it at shutdown (or the event loop ends).
 
     :param reuse: ``False`` never keeps a session (one-shot deliveries such as ``connector validate``).
+    :param timeout_cap: seconds; caps the connector's ``connect_timeout`` and ``command_timeout`` (recipient
+        callouts, which a client is waiting on).
     """
 
     def __init__(
-        self, runtime: Runtime, *, resolve_addresses: AddressResolver | None = None, reuse: bool = True
+        self,
+        runtime: Runtime,
+        *,
+        resolve_addresses: AddressResolver | None = None,
+        reuse: bool = True,
+        timeout_cap: float | None = None,
     ) -> None:
         self.runtime = runtime
         self._resolve_addresses = resolve_addresses
+        self._timeout_cap = timeout_cap
         self._idle: dict[SessionKey, list[_Session]] = {}  # most recently pooled last
         self._closed = not reuse
         self._keeper: asyncio.Task[None] | None = None
@@ -407,6 +418,13 @@ class Deliverer:
         if connector is None:
             reply = _local(451, "4.3.5", f"outbound connector {destination.connector!r} is not configured")
             return self._all(destination, message, DEFERRED, reply, "4.3.5", rec)
+        cap = self._timeout_cap
+        if cap is not None:
+            connector = replace(
+                connector,
+                connect_timeout=min(connector.connect_timeout, cap),
+                command_timeout=min(connector.command_timeout, cap),
+            )
         if connector.test_mode:
             rec.steps.append(f"connector {connector.name} is in test mode: nothing sent")
             return self._all(destination, message, DELIVERED, _local(250, "2.0.0", "test mode: not sent"), "2.0.0", rec)
@@ -801,6 +819,9 @@ class Deliverer:
             rec.failures.append(_HostFailure(_local(451, "4.4.2", f"{where}: {exc}"), "4.4.2"))
             client.abort()
             return None
+        except asyncio.CancelledError:  # a caller's deadline (a callout) or shutdown: no half-open session left
+            client.abort()
+            raise
         finally:
             rec.transcript.extend(client.transcript)
             client.transcript.clear()
@@ -879,7 +900,9 @@ class Deliverer:
         outcomes: dict[str, RecipientOutcome] = {}
         accepted: list[str] = []
         try:
-            mail, rcpts, data = await client.envelope(message.sender, params, recipients)
+            mail, rcpts, data = await client.envelope(message.sender, params, recipients, data=not message.verify_only)
+            if message.verify_only:
+                return await self._verified(session, key, connector, destination, host, message, rec, mail, rcpts)
             if not mail.is_positive:
                 result = FAILED if mail.is_permanent else DEFERRED
                 for r in recipients:
@@ -933,6 +956,35 @@ class Deliverer:
                     )
             rec.steps.append(f"{host.name}: {exc}")
         return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
+
+    async def _verified(
+        self,
+        session: _Session,
+        key: SessionKey | None,
+        connector: OutboundConnector,
+        destination: Destination,
+        host: HopHost,
+        message: OutgoingMessage,
+        rec: _Attempt,
+        mail: SmtpReply,
+        rcpts: Sequence[SmtpReply],
+    ) -> DeliveryResult:
+        """A callout's answer: each RCPT reply as it came (2xx delivered, 5xx failed, 4xx deferred); a refused
+        MAIL verifies nothing (deferred, whatever its code). Then RSET (or QUIT)."""
+        mx = host.name
+        outcomes: dict[str, RecipientOutcome] = {}
+        if mail.is_positive:
+            for r, reply in zip(message.recipients, rcpts, strict=False):
+                result = DELIVERED if reply.is_positive else FAILED if reply.is_permanent else DEFERRED
+                outcomes[r] = RecipientOutcome(r, result, str(reply), reply.status, mx, True)
+        for r in message.recipients:
+            if r not in outcomes:
+                why = _local(451, "4.4.3", f"{mx} did not verify the recipient (MAIL: {mail})")
+                outcomes[r] = RecipientOutcome(r, DEFERRED, why, "4.4.3", mx)
+        await self._finish(session, key, connector, reset=True)
+        return self._result(
+            destination, message, outcomes, rec, session.client, host, session.tls_info, session.verification
+        )
 
     # -- the pool of idle sessions --------------------------------------------------------------------------
 

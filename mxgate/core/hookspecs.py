@@ -226,6 +226,8 @@ def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address)
 
     Stops at the first non-None result. The built-in ``trylast`` implementation picks the connector whose
     ``recipient_domains`` match most specifically (exact > ``*.example.com`` > ``*``; then ``cost``, then order).
+    Also asked for recipient callouts (``Runtime.callout``) at RCPT time, with a message that is not in the queue
+    (``message.id == "callout"``, the envelope sender of the callout, no meta).
 
     :returns: a Route, or ``None`` to let later implementations decide.
     """

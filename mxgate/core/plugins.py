@@ -60,6 +60,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "mta_sts": "mxgate.plugins.mta_sts:MtaStsPlugin",
     "tlsrpt": "mxgate.plugins.tlsrpt:TlsRptPlugin",
     "prometheus": "mxgate.plugins.prometheus:PrometheusPlugin",
+    "recipients": "mxgate.plugins.recipients:RecipientsPlugin",
 }
 # The essential core: defaults every hook chain falls back to (all ``trylast``). They cannot be disabled,
 # but any plugin can override them by answering first.

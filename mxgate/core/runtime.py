@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.config import Config
 from mxgate.core.files import private_dir
-from mxgate.core.model import Stash, StashKey
+from mxgate.core.model import Address, Stash, StashKey
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
 
 if TYPE_CHECKING:
+    from mxgate.core.callout import CalloutResult
     from mxgate.core.dns import Resolver
     from mxgate.core.queue.store import QueueStore
 
@@ -71,6 +72,15 @@ class Runtime:
         queue_id = await self.queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
         self.wakeup()
         return queue_id
+
+    async def callout(
+        self, recipient: Address, *, sender: Address | None = None, timeout: float = 10.0
+    ) -> CalloutResult:
+        """Ask the next hop whether it takes ``recipient`` (MAIL FROM, RCPT TO, RSET/QUIT; never DATA), routed
+        and secured like a delivery; at most ``timeout`` seconds. See :mod:`mxgate.core.callout`."""
+        from mxgate.core.callout import callout
+
+        return await callout(self, recipient, sender=sender, timeout=timeout)
 
     @property
     def state_dir(self) -> Path:

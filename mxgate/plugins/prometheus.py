@@ -46,6 +46,7 @@ kind                           labels                                     metric
 ``tlsrpt_sent``                result, method                             ``mxgate_tlsrpt_reports_sent_total``
 ``tlsrpt_received``            reporter_kind -> method, result            ``mxgate_tlsrpt_reports_received_total``
 ``tlsrpt_received_sessions``   result, result_type; value = sessions      ``mxgate_tlsrpt_received_sessions_total``
+``recipient_check``            source, result                             ``mxgate_recipient_checks_total``
 =============================  =========================================  ==========================================
 
 A missing event label becomes ``""``. Label values are bounded by the hook contract; as a second line of defence a
@@ -210,6 +211,12 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
         "mxgate_tlsrpt_received_sessions",
         "Sessions counted in TLS-RPT reports others sent us, by result and (failures) result type.",
         ("result", "result_type"),
+    ),
+    "recipient_check": EventMetric(
+        "mxgate_recipient_checks",
+        "Recipients validated at RCPT, by source (file, callout, cache, none) and result (known, unknown, "
+        "unavailable, busy).",
+        ("source", "result"),
     ),
 }  # fmt: skip
 
