@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from mxgate.core import service
 from mxgate.core.config import (
     BUILTIN_SOURCE,
     DEFAULT_DOCUMENT,
@@ -135,6 +136,7 @@ class Gateway:
         self.servers: list[Any] = []
         self.scheduler: Any = None
         self.workers: Any = None
+        self.lock: service.StateLock | None = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
@@ -150,6 +152,15 @@ class Gateway:
                 "receive workers are started by `mxgate run` (this gateway was built in-process); expected 0",
             )
         check_state_dir(self.config.state_path)
+        lock = service.StateLock(self.config.state_path)
+        lock.acquire()
+        self.lock = lock
+        try:
+            # systemd's sockets; as root with server.user: bound, state directory handed over, root dropped
+            sockets = service.prepare(self.config)
+        except BaseException:
+            lock.release()
+            raise
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
         await open_services(runtime)
@@ -162,7 +173,7 @@ class Gateway:
         # With receive workers the main process binds the listeners and hands them over: it accepts nothing
         # itself (measured: when it did, the kernel gave it most connections and its loop, which also delivers,
         # was the bottleneck while the worker idled at a third of a core).
-        self.servers = await start_listeners(runtime, serve=not count)
+        self.servers = await start_listeners(runtime, sockets, serve=not count)
         if count and self.source is not None:
             self.workers = ReceiveWorkers(runtime, self.source, self.servers, count)
             await self.workers.start()
@@ -182,6 +193,7 @@ class Gateway:
                 await asyncio.wait_for(server.wait_closed(), timeout)
         self.servers = []
         if runtime is None:
+            self._unlock()
             return
         if self.scheduler is not None:
             # In-flight attempts finish (bounded) before anything is cancelled: no duplicate after a clean stop.
@@ -195,6 +207,12 @@ class Gateway:
             await runtime.queue.close()
         runtime.tracking.close()
         self.runtime = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ import dataclasses
 import email.utils
 import itertools
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -34,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from mxgate.core import tls as tlsmod
 from mxgate.core.auth import AuthResult, FailureLimiter
 from mxgate.core.config import ListenerConfig
-from mxgate.core.errors import PluginError
+from mxgate.core.errors import PluginError, StartupError
 from mxgate.core.model import (
     Accept,
     Disconnect,
@@ -232,11 +233,13 @@ class Listener:
         tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
         if sockets:  # listen() again with our backlog: a socket bound with serve=False may not listen yet
             for sock in sockets:
-                server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG, **tls)
+                server = await loop.create_server(
+                    lambda: Connection(self), sock=sock, backlog=BACKLOG, start_serving=serve, **tls
+                )
                 self.servers.append(server)
             return
-        self.servers.append(
-            await loop.create_server(
+        try:
+            server = await loop.create_server(
                 lambda: Connection(self),
                 self.config.host,
                 self.config.port,
@@ -245,7 +248,12 @@ class Listener:
                 start_serving=serve,
                 **tls,
             )
-        )
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise StartupError(
+                f"listener {self.config.name}: cannot listen on {self.config.address}: {reason}"
+            ) from None
+        self.servers.append(server)
 
     def close(self) -> None:
         self.stopping = True
@@ -275,12 +283,13 @@ async def start_listeners(
     runtime: Runtime, sockets: Mapping[str, Sequence[socket.socket]] | None = None, *, serve: bool = True
 ) -> list[Listener]:
     """Called by the engine: one started :class:`Listener` per ``[[listener]]`` (on the already listening
-    ``sockets`` by listener name, in a receive worker; bound but not accepting with ``serve=False``)."""
+    ``sockets`` by listener name: a receive worker's, systemd's or those bound before root was dropped; a listener
+    without sockets binds its address; bound but not accepting with ``serve=False``)."""
     listeners: list[Listener] = []
     try:
         for lc in runtime.config.listener:
             listener = Listener(runtime, lc)
-            await listener.start(() if sockets is None else sockets[lc.name], serve=serve)
+            await listener.start(() if sockets is None else sockets.get(lc.name, ()), serve=serve)
             listeners.append(listener)
     except BaseException:
         for listener in listeners:
