@@ -69,6 +69,12 @@ class ServerConfig:
         check=checks.check_receive_workers,
         example=1,
     )
+    certificate_check_interval: float = setting(
+        10.0,
+        desc="Seconds between checks of the listeners' certificate and key files; changed files are loaded "
+        "without a restart (the old pair keeps serving if the new one does not load).",
+        check=checks.check_positive,
+    )
     user: str | None = setting(
         None,
         desc="Started as root: bind the listeners, then run as this user (the state directory becomes its own). "

@@ -169,9 +169,11 @@ def tls_state(ssl_object: ssl.SSLObject) -> TlsState:
     )
 
 
-def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | None:
+def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingServerContext | None:
     """The listener's server context: default certificate, SNI map, client certificates when a connector needs
-    them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``)."""
+    them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``). Its
+    certificates are re-read when their files change (:meth:`Listener.watch_certificates`). A pair that does not
+    load is one line naming the files (:class:`StartupError`)."""
     if not lc.tls_cert or not lc.tls_key:
         return None
     cfg = runtime.config
@@ -188,13 +190,20 @@ def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | 
         directory.mkdir(parents=True, exist_ok=True)
         client_ca = directory / f"client-ca-{lc.name}.pem"
         client_ca.write_bytes(b"\n".join(p.read_bytes() for p in dict.fromkeys(cas)))
-    return tlsmod.server_context(
-        cfg.path(lc.tls_cert),
-        cfg.path(lc.tls_key),
-        sni=sni,
-        client_ca_file=client_ca,
-        request_client_cert=want_client,
-    )
+    for cert, key in [(str(cfg.path(lc.tls_cert)), str(cfg.path(lc.tls_key))), *sni.values()]:
+        problem = tlsmod.pair_problem(cert, key)
+        if problem:
+            raise StartupError(f"listener {lc.name}: {problem}")
+    try:
+        return tlsmod.RotatingServerContext(
+            cfg.path(lc.tls_cert),
+            cfg.path(lc.tls_key),
+            sni=sni,
+            client_ca_file=client_ca,
+            request_client_cert=want_client,
+        )
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
 
 
 # --- the listener -----------------------------------------------------------------------------------------------
@@ -213,7 +222,9 @@ class Listener:
     def __init__(self, runtime: Runtime, config: ListenerConfig) -> None:
         self.runtime = runtime
         self.config = config
-        self.tls_context = build_tls_context(runtime, config)
+        self.certificates = build_tls_context(runtime, config)
+        self.tls_context = None if self.certificates is None else self.certificates.context
+        self._watch: asyncio.Task[None] | None = None
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
         self.connections: set[Connection] = set()
@@ -229,6 +240,9 @@ class Listener:
         """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound.
         ``serve=False`` binds and listens without accepting (the main process when receive workers accept)."""
         loop = asyncio.get_running_loop()
+        if self.certificates is not None:
+            self.report_certificates()
+            self._watch = asyncio.ensure_future(self.watch_certificates())
         implicit = self.config.implicit_tls and self.tls_context is not None
         tls: dict[str, Any] = {"ssl": self.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} if implicit else {}
         if sockets:  # listen() again with our backlog: a socket bound with serve=False may not listen yet
@@ -255,8 +269,58 @@ class Listener:
             ) from None
         self.servers.append(server)
 
+    async def watch_certificates(self) -> None:
+        """Every ``server.certificate_check_interval`` seconds: re-read the certificate and key files when they
+        changed; new handshakes get the new set, or the old one when the new files do not load (logged once)."""
+        assert self.certificates is not None
+        interval = self.runtime.config.server.certificate_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_certificates()
+
+    def reload_certificates(self) -> bool:
+        """Re-read the certificates if their files changed (also what a reload does). True when a new set serves."""
+        rotating = self.certificates
+        if rotating is None:
+            return False
+        before = rotating.current
+        problem = rotating.refresh()
+        name = self.config.name
+        if problem:
+            log.warning(
+                "new certificate files refused; the previous certificate keeps serving",
+                extra={"listener": name, "file": self.config.tls_cert, "error": problem},
+            )
+            self.runtime.hooks.emit("certificate_reload", listener=name, result="refused")
+            return False
+        if rotating.current is before:
+            return False
+        leaf = rotating.current.leaf
+        log.info(
+            "certificate reloaded",
+            extra={"listener": name, "subject": leaf.subject.rfc4514_string(), "not_after": leaf.not_valid_after_utc},
+        )
+        self.runtime.hooks.emit("certificate_reload", listener=name, result="loaded")
+        self.report_certificates()
+        return True
+
+    def report_certificates(self) -> None:
+        """The expiry of every certificate this listener serves, as an event (a gauge in the metrics)."""
+        if self.certificates is None:
+            return
+        for sni, leaf in self.certificates.current.leaves.items():
+            self.runtime.hooks.emit(
+                "certificate_expiry",
+                leaf.not_valid_after_utc.timestamp(),
+                listener=self.config.name,
+                certificate=sni or "default",
+            )
+
     def close(self) -> None:
         self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
