@@ -58,7 +58,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from mxgate.core.preflight import check_certificates
+
     config, plugins = load_from_args(args)
+    # `run` serves an expired certificate (better than no TLS for opportunistic senders) but says so; this says
+    # it as an error. Near expiry, DNS and ports: `mxgate check`.
+    outdated = check_certificates(config, now=datetime.now(UTC), days=0)
+    if outdated:
+        for problem in outdated:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"mxgate: {len(outdated)} configuration error(s)", file=sys.stderr)
+        return 1
     print(
         f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
         f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"
@@ -355,6 +367,7 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.queue.cli",
         "mxgate.core.delivery_cli",
         "mxgate.core.explain",
+        "mxgate.core.preflight",
     ):
         try:
             mod = importlib.import_module(module)

@@ -90,6 +90,19 @@ def mxgate_lifecycle_on_shutdown(runtime: Runtime) -> None:
     """Called after listeners stopped and in-flight work drained (or timed out). Stop background tasks here."""
 
 
+@hookspec
+def mxgate_lifecycle_on_preflight(runtime: Runtime, running: bool) -> Sequence[str] | None:
+    """Called by ``mxgate check`` (preflight), never by a running gateway: check what this plugin needs to work
+    in production — records in DNS, files, the resolver — without starting anything.
+
+    ``runtime`` has the configuration, the resolver and the hooks; no queue, no listener, no background task.
+
+    :param running: a gateway already runs on this state directory (its ports are in use by it, not by a
+        stranger).
+    :returns: problems, one line each (say what is wrong and where: the file, the record, the port), or ``None``.
+    """
+
+
 # ============================================================================================================
 # receive (Exchange's SmtpReceiveAgent). Each veto hook stops at the first non-None Verdict.
 # The core's own policy (connectors, relay rules, smuggling, limits) runs before these hooks and cannot be

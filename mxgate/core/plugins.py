@@ -367,6 +367,21 @@ class Hooks:
     async def on_shutdown(self, runtime: Runtime) -> None:
         await self._call("mxgate_lifecycle_on_shutdown", runtime=runtime)
 
+    async def on_preflight(self, runtime: Runtime, running: bool) -> list[str]:
+        """Every plugin's preflight problems, in call order; a plugin that raises is a problem itself."""
+        problems: list[str] = []
+        for impl in self.dispatcher.impls("mxgate_lifecycle_on_preflight"):
+            args = {"runtime": runtime, "running": running}
+            try:
+                result: Any = impl.function(**{a: args[a] for a in impl.argnames})
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                problems.append(f"plugin {impl.plugin_name}: its check failed: {exc!r}")
+                continue
+            problems.extend(str(p) for p in result or ())
+        return problems
+
     # receive: errors propagate as HookCallError so the SMTP side answers 451 4.3.0
     async def on_connect(self, session: Session) -> Verdict | None:
         return _verdict(await self._call("mxgate_receive_on_connect", raise_errors=True, session=session))

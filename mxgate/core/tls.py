@@ -172,12 +172,23 @@ def pair_problem(cert_file: StrPath, key_file: StrPath) -> str | None:
 
     Exactly what a server context does with them (``load_cert_chain``), so a pair that passes here loads at start.
     """
+    data: dict[str, bytes] = {}
     for what, path in (("certificate", cert_file), ("key", key_file)):
         try:
             with open(path, "rb") as f:
-                f.read(1)
+                data[what] = f.read()
         except OSError as exc:
             return f"{os.fspath(path)}: cannot read the {what}: {(exc.strerror or str(exc)).lower()}"
+    try:
+        x509.load_pem_x509_certificates(data["certificate"])
+    except ValueError:
+        return f"{os.fspath(cert_file)}: not a PEM certificate chain"
+    try:
+        serialization.load_pem_private_key(data["key"], password=None)
+    except (ValueError, TypeError):
+        return f"{os.fspath(key_file)}: not a PEM private key (or one protected by a passphrase)"
+    except Exception:  # an unsupported key type: let OpenSSL below judge it
+        pass
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(cert_file, key_file)

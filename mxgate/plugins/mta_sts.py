@@ -1064,6 +1064,33 @@ class MtaStsPlugin:
             self.server = await start_policy_server(config, conf, runtime.hooks)
 
     @hookimpl
+    async def mxgate_lifecycle_on_preflight(self, runtime: Runtime) -> list[str]:
+        """``mxgate check``: every policy we serve names our host and every MX its domain publishes."""
+        conf = _section(runtime.config)
+        hostname = runtime.config.server.hostname
+        problems: list[str] = []
+        for i, policy in enumerate(conf.serve_policies):
+            if policy.mode == "none":
+                continue
+            where = f"plugins.mta_sts.serve_policies[{i}] ({policy.domain})"
+            if not any(mx_matches(p, hostname) for p in policy.mx):
+                problems.append(f"{where}: our host name {hostname} matches none of the mx patterns {list(policy.mx)}")
+            if runtime.resolver is None:
+                continue
+            answer = await runtime.resolver.resolve(policy.domain, "MX")
+            if answer.is_failure:
+                problems.append(f"{where}: MX lookup failed ({answer.status}): {answer.error}")
+                continue
+            for rd in answer.records if answer.exists else ():
+                mx = str(getattr(rd, "exchange", "")).rstrip(".").lower()
+                if mx and not any(mx_matches(p, mx) for p in policy.mx):
+                    problems.append(
+                        f"{where}: MX {mx} matches none of the mx patterns {list(policy.mx)}: senders that honour "
+                        f"the policy ({policy.mode}) will not deliver to it"
+                    )
+        return problems
+
+    @hookimpl
     async def mxgate_lifecycle_on_shutdown(self) -> None:
         if self.server is not None:
             await self.server.close()

@@ -195,7 +195,7 @@ def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingSe
         if problem:
             raise StartupError(f"listener {lc.name}: {problem}")
     try:
-        return tlsmod.RotatingServerContext(
+        rotating = tlsmod.RotatingServerContext(
             cfg.path(lc.tls_cert),
             cfg.path(lc.tls_key),
             sni=sni,
@@ -204,6 +204,13 @@ def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingSe
         )
     except (OSError, ValueError, ssl.SSLError) as exc:
         raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
+    for name, leaf in rotating.current.leaves.items():
+        if leaf.not_valid_after_utc.timestamp() < runtime.clock():
+            log.warning(
+                "serving an expired certificate",
+                extra={"listener": lc.name, "certificate": name or "default", "not_after": leaf.not_valid_after_utc},
+            )
+    return rotating
 
 
 # --- the listener -----------------------------------------------------------------------------------------------
