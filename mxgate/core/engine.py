@@ -24,8 +24,8 @@ from mxgate.core.config import (
     plugins_section,
     read_text,
 )
-from mxgate.core.errors import ConfigError, PluginError, StateError
-from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
+from mxgate.core.errors import ConfigError, MxgateError, PluginError, StartupError, StateError
+from mxgate.core.plugins import Dispatcher, HookCallError, PluginSet, build_plugins, collect_registry
 from mxgate.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,23 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
         runtime.queue = await QueueStore.open(runtime.config.state_path)
 
 
+def startup_failure(exc: HookCallError) -> StartupError:
+    """A plugin that could not start, in one line: an OS error (a busy port, a missing file) says what and where;
+    anything else is a bug, whose traceback goes to the log."""
+    error = exc.error
+    if isinstance(error, OSError):
+        reason = str(error) if error.errno is None or not error.strerror else error.strerror.lower()
+        where = error.filename or ""
+        text = str(error)
+        if "address" in text:  # asyncio's bind errors name the address only in their text
+            reason = text.split("] ", 1)[-1]
+        return StartupError(f"plugin {exc.plugin}: cannot start: {where + ': ' if where else ''}{reason}")
+    if isinstance(error, MxgateError):
+        return StartupError(f"plugin {exc.plugin}: cannot start: {error}")
+    log.error("plugin failed to start", exc_info=error, extra={"plugin": exc.plugin})
+    return StartupError(f"plugin {exc.plugin}: cannot start: {error!r} (traceback in the log)")
+
+
 class Gateway:
     """One running mxgate: listeners, queue, scheduler, plugins; and its receive workers when configured
     (``server.receive_workers``; they are started from ``source``, the configuration text this process read)."""
@@ -168,7 +185,10 @@ class Gateway:
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
         runtime.enqueue = scheduler.enqueue
-        await runtime.hooks.on_startup(runtime)
+        try:
+            await runtime.hooks.on_startup(runtime)
+        except HookCallError as exc:
+            raise startup_failure(exc) from None
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         # With receive workers the main process binds the listeners and hands them over: it accepts nothing
         # itself (measured: when it did, the kernel gave it most connections and its loop, which also delivers,

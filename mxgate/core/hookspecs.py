@@ -79,7 +79,8 @@ def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
 
     With ``server.receive_workers`` it runs in every process: ``runtime.role`` is ``"main"`` (receives, delivers,
     reports) or ``"receiver"`` (a receive worker: receive hooks only, ``runtime.queue`` is None); start background
-    services only in the main process.
+    services only in the main process. ``"command"``: a command such as ``mxgate connector validate`` delivers
+    once, possibly next to a running gateway: prepare what delivery needs, start no listener or service.
 
     :param runtime: the running gateway: config, role, resolver, clock, queue, state directory, ``submit()``.
     """

@@ -58,7 +58,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.runtime import ROLE_MAIN
+from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.tls import VerifyReason, client_context, normalize_dns_name, server_context, verify_webpki
 from mxgate.plugins._sts_policy import (
@@ -1053,12 +1053,14 @@ class MtaStsPlugin:
     @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        if runtime.role != ROLE_MAIN:  # policies serve delivery, which only the main process does
+        if runtime.role not in (ROLE_MAIN, ROLE_COMMAND):  # policies serve delivery: not a receive worker's job
             return
         config = runtime.config
         conf = _section(config)
         self._trust = _trust_paths(config, conf)
         self.engine = await build_engine(config, self._get_resolver, clock=runtime.clock, sink=runtime.hooks)
+        if runtime.role != ROLE_MAIN:  # a command delivers once: policies yes, refresher and policy server no
+            return
         runtime.tasks.append(asyncio.ensure_future(self.engine.run_refresher(conf.refresh_interval)))
         if conf.serve_listen:
             self.server = await start_policy_server(config, conf, runtime.hooks)

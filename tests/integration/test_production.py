@@ -356,3 +356,72 @@ async def test_a_second_gateway_on_the_same_state_dir_is_refused(mxgate_gateway:
     assert "\n" not in message
     # the first one still serves
     assert "queued as" in await asyncio.to_thread(send, first.smtp_port, "x@example.net")
+
+
+async def test_connector_validate_next_to_a_running_gateway(mxgate_gateway: Any) -> None:
+    """Issue 23's stumble: the command bound the metrics port (two tracebacks). It delivers and starts nothing;
+    the gateway keeps its metrics endpoint."""
+    import urllib.request
+
+    from mxgate.core.cli import main
+
+    async with SmtpSink() as sink:
+        gw = await mxgate_gateway(
+            f"""
+            [[outbound_connector]]
+            name = "inside"
+            recipient_domains = ["*"]
+            smart_hosts = ["127.0.0.1:{sink.port}"]
+            tls = "none"
+            """
+        )
+        code = await asyncio.to_thread(
+            main, ["connector", "validate", "inside", "--to", "alice@example.org", "-c", str(gw.config_path)]
+        )
+        assert code == 0
+        (message,) = await sink.wait_for(1, timeout=20)
+        assert list(message.rcpt_tos) == ["alice@example.org"]
+
+        def scrape() -> bytes:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as resp:
+                return bytes(resp.read())
+
+        assert b"mxgate_start_time_seconds" in await asyncio.to_thread(scrape)
+
+
+def test_queue_commands_without_a_gateways_config_create_nothing(tmp_path: Path) -> None:
+    """Issue 23's stumble: `queue list` without -c in another directory said "queue is empty" and created ./var."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mxgate", "queue", "list"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    (line,) = problems(out.stderr)
+    assert "no queue at" in line and "-c FILE" in line and str(tmp_path / "var") in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_busy_metrics_port_is_one_line_naming_the_port(tmp_path: Path) -> None:
+    busy = listening(free_port())
+    taken = busy.getsockname()[1]
+    doc = document(tmp_path / "state", [{"name": "smtp", "address": f"127.0.0.1:{free_port()}"}], 1)
+    doc["metrics"]["listen"] = f"127.0.0.1:{taken}"
+    config = tmp_path / "mxgate.toml"
+    config.write_text(tomli_w.dumps(doc))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "mxgate", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=60,
+        )
+    finally:
+        busy.close()
+    assert out.returncode == 1
+    (line,) = problems(out.stderr)
+    assert "plugin prometheus: cannot start" in line and str(taken) in line and "in use" in line
