@@ -312,7 +312,8 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the gateway (foreground)",
-        description="Run the gateway in the foreground until SIGTERM or SIGINT (then drain and stop). With "
+        description="Run the gateway in the foreground until SIGTERM or SIGINT (then drain and stop); SIGHUP "
+        "re-reads the configuration (see `mxgate reload`). With "
         "server.receive_workers = N it starts N receive worker processes, restarts any that dies and stops them "
         "with itself.",
     )
@@ -368,6 +369,7 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.delivery_cli",
         "mxgate.core.explain",
         "mxgate.core.preflight",
+        "mxgate.core.reload",
     ):
         try:
             mod = importlib.import_module(module)

@@ -154,6 +154,8 @@ class Gateway:
         self.scheduler: Any = None
         self.workers: Any = None
         self.lock: service.StateLock | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
@@ -234,10 +236,71 @@ class Gateway:
             self.lock.release()
             self.lock = None
 
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration file and apply it, all or nothing (:mod:`mxgate.core.reload`); the outcome is
+        logged, written to the state directory and returned."""
+        from mxgate.core import reload as rl
+
+        async with self._reload_lock:
+            ok, problems, applied = await self._reload()
+            state = self.config.state_path
+            if ok:
+                log.info("configuration reloaded", extra={"file": self.config.source, "applied": applied})
+            else:
+                log.warning("reload refused; running on the previous configuration", extra={"problems": problems})
+            return rl.write_status(state, ok, problems, applied)
+
+    async def _reload(self) -> tuple[bool, list[str], str]:
+        from mxgate.core import reload as rl
+
+        runtime = self.runtime
+        if runtime is None or self.source is None or self.source.file == BUILTIN_SOURCE:
+            return False, ["this gateway runs the built-in default (no file to re-read)"], ""
+        try:
+            source = read_source(self.source.file)
+            document = parse_toml(source.text or "", source.file)
+            registry = collect_registry(Dispatcher(self.plugins))
+            new = build_config(document, file=source.file, registry=registry, base_dir=source.base_dir)
+        except ConfigError as exc:
+            return False, [str(p) for p in exc.problems], ""
+        except MxgateError as exc:
+            return False, [str(exc)], ""
+        restart = rl.restart_needed(self.config, new)
+        if restart:
+            return False, [f"{key}: changed, and needs a restart (nothing was applied)" for key in restart], ""
+        try:
+            apply = [lst.prepare_reload(new, lc) for lst, lc in zip(self.servers, new.listener, strict=True)]
+        except StartupError as exc:
+            return False, [str(exc)], ""
+        # from here on nothing can fail half-way: the new configuration is everyone's at once
+        self.config = new
+        runtime.config = new
+        for step in apply:
+            step()
+        runtime.wakeup()  # deliveries that a changed route or connector concerns get their chance now
+        if self.workers is not None:
+            await self.workers.reload(source)
+        self.source = source
+        return (
+            True,
+            [],
+            f"{len(new.listener)} listeners, {len(new.inbound_connector)} inbound and "
+            + (
+                f"{len(new.outbound_connector)} outbound connectors"
+                + (f", {self.workers.count} receive workers replaced" if self.workers is not None else "")
+            ),
+        )
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             await self._stopping.wait()

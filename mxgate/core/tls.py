@@ -22,7 +22,7 @@ import os
 import ssl
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -237,6 +237,42 @@ class ServedCertificates:
     leaves: Mapping[str, x509.Certificate]  # "" (the default) and every SNI name -> leaf certificate
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """The files a :class:`RotatingServerContext` serves from."""
+
+    pairs: tuple[tuple[str, StrPath, StrPath], ...]  # ("" for the default | SNI name, cert, key)
+    client_ca_file: StrPath | None
+    request_client_cert: bool
+
+    @classmethod
+    def of(
+        cls,
+        cert_file: StrPath,
+        key_file: StrPath,
+        sni: Mapping[str, tuple[StrPath, StrPath]] | None,
+        client_ca_file: StrPath | None,
+        request_client_cert: bool,
+    ) -> _Target:
+        pairs = [("", cert_file, key_file)]
+        pairs += [(normalize_dns_name(name) or name.lower(), c, k) for name, (c, k) in (sni or {}).items()]
+        return cls(tuple(pairs), client_ca_file, request_client_cert)
+
+    @property
+    def files(self) -> list[StrPath]:
+        out: list[StrPath] = [p for _, c, k in self.pairs for p in (c, k)]
+        return out if self.client_ca_file is None else [*out, self.client_ca_file]
+
+    def build(self) -> ServedCertificates:
+        contexts: dict[str, ssl.SSLContext] = {}
+        leaves: dict[str, x509.Certificate] = {}
+        for name, cert, key in self.pairs:
+            contexts[name] = _server_leaf_context(cert, key, self.client_ca_file, self.request_client_cert)
+            leaves[name] = leaf_certificate(cert)
+        default = contexts.pop("")
+        return ServedCertificates(default, leaves[""], contexts, leaves)
+
+
 class RotatingServerContext:
     """A listener's server context whose certificate and key files may be replaced while it runs (ACME renewals,
     DANE key rollovers), with no restart.
@@ -259,27 +295,32 @@ class RotatingServerContext:
         client_ca_file: StrPath | None = None,
         request_client_cert: bool = False,
     ) -> None:
-        self._pairs = [("", cert_file, key_file)] + [
-            (normalize_dns_name(name) or name.lower(), c, k) for name, (c, k) in (sni or {}).items()
-        ]
-        self._client = (client_ca_file, request_client_cert)
-        self._files: list[StrPath] = [p for _, c, k in self._pairs for p in (c, k)]
-        if client_ca_file is not None:
-            self._files.append(client_ca_file)
-        self._stamp = _stamp(self._files)
+        self._target = _Target.of(cert_file, key_file, sni, client_ca_file, request_client_cert)
+        self._stamp = _stamp(self._target.files)
         self._failed: FileStamp | None = None
-        self.current = self._build()  # errors at start are the caller's
+        self.current = self._target.build()  # errors at start are the caller's
         self.context = _server_leaf_context(cert_file, key_file, client_ca_file, request_client_cert)
         self.context.sni_callback = self._pick
 
-    def _build(self) -> ServedCertificates:
-        contexts: dict[str, ssl.SSLContext] = {}
-        leaves: dict[str, x509.Certificate] = {}
-        for name, cert, key in self._pairs:
-            contexts[name] = _server_leaf_context(cert, key, *self._client)
-            leaves[name] = leaf_certificate(cert)
-        default = contexts.pop("")
-        return ServedCertificates(default, leaves[""], contexts, leaves)
+    def prepare(
+        self,
+        cert_file: StrPath,
+        key_file: StrPath,
+        *,
+        sni: Mapping[str, tuple[StrPath, StrPath]] | None = None,
+        client_ca_file: StrPath | None = None,
+        request_client_cert: bool = False,
+    ) -> Callable[[], None]:
+        """Load other files (a reloaded configuration) now; returns what switches to them. Raises (OSError,
+        ValueError, ssl.SSLError) when they do not load: nothing changed then."""
+        target = _Target.of(cert_file, key_file, sni, client_ca_file, request_client_cert)
+        stamp = _stamp(target.files)
+        fresh = target.build()
+
+        def adopt() -> None:
+            self._target, self._stamp, self._failed, self.current = target, stamp, None, fresh
+
+        return adopt
 
     def _pick(self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         current = self.current
@@ -294,19 +335,14 @@ class RotatingServerContext:
         ssl_object.context = chosen or current.default
         return None
 
-    def changed(self) -> bool:
-        """Whether the files differ from those last loaded (or last refused)."""
-        stamp = _stamp(self._files)
-        return stamp != self._stamp and stamp != self._failed
-
     def refresh(self) -> str | None:
         """Reload when the files changed. Returns None when nothing changed or the new set serves now; else why
         the new files were refused (the previous set keeps serving; the same files are not tried again)."""
-        stamp = _stamp(self._files)
+        stamp = _stamp(self._target.files)
         if stamp == self._stamp or stamp == self._failed:
             return None
         try:
-            fresh = self._build()
+            fresh = self._target.build()
         except (OSError, ValueError, ssl.SSLError) as exc:
             self._failed = stamp
             return _load_error(exc)

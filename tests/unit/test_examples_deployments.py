@@ -72,6 +72,7 @@ def test_systemd_units_are_hardened_and_hand_over_the_listener() -> None:
     assert service["Service.NoNewPrivileges"] == ["yes"]
     assert service["Service.CapabilityBoundingSet"] == [""] and service["Service.AmbientCapabilities"] == [""]
     assert any(cmd.split()[1:3] == ["run", "--config"] for cmd in service["Service.ExecStart"])
+    assert any(cmd.split()[1:3] == ["reload", "--config"] for cmd in service["Service.ExecReload"])
     # the socket unit binds port 25 and names its sockets after the example's listener
     assert all(addr.endswith(":25") for addr in socket_unit["Socket.ListenStream"])
     config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)

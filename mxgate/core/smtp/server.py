@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from mxgate.core import tls as tlsmod
 from mxgate.core.auth import AuthResult, FailureLimiter
-from mxgate.core.config import ListenerConfig
+from mxgate.core.config import Config, ListenerConfig
 from mxgate.core.errors import PluginError, StartupError
 from mxgate.core.model import (
     Accept,
@@ -169,14 +169,26 @@ def tls_state(ssl_object: ssl.SSLObject) -> TlsState:
     )
 
 
-def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingServerContext | None:
-    """The listener's server context: default certificate, SNI map, client certificates when a connector needs
-    them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``). Its
-    certificates are re-read when their files change (:meth:`Listener.watch_certificates`). A pair that does not
-    load is one line naming the files (:class:`StartupError`)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """What a listener's server context is built from (a configuration's paths, made absolute)."""
+
+    cert: str
+    key: str
+    sni: dict[str, tuple[str, str]]
+    client_ca: Path | None
+    want_client: bool
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"sni": self.sni, "client_ca_file": self.client_ca, "request_client_cert": self.want_client}
+
+
+def tls_files(runtime: Runtime, lc: ListenerConfig, cfg: Config) -> TlsFiles | None:
+    """The listener's TLS files under ``cfg``: default certificate, SNI map, client certificates when a connector
+    needs them (verified against the listener's ``tls_client_ca`` plus every connector's ``tls_client_ca``). A
+    pair that does not load is one line naming the files (:class:`StartupError`)."""
     if not lc.tls_cert or not lc.tls_key:
         return None
-    cfg = runtime.config
     sni = {s.name: (str(cfg.path(s.cert)), str(cfg.path(s.key))) for s in lc.sni_certificates}
     connectors = [c for c in cfg.inbound_connector if c.enabled]
     cas = [cfg.path(lc.tls_client_ca)] if lc.tls_client_ca else []
@@ -190,27 +202,35 @@ def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingSe
         directory.mkdir(parents=True, exist_ok=True)
         client_ca = directory / f"client-ca-{lc.name}.pem"
         client_ca.write_bytes(b"\n".join(p.read_bytes() for p in dict.fromkeys(cas)))
-    for cert, key in [(str(cfg.path(lc.tls_cert)), str(cfg.path(lc.tls_key))), *sni.values()]:
-        problem = tlsmod.pair_problem(cert, key)
+    cert, key = str(cfg.path(lc.tls_cert)), str(cfg.path(lc.tls_key))
+    for c, k in [(cert, key), *sni.values()]:
+        problem = tlsmod.pair_problem(c, k)
         if problem:
             raise StartupError(f"listener {lc.name}: {problem}")
+    return TlsFiles(cert, key, sni, client_ca, want_client)
+
+
+def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingServerContext | None:
+    """The listener's server context (:func:`tls_files`). Its certificates are re-read when their files change
+    (:meth:`Listener.watch_certificates`) and on reload (:meth:`Listener.prepare_reload`)."""
+    files = tls_files(runtime, lc, runtime.config)
+    if files is None:
+        return None
     try:
-        rotating = tlsmod.RotatingServerContext(
-            cfg.path(lc.tls_cert),
-            cfg.path(lc.tls_key),
-            sni=sni,
-            client_ca_file=client_ca,
-            request_client_cert=want_client,
-        )
+        rotating = tlsmod.RotatingServerContext(files.cert, files.key, **files.kwargs())
     except (OSError, ValueError, ssl.SSLError) as exc:
         raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
+    _warn_expired(runtime, lc, rotating)
+    return rotating
+
+
+def _warn_expired(runtime: Runtime, lc: ListenerConfig, rotating: tlsmod.RotatingServerContext) -> None:
     for name, leaf in rotating.current.leaves.items():
         if leaf.not_valid_after_utc.timestamp() < runtime.clock():
             log.warning(
                 "serving an expired certificate",
                 extra={"listener": lc.name, "certificate": name or "default", "not_after": leaf.not_valid_after_utc},
             )
-    return rotating
 
 
 # --- the listener -----------------------------------------------------------------------------------------------
@@ -322,6 +342,44 @@ class Listener:
                 listener=self.config.name,
                 certificate=sni or "default",
             )
+
+    def prepare_reload(self, config: Config, lc: ListenerConfig) -> Callable[[], None]:
+        """Everything a reloaded configuration changes for this listener, loaded now (raises :class:`StartupError`
+        when its certificates do not load: nothing changed then); returns what applies it. Sessions already open
+        keep their policy; new sessions get the new one. The address and implicit TLS need a restart (the caller
+        refuses those)."""
+        files = tls_files(self.runtime, lc, config)
+        rotating = self.certificates
+        adopt_tls: Callable[[], None] | None = None
+        fresh: tlsmod.RotatingServerContext | None = None
+        try:
+            if files is not None and rotating is not None:
+                adopt_tls = rotating.prepare(files.cert, files.key, **files.kwargs())
+            elif files is not None:
+                fresh = tlsmod.RotatingServerContext(files.cert, files.key, **files.kwargs())
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
+        tls_available = files is not None
+        policy = ReceivePolicy(config, lc, tls_available=tls_available)
+
+        def apply() -> None:
+            self.config = lc
+            if adopt_tls is not None:
+                adopt_tls()
+            elif fresh is not None or files is None:
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
+                self.certificates = fresh
+                self.tls_context = None if fresh is None else fresh.context
+                if fresh is not None:
+                    self._watch = asyncio.ensure_future(self.watch_certificates())
+            self.policy = policy
+            if self.certificates is not None:
+                _warn_expired(self.runtime, lc, self.certificates)
+                self.report_certificates()
+
+        return apply
 
     def close(self) -> None:
         self.stopping = True
