@@ -254,7 +254,9 @@ class Gateway:
         from mxgate.core import reload as rl
 
         runtime = self.runtime
-        if runtime is None or self.source is None or self.source.file == BUILTIN_SOURCE:
+        if runtime is None or not self.servers:
+            return False, ["the gateway is starting or stopping; try again"], ""
+        if self.source is None or self.source.file == BUILTIN_SOURCE:
             return False, ["this gateway runs the built-in default (no file to re-read)"], ""
         try:
             source = read_source(self.source.file)

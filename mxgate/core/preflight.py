@@ -78,7 +78,9 @@ def running_pid(state: Path) -> str | None:
     return None
 
 
-def check_state_dir(state: Path) -> list[str]:
+def check_state_dir(state: Path, *, handed_over: bool = False) -> list[str]:
+    """``handed_over``: root runs this with ``server.user`` set, and `run` gives the directory to that user
+    before it drops root: its owner now does not matter."""
     if not state.exists():
         parent = next((p for p in state.parents if p.exists()), Path("/"))
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -88,7 +90,7 @@ def check_state_dir(state: Path) -> list[str]:
         return [f"state directory {state} is not a directory"]
     problems = []
     st = state.stat()
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and not handed_over:
         problems.append(f"state directory {state} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
     if not os.access(state, os.R_OK | os.W_OK | os.X_OK):
         problems.append(f"state directory {state} is not readable and writable by this user")
@@ -152,7 +154,7 @@ async def run_checks(
 
     when = now or datetime.now(UTC)
     state = config.state_path
-    problems = check_state_dir(state)
+    problems = check_state_dir(state, handed_over=os.geteuid() == 0 and bool(config.server.user))
     pid = running_pid(state) if state.is_dir() else None
     problems += check_certificates(config, now=when, days=days)
     if pid is None:
