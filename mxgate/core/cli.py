@@ -63,8 +63,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from mxgate.core.preflight import check_certificates
 
     config, plugins = load_from_args(args)
-    # `run` serves an expired certificate (better than no TLS for opportunistic senders) but says so; this says
-    # it as an error. Near expiry, DNS and ports: `mxgate check`.
+    # What `run` needs of the listeners' certificates: readable, PEM, a matching pair (run refuses those in one
+    # line too; other commands do not read keys). `run` serves an expired certificate (better than no TLS for
+    # opportunistic senders) with a warning; this says it as an error. Near expiry, DNS and ports: `mxgate check`.
     outdated = check_certificates(config, now=datetime.now(UTC), days=0)
     if outdated:
         for problem in outdated:

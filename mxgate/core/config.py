@@ -538,11 +538,9 @@ def _cross_check(b: _Builder, config: Config, *, check_files: bool) -> None:
         if check_files:
             for key_name in ("tls_cert", "tls_key", "tls_client_ca"):
                 _file_exists(b, config, f"listener[{i}].{key_name}", getattr(lst, key_name))
-            _pair_loads(b, config, f"listener[{i}]", lst.tls_cert, lst.tls_key)
             for j, sni in enumerate(lst.sni_certificates):
                 _file_exists(b, config, f"listener[{i}].sni_certificates[{j}].cert", sni.cert)
                 _file_exists(b, config, f"listener[{i}].sni_certificates[{j}].key", sni.key)
-                _pair_loads(b, config, f"listener[{i}].sni_certificates[{j}]", sni.cert, sni.key)
     if config.metrics.listen:
         host, port = checks.split_hostport(config.metrics.listen)
         if _overlaps((host, port), bound):
@@ -608,16 +606,6 @@ def _indistinguishable(a: InboundConnector, b: InboundConnector) -> bool:
         return False
     nets_a, nets_b = set(a.networks), set(b.networks)
     return nets_a == nets_b
-
-
-def _pair_loads(b: _Builder, config: Config, path: str, cert: str | None, key: str | None) -> None:
-    """A certificate and key that exist must load as a pair, exactly as the listener loads them."""
-    from mxgate.core.tls import pair_problem
-
-    if cert and key and config.path(cert).is_file() and config.path(key).is_file():
-        problem = pair_problem(config.path(cert), config.path(key))
-        if problem:
-            b.problem(path, problem)
 
 
 def _file_exists(b: _Builder, config: Config, path: str, value: str | None) -> None:

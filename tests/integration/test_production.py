@@ -425,3 +425,28 @@ def test_a_busy_metrics_port_is_one_line_naming_the_port(tmp_path: Path) -> None
     assert out.returncode == 1
     (line,) = problems(out.stderr)
     assert "plugin prometheus: cannot start" in line and str(taken) in line and "in use" in line
+
+
+def test_run_refuses_a_key_that_does_not_match_in_one_line(tmp_path: Path) -> None:
+    from mxgate.testing.ca import TestCA
+
+    ca = TestCA.create(tmp_path / "ca")
+    ours, other = ca.issue(["mx.gateway.test"]), ca.issue(["mx.gateway.test"])
+    listener = {
+        "name": "smtp",
+        "address": f"127.0.0.1:{free_port()}",
+        "tls_cert": str(ours.chain_path),
+        "tls_key": str(other.key_path),
+    }
+    config = tmp_path / "mxgate.toml"
+    config.write_text(tomli_w.dumps(document(tmp_path / "state", [listener], 1)))
+    out = subprocess.run(
+        [sys.executable, "-m", "mxgate", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    (line,) = problems(out.stderr)
+    assert line.startswith("mxgate: listener smtp: ") and str(other.key_path) in line and "does not match" in line
