@@ -79,7 +79,8 @@ def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
 
     With ``server.receive_workers`` it runs in every process: ``runtime.role`` is ``"main"`` (receives, delivers,
     reports) or ``"receiver"`` (a receive worker: receive hooks only, ``runtime.queue`` is None); start background
-    services only in the main process.
+    services only in the main process. ``"command"``: a command such as ``mxgate connector validate`` delivers
+    once, possibly next to a running gateway: prepare what delivery needs, start no listener or service.
 
     :param runtime: the running gateway: config, role, resolver, clock, queue, state directory, ``submit()``.
     """
@@ -88,6 +89,19 @@ def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
 @hookspec
 def mxgate_lifecycle_on_shutdown(runtime: Runtime) -> None:
     """Called after listeners stopped and in-flight work drained (or timed out). Stop background tasks here."""
+
+
+@hookspec
+def mxgate_lifecycle_on_preflight(runtime: Runtime, running: bool) -> Sequence[str] | None:
+    """Called by ``mxgate check`` (preflight), never by a running gateway: check what this plugin needs to work
+    in production — records in DNS, files, the resolver — without starting anything.
+
+    ``runtime`` has the configuration, the resolver and the hooks; no queue, no listener, no background task.
+
+    :param running: a gateway already runs on this state directory (its ports are in use by it, not by a
+        stranger).
+    :returns: problems, one line each (say what is wrong and where: the file, the record, the port), or ``None``.
+    """
 
 
 # ============================================================================================================

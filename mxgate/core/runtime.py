@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # listening sockets, and its report events, plugin errors and hook figures go to the main process's hooks.
 ROLE_MAIN: Final = "main"
 ROLE_RECEIVER: Final = "receiver"
+# A command that delivers or inspects once (`mxgate connector validate`), possibly next to a running gateway:
+# plugins set up what delivery needs but start no listener, endpoint or background service.
+ROLE_COMMAND: Final = "command"
 # In the main process's ``runtime.stash``: slot -> pid of each receive worker running now (metrics read their
 # CPU, memory and descriptors from /proc).
 RECEIVE_WORKER_PIDS: Final = StashKey[dict[int, int]]()
@@ -43,7 +46,7 @@ class Runtime:
     hooks: Hooks
     tracking: TrackingLog
     clock: Callable[[], float] = time.time
-    role: str = ROLE_MAIN  # ROLE_MAIN or ROLE_RECEIVER
+    role: str = ROLE_MAIN  # ROLE_MAIN, ROLE_RECEIVER or ROLE_COMMAND
     resolver: Resolver | None = None
     queue: QueueStore | None = None
     stash: Stash = field(default_factory=Stash)  # process-wide plugin state, keyed by StashKey

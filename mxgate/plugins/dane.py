@@ -923,6 +923,10 @@ class DanePlugin:
         self.runtime = runtime
 
     @hookimpl
+    async def mxgate_lifecycle_on_preflight(self, runtime: Runtime) -> list[str]:
+        return await preflight_own_tlsa(runtime)
+
+    @hookimpl
     async def mxgate_delivery_resolve_tls_policy(self, destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
         from mxgate.plugins.dnssec import SELF_TEST
 
@@ -1219,6 +1223,45 @@ async def check_inbound(
         "warnings": warnings,
         "ok": not errors,
     }
+
+
+async def preflight_own_tlsa(runtime: Runtime) -> list[str]:
+    """``mxgate check``: where our MX (``server.hostname``) publishes TLSA records for a listener's port, they are
+    signed, usable, and cover the certificate that listener serves (its files). No records: nothing to check."""
+    from mxgate.core.dns import DnssecStatus
+
+    config, resolver = runtime.config, runtime.resolver
+    if resolver is None:
+        return []
+    host = config.server.hostname.lower().rstrip(".")
+    problems: list[str] = []
+    for lc in config.listener:
+        if not lc.tls_cert:
+            continue
+        owner = f"_{lc.port}._tcp.{host}"
+        answer = await resolver.resolve(owner, "TLSA")
+        if answer.is_failure:
+            problems.append(f"TLSA {owner}: lookup failed ({answer.status}): {answer.error}")
+            continue
+        if not answer.exists:
+            continue
+        if answer.status is not DnssecStatus.SECURE:
+            problems.append(f"TLSA {owner} is {answer.status}: senders ignore it (sign the zone)")
+            continue
+        usable, _unusable = effective_records(_records(answer))
+        cert_file = str(config.path(lc.tls_cert))
+        try:
+            certs = _load_certs(cert_file)
+        except (OSError, ValueError):
+            continue  # the core's certificate check names this file
+        if not usable:
+            problems.append(f"TLSA {owner}: no usable record (senders then only require unauthenticated TLS)")
+        elif _covers(usable, certs) is None:
+            problems.append(
+                f"TLSA {owner} does not cover {cert_file}, which listener {lc.name} serves: DANE senders will defer; "
+                f"publish `{owner}. IN TLSA {make_tlsa(certs[0]).text}` (or serve the published key)"
+            )
+    return problems
 
 
 def _configured_cert(config: Any) -> str | None:
