@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mxgate.connectors.outbound import select_outbound
 from mxgate.core import checks
+from mxgate.core.dns import DnssecStatus
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import Address
 from mxgate.core.outcomes import (
@@ -160,7 +161,12 @@ def _addresses(answers: Sequence[DnsAnswer]) -> tuple[str, ...]:
 
 
 async def _host(resolver: Resolver | None, name: str, port: int, preference: int, chain_secure: bool) -> HopHost:
-    """A host with its addresses (AAAA first, then A); ``secure`` only when everything leading to it was."""
+    """A host with its addresses (AAAA first, then A); ``secure`` only when everything leading to it was.
+
+    A lookup that failed (timeout, SERVFAIL without a DNSSEC verdict) contributes no addresses and does not make
+    the host insecure: the addresses used are those of the answered RRsets, and the host is secure when these
+    are (as Postfix decides per RRset; RFC-CHECKLIST 38). An attacker who drops AAAA queries gets no weaker
+    policy, only fewer addresses. When every lookup failed the host has no addresses and is skipped."""
     try:
         ip = checks.split_hostport(name, port)[0]
         ipaddress.ip_address(ip)
@@ -171,7 +177,9 @@ async def _host(resolver: Resolver | None, name: str, port: int, preference: int
         return HopHost(name, port, preference)
     a, aaaa = await resolver.resolve_addresses(name)
     addrs = _addresses((aaaa, a))
-    secure = chain_secure and all(x.is_secure for x in (a, aaaa)) and bool(addrs)
+    answered = [x for x in (a, aaaa) if not x.is_failure]
+    bogus = any(x.status is DnssecStatus.BOGUS for x in (a, aaaa))
+    secure = chain_secure and not bogus and bool(answered) and all(x.is_secure for x in answered) and bool(addrs)
     return HopHost(name, port, preference, addrs, secure)
 
 
@@ -221,7 +229,7 @@ async def mx_next_hop(destination: Destination, resolver: Resolver, port: int, r
     # No MX (NODATA or NXDOMAIN): the domain itself is the implicit MX (RFC 5321 §5.1).
     host = await _host(resolver, domain, port, 0, mx.is_secure)
     if host.addresses:
-        return NextHop(destination, (host,), "implicit_mx", mx_secure=False)
+        return NextHop(destination, (host,), "implicit_mx", mx_secure=mx.is_secure)
     a, aaaa = await resolver.resolve_addresses(domain)
     if a.is_failure or aaaa.is_failure:
         return NextHop(destination, (), "error", error=f"address lookup for {domain} failed")

@@ -248,7 +248,10 @@ def connector_policy(connector: OutboundConnector, destination: Destination) -> 
 
 def combine_policies(policies: Sequence[TlsPolicy], fallback: TlsPolicy) -> TlsDecision:
     """Highest ``precedence`` applicable opinion decides (file order among equals); ``fallback`` when none
-    applies. A report-only deciding policy is enforced by the next applicable enforcing one."""
+    applies. A report-only deciding policy is enforced by the next applicable enforcing one.
+
+    This is the destination-wide view (whose lookup failure defers the whole destination); each host is decided
+    by :func:`decide_host`."""
     applying = sorted((p for p in policies if p.applies), key=lambda p: -p.precedence)
     if not applying:
         return TlsDecision(fallback, fallback)
@@ -257,6 +260,38 @@ def combine_policies(policies: Sequence[TlsPolicy], fallback: TlsPolicy) -> TlsD
         return TlsDecision(deciding, deciding)
     enforce = next((p for p in applying[1:] if not p.report_only), fallback)
     return TlsDecision(deciding, enforce)
+
+
+def decide_host(policies: Sequence[TlsPolicy], fallback: TlsPolicy, host: HopHost | str) -> TlsDecision:
+    """The per-host policy (RFC 7672 §2.2, RFC 8461 §2; RFC-CHECKLIST 37): among the applicable policies that
+    have an opinion on THIS host (:attr:`HostPolicy.applies`), the highest ``precedence`` decides — DANE where
+    it applies to the host, else MTA-STS, else the connector (``fallback``). A report-only deciding policy (MTA-STS
+    testing) is enforced by the next one with an opinion on the host. One host's TLSA records never change
+    another host's policy, and a host DANE governs is never rescued by MTA-STS."""
+    name = host if isinstance(host, str) else host.name
+    governing = [p for p in policies if p.applies and p.for_host(name).applies]
+    return combine_policies(governing, fallback)
+
+
+def enforced_mx_patterns(policies: Sequence[TlsPolicy]) -> tuple[tuple[TlsPolicy, tuple[str, ...]], ...]:
+    """The ``mx`` patterns every candidate MX host must match: those of each applicable, enforcing policy that
+    has them (MTA-STS ``enforce``), whichever policy later governs the host (RFC 8461 §4.1, RFC-CHECKLIST 36)."""
+    return tuple((p, p.mx_patterns) for p in policies if p.applies and not p.report_only and p.mx_patterns)
+
+
+def filter_hosts_by_policies(
+    hosts: Sequence[HopHost], policies: Sequence[TlsPolicy]
+) -> tuple[tuple[HopHost, ...], TlsPolicy | None]:
+    """``hosts`` filtered by :func:`enforced_mx_patterns` (all of them, DANE or not), and the first policy that
+    filtered any host out (for the outcome record when none is left)."""
+    kept = tuple(hosts)
+    first: TlsPolicy | None = None
+    for policy, patterns in enforced_mx_patterns(policies):
+        left = filter_hosts(kept, patterns)
+        if len(left) != len(kept) and first is None:
+            first = policy
+        kept = left
+    return kept, first
 
 
 def mx_pattern_matches(pattern: str, host: str) -> bool:
@@ -446,6 +481,7 @@ class Deliverer:
             + ")"
         )
         if policy.failure is not None:
+            # the destination-wide view: its highest-precedence applicable policy could not be established
             await self._outcome(
                 connector.name,
                 decision,
@@ -457,29 +493,43 @@ class Deliverer:
             )
             if not decision.report_only:
                 status = policy.status_for(policy.failure)
-                reply = _local(451, status, f"TLS policy ({policy.source}) unavailable: {policy.failure}")
+                why = f"TLS policy ({policy.source}) unavailable: {policy.failure}"
+                reply = _local(451, status, f"{why} ({policy.detail})" if policy.detail else why)
                 rec.steps.append(reply)
                 return self._all(destination, message, DEFERRED, reply, status, rec)
 
-        hosts = filter_hosts(next_hop.hosts, decision.enforce.mx_patterns)
-        # report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
+        # An enforcing policy's mx patterns filter ALL candidates, whether or not DANE governs a host (RFC 8461
+        # §4.1). Report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
         # on_tls_verify reports the mismatch for the session actually made, so it is counted once.
+        candidates = policies or [fallback]
+        hosts, filtering = filter_hosts_by_policies(next_hop.hosts, candidates)
+        for dropped in (h for h in next_hop.hosts if h not in hosts):
+            rec.steps.append(f"{dropped.name}: not in the mx patterns of the enforced policy: not dialled")
         if not hosts:
+            assert filtering is not None
             await self._outcome(
                 connector.name,
-                decision,
+                TlsDecision(filtering, filtering),
                 None,
                 None,
                 success=False,
                 result=TlsRptResult.VALIDATION_FAILURE,
                 detail="no MX host matches the policy's mx patterns",
             )
-            reply = _local(451, "4.7.5", f"no MX host of {destination.domain} matches the {policy.source} policy")
+            reply = _local(451, "4.7.5", f"no MX host of {destination.domain} matches the {filtering.source} policy")
             rec.steps.append(reply)
             return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
 
         for host in hosts:
-            outcome = await self._try_host(connector, destination, next_hop, decision, host, message, rec)
+            host_decision = decide_host(candidates, fallback, host)
+            governing = host_decision.policy
+            rec.steps.append(
+                f"{host.name}: governed by {governing.source} ({governing.policy_type}, level"
+                f" {host_decision.enforce.for_host(host.name).level.name}"
+                + (f", enforced by {host_decision.enforce.source}" if host_decision.report_only else "")
+                + ")"
+            )
+            outcome = await self._try_host(connector, destination, next_hop, host_decision, host, message, rec)
             if outcome is not None:
                 return outcome
         failures = rec.failures
@@ -526,25 +576,28 @@ class Deliverer:
     ) -> DeliveryResult | None:
         enforce_hp = decision.enforce.for_host(host.name)
         report_hp = decision.policy.for_host(host.name)
+        if decision.enforce.failure is not None and enforce_hp.usable:
+            # the policy governing this host could not be established (e.g. mandatory MTA-STS without a policy
+            # for a host DANE does not govern): the host is unusable, never reached at a weaker level
+            enforce_hp = replace(enforce_hp, usable=False, failure=decision.enforce.failure)
         for hp, pol in ((enforce_hp, decision.enforce), (report_hp, decision.policy)):
             if not hp.usable:
-                await self._outcome(
-                    connector.name,
-                    decision,
-                    None,
-                    host,
-                    success=False,
-                    result=hp.failure or TlsRptResult.VALIDATION_FAILURE,
-                    detail=hp.detail or f"{pol.source}: host unusable",
-                )
+                if hp.failure is not None:  # None: nothing TLS-related failed (e.g. its address lookups did)
+                    await self._outcome(
+                        connector.name,
+                        decision,
+                        None,
+                        host,
+                        success=False,
+                        result=hp.failure,
+                        detail=hp.detail or f"{pol.source}: host unusable",
+                    )
                 if pol is decision.enforce:
                     rec.steps.append(f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})")
-                    status = pol.status_for(hp.failure)
+                    status = pol.status_for(hp.failure) if hp.failure is not None else "4.4.3"
+                    why = hp.failure or hp.detail or "host unusable"
                     rec.failures.append(
-                        _HostFailure(
-                            _local(451, status, f"{host.name}: {pol.source} policy: {hp.failure or 'host unusable'}"),
-                            status,
-                        )
+                        _HostFailure(_local(451, status, f"{host.name}: {pol.source} policy: {why}"), status)
                     )
                     return None
         key: SessionKey | None = None

@@ -79,7 +79,7 @@ class NextHop:
     destination: Destination
     hosts: tuple[HopHost, ...]
     kind: str  # "mx" | "implicit_mx" | "smart_host" | "null_mx" | "error"
-    mx_secure: bool = False  # the MX RRset itself is DNSSEC-secure (RFC 7672 section 2.2.1)
+    mx_secure: bool = False  # the MX RRset (implicit MX: its denial) is DNSSEC-secure (RFC 7672 section 2.2.1)
     error: str | None = None  # with kind "error": why (defer; never read as "no record")
     permanent: bool = False  # with kind "error"/"null_mx": bounce, not defer
 
@@ -90,7 +90,10 @@ class HostPolicy:
 
     level: TlsLevel
     usable: bool = True  # False: never connect to this host (e.g. bogus TLSA); try the next one or defer
-    failure: TlsRptResult | None = None  # why the host is unusable, for the outcome record
+    failure: TlsRptResult | None = None  # why the host is unusable, for the outcome record (None: no TLS outcome)
+    # False: this policy has no opinion on this host (DANE for a host without secure TLSA): the next applicable
+    # policy decides it. One host's refinement never changes another host's policy (RFC-CHECKLIST 37).
+    applies: bool = True
     sni: str | None = None  # server name to send (DANE: the TLSA base domain); default: the host name
     reference_ids: tuple[str, ...] = ()  # names the certificate must carry (DANE-TA); default: the policy's
     detail: str = ""

@@ -39,8 +39,6 @@ from mxgate.testing.dnsproxy import DnsProxy, Sabotage
 from mxgate.testing.sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
-# The downgrades as found: each test fails on the tree as it was (removed with the fix).
-DOWNGRADE = pytest.mark.xfail(strict=True, reason="issue 17: downgrade not fixed yet")
 
 SIGNED = "pol.test"
 WRONG = "ee" * 32
@@ -222,7 +220,6 @@ async def deliver(runtime: Runtime, domain: str, connector: str = "internet") ->
 # ============================================================================================================
 
 
-@DOWNGRADE
 async def test_1a_sts_enforce_filters_forged_mx_even_when_another_host_has_dane(world: World, tmp_path: Path) -> None:
     """RFC 8461 §4.1, RFC-CHECKLIST 36: a forged MX injected into an unsigned MX RRset, outside the enforce
     policy's ``mx`` patterns, gets nothing — also when the policy's host is DANE-protected."""
@@ -236,7 +233,6 @@ async def test_1a_sts_enforce_filters_forged_mx_even_when_another_host_has_dane(
     assert [(o.policy_type, o.success, o.matched) for o in session] == [(PolicyType.TLSA, True, "3 1 1")]
 
 
-@DOWNGRADE
 async def test_1b_host_without_tlsa_is_checked_by_sts_not_the_connector(world: World, tmp_path: Path) -> None:
     """RFC 8461 §4.2 + RFC 7672 §2.2, RFC-CHECKLIST 37: in a signed domain where mx2 has TLSA and the preferred
     mx1 has none, mx1 needs a WebPKI certificate for its MX name (enforce); a wrong-name certificate means the
@@ -259,7 +255,6 @@ async def test_1b_host_without_tlsa_is_checked_by_sts_not_the_connector(world: W
 # ============================================================================================================
 
 
-@DOWNGRADE
 @pytest.mark.parametrize("sabotage", [Sabotage.DROP, Sabotage.SERVFAIL])
 async def test_2_failed_aaaa_lookup_does_not_disable_dane(world: World, tmp_path: Path, sabotage: Sabotage) -> None:
     """RFC 7672 §2.2.3, RFC-CHECKLIST 38: with a secure A RRset and an AAAA query dropped or SERVFAILed (no
@@ -290,7 +285,6 @@ async def test_2_failed_aaaa_lookup_does_not_disable_dane(world: World, tmp_path
 # ============================================================================================================
 
 
-@DOWNGRADE
 async def test_3_mandatory_dane_holds_mail_for_an_insecure_mx_rrset(world: World, tmp_path: Path) -> None:
     """RFC 7672 §2.2.1, RFC-CHECKLIST 39: with ``dane = "mandatory"`` a host learnt from an insecure MX RRset is
     never used, even though its own TLSA is signed and matches: deferred with a 4.7.x reply naming the reason.
