@@ -974,22 +974,6 @@ class DanePlugin:
         add_config_arg(e)
         e.set_defaults(func=cmd_explain)
 
-        # `mxgate explain DOMAIN [--connect]`: the core's explain command shows DNS (--dns); the per-MX DANE view
-        # joins it here, through the same command-line hook any plugin gets.
-        core_explain = subparsers.choices.get("explain")
-        if core_explain is not None:
-            core_explain.add_argument("--connect", action="store_true", help="DANE: handshake with each MX")
-            core_explain.add_argument("--port", type=int, help="DANE: SMTP port (default: the connector's mx_port)")
-            dns_view = core_explain.get_default("func")
-
-            def explain_both(args: argparse.Namespace) -> int:
-                if args.dns and not args.connect:
-                    return int(dns_view(args))
-                code = int(dns_view(args)) if args.dns else 0
-                return max(code, cmd_explain(args))
-
-            core_explain.set_defaults(func=explain_both)
-
 
 # ============================================================================================================
 # commands

@@ -27,6 +27,7 @@ import tomli_w
 
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
+from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
 from mxgate.core.dns import Resolver, ResolverEndpoint
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
@@ -158,6 +159,17 @@ async def gateway(
         "outbound_connector": [
             {"name": "internet", "recipient_domains": ["*"], "dane": "opportunistic", **common},
             {"name": "strict", "recipient_domains": ["strict.invalid"], "dane": "mandatory", **common},
+            {
+                "name": "relay",
+                "recipient_domains": ["relay.invalid"],
+                "smart_hosts": [f"mxw.{SIGNED}"],
+                "port": world.smtp_port,
+                "tls": "domain_validation",
+                "tls_domain": "somewhere.else.test",
+                "tls_ca_file": str(world.ca.cert_path),
+                "connect_timeout": 5.0,
+                "command_timeout": 5.0,
+            },
         ],
         "dns": {"resolvers": [str(resolver or world.dns.endpoint)], "timeout": dns_timeout},
         "plugins": {
@@ -298,3 +310,56 @@ async def test_3_mandatory_dane_holds_mail_for_an_insecure_mx_rrset(world: World
         ok = await deliver(runtime, f"d3ok.{SIGNED}", connector="strict")
         assert [o.result for o in ok.outcomes] == ["delivered"], ok.steps
         assert len(s["mxd"].messages) == 1
+
+
+# ============================================================================================================
+# `mxgate explain`: the same per-host decisions, shown
+# ============================================================================================================
+
+
+async def test_explain_shows_per_host_mechanism_as_delivery_decides(world: World, tmp_path: Path) -> None:
+    """``mxgate explain`` per MX host, from the code delivery runs: the forged MX is not dialled (RFC 8461 §4.1),
+    the DANE host is governed by DANE, a host without TLSA by MTA-STS (RFC 8461 §4.2); mandatory DANE with an
+    insecure MX RRset is deferred before connecting (RFC 7672 §2.2.1); ``--connect`` verifies like delivery."""
+    async with gateway(world, tmp_path) as (runtime, recorder), sinks(world, "mxd", "mxw") as s:
+        u1a = await explain_destination(runtime, Destination("internet", "u1a.test"), connect=True)
+        by = {h.host: h for h in u1a.hosts}
+        assert not by["forged.u1a.test"].dialled and not by["forged.u1a.test"].usable
+        mxd = by[f"mxd.{SIGNED}"]
+        assert (mxd.mechanism, mxd.level, mxd.usable) == ("dane", "SECURE", True)
+        (session,) = mxd.sessions
+        assert session.ok and (session.verification, session.matched) == ("trusted", "3 1 1")  # insecure MX RRset
+        assert "NOT DIALLED" in format_transport(u1a)
+
+        d1b = {h.host: h for h in (await explain_destination(runtime, Destination("internet", f"d1b.{SIGNED}"))).hosts}
+        assert (d1b[f"mxw.{SIGNED}"].mechanism, d1b[f"mxw.{SIGNED}"].level) == ("mta_sts", "SECURE")
+        assert any("dane: no opinion on this host" in w for w in d1b[f"mxw.{SIGNED}"].why)
+        assert d1b[f"mxd.{SIGNED}"].mechanism == "dane"
+
+        u3 = await explain_destination(runtime, Destination("strict", "u3.test"), connect=True)
+        assert u3.destination_failure is not None and "not DNSSEC-secure" in u3.destination_failure
+        assert all(h.sessions == () for h in u3.hosts)
+        assert s["mxd"].messages == () and s["mxw"].messages == ()  # explaining never sends
+    assert recorder.outcomes == []  # a test connection is not a session TLS-RPT counts
+
+
+async def test_explain_smart_host_shows_connector_level_names_and_trust(world: World, tmp_path: Path) -> None:
+    """Smart hosts (issue 17: it printed "next hop mx"): host, port, the connector's TLS level, ``tls_domain`` as
+    the reference identifier and its trust anchors; ``--connect`` runs the connector's certificate check."""
+    async with gateway(world, tmp_path) as (runtime, _recorder), sinks(world, "mxw"):
+        connector = runtime.config.outbound("relay")
+        assert connector is not None
+        ex = await explain_destination(runtime, destination_for(connector, "anything.test"), connect=True)
+    assert ex.next_hop == "smart_host" and ex.trust_anchors == str(world.ca.cert_path)
+    (host,) = ex.hosts
+    assert (host.host, host.port, host.mechanism, host.level) == (
+        f"mxw.{SIGNED}",
+        world.smtp_port,
+        "connector",
+        "SECURE",
+    )
+    assert host.reference_ids == ("somewhere.else.test",)
+    (session,) = host.sessions
+    assert session.ok and session.verification == "verified" and session.matched == "somewhere.else.test"
+    text = format_transport(ex)
+    assert "tls domain_validation, tls_domain somewhere.else.test" in text and "next hop smart_host" in text

@@ -32,26 +32,22 @@ from mxgate.core.delivery.plan import (
     AttemptFailure,
     AttemptPlan,
     Capabilities,
+    DestinationPlan,
     Next,
     Step,
     TlsReport,
     connect_failed,
     connection_lost,
+    describe_host_policy,
     final_verdict,
     host_gate,
     judge,
     local_reply,
     no_address,
+    plan_destination,
     transaction_params,
 )
-from mxgate.core.delivery.policy import (
-    TlsDecision,
-    combine_policies,
-    connector_policy,
-    decide_host,
-    filter_hosts_by_policies,
-    is_ip,
-)
+from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
 from mxgate.core.delivery.pool import PooledSession, SessionKey, SessionPool
 from mxgate.core.outcomes import (
     Destination,
@@ -84,6 +80,7 @@ class _Attempt:
     steps: list[str] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)
     failures: list[AttemptFailure] = field(default_factory=list)
+    verification: PeerVerification | None = None  # of the last handshake (probes report it)
 
     def fail(self, failure: AttemptFailure, note: str = "") -> None:
         if note:
@@ -98,14 +95,22 @@ class Deliverer:
     pooled.
 
     :param reuse: ``False`` never keeps a session (one-shot deliveries such as ``connector validate``).
+    :param probe: run attempts only up to the ready session (no AUTH, no transaction; QUIT instead) and record
+        no TLS outcomes (``mxgate explain --connect``: a test is not a session TLS-RPT counts).
     """
 
     def __init__(
-        self, runtime: Runtime, *, resolve_addresses: AddressResolver | None = None, reuse: bool = True
+        self,
+        runtime: Runtime,
+        *,
+        resolve_addresses: AddressResolver | None = None,
+        reuse: bool = True,
+        probe: bool = False,
     ) -> None:
         self.runtime = runtime
         self._resolve_addresses = resolve_addresses
-        self.pool = SessionPool(runtime.tasks, keep=reuse)
+        self._probe = probe
+        self.pool = SessionPool(runtime.tasks, keep=reuse and not probe)
 
     @property
     def idle_sessions(self) -> int:
@@ -152,8 +157,8 @@ class Deliverer:
             rec.steps.append("TLS-Required: No: DANE and MTA-STS policies do not apply to this message")
         else:
             policies = await runtime.hooks.resolve_tls_policy(destination, next_hop)
-        candidates = policies or [fallback]
-        decision = combine_policies(candidates, fallback)
+        dplan = plan_destination(next_hop, policies, fallback)
+        decision = dplan.decision
         policy = decision.policy
         rec.steps.append(
             f"TLS policy: {policy.source} ({policy.policy_type}, level {policy.level.name}"
@@ -174,20 +179,20 @@ class Deliverer:
                 None,
                 TlsReport(False, policy.failure, policy.detail or f"{policy.source} policy lookup failed"),
             )
-            if not decision.report_only:
-                status = policy.status_for(policy.failure)
-                why = f"TLS policy ({policy.source}) unavailable: {policy.failure}"
-                reply = local_reply(451, status, f"{why} ({policy.detail})" if policy.detail else why)
-                rec.steps.append(reply)
-                return self._all(destination, message, DEFERRED, reply, status, rec)
+        if dplan.failure is not None:
+            status = policy.status_for(dplan.failure)
+            why = f"TLS policy ({policy.source}) unavailable: {dplan.failure}"
+            reply = local_reply(451, status, f"{why} ({policy.detail})" if policy.detail else why)
+            rec.steps.append(reply)
+            return self._all(destination, message, DEFERRED, reply, status, rec)
 
         # An enforcing policy's mx patterns filter ALL candidates, whether or not DANE governs a host (RFC 8461
         # §4.1). Report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
         # on_tls_verify reports the mismatch for the session actually made, so it is counted once.
-        hosts, filtering = filter_hosts_by_policies(next_hop.hosts, candidates)
-        for dropped in (h for h in next_hop.hosts if h not in hosts):
+        for dropped in dplan.dropped:
             rec.steps.append(f"{dropped.name}: not in the mx patterns of the enforced policy: not dialled")
-        if not hosts:
+        if not dplan.hosts:
+            filtering = dplan.filtering
             assert filtering is not None
             await self._outcome(
                 connector.name,
@@ -202,16 +207,8 @@ class Deliverer:
             rec.steps.append(reply)
             return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
 
-        for host in hosts:
-            host_decision = decide_host(candidates, fallback, host)
-            governing = host_decision.policy
-            rec.steps.append(
-                f"{host.name}: governed by {governing.source} ({governing.policy_type}, level"
-                f" {host_decision.enforce.for_host(host.name).level.name}"
-                + (f", enforced by {host_decision.enforce.source}" if host_decision.report_only else "")
-                + ")"
-            )
-            outcome = await self._try_host(connector, destination, next_hop, host_decision, host, message, rec)
+        for host in dplan.hosts:
+            outcome = await self._try_host(connector, destination, dplan, host, message, rec)
             if outcome is not None:
                 return outcome
         verdict = final_verdict(rec.failures)
@@ -220,6 +217,39 @@ class Deliverer:
         )
 
     # -- hosts and addresses -----------------------------------------------------------------------------
+
+    async def plan(self, destination: Destination, message: OutgoingMessage | None = None) -> DestinationPlan | None:
+        """The :class:`DestinationPlan` delivery would follow now (next hop and policies from the hooks), or
+        ``None`` when the connector is unknown or no next hop resolver answered. ``mxgate explain`` shows it."""
+        connector = self.runtime.config.outbound(destination.connector)
+        if connector is None:
+            return None
+        next_hop = await self.runtime.hooks.resolve_next_hop(destination)
+        if next_hop is None:
+            return None
+        fallback = connector_policy(connector, destination)
+        if message is not None and message.tls_optional:
+            return plan_destination(next_hop, [], fallback)
+        return plan_destination(next_hop, await self.runtime.hooks.resolve_tls_policy(destination, next_hop), fallback)
+
+    async def probe_address(
+        self, destination: Destination, dplan: DestinationPlan, host: HopHost, address: str
+    ) -> tuple[DeliveryResult | None, AttemptFailure | None, PeerVerification | None, tuple[str, ...]]:
+        """One connection to ``address`` of ``host`` under its per-host policy, exactly as delivery makes it, up
+        to the ready session (a :class:`Deliverer` made with ``probe=True``): (the result when the session was
+        ready, the failure otherwise, the verification, the steps)."""
+        connector = self.runtime.config.outbound(destination.connector)
+        assert connector is not None and self._probe
+        decision, enforce_hp, report_hp = dplan.decide(host)
+        rec = _Attempt()
+        plan = AttemptPlan(f"{host.name}[{address}]:{host.port}", decision, enforce_hp, report_hp)
+        probe = OutgoingMessage("probe", "", (), b"")
+        result = await self._try_address(connector, destination, dplan.next_hop, host, address, probe, rec, plan, None)
+        return result, rec.failures[-1] if rec.failures else None, rec.verification, tuple(rec.steps)
+
+    async def addresses(self, host: HopHost) -> tuple[str, ...]:
+        """The addresses to dial for ``host`` (those the next hop carries, else looked up now)."""
+        return await self._addresses(host)
 
     async def _addresses(self, host: HopHost) -> tuple[str, ...]:
         if host.addresses:
@@ -242,18 +272,14 @@ class Deliverer:
         self,
         connector: OutboundConnector,
         destination: Destination,
-        next_hop: NextHop,
-        decision: TlsDecision,
+        dplan: DestinationPlan,
         host: HopHost,
         message: OutgoingMessage,
         rec: _Attempt,
     ) -> DeliveryResult | None:
-        enforce_hp = decision.enforce.for_host(host.name)
-        report_hp = decision.policy.for_host(host.name)
-        if decision.enforce.failure is not None and enforce_hp.usable:
-            # the policy governing this host could not be established (e.g. mandatory MTA-STS without a policy
-            # for a host DANE does not govern): the host is unusable, never reached at a weaker level
-            enforce_hp = replace(enforce_hp, usable=False, failure=decision.enforce.failure)
+        next_hop = dplan.next_hop
+        decision, enforce_hp, report_hp = dplan.decide(host)
+        rec.steps.append(f"{host.name}: {describe_host_policy(decision, enforce_hp)}")
         gate = host_gate(decision, host, enforce_hp, report_hp)
         for report in gate.reports:
             await self._outcome(connector.name, decision, None, host, report)
@@ -372,13 +398,24 @@ class Deliverer:
                         at=runtime.clock(),
                     )
                     verdict = judge(plan, *await self._verify(plan, attempt, tuple(peer_chain(ssl_object))))
-                    verification = verdict.verification
+                    verification = rec.verification = verdict.verification
                     step = plan.verified(verdict)
                 elif step.step is Step.EHLO_AGAIN:
                     step = plan.ehlo_again(await client.ehlo(runtime.config.server.hostname))
                 elif step.step is Step.AUTH:
                     auth = await client.auth(connector.auth_username or "", self._password(connector))
                     step = plan.authenticated(auth)
+                elif self._probe:  # Step.SEND, but only testing: the session is ready, QUIT
+                    await client.quit()
+                    return DeliveryResult(
+                        destination,
+                        (),
+                        mx_host=host.name,
+                        peer_ip=client.host,
+                        tls=tls_info,
+                        verification=verification.label if verification is not None else None,
+                        steps=tuple(rec.steps),
+                    )
                 else:  # Step.SEND
                     session = PooledSession(client, where, tls_info, verification, opened)
                     return await self._send(session, key, connector, destination, host, message, rec)
@@ -515,6 +552,8 @@ class Deliverer:
         host: HopHost | None,
         report: TlsReport,
     ) -> None:
+        if self._probe:
+            return
         policy = decision.policy
         success, result, detail, verification = report.success, report.result, report.detail, report.verification
         version = cipher = None

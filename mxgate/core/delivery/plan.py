@@ -15,18 +15,26 @@ carries, and what must be verified (the enforced policy, plus a report-only one 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
 from mxgate.core.delivery.model import DEFERRED, FAILED, OutgoingMessage
-from mxgate.core.delivery.policy import TlsDecision, needs_8bitmime, needs_smtputf8
-from mxgate.core.outcomes import HopHost, HostPolicy, PeerVerification, TlsLevel, TlsRptResult
+from mxgate.core.delivery.policy import (
+    TlsDecision,
+    combine_policies,
+    decide_host,
+    filter_hosts_by_policies,
+    needs_8bitmime,
+    needs_smtputf8,
+)
+from mxgate.core.outcomes import HopHost, HostPolicy, NextHop, PeerVerification, TlsLevel, TlsPolicy, TlsRptResult
 
 __all__ = [
     "AttemptFailure",
     "AttemptPlan",
     "Capabilities",
+    "DestinationPlan",
     "DestinationVerdict",
     "Fail",
     "HostGate",
@@ -36,11 +44,13 @@ __all__ = [
     "Verdict",
     "connect_failed",
     "connection_lost",
+    "describe_host_policy",
     "final_verdict",
     "host_gate",
     "judge",
     "local_reply",
     "no_address",
+    "plan_destination",
     "transaction_params",
 ]
 
@@ -132,8 +142,61 @@ class Verdict:
 
 
 # ============================================================================================================
-# before connecting
+# before connecting: the destination and each host
 # ============================================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPlan:
+    """What the policies say about a destination, before any connection: the destination-wide view (whose
+    failure defers everything), the hosts an enforcing policy's ``mx`` patterns leave (all hosts filtered, DANE
+    or not), and — per host — the governing policy (:meth:`decide`). Delivery and ``mxgate explain`` both use it.
+    """
+
+    next_hop: NextHop
+    candidates: tuple[TlsPolicy, ...]  # every opinion (the connector's included)
+    fallback: TlsPolicy  # the connector's own
+    decision: TlsDecision  # the destination-wide view
+    hosts: tuple[HopHost, ...]  # after the mx patterns of enforcing policies
+    filtering: TlsPolicy | None = None  # the first policy that filtered a host out
+
+    @property
+    def dropped(self) -> tuple[HopHost, ...]:
+        return tuple(h for h in self.next_hop.hosts if h not in self.hosts)
+
+    @property
+    def failure(self) -> TlsRptResult | None:
+        """The destination-wide failure that defers everything (a report-only policy's is only reported)."""
+        policy = self.decision.policy
+        return policy.failure if not self.decision.report_only else None
+
+    def decide(self, host: HopHost) -> tuple[TlsDecision, HostPolicy, HostPolicy]:
+        """The per-host policy: (decision, the enforced policy's refinement, the deciding policy's refinement).
+        When the policy governing the host could not be established (e.g. mandatory MTA-STS without a policy,
+        for a host DANE does not govern), the host is unusable: never reached at a weaker level."""
+        decision = decide_host(self.candidates, self.fallback, host)
+        enforce_hp = decision.enforce.for_host(host.name)
+        if decision.enforce.failure is not None and enforce_hp.usable:
+            enforce_hp = replace(enforce_hp, usable=False, failure=decision.enforce.failure)
+        return decision, enforce_hp, decision.policy.for_host(host.name)
+
+
+def describe_host_policy(decision: TlsDecision, enforce_hp: HostPolicy) -> str:
+    """One line: which mechanism governs the host, at what level, and why (steps, logs, ``mxgate explain``)."""
+    governing = decision.policy
+    text = f"governed by {governing.source} ({governing.policy_type}, level {enforce_hp.level.name}"
+    if decision.report_only:
+        text += f", report only; enforced by {decision.enforce.source}"
+    if not enforce_hp.usable:
+        text += f", UNUSABLE: {enforce_hp.failure or enforce_hp.detail or 'host unusable'}"
+    return text + ")"
+
+
+def plan_destination(next_hop: NextHop, policies: Sequence[TlsPolicy], fallback: TlsPolicy) -> DestinationPlan:
+    """The :class:`DestinationPlan` of ``next_hop`` under ``policies`` (``fallback``: the connector's own)."""
+    candidates = tuple(policies) or (fallback,)
+    hosts, filtering = filter_hosts_by_policies(next_hop.hosts, candidates)
+    return DestinationPlan(next_hop, candidates, fallback, combine_policies(candidates, fallback), hosts, filtering)
 
 
 @dataclass(frozen=True, slots=True)
