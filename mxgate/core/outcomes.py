@@ -97,6 +97,10 @@ class HostPolicy:
     sni: str | None = None  # server name to send (DANE: the TLSA base domain); default: the host name
     reference_ids: tuple[str, ...] = ()  # names the certificate must carry (DANE-TA); default: the policy's
     detail: str = ""
+    # TLS-RPT (RFC 8460 §4.4) for this host's outcomes, when they differ from the policy's: DANE reports each
+    # host under its TLSA base domain, with that host's own records as policy-string
+    policy_domain: str | None = None
+    policy_strings: tuple[str, ...] | None = None
     data: object = field(default=None, compare=False)  # the plugin's per-host state (e.g. the TLSA RRset)
 
 

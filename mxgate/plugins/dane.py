@@ -6,8 +6,9 @@ its own (RFC 7672 §2.2.3):
 * TLSA is looked up at ``_<port>._tcp.<base>`` only when the host's address records are DNSSEC-secure, judged
   per address RRset: a lookup that failed without a DNSSEC verdict (a dropped AAAA query) never makes the host
   insecure; when every address lookup failed the host is skipped for this attempt. The
-  base domain is the CNAME-expanded host name when the (secure) address lookup went through CNAMEs, then the
-  original name (RFC 7672 §2.2.2, RFC 7671 §7). An insecure MX RRset does not stop this: the host's own secure
+  base domain is the CNAME-expanded host name when the (secure) address lookup went through CNAMEs; when that
+  name yields no secure TLSA records (insecure records, or a secure or insecure denial) the initial name is tried
+  (RFC 7672 §2.2.2, §2.2.3, RFC 7671 §7). An insecure MX RRset does not stop this: the host's own secure
   TLSA records are used, but the nexthop domain is then no reference identifier and a match is "trusted" rather
   than "verified" (RFC 7672 §2.2.1, as Postfix labels it).
 * A secure, non-empty TLSA RRset with usable records: TLS is mandatory and authenticated; SNI is the base
@@ -621,15 +622,17 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
         if answer.exists:
             records = _records(answer)
             if answer.status is not DnssecStatus.SECURE:
-                return HostDane(
+                # RFC 7672 §2.2.3: insecure records at the CNAME-expanded name: the initial name is tried next
+                last = HostDane(
                     name,
                     port,
                     HostState.NO_TLSA,
                     name,
                     records=records,
-                    detail="TLSA records insecure: ignored",
+                    detail=f"TLSA records at {owner} insecure: ignored",
                     **common,
                 )
+                continue
             usable, unusable = effective_records(records)
             state = HostState.DANE if usable else HostState.NO_USABLE
             detail = (
@@ -648,8 +651,8 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             detail=f"no TLSA at {owner} ({answer.status} {answer.kind})",
             **common,
         )
-        if not answer.is_secure:
-            break  # insecure denial: no DANE; only a secure denial lets us try the original name
+        # a denial (secure or not) at the CNAME-expanded name: the initial name is tried next (RFC 7672 §2.2.3,
+        # as Postfix and mox do); at the initial name it means no DANE for this host
     assert last is not None
     return last
 
@@ -662,8 +665,19 @@ def host_policy(hd: HostDane, mode: DaneMode) -> HostPolicy:
     unanswered). Otherwise, with opportunistic DANE, DANE has no opinion on this host (``applies=False``) and the
     next policy decides it (MTA-STS, else the connector); with mandatory DANE the host is unusable (RFC 7672 §6),
     and so is any host learnt from an insecure MX RRset (RFC 7672 §2.2.1: Postfix's "non DNSSEC destination")."""
+    # TLS-RPT (RFC 8460 §4.4): a tlsa result's policy-domain is the host's TLSA base domain, its policy-string
+    # that host's own records (not the destination's, nor every MX host's)
+    domain, strings = hd.base_domain, tuple(r.text for r in hd.records)
     if hd.state is HostState.FAILED:
-        return HostPolicy(TlsLevel.SECURE, usable=False, failure=hd.failure, detail=hd.detail, data=hd)
+        return HostPolicy(
+            TlsLevel.SECURE,
+            usable=False,
+            failure=hd.failure,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
+        )
     if mode is DaneMode.MANDATORY and not hd.name_secure:
         return HostPolicy(
             TlsLevel.SECURE,
@@ -671,10 +685,18 @@ def host_policy(hd: HostDane, mode: DaneMode) -> HostPolicy:
             failure=TlsRptResult.DANE_REQUIRED,
             detail=f"dane = mandatory needs a DNSSEC-secure MX RRset; {hd.host} came from an insecure one",
             data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
         )
     if hd.state is HostState.DANE:
         return HostPolicy(
-            TlsLevel.SECURE, sni=hd.base_domain, reference_ids=hd.reference_ids, detail=hd.detail, data=hd
+            TlsLevel.SECURE,
+            sni=hd.base_domain,
+            reference_ids=hd.reference_ids,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
         )
     if hd.state is HostState.NO_USABLE:
         if mode is DaneMode.MANDATORY:
@@ -684,8 +706,17 @@ def host_policy(hd: HostDane, mode: DaneMode) -> HostPolicy:
                 failure=TlsRptResult.TLSA_INVALID,
                 detail=f"{hd.detail}; dane = mandatory needs a usable record",
                 data=hd,
+                policy_domain=domain,
+                policy_strings=strings,
             )
-        return HostPolicy(TlsLevel.ENCRYPT, sni=hd.base_domain, detail=hd.detail, data=hd)
+        return HostPolicy(
+            TlsLevel.ENCRYPT,
+            sni=hd.base_domain,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
+        )
     if mode is DaneMode.MANDATORY:
         return HostPolicy(
             TlsLevel.SECURE,
@@ -693,6 +724,8 @@ def host_policy(hd: HostDane, mode: DaneMode) -> HostPolicy:
             failure=TlsRptResult.DANE_REQUIRED,
             detail=f"{hd.detail}; dane = mandatory",
             data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
         )
     return HostPolicy(TlsLevel.MAY, applies=False, detail=f"DANE does not apply: {hd.detail}", data=hd)
 

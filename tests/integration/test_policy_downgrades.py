@@ -260,6 +260,12 @@ async def test_1b_host_without_tlsa_is_checked_by_sts_not_the_connector(world: W
     ]
     mxd = [o for o in recorder.outcomes if o.mx_host == f"mxd.{SIGNED}"]
     assert [(o.policy_type, o.success) for o in mxd] == [(PolicyType.TLSA, True)]
+    # RFC 8460 §4.4: a tlsa result is reported under the host's TLSA base domain, with that host's own records
+    assert (mxd[0].policy_domain, mxd[0].policy_strings) == (
+        f"mxd.{SIGNED}",
+        (make_tlsa(world.certs["mxd"].cert).text,),
+    )
+    assert (mxw[0].policy_domain, mxw[0].policy_strings[:1]) == (f"d1b.{SIGNED}", ("version: STSv1",))
 
 
 # ============================================================================================================

@@ -244,3 +244,68 @@ async def test_rfc7672_s2_2_1_mandatory_dane_accepts_a_secure_mx_rrset() -> None
     analysis = await analyse(resolver, DEST, hop, mode=DaneMode.MANDATORY)  # type: ignore[arg-type]
     assert analysis.policy is not None and analysis.policy.failure is None
     assert isinstance(hop, NextHop) and hop.mx_secure
+
+
+# -- RFC-CHECKLIST 40: the TLSA base domain -----------------------------------------------------------------------
+
+
+def _cname_table(expanded_tlsa: Row | None) -> dict[tuple[str, str], Row]:
+    table: dict[tuple[str, str], Row] = {
+        ("example.test", "MX"): (A, SEC, ["10 mx1.example.test."]),
+        ("mx.provider.test", "A"): (A, SEC, ["192.0.2.7"]),
+        ("mx.provider.test", "AAAA"): (NODATA, SEC, []),
+        ("_25._tcp.mx1.example.test", "TLSA"): (A, SEC, [TLSA]),
+    }
+    if expanded_tlsa is not None:
+        table[("_25._tcp.mx.provider.test", "TLSA")] = expanded_tlsa
+    return table
+
+
+@pytest.mark.parametrize(
+    "expanded",
+    [(A, INS, ["3 1 1 " + "cd" * 32]), (NX, INS, []), (NODATA, INS, []), (NX, SEC, [])],
+    ids=["insecure-records", "insecure-nxdomain", "insecure-nodata", "secure-denial"],
+)
+async def test_rfc7672_s2_2_3_initial_name_tried_when_expanded_name_gives_no_secure_tlsa(expanded: Row) -> None:
+    """RFC 7672 §2.2.3: when the CNAME-expanded name yields insecure records or a (secure or insecure) denial,
+    the TLSA records of the initial name are used; the base domain (and SNI) is then the initial name."""
+    resolver = TableResolver(_cname_table(expanded), cnames={"mx1.example.test": ("mx.provider.test", SEC)})
+    hop = await mx_next_hop(DEST, resolver, 25, random.Random(1))  # type: ignore[arg-type]
+    hd = await examine_host(resolver, hop.hosts[0], hop)  # type: ignore[arg-type]
+    assert ("_25._tcp.mx.provider.test", "TLSA") in resolver.asked
+    assert hd.state is HostState.DANE and hd.base_domain == "mx1.example.test"
+    assert [r.text for r in hd.usable] == [TLSA]
+
+
+async def test_rfc7672_s2_2_3_secure_tlsa_at_the_expanded_name_wins() -> None:
+    """RFC 7672 §2.2.3 (control): secure records at the CNAME-expanded name: that name is the base domain."""
+    other = "3 1 1 " + "cd" * 32
+    resolver = TableResolver(_cname_table((A, SEC, [other])), cnames={"mx1.example.test": ("mx.provider.test", SEC)})
+    hop = await mx_next_hop(DEST, resolver, 25, random.Random(1))  # type: ignore[arg-type]
+    hd = await examine_host(resolver, hop.hosts[0], hop)  # type: ignore[arg-type]
+    assert hd.state is HostState.DANE and hd.base_domain == "mx.provider.test"
+    assert [r.text for r in hd.usable] == [other]
+    assert ("_25._tcp.mx1.example.test", "TLSA") not in resolver.asked
+
+
+# -- RFC-CHECKLIST 26a: TLS-RPT for tlsa results --------------------------------------------------------------------
+
+
+async def test_rfc8460_s4_4_tlsa_policy_domain_is_the_base_domain_with_the_hosts_own_records() -> None:
+    """RFC 8460 §4.4: for a ``tlsa`` result the policy-domain is the TLSA base domain of the host and the
+    policy-string that host's own records, not every MX host's."""
+    other = "3 1 1 " + "cd" * 32
+    table = {
+        **_mx_table(),
+        ("example.test", "MX"): (A, SEC, ["10 mx1.example.test.", "20 mx2.example.test."]),
+        ("mx2.example.test", "A"): (A, SEC, ["192.0.2.2"]),
+        ("mx2.example.test", "AAAA"): (NODATA, SEC, []),
+        ("_25._tcp.mx2.example.test", "TLSA"): (A, SEC, [other]),
+    }
+    resolver = TableResolver(table)
+    hop = await mx_next_hop(DEST, resolver, 25, random.Random(1))  # type: ignore[arg-type]
+    analysis = await analyse(resolver, DEST, hop, mode=DaneMode.OPPORTUNISTIC)  # type: ignore[arg-type]
+    assert analysis.policy is not None
+    one, two = analysis.policy.for_host("mx1.example.test"), analysis.policy.for_host("mx2.example.test")
+    assert (one.policy_domain, one.policy_strings) == ("mx1.example.test", (TLSA,))
+    assert (two.policy_domain, two.policy_strings) == ("mx2.example.test", (other,))

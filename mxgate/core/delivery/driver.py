@@ -555,6 +555,9 @@ class Deliverer:
         if self._probe:
             return
         policy = decision.policy
+        hp = policy.for_host(host.name) if host is not None else None
+        policy_domain = (hp.policy_domain if hp is not None else None) or policy.policy_domain
+        policy_strings = hp.policy_strings if hp is not None and hp.policy_strings is not None else None
         success, result, detail, verification = report.success, report.result, report.detail, report.verification
         version = cipher = None
         peer_ip = sending_ip = helo = None
@@ -570,7 +573,7 @@ class Deliverer:
         outcome = TlsOutcome(
             connector=connector,
             policy_type=policy.policy_type,
-            policy_domain=policy.policy_domain,
+            policy_domain=policy_domain,
             success=success,
             mx_host=host.name if host is not None else None,
             receiving_ip=peer_ip,
@@ -581,7 +584,7 @@ class Deliverer:
             verification=verification.label if verification is not None else None,
             matched=verification.matched if verification is not None else None,
             result_type=result,
-            policy_strings=policy.policy_strings,
+            policy_strings=policy_strings if policy_strings is not None else policy.policy_strings,
             mx_patterns=policy.mx_patterns,
             detail=detail,
             at=self.runtime.clock(),
