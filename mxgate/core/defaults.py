@@ -79,9 +79,7 @@ class CorePlugin:
         """Smart hosts in order, or MX hosts (RFC 5321 §5.1) with the DNSSEC status of every RRset."""
         if self.runtime is None:
             return None
-        connector = self.runtime.config.outbound(destination.connector)
-        if connector is None:
-            return None
+        connector = destination.connector
         resolver = self.runtime.resolver
         smart = destination.smart_hosts
         if smart:
@@ -95,10 +93,7 @@ class CorePlugin:
         """The connector's own ``tls`` setting, precedence 100."""
         from mxgate.core.delivery import connector_policy
 
-        if self.runtime is None:
-            return None
-        connector = self.runtime.config.outbound(destination.connector)
-        return connector_policy(connector, destination) if connector is not None else None
+        return connector_policy(destination.connector, destination)
 
     @hookimpl(trylast=True)
     def mxgate_delivery_on_tls_verify(
@@ -107,8 +102,7 @@ class CorePlugin:
         """Connector policies only: WebPKI chain (certificate_validation), plus RFC 6125 names (domain_validation)."""
         if policy.source != "connector" or self.runtime is None:
             return None
-        connector = self.runtime.config.outbound(attempt.connector)
-        cafile = connector.tls_ca_file if connector is not None else None
+        cafile = attempt.destination.connector.tls_ca_file
         trust = (str(self.runtime.config.path(cafile)),) if cafile else None
         level = attempt.host_policy.level if attempt.host_policy is not None else policy.level
         names = policy.reference_ids or (attempt.host.name,)

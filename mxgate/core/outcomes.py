@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mxgate.connectors.outbound import OutboundConnector
 
 
 class TlsRptResult(StrEnum):
@@ -54,9 +58,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """One delivery job: a connector and the domain (or smart host set) its recipients share."""
+    """One delivery job: a connector and the domain (or smart host set) its recipients share.
 
-    connector: str
+    ``connector`` is the outbound connector itself (its settings as configured), never a name to look up again.
+    """
+
+    connector: OutboundConnector
     domain: str  # the nexthop domain: the recipient domain, or the first smart host's name
     smart_hosts: tuple[str, ...] = ()  # empty: MX delivery
 

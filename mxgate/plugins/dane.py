@@ -92,6 +92,7 @@ from mxgate.core.tls import (
 )
 
 if TYPE_CHECKING:
+    from mxgate.connectors.outbound import OutboundConnector
     from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import DnsAnswer, Resolver, SelfTestResult
     from mxgate.core.runtime import Runtime
@@ -884,9 +885,8 @@ ANALYSIS_REUSE_SECONDS: Final = 1.0
 ANALYSIS_REUSE_MAX: Final = 4096  # destinations remembered at once (expired ones are dropped when it is full)
 
 
-def _mode(runtime: Runtime, connector_name: str) -> DaneMode:
-    connector = runtime.config.outbound(connector_name)
-    return DaneMode(connector.get(DANE_MODE)) if connector is not None else DaneMode.OPPORTUNISTIC
+def _mode(connector: OutboundConnector) -> DaneMode:
+    return DaneMode(connector.get(DANE_MODE))
 
 
 class DanePlugin:
@@ -915,7 +915,7 @@ class DanePlugin:
         runtime = self.runtime
         if runtime is None or runtime.resolver is None or not next_hop.hosts:
             return None
-        mode = _mode(runtime, destination.connector)
+        mode = _mode(destination.connector)
         if mode is DaneMode.NONE:
             return None
         if mode is DaneMode.OPPORTUNISTIC and all(_is_ip(h.name) for h in next_hop.hosts):
@@ -1224,14 +1224,14 @@ async def explain_dane(
     config: Any, resolver: Resolver, domain: str, *, port: int | None = None, connect: bool = False
 ) -> dict[str, Any]:
     """The per-MX DANE view of ``domain`` (and, with ``connect``, what each MX presents)."""
-    from mxgate.connectors.outbound import select_outbound
+    from mxgate.connectors.outbound import OutboundConnector, select_outbound
     from mxgate.core.defaults import mx_next_hop
 
     domain = domain.lower().rstrip(".")
     connector = select_outbound(config.outbound_connector, domain)
     mode = DaneMode(connector.get(DANE_MODE)) if connector is not None else DaneMode.OPPORTUNISTIC
     mx_port = port or (connector.mx_port if connector is not None else 25)
-    destination = Destination(connector.name if connector is not None else "-", domain)
+    destination = Destination(connector or OutboundConnector(name="-", recipient_domains=("*",), use_mx=True), domain)
     next_hop = await mx_next_hop(destination, resolver, mx_port, random.Random(0))
     test = await resolver.self_test(config.dns.self_test_secure, config.dns.self_test_bogus)
     effective = mode if mode is not DaneMode.NONE else DaneMode.OPPORTUNISTIC  # show what DANE would do

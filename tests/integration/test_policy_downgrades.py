@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
@@ -217,6 +218,12 @@ async def sinks(world: World, *names: str) -> AsyncIterator[dict[str, SmtpSink]]
             await sink.stop()
 
 
+def outbound(runtime: Runtime, name: str = "internet") -> OutboundConnector:
+    connector = runtime.config.outbound(name)
+    assert connector is not None
+    return connector
+
+
 async def deliver(runtime: Runtime, domain: str, connector: str = "internet") -> DeliveryResult:
     message = OutgoingMessage(
         "q" + os.urandom(4).hex(),
@@ -224,7 +231,7 @@ async def deliver(runtime: Runtime, domain: str, connector: str = "internet") ->
         (f"b@{domain}",),
         b"From: a@sender.test\r\nSubject: policy\r\n\r\nHello.\r\n",
     )
-    return await Deliverer(runtime, reuse=False).deliver(Destination(connector, domain), message)
+    return await Deliverer(runtime, reuse=False).deliver(Destination(outbound(runtime, connector), domain), message)
 
 
 # ============================================================================================================
@@ -328,7 +335,7 @@ async def test_explain_shows_per_host_mechanism_as_delivery_decides(world: World
     the DANE host is governed by DANE, a host without TLSA by MTA-STS (RFC 8461 §4.2); mandatory DANE with an
     insecure MX RRset is deferred before connecting (RFC 7672 §2.2.1); ``--connect`` verifies like delivery."""
     async with gateway(world, tmp_path) as (runtime, recorder), sinks(world, "mxd", "mxw") as s:
-        u1a = await explain_destination(runtime, Destination("internet", "u1a.test"), connect=True)
+        u1a = await explain_destination(runtime, Destination(outbound(runtime), "u1a.test"), connect=True)
         by = {h.host: h for h in u1a.hosts}
         assert not by["forged.u1a.test"].dialled and not by["forged.u1a.test"].usable
         mxd = by[f"mxd.{SIGNED}"]
@@ -337,12 +344,15 @@ async def test_explain_shows_per_host_mechanism_as_delivery_decides(world: World
         assert session.ok and (session.verification, session.matched) == ("trusted", "3 1 1")  # insecure MX RRset
         assert "NOT DIALLED" in format_transport(u1a)
 
-        d1b = {h.host: h for h in (await explain_destination(runtime, Destination("internet", f"d1b.{SIGNED}"))).hosts}
+        d1b = {
+            h.host: h
+            for h in (await explain_destination(runtime, Destination(outbound(runtime), f"d1b.{SIGNED}"))).hosts
+        }
         assert (d1b[f"mxw.{SIGNED}"].mechanism, d1b[f"mxw.{SIGNED}"].level) == ("mta_sts", "SECURE")
         assert any("dane: no opinion on this host" in w for w in d1b[f"mxw.{SIGNED}"].why)
         assert d1b[f"mxd.{SIGNED}"].mechanism == "dane"
 
-        u3 = await explain_destination(runtime, Destination("strict", "u3.test"), connect=True)
+        u3 = await explain_destination(runtime, Destination(outbound(runtime, "strict"), "u3.test"), connect=True)
         assert u3.destination_failure is not None and "not DNSSEC-secure" in u3.destination_failure
         assert all(h.sessions == () for h in u3.hosts)
         assert s["mxd"].messages == () and s["mxw"].messages == ()  # explaining never sends

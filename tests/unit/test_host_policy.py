@@ -13,6 +13,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.defaults import mx_next_hop
 from mxgate.core.delivery import decide_host, filter_hosts_by_policies
 from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
@@ -31,7 +32,8 @@ from mxgate.plugins.dane import DaneMode, HostState, analyse, examine_host, host
 A, NODATA, NX, ERR = AnswerKind.ANSWER, AnswerKind.NODATA, AnswerKind.NXDOMAIN, AnswerKind.ERROR
 SEC, INS, BOGUS, IND = DnssecStatus.SECURE, DnssecStatus.INSECURE, DnssecStatus.BOGUS, DnssecStatus.INDETERMINATE
 TLSA = "3 1 1 " + "ab" * 32
-DEST = Destination("internet", "example.test")
+INTERNET = OutboundConnector(name="internet", recipient_domains=("*",), use_mx=True)
+DEST = Destination(INTERNET, "example.test")
 
 Row = tuple[AnswerKind, DnssecStatus, list[str]]
 

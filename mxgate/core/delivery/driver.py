@@ -125,11 +125,8 @@ class Deliverer:
 
     async def deliver(self, destination: Destination, message: OutgoingMessage) -> DeliveryResult:
         runtime = self.runtime
-        connector = runtime.config.outbound(destination.connector)
+        connector = destination.connector
         rec = _Attempt()
-        if connector is None:
-            reply = local_reply(451, "4.3.5", f"outbound connector {destination.connector!r} is not configured")
-            return self._all(destination, message, DEFERRED, reply, "4.3.5", rec)
         if connector.test_mode:
             rec.steps.append(f"connector {connector.name} is in test mode: nothing sent")
             reply = local_reply(250, "2.0.0", "test mode: not sent")
@@ -220,10 +217,8 @@ class Deliverer:
 
     async def plan(self, destination: Destination, message: OutgoingMessage | None = None) -> DestinationPlan | None:
         """The :class:`DestinationPlan` delivery would follow now (next hop and policies from the hooks), or
-        ``None`` when the connector is unknown or no next hop resolver answered. ``mxgate explain`` shows it."""
-        connector = self.runtime.config.outbound(destination.connector)
-        if connector is None:
-            return None
+        ``None`` when no next hop resolver answered. ``mxgate explain`` shows it."""
+        connector = destination.connector
         next_hop = await self.runtime.hooks.resolve_next_hop(destination)
         if next_hop is None:
             return None
@@ -238,8 +233,8 @@ class Deliverer:
         """One connection to ``address`` of ``host`` under its per-host policy, exactly as delivery makes it, up
         to the ready session (a :class:`Deliverer` made with ``probe=True``): (the result when the session was
         ready, the failure otherwise, the verification, the steps)."""
-        connector = self.runtime.config.outbound(destination.connector)
-        assert connector is not None and self._probe
+        connector = destination.connector
+        assert self._probe
         decision, enforce_hp, report_hp = dplan.decide(host)
         rec = _Attempt()
         plan = AttemptPlan(f"{host.name}[{address}]:{host.port}", decision, enforce_hp, report_hp)

@@ -81,8 +81,8 @@ def destination_for(connector: OutboundConnector, domain: str) -> Destination:
     """The destination delivery would use for ``domain`` through ``connector`` (smart hosts when it has them)."""
     if connector.smart_hosts:
         first = checks.split_hostport(connector.smart_hosts[0], connector.port)[0]
-        return Destination(connector.name, first, connector.smart_hosts)
-    return Destination(connector.name, domain.lower().rstrip("."))
+        return Destination(connector, first, connector.smart_hosts)
+    return Destination(connector, domain.lower().rstrip("."))
 
 
 def _policy_line(p: TlsPolicy) -> str:
@@ -120,9 +120,7 @@ async def explain_destination(
     runtime: Runtime, destination: Destination, *, connect: bool = False
 ) -> TransportExplanation:
     """The per-host view of ``destination`` (see the module docstring)."""
-    connector = runtime.config.outbound(destination.connector)
-    if connector is None:
-        raise ValueError(f"no outbound connector {destination.connector!r}")
+    connector = destination.connector
     deliverer = Deliverer(runtime, reuse=False, probe=True)
     trust = connector.tls_ca_file or "system trust store"
     dplan = await deliverer.plan(destination)
