@@ -104,8 +104,9 @@ class CorePlugin:
             return None
         cafile = attempt.destination.connector.tls_ca_file
         trust = (str(self.runtime.config.path(cafile)),) if cafile else None
-        level = attempt.host_policy.level if attempt.host_policy is not None else policy.level
-        names = policy.reference_ids or (attempt.host.name,)
+        hp = attempt.host_policy  # the per-host policy: its level and reference identifiers
+        level = hp.level if hp is not None else policy.level
+        names = (hp.reference_ids if hp is not None else ()) or policy.reference_ids or (attempt.host.name,)
         now = datetime.fromtimestamp(self.runtime.clock(), tz=UTC)
         return verify_connector_peer(chain, level=level, names=names, now=now, trust_store_paths=trust)
 

@@ -305,6 +305,23 @@ async def test_2_failed_aaaa_lookup_does_not_disable_dane(world: World, tmp_path
     ]
 
 
+async def test_2_every_address_lookup_failed_skips_the_host_and_defers(world: World, tmp_path: Path) -> None:
+    """RFC-CHECKLIST 38: when both the A and the AAAA lookup of the only MX host fail, the host is skipped for this
+    attempt and the message deferred (4.4.x) — never dialled at a weaker level, never bounced."""
+    sabotage = {"A": Sabotage.SERVFAIL, "AAAA": Sabotage.SERVFAIL}
+    async with (
+        DnsProxy(world.dns.endpoint, sabotage=sabotage, upstream_timeout=3.0) as proxy,
+        gateway(world, tmp_path, resolver=proxy.endpoint(), dns_timeout=1.0) as (runtime, recorder),
+        sinks(world, "mxd") as s,
+    ):
+        held = await deliver(runtime, f"d2ok.{SIGNED}")
+        assert [o.result for o in held.outcomes] == ["deferred"], held.steps
+        assert held.outcomes[0].status.startswith("4.4."), held.outcomes[0]
+        assert s["mxd"].connections == 0
+        assert (f"mxd.{SIGNED}", "A") in proxy.sabotaged
+    assert [o for o in recorder.outcomes if o.mx_host == f"mxd.{SIGNED}"] == []  # no TLS was attempted
+
+
 # ============================================================================================================
 # (3) mandatory DANE needs a DNSSEC-secure MX RRset
 # ============================================================================================================
