@@ -311,3 +311,22 @@ async def test_rfc8460_s4_4_tlsa_policy_domain_is_the_base_domain_with_the_hosts
     one, two = analysis.policy.for_host("mx1.example.test"), analysis.policy.for_host("mx2.example.test")
     assert (one.policy_domain, one.policy_strings) == ("mx1.example.test", (TLSA,))
     assert (two.policy_domain, two.policy_strings) == ("mx2.example.test", (other,))
+
+
+def test_rfc8461_s5_a_failed_policy_governing_a_host_makes_it_unusable_not_weaker() -> None:
+    """RFC 8461 §5 / RFC-CHECKLIST 37: with mandatory MTA-STS whose policy could not be fetched, the host DANE
+    does not govern is unusable (the failure's result type), never handed to the connector's opportunistic level;
+    the DANE host is still usable, so the destination is not deferred as a whole."""
+    from mxgate.core.delivery.plan import plan_destination
+
+    failed = TlsPolicy(
+        "mta_sts", PolicyType.STS, "example.test", TlsLevel.SECURE, 200, failure=TlsRptResult.STS_POLICY_FETCH_ERROR
+    )
+    hop = NextHop(DEST, (MX1, MX2), "mx", mx_secure=True)
+    dplan = plan_destination(hop, [CONNECTOR, failed, _dane(mx1=DANE_HOST, mx2=NO_DANE)], CONNECTOR)
+    assert dplan.failure is None and dplan.hosts == (MX1, MX2)
+    one, one_hp, _ = dplan.decide(MX1)
+    assert one.enforce.source == "dane" and one_hp.usable
+    two, two_hp, _ = dplan.decide(MX2)
+    assert two.enforce.source == "mta_sts" and not two_hp.usable
+    assert two_hp.failure is TlsRptResult.STS_POLICY_FETCH_ERROR

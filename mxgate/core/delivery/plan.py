@@ -23,10 +23,11 @@ from mxgate.core.delivery.model import DEFERRED, FAILED, OutgoingMessage
 from mxgate.core.delivery.policy import (
     TlsDecision,
     combine_policies,
-    decide_host,
+    decide_ranked,
     filter_hosts_by_policies,
     needs_8bitmime,
     needs_smtputf8,
+    rank_policies,
 )
 from mxgate.core.outcomes import HopHost, HostPolicy, NextHop, PeerVerification, TlsLevel, TlsPolicy, TlsRptResult
 
@@ -159,6 +160,7 @@ class DestinationPlan:
     decision: TlsDecision  # the destination-wide view
     hosts: tuple[HopHost, ...]  # after the mx patterns of enforcing policies
     filtering: TlsPolicy | None = None  # the first policy that filtered a host out
+    ranked: tuple[TlsPolicy, ...] = ()  # the applicable candidates, highest precedence first
 
     @property
     def dropped(self) -> tuple[HopHost, ...]:
@@ -174,11 +176,12 @@ class DestinationPlan:
         """The per-host policy: (decision, the enforced policy's refinement, the deciding policy's refinement).
         When the policy governing the host could not be established (e.g. mandatory MTA-STS without a policy,
         for a host DANE does not govern), the host is unusable: never reached at a weaker level."""
-        decision = decide_host(self.candidates, self.fallback, host)
+        decision = decide_ranked(self.ranked, self.fallback, host)
         enforce_hp = decision.enforce.for_host(host.name)
+        report_hp = enforce_hp if decision.policy is decision.enforce else decision.policy.for_host(host.name)
         if decision.enforce.failure is not None and enforce_hp.usable:
             enforce_hp = replace(enforce_hp, usable=False, failure=decision.enforce.failure)
-        return decision, enforce_hp, decision.policy.for_host(host.name)
+        return decision, enforce_hp, report_hp
 
 
 def describe_host_policy(decision: TlsDecision, enforce_hp: HostPolicy) -> str:
@@ -196,7 +199,8 @@ def plan_destination(next_hop: NextHop, policies: Sequence[TlsPolicy], fallback:
     """The :class:`DestinationPlan` of ``next_hop`` under ``policies`` (``fallback``: the connector's own)."""
     candidates = tuple(policies) or (fallback,)
     hosts, filtering = filter_hosts_by_policies(next_hop.hosts, candidates)
-    return DestinationPlan(next_hop, candidates, fallback, combine_policies(candidates, fallback), hosts, filtering)
+    decision = combine_policies(candidates, fallback)
+    return DestinationPlan(next_hop, candidates, fallback, decision, hosts, filtering, rank_policies(candidates))
 
 
 @dataclass(frozen=True, slots=True)

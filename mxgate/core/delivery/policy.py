@@ -31,6 +31,7 @@ __all__ = [
     "connector_level",
     "connector_policy",
     "decide_host",
+    "decide_ranked",
     "enforced_mx_patterns",
     "filter_hosts",
     "filter_hosts_by_policies",
@@ -38,6 +39,7 @@ __all__ = [
     "mx_pattern_matches",
     "needs_8bitmime",
     "needs_smtputf8",
+    "rank_policies",
 ]
 
 CONNECTOR_PRECEDENCE = 100
@@ -107,9 +109,35 @@ def decide_host(policies: Sequence[TlsPolicy], fallback: TlsPolicy, host: HopHos
     it applies to the host, else MTA-STS, else the connector (``fallback``). A report-only deciding policy (MTA-STS
     testing) is enforced by the next one with an opinion on the host. One host's TLSA records never change
     another host's policy, and a host DANE governs is never rescued by MTA-STS."""
-    name = host if isinstance(host, str) else host.name
-    governing = [p for p in policies if p.applies and p.for_host(name).applies]
-    return combine_policies(governing, fallback)
+    return decide_ranked(rank_policies(policies), fallback, host)
+
+
+def rank_policies(policies: Sequence[TlsPolicy]) -> tuple[TlsPolicy, ...]:
+    """The applicable policies, highest ``precedence`` first (file order among equals)."""
+    return tuple(sorted((p for p in policies if p.applies), key=lambda p: -p.precedence))
+
+
+def decide_ranked(ranked: Sequence[TlsPolicy], fallback: TlsPolicy, host: HopHost | str) -> TlsDecision:
+    """:func:`decide_host` over policies already ranked by :func:`rank_policies` (delivery ranks once per
+    destination, then decides each host)."""
+    key = (host if isinstance(host, str) else host.name).lower().rstrip(".")
+    deciding: TlsPolicy | None = None
+    for p in ranked:
+        if not _has_opinion(p, key):
+            continue
+        if deciding is None:
+            if not p.report_only:
+                return TlsDecision(p, p)
+            deciding = p
+        elif not p.report_only:
+            return TlsDecision(deciding, p)
+    return TlsDecision(deciding, fallback) if deciding is not None else TlsDecision(fallback, fallback)
+
+
+def _has_opinion(policy: TlsPolicy, key: str) -> bool:
+    """``policy.for_host(key).applies`` without building the default refinement (every host, every message)."""
+    found = policy.hosts.get(key)
+    return found is None or found.applies
 
 
 def enforced_mx_patterns(policies: Sequence[TlsPolicy]) -> tuple[tuple[TlsPolicy, tuple[str, ...]], ...]:
