@@ -20,7 +20,16 @@ from mxgate.core.delivery.model import (
     OutgoingMessage,
     RecipientOutcome,
 )
-from mxgate.core.delivery.plan import AttemptFailure, AttemptPlan, Capabilities, Step, TlsReport, Verdict
+from mxgate.core.delivery.plan import (
+    AttemptFailure,
+    AttemptPlan,
+    Capabilities,
+    DestinationPlan,
+    Step,
+    TlsReport,
+    Verdict,
+    plan_destination,
+)
 from mxgate.core.delivery.policy import (
     CONNECTOR_PRECEDENCE,
     TlsDecision,
@@ -28,12 +37,14 @@ from mxgate.core.delivery.policy import (
     connector_level,
     connector_policy,
     decide_host,
+    decide_ranked,
     enforced_mx_patterns,
     filter_hosts,
     filter_hosts_by_policies,
     mx_pattern_matches,
     needs_8bitmime,
     needs_smtputf8,
+    rank_policies,
 )
 from mxgate.core.delivery.pool import QUIT_TIMEOUT, RSET_TIMEOUT, SessionKey, SessionPool
 
@@ -51,6 +62,7 @@ __all__ = [
     "Capabilities",
     "Deliverer",
     "DeliveryResult",
+    "DestinationPlan",
     "OutgoingMessage",
     "RecipientOutcome",
     "SessionKey",
@@ -63,10 +75,13 @@ __all__ = [
     "connector_level",
     "connector_policy",
     "decide_host",
+    "decide_ranked",
     "enforced_mx_patterns",
     "filter_hosts",
     "filter_hosts_by_policies",
     "mx_pattern_matches",
     "needs_8bitmime",
     "needs_smtputf8",
+    "plan_destination",
+    "rank_policies",
 ]
