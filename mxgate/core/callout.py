@@ -78,7 +78,7 @@ async def callout(
         domain = checks.split_hostport(smart[0], connector.port)[0].lower()
     else:
         domain = recipient.domain.lower().rstrip(".")
-    destination = Destination(connector.name, domain, tuple(smart))
+    destination = Destination(connector, domain, tuple(smart))
     message = OutgoingMessage(
         CALLOUT_QUEUE_ID,
         mail_from,

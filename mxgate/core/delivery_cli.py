@@ -52,12 +52,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         if connector.smart_hosts:
             dest = Destination(
-                connector.name,
+                connector,
                 checks.split_hostport(connector.smart_hosts[0], connector.port)[0],
                 connector.smart_hosts,
             )
         else:
-            dest = Destination(connector.name, domain)
+            dest = Destination(connector, domain)
         data = _message(sender, to, connector.name, config.server.hostname)
         msg = OutgoingMessage("validate", sender, (to,), data, received_at=time.time())
         try:

@@ -269,8 +269,13 @@ def mxgate_delivery_resolve_next_hop(destination: Destination) -> NextHop | None
 def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
     """Every policy plugin gives its opinion (DANE, MTA-STS, the connector's own ``tls`` setting).
 
-    All results are collected; the core combines them by ``precedence`` (RFC 8461 section 2: DANE > MTA-STS >
-    connector). A policy that ``applies`` with a ``failure`` defers the destination.
+    All results are collected. An applicable, enforcing policy's ``mx_patterns`` filter ALL the next hop's hosts
+    (RFC 8461 section 4.1); then each host is decided on its own: among the applicable policies whose
+    refinement for that host (``policy.hosts``, :class:`HostPolicy`) ``applies``, the highest ``precedence``
+    decides (RFC 8461 section 2: DANE > MTA-STS > connector). Return ``HostPolicy(applies=False)`` for a host
+    your policy has no opinion on (DANE: no secure TLSA) so that the next policy decides it. The highest
+    applicable policy with a ``failure`` defers the destination; a host whose governing policy has a
+    ``failure`` is skipped.
 
     :returns: a TlsPolicy, or ``None`` when this plugin has no opinion.
     """
@@ -280,9 +285,10 @@ def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextH
 def mxgate_delivery_on_tls_verify(
     attempt: AttemptContext, policy: TlsPolicy, chain: Sequence[x509.Certificate]
 ) -> PeerVerification | None:
-    """Verify the peer after the handshake, under the policy that decided. The plugin that issued the policy
-    (``policy.source``) answers; others return None. The core's ``trylast`` implementation handles connector
-    policies (WebPKI chain and RFC 6125 names).
+    """Verify the peer after the handshake, under the per-host policy: ``policy`` is the one governing the host
+    dialled and ``attempt.host_policy`` its refinement for that host (level, SNI, reference identifiers, the
+    plugin's per-host ``data``). The plugin that issued the policy (``policy.source``) answers; others return
+    None. The core's ``trylast`` implementation handles connector policies (WebPKI chain and RFC 6125 names).
 
     Stops at the first non-None result.
 

@@ -1117,8 +1117,7 @@ class MtaStsPlugin:
     async def mxgate_delivery_resolve_tls_policy(self, destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
         if self.runtime is None or self.engine is None:
             return None
-        connector = self.runtime.config.outbound(destination.connector)
-        mode = connector.get(MTA_STS_MODE) if connector is not None else "opportunistic"
+        mode = destination.connector.get(MTA_STS_MODE)
         if mode == "none" or not _is_policy_domain(destination.domain):
             return None  # an IP-literal smart host has no policy domain
         resolution = await self.engine.resolve(destination.domain)
@@ -1130,7 +1129,7 @@ class MtaStsPlugin:
             # the cached policy) is reported here, once per fetch, so TLS-RPT counts it.
             await self.runtime.hooks.on_tls_outcome(
                 TlsOutcome(
-                    connector=destination.connector,
+                    connector=destination.connector.name,
                     policy_type=PolicyType.STS,
                     policy_domain=resolution.domain,
                     success=False,

@@ -171,9 +171,12 @@ def test_explain_connect_shows_records_chain_and_match(cli_lab: CliLab, capsys: 
     assert session["chain"][0]["3 1 1"] == make_tlsa(cli_lab.current.cert).data.hex()
     code, text, _ = run(capsys, "dane", "explain", ZONE, "-c", str(cli_lab.config))
     assert code == 0 and "TLS level SECURE" in text and "unusable 1 1 1" in text
-    # the same view through `mxgate explain DOMAIN [--connect]`
-    code, same, _ = run(capsys, "explain", ZONE, "-c", str(cli_lab.config))
-    assert code == 0 and sorted(same.split()) == sorted(text.split())
+    # `mxgate explain DOMAIN [--connect]`: the per-host view of the code delivery runs (issue 17)
+    code, view, _ = run(capsys, "explain", ZONE, "-c", str(cli_lab.config))
+    assert code == 0 and f"{MX}:{cli_lab.port}" in view and "dane (tlsa), TLS level SECURE" in view, view
     with ThreadedSmtpSink(MX_IP, cli_lab.port, tls=cli_lab.current, hostname=MX):
         code, out, _ = run(capsys, "explain", ZONE, "--connect", "--json", "-c", str(cli_lab.config))
-    assert code == 0 and json.loads(out)["hosts"][0]["sessions"][0]["label"] == "verified"
+    (host,) = json.loads(out)["hosts"]
+    assert code == 0 and (host["mechanism"], host["level"], host["sni"]) == ("dane", "SECURE", MX)
+    (session,) = host["sessions"]
+    assert session["ok"] and (session["verification"], session["matched"]) == ("verified", "3 1 1")

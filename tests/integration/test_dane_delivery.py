@@ -316,7 +316,9 @@ async def deliver(runtime: Runtime, domain: str, smart_hosts: tuple[str, ...] = 
         recipients=(f"rcpt@{domain}",),
         data=b"From: sender@gw.dane.test\r\nSubject: dane\r\n\r\nhello\r\n",
     )
-    return await Deliverer(runtime).deliver(Destination("internet", domain, smart_hosts), message)
+    return await Deliverer(runtime).deliver(
+        Destination(runtime.config.outbound("internet"), domain, smart_hosts), message
+    )
 
 
 def result_of(res: Any) -> str:
@@ -330,7 +332,7 @@ def result_of(res: Any) -> str:
 
 async def _policy(runtime: Runtime, domain: str) -> tuple[NextHop, TlsPolicy | None, DanePlugin]:
     plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-    dest = Destination("internet", domain)
+    dest = Destination(runtime.config.outbound("internet"), domain)
     next_hop = await runtime.hooks.resolve_next_hop(dest)
     assert next_hop is not None
     return next_hop, await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop), plugin
@@ -406,7 +408,11 @@ async def test_smart_hosts_by_address_have_no_tlsa(dane_lab: Lab, tmp_path: Path
         events: list[str] = []
         async with gateway_runtime(dane_lab, tmp_path / mode, dane=mode) as (runtime, _):
             plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-            dest = Destination("internet", "127.0.0.1", (f"127.0.0.1:{dane_lab.port}", f"[::1]:{dane_lab.port}"))
+            dest = Destination(
+                runtime.config.outbound("internet"),
+                "127.0.0.1",
+                (f"127.0.0.1:{dane_lab.port}", f"[::1]:{dane_lab.port}"),
+            )
             next_hop = await runtime.hooks.resolve_next_hop(dest)
             assert next_hop is not None and len(next_hop.hosts) == 2
             runtime.hooks.on_event = functools.partial(_recording, events, runtime.hooks.on_event)  # type: ignore[method-assign]
@@ -450,7 +456,7 @@ async def test_cname_smart_host_uses_expanded_base_domain(dane_lab: Lab, tmp_pat
     relay = fqdn("relay")
     async with gateway_runtime(dane_lab, tmp_path) as (runtime, _):
         plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-        dest = Destination("internet", relay, (f"{relay}:{dane_lab.port}",))
+        dest = Destination(runtime.config.outbound("internet"), relay, (f"{relay}:{dane_lab.port}",))
         next_hop = await runtime.hooks.resolve_next_hop(dest)
         assert next_hop is not None and next_hop.kind == "smart_host"
         policy = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)

@@ -155,7 +155,7 @@ async def gateway(world: World, tmp_path: Path) -> AsyncIterator[tuple[Runtime, 
 
 async def deliver(runtime: Runtime, domain: str) -> DeliveryResult:
     message = OutgoingMessage("Q1", "a@sender.test", (f"b@{domain}",), BODY)
-    return await Deliverer(runtime).deliver(Destination("internet", domain), message)
+    return await Deliverer(runtime).deliver(Destination(runtime.config.outbound("internet"), domain), message)
 
 
 async def test_enforce_skips_mx_not_in_policy(world: World, gateway: tuple[Runtime, Recorder]) -> None:
