@@ -78,7 +78,7 @@ import dns.zone
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from mxgate.core.dns import ResolverEndpoint
+from mxgate.core.dns import DnssecStatus, Resolver, ResolverEndpoint
 from mxgate.core.errors import MxgateError
 
 __all__ = [
@@ -567,6 +567,23 @@ class DnsLab:
             raise DnsLabError("the lab is not running")
         self.stop()
         self.start()
+
+    def wait_validating(self, secure: str, bogus: str, *, timeout: float = 10.0) -> None:
+        """Wait (bounded, polled) until unbound answers ``secure`` as secure and ``bogus`` as bogus, as it will
+        from then on: right after start its first validations can SERVFAIL, and a gateway's start-up DNSSEC
+        self-test on these names would then (rightly) turn DANE off. Raises :class:`DnsLabError` on timeout."""
+
+        async def ready() -> bool:
+            resolver = Resolver([self.endpoint], timeout=1.0)
+            ok = await resolver.resolve(secure, "A", use_cache=False)
+            bad = await resolver.resolve(bogus, "A", use_cache=False)
+            return ok.is_secure and bad.status is DnssecStatus.BOGUS
+
+        deadline = time.monotonic() + timeout
+        while not asyncio.run(ready()):
+            if time.monotonic() > deadline:
+                raise DnsLabError(f"the DNS lab does not validate {secure} (secure) and {bogus} (bogus)")
+            time.sleep(0.1)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ResolverEndpoint]:
