@@ -1,4 +1,4 @@
-# mxgate — two commands matter: `make run` and `make test` (see README.md).
+# mxgate — two commands matter: `make run` and `make test` (see README.md); `make demo` shows what it is for.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ DEB_PACKAGES := nsd unbound swaks postfix iproute2
 # Binaries the tests use, one per Debian package above (same order).
 DEB_PROBES   := /usr/sbin/nsd /usr/sbin/unbound /usr/bin/swaks /usr/sbin/smtp-sink /usr/bin/ss
 
-.PHONY: run test lint typecheck unit integration soak bench deps venv clean
+.PHONY: run demo test lint typecheck unit integration soak bench deps venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ deps:
 
 run: $(STAMP)
 	$(VENV)/bin/mxgate run
+
+# DANE, MTA-STS and TLS-RPT at work on loopback: DNS lab, SMTP sinks and a gateway, started and stopped.
+demo: $(STAMP) deps
+	$(VENV)/bin/mxgate demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mxgate tests examples bench

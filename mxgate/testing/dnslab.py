@@ -395,10 +395,20 @@ class DnsLab:
     """A lab root ``test.``, its zones, and the nsd/unbound pair serving them (see the module docstring)."""
 
     def __init__(
-        self, workdir: Path | str, *, root_algorithm: Algorithm | str = Algorithm.ECDSA, ede: bool = True
+        self,
+        workdir: Path | str,
+        *,
+        root_algorithm: Algorithm | str = Algorithm.ECDSA,
+        ede: bool = True,
+        max_rtt_ms: int = 300,
     ) -> None:
-        """``ede=False``: unbound sends no RFC 8914 extended errors (exercises the CD-retry path)."""
+        """``ede=False``: unbound sends no RFC 8914 extended errors (exercises the CD-retry path).
+
+        ``max_rtt_ms``: the longest unbound waits for nsd before it retries, and after a few misses takes the
+        zone's server for dead for a minute (``infra-cache-max-rtt``). The default makes a dead delegation fail
+        fast; a lab with none, on a loaded machine, wants more (nsd answering after 300 ms is not dead)."""
         self.ede = ede
+        self.max_rtt_ms = max_rtt_ms
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root = LabZone(LAB_ROOT, algorithm=root_algorithm)
@@ -674,7 +684,7 @@ class DnsLab:
             "  serve-expired: no",
             "  aggressive-nsec: no",
             # a dead authority fails within about a second instead of after many exponential back-offs
-            "  infra-cache-max-rtt: 300",
+            f"  infra-cache-max-rtt: {self.max_rtt_ms}",
             "  infra-host-ttl: 60",
             f'  local-zone: "{self.root.origin}" nodefault',
             f'  trust-anchor: "{self.trust_anchor}"',
