@@ -284,7 +284,7 @@ def _outcome(scene: Scene, host: str) -> TlsOutcome | None:
 def _explain(scene: Scene) -> None:
     """What the gateway saw, per TLS session or policy failure (when an outcome was not the expected one)."""
     for o in scene.outcomes:
-        result = "ok" if o.success else f"failed: {o.result_type}"
+        result = f"ok ({o.verification})" if o.success else f"failed: {o.result_type}"
         say(f"   TLS outcome: {o.mx_host or '-'} policy {o.policy_type} {result} {o.detail}".rstrip(), indent=3)
 
 
