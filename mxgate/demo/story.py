@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import smtplib
@@ -84,9 +85,19 @@ def shown(text: str) -> str:
     return "".join(out)
 
 
+_stdout_gone: list[bool] = []  # set once the reader went away (`mxgate demo | head`)
+
+
 def say(text: str = "", *, indent: int = 0) -> None:
-    for line in text.splitlines() or [""]:
-        print(" " * indent + shown(line), flush=True)
+    if _stdout_gone:
+        return
+    try:
+        for line in text.splitlines() or [""]:
+            print(" " * indent + shown(line), flush=True)
+    except BrokenPipeError:  # finish quietly (and still stop and remove everything)
+        _stdout_gone.append(True)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- the world ----------------------------------------------------------------------------------------------------
@@ -502,17 +513,19 @@ def main(*, keep: bool = False) -> int:
     except (DemoError, DnsLabError, TimeoutError, OSError) as exc:
         error = str(exc)
     finally:
-        if error is not None or verdicts is None or verdicts.problems:
-            warned = log_warnings(workdir / "gateway.log")
-            if warned:
-                say()
-                say("The gateway's last warnings and errors:")
-                for line in warned:
-                    say(line, indent=3)
-        if keep:
-            say(f"\nkept: {workdir} (mxgate.toml and state under gateway/, gateway.log, zones under dns/)")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            if error is not None or verdicts is None or verdicts.problems:
+                warned = log_warnings(workdir / "gateway.log")
+                if warned:
+                    say()
+                    say("The gateway's last warnings and errors:")
+                    for line in warned:
+                        say(line, indent=3)
+            if keep:
+                say(f"\nkept: {workdir} (mxgate.toml and state under gateway/, gateway.log, zones under dns/)")
+        finally:
+            if not keep:
+                shutil.rmtree(workdir, ignore_errors=True)
     took = time.monotonic() - started
     problem = error if error is not None else verdicts.problems[0] if verdicts and verdicts.problems else None
     if problem is not None:
