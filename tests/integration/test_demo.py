@@ -146,3 +146,11 @@ def test_help_describes_the_demo_without_loading_mxgate_testing() -> None:
     assert "usage: mxgate demo" in res.stdout
     for words in ("DANE-EE", "deferred, not bounced", "forged MX", "opportunistic TLS", "TLS-RPT", "mxgate trace"):
         assert words in res.stdout
+
+
+def test_text_is_escaped_for_the_terminal() -> None:
+    """Replies and trace lines come from the network: terminal controls and bidi overrides are shown escaped."""
+    from mxgate.demo.story import shown
+
+    assert shown("250 ok") == "250 ok"
+    assert shown("a\x1b[2Jb\u202ec\r\n\t\x00\U0001f600") == "a\\x1b[2Jb\\u202ec\\x0d\\x0a\\t\\x00\\U0001f600"
