@@ -384,7 +384,8 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
 
 
 def _core_command_modules() -> list[Callable[[Any], None]]:
-    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``)."""
+    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``), and
+    ``mxgate.demo``, which lives outside the core and imports mxgate.testing only when ``mxgate demo`` runs."""
     import importlib
 
     found = []
@@ -395,6 +396,7 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.explain",
         "mxgate.core.preflight",
         "mxgate.core.reload",
+        "mxgate.demo",
     ):
         try:
             mod = importlib.import_module(module)
