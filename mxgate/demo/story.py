@@ -263,7 +263,8 @@ async def play(world: World) -> Played:
         for scene in scenes:
             if resolver is not None:
                 scene.mx_status = str((await resolver.resolve(scene.domain, "MX")).status)
-            scene.outcomes = [o for o in recorder.outcomes if o.policy_domain == scene.domain]
+            # a tlsa result's policy domain is the MX host's TLSA base domain (RFC 8460 §4.4), an sts one the domain's
+            scene.outcomes = [o for o in recorder.outcomes if o.policy_domain in (scene.domain, f"mx.{scene.domain}")]
         received = {host: sink.messages for host, sink in sinks.items()}
         connections = {host: sink.connections for host, sink in sinks.items()}
         return Played(scenes, received, connections, gw.config_path, gw.smtp_port)
@@ -412,12 +413,14 @@ def tell_tlsrpt(config: Path, v: Verdicts) -> None:
     except (ValueError, KeyError, IndexError) as exc:
         reports = {}
         text = f"{text}\n(unreadable: {exc})"
-    if not v.expect(set(reports) == {BANK, BROKEN, SHOP, PLAIN}, "TLS-RPT: expected one report per policy domain"):
+    # DANE results are reported to the MX host's TLSA base domain (RFC 8460 §4.4), MTA-STS ones to the domain
+    domains = (BANK_MX, BROKEN_MX, SHOP, PLAIN)
+    if not v.expect(set(reports) == set(domains), "TLS-RPT: expected one report per policy domain"):
         say(f"=> UNEXPECTED `mxgate tlsrpt show` output (exit {status}):", indent=3)
         say(text, indent=6)
         return
     say(f"{'policy domain':<14} {'policy-type':<16} {'successful':>10} {'failed':>7}  failures", indent=3)
-    for domain in (BANK, BROKEN, SHOP, PLAIN):
+    for domain in domains:
         for p in reports[domain][1]["policies"]:
             summary = p["summary"]
             details = p.get("failure-details", [])
@@ -427,9 +430,9 @@ def tell_tlsrpt(config: Path, v: Verdicts) -> None:
                 f"{summary['total-failure-session-count']:>7}  {kinds or '-'}",
                 indent=3,
             )
-    name, doc = reports[BROKEN]
+    name, doc = reports[BROKEN_MX]
     say()
-    say(f"The report for {BROKEN} (`mxgate tlsrpt show --date {day} --domain {BROKEN}`):", indent=3)
+    say(f"The report for {BROKEN_MX} (`mxgate tlsrpt show --date {day} --domain {BROKEN_MX}`):", indent=3)
     say(f"# {name}", indent=3)
     say(json.dumps(doc, indent=2), indent=3)
 

@@ -75,16 +75,17 @@ def test_demo_tells_the_story_and_cleans_up(tmp_path: Path) -> None:
 
     # the per-domain summary, then the full report for the domain with the failure
     summary = _block(out, "TLS-RPT", "   The report for")
-    assert re.search(r"broken\.test\s+tlsa\s+0\s+1\s+tlsa-invalid \(mx\.broken\.test\)", summary)
+    # a tlsa result's policy domain is the MX host's TLSA base domain (RFC 8460 §4.4)
+    assert re.search(r"mx\.broken\.test\s+tlsa\s+0\s+1\s+tlsa-invalid \(mx\.broken\.test\)", summary)
     assert re.search(r"plain\.test\s+no-policy-found\s+1\s+0", summary)
     report_text = _block(out, "   {", "The held message")
     report: dict[str, Any] = json.loads(textwrap.dedent(report_text))
     jsonschema.validate(report, SCHEMA)
     (policy,) = report["policies"]
-    assert policy["policy"]["policy-type"] == "tlsa" and policy["policy"]["policy-domain"] == "broken.test"
+    assert policy["policy"]["policy-type"] == "tlsa" and policy["policy"]["policy-domain"] == "mx.broken.test"
     assert policy["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
     assert [d["result-type"] for d in policy["failure-details"]] == ["tlsa-invalid"]
-    assert re.search(r"^   # gw\.sender\.test!broken\.test!\d+!\d+\.json\.gz$", out, flags=re.M)
+    assert re.search(r"^   # gw\.sender\.test!mx\.broken\.test!\d+!\d+\.json\.gz$", out, flags=re.M)
 
     # the trace of the held message: received, then deferred with the DANE reason
     held = re.search(r"\(queue id (\S+)\)", two)

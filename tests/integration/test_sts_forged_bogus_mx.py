@@ -4,10 +4,9 @@ demo's world: ``shop.test`` (unsigned, MTA-STS enforce, ``mx: mx.shop.test``) wh
 no CA vouches for (an on-path attacker's), once as published and once with a forged extra MX in a zone with broken
 signatures (any attacker can publish one).
 
-Today the second case is delivered: the DANE agent answers the bogus host with an applicable policy (precedence
-300) and ``combine_policies`` lets that one opinion decide for the whole destination, so the MTA-STS policy (mx
-filter, WebPKI) is dropped for every host and mx.shop.test is accepted "untrusted". Strict xfail: it fails as soon
-as the per-host combination is fixed, and then the marker goes.
+Before issue 17 the second case was delivered: the DANE agent answered the bogus host with an applicable policy
+(precedence 300) and one destination-wide combination let that opinion decide for every host, so the MTA-STS policy
+(mx filter, WebPKI) was dropped and mx.shop.test was accepted "untrusted". Policy is now decided per host.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ def test_enforce_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
     assert played.received[story.SHOP_MX] == ()
 
 
-@pytest.mark.xfail(strict=True, reason="a bogus forged MX makes DANE decide for every host: MTA-STS dropped")
 def test_a_forged_mx_in_a_bogus_zone_does_not_switch_enforce_off(tmp_path: Path) -> None:
     played = _play(_world(tmp_path, bogus_mx=True))
     scene = _shop(played)
