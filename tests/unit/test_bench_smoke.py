@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,22 +27,32 @@ def _number(value: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     if os.geteuid() != 0 or not os.access("/usr/sbin/postfix", os.X_OK):
         pytest.fail("the bench harness starts its own Postfix: needs root and postfix (`make deps`)")
     out = tmp_path_factory.mktemp("bench") / "quick.json"
+    # every directory and process of this run lives under it (others may run benches on the machine too); not under
+    # pytest's private temporary directory, which Postfix's unprivileged daemons cannot enter
+    workdir = Path(tempfile.mkdtemp(prefix="mxbench-smoke-"))
+    workdir.chmod(0o755)
+    args = ["--quick", "--systems", "floor,postfix", "--json", str(out), "--workdir", str(workdir)]
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--systems", "floor,postfix", "--json", str(out)],
+        [sys.executable, str(RUN), *args],
         capture_output=True,
         text=True,
         timeout=90,
         cwd=REPO,
         check=False,
+        env={**os.environ, "MXBENCH_SMOKE_RUN": str(workdir)},  # inherited by the sinks and the floor
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "## relay" in proc.stdout
-    results: dict[str, object] = json.loads(out.read_text())
-    return results
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "## relay" in proc.stdout
+        results: dict[str, object] = json.loads(out.read_text())
+        results["workdir"] = str(workdir)
+        yield results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_relay_report_fields_are_numbers(quick_results: dict[str, object]) -> None:
@@ -66,13 +79,22 @@ def test_machine_description(quick_results: dict[str, object]) -> None:
 
 
 def test_nothing_left_running(quick_results: dict[str, object]) -> None:
-    """The harness stops its Postfix and sinks: no master or smtp-sink from a bench directory survives."""
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    assert "countsink.py" not in ps and "benchkit/floor.py" not in ps
+    """The harness stops its Postfix and sinks: no process of this run (its sinks and floor name the run's work
+    directory on their command line or in their environment; Postfix's daemons run in its queue directory there)
+    survives. Processes of other runs on the same machine are not ours to judge."""
+    workdir = str(quick_results["workdir"])
+    left = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cwd = os.readlink(proc / "cwd")  # Postfix's daemons run in their queue directory
-            except OSError:
-                continue
-            assert "mxbench-postfix-" not in cwd, (proc.name, cwd)
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if int(proc.name) == os.getpid():
+            continue
+        if cwd.startswith(workdir) or workdir in cmdline or workdir in environ:
+            left.append((proc.name, cwd, cmdline[:200]))
+    assert left == []
