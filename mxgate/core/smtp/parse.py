@@ -22,6 +22,7 @@ __all__ = [
     "MailCommand",
     "ParseError",
     "RcptCommand",
+    "parse_bdat",
     "parse_mail",
     "parse_path",
     "parse_rcpt",
@@ -217,3 +218,24 @@ def parse_rcpt(arg: str, *, smtputf8: bool = False, postmaster_domain: str | Non
         return RcptCommand(Address("postmaster", postmaster_domain.lower()), params)
     rcpt = parse_path(path, utf8=smtputf8, bad=Reply(553, "5.1.3", "Bad recipient address syntax"), allow_null=False)
     return RcptCommand(rcpt, params)
+
+
+MAX_CHUNK_DIGITS = 20  # more octets than any message limit; bounds int() work
+
+
+def parse_bdat(arg: bytes) -> tuple[int, bool]:
+    """The argument of ``BDAT`` (RFC 3030 §2: ``BDAT <chunk-size> [LAST]``) -> ``(size, last)``.
+
+    Works on bytes: a BDAT line that is not even text is still a syntax error, never a decoding error, because the
+    caller must know whether it can find the end of the chunk (it cannot, after a syntax error).
+    """
+    parts = arg.split(b" ")
+    bad = ParseError(Reply(501, "5.5.4", "Syntax: BDAT <octets> [LAST]"))
+    if not 1 <= len(parts) <= 2:
+        raise bad
+    size = parts[0]
+    if not size or len(size) > MAX_CHUNK_DIGITS or not size.isdigit():
+        raise bad
+    if len(parts) == 2 and parts[1].upper() != b"LAST":
+        raise bad
+    return int(size), len(parts) == 2

@@ -52,7 +52,7 @@ from mxgate.core.model import (
 )
 from mxgate.core.plugins import HookCallError
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
-from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
+from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
 
@@ -851,6 +851,9 @@ class Connection(asyncio.Protocol):
                 continue
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
+            if verb == b"BDAT":  # its chunk follows at once: it must be read (or the session ends), whatever we say
+                await self.cmd_bdat(rest if len(line) + 2 <= limits.command_line else b"?")
+                continue
             if len(line) + 2 > limits.command_line and verb != b"AUTH":
                 await self._bad(R.LINE_TOO_LONG)
                 continue
@@ -1182,18 +1185,89 @@ class Connection(asyncio.Protocol):
         finally:
             st.reset_transaction()
 
-    async def _accept_message(self, raw: bytes) -> None:
+    async def _read_chunk(self, size: int, into: bytearray | None) -> None:
+        """Exactly ``size`` octets of a BDAT chunk, appended to ``into`` (``None``: read and dropped). Nothing in
+        them is a command; what follows them is. The minimum data rate applies as for DATA."""
+        limits = self.policy.limits
+        rate = limits.min_data_rate
+        started = self.loop.time()
+        remaining = size
+        while True:
+            take = min(remaining, len(self.buf))
+            if take:
+                if into is not None:
+                    into += self.buf[:take]
+                del self.buf[:take]
+                remaining -= take
+            if remaining == 0:
+                return
+            until = started + limits.command_timeout + (size - remaining) / rate if rate else None
+            await self._wait(until=until)
+
+    async def cmd_bdat(self, arg: bytes) -> None:
+        """RFC 3030 ``BDAT <octets> [LAST]``: the chunk is read exactly, never dot-unstuffed, never parsed for
+        commands; the assembled message meets DATA's rules (CRLF only, line length, size across chunks)."""
+        st = self.state
+        try:
+            size, last = parse_bdat(arg.strip(b" "))
+        except ParseError:
+            # we cannot tell where the chunk ends: reading on would run its octets as commands
+            await self._rejected("data", R.BDAT_SYNTAX, "syntax")
+            raise _Close(R.BDAT_SYNTAX) from None
+        problem = self.policy.check_bdat(st, size)
+        if problem is not None:
+            await self._read_chunk(size, None)
+            sender = str(st.envelope.mail_from) if st.envelope.mail_from is not None else None
+            st.reset_transaction()  # RFC 3030 §2: a failed chunk fails the transaction
+            if problem.code in (503, 530):
+                await self._bad(problem)
+            else:
+                await self._rejected("data", problem, _reason(problem), sender=sender)
+                self._reply(problem)
+            return
+        if st.chunks is None:
+            st.chunks = bytearray()
+            self._transactions += 1
+        await self._read_chunk(size, st.chunks)
+        if not last:
+            self._reply(Reply(250, "2.0.0", f"{size} octets received"))
+            return
+        raw = bytes(st.chunks)
+        st.chunks = None
+        envelope = st.envelope
+        sender = str(envelope.mail_from)
+        try:
+            refused = self.policy.check_text(raw)
+            if refused is None:
+                j = raw.find(b"\r\n\r\n")
+                refused = await self._end_of_headers(raw if j < 0 else raw[: j + 2])
+            if refused is not None:
+                self._reply(refused)
+                await self._rejected(
+                    "data", refused, _reason(refused), sender=sender, recipients=len(envelope.rcpt_tos)
+                )
+                if (refused is R.BARE_LF_DATA or refused is R.TEXT_LINE_TOO_LONG) and self.policy.error(st):
+                    raise _Close(R.TOO_MANY_ERRORS)
+                return
+            if raw and not raw.endswith(b"\r\n"):
+                raw += b"\r\n"  # a message ends with a line end (DATA's CRLF.CRLF guarantees one)
+            await self._accept_message(raw, stuffed=False)
+        finally:
+            st.reset_transaction()
+
+    async def _accept_message(self, raw: bytes, *, stuffed: bool = True) -> None:
         st = self.state
         envelope = st.envelope
         sender = str(envelope.mail_from)
-        # RFC 5321 §4.5.2: remove the transparency dots
-        if raw.startswith(b"."):
-            raw = raw[1:]
-        raw = raw.replace(b"\r\n.", b"\r\n")
-        if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
-            self._reply(R.TEXT_LINE_TOO_LONG)
-            await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
-            return
+        if stuffed:
+            # RFC 5321 §4.5.2: remove the transparency dots
+            if raw.startswith(b"."):
+                raw = raw[1:]
+            raw = raw.replace(b"\r\n.", b"\r\n")
+            if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+                self._reply(R.TEXT_LINE_TOO_LONG)
+                await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
+                return
         j = raw.find(b"\r\n\r\n")
         headers = parse_headers(raw if j < 0 else raw[: j + 2])
         message = IncomingMessage(raw, headers)
@@ -1320,7 +1394,6 @@ Connection.COMMANDS = {
     b"VRFY": Connection.cmd_vrfy,
     b"HELP": Connection.cmd_help,
     b"EXPN": Connection.cmd_not_implemented,
-    b"BDAT": Connection.cmd_not_implemented,
     b"TURN": Connection.cmd_not_implemented,
     b"ETRN": Connection.cmd_not_implemented,
 }
