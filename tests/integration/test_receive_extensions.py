@@ -4,13 +4,23 @@ and Python's smtplib."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import smtplib
+import socket
+import ssl
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mxgate.core.hookspecs import hookimpl
+from mxgate.core.model import DsnRet, Envelope
+from mxgate.core.queue import MessageOptions
 from mxgate.core.tracking import read_records
+from mxgate.testing.ca import TestCA
 from mxgate.testing.gateway import TestGateway, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -80,7 +90,7 @@ async def _body(gw: TestGateway, index: int = 0) -> bytes:
 async def test_bdat_chunks_pipelined_exact_and_not_commands(mxgate_gateway: Start) -> None:
     gw = await mxgate_gateway(BASE)
     raw = await Raw.connect(gw)
-    assert "CHUNKING" in (await raw.cmd("EHLO c.example")).split("\n")[-1]
+    assert "\n250-CHUNKING\n" in await raw.cmd("EHLO c.example")
     # one write: MAIL, RCPT, two chunks whose octets look like commands and a lone dot, then NOOP
     c1 = b"Subject: chunked\r\n\r\nQUIT\r\n.\r\nMAIL FROM:<evil@example.net>\r\n"
     c2 = b"..leading dots stay\r\nend"
@@ -220,3 +230,169 @@ async def test_bdat_with_smtplib(mxgate_gateway: Start) -> None:
     assert body.endswith(b"Subject: from smtplib\r\n\r\n" + b"line one\r\n.\r\n" * 500)
     events = [r.event for r in read_records(gw.state_dir)]
     assert events.count("RECEIVE") == 1
+
+
+# --- DSN (RFC 3461) and REQUIRETLS (RFC 8689) -----------------------------------------------------------------
+
+
+class EnvelopeSpy:
+    name = "envelope_spy"
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    @hookimpl
+    def mxgate_receive_on_end_of_data(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+
+
+def _tls_config(ca: TestCA, tmp: Path) -> str:
+    leaf = ca.issue(["mx.gateway.test"], directory=tmp)
+    return BASE + f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{free_port()}"\n' \
+        f'tls_cert = "{leaf.chain_path}"\ntls_key = "{leaf.key_path}"\n'  # fmt: skip
+
+
+async def test_dsn_parameters_kept_with_the_message_and_seen_by_plugins(mxgate_gateway: Start) -> None:
+    spy = EnvelopeSpy()
+    gw = await mxgate_gateway(BASE, extra_plugins=[("envelope_spy", spy)])
+    raw = await Raw.connect(gw)
+    ehlo = await raw.cmd("EHLO c.example")
+    assert "\n250 DSN" in ehlo and "REQUIRETLS" not in ehlo
+    assert (await raw.cmd("MAIL FROM:<a@example.net> RET=HDRS ENVID=Q+2B1")).startswith("250 2.1.0")
+    assert (await raw.cmd("RCPT TO:<u@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;U+2Bx@example.org")).startswith(
+        "250 2.1.5"
+    )
+    assert (await raw.cmd("RCPT TO:<v@example.org> NOTIFY=NEVER")).startswith("250 2.1.5")
+    assert (await raw.cmd("RCPT TO:<w@example.org>")).startswith("250 2.1.5")
+    assert (await raw.cmd("RCPT TO:<x@example.org> NOTIFY=NEVER,SUCCESS")).startswith("501 5.5.4")
+    assert (await raw.cmd(b"BDAT 19 LAST\r\nSubject: dsn\r\n\r\nx\r\n")).startswith("250 2.0.0 Ok: queued as")
+    # bad values and REQUIRETLS without TLS
+    assert (await raw.cmd("MAIL FROM:<a@example.net> ENVID=bad+zz")).startswith("501 5.5.4")
+    assert (await raw.cmd("MAIL FROM:<a@example.net> RET=ALL")).startswith("501 5.5.4")
+    assert (await raw.cmd("MAIL FROM:<a@example.net> REQUIRETLS")).startswith("530 5.7.10")
+    raw.close()
+    (msg,) = await queued(gw)
+    assert msg.options == MessageOptions(DsnRet.HDRS, "Q+1", requiretls=False)
+    by = {r.address: (r.dsn_notify, r.orcpt) for r in msg.recipients}
+    assert by == {
+        "u@example.org": ("FAILURE,DELAY", "rfc822;U+x@example.org"),
+        "v@example.org": ("NEVER", None),
+        "w@example.org": (None, None),
+    }
+    (env,) = spy.envelopes
+    assert (env.dsn_ret, env.envid, env.requiretls) == (DsnRet.HDRS, "Q+1", False)
+    assert [d.notify_text for d in env.rcpt_dsn] == ["FAILURE,DELAY", "NEVER", None]
+
+
+async def test_requiretls_only_over_tls_and_kept(mxgate_gateway: Start, test_ca: TestCA, tmp_path: Path) -> None:
+    spy = EnvelopeSpy()
+    gw = await mxgate_gateway(_tls_config(test_ca, tmp_path), extra_plugins=[("envelope_spy", spy)])
+    raw = await Raw.connect(gw)
+    assert "REQUIRETLS" not in await raw.cmd("EHLO c.example")
+    refused = await raw.cmd("MAIL FROM:<a@example.net> REQUIRETLS")
+    assert refused.startswith("530 5.7.10"), refused
+    assert (await raw.cmd("STARTTLS")).startswith("220 2.0.0")
+    ctx = ssl.create_default_context(cafile=str(test_ca.cert_path))
+    await raw.writer.start_tls(ctx, server_hostname="mx.gateway.test")
+    assert "\n250-REQUIRETLS\n" in await raw.cmd("EHLO c.example")
+    assert (await raw.cmd("MAIL FROM:<a@example.net> REQUIRETLS")).startswith("250 2.1.0")
+    assert (await raw.cmd("RCPT TO:<u@example.org>")).startswith("250 2.1.5")
+    assert (await raw.cmd("DATA")).startswith("354")
+    assert "queued as" in await raw.cmd(b"Subject: rt\r\n\r\nx\r\n.\r\n")
+    raw.close()
+    (msg,) = await queued(gw)
+    assert msg.requiretls and msg.options.requiretls
+    assert spy.envelopes[0].requiretls
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _postfix(relay_port: int) -> Any:
+    """A relay-only Postfix (bench/'s harness) relaying everything to mxgate on ``relay_port``."""
+    if os.geteuid() != 0 or not os.access("/usr/sbin/postfix", os.X_OK):
+        pytest.fail("starts its own Postfix: needs root and postfix (`make deps`)")
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        postfix = importlib.import_module("benchkit.postfix")
+        procs = importlib.import_module("benchkit.procs")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return postfix.PostfixInstance(procs.ProcGroup("ext"), relay_port=relay_port).start()
+
+
+def _send_with_dsn(port: int, message: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("py.example")
+        assert client.has_extn("dsn")
+        client.sendmail(
+            "pf@example.net",
+            ["u@example.org"],
+            message,
+            mail_options=["RET=HDRS", "ENVID=pf+2Benv"],
+            rcpt_options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;U+2Borig@example.org"],
+        )
+
+
+async def test_dsn_parameters_from_postfix_smtp_client(mxgate_gateway: Start) -> None:
+    """Postfix's smtp client passes RET, ENVID, NOTIFY and ORCPT on to a next hop that offers DSN: a real peer's
+    encoding of them is parsed and kept. (Postfix 3.7's smtp client never sends BDAT -- Postfix implements
+    CHUNKING only in its server -- so BDAT is tested with smtplib and raw clients above.)"""
+    gw = await mxgate_gateway(BASE)
+    pf = await asyncio.to_thread(_postfix, gw.smtp_port)
+    try:
+        text = b"Subject: via postfix\r\nMessage-ID: <pf-dsn@example.net>\r\n\r\n" + b".dot line\r\nbody\r\n" * 200
+        await asyncio.to_thread(_send_with_dsn, pf.port, text)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await queued(gw):
+            assert asyncio.get_running_loop().time() < deadline, pf.log_tail()
+            await asyncio.sleep(0.1)
+    finally:
+        await asyncio.to_thread(pf.stop)
+    (msg,) = await queued(gw)
+    assert msg.message_id == "<pf-dsn@example.net>"
+    assert msg.options == MessageOptions(DsnRet.HDRS, "pf+env")
+    (rcpt,) = msg.recipients
+    assert (rcpt.dsn_notify, rcpt.orcpt) == ("FAILURE,DELAY", "rfc822;U+orig@example.org")
+    body = await _body(gw)
+    assert body.startswith(b"Received: from postfix.bench.test") and body.endswith(b".dot line\r\nbody\r\n" * 200)
+
+
+async def test_receive_worker_channel_carries_dsn_and_requiretls(mxgate_gateway: Start) -> None:
+    """``server.receive_workers``: a worker hands its messages to the main process over a socket; the DSN
+    parameters and REQUIRETLS travel with them (both ends of the real channel, the main process's real queue)."""
+    from mxgate.core.queue import NewRecipient
+    from mxgate.core.workers import ReceiveWorkers, _Channel, _read_frame, _Worker
+
+    gw = await mxgate_gateway(BASE)
+    a, b = socket.socketpair()
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=a)
+    main_reader, main_writer = await asyncio.open_unix_connection(sock=b)
+    channel = _Channel(worker_reader, worker_writer)
+    answers = asyncio.ensure_future(channel.read_answers())
+    main = ReceiveWorkers(gw.runtime, None, (), 0)  # type: ignore[arg-type]
+    worker = _Worker(0, None, main_reader, main_writer)  # type: ignore[arg-type]
+
+    async def serve() -> None:
+        frame = await _read_frame(main_reader)
+        assert frame is not None and frame[0] == b"P"
+        await main._put(worker, frame[1])
+
+    served = asyncio.ensure_future(serve())
+    options = MessageOptions(DsnRet.FULL, "E 1", requiretls=True)
+    rcpts = [NewRecipient("u@example.org", "NEVER", "rfc822;U@example.org"), "v@example.org"]
+    try:
+        qid = await asyncio.wait_for(
+            channel.submit("a@example.net", rcpts, b"Subject: w\r\n\r\nw\r\n", now=1.0, options=options), 10
+        )
+        await asyncio.wait_for(served, 10)
+    finally:
+        worker_writer.close()
+        main_writer.close()
+        await asyncio.wait_for(answers, 10)
+    msg = await gw.runtime.queue.get(qid)  # type: ignore[union-attr]
+    assert msg is not None and msg.options == options
+    assert [(r.address, r.dsn_notify, r.orcpt) for r in msg.recipients] == [
+        ("u@example.org", "NEVER", "rfc822;U@example.org"),
+        ("v@example.org", None, None),
+    ]

@@ -256,3 +256,17 @@ def test_bdat_message_line_length_and_no_dot_rules() -> None:
 def test_ehlo_offers_chunking() -> None:
     p = policy()
     assert "CHUNKING" in p.ehlo_lines(state("192.0.2.7", p))
+
+
+# --- DSN and REQUIRETLS -------------------------------------------------------------------------------------------
+
+
+def test_dsn_offered_and_requiretls_only_over_tls() -> None:
+    p = policy()
+    plain = state("192.0.2.7", p)
+    assert "DSN" in p.ehlo_lines(plain) and "REQUIRETLS" not in p.ehlo_lines(plain)
+    refused = p.check_mail(plain, parse_mail("FROM:<a@b.com> REQUIRETLS"))
+    assert refused is R.REQUIRETLS_NEEDS_TLS and (refused.code, refused.enhanced) == (530, "5.7.10")
+    secured = state("192.0.2.7", p, tls=TLS)
+    assert "REQUIRETLS" in p.ehlo_lines(secured)
+    assert p.check_mail(secured, parse_mail("FROM:<a@b.com> REQUIRETLS")) is None

@@ -41,6 +41,7 @@ from mxgate.core.model import (
     Accept,
     Disconnect,
     IncomingMessage,
+    RecipientDsn,
     Reject,
     Reply,
     Session,
@@ -1126,6 +1127,9 @@ class Connection(asyncio.Protocol):
             smtputf8=mail.smtputf8,
             body=mail.body,
             declared_size=mail.size,
+            dsn_ret=mail.ret,
+            envid=mail.envid,
+            requiretls=mail.requiretls,
         )
         self._reply(reply)
 
@@ -1135,12 +1139,13 @@ class Connection(asyncio.Protocol):
             await self._bad(R.NEED_MAIL)
             return
         try:
-            rcpt = parse_rcpt(
+            parsed = parse_rcpt(
                 arg or "", smtputf8=st.envelope.smtputf8, postmaster_domain=self.policy.postmaster_domain
-            ).recipient
+            )
         except ParseError as exc:
             await self._bad(exc.reply)
             return
+        rcpt = parsed.recipient
         problem = self.policy.check_rcpt(st, rcpt)
         if problem is not None:
             await self._rejected(
@@ -1156,7 +1161,9 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             await self._refuse(reply)
             return
-        st.envelope = dataclasses.replace(st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt))
+        st.envelope = dataclasses.replace(
+            st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt), rcpt_dsn=(*st.envelope.rcpt_dsn, parsed.dsn)
+        )
         self._reply(reply)
 
     async def cmd_data(self, arg: str | None) -> None:
@@ -1284,7 +1291,12 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             self._reply(reply)
             return
+        from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
+
         recipients = tuple(str(r) for r in envelope.rcpt_tos)
+        dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
+        queued = [NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)]
+        options = MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls)
         now = self.runtime.clock()
         ident = f"{self.session_id}.{self._transactions}"
         added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
@@ -1302,10 +1314,10 @@ class Connection(asyncio.Protocol):
         data = added + received + raw
         message_id = message.get_header("Message-ID")
         meta = self._meta(envelope)
-        from mxgate.core.queue.store import QueueFullError
-
         try:
-            queue_id = await self.runtime.submit(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            queue_id = await self.runtime.submit(
+                sender, queued, data, meta=meta, message_id=message_id, now=now, options=options
+            )
         except QueueFullError:
             self._reply(R.QUEUE_FULL)
             await self._rejected("data", R.QUEUE_FULL, "queue_full", sender=sender)

@@ -51,6 +51,7 @@ class R:
     EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 
     NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+    REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first (RFC 8689)")
     TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
     TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 
@@ -185,7 +186,10 @@ class ReceivePolicy:
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "DSN",
         ]
+        if state.tls is not None:
+            lines.append("REQUIRETLS")  # RFC 8689 §2: offered only once TLS is in use
         if self.tls_available and state.tls is None:
             lines.append("STARTTLS")
         if self.auth_offered(state):
@@ -218,6 +222,8 @@ class ReceivePolicy:
             return R.NESTED_MAIL
         if self.listener.require_tls and state.tls is None:
             return R.NEED_TLS
+        if mail.requiretls and state.tls is None:
+            return R.REQUIRETLS_NEEDS_TLS
         if mail.size is not None and mail.size > self.limits.max_message_size:
             return R.TOO_BIG
         conn = state.connector
