@@ -167,6 +167,15 @@ class TlsState:
     peer_certificate_verified: bool = False
 
 
+class ReverseDnsStatus(StrEnum):
+    """What the client's reverse DNS gave (``Session.reverse_dns_status``)."""
+
+    VERIFIED = "verified"  # a PTR name whose A/AAAA records include the client's address (FCrDNS)
+    UNVERIFIED = "unverified"  # PTR names exist, none resolves back to the address
+    NONE = "none"  # no PTR record (NXDOMAIN or NODATA)
+    FAILED = "failed"  # a lookup failed, was bogus, or did not finish within reverse_dns_timeout
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """One SMTP connection as hooks see it: a snapshot, rebuilt by the core whenever the state changes."""
@@ -181,7 +190,8 @@ class Session:
     ehlo: str | None = None
     tls: TlsState | None = None
     auth_user: str | None = None
-    reverse_dns: str | None = None
+    reverse_dns: str | None = None  # the client's forward-confirmed PTR name (FCrDNS); None: not (yet) known
+    reverse_dns_status: ReverseDnsStatus | None = None  # None: still being looked up
     stash: Stash = field(default_factory=Stash, compare=False, repr=False)
 
 

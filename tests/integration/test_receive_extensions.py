@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.model import DsnRet, Envelope
+from mxgate.core.model import DsnRet, Envelope, ReverseDnsStatus, Session
 from mxgate.core.queue import MessageOptions
 from mxgate.core.tracking import read_records
 from mxgate.testing.ca import TestCA
+from mxgate.testing.dnslab import DnsLab
 from mxgate.testing.gateway import TestGateway, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -396,3 +397,86 @@ async def test_receive_worker_channel_carries_dsn_and_requiretls(mxgate_gateway:
         ("u@example.org", "NEVER", "rfc822;U@example.org"),
         ("v@example.org", None, None),
     ]
+
+
+# --- reverse DNS of the client (FCrDNS) -----------------------------------------------------------------------
+
+
+class SessionSpy:
+    name = "session_spy"
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    @hookimpl
+    def mxgate_receive_on_ehlo_command(self, session: Session, hostname: str) -> None:
+        self.sessions[hostname] = session
+
+
+async def _send_from(gw: TestGateway, source: str, helo: str) -> str:
+    r, w = await asyncio.open_connection(gw.smtp_host, gw.smtp_port, local_addr=(source, 0))
+    raw = Raw(r, w)
+    assert (await raw.reply()).startswith("220 ")
+    assert (await raw.cmd(f"EHLO {helo}")).startswith("250")
+    await _tx(raw)
+    assert (await raw.cmd("DATA")).startswith("354")
+    reply = await raw.cmd(f"Subject: {helo}\r\n\r\nx\r\n.\r\n".encode())
+    assert "queued as" in reply, reply
+    raw.close()
+    return reply.rsplit(" ", 1)[-1]
+
+
+async def test_reverse_dns_in_received_tracking_and_session(
+    mxgate_gateway: Start, dnslab_factory: Callable[..., DnsLab]
+) -> None:
+    """Against the DNS lab (nsd + unbound, a reverse zone for 127/8): verified, unverified, no PTR, and a lookup
+    that cannot finish -- the banner never waits, EHLO waits at most reverse_dns_timeout."""
+    lab = dnslab_factory()
+    z = lab.zone("clients.test")
+    z.add("good", "A", "127.0.0.1")
+    z.add("liar", "A", "127.0.0.99")
+    lab.unreachable("dead.test")
+    rev = lab.reverse_zone("127.in-addr.arpa")
+    rev.add("1.0.0", "PTR", "good.clients.test.")
+    rev.add("2.0.0", "PTR", "liar.clients.test.")
+    rev.add("4.0.0", "PTR", "host.dead.test.")  # 127.0.0.3: no PTR
+    endpoint = lab.start()
+    spy = SessionSpy()
+    timeout = 1.5
+    gw = await mxgate_gateway(
+        BASE + f'[dns]\nresolvers = ["{endpoint}"]\ntimeout = 5.0\n'
+        f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{free_port()}"\nreverse_dns_timeout = {timeout}\n',
+        extra_plugins=[("session_spy", spy)],
+    )
+    ids = {}
+    for source, helo in (("127.0.0.1", "one"), ("127.0.0.2", "two"), ("127.0.0.3", "three")):
+        ids[helo] = await _send_from(gw, source, helo)
+    # a PTR whose forward lookup hangs: the banner comes at once, EHLO within the bound, the client is "unknown"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    r, w = await asyncio.open_connection(gw.smtp_host, gw.smtp_port, local_addr=("127.0.0.4", 0))
+    slow = Raw(r, w)
+    assert (await slow.reply()).startswith("220 ")
+    banner_after = loop.time() - started
+    assert (await slow.cmd("EHLO four")).startswith("250")
+    ehlo_after = loop.time() - started
+    slow.close()
+    assert banner_after < 0.5, banner_after
+    assert ehlo_after < timeout + 1.0, ehlo_after  # the bound, plus room for a machine at half speed
+
+    seen = {h: (s.reverse_dns, s.reverse_dns_status) for h, s in spy.sessions.items()}
+    assert seen == {
+        "one": ("good.clients.test", ReverseDnsStatus.VERIFIED),
+        "two": (None, ReverseDnsStatus.UNVERIFIED),
+        "three": (None, ReverseDnsStatus.NONE),
+        "four": (None, ReverseDnsStatus.FAILED),
+    }
+    msgs = {m.id: m for m in await queued(gw)}
+    bodies = {h: await gw.runtime.queue.body(msgs[q].id) for h, q in ids.items()}  # type: ignore[union-attr]
+    assert bodies["one"].startswith(b"Received: from one (good.clients.test [127.0.0.1])\r\n")
+    assert bodies["two"].startswith(b"Received: from two (unknown [127.0.0.2])\r\n")
+    assert bodies["three"].startswith(b"Received: from three (unknown [127.0.0.3])\r\n")
+    receive = {r.get("helo"): r for r in read_records(gw.state_dir) if r.event == "RECEIVE"}
+    assert (receive["one"].get("client_name"), receive["one"].get("client_rdns")) == ("good.clients.test", "verified")
+    assert (receive["two"].get("client_name"), receive["two"].get("client_rdns")) == (None, "unverified")
+    assert receive["three"].get("client_rdns") == "none"

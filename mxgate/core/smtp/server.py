@@ -54,6 +54,8 @@ from mxgate.core.model import (
 from mxgate.core.plugins import HookCallError
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
+from mxgate.core.smtp.rdns import ReverseDns
+from mxgate.core.smtp.rdns import lookup as rdns_lookup
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
 
@@ -150,7 +152,8 @@ def received_header(
 ) -> bytes:
     """RFC 5321 §4.4 trace header; protocol names per RFC 3848; TLS details in Postfix's style."""
     literal = f"IPv6:{ip}" if ":" in ip else ip
-    lines = [f"Received: from {_clean(helo or 'unknown')} ({reverse_dns or 'unknown'} [{literal}])"]
+    name = _clean(reverse_dns) if reverse_dns else "unknown"  # only a forward-confirmed name (FCrDNS)
+    lines = [f"Received: from {_clean(helo or 'unknown')} ({name} [{literal}])"]
     if tls is not None:
         lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
     proto = "ESMTP" if esmtp else "SMTP"
@@ -489,6 +492,10 @@ class Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        # the client's reverse DNS: started at connect, awaited (bounded) at EHLO -- never before the banner
+        self._rdns_task: asyncio.Task[ReverseDns] | None = None
+        self._rdns_deadline = 0.0
+        self.rdns: ReverseDns | None = None
         # rejections of this session already in the tracking log, by kind: the first of a kind is written at
         # once, the repeats are counted and written as one event when the session ends
         self._rejects: dict[tuple[str, str, str], tuple[dict[str, Any], int]] = {}
@@ -706,9 +713,47 @@ class Connection(asyncio.Protocol):
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
+    # -- reverse DNS -------------------------------------------------------------------------------------------
+
+    def _start_rdns(self) -> None:
+        timeout = self.listener.config.reverse_dns_timeout
+        resolver = self.runtime.resolver
+        if timeout <= 0 or resolver is None or not self.state.peer_ip:
+            return
+        self._rdns_deadline = self.loop.time() + timeout
+        self._rdns_task = self.loop.create_task(rdns_lookup(resolver, self.state.peer_ip))
+
+    def _rdns_known(self) -> ReverseDns | None:
+        """The result if the lookup has finished (never waits)."""
+        task = self._rdns_task
+        if self.rdns is None and task is not None and task.done():
+            self._rdns_task = None
+            if task.cancelled() or task.exception() is not None:
+                if not task.cancelled():
+                    log.info("reverse DNS lookup failed", extra={"error": repr(task.exception())})
+                self.rdns = ReverseDns.failed()
+            else:
+                self.rdns = task.result()
+        return self.rdns
+
+    async def _await_rdns(self) -> ReverseDns | None:
+        """The result, waiting at most until ``reverse_dns_timeout`` after the connection; then ``FAILED``."""
+        if self._rdns_known() is not None or self._rdns_task is None:
+            return self.rdns
+        task = self._rdns_task
+        remaining = max(0.0, self._rdns_deadline - self.loop.time())
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), remaining)
+        if not task.done():
+            task.cancel()
+            self._rdns_task = None
+            self.rdns = ReverseDns.failed()
+        return self._rdns_known()
+
     def snapshot(self) -> Session:
         st = self.state
         conn = st.tx_connector if st.envelope.mail_from is not None else st.connector
+        rdns = self._rdns_known()
         return Session(
             id=self.session_id,
             listener=self.listener.config.name,
@@ -720,6 +765,8 @@ class Connection(asyncio.Protocol):
             ehlo=st.helo,
             tls=st.tls,
             auth_user=st.auth_user,
+            reverse_dns=rdns.name if rdns else None,
+            reverse_dns_status=rdns.status if rdns else None,
             stash=self.stash,
         )
 
@@ -762,11 +809,13 @@ class Connection(asyncio.Protocol):
         if seen is not None:
             self._rejects[key] = (seen[0], seen[1] + 1)
         else:
+            rdns = self._rdns_known()
             record = dict(
                 stage=stage,
                 reply=str(reply),
                 connector=self._label_connector(),
                 client=self.state.peer_ip,
+                client_name=rdns.name if rdns else None,
                 helo=self.state.helo,
                 tls=self.state.tls.version if self.state.tls else None,
             )
@@ -798,6 +847,7 @@ class Connection(asyncio.Protocol):
         self.peer, self.local = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
         self.state.peer_ip = self.peer[0]
         self._deadline = self.loop.time() + self.policy.limits.session_timeout
+        self._start_rdns()
         started = False
         try:
             ssl_object = transport.get_extra_info("ssl_object")
@@ -818,6 +868,8 @@ class Connection(asyncio.Protocol):
             self._reply(Reply(421, "4.3.0", "Local error, closing connection"))
         finally:
             self._flush()
+            if self._rdns_task is not None:
+                self._rdns_task.cancel()
             if self.transport is not None:
                 self.transport.close()
             self.listener.connections.discard(self)
@@ -902,6 +954,7 @@ class Connection(asyncio.Protocol):
         st = self.state
         st.reset_transaction()
         st.helo, st.esmtp = arg, esmtp
+        await self._await_rdns()
         verdict = await self._veto(self.hooks.on_ehlo_command(self.snapshot(), arg))
         if verdict is not None and not isinstance(verdict, Accept):
             st.helo = None
@@ -1297,6 +1350,7 @@ class Connection(asyncio.Protocol):
         dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
         queued = [NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)]
         options = MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls)
+        rdns = await self._await_rdns()
         now = self.runtime.clock()
         ident = f"{self.session_id}.{self._transactions}"
         added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
@@ -1310,6 +1364,7 @@ class Connection(asyncio.Protocol):
             ident=ident,
             recipients=recipients,
             when=datetime.fromtimestamp(now, UTC),
+            reverse_dns=rdns.name if rdns else None,
         )
         data = added + received + raw
         message_id = message.get_header("Message-ID")
@@ -1335,6 +1390,8 @@ class Connection(asyncio.Protocol):
             listener=self.listener.config.name,
             connector=self._label_connector(),
             client=st.peer_ip,
+            client_name=rdns.name if rdns else None,
+            client_rdns=str(rdns.status) if rdns else None,
             helo=st.helo,
             tls=tls.version if tls else None,
             cipher=tls.cipher if tls else None,
