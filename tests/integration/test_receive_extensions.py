@@ -21,7 +21,7 @@ from mxgate.core.model import DsnRet, Envelope, ReverseDnsStatus, Session
 from mxgate.core.queue import MessageOptions
 from mxgate.core.tracking import read_records
 from mxgate.testing.ca import TestCA
-from mxgate.testing.dnslab import DnsLab
+from mxgate.testing.dnslab import DnsLab, ScriptedDnsServer
 from mxgate.testing.gateway import TestGateway, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -429,8 +429,8 @@ async def _send_from(gw: TestGateway, source: str, helo: str) -> str:
 async def test_reverse_dns_in_received_tracking_and_session(
     mxgate_gateway: Start, dnslab_factory: Callable[..., DnsLab]
 ) -> None:
-    """Against the DNS lab (nsd + unbound, a reverse zone for 127/8): verified, unverified, no PTR, and a lookup
-    that cannot finish -- the banner never waits, EHLO waits at most reverse_dns_timeout."""
+    """Against the DNS lab (nsd + unbound, a reverse zone for 127/8): verified, unverified, no PTR, a failed
+    forward lookup."""
     lab = dnslab_factory()
     z = lab.zone("clients.test")
     z.add("good", "A", "127.0.0.1")
@@ -442,27 +442,20 @@ async def test_reverse_dns_in_received_tracking_and_session(
     rev.add("4.0.0", "PTR", "host.dead.test.")  # 127.0.0.3: no PTR
     endpoint = lab.start()
     spy = SessionSpy()
-    timeout = 1.5
     gw = await mxgate_gateway(
         BASE + f'[dns]\nresolvers = ["{endpoint}"]\ntimeout = 5.0\n'
-        f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{free_port()}"\nreverse_dns_timeout = {timeout}\n',
+        f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{free_port()}"\nreverse_dns_timeout = 10.0\n',
         extra_plugins=[("session_spy", spy)],
     )
     ids = {}
     for source, helo in (("127.0.0.1", "one"), ("127.0.0.2", "two"), ("127.0.0.3", "three")):
         ids[helo] = await _send_from(gw, source, helo)
-    # a PTR whose forward lookup hangs: the banner comes at once, EHLO within the bound, the client is "unknown"
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    # a PTR whose forward lookup fails (its zone's server is unreachable): "unknown", status failed
     r, w = await asyncio.open_connection(gw.smtp_host, gw.smtp_port, local_addr=("127.0.0.4", 0))
-    slow = Raw(r, w)
-    assert (await slow.reply()).startswith("220 ")
-    banner_after = loop.time() - started
-    assert (await slow.cmd("EHLO four")).startswith("250")
-    ehlo_after = loop.time() - started
-    slow.close()
-    assert banner_after < 0.5, banner_after
-    assert ehlo_after < timeout + 1.0, ehlo_after  # the bound, plus room for a machine at half speed
+    failing = Raw(r, w)
+    assert (await failing.reply()).startswith("220 ")
+    assert (await failing.cmd("EHLO four")).startswith("250")
+    failing.close()
 
     seen = {h: (s.reverse_dns, s.reverse_dns_status) for h, s in spy.sessions.items()}
     assert seen == {
@@ -480,3 +473,31 @@ async def test_reverse_dns_in_received_tracking_and_session(
     assert (receive["one"].get("client_name"), receive["one"].get("client_rdns")) == ("good.clients.test", "verified")
     assert (receive["two"].get("client_name"), receive["two"].get("client_rdns")) == (None, "unverified")
     assert receive["three"].get("client_rdns") == "none"
+
+
+async def test_reverse_dns_never_delays_the_banner_and_ehlo_waits_at_most_the_bound(mxgate_gateway: Start) -> None:
+    """A resolver that never answers: the banner comes at once, EHLO after about reverse_dns_timeout, and the
+    client is "unknown" (status failed)."""
+    spy = SessionSpy()
+    async with ScriptedDnsServer(lambda q: None) as silent:
+        gw = await mxgate_gateway(
+            BASE + f'[dns]\nresolvers = ["{silent.endpoint()}"]\ntimeout = 30.0\n'
+            f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{free_port()}"\nreverse_dns_timeout = 1.5\n',
+            extra_plugins=[("session_spy", spy)],
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        raw = await Raw.connect(gw, greet=False)
+        assert (await raw.reply()).startswith("220 ")
+        banner_after = loop.time() - started
+        assert (await raw.cmd("EHLO slow")).startswith("250")
+        ehlo_after = loop.time() - started
+        assert (await raw.cmd("EHLO again")).startswith("250")  # settled: no second wait
+        again_after = loop.time() - started - ehlo_after
+        raw.close()
+        assert silent.queries  # the PTR query was sent
+    assert banner_after < 1.0, banner_after  # far below the 1.5 s bound, even at half speed
+    assert 1.2 <= ehlo_after < 4.0, ehlo_after  # the bound (from connect), plus room for a slow machine
+    assert again_after < 1.0, again_after
+    slow = spy.sessions["slow"]
+    assert (slow.reverse_dns, slow.reverse_dns_status) == (None, ReverseDnsStatus.FAILED)
