@@ -263,7 +263,17 @@ async def test_queue_cli_on_live_state(
         clock.now = time.time()  # the CLI's flush uses the wall clock
         queue = runtime.queue
         assert queue is not None
-        qid = await queue.put("a@sender.test", ["busy@x.test"], BODY, message_id="<m1@sender.test>", now=clock.now)
+        from mxgate.core.model import DsnRet
+        from mxgate.core.queue.store import MessageOptions, NewRecipient
+
+        qid = await queue.put(
+            "a@sender.test",
+            [NewRecipient("busy@x.test", "FAILURE,DELAY", "rfc822;Busy@x.test")],
+            BODY,
+            message_id="<m1@sender.test>",
+            now=clock.now,
+            options=MessageOptions(DsnRet.HDRS, "ENV\x1b]0;x"),
+        )
         await _round(sched)
 
         def cli(*argv: str) -> tuple[int, str]:
@@ -279,6 +289,8 @@ async def test_queue_cli_on_live_state(
         assert code == 0 and qid in out and "deferred" in out
         code, out = await asyncio.to_thread(cli, "show", qid)
         assert code == 0 and "Subject: hello" in out and "busy@x.test deferred" in out and "a@sender.test" in out
+        assert "dsn:         RET=HDRS ENVID=ENV\\x1b]0;x\n" in out and "requiretls" not in out  # escaped
+        assert "[NOTIFY=FAILURE,DELAY ORCPT=rfc822;Busy@x.test]" in out
         code, _ = await asyncio.to_thread(cli, "hold", qid)
         assert code == 0 and (await queue.get(qid)).held  # type: ignore[union-attr]
         code, _ = await asyncio.to_thread(cli, "flush", qid)
@@ -291,7 +303,11 @@ async def test_queue_cli_on_live_state(
         assert code == 0
         await _round(sched)
         assert [m.rcpt_tos for m in sink.messages] == [("busy@x.test",)]
-        other = await queue.put("a@sender.test", ["b@x.test"], BODY, now=clock.now + 10_000)
+        other = await queue.put(
+            "a@sender.test", ["b@x.test"], BODY, now=clock.now + 10_000, options=MessageOptions(requiretls=True)
+        )
+        code, out = await asyncio.to_thread(cli, "show", other)
+        assert code == 0 and "requiretls:  yes" in out and "dsn:" not in out
         code, _ = await asyncio.to_thread(cli, "delete", other)
         assert code == 0 and await queue.get(other) is None
         code, _ = await asyncio.to_thread(cli, "show", "NOPE")
