@@ -136,6 +136,13 @@ class ListenerConfig:
         "is cut here, not at session_timeout); also the grace period of min_data_rate.",
         check=checks.check_positive,
     )
+    reverse_dns_timeout: float = setting(
+        2.0,
+        desc="Seconds, counted from the connection, the client's reverse DNS (PTR, then forward-confirmed) may "
+        "take: it never delays the banner, and is awaited at EHLO at most until then; past it the client is "
+        "'unknown'. 0: no lookup.",
+        check=checks.check_non_negative,
+    )
     min_data_rate: int = setting(
         500,
         desc="Bytes per second a DATA transfer must average after its first command_timeout seconds (Postfix's "

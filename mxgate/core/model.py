@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
@@ -166,6 +167,15 @@ class TlsState:
     peer_certificate_verified: bool = False
 
 
+class ReverseDnsStatus(StrEnum):
+    """What the client's reverse DNS gave (``Session.reverse_dns_status``)."""
+
+    VERIFIED = "verified"  # a PTR name whose A/AAAA records include the client's address (FCrDNS)
+    UNVERIFIED = "unverified"  # PTR names exist, none resolves back to the address
+    NONE = "none"  # no PTR record (NXDOMAIN or NODATA)
+    FAILED = "failed"  # a lookup failed, was bogus, or did not finish within reverse_dns_timeout
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """One SMTP connection as hooks see it: a snapshot, rebuilt by the core whenever the state changes."""
@@ -180,13 +190,53 @@ class Session:
     ehlo: str | None = None
     tls: TlsState | None = None
     auth_user: str | None = None
-    reverse_dns: str | None = None
+    reverse_dns: str | None = None  # the client's forward-confirmed PTR name (FCrDNS); None: not (yet) known
+    reverse_dns_status: ReverseDnsStatus | None = None  # None: still being looked up
     stash: Stash = field(default_factory=Stash, compare=False, repr=False)
+
+
+class DsnRet(StrEnum):
+    """RFC 3461 §4.3 ``RET``: what a failure DSN returns of the message."""
+
+    FULL = "FULL"
+    HDRS = "HDRS"
+
+
+class DsnNotify(StrEnum):
+    """RFC 3461 §4.1 ``NOTIFY`` keywords (``NEVER`` stands alone)."""
+
+    NEVER = "NEVER"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    DELAY = "DELAY"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDsn:
+    """RFC 3461 parameters of one ``RCPT TO``: ``notify`` (``None``: not given, the default applies) and the
+    decoded ``ORCPT`` as ``(address type, address)``, e.g. ``("rfc822", "user@example.org")``."""
+
+    notify: frozenset[DsnNotify] | None = None
+    orcpt: tuple[str, str] | None = None
+
+    @property
+    def notify_text(self) -> str | None:
+        """``NOTIFY`` as the queue keeps it: ``"NEVER"`` or e.g. ``"SUCCESS,FAILURE"`` (fixed order)."""
+        if self.notify is None:
+            return None
+        return ",".join(n.value for n in DsnNotify if n in self.notify)
+
+    @property
+    def orcpt_text(self) -> str | None:
+        return None if self.orcpt is None else f"{self.orcpt[0]};{self.orcpt[1]}"
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """The transaction in progress; reset by RSET, by a new EHLO and after DATA."""
+    """The transaction in progress; reset by RSET, by a new EHLO and after DATA.
+
+    ``rcpt_dsn`` runs parallel to ``rcpt_tos``: the DSN parameters of each recipient. ``dsn_ret`` and ``envid``
+    are the RFC 3461 parameters of MAIL FROM; ``requiretls`` is RFC 8689's ``REQUIRETLS`` (only over TLS)."""
 
     mail_from: Address | None = None
     mail_options: tuple[str, ...] = ()
@@ -194,6 +244,10 @@ class Envelope:
     smtputf8: bool = False
     body: str = "7BIT"  # 7BIT | 8BITMIME
     declared_size: int | None = None
+    dsn_ret: DsnRet | None = None
+    envid: str | None = None
+    requiretls: bool = False
+    rcpt_dsn: tuple[RecipientDsn, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from mxgate.core.tracking import TrackingLog
 if TYPE_CHECKING:
     from mxgate.core.callout import CalloutResult
     from mxgate.core.dns import Resolver
-    from mxgate.core.queue.store import QueueStore
+    from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueStore
 
 
 # The process a plugin's ``on_startup`` runs in. The main process binds the listeners, receives, delivers and runs
@@ -59,20 +59,26 @@ class Runtime:
     async def submit(
         self,
         sender: str,
-        recipients: Sequence[str],
+        recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
         meta: Iterable[tuple[str, str]] = (),
         message_id: str | None = None,
         now: float,
+        options: MessageOptions | None = None,
     ) -> str:
-        """Queue a received message; returns its queue id once it is on disk (the receive side's one door)."""
+        """Queue a received message; returns its queue id once it is on disk (the receive side's one door).
+        ``recipients`` carry their DSN parameters, ``options`` the message's (RET, ENVID, REQUIRETLS)."""
         if self.enqueue is not None:
-            queue_id: str = await self.enqueue(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            queue_id: str = await self.enqueue(
+                sender, recipients, data, meta=meta, message_id=message_id, now=now, options=options
+            )
             return queue_id
         if self.queue is None:
             raise RuntimeError("no queue store")
-        queue_id = await self.queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+        queue_id = await self.queue.put(
+            sender, recipients, data, meta=meta, message_id=message_id, now=now, options=options
+        )
         self.wakeup()
         return queue_id
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.errors import MxgateError, WorkerError
 from mxgate.core.plugins import HookCallError, HookStats
-from mxgate.core.queue.store import QueueFullError
+from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
 
 if TYPE_CHECKING:
@@ -136,12 +136,13 @@ class _Channel:
     async def submit(
         self,
         sender: str,
-        recipients: Sequence[str],
+        recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
         meta: Iterable[tuple[str, str]] = (),
         message_id: str | None = None,
         now: float,
+        options: MessageOptions | None = None,
     ) -> str:
         """``runtime.enqueue`` of a worker: the main process queues the message; returns its queue id once it is
         on disk there. If the main process is gone before it answered, the message may or may not be queued:
@@ -150,7 +151,15 @@ class _Channel:
             raise ConnectionError("the main process is gone")
         request = next(self._requests)
         head = json.dumps(
-            {"r": request, "f": sender, "t": list(recipients), "m": list(meta), "i": message_id, "n": now}
+            {
+                "r": request,
+                "f": sender,
+                "t": [r if isinstance(r, str) else [r.address, r.dsn_notify, r.orcpt] for r in recipients],
+                "m": list(meta),
+                "i": message_id,
+                "n": now,
+                "o": options.to_json() if options is not None else None,
+            }
         ).encode()
         answer: asyncio.Future[str] = self._loop.create_future()
         self._answers[request] = answer
@@ -422,8 +431,15 @@ class ReceiveWorkers:
         data = payload[HEAD.size + size :]
         answer: dict[str, Any] = {"r": head["r"]}
         try:
+            recipients = [r if isinstance(r, str) else NewRecipient(*r) for r in head["t"]]
             answer["q"] = await self.runtime.submit(
-                head["f"], head["t"], data, meta=[tuple(m) for m in head["m"]], message_id=head["i"], now=head["n"]
+                head["f"],
+                recipients,
+                data,
+                meta=[tuple(m) for m in head["m"]],
+                message_id=head["i"],
+                now=head["n"],
+                options=MessageOptions.from_json(head["o"]) if head.get("o") else None,
             )
         except QueueFullError as exc:
             answer.update(e="full", d=str(exc))

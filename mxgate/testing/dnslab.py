@@ -18,6 +18,7 @@ anchor is the lab root's DS. Nothing leaves loopback: unbound's root is stubbed 
     lab.zone("bad.test", corrupt="signature")               # "expired", "not_yet_valid", "missing_dnskey",
                                                             # "missing_rrsig": each bogus in its own way
     lab.unreachable("dead.test")                            # delegated to a loopback port nobody serves
+    lab.reverse_zone().add("1.0.0", "PTR", "c.example.test.")  # 127.in-addr.arpa, unsigned (PTR of 127.0.0.1)
     with lab.running() as endpoint:                         # unbound's ResolverEndpoint (AD trusted)
         resolver = Resolver([endpoint])
         ...
@@ -56,7 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import dns.dnssec
 import dns.dnssectypes
@@ -414,6 +415,7 @@ class DnsLab:
         self.root = LabZone(LAB_ROOT, algorithm=root_algorithm)
         self._zones: dict[dns.name.Name, LabZone] = {self.root.origin: self.root}
         self._unreachable: dict[dns.name.Name, int] = {}
+        self._reverse: dict[dns.name.Name, LabZone] = {}
         self._nsd: _Daemon | None = None
         self._unbound: _Daemon | None = None
         self.nsd_port = 0
@@ -447,8 +449,25 @@ class DnsLab:
         self._zones[z.origin] = z
         return z
 
+    def reverse_zone(self, name: str = "127.in-addr.arpa", *, ttl: int = 300) -> LabZone:
+        """An unsigned reverse zone (below ``in-addr.arpa.`` or ``ip6.arpa.``, outside the lab root) served by nsd,
+        with unbound told to ask nsd for it instead of answering from its built-in local zones; its answers are
+        insecure (no trust anchor covers them). Add PTR records with owners relative to the zone::
+
+            lab.reverse_zone().add("1.0.0", "PTR", "client.example.test.")   # 127.0.0.1
+        """
+        origin = _abs(name)
+        if not (origin.is_subdomain(_abs("in-addr.arpa")) or origin.is_subdomain(_abs("ip6.arpa"))):
+            raise DnsLabError(f"a reverse zone lies below in-addr.arpa. or ip6.arpa.: {origin}")
+        if origin in self._reverse:
+            raise DnsLabError(f"zone {origin} already exists")
+        z = LabZone(name, signed=False, ttl=ttl)
+        self._reverse[origin] = z
+        return z
+
     def get(self, name: str) -> LabZone:
-        return self._zones[_abs(name)]
+        origin = _abs(name)
+        return self._reverse[origin] if origin in self._reverse else self._zones[origin]
 
     @property
     def zones(self) -> tuple[LabZone, ...]:
@@ -493,6 +512,10 @@ class DnsLab:
                     delegations.append((dead, None))
             path = zdir / f"{z.name}.zone"
             z.build(delegations).to_file(str(path), relativize=False, want_origin=True)
+            out.append((z, path))
+        for z in self._reverse.values():
+            path = zdir / f"{z.name}.zone"
+            z.build().to_file(str(path), relativize=False, want_origin=True)
             out.append((z, path))
         return out
 
@@ -701,6 +724,18 @@ class DnsLab:
                 lines += ["stub-zone:", f'  name: "{origin}"', f"  stub-addr: {nsd}"]
         for origin, port in self._unreachable.items():
             lines += ["stub-zone:", f'  name: "{origin}"', f"  stub-addr: 127.0.0.1@{port}"]
+        if self._reverse:
+            # unbound answers reverse lookups of private and loopback space itself (RFC 6303 local zones):
+            # "nodefault" switches that off for the lab's reverse zones (and the default zone above each one)
+            local = ["server:"]
+            for origin in self._reverse:
+                for default in _RFC6303_PARENTS:
+                    if origin.is_subdomain(default):
+                        local.append(f'  local-zone: "{default}" nodefault')
+                local.append(f'  local-zone: "{origin}" nodefault')
+                local.append(f'  domain-insecure: "{origin}"')
+                lines += ["stub-zone:", f'  name: "{origin}"', f"  stub-addr: {nsd}"]
+            lines = local + lines  # (server: options may come in several blocks)
         lines += ["remote-control:", "  control-enable: no"]
         conf.write_text("\n".join(lines) + "\n")
         _check([_bin("unbound-checkconf"), str(conf)], "unbound-checkconf")
@@ -708,6 +743,19 @@ class DnsLab:
         proc = _spawn([_bin("unbound"), "-d", "-c", str(conf)], log, d)
         self._unbound = _Daemon("unbound", proc, log)
         _wait_answering(self._unbound, self.unbound_port, self.root.origin, want_ad=True)
+
+
+# unbound's built-in local zones (RFC 6303 and localhost) that may contain a lab reverse zone
+_RFC6303_PARENTS: Final = tuple(
+    dns.name.from_text(n)
+    for n in (
+        "127.in-addr.arpa.",
+        "10.in-addr.arpa.",
+        "168.192.in-addr.arpa.",
+        "0.in-addr.arpa.",
+        *(f"{i}.172.in-addr.arpa." for i in range(16, 32)),
+    )
+)
 
 
 def _bin(name: str) -> str:

@@ -263,7 +263,17 @@ async def test_queue_cli_on_live_state(
         clock.now = time.time()  # the CLI's flush uses the wall clock
         queue = runtime.queue
         assert queue is not None
-        qid = await queue.put("a@sender.test", ["busy@x.test"], BODY, message_id="<m1@sender.test>", now=clock.now)
+        from mxgate.core.model import DsnRet
+        from mxgate.core.queue.store import MessageOptions, NewRecipient
+
+        qid = await queue.put(
+            "a@sender.test",
+            [NewRecipient("busy@x.test", "FAILURE,DELAY", "rfc822;Busy@x.test")],
+            BODY,
+            message_id="<m1@sender.test>",
+            now=clock.now,
+            options=MessageOptions(DsnRet.HDRS, "ENV\x1b]0;x"),
+        )
         await _round(sched)
 
         def cli(*argv: str) -> tuple[int, str]:
@@ -279,6 +289,8 @@ async def test_queue_cli_on_live_state(
         assert code == 0 and qid in out and "deferred" in out
         code, out = await asyncio.to_thread(cli, "show", qid)
         assert code == 0 and "Subject: hello" in out and "busy@x.test deferred" in out and "a@sender.test" in out
+        assert "dsn:         RET=HDRS ENVID=ENV\\x1b]0;x\n" in out and "requiretls" not in out  # escaped
+        assert "[NOTIFY=FAILURE,DELAY ORCPT=rfc822;Busy@x.test]" in out
         code, _ = await asyncio.to_thread(cli, "hold", qid)
         assert code == 0 and (await queue.get(qid)).held  # type: ignore[union-attr]
         code, _ = await asyncio.to_thread(cli, "flush", qid)
@@ -291,7 +303,11 @@ async def test_queue_cli_on_live_state(
         assert code == 0
         await _round(sched)
         assert [m.rcpt_tos for m in sink.messages] == [("busy@x.test",)]
-        other = await queue.put("a@sender.test", ["b@x.test"], BODY, now=clock.now + 10_000)
+        other = await queue.put(
+            "a@sender.test", ["b@x.test"], BODY, now=clock.now + 10_000, options=MessageOptions(requiretls=True)
+        )
+        code, out = await asyncio.to_thread(cli, "show", other)
+        assert code == 0 and "requiretls:  yes" in out and "dsn:" not in out
         code, _ = await asyncio.to_thread(cli, "delete", other)
         assert code == 0 and await queue.get(other) is None
         code, _ = await asyncio.to_thread(cli, "show", "NOPE")
@@ -385,3 +401,42 @@ async def test_message_deleted_while_in_flight_is_left_alone(
         await sched.drain(10)
         assert len(sink.messages) == 1 and await queue.get(qid) is None
         assert not [r for r in caplog.records if r.name.startswith("mxgate.core") and r.levelno >= logging.WARNING]
+
+
+async def test_dsn_honours_notify_ret_envid_and_orcpt(env: Callable[[str], Awaitable[Env]]) -> None:
+    """RFC 3461 parameters kept with a message decide the DSNs the scheduler writes: NOTIFY=NEVER gets none,
+    NOTIFY=SUCCESS alone none for a failure, RET=FULL returns the whole message, ENVID and ORCPT come back."""
+    from mxgate.core.model import DsnRet
+    from mxgate.core.queue.store import MessageOptions, NewRecipient
+
+    replies = {"gone": "550 5.1.1 no such user", "quiet": "550 5.1.1 no such user", "succ": "550 5.1.1 no such user"}
+    async with SmtpSink(rcpt_replies=replies) as sink:
+        runtime, sched, _agent, clock, _ = await env(_relay(sink))
+        queue = runtime.queue
+        assert queue is not None
+        qid = await queue.put(
+            "a@sender.test",
+            [
+                NewRecipient("gone@x.test", "FAILURE", "rfc822;Gone+x@x.test"),
+                NewRecipient("quiet@x.test", "NEVER"),
+                NewRecipient("succ@x.test", "SUCCESS"),
+            ],
+            BODY,
+            now=clock.now,
+            options=MessageOptions(DsnRet.FULL, "ENV-7"),
+        )
+        quiet = await queue.put(
+            "b@sender.test", [NewRecipient("quiet@x.test", "NEVER")], BODY, now=clock.now, options=None
+        )
+        await _round(sched)
+        for msg_id in (qid, quiet):
+            msg = await queue.get(msg_id)
+            assert msg is not None and all(r.status is RecipientStatus.FAILED for r in msg.recipients)
+        dsns = [m for m in await queue.list() if m.sender == ""]
+        assert [m.recipients[0].address for m in dsns] == ["a@sender.test"]  # none for NOTIFY=NEVER alone
+        dsn_body = await queue.body(dsns[0].id)
+        assert b"Final-Recipient: rfc822; gone@x.test" in dsn_body
+        assert b"quiet@x.test" not in dsn_body and b"succ@x.test" not in dsn_body
+        assert b"Original-Recipient: rfc822;Gone+x@x.test" in dsn_body
+        assert b"Original-Envelope-Id: ENV-7" in dsn_body
+        assert b"Content-Type: message/rfc822" in dsn_body and BODY in dsn_body  # RET=FULL: the whole message

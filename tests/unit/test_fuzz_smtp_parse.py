@@ -19,7 +19,15 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from mxgate.core.model import Address
-from mxgate.core.smtp.parse import MAX_DOMAIN, MAX_LOCAL, ParseError, parse_mail, parse_path, parse_rcpt
+from mxgate.core.smtp.parse import (
+    MAX_DOMAIN,
+    MAX_LOCAL,
+    ParseError,
+    parse_bdat,
+    parse_mail,
+    parse_path,
+    parse_rcpt,
+)
 from mxgate.core.smtp.server import parse_headers, received_header
 
 QUICK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,6 +62,13 @@ PIECES = st.sampled_from(
         " BODY=8BITMIME",
         " SMTPUTF8",
         " NOTIFY=NEVER",
+        " NOTIFY=SUCCESS,DELAY",
+        " ORCPT=rfc822;",
+        " ENVID=",
+        " RET=HDRS",
+        " REQUIRETLS",
+        "+2B",
+        "+0A",
         "=",
         " ",
         "example.org",
@@ -113,6 +128,7 @@ def mail_property(arg: str, esmtp: bool, utf8_offered: bool) -> None:
     assert mail.smtputf8 <= utf8_offered
     assert mail.body in ("7BIT", "8BITMIME")
     assert mail.size is None or mail.size >= 0
+    assert mail.envid is None or (len(mail.envid) <= 100 and all(" " <= c <= "~" for c in mail.envid))
     if not esmtp:
         assert mail.params == ()
     for key, value in mail.params:
@@ -128,7 +144,11 @@ def rcpt_property(arg: str, utf8: bool) -> None:
         return
     assert not rcpt.recipient.is_null
     _check_address(rcpt.recipient, utf8=utf8)
-    assert rcpt.params == ()
+    assert {k for k, _ in rcpt.params} <= {"NOTIFY", "ORCPT"}  # DSN (RFC 3461) is all a RCPT may carry
+    if rcpt.dsn.orcpt is not None:  # decoded xtext: printable ASCII, safe in a DSN field
+        assert all(" " <= c <= "~" for c in rcpt.dsn.orcpt[0] + rcpt.dsn.orcpt[1]), rcpt.dsn
+    notify = rcpt.dsn.notify
+    assert notify is None or (notify and ("NEVER" not in notify or len(notify) == 1))
 
 
 @QUICK
@@ -282,3 +302,23 @@ def _soak(fn: Callable[..., None], *strategies: Any) -> Callable[[], None]:
 
 test_soak_fuzz_parse_mail = _soak(mail_property, ARGS, st.booleans(), st.booleans())
 test_soak_fuzz_parse_rcpt = _soak(rcpt_property, ARGS, st.booleans())
+
+
+def bdat_property(arg: bytes) -> None:
+    try:
+        size, last = parse_bdat(arg)
+    except ParseError as exc:
+        _check_reply(exc)
+        return
+    assert 0 <= size < 10**20 and isinstance(last, bool)
+    assert arg.split(b" ")[0].isdigit()
+
+
+@QUICK
+@given(
+    st.one_of(st.binary(max_size=40), st.text(alphabet="0123456789 LASTlast-+\r\n\x00", max_size=30).map(str.encode))
+)
+@example(b"00000000000000000000 LAST")
+@example(b"1 LAST ")
+def test_bdat_argument(arg: bytes) -> None:
+    bdat_property(arg)

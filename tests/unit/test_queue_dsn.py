@@ -8,9 +8,11 @@ from email.message import Message
 
 import pytest
 
+from mxgate.core.model import DsnRet
 from mxgate.core.queue import (
     DSN_ENVELOPE_SENDER,
     DsnRecipient,
+    MessageOptions,
     QueuedMessage,
     QueuedRecipient,
     RecipientStatus,
@@ -28,11 +30,14 @@ HEADERS = (
     b"\r\n"
 )
 
+ENV_42 = MessageOptions(envid="ENV-42")
+
 
 def original(
     sender: str = "alice@example.org",
     notify: str | None = None,
-    meta: tuple[tuple[str, str], ...] = (("envid", "ENV-42"),),
+    meta: tuple[tuple[str, str], ...] = (),
+    options: MessageOptions = ENV_42,
 ) -> QueuedMessage:
     def rcpt(addr: str, status: RecipientStatus, orcpt: str | None = None) -> QueuedRecipient:
         return QueuedRecipient(addr, status, 1, None, None, 0.0, dsn_notify=notify, orcpt=orcpt)
@@ -49,6 +54,7 @@ def original(
         message_id="<q1@example.org>",
         held=False,
         meta=meta,
+        options=options,
     )
 
 
@@ -316,3 +322,55 @@ def test_naive_now_is_refused() -> None:
             failed=[FAILED_BOB],
             now=datetime(2024, 3, 1, 12, 0),
         )
+
+
+# --- RET (RFC 3461 §4.3) ------------------------------------------------------------------------------------------
+
+ORIGINAL = HEADERS + b"the figures\r\n.a line with a dot\r\n"
+
+
+@pytest.mark.parametrize(
+    ("ret", "action", "whole"),
+    [
+        (DsnRet.FULL, "failed", True),
+        (DsnRet.HDRS, "failed", False),
+        (None, "failed", False),  # no RET: our choice is headers only
+        (DsnRet.FULL, "delayed", False),  # §4.3: a DSN without failures returns headers only
+    ],
+)
+def test_ret_full_returns_the_whole_message_for_failures(ret: DsnRet | None, action: str, whole: bool) -> None:
+    item = FAILED_BOB._replace(action=action, status="4.4.1" if action == "delayed" else "5.1.1")
+    raw = build_dsn(
+        reporting_mta="gw.example.com",
+        original=original(options=MessageOptions(dsn_ret=ret, envid="ENV-42")),
+        original_headers=HEADERS,
+        failed=[item],
+        now=NOW,
+        original_message=ORIGINAL,
+    )
+    assert raw is not None
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only, the returned message included
+    parts = subparts(parse(raw))
+    if whole:
+        assert parts[2].get_content_type() == "message/rfc822"
+        assert raw.endswith(b"\r\n" + ORIGINAL + b"\r\n--" + parse(raw).get_boundary().encode() + b"--\r\n")
+        assert "(headers only)" not in text(parts[0])
+    else:
+        assert parts[2].get_content_type() == "text/rfc822-headers"
+        assert b"the figures" not in raw
+
+
+def test_ret_full_of_a_huge_message_returns_headers() -> None:
+    from mxgate.core.queue.dsn import MAX_RETURNED_MESSAGE
+
+    raw = build_dsn(
+        reporting_mta="gw.example.com",
+        original=original(options=MessageOptions(dsn_ret=DsnRet.FULL)),
+        original_headers=HEADERS,
+        failed=[FAILED_BOB],
+        now=NOW,
+        original_message=HEADERS + b"x" * MAX_RETURNED_MESSAGE,
+    )
+    assert raw is not None and subparts(parse(raw))[2].get_content_type() == "text/rfc822-headers"
+    per_message = subparts(subparts(parse(raw))[1])[0]
+    assert per_message["Original-Envelope-Id"] is None  # no ENVID given: no field

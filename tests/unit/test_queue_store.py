@@ -602,3 +602,54 @@ async def test_record_results_with_the_known_copy_reads_nothing_back(store: Queu
         known=again,
     )
     assert done == await store.get(msg_id) and done.finished_at == NOW + 60
+
+
+# --- DSN and REQUIRETLS kept with the message (schema 2) ----------------------------------------------------------
+
+
+async def test_message_options_and_recipient_dsn_round_trip(store: QueueStore) -> None:
+    from mxgate.core.model import DsnRet
+    from mxgate.core.queue import MessageOptions, NewRecipient
+
+    options = MessageOptions(DsnRet.HDRS, "env id 1", requiretls=True)
+    recipients = [NewRecipient("a@example.org", "SUCCESS,FAILURE", "rfc822;A@Example.org"), "b@example.org"]
+    msg_id = await store.put("s@example.net", recipients, b"Subject: x\r\n\r\nx\r\n", now=1000.0, options=options)
+    plain_id = await store.put("s@example.net", ["c@example.org"], b"Subject: y\r\n\r\ny\r\n", now=1000.0)
+    msg = await store.get(msg_id)
+    assert msg is not None and msg.options == options and msg.requiretls
+    a, b = msg.recipients
+    assert (a.dsn_notify, a.orcpt) == ("SUCCESS,FAILURE", "rfc822;A@Example.org")
+    assert (b.dsn_notify, b.orcpt) == (None, None)
+    plain = await store.get(plain_id)
+    assert plain is not None and plain.options == MessageOptions() and not plain.requiretls
+    # leased straight from put (the receive short cut) carries them too
+    leased = await store.put_leased("s@example.net", ["d@example.org"], b"x\r\n", now=1.0, options=options)
+    assert leased.options == options
+
+
+async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
+    """A store written by the previous version (schema 1: no option columns) opens, keeps its messages and
+    takes the new fields."""
+    from mxgate.core.queue import MessageOptions
+
+    s = await QueueStore.open(tmp_path)
+    old_id = await s.put("s@example.net", ["a@example.org"], b"x\r\n", now=5.0)
+    await s.close()
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    with conn:  # turn it back into a schema-1 store
+        for column in ("dsn_ret", "envid", "requiretls"):
+            conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    s = await QueueStore.open(tmp_path)
+    try:
+        old = await s.get(old_id)
+        assert old is not None and old.options == MessageOptions() and old.recipients[0].address == "a@example.org"
+        new_id = await s.put("s@example.net", ["b@example.org"], b"y\r\n", now=6.0, options=MessageOptions(envid="E"))
+        new = await s.get(new_id)
+        assert new is not None and new.options.envid == "E"
+    finally:
+        await s.close()
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

@@ -98,7 +98,7 @@ def test_helo_session_refuses_parameters() -> None:
         ("TO:<>", 553, "5.1.3"),
         ("TO:<postmaster>", 553, "5.1.3"),
         ("FROM:<a@b.example>", 501, "5.5.4"),
-        ("TO:<a@b.example> NOTIFY=NEVER", 555, "5.5.4"),
+        ("TO:<a@b.example> XFOO=BAR", 555, "5.5.4"),
         ("TO:<a b@c.example>", 553, "5.1.3"),
     ],
 )
@@ -128,3 +128,72 @@ def test_header_names_and_status_codes_refuse_a_final_newline() -> None:
     msg = IncomingMessage(b"Subject: x\r\n\r\nbody\r\n", ())
     with pytest.raises(ValueError):
         msg.add_header("X-Injected\n", "1")
+
+
+# --- DSN (RFC 3461) and REQUIRETLS (RFC 8689) parameters ----------------------------------------------------------
+
+
+def test_dsn_mail_parameters() -> None:
+    from mxgate.core.model import DsnRet
+
+    m = parse_mail("FROM:<a@b.example> RET=hdrs ENVID=QQ+2B314+3D")
+    assert (m.ret, m.envid, m.requiretls) == (DsnRet.HDRS, "QQ+314=", False)
+    assert parse_mail("FROM:<a@b.example> RET=FULL").ret is DsnRet.FULL
+    assert parse_mail("FROM:<> REQUIRETLS").requiretls
+    plain = parse_mail("FROM:<a@b.example>")
+    assert (plain.ret, plain.envid, plain.requiretls) == (None, None, False)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "FROM:<a@b.example> RET=BODY",
+        "FROM:<a@b.example> RET",
+        "FROM:<a@b.example> RET=FULL RET=HDRS",
+        "FROM:<a@b.example> ENVID",
+        "FROM:<a@b.example> ENVID=" + "x" * 101,
+        "FROM:<a@b.example> ENVID=a+2",  # a truncated hex escape
+        "FROM:<a@b.example> ENVID=a+2b",  # xtext hex is upper case
+        "FROM:<a@b.example> ENVID=a+0A",  # a control character, even encoded
+        "FROM:<a@b.example> ENVID=a+b",
+        "FROM:<a@b.example> REQUIRETLS=yes",
+    ],
+)
+def test_dsn_mail_parameter_errors(arg: str) -> None:
+    with pytest.raises(ParseError) as exc:
+        parse_mail(arg)
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (501, "5.5.4")
+
+
+def test_dsn_rcpt_parameters() -> None:
+    from mxgate.core.model import DsnNotify
+
+    r = parse_rcpt("TO:<a@b.example> NOTIFY=success,Delay ORCPT=rfc822;Bob+2Bx@Example.ORG")
+    assert r.dsn.notify == frozenset({DsnNotify.SUCCESS, DsnNotify.DELAY})
+    assert r.dsn.orcpt == ("rfc822", "Bob+x@Example.ORG")
+    assert (r.dsn.notify_text, r.dsn.orcpt_text) == ("SUCCESS,DELAY", "rfc822;Bob+x@Example.ORG")
+    never = parse_rcpt("TO:<a@b.example> NOTIFY=NEVER").dsn
+    assert never.notify == frozenset({DsnNotify.NEVER}) and never.notify_text == "NEVER" and never.orcpt is None
+    assert parse_rcpt("TO:<a@b.example>").dsn.notify is None
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "TO:<a@b.example> NOTIFY=NEVER,FAILURE",
+        "TO:<a@b.example> NOTIFY=SOMETIMES",
+        "TO:<a@b.example> NOTIFY=",
+        "TO:<a@b.example> NOTIFY",
+        "TO:<a@b.example> NOTIFY=FAILURE,FAILURE",
+        "TO:<a@b.example> NOTIFY=FAILURE NOTIFY=DELAY",
+        "TO:<a@b.example> ORCPT=a@b.example",  # no address type
+        "TO:<a@b.example> ORCPT=rfc822;",
+        "TO:<a@b.example> ORCPT=rfc822;a+zz@b.example",
+        "TO:<a@b.example> ORCPT=;a@b.example",
+        "TO:<a@b.example> ORCPT=rfc822;" + "a" * 500,
+    ],
+)
+def test_dsn_rcpt_parameter_errors(arg: str) -> None:
+    with pytest.raises(ParseError) as exc:
+        parse_rcpt(arg)
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (501, "5.5.4")

@@ -190,3 +190,83 @@ def test_listener_without_auth_never_offers_or_accepts_it() -> None:
     st = state("192.0.2.7", p, tls=TLS)
     assert not any(line.startswith("AUTH") for line in p.ehlo_lines(st))
     assert p.check_auth(st) == R.AUTH_UNAVAILABLE
+
+
+# --- CHUNKING / BDAT (RFC 3030) -----------------------------------------------------------------------------------
+
+
+def test_bdat_arguments() -> None:
+    from mxgate.core.smtp.parse import parse_bdat
+
+    assert parse_bdat(b"0 LAST") == (0, True)
+    assert parse_bdat(b"1000") == (1000, False)
+    assert parse_bdat(b"12 last") == (12, True)
+    for bad in (b"", b"-1", b"1 2", b"1 LAST x", b"LAST", b"1e3", b"\xd9\xa1", b"1 NOTLAST", b"9" * 21, b"1  LAST"):
+        with pytest.raises(ParseError) as exc:
+            parse_bdat(bad)
+        assert (exc.value.reply.code, exc.value.reply.enhanced) == (501, "5.5.4"), bad
+
+
+def test_bdat_sequence_and_size_across_chunks() -> None:
+    p = policy(max_message_size=100)
+    st = ReceiveState(peer_ip="192.0.2.7")
+    assert p.check_bdat(st, 10) is R.NEED_EHLO
+    st = state("192.0.2.7", p)
+    assert p.check_bdat(st, 10) is R.NEED_MAIL
+    st = state("192.0.2.7", p, mail="a@b.com")
+    assert p.check_bdat(st, 10) is R.NEED_RCPT
+    st.envelope = Envelope(mail_from=Address("a", "b.com"), rcpt_tos=(Address("u", "example.org"),))
+    assert p.check_bdat(st, 0) is None and p.check_bdat(st, 100) is None
+    assert p.check_bdat(st, 101) is R.TOO_BIG
+    st.chunks = bytearray(b"x" * 60)
+    assert p.check_bdat(st, 40) is None
+    assert p.check_bdat(st, 41) is R.TOO_BIG  # the limit holds for the message, not each chunk
+    assert (R.TOO_BIG.code, R.TOO_BIG.enhanced) == (552, "5.3.4")
+    # BDAT and DATA do not mix (RFC 3030 §2): 503 5.5.1
+    assert p.check_data(st) is R.DATA_AFTER_BDAT
+    assert (R.DATA_AFTER_BDAT.code, R.DATA_AFTER_BDAT.enhanced) == (503, "5.5.1")
+    st.reset_transaction()
+    assert st.chunks is None and p.check_data(st) is R.NEED_MAIL
+
+
+def test_bdat_needs_tls_on_a_require_tls_listener() -> None:
+    p = policy(require_tls=True, tls_cert="c.pem", tls_key="k.pem")
+    st = state("192.0.2.7", p)
+    st.envelope = Envelope(mail_from=Address("a", "b.com"), rcpt_tos=(Address("u", "example.org"),))
+    assert p.check_bdat(st, 5) is R.NEED_TLS
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"a: b\r\n\r\nbare LF\n.\r\n", b"a: b\r\n\r\nbare CR\r.\r\n", b"a: b\r\n\r\nx\n.\nMAIL FROM:<x@y>\r\n", b"a\r"],
+)
+def test_bdat_message_smuggling_rules(text: bytes) -> None:
+    assert policy().check_text(text) is R.BARE_LF_DATA
+
+
+def test_bdat_message_line_length_and_no_dot_rules() -> None:
+    p = policy()
+    assert p.check_text(b"a: b\r\n\r\n" + b"x" * 999 + b"\r\n") is R.TEXT_LINE_TOO_LONG
+    assert p.check_text(b"a: b\r\n\r\n" + b"x" * 998 + b"\r\n") is None
+    # a line of "." is only text in a chunk: no end of data, no dot-stuffing
+    assert p.check_text(b"a: b\r\n\r\n.\r\n..\r\n") is None
+    assert p.check_text(b"") is None
+
+
+def test_ehlo_offers_chunking() -> None:
+    p = policy()
+    assert "CHUNKING" in p.ehlo_lines(state("192.0.2.7", p))
+
+
+# --- DSN and REQUIRETLS -------------------------------------------------------------------------------------------
+
+
+def test_dsn_offered_and_requiretls_only_over_tls() -> None:
+    p = policy()
+    plain = state("192.0.2.7", p)
+    assert "DSN" in p.ehlo_lines(plain) and "REQUIRETLS" not in p.ehlo_lines(plain)
+    refused = p.check_mail(plain, parse_mail("FROM:<a@b.com> REQUIRETLS"))
+    assert refused is R.REQUIRETLS_NEEDS_TLS and (refused.code, refused.enhanced) == (530, "5.7.10")
+    secured = state("192.0.2.7", p, tls=TLS)
+    assert "REQUIRETLS" in p.ehlo_lines(secured)
+    assert p.check_mail(secured, parse_mail("FROM:<a@b.com> REQUIRETLS")) is None

@@ -5,6 +5,7 @@ from mxgate.core.queue.retry import RetrySchedule, UniformRng
 from mxgate.core.queue.store import (
     Attempt,
     MessageNotFoundError,
+    MessageOptions,
     NewRecipient,
     QueueCounts,
     QueuedMessage,
@@ -22,6 +23,7 @@ __all__ = [
     "Attempt",
     "DsnRecipient",
     "MessageNotFoundError",
+    "MessageOptions",
     "NewRecipient",
     "QueueCounts",
     "QueueError",

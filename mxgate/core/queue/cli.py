@@ -149,9 +149,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"message-id:  {escape(msg.message_id or '-')}")
     for key, value in msg.meta:
         print(f"meta:        {escape(key)}={escape(value)}")
+    opts = msg.options
+    if opts.dsn_ret is not None or opts.envid is not None:
+        ret = f"RET={opts.dsn_ret}" if opts.dsn_ret is not None else ""
+        envid = f"ENVID={escape(opts.envid)}" if opts.envid is not None else ""
+        print(f"dsn:         {' '.join(p for p in (ret, envid) if p)}")
+    if opts.requiretls:
+        print("requiretls:  yes (RFC 8689)")
     print("recipients:")
     for r in msg.recipients:
         extra = f" via {escape(r.route)}" if r.route else ""
+        if r.dsn_notify or r.orcpt:
+            dsn = [f"NOTIFY={escape(r.dsn_notify)}"] if r.dsn_notify else []
+            dsn += [f"ORCPT={escape(r.orcpt)}"] if r.orcpt else []
+            extra += f" [{' '.join(dsn)}]"
         nxt = "" if r.is_final else f", next {_when(r.next_attempt, now)}"
         err = f" -- {escape(r.last_error)}" if r.last_error else ""
         print(f"  {escape(r.address)}: {r.status}, {r.attempts} attempt(s){extra}{nxt}{err}")

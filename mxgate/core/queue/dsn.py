@@ -2,8 +2,11 @@
 
 :func:`build_dsn` returns the bytes of a ``multipart/report; report-type=delivery-status`` message with three
 parts: a human-readable text, the ``message/delivery-status`` fields and the original's header section as
-``text/rfc822-headers`` (we always return headers only, as if ``RET=HDRS``). Queue it with the null envelope
-sender ``""`` (:data:`DSN_ENVELOPE_SENDER`) so that a DSN never causes another one.
+``text/rfc822-headers`` -- or, for a failure when the sender asked with ``RET=FULL`` (RFC 3461 §4.3) and the message
+is at most :data:`MAX_RETURNED_MESSAGE`, the whole message as ``message/rfc822``. Without ``RET``, or ``RET=HDRS``,
+or for a delay warning: headers only. ``ENVID`` and ``ORCPT`` come back as ``Original-Envelope-Id`` and
+``Original-Recipient`` (RFC 3464 §2.2.1, §2.3.1). Queue it with the null envelope sender ``""``
+(:data:`DSN_ENVELOPE_SENDER`) so that a DSN never causes another one.
 
 No DSN (``None``) when: the original's envelope sender is null; the original is itself a delivery report or is
 auto-submitted (RFC 3834 ``Auto-Submitted`` other than ``no``) -- no loops; or no recipient asked for one
@@ -20,6 +23,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Final, NamedTuple
 
+from mxgate.core.model import DsnRet
 from mxgate.core.queue.store import QueuedMessage
 
 __all__ = ["DSN_ENVELOPE_SENDER", "DsnRecipient", "build_dsn", "is_auto_message"]
@@ -27,6 +31,7 @@ __all__ = ["DSN_ENVELOPE_SENDER", "DsnRecipient", "build_dsn", "is_auto_message"
 DSN_ENVELOPE_SENDER: Final = ""
 ACTIONS: Final = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 MAX_RETURNED_HEADERS: Final = 64 * 1024
+MAX_RETURNED_MESSAGE: Final = 10 * 1024 * 1024  # RET=FULL beyond this returns headers only (Postfix: 50 kB)
 SUBJECT_FAILED: Final = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED: Final = "Delayed Mail (still being retried)"
 
@@ -113,6 +118,7 @@ def build_dsn(
     now: datetime,
     dsn_from: str | None = None,
     retry_until: datetime | None = None,
+    original_message: bytes | None = None,
 ) -> bytes | None:
     """Build a DSN for ``original`` reporting ``failed`` (failures and/or delays), or ``None`` (module docs).
 
@@ -121,6 +127,7 @@ def build_dsn(
     :param now: the report's ``Date:`` (timezone-aware).
     :param dsn_from: ``From:`` address; default ``MAILER-DAEMON@<reporting_mta>``.
     :param retry_until: for delay warnings, when we give up (``Will-Retry-Until``).
+    :param original_message: the whole original, returned for failures when it asked ``RET=FULL``.
     :returns: the message in wire form (CRLF line ends), to be queued with envelope sender ``""``.
     """
     if original.sender == "" or is_auto_message(original_headers):
@@ -141,6 +148,12 @@ def build_dsn(
         raise ValueError("now must be timezone-aware")
 
     any_failed = any(r.action == "failed" for r in reports)
+    full = (
+        any_failed
+        and original.options.dsn_ret is DsnRet.FULL
+        and original_message is not None
+        and len(original_message) <= MAX_RETURNED_MESSAGE
+    )
     sender = dsn_from or f"MAILER-DAEMON@{reporting_mta}"
     utf8 = not all(s.isascii() for s in (original.sender, sender, *(r.recipient for r in reports)))
 
@@ -149,7 +162,7 @@ def build_dsn(
         intro = (
             f"This is the mail system at host {reporting_mta}.\r\n\r\n"
             "I'm sorry to have to inform you that your message could not be delivered to one or more\r\n"
-            "recipients. It's attached below (headers only).\r\n"
+            f"recipients. It's attached below{'' if full else ' (headers only)'}.\r\n"
         )
     else:
         until = f" until {format_datetime(retry_until)}" if retry_until is not None else ""
@@ -172,7 +185,7 @@ def build_dsn(
 
     # --- the machine-readable part
     per_message: list[tuple[str, str]] = [("Reporting-MTA", f"dns; {reporting_mta}")]
-    envid = original.meta_value("envid")
+    envid = original.options.envid
     if envid:
         per_message.append(("Original-Envelope-Id", _one_line(envid)))
     per_message.append(("X-Mxgate-Queue-ID", original.id))
@@ -202,13 +215,21 @@ def build_dsn(
     status_part["Content-Description"] = "Delivery report"
     status_part.set_payload(blocks)
 
-    # --- the original's headers
-    headers = _normalise_headers(original_headers)
+    # --- the original: whole (RET=FULL, failures only: RFC 3461 §4.3) or its headers
     headers_part = Message(policy=policy.compat32)
-    headers_part["Content-Type"] = "text/rfc822-headers"
-    headers_part["Content-Description"] = "Undelivered Message Headers" if any_failed else "Message Headers"
-    headers_part["Content-Transfer-Encoding"] = "7bit" if headers.isascii() else "8bit"
-    headers_part.set_payload(headers.decode("ascii", "surrogateescape"))
+    if full and original_message is not None:
+        content = original_message if original_message.endswith(b"\r\n") else original_message + b"\r\n"
+        headers_part["Content-Type"] = "message/rfc822"
+        headers_part["Content-Description"] = "Undelivered Message"
+        headers_part["Content-Transfer-Encoding"] = "7bit" if content.isascii() else "8bit"
+        # written as it is (CRLF kept): the generator does not re-wrap a message/* payload given as text
+        headers_part.set_payload(content.decode("ascii", "surrogateescape"))
+    else:
+        headers = _normalise_headers(original_headers)
+        headers_part["Content-Type"] = "text/rfc822-headers"
+        headers_part["Content-Description"] = "Undelivered Message Headers" if any_failed else "Message Headers"
+        headers_part["Content-Transfer-Encoding"] = "7bit" if headers.isascii() else "8bit"
+        headers_part.set_payload(headers.decode("ascii", "surrogateescape"))
 
     # --- the envelope of it all
     report = Message(policy=policy.compat32)

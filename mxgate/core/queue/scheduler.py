@@ -55,6 +55,8 @@ from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
 from mxgate.core.queue.store import (
     MessageNotFoundError,
+    MessageOptions,
+    NewRecipient,
     QueuedMessage,
     QueueError,
     QueueStore,
@@ -176,26 +178,36 @@ class Scheduler:
     async def enqueue(
         self,
         sender: str,
-        recipients: Sequence[str],
+        recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
         meta: Iterable[tuple[str, str]] = (),
         message_id: str | None = None,
         now: float,
+        options: MessageOptions | None = None,
     ) -> str:
         """Queue a received message durably (returns once it is on disk) and, when a slot is free, start
         delivering it at once from memory. A caller cancelled while the put commits does not strand the
         message: its delivery starts anyway."""
         queue = self.queue
         if self._stopping or self._room() <= 0:
-            queue_id = await queue.put(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            queue_id = await queue.put(
+                sender, recipients, data, meta=meta, message_id=message_id, now=now, options=options
+            )
             self._backlog = True
             self.wakeup()
             return queue_id
         self._reserved += 1
         put = asyncio.ensure_future(
             queue.put_leased(
-                sender, recipients, data, meta=meta, message_id=message_id, now=now, lease_seconds=self.lease_seconds
+                sender,
+                recipients,
+                data,
+                meta=meta,
+                message_id=message_id,
+                now=now,
+                lease_seconds=self.lease_seconds,
+                options=options,
             )
         )
 
@@ -418,7 +430,7 @@ class Scheduler:
             known=msg,
         )
         await self._report(updated, ordered, outcomes, now)
-        await self._dsn(updated, ordered, outcomes, now)
+        await self._dsn(updated, ordered, outcomes, now, body)
         await self._delay_warning(updated, groups, previous_attempt, now)
 
     def _result(
@@ -482,7 +494,7 @@ class Scheduler:
             recipients=job.recipients,
             data=body,
             received_at=msg.received_at,
-            envid=msg.meta_value("envid"),
+            envid=msg.options.envid,
             smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
             body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
             tls_optional=tls_required_no(msg.meta_value("tls_required"), body),
@@ -553,6 +565,7 @@ class Scheduler:
         results: Sequence[RecipientResult],
         outcomes: dict[str, RecipientOutcome],
         now: float,
+        body: bytes | None = None,
     ) -> None:
         failed = []
         for res in results:
@@ -566,7 +579,7 @@ class Scheduler:
                 status = "5" + status[1:]
             failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
         if failed:
-            await self._send_dsn(msg, failed, now, None)
+            await self._send_dsn(msg, failed, now, None, body)
 
     async def _delay_warning(
         self,
@@ -601,7 +614,9 @@ class Scheduler:
         items: Sequence[tuple[str, str, str | None, str | None, str]],
         now: float,
         retry_until: datetime | None,
+        body: bytes | None = None,
     ) -> None:
+        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL)."""
         queue = self.queue
         try:
             headers = await queue.headers(msg.id)
@@ -614,6 +629,7 @@ class Scheduler:
             failed=items,
             now=datetime.fromtimestamp(now, tz=UTC),
             retry_until=retry_until,
+            original_message=body,
         )
         if report is None:
             return

@@ -64,10 +64,12 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from mxgate.core.errors import MxgateError
 from mxgate.core.files import SQLITE_COMPANIONS, private_file
+from mxgate.core.model import DsnRet
 
 __all__ = [
     "Attempt",
     "MessageNotFoundError",
+    "MessageOptions",
     "NewRecipient",
     "QueueCounts",
     "QueueError",
@@ -83,7 +85,7 @@ __all__ = [
 T = TypeVar("T")
 
 DB_NAME: Final = "queue.sqlite3"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 10_000
 MAX_BATCH_JOBS: Final = 1_000
 MAX_BATCH_BYTES: Final = 64 * 1024 * 1024
@@ -147,6 +149,27 @@ class NewRecipient:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageOptions:
+    """What the sender asked for the whole message, kept with it in the queue (columns, not ``meta`` strings):
+    RFC 3461 ``RET`` and ``ENVID`` (decoded), RFC 8689 ``REQUIRETLS``."""
+
+    dsn_ret: DsnRet | None = None
+    envid: str | None = None
+    requiretls: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ret": self.dsn_ret.value if self.dsn_ret else None, "envid": self.envid, "rt": self.requiretls}
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> MessageOptions:
+        ret = item.get("ret")
+        return cls(DsnRet(ret) if ret else None, item.get("envid"), bool(item.get("rt")))
+
+
+NO_OPTIONS: Final = MessageOptions()
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedRecipient:
     address: str
     status: RecipientStatus
@@ -174,6 +197,12 @@ class QueuedMessage:
     meta: tuple[tuple[str, str], ...]  # client ip, connector, tls, envid...
     leased_until: float = 0.0  # unix time; <= now means not leased
     finished_at: float | None = None  # set when every recipient is final (tombstone)
+    options: MessageOptions = NO_OPTIONS  # DSN RET/ENVID, REQUIRETLS
+
+    @property
+    def requiretls(self) -> bool:
+        """RFC 8689: the sender asked that the message travel only over validated TLS."""
+        return self.options.requiretls
 
     @property
     def next_attempt(self) -> float | None:
@@ -316,7 +345,10 @@ CREATE TABLE IF NOT EXISTS messages (
     meta         TEXT NOT NULL DEFAULT '[]',
     headers      BLOB NOT NULL DEFAULT x'',
     lease_until  REAL NOT NULL DEFAULT 0,
-    finished_at  REAL
+    finished_at  REAL,
+    dsn_ret      TEXT,
+    envid        TEXT,
+    requiretls   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bodies (
     id    TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
@@ -352,6 +384,16 @@ CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at) WHERE fini
 """
 
 
+# Schema changes of an existing store, by the version they lead to (a new store gets _SCHEMA as it is).
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    2: (  # RFC 3461 RET/ENVID and RFC 8689 REQUIRETLS as columns
+        "ALTER TABLE messages ADD COLUMN dsn_ret TEXT",
+        "ALTER TABLE messages ADD COLUMN envid TEXT",
+        "ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",
+    ),
+}
+
+
 def _recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
     return QueuedRecipient(
         address=row["address"],
@@ -377,10 +419,17 @@ def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...])
         meta=tuple((str(k), str(v)) for k, v in json.loads(row["meta"])),
         leased_until=row["lease_until"],
         finished_at=row["finished_at"],
+        options=(
+            MessageOptions(DsnRet(row["dsn_ret"]) if row["dsn_ret"] else None, row["envid"], bool(row["requiretls"]))
+            if row["dsn_ret"] or row["envid"] or row["requiretls"]
+            else NO_OPTIONS
+        ),
     )
 
 
-_MSG_COLS: Final = "id, sender, received_at, size, message_id, held, meta, lease_until, finished_at"
+_MSG_COLS: Final = (
+    "id, sender, received_at, size, message_id, held, meta, lease_until, finished_at, dsn_ret, envid, requiretls"
+)
 
 
 def _load(conn: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
@@ -435,6 +484,7 @@ def _applied(
         meta=msg.meta,
         leased_until=0.0,
         finished_at=finished_at,
+        options=msg.options,
     )
 
 
@@ -705,9 +755,14 @@ class QueueStore:
             if version < SCHEMA_VERSION:
                 writer.execute("BEGIN IMMEDIATE")
                 try:
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            writer.execute(stmt)
+                    if version == 0:
+                        for stmt in _SCHEMA.split(";"):
+                            if stmt.strip():
+                                writer.execute(stmt)
+                    else:
+                        for step in range(version + 1, SCHEMA_VERSION + 1):
+                            for stmt in _MIGRATIONS[step]:
+                                writer.execute(stmt)
                     writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     writer.execute("COMMIT")
                 except BaseException:
@@ -780,6 +835,7 @@ class QueueStore:
         meta: Iterable[tuple[str, str]] = (),
         message_id: str | None = None,
         now: float,
+        options: MessageOptions | None = None,
     ) -> str:
         """Queue a message; returns its id only once message and envelope are fsync'd (group commit).
 
@@ -789,7 +845,9 @@ class QueueStore:
         :raises ValueError: no recipients.
         :raises QueueFullError: disk or size limit full; nothing was written.
         """
-        msg = await self.put_leased(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+        msg = await self.put_leased(
+            sender, recipients, data, meta=meta, message_id=message_id, now=now, options=options
+        )
         return msg.id
 
     async def put_leased(
@@ -802,10 +860,12 @@ class QueueStore:
         message_id: str | None = None,
         now: float,
         lease_seconds: float = 0.0,
+        options: MessageOptions | None = None,
     ) -> QueuedMessage:
         """:meth:`put`, returning the queued message; with ``lease_seconds`` it is leased in the same
         transaction, so the scheduler can deliver it from memory at once instead of finding it with
         :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies)."""
+        options = options or NO_OPTIONS
         rcpts: dict[str, NewRecipient] = {}
         for r in recipients:
             nr = NewRecipient(r) if isinstance(r, str) else r
@@ -823,9 +883,21 @@ class QueueStore:
                 msg_id = writer.next_id(now)
                 try:
                     conn.execute(
-                        "INSERT INTO messages (id, sender, received_at, size, message_id, meta, headers, lease_until)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (msg_id, sender, now, len(data), message_id, meta_json, headers, lease_until),
+                        "INSERT INTO messages (id, sender, received_at, size, message_id, meta, headers, lease_until,"
+                        " dsn_ret, envid, requiretls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            msg_id,
+                            sender,
+                            now,
+                            len(data),
+                            message_id,
+                            meta_json,
+                            headers,
+                            lease_until,
+                            options.dsn_ret.value if options.dsn_ret else None,
+                            options.envid,
+                            int(options.requiretls),
+                        ),
                     )
                     break
                 except sqlite3.IntegrityError:
@@ -854,6 +926,7 @@ class QueueStore:
             held=False,
             meta=meta_items,
             leased_until=lease_until,
+            options=options,
         )
 
     # -- read --------------------------------------------------------------------------------------------

@@ -15,16 +15,18 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from mxgate.core.model import Address, Reply
+from mxgate.core.model import Address, DsnNotify, DsnRet, RecipientDsn, Reply
 from mxgate.core.textsafe import address_problem
 
 __all__ = [
     "MailCommand",
     "ParseError",
     "RcptCommand",
+    "parse_bdat",
     "parse_mail",
     "parse_path",
     "parse_rcpt",
+    "xtext_decode",
 ]
 
 MAX_LOCAL = 64  # RFC 5321 §4.5.3.1.1
@@ -60,16 +62,43 @@ class MailCommand:
     size: int | None = None
     body: str = "7BIT"  # 7BIT | 8BITMIME
     smtputf8: bool = False
+    ret: DsnRet | None = None  # RFC 3461 §4.3
+    envid: str | None = None  # RFC 3461 §4.4, decoded
+    requiretls: bool = False  # RFC 8689 §3
 
     @property
     def options(self) -> tuple[str, ...]:
         return tuple(k if v is None else f"{k}={v}" for k, v in self.params)
 
 
+_NO_DSN = RecipientDsn()
+
+
 @dataclass(frozen=True, slots=True)
 class RcptCommand:
     recipient: Address
     params: tuple[tuple[str, str | None], ...]
+    dsn: RecipientDsn = _NO_DSN
+
+
+MAX_ENVID = 100  # RFC 3461 §4.4: "100 characters or less" (encoded)
+MAX_ORCPT = 500  # §4.2: the encoded parameter, 500 characters at most
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")  # §4: xtext
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")  # atom, in practice "rfc822" or "utf-8"
+
+
+def xtext_decode(value: str) -> str | None:
+    """RFC 3461 §4 xtext -> text; ``None`` when ``value`` is not xtext (or decodes to a control character)."""
+    if not _XTEXT.match(value):
+        return None
+    out = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    if any(not (0x20 <= ord(c) <= 0x7E) for c in out):
+        return None
+    return out
+
+
+def _dsn_bad(what: str) -> ParseError:
+    return ParseError(Reply(501, "5.5.4", f"Bad {what} parameter (RFC 3461)"))
 
 
 def _split_keyword(arg: str, keyword: str, usage: str) -> str:
@@ -174,17 +203,39 @@ def _params(text: str) -> tuple[tuple[str, str | None], ...]:
 
 
 def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -> MailCommand:
-    """The argument of ``MAIL`` (everything after ``MAIL ``)."""
+    """The argument of ``MAIL`` (everything after ``MAIL ``).
+
+    ``REQUIRETLS`` is parsed here whatever the session; whether it may be used (only over TLS) is the policy's
+    decision."""
     usage = "MAIL FROM:<address> [parameters]"
     path, rest = _split_path(_split_keyword(arg, "FROM:", usage), usage)
     params = _params(rest)
     if params and not esmtp:
         raise ParseError(Reply(555, "5.5.4", "Parameters need EHLO, not HELO"))
+    keys = [k for k, _ in params]
+    if len(set(keys)) != len(keys):
+        raise ParseError(Reply(501, "5.5.4", "A MAIL parameter is given twice"))
     size: int | None = None
     body = "7BIT"
     utf8 = False
+    ret: DsnRet | None = None
+    envid: str | None = None
+    requiretls = False
     for key, value in params:
-        if key == "SIZE":
+        if key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                raise _dsn_bad("RET")
+            ret = DsnRet(value.upper())
+        elif key == "ENVID":
+            decoded = xtext_decode(value) if value is not None and len(value) <= MAX_ENVID else None
+            if decoded is None:
+                raise _dsn_bad("ENVID")
+            envid = decoded
+        elif key == "REQUIRETLS":
+            if value is not None:
+                raise ParseError(Reply(501, "5.5.4", "REQUIRETLS takes no value"))
+            requiretls = True
+        elif key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
                 raise ParseError(Reply(501, "5.5.4", "Bad SIZE parameter: SIZE=<octets>"))
             size = int(value)
@@ -199,7 +250,27 @@ def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -
         else:
             raise ParseError(Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}"))
     sender = parse_path(path, utf8=utf8, bad=Reply(553, "5.1.7", "Bad sender address syntax"), allow_null=True)
-    return MailCommand(sender, params, size, body, utf8)
+    return MailCommand(sender, params, size, body, utf8, ret, envid, requiretls)
+
+
+def _notify(value: str | None) -> frozenset[DsnNotify]:
+    words = value.upper().split(",") if value else []
+    if not words or len(set(words)) != len(words) or not all(w in DsnNotify.__members__ for w in words):
+        raise _dsn_bad("NOTIFY")
+    notify = frozenset(DsnNotify(w) for w in words)
+    if DsnNotify.NEVER in notify and len(notify) > 1:  # §4.1: NEVER stands alone
+        raise _dsn_bad("NOTIFY")
+    return notify
+
+
+def _orcpt(value: str | None) -> tuple[str, str]:
+    if value is None or len(value) > MAX_ORCPT:
+        raise _dsn_bad("ORCPT")
+    addr_type, sep, encoded = value.partition(";")
+    decoded = xtext_decode(encoded) if sep else None
+    if not decoded or not _ADDR_TYPE.match(addr_type):
+        raise _dsn_bad("ORCPT")
+    return addr_type.lower(), decoded
 
 
 def parse_rcpt(arg: str, *, smtputf8: bool = False, postmaster_domain: str | None = None) -> RcptCommand:
@@ -211,9 +282,41 @@ def parse_rcpt(arg: str, *, smtputf8: bool = False, postmaster_domain: str | Non
     usage = "RCPT TO:<address> [parameters]"
     path, rest = _split_path(_split_keyword(arg, "TO:", usage), usage)
     params = _params(rest)
-    for key, _value in params:
-        raise ParseError(Reply(555, "5.5.4", f"Unsupported RCPT parameter {key}"))
+    keys = [k for k, _ in params]
+    if len(set(keys)) != len(keys):
+        raise ParseError(Reply(501, "5.5.4", "A RCPT parameter is given twice"))
+    notify: frozenset[DsnNotify] | None = None
+    orcpt: tuple[str, str] | None = None
+    for key, value in params:
+        if key == "NOTIFY":
+            notify = _notify(value)
+        elif key == "ORCPT":
+            orcpt = _orcpt(value)
+        else:
+            raise ParseError(Reply(555, "5.5.4", f"Unsupported RCPT parameter {key}"))
+    dsn = RecipientDsn(notify, orcpt)
     if postmaster_domain and path.lower() == "<postmaster>":
-        return RcptCommand(Address("postmaster", postmaster_domain.lower()), params)
+        return RcptCommand(Address("postmaster", postmaster_domain.lower()), params, dsn)
     rcpt = parse_path(path, utf8=smtputf8, bad=Reply(553, "5.1.3", "Bad recipient address syntax"), allow_null=False)
-    return RcptCommand(rcpt, params)
+    return RcptCommand(rcpt, params, dsn)
+
+
+MAX_CHUNK_DIGITS = 20  # more octets than any message limit; bounds int() work
+
+
+def parse_bdat(arg: bytes) -> tuple[int, bool]:
+    """The argument of ``BDAT`` (RFC 3030 §2: ``BDAT <chunk-size> [LAST]``) -> ``(size, last)``.
+
+    Works on bytes: a BDAT line that is not even text is still a syntax error, never a decoding error, because the
+    caller must know whether it can find the end of the chunk (it cannot, after a syntax error).
+    """
+    parts = arg.split(b" ")
+    bad = ParseError(Reply(501, "5.5.4", "Syntax: BDAT <octets> [LAST]"))
+    if not 1 <= len(parts) <= 2:
+        raise bad
+    size = parts[0]
+    if not size or len(size) > MAX_CHUNK_DIGITS or not size.isdigit():
+        raise bad
+    if len(parts) == 2 and parts[1].upper() != b"LAST":
+        raise bad
+    return int(size), len(parts) == 2

@@ -41,6 +41,7 @@ from mxgate.core.model import (
     Accept,
     Disconnect,
     IncomingMessage,
+    RecipientDsn,
     Reject,
     Reply,
     Session,
@@ -52,7 +53,9 @@ from mxgate.core.model import (
 )
 from mxgate.core.plugins import HookCallError
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
-from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
+from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
+from mxgate.core.smtp.rdns import ReverseDns
+from mxgate.core.smtp.rdns import lookup as rdns_lookup
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
 from mxgate.core.tracking import TrackEvent
 
@@ -149,7 +152,8 @@ def received_header(
 ) -> bytes:
     """RFC 5321 §4.4 trace header; protocol names per RFC 3848; TLS details in Postfix's style."""
     literal = f"IPv6:{ip}" if ":" in ip else ip
-    lines = [f"Received: from {_clean(helo or 'unknown')} ({reverse_dns or 'unknown'} [{literal}])"]
+    name = _clean(reverse_dns) if reverse_dns else "unknown"  # only a forward-confirmed name (FCrDNS)
+    lines = [f"Received: from {_clean(helo or 'unknown')} ({name} [{literal}])"]
     if tls is not None:
         lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
     proto = "ESMTP" if esmtp else "SMTP"
@@ -635,6 +639,10 @@ class Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        # the client's reverse DNS: started at connect, awaited (bounded) at EHLO -- never before the banner
+        self._rdns_task: asyncio.Task[ReverseDns] | None = None
+        self._rdns_deadline = 0.0
+        self.rdns: ReverseDns | None = None
         # rejections of this session already in the tracking log, by kind: the first of a kind is written at
         # once, the repeats are counted and written as one event when the session ends
         self._rejects: dict[tuple[str, str, str], tuple[dict[str, Any], int]] = {}
@@ -852,9 +860,47 @@ class Connection(asyncio.Protocol):
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
+    # -- reverse DNS -------------------------------------------------------------------------------------------
+
+    def _start_rdns(self) -> None:
+        timeout = self.listener.config.reverse_dns_timeout
+        resolver = self.runtime.resolver
+        if timeout <= 0 or resolver is None or not self.state.peer_ip:
+            return
+        self._rdns_deadline = self.loop.time() + timeout
+        self._rdns_task = self.loop.create_task(rdns_lookup(resolver, self.state.peer_ip))
+
+    def _rdns_known(self) -> ReverseDns | None:
+        """The result if the lookup has finished (never waits)."""
+        task = self._rdns_task
+        if self.rdns is None and task is not None and task.done():
+            self._rdns_task = None
+            if task.cancelled() or task.exception() is not None:
+                if not task.cancelled():
+                    log.info("reverse DNS lookup failed", extra={"error": repr(task.exception())})
+                self.rdns = ReverseDns.failed()
+            else:
+                self.rdns = task.result()
+        return self.rdns
+
+    async def _await_rdns(self) -> ReverseDns | None:
+        """The result, waiting at most until ``reverse_dns_timeout`` after the connection; then ``FAILED``."""
+        if self._rdns_known() is not None or self._rdns_task is None:
+            return self.rdns
+        task = self._rdns_task
+        remaining = max(0.0, self._rdns_deadline - self.loop.time())
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), remaining)
+        if not task.done():
+            task.cancel()
+            self._rdns_task = None
+            self.rdns = ReverseDns.failed()
+        return self._rdns_known()
+
     def snapshot(self) -> Session:
         st = self.state
         conn = st.tx_connector if st.envelope.mail_from is not None else st.connector
+        rdns = self._rdns_known()
         return Session(
             id=self.session_id,
             listener=self.listener.config.name,
@@ -866,6 +912,8 @@ class Connection(asyncio.Protocol):
             ehlo=st.helo,
             tls=st.tls,
             auth_user=st.auth_user,
+            reverse_dns=rdns.name if rdns else None,
+            reverse_dns_status=rdns.status if rdns else None,
             stash=self.stash,
         )
 
@@ -908,11 +956,13 @@ class Connection(asyncio.Protocol):
         if seen is not None:
             self._rejects[key] = (seen[0], seen[1] + 1)
         else:
+            rdns = self._rdns_known()
             record = dict(
                 stage=stage,
                 reply=str(reply),
                 connector=self._label_connector(),
                 client=self.state.peer_ip,
+                client_name=rdns.name if rdns else None,
                 helo=self.state.helo,
                 tls=self.state.tls.version if self.state.tls else None,
             )
@@ -944,6 +994,7 @@ class Connection(asyncio.Protocol):
         self.peer, self.local = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
         self.state.peer_ip = self.peer[0]
         self._deadline = self.loop.time() + self.policy.limits.session_timeout
+        self._start_rdns()
         started = False
         try:
             ssl_object = transport.get_extra_info("ssl_object")
@@ -964,6 +1015,8 @@ class Connection(asyncio.Protocol):
             self._reply(Reply(421, "4.3.0", "Local error, closing connection"))
         finally:
             self._flush()
+            if self._rdns_task is not None:
+                self._rdns_task.cancel()
             if self.transport is not None:
                 self.transport.close()
             self.listener.connections.discard(self)
@@ -998,6 +1051,9 @@ class Connection(asyncio.Protocol):
                 continue
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
+            if verb == b"BDAT":  # its chunk follows at once: it must be read (or the session ends), whatever we say
+                await self.cmd_bdat(rest if len(line) + 2 <= limits.command_line else b"?")
+                continue
             if len(line) + 2 > limits.command_line and verb != b"AUTH":
                 await self._bad(R.LINE_TOO_LONG)
                 continue
@@ -1045,6 +1101,7 @@ class Connection(asyncio.Protocol):
         st = self.state
         st.reset_transaction()
         st.helo, st.esmtp = arg, esmtp
+        await self._await_rdns()
         verdict = await self._veto(self.hooks.on_ehlo_command(self.snapshot(), arg))
         if verdict is not None and not isinstance(verdict, Accept):
             st.helo = None
@@ -1270,6 +1327,9 @@ class Connection(asyncio.Protocol):
             smtputf8=mail.smtputf8,
             body=mail.body,
             declared_size=mail.size,
+            dsn_ret=mail.ret,
+            envid=mail.envid,
+            requiretls=mail.requiretls,
         )
         self._reply(reply)
 
@@ -1279,12 +1339,13 @@ class Connection(asyncio.Protocol):
             await self._bad(R.NEED_MAIL)
             return
         try:
-            rcpt = parse_rcpt(
+            parsed = parse_rcpt(
                 arg or "", smtputf8=st.envelope.smtputf8, postmaster_domain=self.policy.postmaster_domain
-            ).recipient
+            )
         except ParseError as exc:
             await self._bad(exc.reply)
             return
+        rcpt = parsed.recipient
         problem = self.policy.check_rcpt(st, rcpt)
         if problem is not None:
             await self._rejected(
@@ -1300,7 +1361,9 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             await self._refuse(reply)
             return
-        st.envelope = dataclasses.replace(st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt))
+        st.envelope = dataclasses.replace(
+            st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt), rcpt_dsn=(*st.envelope.rcpt_dsn, parsed.dsn)
+        )
         self._reply(reply)
 
     async def cmd_data(self, arg: str | None) -> None:
@@ -1329,18 +1392,89 @@ class Connection(asyncio.Protocol):
         finally:
             st.reset_transaction()
 
-    async def _accept_message(self, raw: bytes) -> None:
+    async def _read_chunk(self, size: int, into: bytearray | None) -> None:
+        """Exactly ``size`` octets of a BDAT chunk, appended to ``into`` (``None``: read and dropped). Nothing in
+        them is a command; what follows them is. The minimum data rate applies as for DATA."""
+        limits = self.policy.limits
+        rate = limits.min_data_rate
+        started = self.loop.time()
+        remaining = size
+        while True:
+            take = min(remaining, len(self.buf))
+            if take:
+                if into is not None:
+                    into += self.buf[:take]
+                del self.buf[:take]
+                remaining -= take
+            if remaining == 0:
+                return
+            until = started + limits.command_timeout + (size - remaining) / rate if rate else None
+            await self._wait(until=until)
+
+    async def cmd_bdat(self, arg: bytes) -> None:
+        """RFC 3030 ``BDAT <octets> [LAST]``: the chunk is read exactly, never dot-unstuffed, never parsed for
+        commands; the assembled message meets DATA's rules (CRLF only, line length, size across chunks)."""
+        st = self.state
+        try:
+            size, last = parse_bdat(arg.strip(b" "))
+        except ParseError:
+            # we cannot tell where the chunk ends: reading on would run its octets as commands
+            await self._rejected("data", R.BDAT_SYNTAX, "syntax")
+            raise _Close(R.BDAT_SYNTAX) from None
+        problem = self.policy.check_bdat(st, size)
+        if problem is not None:
+            await self._read_chunk(size, None)
+            sender = str(st.envelope.mail_from) if st.envelope.mail_from is not None else None
+            st.reset_transaction()  # RFC 3030 §2: a failed chunk fails the transaction
+            if problem.code in (503, 530):
+                await self._bad(problem)
+            else:
+                await self._rejected("data", problem, _reason(problem), sender=sender)
+                self._reply(problem)
+            return
+        if st.chunks is None:
+            st.chunks = bytearray()
+            self._transactions += 1
+        await self._read_chunk(size, st.chunks)
+        if not last:
+            self._reply(Reply(250, "2.0.0", f"{size} octets received"))
+            return
+        raw = bytes(st.chunks)
+        st.chunks = None
+        envelope = st.envelope
+        sender = str(envelope.mail_from)
+        try:
+            refused = self.policy.check_text(raw)
+            if refused is None:
+                j = raw.find(b"\r\n\r\n")
+                refused = await self._end_of_headers(raw if j < 0 else raw[: j + 2])
+            if refused is not None:
+                self._reply(refused)
+                await self._rejected(
+                    "data", refused, _reason(refused), sender=sender, recipients=len(envelope.rcpt_tos)
+                )
+                if (refused is R.BARE_LF_DATA or refused is R.TEXT_LINE_TOO_LONG) and self.policy.error(st):
+                    raise _Close(R.TOO_MANY_ERRORS)
+                return
+            if raw and not raw.endswith(b"\r\n"):
+                raw += b"\r\n"  # a message ends with a line end (DATA's CRLF.CRLF guarantees one)
+            await self._accept_message(raw, stuffed=False)
+        finally:
+            st.reset_transaction()
+
+    async def _accept_message(self, raw: bytes, *, stuffed: bool = True) -> None:
         st = self.state
         envelope = st.envelope
         sender = str(envelope.mail_from)
-        # RFC 5321 §4.5.2: remove the transparency dots
-        if raw.startswith(b"."):
-            raw = raw[1:]
-        raw = raw.replace(b"\r\n.", b"\r\n")
-        if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
-            self._reply(R.TEXT_LINE_TOO_LONG)
-            await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
-            return
+        if stuffed:
+            # RFC 5321 §4.5.2: remove the transparency dots
+            if raw.startswith(b"."):
+                raw = raw[1:]
+            raw = raw.replace(b"\r\n.", b"\r\n")
+            if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+                self._reply(R.TEXT_LINE_TOO_LONG)
+                await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
+                return
         j = raw.find(b"\r\n\r\n")
         headers = parse_headers(raw if j < 0 else raw[: j + 2])
         message = IncomingMessage(raw, headers)
@@ -1357,7 +1491,13 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             self._reply(reply)
             return
+        from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
+
         recipients = tuple(str(r) for r in envelope.rcpt_tos)
+        dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
+        queued = [NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)]
+        options = MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls)
+        rdns = await self._await_rdns()
         now = self.runtime.clock()
         ident = f"{self.session_id}.{self._transactions}"
         added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
@@ -1371,14 +1511,15 @@ class Connection(asyncio.Protocol):
             ident=ident,
             recipients=recipients,
             when=datetime.fromtimestamp(now, UTC),
+            reverse_dns=rdns.name if rdns else None,
         )
         data = added + received + raw
         message_id = message.get_header("Message-ID")
         meta = self._meta(envelope)
-        from mxgate.core.queue.store import QueueFullError
-
         try:
-            queue_id = await self.runtime.submit(sender, recipients, data, meta=meta, message_id=message_id, now=now)
+            queue_id = await self.runtime.submit(
+                sender, queued, data, meta=meta, message_id=message_id, now=now, options=options
+            )
         except QueueFullError:
             self._reply(R.QUEUE_FULL)
             await self._rejected("data", R.QUEUE_FULL, "queue_full", sender=sender)
@@ -1396,6 +1537,8 @@ class Connection(asyncio.Protocol):
             listener=self.listener.config.name,
             connector=self._label_connector(),
             client=st.peer_ip,
+            client_name=rdns.name if rdns else None,
+            client_rdns=str(rdns.status) if rdns else None,
             helo=st.helo,
             tls=tls.version if tls else None,
             cipher=tls.cipher if tls else None,
@@ -1467,7 +1610,6 @@ Connection.COMMANDS = {
     b"VRFY": Connection.cmd_vrfy,
     b"HELP": Connection.cmd_help,
     b"EXPN": Connection.cmd_not_implemented,
-    b"BDAT": Connection.cmd_not_implemented,
     b"TURN": Connection.cmd_not_implemented,
     b"ETRN": Connection.cmd_not_implemented,
 }

@@ -43,11 +43,15 @@ class R:
     NEED_EHLO = Reply(503, "5.5.1", "Send EHLO/HELO first")
     NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
     NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+    DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA cannot follow BDAT in the same transaction (RFC 3030)")
+    BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <octets> [LAST]; closing, the end of the chunk cannot be found")
+    CHUNK_OK = Reply(250, "2.0.0", "Chunk received")
     NESTED_MAIL = Reply(503, "5.5.1", "Sender already given (RSET to start over)")
     NO_ARGS = Reply(501, "5.5.4", "No parameters allowed")
     EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 
     NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+    REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first (RFC 8689)")
     TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
     TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 
@@ -124,9 +128,11 @@ class ReceiveState:
     errors: int = 0
     overshoot: int = 0  # RCPTs refused past max_recipients in this transaction
     deferred: Reply | None = None  # a failed connect/ehlo hook: transactions get this tempfail
+    chunks: bytearray | None = None  # the message so far of a BDAT transaction (None: no BDAT yet)
 
     def reset_transaction(self) -> None:
         self.envelope = Envelope()
+        self.chunks = None
         self.tx_connector = None
         self.overshoot = 0
 
@@ -179,7 +185,11 @@ class ReceivePolicy:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
         ]
+        if state.tls is not None:
+            lines.append("REQUIRETLS")  # RFC 8689 §2: offered only once TLS is in use
         if self.tls_available and state.tls is None:
             lines.append("STARTTLS")
         if self.auth_offered(state):
@@ -212,6 +222,8 @@ class ReceivePolicy:
             return R.NESTED_MAIL
         if self.listener.require_tls and state.tls is None:
             return R.NEED_TLS
+        if mail.requiretls and state.tls is None:
+            return R.REQUIRETLS_NEEDS_TLS
         if mail.size is not None and mail.size > self.limits.max_message_size:
             return R.TOO_BIG
         conn = state.connector
@@ -306,6 +318,34 @@ class ReceivePolicy:
             return R.NEED_MAIL
         if not state.envelope.rcpt_tos:
             return R.NEED_RCPT
+        if state.chunks is not None:
+            return R.DATA_AFTER_BDAT
+        return None
+
+    def check_bdat(self, state: ReceiveState, size: int) -> Reply | None:
+        """Before a BDAT chunk of ``size`` octets is read: ``None`` = keep it; else the reply, and the chunk is
+        read and dropped (RFC 3030 §2: the chunk always follows its command, accepted or not)."""
+        if self.listener.require_tls and state.tls is None:
+            return R.NEED_TLS
+        if state.helo is None:
+            return R.NEED_EHLO
+        if state.envelope.mail_from is None:
+            return R.NEED_MAIL
+        if not state.envelope.rcpt_tos:
+            return R.NEED_RCPT
+        so_far = len(state.chunks) if state.chunks is not None else 0
+        if so_far + size > self.limits.max_message_size:  # SIZE counts the whole message, across chunks
+            return R.TOO_BIG
+        return None
+
+    def check_text(self, raw: bytes) -> Reply | None:
+        """The assembled message of a BDAT transaction (no dot-stuffing): the same rules as DATA -- CRLF only
+        (SMTP smuggling), lines of at most 998 octets."""
+        lf = raw.count(b"\n")
+        if lf != raw.count(b"\r\n") or raw.count(b"\r") != lf:
+            return R.BARE_LF_DATA
+        if len(raw) > self.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+            return R.TEXT_LINE_TOO_LONG
         return None
 
     def check_auth(self, state: ReceiveState) -> Reply | None:
