@@ -744,6 +744,34 @@ def _verify(
     return tuple(path), ""
 
 
+def _leaf_and_anchors(
+    chain: Sequence[x509.Certificate], now: datetime, trust_store_paths: Sequence[str] | None, nothing: str
+) -> VerifyResult | tuple[x509.Certificate, list[x509.Certificate], verification.Store, datetime]:
+    """What both verifiers check first: a leaf within its dates and the trust anchors; else the failure."""
+    if not chain:
+        return VerifyResult(False, VerifyReason.OTHER, nothing)
+    when = _as_utc(now)
+    leaf, intermediates = chain[0], list(chain[1:])
+    if when > leaf.not_valid_after_utc:
+        return VerifyResult(
+            False, VerifyReason.EXPIRED, f"certificate expired {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    if when < leaf.not_valid_before_utc:
+        return VerifyResult(
+            False,
+            VerifyReason.NOT_YET_VALID,
+            f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
+        )
+    paths = system_trust_store_paths() if trust_store_paths is None else tuple(trust_store_paths)
+    try:
+        _count, store = _trust_store(paths)
+    except OSError as exc:
+        return VerifyResult(False, VerifyReason.OTHER, f"cannot read trust store: {exc}")
+    if store is None:
+        return VerifyResult(False, VerifyReason.OTHER, f"no trust anchors in {list(paths)}")
+    return leaf, intermediates, store, when
+
+
 def _client_verifier(store: verification.Store, when: datetime) -> verification.ClientVerifier:
     builder = verification.PolicyBuilder().store(store).time(when)
     policy = getattr(verification, "ExtensionPolicy", None)  # cryptography >= 45
@@ -764,27 +792,10 @@ def verify_client_chain(
 
     Small (a few signature checks, anchors cached per file): fine on the event loop.
     """
-    if not chain:
-        return VerifyResult(False, VerifyReason.OTHER, "no client certificate")
-    when = _as_utc(now)
-    leaf, intermediates = chain[0], list(chain[1:])
-    if when > leaf.not_valid_after_utc:
-        return VerifyResult(
-            False, VerifyReason.EXPIRED, f"certificate expired {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-        )
-    if when < leaf.not_valid_before_utc:
-        return VerifyResult(
-            False,
-            VerifyReason.NOT_YET_VALID,
-            f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
-        )
-    paths = system_trust_store_paths() if trust_store_paths is None else tuple(trust_store_paths)
-    try:
-        _count, store = _trust_store(paths)
-    except OSError as exc:
-        return VerifyResult(False, VerifyReason.OTHER, f"cannot read trust store: {exc}")
-    if store is None:
-        return VerifyResult(False, VerifyReason.OTHER, f"no trust anchors in {list(paths)}")
+    ready = _leaf_and_anchors(chain, now, trust_store_paths, "no client certificate")
+    if isinstance(ready, VerifyResult):
+        return ready
+    leaf, intermediates, store, when = ready
     try:
         verified = _client_verifier(store, when).verify(leaf, intermediates)
     except verification.VerificationError as exc:
@@ -849,27 +860,10 @@ def verify_webpki(
     else; a chain that validates for the leaf's own name but not for ``name`` is ``NAME_MISMATCH``; a chain
     that does not validate is ``UNTRUSTED`` (``EXPIRED`` when a presented intermediate is outside its dates).
     """
-    if not chain:
-        return VerifyResult(False, VerifyReason.OTHER, "peer presented no certificate")
-    when = _as_utc(now)
-    leaf, intermediates = chain[0], list(chain[1:])
-    if when > leaf.not_valid_after_utc:
-        return VerifyResult(
-            False, VerifyReason.EXPIRED, f"certificate expired {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-        )
-    if when < leaf.not_valid_before_utc:
-        return VerifyResult(
-            False,
-            VerifyReason.NOT_YET_VALID,
-            f"certificate not valid before {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
-        )
-    paths = system_trust_store_paths() if trust_store_paths is None else tuple(trust_store_paths)
-    try:
-        _count, store = _trust_store(paths)
-    except OSError as exc:
-        return VerifyResult(False, VerifyReason.OTHER, f"cannot read trust store: {exc}")
-    if store is None:
-        return VerifyResult(False, VerifyReason.OTHER, f"no trust anchors in {list(paths)}")
+    ready = _leaf_and_anchors(chain, now, trust_store_paths, "peer presented no certificate")
+    if isinstance(ready, VerifyResult):
+        return ready
+    leaf, intermediates, store, when = ready
     builder = verification.PolicyBuilder().store(store).time(when)
 
     own = own_subject(leaf)
