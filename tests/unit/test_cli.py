@@ -188,3 +188,41 @@ def test_there_are_example_configs() -> None:
 def test_examples_pass_config_check(config: Path) -> None:
     out = mxgate("config", "check", str(config), cwd=config.parent)
     assert out.returncode == 0, out.stderr
+
+
+def test_trace_searches_by_sender_recipient_client_and_time(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    day = 1_796_601_600.0  # 2026-12-07T00:00:00Z
+    log = TrackingLog(state, clock=iter([day + 60 * n for n in range(20)]).__next__)
+    log.write(TrackEvent.RECEIVE, queue_id="Q1", sender="alice@ext.test", client="192.0.2.1", received_id="s1.1")
+    log.write(TrackEvent.RECEIVE, queue_id="Q2", sender="bob@ext.test", client="192.0.2.2", received_id="s2.1")
+    log.write(TrackEvent.ROUTE, queue_id="Q1", recipient="carol@contoso.test", connector="exo")
+    log.write(TrackEvent.ROUTE, queue_id="Q2", recipient="dave@contoso.test", connector="exo")
+    log.write(TrackEvent.REJECT, stage="rcpt", client="192.0.2.1", sender="alice@ext.test", recipient="x@contoso.test")
+    log.write(TrackEvent.DELIVER, queue_id="Q2", recipient="dave@contoso.test", mx="mx.contoso.test")
+    log.write(TrackEvent.RECEIVE, queue_id="Q3", sender="", client="192.0.2.1")  # a bounce, at 00:06
+    log.close()
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+
+    def search(*args: str) -> list[tuple[str, str]]:
+        res = mxgate("trace", *args, "--config", str(path))
+        assert res.returncode in (0, 1), res.stderr
+        return [(line.split()[2], line.split()[3]) for line in res.stdout.splitlines()]
+
+    assert search("--from", "<Alice@Ext.test>") == [
+        ("RECEIVE", "Q1"), ("ROUTE", "Q1"), ("REJECT", "-")
+    ]  # fmt: skip
+    assert search("--to", "dave@contoso.test") == [("RECEIVE", "Q2"), ("ROUTE", "Q2"), ("DELIVER", "Q2")]
+    assert search("--client", "192.0.2.1", "--to", "carol@contoso.test") == [("RECEIVE", "Q1"), ("ROUTE", "Q1")]
+    assert search("--client", "192.0.2.1", "--since", "2026-12-07T00:04") == [("REJECT", "-"), ("RECEIVE", "Q3")]
+    assert search("--from", "<>") == [("RECEIVE", "Q3")]
+    assert search("--from", "alice@ext.test", "--to", "dave@contoso.test") == []
+    assert search("s2.1") == [("RECEIVE", "Q2"), ("ROUTE", "Q2"), ("DELIVER", "Q2")]  # the Received: header's id
+    none = mxgate("trace", "--from", "nobody@ext.test", "--config", str(path))
+    assert none.returncode == 1 and "no tracking records match" in none.stderr
+    bad = mxgate("trace", "--since", "yesterday", "--config", str(path))
+    assert bad.returncode == 2 and "ISO time" in bad.stderr
+    assert mxgate("trace", "Q1", "--from", "alice@ext.test", "--config", str(path)).returncode == 2
+    assert mxgate("trace", "--message-id", "m", "--to", "a@b", "--config", str(path)).returncode == 2

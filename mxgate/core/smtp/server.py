@@ -1393,6 +1393,7 @@ class Connection(asyncio.Protocol):
             TrackEvent.RECEIVE,
             queue_id=queue_id,
             message_id=message_id,
+            received_id=ident,
             listener=self.listener.config.name,
             connector=self._label_connector(),
             client=st.peer_ip,
