@@ -1,6 +1,7 @@
 """The message-tracking log (Exchange's message tracking): one JSON line per step of a message's life.
 
-Events: RECEIVE, REJECT (receive side); ROUTE, ATTEMPT, DELIVER, DEFER, FAIL, DSN (queue and delivery).
+Events: RECEIVE, REJECT (receive side); ROUTE, ATTEMPT, DELIVER, DEFER, FAIL, DSN (queue and delivery); ADMIN
+(an operator's ``mxgate queue hold/release/delete/flush``: ``action`` and ``by`` whom).
 ``mxgate trace ID`` prints a message's story in order, by queue id, the id of our ``Received:`` header or
 Message-ID; ``mxgate trace --from/--to/--client/--since`` finds the messages (and rejections) that match.
 
@@ -47,6 +48,7 @@ class TrackEvent(StrEnum):
     DEFER = "DEFER"
     FAIL = "FAIL"
     DSN = "DSN"
+    ADMIN = "ADMIN"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -226,3 +227,68 @@ def test_trace_searches_by_sender_recipient_client_and_time(tmp_path: Path) -> N
     assert bad.returncode == 2 and "ISO time" in bad.stderr
     assert mxgate("trace", "Q1", "--from", "alice@ext.test", "--config", str(path)).returncode == 2
     assert mxgate("trace", "--message-id", "m", "--to", "a@b", "--config", str(path)).returncode == 2
+
+
+def _queue_with(state: Path, messages: list[tuple[str, list[str], float]]) -> list[str]:
+    from mxgate.core.queue.store import QueueStore
+
+    async def fill() -> list[str]:
+        store = await QueueStore.open(state)
+        try:
+            return [await store.put(s, r, b"Subject: x\r\n\r\nx\r\n", now=at) for s, r, at in messages]
+        finally:
+            await store.close()
+
+    return asyncio.run(fill())
+
+
+def test_queue_commands_take_filters_and_record_who_did_what(tmp_path: Path) -> None:
+    import pwd
+    import time
+
+    from mxgate.core.tracking import read_records
+
+    state = tmp_path / "var"
+    now = time.time()
+    old, new, bounce = _queue_with(
+        state,
+        [
+            ("spam@ext.test", ["a@contoso.test"], now - 3 * 3600),
+            ("Spam@Ext.test", ["b@contoso.test", "a@contoso.test"], now - 60),
+            ("", ["c@contoso.test"], now - 60),
+        ],
+    )
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+
+    def queue(*args: str) -> subprocess.CompletedProcess[str]:
+        return mxgate("queue", *args, "--config", str(path))
+
+    listed = queue("list", "--to", "A@contoso.test", "--json")
+    assert [r["id"] for r in json.loads(listed.stdout)] == [old, new]
+    assert "no queued message matches" in queue("list", "--from", "nobody@ext.test").stdout
+    held = queue("hold", "--from", "spam@ext.test", "--older-than", "1h")
+    assert held.returncode == 0, held.stderr
+    assert held.stdout.splitlines() == [f"{old}: held", "1 message(s) held"]
+    rows = {r["id"]: r["state"] for r in json.loads(queue("list", "--json").stdout)}
+    assert rows == {old: "held", new: "queued", bounce: "queued"}
+    assert queue("release", old).returncode == 0
+    deleted = queue("delete", "--from", "<>")
+    assert deleted.returncode == 0 and deleted.stdout.splitlines()[0] == f"{bounce}: deleted"
+    assert queue("flush", "--to", "b@contoso.test").stdout.startswith(f"{new}: ")
+    assert queue("delete", "--from", "<>").returncode == 1  # nothing matches any more
+    refused = queue("delete")  # no ids, no filter: refused, nothing deleted
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert queue("hold", old, "--all").returncode == 2
+    missing = queue("hold", "NOPE")
+    assert missing.returncode == 1 and "no message 'NOPE'" in missing.stderr
+    assert len(json.loads(queue("list", "--json").stdout)) == 2
+
+    admin = [r for r in read_records(state) if r.event == "ADMIN"]
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert [(r.queue_id, r.get("action")) for r in admin] == [
+        (old, "held"), (old, "released"), (bounce, "deleted"), (new, "flushed")
+    ]  # fmt: skip
+    assert all(r.get("by") == me and r.get("via") == "mxgate queue" for r in admin)
+    story = mxgate("trace", old, "--config", str(path)).stdout
+    assert "ADMIN" in story and f"by={me}" in story and "action=held" in story
