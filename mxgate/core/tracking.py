@@ -337,10 +337,31 @@ def parse_since(text: str, *, now: float) -> float:
     return when.timestamp()
 
 
+TIME_FIELDS = frozenset({"next_attempt", "retry_until", "expires", "not_after"})
+
+
+def readable(key: str, value: Any) -> Any:
+    """A field as an operator reads it: times (``next_attempt``, ``*_at``) as ISO 8601 UTC instead of epoch
+    seconds, and counts (``results={"failed": 1}``) as words (``1 failed``). Other values unchanged."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and (key in TIME_FIELDS or key.endswith("_at")):
+        return _iso(float(value))
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+    ):
+        return ", ".join(f"{v} {k}" for k, v in value.items())
+    return value
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def format_record(r: TrackRecord) -> str:
-    """One line: time, event, queue id, then ``key=value`` fields -- every value escaped for the terminal and
-    quoted when needed (:func:`mxgate.core.textsafe.quote`), so text from the network can neither drive the
-    terminal nor pose as another field."""
+    """One line: time, event, queue id, then ``key=value`` fields -- made :func:`readable`, every value escaped
+    for the terminal and quoted when needed (:func:`mxgate.core.textsafe.quote`), so text from the network can
+    neither drive the terminal nor pose as another field."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts)) + f".{int(r.ts * 1000) % 1000:03d}Z"
-    details = " ".join(f"{escape(k)}={quote(v)}" for k, v in r.fields)
+    details = " ".join(f"{escape(k)}={quote(readable(k, v))}" for k, v in r.fields)
     return f"{when} {escape(r.event):<8} {escape(r.queue_id or '-')} {details}".rstrip()

@@ -292,3 +292,18 @@ def test_queue_commands_take_filters_and_record_who_did_what(tmp_path: Path) -> 
     assert all(r.get("by") == me and r.get("via") == "mxgate queue" for r in admin)
     story = mxgate("trace", old, "--config", str(path)).stdout
     assert "ADMIN" in story and f"by={me}" in story and "action=held" in story
+
+
+def test_trace_shows_times_and_counts_in_words(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    log = TrackingLog(state, clock=iter([1_796_601_600.0, 1_796_601_601.5]).__next__)
+    log.write(TrackEvent.ATTEMPT, queue_id="Q1", results={"failed": 1, "delivered": 2}, mx="mx.contoso.test")
+    log.write(TrackEvent.DEFER, queue_id="Q1", recipient="a@contoso.test", next_attempt=1_796_602_500.25)
+    log.close()
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+    out = mxgate("trace", "Q1", "--config", str(path)).stdout
+    assert 'results="1 failed, 2 delivered"' in out and "{" not in out
+    assert "next_attempt=2026-12-07T00:15:00Z" in out and "1796602500" not in out
+    assert out.startswith("2026-12-07 00:00:00.000Z ATTEMPT")
