@@ -75,6 +75,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"mxgate: {len(outdated)} configuration error(s)", file=sys.stderr)
         return 1
+    for advice in cfg.advisories(config):
+        print(f"warning: {advice}", file=sys.stderr)
     print(
         f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
         f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"

@@ -59,3 +59,19 @@ async def test_the_received_header_id_is_traceable(mxgate_gateway: Start, tmp_pa
     assert "b@example.net" not in by_received
     code, by_from, _ = await run_mxgate("trace", "--from", "A@example.net", "--since", "1h", "-c", conf)
     assert code == 0 and by_from == by_queue_id
+
+
+async def test_start_warns_about_connectors_that_match_the_same_clients(
+    mxgate_gateway: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    twins = (  # not the same sender_ips (that is a configuration error), but a network in common
+        '[[inbound_connector]]\nname = "a"\nsender_ips = ["10.9.0.0/16", "192.0.2.0/24"]\n'
+        '[[inbound_connector]]\nname = "b"\nsender_ips = ["10.9.0.0/16"]\n'
+    )
+    with caplog.at_level("WARNING"):
+        await mxgate_gateway(BASE + twins)
+    warned = [r.getMessage() for r in caplog.records if "never applies" in r.getMessage()]
+    assert warned == [
+        "inbound_connector[0] 'a' and inbound_connector[1] 'b' both match clients from 10.9.0.0/16: "
+        "'a' (listed first) always wins, 'b' never applies to them"
+    ]

@@ -307,3 +307,40 @@ def test_trace_shows_times_and_counts_in_words(tmp_path: Path) -> None:
     assert 'results="1 failed, 2 delivered"' in out and "{" not in out
     assert "next_attempt=2026-12-07T00:15:00Z" in out and "1796602500" not in out
     assert out.startswith("2026-12-07 00:00:00.000Z ATTEMPT")
+
+
+def test_config_check_warns_about_connectors_that_match_the_same_clients(tmp_path: Path) -> None:
+    path = tmp_path / "mx.toml"
+    connectors = (
+        '[[inbound_connector]]\nname = "exo"\nsender_ips = ["10.1.0.0/16", "192.0.2.0/24"]\nmay_relay = true\n'
+        '[[inbound_connector]]\nname = "exo-copy"\nsender_ips = ["10.1.0.0/16"]\n'
+        '[[inbound_connector]]\nname = "partner"\nsender_ips = ["10.1.0.0/16"]\n'
+        'tls_sender_certificate_name = "mail.partner.test"\n'  # a certificate match ranks above: no tie
+        '[[inbound_connector]]\nname = "cert-a"\ntls_sender_certificate_name = "mx.other.test"\n'
+        '[[inbound_connector]]\nname = "cert-b"\ntls_sender_certificate_name = "MX.other.test."\n'
+        '[[inbound_connector]]\nname = "narrow"\nsender_ips = ["10.1.2.0/24"]\n'  # more specific: wins its /24
+    )
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + connectors)
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and ": OK (" in res.stdout
+    assert res.stderr.splitlines() == [
+        "warning: inbound_connector[0] 'exo' and inbound_connector[1] 'exo-copy' both match clients from "
+        "10.1.0.0/16: 'exo' (listed first) always wins, 'exo-copy' never applies to them",
+        "warning: inbound_connector[3] 'cert-a' and inbound_connector[4] 'cert-b' both match clients presenting "
+        "certificate mx.other.test: 'cert-a' (listed first) always wins, 'cert-b' never applies to them",
+    ]
+
+
+def test_config_check_warns_about_auth_on_port_25(tmp_path: Path) -> None:
+    certs = ROOT / "examples" / "edge-exchange-online" / "certs"
+    listener = (
+        f'[[listener]]\nname = "mx"\naddress = "[::]:25"\ntls_cert = "{certs / "mx1.example.org.pem"}"\n'
+        f'tls_key = "{certs / "mx1.example.org.key"}"\n'
+    )
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + listener)
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and res.stderr.startswith("warning: listener[0] 'mx' on port 25 offers AUTH"), res
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + listener + "auth = false\n")
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and res.stderr == ""
