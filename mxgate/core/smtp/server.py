@@ -972,7 +972,9 @@ class Connection(asyncio.Protocol):
             self._write_repeated_rejections()
             if started:
                 with contextlib.suppress(Exception):
-                    await self.hooks.on_event("disconnection", listener=self.listener.config.name)
+                    conn = self.state.connector  # the one in force at the end (after STARTTLS or AUTH chose)
+                    label = conn.name if conn else "anonymous"
+                    await self.hooks.on_event("disconnection", listener=self.listener.config.name, connector=label)
                     await self.hooks.on_disconnect(self.snapshot())
 
     async def _session(self) -> None:
@@ -1105,6 +1107,7 @@ class Connection(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("STARTTLS handshake failed", extra={"session": self.session_id, "error": repr(exc)})
             self.transport.abort()
+            await self.hooks.on_event("tls_handshake_failed", listener=self.listener.config.name)
             raise _Gone() from None
         if transport is None:
             raise _Gone()
