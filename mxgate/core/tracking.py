@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -261,7 +262,12 @@ def _address(value: object) -> str:
 
 
 def _client(value: object) -> str:
-    return str(value).strip().strip("[]").lower().removeprefix("ipv6:")
+    """An address in one spelling (``[IPv6:2001:DB8::0:1]`` is ``2001:db8::1``)."""
+    text = str(value).strip().strip("[]").lower().removeprefix("ipv6:")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 def _received_matches(r: TrackRecord, flt: TraceFilter) -> bool:

@@ -203,6 +203,7 @@ def test_trace_searches_by_sender_recipient_client_and_time(tmp_path: Path) -> N
     log.write(TrackEvent.REJECT, stage="rcpt", client="192.0.2.1", sender="alice@ext.test", recipient="x@contoso.test")
     log.write(TrackEvent.DELIVER, queue_id="Q2", recipient="dave@contoso.test", mx="mx.contoso.test")
     log.write(TrackEvent.RECEIVE, queue_id="Q3", sender="", client="192.0.2.1")  # a bounce, at 00:06
+    log.write(TrackEvent.RECEIVE, queue_id="Q4", sender="x@ext.test", client="2001:db8::1")
     log.close()
     path = tmp_path / "mx.toml"
     path.write_text(f'[server]\nstate_dir = "{state}"\n')
@@ -219,6 +220,7 @@ def test_trace_searches_by_sender_recipient_client_and_time(tmp_path: Path) -> N
     assert search("--client", "192.0.2.1", "--to", "carol@contoso.test") == [("RECEIVE", "Q1"), ("ROUTE", "Q1")]
     assert search("--client", "192.0.2.1", "--since", "2026-12-07T00:04") == [("REJECT", "-"), ("RECEIVE", "Q3")]
     assert search("--from", "<>") == [("RECEIVE", "Q3")]
+    assert search("--client", "[IPv6:2001:DB8::0:1]") == [("RECEIVE", "Q4")]  # one spelling of an address
     assert search("--from", "alice@ext.test", "--to", "dave@contoso.test") == []
     assert search("s2.1") == [("RECEIVE", "Q2"), ("ROUTE", "Q2"), ("DELIVER", "Q2")]  # the Received: header's id
     none = mxgate("trace", "--from", "nobody@ext.test", "--config", str(path))
