@@ -346,3 +346,16 @@ def test_config_check_warns_about_auth_on_port_25(tmp_path: Path) -> None:
     path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + listener + "auth = false\n")
     res = mxgate("config", "check", str(path))
     assert res.returncode == 0 and res.stderr == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as root on another user's state")
+def test_queue_command_as_root_leaves_the_tracking_log_to_the_gateways_user(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    [qid] = _queue_with(state, [("a@ext.test", ["b@contoso.test"], 1_796_601_600.0)])
+    os.chown(state, 65534, 65534)  # the gateway runs as server.user (nobody here); no tracking log yet
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+    assert mxgate("queue", "hold", qid, "--config", str(path)).returncode == 0
+    log = state / "tracking.jsonl"
+    assert (log.stat().st_uid, log.stat().st_gid) == (65534, 65534)
+    assert log.stat().st_mode & 0o777 == 0o600

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -138,17 +139,19 @@ def record_admin(config: Config, action: str, queue_ids: Sequence[str | None], *
     """One ADMIN record per message acted on, in the gateway's tracking log (``mxgate trace ID`` shows it)."""
     if not config.server.tracking_log:
         return
-    log = TrackingLog(
-        config.state_path,
-        max_size=config.server.tracking_log_max_size,
-        files=config.server.tracking_log_files,
-    )
+    # The gateway rotates its log, not this command (max_size: never); a file this command creates as root
+    # goes to the state directory's owner, so the gateway (running as server.user) can go on appending to it.
+    log = TrackingLog(config.state_path, max_size=sys.maxsize, files=config.server.tracking_log_files)
     try:
         who = operator()
         for queue_id in queue_ids:
             log.write(TrackEvent.ADMIN, queue_id=queue_id, action=action, via="mxgate queue", **who, **fields)
     finally:
         log.close()
+    owner = config.state_path.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(log.path, owner.st_uid, owner.st_gid)
 
 
 def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
