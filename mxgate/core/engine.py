@@ -253,6 +253,8 @@ class Gateway:
             state = self.config.state_path
             if ok:
                 log.info("configuration reloaded", extra={"file": self.config.source, "applied": applied})
+                for advice in advisories(self.config):
+                    log.warning(advice)
             else:
                 log.warning("reload refused; running on the previous configuration", extra={"problems": problems})
             return rl.write_status(state, ok, problems, applied)

@@ -75,3 +75,41 @@ async def test_start_warns_about_connectors_that_match_the_same_clients(
         "inbound_connector[0] 'a' and inbound_connector[1] 'b' both match clients from 10.9.0.0/16: "
         "'a' (listed first) always wins, 'b' never applies to them"
     ]
+
+
+async def test_reload_warns_about_connectors_that_match_the_same_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tomli_w
+
+    from mxgate.core import engine
+    from mxgate.testing.gateway import free_port
+
+    doc: dict[str, object] = {
+        "server": {"state_dir": str(tmp_path / "state"), "accepted_domains": ["example.org"]},
+        "listener": [{"name": "smtp", "address": f"127.0.0.1:{free_port()}"}],
+        "dns": {"resolvers": [f"127.0.0.1:{free_port()}"], "timeout": 0.5},
+        "metrics": {"listen": ""},
+        "inbound_connector": [{"name": "a", "sender_ips": ["10.9.0.0/16", "192.0.2.0/24"]}],
+    }
+    path = tmp_path / "mxgate.toml"
+    path.write_text(tomli_w.dumps(doc))
+    source = engine.read_source(path)
+    config, plugins = engine.load_source(source, entry_points=False)
+    gateway = engine.Gateway(config, plugins, source=source)
+    await gateway.start()
+    try:
+        doc["inbound_connector"] = [
+            {"name": "a", "sender_ips": ["10.9.0.0/16", "192.0.2.0/24"]},
+            {"name": "b", "sender_ips": ["10.9.0.0/16"]},  # shares a network with "a": valid, but shadowed
+        ]
+        path.write_text(tomli_w.dumps(doc))
+        with caplog.at_level("WARNING"):
+            status = await gateway.reload()
+        assert status["ok"], status
+        assert [r.getMessage() for r in caplog.records if "never applies" in r.getMessage()] == [
+            "inbound_connector[0] 'a' and inbound_connector[1] 'b' both match clients from 10.9.0.0/16: "
+            "'a' (listed first) always wins, 'b' never applies to them"
+        ]
+    finally:
+        await gateway.stop(timeout=5.0)
