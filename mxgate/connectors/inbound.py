@@ -114,6 +114,34 @@ def select_inbound(
     return chosen
 
 
+def shadowed(connectors: Sequence[InboundConnector]) -> list[str]:
+    """Pairs of enabled connectors that :func:`select_inbound` cannot tell apart for some clients -- the same
+    certificate name (or none) and a network in common (or, for certificate-only connectors, no network at all):
+    the one listed first always wins for those clients, and the other never applies to them. One line each, for
+    ``mxgate run`` and ``mxgate config check`` to warn with (a configuration can mean it, so not an error)."""
+    out: list[str] = []
+    enabled = [(i, c) for i, c in enumerate(connectors) if c.enabled]
+    for pos, (i, first) in enumerate(enabled):
+        cert = (first.tls_sender_certificate_name or "").lower().rstrip(".")
+        for j, later in enabled[pos + 1 :]:
+            if (later.tls_sender_certificate_name or "").lower().rstrip(".") != cert:
+                continue
+            if first.sender_ips or later.sender_ips:
+                common = sorted({str(n) for n in first.networks} & {str(n) for n in later.networks})
+                if not common:
+                    continue
+                what = "clients from " + ", ".join(common) + (f" presenting certificate {cert}" if cert else "")
+            elif cert:
+                what = f"clients presenting certificate {cert}"
+            else:
+                continue  # matches nothing at all
+            out.append(
+                f"inbound_connector[{i}] {first.name!r} and inbound_connector[{j}] {later.name!r} both match "
+                f"{what}: {first.name!r} (listed first) always wins, {later.name!r} never applies to them"
+            )
+    return out
+
+
 def _cert_name_matches(wanted: str, presented: set[str]) -> bool:
     if wanted in presented:
         return True

@@ -75,6 +75,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"mxgate: {len(outdated)} configuration error(s)", file=sys.stderr)
         return 1
+    for advice in cfg.advisories(config):
+        print(f"warning: {advice}", file=sys.stderr)
     print(
         f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
         f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"
@@ -137,10 +139,36 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    if (args.id is None) == (args.message_id is None):
-        print("mxgate trace: give a queue id or --message-id MESSAGE-ID (one of them)", file=sys.stderr)
+    import time
+
+    given = [x is not None for x in (args.id, args.message_id)]
+    try:
+        flt = tracking.TraceFilter(
+            sender=args.sender,
+            recipient=args.recipient,
+            client=args.client,
+            since=None if args.since is None else tracking.parse_since(args.since, now=time.time()),
+        )
+    except ValueError as exc:
+        print(f"mxgate trace: --since: {escape(exc)}", file=sys.stderr)
+        return 2
+    if sum(given) + bool(flt) != 1:
+        print(
+            "mxgate trace: give a queue id, --message-id MESSAGE-ID, or search criteria "
+            "(--from, --to, --client, --since) -- one of them",
+            file=sys.stderr,
+        )
         return 2
     config, _ = load_from_args(args)
+    if flt:
+        found = 0
+        for record in tracking.search(config.state_path, flt):
+            print(tracking.format_record(record))
+            found += 1
+        if not found:
+            print(f"mxgate: no tracking records match in {config.state_path / tracking.FILE_NAME}", file=sys.stderr)
+            return 1
+        return 0
     by_mid = args.message_id is not None
     ident = args.message_id if by_mid else args.id
     records = tracking.trace(config.state_path, ident, message_id=by_mid)
@@ -365,11 +393,21 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     add_config_arg(p)
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or --message-id")
-    p.add_argument("id", nargs="?", help="queue id (as in '250 2.0.0 Ok: queued as ID')")
+    p = sub.add_parser(
+        "trace",
+        help="a message's story from the tracking log: by queue id, --message-id, or --from/--to/--client/--since",
+        description="Print tracking records in log order: one message's story by its queue id (or the id in the "
+        "Received: header mxgate added), every message with a Message-ID, or every message (and rejection) that "
+        "matches all the criteria given.",
+    )
+    p.add_argument("id", nargs="?", help="queue id (as in '250 2.0.0 Ok: queued as ID') or our Received: id")
     p.add_argument(
         "--message-id", metavar="MESSAGE-ID", help="every message with this Message-ID (angle brackets optional)"
     )
+    p.add_argument("--from", dest="sender", metavar="ADDRESS", help="envelope sender (<> for bounces)")
+    p.add_argument("--to", dest="recipient", metavar="ADDRESS", help="envelope recipient")
+    p.add_argument("--client", metavar="IP", help="the sending client's IP address")
+    p.add_argument("--since", metavar="WHEN", help="records since an age (30m, 2h, 7d) or an ISO time (UTC)")
     add_config_arg(p)
     p.set_defaults(func=cmd_trace)
 

@@ -674,6 +674,26 @@ def _overlaps(key: tuple[str, int], bound: Mapping[tuple[str, int], str]) -> str
     return None
 
 
+def advisories(config: Config) -> list[str]:
+    """What is valid but probably not meant, one line each: ``mxgate run`` logs them at start and ``mxgate config
+    check`` prints them as warnings (neither refuses the configuration)."""
+    from mxgate.connectors.inbound import shadowed
+
+    out: list[str] = []
+    for i, lst in enumerate(config.listener):
+        try:
+            port = checks.split_hostport(lst.address)[1]
+        except ValueError:
+            continue
+        if port == 25 and lst.auth and (lst.tls_cert or lst.implicit_tls):
+            out.append(
+                f"listener[{i}] {lst.name!r} on port 25 offers AUTH (under TLS): an MX should not (auth = false; "
+                "submission belongs on its own listener, 587 or 465)"
+            )
+    out.extend(shadowed(config.inbound_connector))
+    return out
+
+
 def _indistinguishable(a: InboundConnector, b: InboundConnector) -> bool:
     if (a.tls_sender_certificate_name or "").lower() != (b.tls_sender_certificate_name or "").lower():
         return False

@@ -10,6 +10,7 @@ import uuid
 from email.utils import formatdate
 
 from mxgate.core import checks
+from mxgate.core.textsafe import escape
 
 
 def _message(sender: str, to: str, connector: str, hostname: str) -> bytes:
@@ -68,15 +69,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.hooks.on_shutdown(runtime)
             runtime.tracking.close()
-        print(f"connector {connector.name}: destination {dest.domain}" + (" (smart hosts)" if dest.smart_hosts else ""))
+        print(
+            f"connector {connector.name}: destination {escape(dest.domain)}"
+            + (" (smart hosts)" if dest.smart_hosts else "")
+        )
         for step in result.steps:
-            print(f"  {step}")
+            print(f"  {escape(step)}")  # steps and transcript carry the remote server's words
         if args.verbose:
             print("transcript:")
             for line in result.transcript:
-                print(f"  {line}")
+                print(f"  {escape(line)}")
         ok = all(o.result == "delivered" for o in result.outcomes)
-        print("result: " + ("delivered" if ok else ", ".join(f"{o.result} ({o.reply})" for o in result.outcomes)))
+        print(
+            "result: " + ("delivered" if ok else ", ".join(f"{o.result} ({escape(o.reply)})" for o in result.outcomes))
+        )
         return 0 if ok else 1
 
     return asyncio.run(run())

@@ -19,6 +19,7 @@ from mxgate.core.config import (
     BUILTIN_SOURCE,
     DEFAULT_DOCUMENT,
     Config,
+    advisories,
     build_config,
     parse_toml,
     plugins_section,
@@ -175,6 +176,8 @@ class Gateway:
         problem = state_dir_problem(self.config.state_path)
         if problem:
             log.warning(problem)
+        for advice in advisories(self.config):
+            log.warning(advice)
         lock = service.StateLock(self.config.state_path)
         lock.acquire()
         self.lock = lock
@@ -250,6 +253,8 @@ class Gateway:
             state = self.config.state_path
             if ok:
                 log.info("configuration reloaded", extra={"file": self.config.source, "applied": applied})
+                for advice in advisories(self.config):
+                    log.warning(advice)
             else:
                 log.warning("reload refused; running on the previous configuration", extra={"problems": problems})
             return rl.write_status(state, ok, problems, applied)

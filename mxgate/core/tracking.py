@@ -1,7 +1,9 @@
 """The message-tracking log (Exchange's message tracking): one JSON line per step of a message's life.
 
-Events: RECEIVE, REJECT (receive side); ROUTE, ATTEMPT, DELIVER, DEFER, FAIL, DSN (queue and delivery).
-``mxgate trace ID`` prints a message's story in order, by queue id or Message-ID.
+Events: RECEIVE, REJECT (receive side); ROUTE, ATTEMPT, DELIVER, DEFER, FAIL, DSN (queue and delivery); ADMIN
+(an operator's ``mxgate queue hold/release/delete/flush``: ``action`` and ``by`` whom).
+``mxgate trace ID`` prints a message's story in order, by queue id, the id of our ``Received:`` header or
+Message-ID; ``mxgate trace --from/--to/--client/--since`` finds the messages (and rejections) that match.
 
 The log is rotated by size (``server.tracking_log_max_size``): ``tracking.jsonl`` becomes ``tracking.jsonl.1``,
 older files shift up and those beyond ``server.tracking_log_files`` are deleted. Receive workers append to the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -46,6 +49,7 @@ class TrackEvent(StrEnum):
     DEFER = "DEFER"
     FAIL = "FAIL"
     DSN = "DSN"
+    ADMIN = "ADMIN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,29 +213,161 @@ def read_records(state_dir: Path) -> Iterator[TrackRecord]:
 
 
 def trace(state_dir: Path, ident: str, *, message_id: bool = False) -> list[TrackRecord]:
-    """Every record of one message by its queue id; with ``message_id``, of every message whose Message-ID is
+    """Every record of one message by its queue id (or the id of the ``Received:`` header we added, which the
+    RECEIVE record keeps as ``received_id``); with ``message_id``, of every message whose Message-ID is
     ``ident`` (with or without angle brackets). The two are never mixed: a sender chooses its Message-ID, and one
     equal to another message's queue id must not splice that message's story into its own.
 
     Two streaming passes (the queue ids first, then their records): memory holds the matches, not the log."""
     if not message_id:
-        return [r for r in read_records(state_dir) if r.queue_id == ident]
-    wanted_mid = ident.strip().strip("<>")
-    qids = {
-        r.queue_id
-        for r in read_records(state_dir)
-        if r.message_id is not None and r.message_id.strip().strip("<>") == wanted_mid
-    }
+        qids = {
+            r.queue_id
+            for r in read_records(state_dir)
+            if r.queue_id == ident or (r.event == TrackEvent.RECEIVE and r.get("received_id") == ident)
+        }
+    else:
+        wanted_mid = ident.strip().strip("<>")
+        qids = {
+            r.queue_id
+            for r in read_records(state_dir)
+            if r.message_id is not None and r.message_id.strip().strip("<>") == wanted_mid
+        }
     qids.discard(None)
     if not qids:
         return []
     return [r for r in read_records(state_dir) if r.queue_id in qids]
 
 
+@dataclass(frozen=True, slots=True)
+class TraceFilter:
+    """What ``mxgate trace --from/--to/--client/--since`` asks for; every criterion given must hold.
+
+    ``sender`` and ``client`` are matched on a message's RECEIVE record (and on REJECT records, which have no
+    queue id and are shown themselves), ``recipient`` on the records that name one recipient (ROUTE, DELIVER,
+    DEFER, FAIL; a REJECT at RCPT), ``since`` on any record. Addresses compare without case and angle brackets;
+    ``<>`` is the null sender."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    client: str | None = None
+    since: float | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.sender, self.recipient, self.client, self.since))
+
+
+def _address(value: object) -> str:
+    text = str(value).strip()
+    return "<>" if text in ("", "<>") else text.strip("<>").lower()
+
+
+def _client(value: object) -> str:
+    """An address in one spelling (``[IPv6:2001:DB8::0:1]`` is ``2001:db8::1``)."""
+    text = str(value).strip().strip("[]").lower().removeprefix("ipv6:")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def _received_matches(r: TrackRecord, flt: TraceFilter) -> bool:
+    if flt.sender is not None and _address(r.get("sender", "")) != _address(flt.sender):
+        return False
+    return flt.client is None or _client(r.get("client", "")) == _client(flt.client)
+
+
+def _names_recipient(r: TrackRecord, wanted: str) -> bool:
+    value = r.get("recipient")
+    return value is not None and _address(value) == wanted
+
+
+def search(state_dir: Path, flt: TraceFilter) -> Iterator[TrackRecord]:
+    """The stories of every message that matches ``flt``, and the REJECT records that match it, in log order.
+
+    Two streaming passes, like :func:`trace`: the first collects the queue ids that match each criterion, the
+    second yields their records; memory holds the matching ids, never the records or the log."""
+    by_receive: set[str] | None = set() if flt.sender is not None or flt.client is not None else None
+    by_recipient: set[str] | None = set() if flt.recipient is not None else None
+    by_time: set[str] | None = set() if flt.since is not None else None
+    wanted_rcpt = _address(flt.recipient) if flt.recipient is not None else ""
+    for r in read_records(state_dir):
+        if r.queue_id is None:
+            continue
+        if by_receive is not None and r.event == TrackEvent.RECEIVE and _received_matches(r, flt):
+            by_receive.add(r.queue_id)
+        if by_recipient is not None and _names_recipient(r, wanted_rcpt):
+            by_recipient.add(r.queue_id)
+        if by_time is not None and flt.since is not None and r.ts >= flt.since:
+            by_time.add(r.queue_id)
+    chosen: set[str] | None = None
+    for found in (by_receive, by_recipient, by_time):
+        if found is not None:
+            chosen = found if chosen is None else chosen & found
+    if chosen is None:  # an empty filter chooses nothing (``trace`` wants an id or a criterion)
+        return
+    for r in read_records(state_dir):
+        if r.queue_id is not None:
+            if r.queue_id in chosen:
+                yield r
+        elif r.event == TrackEvent.REJECT and _reject_matches(r, flt, wanted_rcpt):
+            yield r
+
+
+def _reject_matches(r: TrackRecord, flt: TraceFilter, wanted_rcpt: str) -> bool:
+    if flt.since is not None and r.ts < flt.since:
+        return False
+    if flt.recipient is not None and not _names_recipient(r, wanted_rcpt):
+        return False
+    return _received_matches(r, flt)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """``--since``: an age (``90s``, ``30m``, ``2h``, ``7d``) or an ISO 8601 date or time (UTC unless it names
+    its offset). Raises :class:`ValueError` with the accepted forms."""
+    from datetime import UTC, datetime
+
+    t = text.strip()
+    if len(t) > 1 and t[-1] in _UNITS and t[:-1].isdigit():
+        return now - int(t[:-1]) * _UNITS[t[-1]]
+    try:
+        when = datetime.fromisoformat(t)
+    except ValueError:
+        raise ValueError(
+            f"{t!r} is neither an age (30m, 2h, 7d) nor an ISO time (2026-12-07, 2026-12-07T01:30)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+TIME_FIELDS = frozenset({"next_attempt", "retry_until", "expires", "not_after"})
+
+
+def readable(key: str, value: Any) -> Any:
+    """A field as an operator reads it: times (``next_attempt``, ``*_at``) as ISO 8601 UTC instead of epoch
+    seconds, and counts (``results={"failed": 1}``) as words (``1 failed``). Other values unchanged."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and (key in TIME_FIELDS or key.endswith("_at")):
+        return _iso(float(value))
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+    ):
+        return ", ".join(f"{v} {k}" for k, v in value.items())
+    return value
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def format_record(r: TrackRecord) -> str:
-    """One line: time, event, queue id, then ``key=value`` fields -- every value escaped for the terminal and
-    quoted when needed (:func:`mxgate.core.textsafe.quote`), so text from the network can neither drive the
-    terminal nor pose as another field."""
+    """One line: time, event, queue id, then ``key=value`` fields -- made :func:`readable`, every value escaped
+    for the terminal and quoted when needed (:func:`mxgate.core.textsafe.quote`), so text from the network can
+    neither drive the terminal nor pose as another field."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts)) + f".{int(r.ts * 1000) % 1000:03d}Z"
-    details = " ".join(f"{escape(k)}={quote(v)}" for k, v in r.fields)
+    details = " ".join(f"{escape(k)}={quote(readable(k, v))}" for k, v in r.fields)
     return f"{when} {escape(r.event):<8} {escape(r.queue_id or '-')} {details}".rstrip()

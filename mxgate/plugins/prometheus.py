@@ -10,7 +10,6 @@ as well:
   ``"sts"``): the same records TLS-RPT aggregates.
 - ``mxgate_delivery_on_delivered`` / ``on_deferred`` / ``on_failed`` — per-recipient results and, for the final
   states, the latency from receipt (``received_at``) to the final result (``at``).
-- ``mxgate_receive_on_disconnect`` — closes the open-session gauge the ``connection`` event opened.
 - ``mxgate_report_on_plugin_error`` — ``mxgate_plugin_errors_total{plugin, hook}``.
 - ``mxgate_lifecycle_on_startup`` — starts the endpoint and a background task that reads
   ``runtime.queue.counts()`` every few seconds (sooner after mail arrived or left), so a scrape never waits on the
@@ -21,8 +20,10 @@ Event kinds consumed (``kind``: event labels -> metric; value 1 unless said othe
 =============================  =========================================  ==========================================
 kind                           labels                                     metric
 =============================  =========================================  ==========================================
-``connection``                 listener, connector                        ``mxgate_smtp_connections_total``,
-                                                                          ``mxgate_smtp_sessions_active``
+``connection``                 listener                                   ``mxgate_smtp_sessions_active`` (+1)
+``disconnection``              listener, connector (in force at the end)  ``mxgate_smtp_connections_total``,
+                                                                          ``mxgate_smtp_sessions_active`` (-1)
+``tls_handshake_failed``       listener                                   ``mxgate_smtp_tls_handshake_failures_total``
 ``connection_refused``         listener, reason                           ``mxgate_smtp_connections_refused_total``
 ``tls_session``                listener, version                          ``mxgate_smtp_tls_sessions_total``
 ``auth``                       result                                     ``mxgate_smtp_auth_total``
@@ -126,12 +127,19 @@ class EventMetric:
         return tuple(event.label(src) for src in (self.sources or self.labels))
 
 
-#: Event kind -> counter. ``dns_lookup``, ``dns_self_test``, ``connection`` and ``queue`` get extra treatment in
-#: :meth:`PrometheusPlugin.mxgate_report_on_event` as well; ``disconnection`` only moves the sessions gauge.
+#: Event kind -> counter. ``dns_lookup``, ``dns_self_test``, ``disconnection`` and ``queue`` get extra treatment
+#: in :meth:`PrometheusPlugin.mxgate_report_on_event` as well; ``connection`` only moves the sessions gauge.
 EVENT_METRICS: Mapping[str, EventMetric] = {
-    "connection": EventMetric(
-        "mxgate_smtp_connections", "SMTP connections accepted, by listener and inbound connector (anonymous: none).",
+    "disconnection": EventMetric(
+        "mxgate_smtp_connections",
+        "SMTP connections, counted when they close, by listener and the inbound connector in force then (after "
+        "STARTTLS or AUTH chose again: a certificate-pinned partner counts under its connector; anonymous: none).",
         ("listener", "connector"),
+    ),
+    "tls_handshake_failed": EventMetric(
+        "mxgate_smtp_tls_handshake_failures",
+        "Inbound STARTTLS handshakes that failed (no common protocol or cipher, client gave up, timeout), by listener.",
+        ("listener",),
     ),
     "connection_refused": EventMetric(
         "mxgate_smtp_connections_refused",
@@ -501,8 +509,9 @@ class PrometheusPlugin:
         for lst in config.listener:
             self._child(self.sessions_active, (lst.name,))
             for conn in inbound:
-                for kind in ("connection", "message_received"):
+                for kind in ("disconnection", "message_received"):
                     self._counter(kind, (lst.name, conn))
+            self._counter("tls_handshake_failed", (lst.name,))
         for out in config.outbound_connector:
             self._counter("outbound_session_reused", (out.name,))
             for result in RECIPIENT_STATES:
@@ -582,9 +591,13 @@ class PrometheusPlugin:
             if event.label("action") == "dsn":
                 self._child(self.dsn, (event.label("dsn"),)).inc()
             return
+        if kind == "connection":
+            self._child(self.sessions_active, (event.label("listener"),)).inc()
+            return
         if kind == "disconnection":
             self._child(self.sessions_active, (event.label("listener"),)).dec()
-            return
+            if not event.label("connector"):
+                return  # the sessions a dying receive worker held: their connector is unknown, not counted
         if kind == "certificate_expiry":
             which = (event.label("listener"), event.label("certificate"))
             self._child(self.certificate_expiry, which).set(event.value)
@@ -601,9 +614,7 @@ class PrometheusPlugin:
             self.resolver_validating = 1.0 if event.label("result") == "validating" else 0.0
             self._counter(kind, values).inc()
             return
-        if kind == "connection":
-            self._child(self.sessions_active, (event.label("listener"),)).inc()
-        elif kind == "message_received":
+        if kind == "message_received":
             self._queue_moved()
         self._counter(kind, values).inc(event.value)
 

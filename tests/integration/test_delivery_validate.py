@@ -58,3 +58,22 @@ async def test_connector_validate_prints_tls_and_replies(tmp_path: Path, capsys:
             await asyncio.to_thread(cli_main, ["connector", "validate", "nope", "--to", "b@x.test", "-c", str(config)])
             == 1
         )
+
+
+async def test_connector_validate_escapes_the_remote_reply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with SmtpSink(rcpt_replies={"b": "550 5.1.1 \x1b]0;pwned\x07 no \u202eresu"}) as sink:
+        config = tmp_path / "mxgate.toml"
+        config.write_text(
+            f'[server]\nhostname = "gw.sender.test"\nstate_dir = "{tmp_path / "var"}"\n'
+            '[[listener]]\nname = "smtp"\naddress = "127.0.0.1:1"\n[metrics]\nlisten = ""\n'
+            '[dns]\nresolvers = ["127.0.0.1:1"]\n[plugins]\ndisable = ["dnssec"]\n'
+            f'[[outbound_connector]]\nname = "relay"\nrecipient_domains = ["*"]\n'
+            f'smart_hosts = ["127.0.0.1:{sink.port}"]\ntls = "none"\n',
+            encoding="utf-8",
+        )
+        argv = ["connector", "validate", "relay", "--to", "b@x.test", "-v", "-c", str(config)]
+        code = await asyncio.to_thread(cli_main, argv)
+        out = capsys.readouterr().out
+        assert code == 1 and "result: failed (550 5.1.1" in out
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+        assert "\\x1b]0;pwned\\x07" in out and "\\u202eresu" in out

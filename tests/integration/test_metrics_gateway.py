@@ -192,3 +192,53 @@ async def test_tls_outcomes_of_real_deliveries(
     s = await wait_for_metric(gw, "mxgate_delivery_recipients_total", 1, connector="tls-required", result="deferred")
     assert value(s, "mxgate_delivery_recipients_total", connector="verified", result="delivered") == 1
     assert plain.messages == ()
+
+
+async def test_connections_count_under_the_connector_in_force_and_handshake_failures(
+    mxgate_gateway: Start, test_ca: TestCA, tmp_path: Path
+) -> None:
+    leaf = test_ca.issue(["mx.gateway.test"], directory=tmp_path)
+    (tmp_path / "c").mkdir()
+    partner = test_ca.issue(["mail.partner.test"], client=True, directory=tmp_path / "c")
+    gw = await mxgate_gateway(f"""
+        [server]
+        accepted_domains = ["example.org"]
+
+        [[listener]]
+        name = "smtp"
+        address = "127.0.0.1:{free_port()}"
+        tls_cert = "{leaf.chain_path}"
+        tls_key = "{leaf.key_path}"
+        tls_client_ca = "{test_ca.cert_path}"
+
+        [[inbound_connector]]
+        name = "partner"
+        tls_sender_certificate_name = "mail.partner.test"
+    """)
+
+    def pinned_session() -> None:
+        context = ssl.create_default_context(cafile=str(test_ca.cert_path))
+        context.check_hostname = False
+        context.load_cert_chain(str(partner.cert_path), str(partner.key_path))
+        with smtplib.SMTP(gw.smtp_host, gw.smtp_port, timeout=10) as client:
+            client.starttls(context=context)
+            client.sendmail("a@partner.test", ["ok@example.org"], BODY)
+
+    await asyncio.to_thread(pinned_session)
+    # a client that says STARTTLS and then sends no TLS at all
+    reader, writer = await asyncio.open_connection(gw.smtp_host, gw.smtp_port)
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"220 ")
+    writer.write(b"EHLO c.test\r\nSTARTTLS\r\n")
+    while not (line := await asyncio.wait_for(reader.readline(), 5)).startswith(b"220 "):
+        assert line, "closed before 220 to STARTTLS"
+    writer.write(b"this is not a TLS ClientHello\r\n" * 4)
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # the gateway hangs up
+    writer.close()
+
+    s = await wait_for_metric(gw, "mxgate_smtp_tls_handshake_failures_total", 1, listener="smtp")
+    assert value(s, "mxgate_smtp_tls_handshake_failures_total", listener="smtp") == 1
+    s = await wait_for_metric(gw, "mxgate_smtp_connections_total", 1, listener="smtp", connector="anonymous")
+    assert value(s, "mxgate_messages_received_total", listener="smtp", connector="partner") == 1
+    assert value(s, "mxgate_smtp_connections_total", listener="smtp", connector="partner") == 1  # not anonymous
+    assert value(s, "mxgate_smtp_connections_total", listener="smtp", connector="anonymous") == 1  # the bad one
+    assert value(s, "mxgate_smtp_sessions_active", listener="smtp") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -188,3 +189,173 @@ def test_there_are_example_configs() -> None:
 def test_examples_pass_config_check(config: Path) -> None:
     out = mxgate("config", "check", str(config), cwd=config.parent)
     assert out.returncode == 0, out.stderr
+
+
+def test_trace_searches_by_sender_recipient_client_and_time(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    day = 1_796_601_600.0  # 2026-12-07T00:00:00Z
+    log = TrackingLog(state, clock=iter([day + 60 * n for n in range(20)]).__next__)
+    log.write(TrackEvent.RECEIVE, queue_id="Q1", sender="alice@ext.test", client="192.0.2.1", received_id="s1.1")
+    log.write(TrackEvent.RECEIVE, queue_id="Q2", sender="bob@ext.test", client="192.0.2.2", received_id="s2.1")
+    log.write(TrackEvent.ROUTE, queue_id="Q1", recipient="carol@contoso.test", connector="exo")
+    log.write(TrackEvent.ROUTE, queue_id="Q2", recipient="dave@contoso.test", connector="exo")
+    log.write(TrackEvent.REJECT, stage="rcpt", client="192.0.2.1", sender="alice@ext.test", recipient="x@contoso.test")
+    log.write(TrackEvent.DELIVER, queue_id="Q2", recipient="dave@contoso.test", mx="mx.contoso.test")
+    log.write(TrackEvent.RECEIVE, queue_id="Q3", sender="", client="192.0.2.1")  # a bounce, at 00:06
+    log.write(TrackEvent.RECEIVE, queue_id="Q4", sender="x@ext.test", client="2001:db8::1")
+    log.close()
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+
+    def search(*args: str) -> list[tuple[str, str]]:
+        res = mxgate("trace", *args, "--config", str(path))
+        assert res.returncode in (0, 1), res.stderr
+        return [(line.split()[2], line.split()[3]) for line in res.stdout.splitlines()]
+
+    assert search("--from", "<Alice@Ext.test>") == [
+        ("RECEIVE", "Q1"), ("ROUTE", "Q1"), ("REJECT", "-")
+    ]  # fmt: skip
+    assert search("--to", "dave@contoso.test") == [("RECEIVE", "Q2"), ("ROUTE", "Q2"), ("DELIVER", "Q2")]
+    assert search("--client", "192.0.2.1", "--to", "carol@contoso.test") == [("RECEIVE", "Q1"), ("ROUTE", "Q1")]
+    assert search("--client", "192.0.2.1", "--since", "2026-12-07T00:04") == [("REJECT", "-"), ("RECEIVE", "Q3")]
+    assert search("--from", "<>") == [("RECEIVE", "Q3")]
+    assert search("--client", "[IPv6:2001:DB8::0:1]") == [("RECEIVE", "Q4")]  # one spelling of an address
+    assert search("--from", "alice@ext.test", "--to", "dave@contoso.test") == []
+    assert search("s2.1") == [("RECEIVE", "Q2"), ("ROUTE", "Q2"), ("DELIVER", "Q2")]  # the Received: header's id
+    none = mxgate("trace", "--from", "nobody@ext.test", "--config", str(path))
+    assert none.returncode == 1 and "no tracking records match" in none.stderr
+    bad = mxgate("trace", "--since", "yesterday", "--config", str(path))
+    assert bad.returncode == 2 and "ISO time" in bad.stderr
+    assert mxgate("trace", "Q1", "--from", "alice@ext.test", "--config", str(path)).returncode == 2
+    assert mxgate("trace", "--message-id", "m", "--to", "a@b", "--config", str(path)).returncode == 2
+
+
+def _queue_with(state: Path, messages: list[tuple[str, list[str], float]]) -> list[str]:
+    from mxgate.core.queue.store import QueueStore
+
+    async def fill() -> list[str]:
+        store = await QueueStore.open(state)
+        try:
+            return [await store.put(s, r, b"Subject: x\r\n\r\nx\r\n", now=at) for s, r, at in messages]
+        finally:
+            await store.close()
+
+    return asyncio.run(fill())
+
+
+def test_queue_commands_take_filters_and_record_who_did_what(tmp_path: Path) -> None:
+    import pwd
+    import time
+
+    from mxgate.core.tracking import read_records
+
+    state = tmp_path / "var"
+    now = time.time()
+    old, new, bounce = _queue_with(
+        state,
+        [
+            ("spam@ext.test", ["a@contoso.test"], now - 3 * 3600),
+            ("Spam@Ext.test", ["b@contoso.test", "a@contoso.test"], now - 60),
+            ("", ["c@contoso.test"], now - 60),
+        ],
+    )
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+
+    def queue(*args: str) -> subprocess.CompletedProcess[str]:
+        return mxgate("queue", *args, "--config", str(path))
+
+    listed = queue("list", "--to", "A@contoso.test", "--json")
+    assert [r["id"] for r in json.loads(listed.stdout)] == [old, new]
+    assert "no queued message matches" in queue("list", "--from", "nobody@ext.test").stdout
+    held = queue("hold", "--from", "spam@ext.test", "--older-than", "1h")
+    assert held.returncode == 0, held.stderr
+    assert held.stdout.splitlines() == [f"{old}: held", "1 message(s) held"]
+    rows = {r["id"]: r["state"] for r in json.loads(queue("list", "--json").stdout)}
+    assert rows == {old: "held", new: "queued", bounce: "queued"}
+    assert queue("release", old).returncode == 0
+    deleted = queue("delete", "--from", "<>")
+    assert deleted.returncode == 0 and deleted.stdout.splitlines()[0] == f"{bounce}: deleted"
+    assert queue("flush", "--to", "b@contoso.test").stdout.startswith(f"{new}: ")
+    assert queue("delete", "--from", "<>").returncode == 1  # nothing matches any more
+    refused = queue("delete")  # no ids, no filter: refused, nothing deleted
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert queue("hold", old, "--all").returncode == 2
+    missing = queue("hold", "NOPE")
+    assert missing.returncode == 1 and "no message 'NOPE'" in missing.stderr
+    assert len(json.loads(queue("list", "--json").stdout)) == 2
+
+    admin = [r for r in read_records(state) if r.event == "ADMIN"]
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert [(r.queue_id, r.get("action")) for r in admin] == [
+        (old, "held"), (old, "released"), (bounce, "deleted"), (new, "flushed")
+    ]  # fmt: skip
+    assert all(r.get("by") == me and r.get("via") == "mxgate queue" for r in admin)
+    story = mxgate("trace", old, "--config", str(path)).stdout
+    assert "ADMIN" in story and f"by={me}" in story and "action=held" in story
+
+
+def test_trace_shows_times_and_counts_in_words(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    log = TrackingLog(state, clock=iter([1_796_601_600.0, 1_796_601_601.5]).__next__)
+    log.write(TrackEvent.ATTEMPT, queue_id="Q1", results={"failed": 1, "delivered": 2}, mx="mx.contoso.test")
+    log.write(TrackEvent.DEFER, queue_id="Q1", recipient="a@contoso.test", next_attempt=1_796_602_500.25)
+    log.close()
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+    out = mxgate("trace", "Q1", "--config", str(path)).stdout
+    assert 'results="1 failed, 2 delivered"' in out and "{" not in out
+    assert "next_attempt=2026-12-07T00:15:00Z" in out and "1796602500" not in out
+    assert out.startswith("2026-12-07 00:00:00.000Z ATTEMPT")
+
+
+def test_config_check_warns_about_connectors_that_match_the_same_clients(tmp_path: Path) -> None:
+    path = tmp_path / "mx.toml"
+    connectors = (
+        '[[inbound_connector]]\nname = "exo"\nsender_ips = ["10.1.0.0/16", "192.0.2.0/24"]\nmay_relay = true\n'
+        '[[inbound_connector]]\nname = "exo-copy"\nsender_ips = ["10.1.0.0/16"]\n'
+        '[[inbound_connector]]\nname = "partner"\nsender_ips = ["10.1.0.0/16"]\n'
+        'tls_sender_certificate_name = "mail.partner.test"\n'  # a certificate match ranks above: no tie
+        '[[inbound_connector]]\nname = "cert-a"\ntls_sender_certificate_name = "mx.other.test"\n'
+        '[[inbound_connector]]\nname = "cert-b"\ntls_sender_certificate_name = "MX.other.test."\n'
+        '[[inbound_connector]]\nname = "narrow"\nsender_ips = ["10.1.2.0/24"]\n'  # more specific: wins its /24
+    )
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + connectors)
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and ": OK (" in res.stdout
+    assert res.stderr.splitlines() == [
+        "warning: inbound_connector[0] 'exo' and inbound_connector[1] 'exo-copy' both match clients from "
+        "10.1.0.0/16: 'exo' (listed first) always wins, 'exo-copy' never applies to them",
+        "warning: inbound_connector[3] 'cert-a' and inbound_connector[4] 'cert-b' both match clients presenting "
+        "certificate mx.other.test: 'cert-a' (listed first) always wins, 'cert-b' never applies to them",
+    ]
+
+
+def test_config_check_warns_about_auth_on_port_25(tmp_path: Path) -> None:
+    certs = ROOT / "examples" / "edge-exchange-online" / "certs"
+    listener = (
+        f'[[listener]]\nname = "mx"\naddress = "[::]:25"\ntls_cert = "{certs / "mx1.example.org.pem"}"\n'
+        f'tls_key = "{certs / "mx1.example.org.key"}"\n'
+    )
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + listener)
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and res.stderr.startswith("warning: listener[0] 'mx' on port 25 offers AUTH"), res
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "var"}"\n' + listener + "auth = false\n")
+    res = mxgate("config", "check", str(path))
+    assert res.returncode == 0 and res.stderr == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as root on another user's state")
+def test_queue_command_as_root_leaves_the_tracking_log_to_the_gateways_user(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    [qid] = _queue_with(state, [("a@ext.test", ["b@contoso.test"], 1_796_601_600.0)])
+    os.chown(state, 65534, 65534)  # the gateway runs as server.user (nobody here); no tracking log yet
+    path = tmp_path / "mx.toml"
+    path.write_text(f'[server]\nstate_dir = "{state}"\n')
+    assert mxgate("queue", "hold", qid, "--config", str(path)).returncode == 0
+    log = state / "tracking.jsonl"
+    assert (log.stat().st_uid, log.stat().st_gid) == (65534, 65534)
+    assert log.stat().st_mode & 0o777 == 0o600

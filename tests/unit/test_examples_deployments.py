@@ -78,3 +78,26 @@ def test_systemd_units_are_hardened_and_hand_over_the_listener() -> None:
     config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
     assert socket_unit["Socket.FileDescriptorName"] == [config.listener[0].name]
     assert socket_unit["Socket.Service"] == ["mxgate.service"]
+
+
+def _example_configs() -> list[Path]:
+    return sorted(p for p in EXAMPLES.rglob("*.toml") if p.name != "pyproject.toml")
+
+
+def test_examples_offer_no_auth_on_their_mx_listeners() -> None:
+    from mxgate.core.config import advisories
+
+    assert len(_example_configs()) >= 3
+    for path in _example_configs():
+        config, _ = engine.load(path, entry_points=False)
+        assert config.listener and all(not lst.auth for lst in config.listener), path  # "[::]:25" in production
+        assert advisories(config) == [], path
+
+
+def test_edge_example_mails_tls_rpt_reports_only_as_its_readme_says() -> None:
+    config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    tlsrpt = config.plugin_sections["tlsrpt"]
+    readme = (EXAMPLES / "edge-exchange-online" / "README.md").read_text()
+    reporting = " ".join(readme.split("**Reporting**")[1].split("\n- ")[0].split())
+    if not (tlsrpt.dkim_key_file and tlsrpt.dkim_selector):  # mailto: reports are never sent unsigned (RFC 8460)
+        assert "must be DKIM-signed" in reporting and "only once you add a DKIM key" in reporting

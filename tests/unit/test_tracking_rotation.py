@@ -49,3 +49,25 @@ def test_trace_finds_a_story_across_rotated_files(tmp_path: Path) -> None:
     assert len(log_files(tmp_path)) > 2
     assert [r.event for r in trace(tmp_path, "<m@x>", message_id=True)] == ["RECEIVE", "DELIVER"]
     assert [r.event for r in trace(tmp_path, "Q1")] == ["RECEIVE", "DELIVER"]
+
+
+def test_search_streams_across_rotated_files_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from mxgate.core.tracking import TraceFilter, search
+
+    log = TrackingLog(tmp_path, max_size=1_000_000, files=10)
+    log.write(TrackEvent.RECEIVE, queue_id="Q0", sender="wanted@ext.test", client="192.0.2.1")
+    for i in range(30_000):  # about 4 MB of other mail
+        log.write(TrackEvent.RECEIVE, queue_id=f"N{i}", sender=f"other{i}@ext.test", client="198.51.100.7", size=i)
+    log.write(TrackEvent.DELIVER, queue_id="Q0", recipient="a@contoso.test")
+    log.close()
+    assert len(log_files(tmp_path)) >= 4 and sum(p.stat().st_size for p in log_files(tmp_path)) > 3_000_000
+    tracemalloc.start()
+    try:
+        found = [(r.event, r.queue_id) for r in search(tmp_path, TraceFilter(sender="wanted@ext.test"))]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found == [("RECEIVE", "Q0"), ("DELIVER", "Q0")]
+    assert peak < 300_000, peak  # a few lines and the matching ids, not the 4 MB log

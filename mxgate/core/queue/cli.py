@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, TypeVar
 
+from mxgate.core.config import Config
 from mxgate.core.errors import StateError
 from mxgate.core.queue.store import DB_NAME, MessageNotFoundError, QueuedMessage, QueueStore
 from mxgate.core.textsafe import escape
+from mxgate.core.tracking import TrackEvent, TrackingLog
 
 T = TypeVar("T")
 
@@ -62,6 +66,10 @@ def _last_error(msg: QueuedMessage) -> str:
 
 
 def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> T:
+    return _run_in(_config(args), fn)
+
+
+def _config(args: argparse.Namespace) -> Config:
     from mxgate.core.cli import ENV_CONFIG, load_from_args
 
     config, _ = load_from_args(args)
@@ -71,7 +79,10 @@ def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> 
             f"no queue at {db.absolute()} (server.state_dir of {config.source}): name the gateway's configuration with "
             f"-c FILE or ${ENV_CONFIG}"
         )
+    return config
 
+
+def _run_in(config: Config, fn: Callable[[QueueStore], Awaitable[T]]) -> T:
     async def main() -> T:
         store = await QueueStore.open(config.state_path, release_leases=False)
         try:
@@ -80,6 +91,67 @@ def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> 
             await store.close()
 
     return asyncio.run(main())
+
+
+def _parse_age(text: str) -> float:
+    t = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(t) > 1 and t[-1] in units and t[:-1].isdigit():
+        return float(int(t[:-1]) * units[t[-1]])
+    raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 90s, 30m, 2h or 7d")
+
+
+def _plain_address(text: str) -> str:
+    t = text.strip()
+    return "" if t in ("", "<>") else t.strip("<>")
+
+
+def _filters(args: argparse.Namespace, now: float) -> dict[str, Any]:
+    """The store's selection from ``--from/--to/--older-than`` (those given)."""
+    found: dict[str, Any] = {}
+    if args.sender is not None:
+        found["sender"] = _plain_address(args.sender)
+    if args.recipient is not None:
+        found["recipient"] = _plain_address(args.recipient)
+    if args.older_than is not None:
+        found["received_before"] = now - args.older_than
+    return found
+
+
+def operator() -> dict[str, str]:
+    """Who runs this command, for the ADMIN tracking record: the effective user, and the one sudo names (what
+    the environment says: a hint, not proof)."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid {uid}"
+    who = {"by": name}
+    sudo = os.environ.get("SUDO_USER")
+    if sudo and sudo != name:
+        who["sudo_user"] = sudo
+    return who
+
+
+def record_admin(config: Config, action: str, queue_ids: Sequence[str | None], **fields: Any) -> None:
+    """One ADMIN record per message acted on, in the gateway's tracking log (``mxgate trace ID`` shows it)."""
+    if not config.server.tracking_log:
+        return
+    # The gateway rotates its log, not this command (max_size: never); a file this command creates as root
+    # goes to the state directory's owner, so the gateway (running as server.user) can go on appending to it.
+    log = TrackingLog(config.state_path, max_size=sys.maxsize, files=config.server.tracking_log_files)
+    try:
+        who = operator()
+        for queue_id in queue_ids:
+            log.write(TrackEvent.ADMIN, queue_id=queue_id, action=action, via="mxgate queue", **who, **fields)
+    finally:
+        log.close()
+    owner = config.state_path.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(log.path, owner.st_uid, owner.st_gid)
 
 
 def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
@@ -98,13 +170,21 @@ def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     now = time.time()
-    messages = _run(args, lambda s: s.list(limit=args.limit, include_finished=args.all))
+    filters = _filters(args, now)
+
+    async def fetch(store: QueueStore) -> list[QueuedMessage]:
+        if not filters:
+            return await store.list(limit=args.limit, include_finished=args.all)
+        ids = await store.select(**filters, include_finished=args.all, limit=args.limit)
+        return await store.get_many(ids)
+
+    messages = _run(args, fetch)
     rows = [message_row(m, now) for m in messages]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("queue is empty")
+        print("no queued message matches" if filters else "queue is empty")
         return 0
     head = ("ID", "AGE", "SENDER", "RECIPIENTS", "STATE", "NEXT", "LAST ERROR")
     table = [  # sender, recipients and the remote's reply came from the network: escaped for the terminal
@@ -179,39 +259,106 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _by_id(args: argparse.Namespace, action: str, fn: Callable[[QueueStore], Awaitable[Any]]) -> int:
-    try:
-        result = _run(args, fn)
-    except MessageNotFoundError:
-        print(f"mxgate: no message {args.id!r} in the queue", file=sys.stderr)
-        return 1
-    if result is False:
-        print(f"mxgate: no message {args.id!r} in the queue", file=sys.stderr)
-        return 1
-    print(f"{args.id}: {action}")
-    return 0
+def _selection(args: argparse.Namespace, now: float) -> tuple[list[str], dict[str, Any]] | None:
+    """The ids named, or the filters given (``--all``: no filter); ``None`` (after saying why) if neither or both."""
+    filters = _filters(args, now)
+    named = list(args.ids)
+    if named and (filters or args.all):
+        print("mxgate queue: give queue ids, or --from/--to/--older-than/--all, not both", file=sys.stderr)
+        return None
+    if not named and not filters and not args.all:
+        print("mxgate queue: which messages? give queue ids, --from, --to, --older-than or --all", file=sys.stderr)
+        return None
+    return named, filters
+
+
+def _act(args: argparse.Namespace, action: str, fn: Callable[[QueueStore, str], Awaitable[Any]]) -> int:
+    """Apply ``fn`` to the selected messages; each one acted on gets an ADMIN record in the tracking log."""
+    now = time.time()
+    selection = _selection(args, now)
+    if selection is None:
+        return 2
+    named, filters = selection
+    config = _config(args)
+
+    async def go(store: QueueStore) -> tuple[list[str], list[str]]:
+        ids = named or await store.select(**filters)
+        done: list[str] = []
+        missing: list[str] = []
+        for msg_id in ids:
+            try:
+                ok = await fn(store, msg_id)
+            except MessageNotFoundError:
+                ok = False
+            (missing if ok is False else done).append(msg_id)
+        return done, missing
+
+    done, missing = _run_in(config, go)
+    record_admin(config, action, done)
+    for msg_id in done:
+        print(f"{escape(msg_id)}: {action}")
+    for msg_id in missing:
+        print(f"mxgate: no message {escape(msg_id)!r} in the queue", file=sys.stderr)
+    if not named and not done:
+        print("mxgate: no queued message matches", file=sys.stderr)
+    elif not named:
+        print(f"{len(done)} message(s) {action}")
+    return 1 if missing or not done else 0
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    try:
-        count = _run(args, lambda s: s.flush(args.id, now=time.time()))
-    except MessageNotFoundError:
-        print(f"mxgate: no message {args.id!r} in the queue", file=sys.stderr)
-        return 1
-    print(f"{count} recipient(s) due now" + (f" in {args.id}" if args.id else ""))
-    return 0
+    now = time.time()
+    if not args.ids and not _filters(args, now):
+        args.all = True  # `queue flush` alone flushes every message, as it always did
+    selection = _selection(args, now)
+    if selection is None:
+        return 2
+    named, filters = selection
+    config = _config(args)
+    if not named and not filters:
+        count = _run_in(config, lambda s: s.flush(None, now=now))
+        record_admin(config, "flushed", [None], recipients=count)
+        print(f"{count} recipient(s) due now")
+        return 0
+
+    async def go(store: QueueStore) -> tuple[dict[str, int], list[str]]:
+        ids = named or await store.select(**filters)
+        counts: dict[str, int] = {}
+        missing: list[str] = []
+        for msg_id in ids:
+            try:
+                counts[msg_id] = await store.flush(msg_id, now=now)
+            except MessageNotFoundError:
+                missing.append(msg_id)
+        return counts, missing
+
+    counts, missing = _run_in(config, go)
+    for msg_id, count in counts.items():
+        record_admin(config, "flushed", [msg_id], recipients=count)
+        print(f"{escape(msg_id)}: {count} recipient(s) due now")
+    for msg_id in missing:
+        print(f"mxgate: no message {escape(msg_id)!r} in the queue", file=sys.stderr)
+    if not named and not counts:
+        print("mxgate: no queued message matches", file=sys.stderr)
+    return 1 if missing or not counts else 0
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    return _by_id(args, "held", lambda s: s.hold(args.id))
+    return _act(args, "held", lambda s, i: s.hold(i))
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    return _by_id(args, "released", lambda s: s.release(args.id))
+    return _act(args, "released", lambda s, i: s.release(i))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    return _by_id(args, "deleted", lambda s: s.delete(args.id))
+    return _act(args, "deleted", lambda s, i: s.delete(i))
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="sender", metavar="ADDRESS", help="messages from this envelope sender (<>: bounces)")
+    p.add_argument("--to", dest="recipient", metavar="ADDRESS", help="messages with this recipient")
+    p.add_argument("--older-than", metavar="AGE", type=_parse_age, help="received more than AGE ago (30m, 2h, 7d)")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -224,6 +371,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("--all", action="store_true", help="include finished messages (tombstones)")
     p.add_argument("--limit", type=int, default=1000)
+    _add_filters(p)
     add_config_arg(p)
     p.set_defaults(func=cmd_list)
 
@@ -232,17 +380,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     add_config_arg(p)
     p.set_defaults(func=cmd_show)
 
-    p = qsub.add_parser("flush", help="make pending recipients due now (one message, or all)")
-    p.add_argument("id", nargs="?")
-    add_config_arg(p)
-    p.set_defaults(func=cmd_flush)
-
     for name, func, text in (
-        ("hold", cmd_hold, "keep a message from delivery"),
-        ("release", cmd_release, "let a held message be delivered again"),
-        ("delete", cmd_delete, "remove a message without a DSN"),
+        ("flush", cmd_flush, "make pending recipients due now (without ids or filters: every message)"),
+        ("hold", cmd_hold, "keep messages from delivery"),
+        ("release", cmd_release, "let held messages be delivered again"),
+        ("delete", cmd_delete, "remove messages without a DSN"),
     ):
-        p = qsub.add_parser(name, help=text)
-        p.add_argument("id")
+        p = qsub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}: the messages named by queue id, or every active message "
+            "matching all the filters given (--all: every active message). Each message acted on gets an ADMIN "
+            "record (action, by whom) in the tracking log.",
+        )
+        p.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+        _add_filters(p)
+        p.add_argument("--all", action="store_true", help="every active message")
         add_config_arg(p)
         p.set_defaults(func=func)

@@ -968,6 +968,44 @@ class QueueStore:
 
         return await self._read(run)
 
+    async def select(
+        self,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+        received_before: float | None = None,
+        include_finished: bool = False,
+        limit: int | None = None,
+    ) -> builtins.list[str]:
+        """Ids of the messages (arrival order) whose sender is ``sender`` (``""`` the null sender), that have
+        ``recipient`` among their recipients (both without case) and were received before ``received_before``;
+        active ones only unless ``include_finished``. Only ids: a queue of any size fits in memory."""
+        where = [] if include_finished else ["m.finished_at IS NULL"]
+        args: builtins.list[Any] = []
+        if sender is not None:
+            where.append("lower(m.sender) = ?")
+            args.append(sender.lower())
+        if recipient is not None:
+            where.append("EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND lower(r.address) = ?)")
+            args.append(recipient.lower())
+        if received_before is not None:
+            where.append("m.received_at < ?")
+            args.append(received_before)
+        sql = "SELECT m.id FROM messages m" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+
+        def run(conn: sqlite3.Connection) -> builtins.list[str]:
+            return [r[0] for r in conn.execute(sql, args)]
+
+        return await self._read(run)
+
+    async def get_many(self, msg_ids: builtins.list[str]) -> builtins.list[QueuedMessage]:
+        """The messages with these ids that exist, in the order given."""
+
+        return await self._read(lambda c: _load(c, msg_ids))
+
     async def attempts(self, msg_id: str) -> builtins.list[Attempt]:
         """Every recorded attempt of a message, oldest first."""
 

@@ -1025,7 +1025,9 @@ class Connection(asyncio.Protocol):
             self._write_repeated_rejections()
             if started:
                 with contextlib.suppress(Exception):
-                    await self.hooks.on_event("disconnection", listener=self.listener.config.name)
+                    conn = self.state.connector  # the one in force at the end (after STARTTLS or AUTH chose)
+                    label = conn.name if conn else "anonymous"
+                    await self.hooks.on_event("disconnection", listener=self.listener.config.name, connector=label)
                     await self.hooks.on_disconnect(self.snapshot())
 
     async def _session(self) -> None:
@@ -1162,6 +1164,7 @@ class Connection(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("STARTTLS handshake failed", extra={"session": self.session_id, "error": repr(exc)})
             self.transport.abort()
+            await self.hooks.on_event("tls_handshake_failed", listener=self.listener.config.name)
             raise _Gone() from None
         if transport is None:
             raise _Gone()
@@ -1534,6 +1537,7 @@ class Connection(asyncio.Protocol):
             TrackEvent.RECEIVE,
             queue_id=queue_id,
             message_id=message_id,
+            received_id=ident,
             listener=self.listener.config.name,
             connector=self._label_connector(),
             client=st.peer_ip,

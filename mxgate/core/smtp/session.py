@@ -228,7 +228,7 @@ class ReceivePolicy:
             return R.TOO_BIG
         conn = state.connector
         if conn is not None and conn.require_tls and state.tls is None:
-            return Reply(530, "5.7.0", f"Must issue a STARTTLS command first (connector {conn.name} requires TLS)")
+            return R.NEED_TLS  # the connector's name is ours: not for the remote sender (the tracking log has it)
         refused = self.sender_restriction(state, mail.sender)
         if refused is not None:
             return refused
@@ -255,15 +255,13 @@ class ReceivePolicy:
                 return Reply(
                     550,
                     "5.7.1",
-                    f"Mail from {sender.domain} is only accepted from the addresses of its partner connector "
-                    f"{conn.name} (restrict_domains_to_ips)",
+                    f"Mail from {sender.domain} is not accepted from this address",
                 )
             if conn.restrict_domains_to_certificate and not self._has_certificate(state, conn):
                 return Reply(
                     550,
                     "5.7.1",
-                    f"Mail from {sender.domain} is only accepted over TLS with the client certificate of its "
-                    f"partner connector {conn.name} (restrict_domains_to_certificate)",
+                    f"Mail from {sender.domain} is only accepted over TLS with its sender's client certificate",
                 )
         return None
 
