@@ -156,6 +156,9 @@ def as_other_user(argv: list[str], scratch: Path) -> list[str]:
     machine's Python lives under a directory only root may enter (/root/.pyenv), the gateway runs in a private
     mount namespace in which that directory is replaced by one that others may traverse, holding only the Python
     installation (bind-mounted, read-only as before)."""
+    for code in (REPO, Path(sys.prefix).resolve()):  # mxgate's source and its virtual environment
+        if not _reachable_by_others(code):
+            pytest.skip(f"{code} is closed to other users: the gateway could not import itself after the drop")
     base = Path(sys.base_prefix).resolve()
     if _reachable_by_others(base):
         return argv

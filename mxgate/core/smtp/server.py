@@ -285,6 +285,8 @@ def _warn_expired(runtime: Runtime, lc: ListenerConfig, rotating: tlsmod.Rotatin
 # believes it is connected and waits for a banner that comes seconds later (seen as banner timeouts when 500
 # clients arrived at once on asyncio's default of 100).
 BACKLOG: Final = 1024
+# Reverse DNS lookups one listener runs at once, at the most (see ``Listener.rdns_slots``).
+RDNS_MAX_CONCURRENT: Final = 64
 
 
 class Listener:
@@ -309,6 +311,9 @@ class Listener:
         self.descriptors = runtime.stash.setdefault(
             DESCRIPTORS, DescriptorBudget(runtime.config.server.descriptor_reserve)
         )
+        # reverse DNS lookups in flight (each holds a socket): at most half the descriptor reserve, at most 64
+        self.rdns_slots = max(1, min(RDNS_MAX_CONCURRENT, runtime.config.server.descriptor_reserve // 2))
+        self.rdns_running = 0
         self.client_limits = ClientLimits(
             config.max_connections_per_client, config.max_connections_per_network, config.connection_limit_exceptions
         )
@@ -320,6 +325,9 @@ class Listener:
         self._starting: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
+
+    def rdns_done(self, _task: asyncio.Future[Any]) -> None:
+        self.rdns_running -= 1
 
     def next_session_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
@@ -867,8 +875,16 @@ class Connection(asyncio.Protocol):
         resolver = self.runtime.resolver
         if timeout <= 0 or resolver is None or not self.state.peer_ip:
             return
+        listener = self.listener
+        if listener.rdns_running >= listener.rdns_slots:
+            # each lookup holds a socket: under a connection flood the lookups must stay inside the descriptor
+            # reserve, so a client beyond the bound is simply "unknown" (as when the lookup fails)
+            self.rdns = ReverseDns.failed()
+            return
+        listener.rdns_running += 1
         self._rdns_deadline = self.loop.time() + timeout
         self._rdns_task = self.loop.create_task(rdns_lookup(resolver, self.state.peer_ip))
+        self._rdns_task.add_done_callback(listener.rdns_done)
 
     def _rdns_known(self) -> ReverseDns | None:
         """The result if the lookup has finished (never waits)."""
