@@ -1,11 +1,11 @@
-# mxgate — two commands matter: `make run` and `make test` (see README.md).
+# mxgate — two commands matter: `make run` and `make test` (see README.md); `make demo` shows what it is for.
 PYTHON ?= python3
 # `make test PYTHON=python3.13` keeps its own virtual environment beside the default one.
 VENV   := $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration soak bench deps venv clean
+.PHONY: run demo test lint typecheck unit integration soak bench deps venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) 2>/dev/null || \
@@ -23,6 +23,10 @@ deps:
 
 run: $(STAMP)
 	$(VENV)/bin/mxgate run
+
+# DANE, MTA-STS and TLS-RPT at work on loopback: DNS lab, SMTP sinks and a gateway, started and stopped.
+demo: $(STAMP) deps
+	$(VENV)/bin/mxgate demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mxgate tests examples bench

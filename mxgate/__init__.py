@@ -3,6 +3,7 @@
 This module is the plugin author's API; everything else is internal and may change.
 """
 
+from mxgate.core.callout import CalloutResult, CalloutVerdict
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import (
@@ -36,6 +37,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
+from mxgate.core.runtime import Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 
 __version__ = "0.1.0"
@@ -43,6 +45,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Accept",
     "Address",
+    "CalloutResult",
+    "CalloutVerdict",
     "ConfigRegistry",
     "ConnectorSetting",
     "DeliveryReport",
@@ -61,6 +65,7 @@ __all__ = [
     "ReportEvent",
     "ReverseDnsStatus",
     "Route",
+    "Runtime",
     "Session",
     "Stash",
     "StashKey",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import re
 from collections.abc import Callable
 from typing import Any
@@ -117,6 +119,26 @@ def positive_at_most(limit: float) -> Callable[[Any], str | None]:
 
 def check_receive_workers(value: Any) -> str | None:
     return None if 0 <= value <= 64 else "expected a whole number from 0 to 64"
+
+
+def check_user(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        pwd.getpwnam(value)
+    except KeyError:
+        return f"no such user {value!r} on this host"
+    return None
+
+
+def check_group(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        return f"no such group {value!r} on this host"
+    return None
 
 
 def check_name(value: Any) -> str | None:

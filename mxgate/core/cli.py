@@ -61,7 +61,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from mxgate.core.preflight import check_certificates
+
     config, plugins = load_from_args(args)
+    # What `run` needs of the listeners' certificates: readable, PEM, a matching pair (run refuses those in one
+    # line too; other commands do not read keys). `run` serves an expired certificate (better than no TLS for
+    # opportunistic senders) with a warning; this says it as an error. Near expiry, DNS and ports: `mxgate check`.
+    outdated = check_certificates(config, now=datetime.now(UTC), days=0)
+    if outdated:
+        for problem in outdated:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"mxgate: {len(outdated)} configuration error(s)", file=sys.stderr)
+        return 1
     print(
         f"{config.source}: OK ({len(config.listener)} listeners, {len(config.inbound_connector)} inbound and "
         f"{len(config.outbound_connector)} outbound connectors, {len(plugins.names())} plugins)"
@@ -276,6 +289,16 @@ def render_reference(registry: cfg.ConfigRegistry) -> str:
     table("[dns] resolvers (table form)", cfg.ResolverEndpointConfig, None)
     for section, cls in sorted(registry.sections.items()):
         table(f"[plugins.{section}]", cls, None)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # arrays of tables inside a plugin's section
+            args = typing.get_args(hints[f.name])
+            if (
+                typing.get_origin(hints[f.name]) is tuple
+                and args
+                and isinstance(args[0], type)
+                and dataclasses.is_dataclass(args[0])
+            ):
+                table(f"[[plugins.{section}.{f.name}]]", args[0], None)
     return "\n".join(out)
 
 
@@ -311,7 +334,8 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the gateway (foreground)",
-        description="Run the gateway in the foreground until SIGTERM or SIGINT (then drain and stop). With "
+        description="Run the gateway in the foreground until SIGTERM or SIGINT (then drain and stop); SIGHUP "
+        "re-reads the configuration (see `mxgate reload`). With "
         "server.receive_workers = N it starts N receive worker processes, restarts any that dies and stops them "
         "with itself.",
     )
@@ -360,7 +384,8 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
 
 
 def _core_command_modules() -> list[Callable[[Any], None]]:
-    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``)."""
+    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``), and
+    ``mxgate.demo``, which lives outside the core and imports mxgate.testing only when ``mxgate demo`` runs."""
     import importlib
 
     found = []
@@ -369,6 +394,9 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.queue.cli",
         "mxgate.core.delivery_cli",
         "mxgate.core.explain",
+        "mxgate.core.preflight",
+        "mxgate.core.reload",
+        "mxgate.demo",
     ):
         try:
             mod = importlib.import_module(module)

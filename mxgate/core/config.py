@@ -84,6 +84,22 @@ class ServerConfig:
         check=checks.check_receive_workers,
         example=1,
     )
+    certificate_check_interval: float = setting(
+        10.0,
+        desc="Seconds between checks of the listeners' certificate and key files; changed files are loaded "
+        "without a restart (the old pair keeps serving if the new one does not load).",
+        check=checks.check_positive,
+    )
+    user: str | None = setting(
+        None,
+        desc="Started as root: bind the listeners, then run as this user (the state directory becomes its own). "
+        "Unset under systemd socket activation (examples/systemd).",
+        check=checks.check_user,
+        example="mxgate",
+    )
+    group: str | None = setting(
+        None, desc="Group to run as with server.user (default: that user's group).", check=checks.check_group
+    )
 
 
 @dataclass(frozen=True, slots=True)

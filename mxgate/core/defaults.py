@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mxgate.connectors.outbound import select_outbound
 from mxgate.core import checks
+from mxgate.core.dns import DnssecStatus
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import Address
 from mxgate.core.outcomes import (
@@ -82,9 +83,7 @@ class CorePlugin:
         """Smart hosts in order, or MX hosts (RFC 5321 §5.1) with the DNSSEC status of every RRset."""
         if self.runtime is None:
             return None
-        connector = self.runtime.config.outbound(destination.connector)
-        if connector is None:
-            return None
+        connector = destination.connector
         resolver = self.runtime.resolver
         smart = destination.smart_hosts
         if smart:
@@ -98,10 +97,7 @@ class CorePlugin:
         """The connector's own ``tls`` setting, precedence 100."""
         from mxgate.core.delivery import connector_policy
 
-        if self.runtime is None:
-            return None
-        connector = self.runtime.config.outbound(destination.connector)
-        return connector_policy(connector, destination) if connector is not None else None
+        return connector_policy(destination.connector, destination)
 
     @hookimpl(trylast=True)
     def mxgate_delivery_on_tls_verify(
@@ -110,11 +106,11 @@ class CorePlugin:
         """Connector policies only: WebPKI chain (certificate_validation), plus RFC 6125 names (domain_validation)."""
         if policy.source != "connector" or self.runtime is None:
             return None
-        connector = self.runtime.config.outbound(attempt.connector)
-        cafile = connector.tls_ca_file if connector is not None else None
+        cafile = attempt.destination.connector.tls_ca_file
         trust = (str(self.runtime.config.path(cafile)),) if cafile else None
-        level = attempt.host_policy.level if attempt.host_policy is not None else policy.level
-        names = policy.reference_ids or (attempt.host.name,)
+        hp = attempt.host_policy  # the per-host policy: its level and reference identifiers
+        level = hp.level if hp is not None else policy.level
+        names = (hp.reference_ids if hp is not None else ()) or policy.reference_ids or (attempt.host.name,)
         now = datetime.fromtimestamp(self.runtime.clock(), tz=UTC)
         return verify_connector_peer(chain, level=level, names=names, now=now, trust_store_paths=trust)
 
@@ -164,7 +160,12 @@ def _addresses(answers: Sequence[DnsAnswer]) -> tuple[str, ...]:
 
 
 async def _host(resolver: Resolver | None, name: str, port: int, preference: int, chain_secure: bool) -> HopHost:
-    """A host with its addresses (AAAA first, then A); ``secure`` only when everything leading to it was."""
+    """A host with its addresses (AAAA first, then A); ``secure`` only when everything leading to it was.
+
+    A lookup that failed (timeout, SERVFAIL without a DNSSEC verdict) contributes no addresses and does not make
+    the host insecure: the addresses used are those of the answered RRsets, and the host is secure when these
+    are (as Postfix decides per RRset; RFC-CHECKLIST 38). An attacker who drops AAAA queries gets no weaker
+    policy, only fewer addresses. When every lookup failed the host has no addresses and is skipped."""
     try:
         ip = checks.split_hostport(name, port)[0]
         ipaddress.ip_address(ip)
@@ -175,7 +176,9 @@ async def _host(resolver: Resolver | None, name: str, port: int, preference: int
         return HopHost(name, port, preference)
     a, aaaa = await resolver.resolve_addresses(name)
     addrs = _addresses((aaaa, a))
-    secure = chain_secure and all(x.is_secure for x in (a, aaaa)) and bool(addrs)
+    answered = [x for x in (a, aaaa) if not x.is_failure]
+    bogus = any(x.status is DnssecStatus.BOGUS for x in (a, aaaa))
+    secure = chain_secure and not bogus and bool(answered) and all(x.is_secure for x in answered) and bool(addrs)
     return HopHost(name, port, preference, addrs, secure)
 
 
@@ -225,7 +228,7 @@ async def mx_next_hop(destination: Destination, resolver: Resolver, port: int, r
     # No MX (NODATA or NXDOMAIN): the domain itself is the implicit MX (RFC 5321 §5.1).
     host = await _host(resolver, domain, port, 0, mx.is_secure)
     if host.addresses:
-        return NextHop(destination, (host,), "implicit_mx", mx_secure=False)
+        return NextHop(destination, (host,), "implicit_mx", mx_secure=mx.is_secure)
     a, aaaa = await resolver.resolve_addresses(domain)
     if a.is_failure or aaaa.is_failure:
         return NextHop(destination, (), "error", error=f"address lookup for {domain} failed")

@@ -32,7 +32,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mxgate.core.delivery import Deliverer, OutgoingMessage
     from mxgate.core.dns import resolver_from_config
     from mxgate.core.outcomes import Destination
-    from mxgate.core.runtime import Runtime
+    from mxgate.core.runtime import ROLE_COMMAND, Runtime
 
     config, plugins = load_from_args(args)
     connector = config.outbound(args.name)
@@ -45,18 +45,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     sender = args.sender if args.sender is not None else f"postmaster@{config.server.hostname}"
 
     async def run() -> int:
-        runtime = Runtime.create(config, plugins)
+        # not the gateway: plugins start no listener or service (a running gateway may hold the metrics port)
+        runtime = Runtime.create(config, plugins, role=ROLE_COMMAND)
         runtime.resolver = resolver_from_config(config.dns)
         await runtime.hooks.on_startup(runtime)
 
         if connector.smart_hosts:
             dest = Destination(
-                connector.name,
+                connector,
                 checks.split_hostport(connector.smart_hosts[0], connector.port)[0],
                 connector.smart_hosts,
             )
         else:
-            dest = Destination(connector.name, domain)
+            dest = Destination(connector, domain)
         data = _message(sender, to, connector.name, config.server.hostname)
         msg = OutgoingMessage("validate", sender, (to,), data, received_at=time.time())
         try:
@@ -65,6 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for task in runtime.tasks:
                 task.cancel()
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await runtime.hooks.on_shutdown(runtime)
             runtime.tracking.close()
         print(f"connector {connector.name}: destination {dest.domain}" + (" (smart hosts)" if dest.smart_hosts else ""))
         for step in result.steps:

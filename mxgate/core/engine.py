@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from mxgate.core import service
 from mxgate.core.config import (
     BUILTIN_SOURCE,
     DEFAULT_DOCUMENT,
@@ -23,9 +24,9 @@ from mxgate.core.config import (
     plugins_section,
     read_text,
 )
-from mxgate.core.errors import ConfigError, PluginError, StateError
+from mxgate.core.errors import ConfigError, MxgateError, PluginError, StartupError, StateError
 from mxgate.core.files import private_dir, state_dir_problem
-from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
+from mxgate.core.plugins import Dispatcher, HookCallError, PluginSet, build_plugins, collect_registry
 from mxgate.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,23 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
         runtime.queue = await QueueStore.open(runtime.config.state_path)
 
 
+def startup_failure(exc: HookCallError) -> StartupError:
+    """A plugin that could not start, in one line: an OS error (a busy port, a missing file) says what and where;
+    anything else is a bug, whose traceback goes to the log."""
+    error = exc.error
+    if isinstance(error, OSError):
+        reason = str(error) if error.errno is None or not error.strerror else error.strerror.lower()
+        where = error.filename or ""
+        text = str(error)
+        if "address" in text:  # asyncio's bind errors name the address only in their text
+            reason = text.split("] ", 1)[-1]
+        return StartupError(f"plugin {exc.plugin}: cannot start: {where + ': ' if where else ''}{reason}")
+    if isinstance(error, MxgateError):
+        return StartupError(f"plugin {exc.plugin}: cannot start: {error}")
+    log.error("plugin failed to start", exc_info=error, extra={"plugin": exc.plugin})
+    return StartupError(f"plugin {exc.plugin}: cannot start: {error!r} (traceback in the log)")
+
+
 class Gateway:
     """One running mxgate: listeners, queue, scheduler, plugins; and its receive workers when configured
     (``server.receive_workers``; they are started from ``source``, the configuration text this process read)."""
@@ -136,6 +154,9 @@ class Gateway:
         self.servers: list[Any] = []
         self.scheduler: Any = None
         self.workers: Any = None
+        self.lock: service.StateLock | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
@@ -154,6 +175,15 @@ class Gateway:
         problem = state_dir_problem(self.config.state_path)
         if problem:
             log.warning(problem)
+        lock = service.StateLock(self.config.state_path)
+        lock.acquire()
+        self.lock = lock
+        try:
+            # systemd's sockets; as root with server.user: bound, state directory handed over, root dropped
+            sockets = service.prepare(self.config)
+        except BaseException:
+            lock.release()
+            raise
         runtime = Runtime.create(self.config, self.plugins)
         self.runtime = runtime
         await open_services(runtime)
@@ -161,12 +191,15 @@ class Gateway:
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
         runtime.enqueue = scheduler.enqueue
-        await runtime.hooks.on_startup(runtime)
+        try:
+            await runtime.hooks.on_startup(runtime)
+        except HookCallError as exc:
+            raise startup_failure(exc) from None
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         # With receive workers the main process binds the listeners and hands them over: it accepts nothing
         # itself (measured: when it did, the kernel gave it most connections and its loop, which also delivers,
         # was the bottleneck while the worker idled at a third of a core).
-        self.servers = await start_listeners(runtime, serve=not count)
+        self.servers = await start_listeners(runtime, sockets, serve=not count)
         if count and self.source is not None:
             self.workers = ReceiveWorkers(runtime, self.source, self.servers, count)
             await self.workers.start()
@@ -186,6 +219,7 @@ class Gateway:
                 await asyncio.wait_for(server.wait_closed(), timeout)
         self.servers = []
         if runtime is None:
+            self._unlock()
             return
         if self.scheduler is not None:
             # In-flight attempts finish (bounded) before anything is cancelled: no duplicate after a clean stop.
@@ -199,11 +233,80 @@ class Gateway:
             await runtime.queue.close()
         runtime.tracking.close()
         self.runtime = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration file and apply it, all or nothing (:mod:`mxgate.core.reload`); the outcome is
+        logged, written to the state directory and returned."""
+        from mxgate.core import reload as rl
+
+        async with self._reload_lock:
+            ok, problems, applied = await self._reload()
+            state = self.config.state_path
+            if ok:
+                log.info("configuration reloaded", extra={"file": self.config.source, "applied": applied})
+            else:
+                log.warning("reload refused; running on the previous configuration", extra={"problems": problems})
+            return rl.write_status(state, ok, problems, applied)
+
+    async def _reload(self) -> tuple[bool, list[str], str]:
+        from mxgate.core import reload as rl
+
+        runtime = self.runtime
+        if runtime is None or not self.servers:
+            return False, ["the gateway is starting or stopping; try again"], ""
+        if self.source is None or self.source.file == BUILTIN_SOURCE:
+            return False, ["this gateway runs the built-in default (no file to re-read)"], ""
+        try:
+            source = read_source(self.source.file)
+            document = parse_toml(source.text or "", source.file)
+            registry = collect_registry(Dispatcher(self.plugins))
+            new = build_config(document, file=source.file, registry=registry, base_dir=source.base_dir)
+        except ConfigError as exc:
+            return False, [str(p) for p in exc.problems], ""
+        except MxgateError as exc:
+            return False, [str(exc)], ""
+        restart = rl.restart_needed(self.config, new)
+        if restart:
+            return False, [f"{key}: changed, and needs a restart (nothing was applied)" for key in restart], ""
+        try:
+            apply = [lst.prepare_reload(new, lc) for lst, lc in zip(self.servers, new.listener, strict=True)]
+        except StartupError as exc:
+            return False, [str(exc)], ""
+        # from here on nothing can fail half-way: the new configuration is everyone's at once
+        self.config = new
+        runtime.config = new
+        for step in apply:
+            step()
+        runtime.wakeup()  # deliveries that a changed route or connector concerns get their chance now
+        if self.workers is not None:
+            await self.workers.reload(source)
+        self.source = source
+        return (
+            True,
+            [],
+            f"{len(new.listener)} listeners, {len(new.inbound_connector)} inbound and "
+            + (
+                f"{len(new.outbound_connector)} outbound connectors"
+                + (f", {self.workers.count} receive workers replaced" if self.workers is not None else "")
+            ),
+        )
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             await self._stopping.wait()

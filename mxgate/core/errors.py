@@ -49,3 +49,7 @@ class StateError(MxgateError):
 
 class WorkerError(MxgateError):
     """A receive worker process could not start (its own error is logged by it)."""
+
+
+class StartupError(StateError):
+    """A start-up failure said in one line naming the file or port (``mxgate run`` prints it, no traceback)."""

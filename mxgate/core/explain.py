@@ -1,9 +1,10 @@
-"""``mxgate explain DOMAIN``: what mxgate would see and decide for a destination, with DNSSEC status.
+"""``mxgate explain DOMAIN``: what mxgate would see and decide for a destination.
 
+Without options: per MX (or smart) host, which mechanism governs it (DANE, MTA-STS, the connector) and why,
+computed by the code delivery runs (:mod:`mxgate.core.delivery.explain`); ``--connect`` tests each handshake.
 ``--dns`` prints the MX RRset with its status, each host's address records with theirs, and the resolver
-self-test (the known-secure name must validate, the known-bogus one must fail). Policy agents add their own
-views to this command through ``mxgate_lifecycle_register_commands`` (the DANE agent: per-MX TLSA records and
-``--connect``).
+self-test (the known-secure name must validate, the known-bogus one must fail). The DANE agent's own detail
+(TLSA records, usability, the presented chain) is ``mxgate dane explain``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dns.rdtypes.ANY.MX
@@ -122,6 +123,8 @@ def format_dns(ex: DnsExplanation) -> str:
 def cmd_explain(args: argparse.Namespace) -> int:
     from mxgate.core.cli import load_from_args  # cli imports this module for register_cli
 
+    if not args.dns:
+        return cmd_explain_transport(args)
     config, _plugins = load_from_args(args)
     resolver = resolver_from_config(config.dns)
     ex = asyncio.run(explain_dns(resolver, config, args.domain.rstrip("."), self_test=not args.no_self_test))
@@ -133,6 +136,53 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_explain_transport(args: argparse.Namespace) -> int:
+    """Per MX (or smart) host: which mechanism governs it and why, from the code delivery runs; ``--connect``
+    tests each handshake. Exit 1 when the destination would be deferred or no host is usable (or a test failed)."""
+    from mxgate.connectors.outbound import select_outbound
+    from mxgate.core.cli import load_from_args
+    from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
+    from mxgate.core.runtime import Runtime
+
+    config, plugins = load_from_args(args)
+    domain = args.domain.lower().rstrip(".")
+    if args.connector:
+        connector = config.outbound(args.connector)
+        if connector is None:
+            print(f"mxgate: no outbound connector {args.connector!r}")
+            return 1
+    else:
+        connector = select_outbound(config.outbound_connector, domain)
+        if connector is None:
+            print(f"mxgate: no outbound connector routes {domain}")
+            return 1
+    if args.port is not None:
+        connector = replace(connector, mx_port=args.port, port=args.port)
+        config = replace(config, outbound_connector=tuple(
+            connector if c.name == connector.name else c for c in config.outbound_connector
+        ))  # fmt: skip
+
+    async def run() -> int:
+        runtime = Runtime.create(config, plugins)
+        runtime.resolver = resolver_from_config(config.dns)
+        await runtime.hooks.on_startup(runtime)
+        try:
+            ex = await explain_destination(runtime, destination_for(connector, domain), connect=args.connect)
+        finally:
+            for task in runtime.tasks:
+                task.cancel()
+            await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await runtime.hooks.on_shutdown(runtime)
+            runtime.tracking.close()
+        print(json.dumps(_jsonable(asdict(ex)), indent=2) if args.json else format_transport(ex))
+        usable = [h for h in ex.hosts if h.usable]
+        failed = ex.destination_failure is not None or not usable or ex.next_hop == "error"
+        failed = failed or any(not s.ok for h in ex.hosts for s in h.sessions)
+        return 1 if failed else 0
+
+    return asyncio.run(run())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -142,10 +192,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("explain", help="show how mxgate sees a destination (--dns: records and DNSSEC status)")
+    p = subparsers.add_parser(
+        "explain",
+        help="per MX or smart host: which TLS policy governs it and why (--connect: test each handshake;"
+        " --dns: records and DNSSEC status)",
+    )
     p.add_argument("domain")
     p.add_argument("--dns", action="store_true", help="MX and address records with DNSSEC status, self-test")
-    p.add_argument("--no-self-test", action="store_true", help="skip the resolver self-test")
+    p.add_argument("--no-self-test", action="store_true", help="skip the resolver self-test (--dns)")
+    p.add_argument(
+        "--connect", action="store_true", help="connect to each host as delivery would, up to the ready session"
+    )
+    p.add_argument("--connector", metavar="NAME", help="explain through this outbound connector (default: routing)")
+    p.add_argument("--port", type=int, help="SMTP port (default: the connector's mx_port or port)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_explain)

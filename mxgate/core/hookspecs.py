@@ -79,7 +79,8 @@ def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
 
     With ``server.receive_workers`` it runs in every process: ``runtime.role`` is ``"main"`` (receives, delivers,
     reports) or ``"receiver"`` (a receive worker: receive hooks only, ``runtime.queue`` is None); start background
-    services only in the main process.
+    services only in the main process. ``"command"``: a command such as ``mxgate connector validate`` delivers
+    once, possibly next to a running gateway: prepare what delivery needs, start no listener or service.
 
     :param runtime: the running gateway: config, role, resolver, clock, queue, state directory, ``submit()``.
     """
@@ -88,6 +89,19 @@ def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
 @hookspec
 def mxgate_lifecycle_on_shutdown(runtime: Runtime) -> None:
     """Called after listeners stopped and in-flight work drained (or timed out). Stop background tasks here."""
+
+
+@hookspec
+def mxgate_lifecycle_on_preflight(runtime: Runtime, running: bool) -> Sequence[str] | None:
+    """Called by ``mxgate check`` (preflight), never by a running gateway: check what this plugin needs to work
+    in production — records in DNS, files, the resolver — without starting anything.
+
+    ``runtime`` has the configuration, the resolver and the hooks; no queue, no listener, no background task.
+
+    :param running: a gateway already runs on this state directory (its ports are in use by it, not by a
+        stranger).
+    :returns: problems, one line each (say what is wrong and where: the file, the record, the port), or ``None``.
+    """
 
 
 # ============================================================================================================
@@ -226,6 +240,8 @@ def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address)
 
     Stops at the first non-None result. The built-in ``trylast`` implementation picks the connector whose
     ``recipient_domains`` match most specifically (exact > ``*.example.com`` > ``*``; then ``cost``, then order).
+    Also asked for recipient callouts (``Runtime.callout``) at RCPT time, with a message that is not in the queue
+    (``message.id == "callout"``, the envelope sender of the callout, no meta).
 
     :returns: a Route, or ``None`` to let later implementations decide.
     """
@@ -253,8 +269,13 @@ def mxgate_delivery_resolve_next_hop(destination: Destination) -> NextHop | None
 def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
     """Every policy plugin gives its opinion (DANE, MTA-STS, the connector's own ``tls`` setting).
 
-    All results are collected; the core combines them by ``precedence`` (RFC 8461 section 2: DANE > MTA-STS >
-    connector). A policy that ``applies`` with a ``failure`` defers the destination.
+    All results are collected. An applicable, enforcing policy's ``mx_patterns`` filter ALL the next hop's hosts
+    (RFC 8461 section 4.1); then each host is decided on its own: among the applicable policies whose
+    refinement for that host (``policy.hosts``, :class:`HostPolicy`) ``applies``, the highest ``precedence``
+    decides (RFC 8461 section 2: DANE > MTA-STS > connector). Return ``HostPolicy(applies=False)`` for a host
+    your policy has no opinion on (DANE: no secure TLSA) so that the next policy decides it. The highest
+    applicable policy with a ``failure`` defers the destination; a host whose governing policy has a
+    ``failure`` is skipped.
 
     :returns: a TlsPolicy, or ``None`` when this plugin has no opinion.
     """
@@ -264,9 +285,10 @@ def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextH
 def mxgate_delivery_on_tls_verify(
     attempt: AttemptContext, policy: TlsPolicy, chain: Sequence[x509.Certificate]
 ) -> PeerVerification | None:
-    """Verify the peer after the handshake, under the policy that decided. The plugin that issued the policy
-    (``policy.source``) answers; others return None. The core's ``trylast`` implementation handles connector
-    policies (WebPKI chain and RFC 6125 names).
+    """Verify the peer after the handshake, under the per-host policy: ``policy`` is the one governing the host
+    dialled and ``attempt.host_policy`` its refinement for that host (level, SNI, reference identifiers, the
+    plugin's per-host ``data``). The plugin that issued the policy (``policy.source``) answers; others return
+    None. The core's ``trylast`` implementation handles connector policies (WebPKI chain and RFC 6125 names).
 
     Stops at the first non-None result.
 

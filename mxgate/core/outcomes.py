@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mxgate.connectors.outbound import OutboundConnector
 
 
 class TlsRptResult(StrEnum):
@@ -54,9 +58,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """One delivery job: a connector and the domain (or smart host set) its recipients share."""
+    """One delivery job: a connector and the domain (or smart host set) its recipients share.
 
-    connector: str
+    ``connector`` is the outbound connector itself (its settings as configured), never a name to look up again.
+    """
+
+    connector: OutboundConnector
     domain: str  # the nexthop domain: the recipient domain, or the first smart host's name
     smart_hosts: tuple[str, ...] = ()  # empty: MX delivery
 
@@ -79,7 +86,7 @@ class NextHop:
     destination: Destination
     hosts: tuple[HopHost, ...]
     kind: str  # "mx" | "implicit_mx" | "smart_host" | "null_mx" | "error"
-    mx_secure: bool = False  # the MX RRset itself is DNSSEC-secure (RFC 7672 section 2.2.1)
+    mx_secure: bool = False  # the MX RRset (implicit MX: its denial) is DNSSEC-secure (RFC 7672 section 2.2.1)
     error: str | None = None  # with kind "error": why (defer; never read as "no record")
     permanent: bool = False  # with kind "error"/"null_mx": bounce, not defer
 
@@ -90,10 +97,17 @@ class HostPolicy:
 
     level: TlsLevel
     usable: bool = True  # False: never connect to this host (e.g. bogus TLSA); try the next one or defer
-    failure: TlsRptResult | None = None  # why the host is unusable, for the outcome record
+    failure: TlsRptResult | None = None  # why the host is unusable, for the outcome record (None: no TLS outcome)
+    # False: this policy has no opinion on this host (DANE for a host without secure TLSA): the next applicable
+    # policy decides it. One host's refinement never changes another host's policy (RFC-CHECKLIST 37).
+    applies: bool = True
     sni: str | None = None  # server name to send (DANE: the TLSA base domain); default: the host name
     reference_ids: tuple[str, ...] = ()  # names the certificate must carry (DANE-TA); default: the policy's
     detail: str = ""
+    # TLS-RPT (RFC 8460 §4.4) for this host's outcomes, when they differ from the policy's: DANE reports each
+    # host under its TLSA base domain, with that host's own records as policy-string
+    policy_domain: str | None = None
+    policy_strings: tuple[str, ...] | None = None
     data: object = field(default=None, compare=False)  # the plugin's per-host state (e.g. the TLSA RRset)
 
 

@@ -60,6 +60,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "mta_sts": "mxgate.plugins.mta_sts:MtaStsPlugin",
     "tlsrpt": "mxgate.plugins.tlsrpt:TlsRptPlugin",
     "prometheus": "mxgate.plugins.prometheus:PrometheusPlugin",
+    "recipients": "mxgate.plugins.recipients:RecipientsPlugin",
 }
 # The essential core: defaults every hook chain falls back to (all ``trylast``). They cannot be disabled,
 # but any plugin can override them by answering first.
@@ -270,8 +271,9 @@ class Dispatcher:
             )
         return plan
 
-    async def call(self, hook: str, *, raise_errors: bool = False, **kwargs: Any) -> Any:
-        """firstresult hooks: the first non-None result or None. Others: the list of non-None results."""
+    async def call(self, hook: str, *, raise_errors: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
+        """firstresult hooks: the first non-None result or None. Others: the list of non-None results.
+        ``quiet``: an error is not logged here (the caller, which gets it raised, says it)."""
         first = self._firstresult[hook]
         results: list[Any] = []
         for impl, stats in self._plan(hook):
@@ -285,7 +287,7 @@ class Dispatcher:
             except Exception as exc:
                 stats.errors += 1
                 stats.seconds += time.perf_counter() - started
-                await self.report_error(impl.plugin_name, hook, exc)
+                await self.report_error(impl.plugin_name, hook, exc, logged=quiet and raise_errors)
                 if raise_errors:
                     raise HookCallError(impl.plugin_name, hook, exc) from exc
                 continue
@@ -362,10 +364,25 @@ class Hooks:
 
     # lifecycle
     async def on_startup(self, runtime: Runtime) -> None:
-        await self._call("mxgate_lifecycle_on_startup", raise_errors=True, runtime=runtime)
+        await self._call("mxgate_lifecycle_on_startup", raise_errors=True, quiet=True, runtime=runtime)
 
     async def on_shutdown(self, runtime: Runtime) -> None:
         await self._call("mxgate_lifecycle_on_shutdown", runtime=runtime)
+
+    async def on_preflight(self, runtime: Runtime, running: bool) -> list[str]:
+        """Every plugin's preflight problems, in call order; a plugin that raises is a problem itself."""
+        problems: list[str] = []
+        for impl in self.dispatcher.impls("mxgate_lifecycle_on_preflight"):
+            args = {"runtime": runtime, "running": running}
+            try:
+                result: Any = impl.function(**{a: args[a] for a in impl.argnames})
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                problems.append(f"plugin {impl.plugin_name}: its check failed: {exc!r}")
+                continue
+            problems.extend(str(p) for p in result or ())
+        return problems
 
     # receive: errors propagate as HookCallError so the SMTP side answers 451 4.3.0
     async def on_connect(self, session: Session) -> Verdict | None:

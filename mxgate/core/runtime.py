@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mxgate.core.config import Config
 from mxgate.core.files import private_dir
-from mxgate.core.model import Stash, StashKey
+from mxgate.core.model import Address, Stash, StashKey
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
 
 if TYPE_CHECKING:
+    from mxgate.core.callout import CalloutResult
     from mxgate.core.dns import Resolver
     from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueStore
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 # listening sockets, and its report events, plugin errors and hook figures go to the main process's hooks.
 ROLE_MAIN: Final = "main"
 ROLE_RECEIVER: Final = "receiver"
+# A command that delivers or inspects once (`mxgate connector validate`), possibly next to a running gateway:
+# plugins set up what delivery needs but start no listener, endpoint or background service.
+ROLE_COMMAND: Final = "command"
 # In the main process's ``runtime.stash``: slot -> pid of each receive worker running now (metrics read their
 # CPU, memory and descriptors from /proc).
 RECEIVE_WORKER_PIDS: Final = StashKey[dict[int, int]]()
@@ -42,7 +46,7 @@ class Runtime:
     hooks: Hooks
     tracking: TrackingLog
     clock: Callable[[], float] = time.time
-    role: str = ROLE_MAIN  # ROLE_MAIN or ROLE_RECEIVER
+    role: str = ROLE_MAIN  # ROLE_MAIN, ROLE_RECEIVER or ROLE_COMMAND
     resolver: Resolver | None = None
     queue: QueueStore | None = None
     stash: Stash = field(default_factory=Stash)  # process-wide plugin state, keyed by StashKey
@@ -77,6 +81,15 @@ class Runtime:
         )
         self.wakeup()
         return queue_id
+
+    async def callout(
+        self, recipient: Address, *, sender: Address | None = None, timeout: float = 10.0
+    ) -> CalloutResult:
+        """Ask the next hop whether it takes ``recipient`` (MAIL FROM, RCPT TO, RSET/QUIT; never DATA), routed
+        and secured like a delivery; at most ``timeout`` seconds. See :mod:`mxgate.core.callout`."""
+        from mxgate.core.callout import callout
+
+        return await callout(self, recipient, sender=sender, timeout=timeout)
 
     @property
     def state_dir(self) -> Path:

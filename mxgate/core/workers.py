@@ -25,7 +25,8 @@ listening sockets by listener, and its end of a socketpair: the channel). In a w
   gateway), ``{"s": [...]}`` hook timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
   ``A`` the answer to a ``P``: ``{"r": request, "q": queue id}`` or ``{"r": request, "e": "full" | "error"}``;
 - SIGTERM drains it like the main process (clients waiting for a command get 421, transactions finish); so does
-  the channel closing, which means the main process is gone. SIGINT is left to the main process.
+  the channel closing, which means the main process is gone. :data:`RETIRE_SIGNAL` (a reload replaced it) stops its
+  accepting and lets every open session end by itself before it exits. SIGINT is left to the main process.
 
 The main process supervises them (:class:`ReceiveWorkers`): a worker that exits while the gateway runs is logged,
 its open sessions are closed in the metrics, and it is started again (after 1 s, doubling up to 30 s while it
@@ -70,6 +71,9 @@ STABLE_AFTER: Final = 10.0  # a worker that ran this long before dying is restar
 READY_TIMEOUT: Final = 60.0  # a worker that does not report ready in this time is killed and restarted
 CHANNEL_LIMIT: Final = 1 << 20
 DRAIN_TIMEOUT: Final = 30.0  # a stopping worker waits this long for its transactions in progress
+# Sent by the main process to a worker a reload replaced (a new one already serves): accept no more and exit when
+# the open sessions are over. SIGTERM still stops it at once (clients waiting for a command get 421).
+RETIRE_SIGNAL: Final = signal.SIGUSR2
 
 
 class WorkerPluginError(Exception):
@@ -226,8 +230,10 @@ async def serve_worker(spec: dict[str, Any]) -> None:
     runtime.enqueue = channel.submit
     await engine.open_services(runtime, queue=False)
     stop = asyncio.Event()
+    retire = asyncio.Event()  # replaced by a reload: accept nothing more, let open sessions end, then exit
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(RETIRE_SIGNAL, retire.set)
     sockets = {name: [socket.socket(fileno=fd) for fd in fds] for name, fds in dict(spec["listeners"]).items()}
     deltas = _StatsDeltas(runtime.hooks.dispatcher.stats)
     answers = asyncio.ensure_future(channel.read_answers())
@@ -238,7 +244,9 @@ async def serve_worker(spec: dict[str, Any]) -> None:
         channel.report({"ready": os.getpid()})
         stats_task = asyncio.ensure_future(_send_stats(channel, deltas))
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(channel.closed.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        retiring = asyncio.ensure_future(_retire(retire, listeners))
+        await asyncio.wait([*waiters, retiring], return_when=asyncio.FIRST_COMPLETED)
+        retiring.cancel()
         stats_task.cancel()
         for waiter in waiters:
             waiter.cancel()
@@ -263,6 +271,16 @@ async def serve_worker(spec: dict[str, Any]) -> None:
             writer.close()
 
 
+async def _retire(retire: asyncio.Event, listeners: Sequence[Listener]) -> None:
+    """After :data:`RETIRE_SIGNAL`: stop accepting (the other processes keep the sockets open) and return once
+    every open session has ended by itself — QUIT, or its idle or session timeout. No session is cut short."""
+    await retire.wait()
+    for listener in listeners:
+        listener.stop_accepting()
+    while any(listener.connections for listener in listeners):
+        await asyncio.sleep(0.1)
+
+
 async def _send_stats(channel: _Channel, deltas: _StatsDeltas) -> None:
     while True:
         await asyncio.sleep(STATS_INTERVAL)
@@ -275,6 +293,7 @@ def worker_main() -> int:
     """``python -m mxgate.core.workers``: the spec on stdin (see the module docs)."""
     from mxgate.core import engine, logs
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's: it replaces us
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the main process, which stops us
     spec = json.loads(sys.stdin.read())
     server = spec.get("log", {})
@@ -331,6 +350,7 @@ class ReceiveWorkers:
         runtime.stash[RECEIVE_WORKER_PIDS] = self.pids
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._retiring: set[_Worker] = set()  # replaced by a reload, still draining their sessions
 
     @property
     def stopping(self) -> bool:
@@ -458,7 +478,8 @@ class ReceiveWorkers:
                 del self.pids[worker.slot]
             if worker.task is not None:
                 await worker.task
-            if self._stopping:
+            if self._stopping or self.workers.get(worker.slot) is not worker:  # stopped, or replaced by a reload
+                self._retiring.discard(worker)
                 return
             lived = time.monotonic() - worker.started
             delay = RESTART_DELAY if lived >= STABLE_AFTER else min(delay * 2, RESTART_DELAY_MAX)
@@ -478,10 +499,41 @@ class ReceiveWorkers:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.kill()
 
+    async def reload(self, source: Source) -> None:
+        """Replace every worker by one running ``source``, one slot at a time: the new worker serves before the
+        old one is retired (:data:`RETIRE_SIGNAL`: it accepts no more and exits once its open sessions ended by
+        themselves), so the listening sockets always have someone accepting and no session is cut short.
+        A new worker that does not start is logged; the old one then keeps serving (with the old
+        configuration) and the next reload tries again."""
+        self.source = source
+        for slot, old in sorted(self.workers.items()):
+            if self._stopping:
+                return
+            new: _Worker | None = None
+            try:
+                new = await self._spawn(slot)
+                await asyncio.wait_for(asyncio.shield(new.ready), READY_TIMEOUT)
+            except Exception:
+                log.exception(
+                    "reload: a new receive worker failed to start; the old one keeps serving", extra={"slot": slot}
+                )
+                if new is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        new.proc.kill()
+                self.workers[slot] = old
+                self.pids[slot] = old.proc.pid
+                continue
+            self._tasks.append(asyncio.ensure_future(self._supervise(new)))
+            self._retiring.add(old)
+            if old.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    old.proc.send_signal(RETIRE_SIGNAL)
+            log.info("receive worker replaced", extra={"slot": slot, "old_pid": old.proc.pid, "pid": new.proc.pid})
+
     async def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to every worker (they drain their sessions), wait up to ``timeout``, then SIGKILL."""
         self._stopping = True
-        workers = list(self.workers.values())
+        workers = [*self.workers.values(), *self._retiring]
         for w in workers:
             if w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -3,16 +3,23 @@
 Outbound, per destination (hook ``mxgate_delivery_resolve_tls_policy``), every MX or smart host is examined on
 its own (RFC 7672 §2.2.3):
 
-* TLSA is looked up at ``_<port>._tcp.<base>`` only when the host's address records are DNSSEC-secure. The
-  base domain is the CNAME-expanded host name when the (secure) address lookup went through CNAMEs, then the
-  original name (RFC 7672 §2.2.2, RFC 7671 §7). An insecure MX RRset does not stop this: the host's own secure
+* TLSA is looked up at ``_<port>._tcp.<base>`` only when the host's address records are DNSSEC-secure, judged
+  per address RRset: a lookup that failed without a DNSSEC verdict (a dropped AAAA query) never makes the host
+  insecure; when every address lookup failed the host is skipped for this attempt. The
+  base domain is the CNAME-expanded host name when the (secure) address lookup went through CNAMEs; when that
+  name yields no secure TLSA records (insecure records, or a secure or insecure denial) the initial name is tried
+  (RFC 7672 §2.2.2, §2.2.3, RFC 7671 §7). An insecure MX RRset does not stop this: the host's own secure
   TLSA records are used, but the nexthop domain is then no reference identifier and a match is "trusted" rather
   than "verified" (RFC 7672 §2.2.1, as Postfix labels it).
 * A secure, non-empty TLSA RRset with usable records: TLS is mandatory and authenticated; SNI is the base
   domain. Records exist but none is usable (usages 0/1, unknown parameters, digests of the wrong length): TLS is
   still mandatory, unauthenticated (§3.1.3). Secure or insecure denial, or insecure records: no DANE for that
-  host. A bogus or failed TLSA lookup: the host is unusable (next MX, or defer).
-* ``dane = "mandatory"`` on the connector: a host without usable TLSA is unusable (TLS-RPT ``dane-required``).
+  host: DANE has no opinion on it (``HostPolicy.applies = False``) and the core lets the next policy decide it
+  (MTA-STS under enforce, else the connector). A bogus or failed TLSA lookup: the host is unusable (next MX, or
+  defer).
+* ``dane = "mandatory"`` on the connector: a host without usable TLSA is unusable (TLS-RPT ``dane-required``),
+  and so is a destination whose MX RRset is not DNSSEC-secure (RFC 7672 §2.2.1: a forged MX could name the
+  attacker's own host with his own signed TLSA).
 * The start-up self-test (:mod:`mxgate.plugins.dnssec`) said the resolver does not validate: opportunistic DANE
   is off, mandatory DANE defers (``dnssec-invalid``). Before it finished, the AD bit of each answer decides.
 
@@ -87,6 +94,7 @@ from mxgate.core.tls import (
 )
 
 if TYPE_CHECKING:
+    from mxgate.connectors.outbound import OutboundConnector
     from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import DnsAnswer, Resolver, SelfTestResult
     from mxgate.core.runtime import Runtime
@@ -635,14 +643,31 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             failure=TlsRptResult.DNSSEC_INVALID,
             detail=f"{bad.rdtype} lookup for {name} is bogus: {bad.error or 'validation failed'}",
         )
-    addresses_secure = (
-        not a.is_failure and not aaaa.is_failure and a.is_secure and aaaa.is_secure and (a.exists or aaaa.exists)
-    )
+    # Per address RRset (RFC-CHECKLIST 38, as Postfix): a lookup that failed without a DNSSEC verdict (timeout,
+    # SERVFAIL) says nothing, so it never makes the host insecure. The answered RRsets decide; when none was
+    # answered the host is skipped for this attempt. Dropping AAAA queries must not switch DANE off.
+    answered = [x for x in (a, aaaa) if not x.is_failure]
+    if not answered:
+        return HostDane(
+            name,
+            port,
+            HostState.FAILED,
+            name,
+            name_secure=name_secure,
+            detail=f"address lookups for {name} failed ({a.error or a.status}; {aaaa.error or aaaa.status}): "
+            "host skipped for this attempt",
+        )
+    addresses_secure = all(x.is_secure for x in answered) and any(x.exists for x in answered)
     if not (host.secure or addresses_secure):
         return HostDane(
-            name, port, HostState.INSECURE_HOST, name, detail="address records not DNSSEC-secure: no TLSA lookup"
+            name,
+            port,
+            HostState.INSECURE_HOST,
+            name,
+            name_secure=name_secure,
+            detail="address records not DNSSEC-secure: no TLSA lookup",
         )
-    found = a if a.exists else aaaa
+    found = next((x for x in answered if x.exists), answered[0])
     expanded = found.canonical_name if found.cname_chain and found.is_secure else name
     candidates = [expanded, name] if expanded != name else [name]
     ids: list[str] = list(dict.fromkeys(candidates))
@@ -673,15 +698,17 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
         if answer.exists:
             records = _records(answer)
             if answer.status is not DnssecStatus.SECURE:
-                return HostDane(
+                # RFC 7672 §2.2.3: insecure records at the CNAME-expanded name: the initial name is tried next
+                last = HostDane(
                     name,
                     port,
                     HostState.NO_TLSA,
                     name,
                     records=records,
-                    detail="TLSA records insecure: ignored",
+                    detail=f"TLSA records at {owner} insecure: ignored",
                     **common,
                 )
+                continue
             usable, unusable = effective_records(records)
             state = HostState.DANE if usable else HostState.NO_USABLE
             detail = (
@@ -700,21 +727,53 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             detail=f"no TLSA at {owner} ({answer.status} {answer.kind})",
             **common,
         )
-        if not answer.is_secure:
-            break  # insecure denial: no DANE; only a secure denial lets us try the original name
+        # a denial (secure or not) at the CNAME-expanded name: the initial name is tried next (RFC 7672 §2.2.3,
+        # as Postfix and mox do); at the initial name it means no DANE for this host
     assert last is not None
     return last
 
 
-def host_policy(hd: HostDane, mode: DaneMode, fallback: TlsLevel, fallback_ids: tuple[str, ...] = ()) -> HostPolicy:
-    """The :class:`HostPolicy` for one examined host. ``fallback`` is the connector's own level for hosts where
-    DANE does not apply (opportunistic mode)."""
+def host_policy(hd: HostDane, mode: DaneMode) -> HostPolicy:
+    """The :class:`HostPolicy` for one examined host.
+
+    DANE governs the host (``applies``) when its address records and its TLSA RRset are secure (usable records
+    or not), or when a lookup failed (the host is then unusable: never a downgrade because a query went
+    unanswered). Otherwise, with opportunistic DANE, DANE has no opinion on this host (``applies=False``) and the
+    next policy decides it (MTA-STS, else the connector); with mandatory DANE the host is unusable (RFC 7672 §6),
+    and so is any host learnt from an insecure MX RRset (RFC 7672 §2.2.1: Postfix's "non DNSSEC destination")."""
+    # TLS-RPT (RFC 8460 §4.4): a tlsa result's policy-domain is the host's TLSA base domain, its policy-string
+    # that host's own records (not the destination's, nor every MX host's)
+    domain, strings = hd.base_domain, tuple(r.text for r in hd.records)
+    if hd.state is HostState.FAILED:
+        return HostPolicy(
+            TlsLevel.SECURE,
+            usable=False,
+            failure=hd.failure,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
+        )
+    if mode is DaneMode.MANDATORY and not hd.name_secure:
+        return HostPolicy(
+            TlsLevel.SECURE,
+            usable=False,
+            failure=TlsRptResult.DANE_REQUIRED,
+            detail=f"dane = mandatory needs a DNSSEC-secure MX RRset; {hd.host} came from an insecure one",
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
+        )
     if hd.state is HostState.DANE:
         return HostPolicy(
-            TlsLevel.SECURE, sni=hd.base_domain, reference_ids=hd.reference_ids, detail=hd.detail, data=hd
+            TlsLevel.SECURE,
+            sni=hd.base_domain,
+            reference_ids=hd.reference_ids,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
         )
-    if hd.state is HostState.FAILED:
-        return HostPolicy(TlsLevel.SECURE, usable=False, failure=hd.failure, detail=hd.detail, data=hd)
     if hd.state is HostState.NO_USABLE:
         if mode is DaneMode.MANDATORY:
             return HostPolicy(
@@ -723,8 +782,17 @@ def host_policy(hd: HostDane, mode: DaneMode, fallback: TlsLevel, fallback_ids: 
                 failure=TlsRptResult.TLSA_INVALID,
                 detail=f"{hd.detail}; dane = mandatory needs a usable record",
                 data=hd,
+                policy_domain=domain,
+                policy_strings=strings,
             )
-        return HostPolicy(TlsLevel.ENCRYPT, sni=hd.base_domain, detail=hd.detail, data=hd)
+        return HostPolicy(
+            TlsLevel.ENCRYPT,
+            sni=hd.base_domain,
+            detail=hd.detail,
+            data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
+        )
     if mode is DaneMode.MANDATORY:
         return HostPolicy(
             TlsLevel.SECURE,
@@ -732,8 +800,10 @@ def host_policy(hd: HostDane, mode: DaneMode, fallback: TlsLevel, fallback_ids: 
             failure=TlsRptResult.DANE_REQUIRED,
             detail=f"{hd.detail}; dane = mandatory",
             data=hd,
+            policy_domain=domain,
+            policy_strings=strings,
         )
-    return HostPolicy(fallback, reference_ids=fallback_ids, detail=f"DANE does not apply: {hd.detail}", data=hd)
+    return HostPolicy(TlsLevel.MAY, applies=False, detail=f"DANE does not apply: {hd.detail}", data=hd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -752,11 +822,10 @@ async def analyse(
     next_hop: NextHop,
     *,
     mode: DaneMode,
-    fallback: TlsLevel = TlsLevel.MAY,
-    fallback_ids: tuple[str, ...] = (),
     self_test: SelfTestResult | None = None,
 ) -> DaneAnalysis:
-    """Examine every host of ``next_hop`` and build the DANE :class:`TlsPolicy` (precedence 300)."""
+    """Examine every host of ``next_hop`` and build the DANE :class:`TlsPolicy` (precedence 300), with a
+    :class:`HostPolicy` per host: DANE decides only the hosts it applies to (see :func:`host_policy`)."""
     domain = destination.domain.lower().rstrip(".")
 
     def policy(**kwargs: Any) -> TlsPolicy:
@@ -777,8 +846,15 @@ async def analyse(
         if mode is DaneMode.MANDATORY:
             return DaneAnalysis(mode, (), policy(failure=TlsRptResult.DNSSEC_INVALID, detail=why), why)
         return DaneAnalysis(mode, (), None, why)
+    if mode is DaneMode.MANDATORY and next_hop.kind in ("mx", "implicit_mx") and not next_hop.mx_secure:
+        # RFC 7672 §2.2.1: an attacker can forge an insecure MX RRset to name his own host with his own signed
+        # TLSA records; mandatory DANE therefore needs the MX RRset itself to be secure (Postfix: dane-only defers
+        # a "non DNSSEC destination", 4.7.5).
+        what = "MX RRset" if next_hop.kind == "mx" else "MX denial (implicit MX)"
+        why = f"dane = mandatory and the {what} of {domain} is not DNSSEC-secure"
+        return DaneAnalysis(mode, (), policy(failure=TlsRptResult.DANE_REQUIRED, detail=why), why)
     hosts = tuple(await asyncio.gather(*(examine_host(resolver, h, next_hop) for h in next_hop.hosts)))
-    per_host = {hd.host: host_policy(hd, mode, fallback, fallback_ids) for hd in hosts}
+    per_host = {hd.host: host_policy(hd, mode) for hd in hosts}
     relevant = [hd for hd in hosts if hd.state in (HostState.DANE, HostState.NO_USABLE, HostState.FAILED)]
     if mode is DaneMode.OPPORTUNISTIC and not relevant:
         return DaneAnalysis(mode, hosts, None, "no host publishes secure TLSA records")
@@ -787,7 +863,7 @@ async def analyse(
     detail = ", ".join(f"{hd.host}: {hd.state}" for hd in hosts)
     if mode is DaneMode.MANDATORY and not any(hd.state is HostState.DANE for hd in hosts):
         failed = next((hd for hd in hosts if hd.state is HostState.FAILED), None)
-        failure = failed.failure if failed is not None else TlsRptResult.DANE_REQUIRED
+        failure = failed.failure if failed is not None and failed.failure else TlsRptResult.DANE_REQUIRED
         detail = f"dane = mandatory and no host has usable TLSA records ({detail})"
     return DaneAnalysis(
         mode,
@@ -875,20 +951,6 @@ async def starttls_probe(
 # ============================================================================================================
 
 
-def _connector_fallback(runtime: Runtime, connector_name: str) -> tuple[TlsLevel, tuple[str, ...]]:
-    connector = runtime.config.outbound(connector_name)
-    if connector is None:
-        return TlsLevel.MAY, ()
-    levels = {
-        "none": TlsLevel.NONE,
-        "opportunistic": TlsLevel.MAY,
-        "encryption_only": TlsLevel.ENCRYPT,
-        "certificate_validation": TlsLevel.VERIFY,
-        "domain_validation": TlsLevel.SECURE,
-    }
-    return levels.get(connector.tls, TlsLevel.MAY), ((connector.tls_domain,) if connector.tls_domain else ())
-
-
 # One analysis serves every message to the same destination over the same next hop (same MX answer, same host
 # order) with the same resolver self-test result for this long: under load it was one examination of every MX
 # host per message (~10% of the delivering process's time in the dane benchmark), while the DNS answers it rests
@@ -898,9 +960,8 @@ ANALYSIS_REUSE_SECONDS: Final = 1.0
 ANALYSIS_REUSE_MAX: Final = 4096  # destinations remembered at once (expired ones are dropped when it is full)
 
 
-def _mode(runtime: Runtime, connector_name: str) -> DaneMode:
-    connector = runtime.config.outbound(connector_name)
-    return DaneMode(connector.get(DANE_MODE)) if connector is not None else DaneMode.OPPORTUNISTIC
+def _mode(connector: OutboundConnector) -> DaneMode:
+    return DaneMode(connector.get(DANE_MODE))
 
 
 class DanePlugin:
@@ -923,13 +984,17 @@ class DanePlugin:
         self.runtime = runtime
 
     @hookimpl
+    async def mxgate_lifecycle_on_preflight(self, runtime: Runtime) -> list[str]:
+        return await preflight_own_tlsa(runtime)
+
+    @hookimpl
     async def mxgate_delivery_resolve_tls_policy(self, destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
         from mxgate.plugins.dnssec import SELF_TEST
 
         runtime = self.runtime
         if runtime is None or runtime.resolver is None or not next_hop.hosts:
             return None
-        mode = _mode(runtime, destination.connector)
+        mode = _mode(destination.connector)
         if mode is DaneMode.NONE:
             return None
         if mode is DaneMode.OPPORTUNISTIC and all(_is_ip(h.name) for h in next_hop.hosts):
@@ -941,16 +1006,7 @@ class DanePlugin:
         recent = self._recent.get(key)
         if recent is not None and recent[0] > now:
             return recent[1].policy
-        fallback, fallback_ids = _connector_fallback(runtime, destination.connector)
-        analysis = await analyse(
-            runtime.resolver,
-            destination,
-            next_hop,
-            mode=mode,
-            fallback=fallback,
-            fallback_ids=fallback_ids,
-            self_test=self_test,
-        )
+        analysis = await analyse(runtime.resolver, destination, next_hop, mode=mode, self_test=self_test)
         if len(self._recent) >= ANALYSIS_REUSE_MAX:
             self._recent = {k: v for k, v in self._recent.items() if v[0] > now}
         if len(self._recent) < ANALYSIS_REUSE_MAX:
@@ -972,16 +1028,8 @@ class DanePlugin:
         if hd is None or hd.state is not HostState.DANE:
             if hd is not None and hd.state is HostState.NO_USABLE:
                 return PeerVerification(True, "untrusted", detail="TLSA present but none usable: encrypted only")
-            # DANE does not apply to this host: the connector's own certificate checks (its level asked for them).
-            from mxgate.core.defaults import verify_connector_peer
-
-            connector = runtime.config.outbound(attempt.destination.connector) if runtime is not None else None
-            cafile = connector.tls_ca_file if connector is not None else None
-            trust = (str(runtime.config.path(cafile)),) if cafile and runtime is not None else None
-            names = hp.reference_ids or (attempt.host.name,)
-            return await asyncio.to_thread(
-                verify_connector_peer, chain, level=hp.level, names=names, now=now, trust_store_paths=trust
-            )
+            # DANE does not govern this host (the core asks the policy that does): not ours to judge.
+            return None
         check = await asyncio.to_thread(verify_chain, tuple(chain), hd.usable, hd.reference_ids, now)
         if runtime is not None:
             await runtime.hooks.on_event(
@@ -1037,22 +1085,6 @@ class DanePlugin:
         e.add_argument("--json", action="store_true")
         add_config_arg(e)
         e.set_defaults(func=cmd_explain)
-
-        # `mxgate explain DOMAIN [--connect]`: the core's explain command shows DNS (--dns); the per-MX DANE view
-        # joins it here, through the same command-line hook any plugin gets.
-        core_explain = subparsers.choices.get("explain")
-        if core_explain is not None:
-            core_explain.add_argument("--connect", action="store_true", help="DANE: handshake with each MX")
-            core_explain.add_argument("--port", type=int, help="DANE: SMTP port (default: the connector's mx_port)")
-            dns_view = core_explain.get_default("func")
-
-            def explain_both(args: argparse.Namespace) -> int:
-                if args.dns and not args.connect:
-                    return int(dns_view(args))
-                code = int(dns_view(args)) if args.dns else 0
-                return max(code, cmd_explain(args))
-
-            core_explain.set_defaults(func=explain_both)
 
 
 # ============================================================================================================
@@ -1221,6 +1253,45 @@ async def check_inbound(
     }
 
 
+async def preflight_own_tlsa(runtime: Runtime) -> list[str]:
+    """``mxgate check``: where our MX (``server.hostname``) publishes TLSA records for a listener's port, they are
+    signed, usable, and cover the certificate that listener serves (its files). No records: nothing to check."""
+    from mxgate.core.dns import DnssecStatus
+
+    config, resolver = runtime.config, runtime.resolver
+    if resolver is None:
+        return []
+    host = config.server.hostname.lower().rstrip(".")
+    problems: list[str] = []
+    for lc in config.listener:
+        if not lc.tls_cert:
+            continue
+        owner = f"_{lc.port}._tcp.{host}"
+        answer = await resolver.resolve(owner, "TLSA")
+        if answer.is_failure:
+            problems.append(f"TLSA {owner}: lookup failed ({answer.status}): {answer.error}")
+            continue
+        if not answer.exists:
+            continue
+        if answer.status is not DnssecStatus.SECURE:
+            problems.append(f"TLSA {owner} is {answer.status}: senders ignore it (sign the zone)")
+            continue
+        usable, _unusable = effective_records(_records(answer))
+        cert_file = str(config.path(lc.tls_cert))
+        try:
+            certs = _load_certs(cert_file)
+        except (OSError, ValueError):
+            continue  # the core's certificate check names this file
+        if not usable:
+            problems.append(f"TLSA {owner}: no usable record (senders then only require unauthenticated TLS)")
+        elif _covers(usable, certs) is None:
+            problems.append(
+                f"TLSA {owner} does not cover {cert_file}, which listener {lc.name} serves: DANE senders will defer; "
+                f"publish `{owner}. IN TLSA {make_tlsa(certs[0]).text}` (or serve the published key)"
+            )
+    return problems
+
+
 def _configured_cert(config: Any) -> str | None:
     for listener in config.listener:
         if listener.tls_cert:
@@ -1271,14 +1342,14 @@ async def explain_dane(
     config: Any, resolver: Resolver, domain: str, *, port: int | None = None, connect: bool = False
 ) -> dict[str, Any]:
     """The per-MX DANE view of ``domain`` (and, with ``connect``, what each MX presents)."""
-    from mxgate.connectors.outbound import select_outbound
+    from mxgate.connectors.outbound import OutboundConnector, select_outbound
     from mxgate.core.defaults import mx_next_hop
 
     domain = domain.lower().rstrip(".")
     connector = select_outbound(config.outbound_connector, domain)
     mode = DaneMode(connector.get(DANE_MODE)) if connector is not None else DaneMode.OPPORTUNISTIC
     mx_port = port or (connector.mx_port if connector is not None else 25)
-    destination = Destination(connector.name if connector is not None else "-", domain)
+    destination = Destination(connector or OutboundConnector(name="-", recipient_domains=("*",), use_mx=True), domain)
     next_hop = await mx_next_hop(destination, resolver, mx_port, random.Random(0))
     test = await resolver.self_test(config.dns.self_test_secure, config.dns.self_test_bogus)
     effective = mode if mode is not DaneMode.NONE else DaneMode.OPPORTUNISTIC  # show what DANE would do

@@ -75,3 +75,15 @@ async def _self_test_loop(runtime: Runtime) -> None:
 def mxgate_lifecycle_on_startup(runtime: Runtime) -> None:
     if runtime.resolver is not None and runtime.role == ROLE_MAIN:  # DANE is decided in the main process
         runtime.tasks.append(asyncio.ensure_future(_self_test_loop(runtime)))
+
+
+@hookimpl
+async def mxgate_lifecycle_on_preflight(runtime: Runtime) -> list[str]:
+    """``mxgate check``: the resolver must validate (the same self-test the gateway runs at start)."""
+    result = await run_self_test(runtime, retry_delay=0.5)
+    if result is None or result.validating:
+        return []
+    return [
+        f"dns.resolvers: the resolver does not validate DNSSEC ({result.secure_name}: {result.secure_status}, "
+        f"expected secure; {result.bogus_name}: {result.bogus_status}, expected bogus): DANE would be unavailable"
+    ]

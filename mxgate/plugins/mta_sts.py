@@ -58,7 +58,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.runtime import ROLE_MAIN
+from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.tls import VerifyReason, client_context, normalize_dns_name, server_context, verify_webpki
 from mxgate.plugins._sts_policy import (
@@ -1053,15 +1053,44 @@ class MtaStsPlugin:
     @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        if runtime.role != ROLE_MAIN:  # policies serve delivery, which only the main process does
+        if runtime.role not in (ROLE_MAIN, ROLE_COMMAND):  # policies serve delivery: not a receive worker's job
             return
         config = runtime.config
         conf = _section(config)
         self._trust = _trust_paths(config, conf)
         self.engine = await build_engine(config, self._get_resolver, clock=runtime.clock, sink=runtime.hooks)
+        if runtime.role != ROLE_MAIN:  # a command delivers once: policies yes, refresher and policy server no
+            return
         runtime.tasks.append(asyncio.ensure_future(self.engine.run_refresher(conf.refresh_interval)))
         if conf.serve_listen:
             self.server = await start_policy_server(config, conf, runtime.hooks)
+
+    @hookimpl
+    async def mxgate_lifecycle_on_preflight(self, runtime: Runtime) -> list[str]:
+        """``mxgate check``: every policy we serve names our host and every MX its domain publishes."""
+        conf = _section(runtime.config)
+        hostname = runtime.config.server.hostname
+        problems: list[str] = []
+        for i, policy in enumerate(conf.serve_policies):
+            if policy.mode == "none":
+                continue
+            where = f"plugins.mta_sts.serve_policies[{i}] ({policy.domain})"
+            if not any(mx_matches(p, hostname) for p in policy.mx):
+                problems.append(f"{where}: our host name {hostname} matches none of the mx patterns {list(policy.mx)}")
+            if runtime.resolver is None:
+                continue
+            answer = await runtime.resolver.resolve(policy.domain, "MX")
+            if answer.is_failure:
+                problems.append(f"{where}: MX lookup failed ({answer.status}): {answer.error}")
+                continue
+            for rd in answer.records if answer.exists else ():
+                mx = str(getattr(rd, "exchange", "")).rstrip(".").lower()
+                if mx and not any(mx_matches(p, mx) for p in policy.mx):
+                    problems.append(
+                        f"{where}: MX {mx} matches none of the mx patterns {list(policy.mx)}: senders that honour "
+                        f"the policy ({policy.mode}) will not deliver to it"
+                    )
+        return problems
 
     @hookimpl
     async def mxgate_lifecycle_on_shutdown(self) -> None:
@@ -1088,8 +1117,7 @@ class MtaStsPlugin:
     async def mxgate_delivery_resolve_tls_policy(self, destination: Destination, next_hop: NextHop) -> TlsPolicy | None:
         if self.runtime is None or self.engine is None:
             return None
-        connector = self.runtime.config.outbound(destination.connector)
-        mode = connector.get(MTA_STS_MODE) if connector is not None else "opportunistic"
+        mode = destination.connector.get(MTA_STS_MODE)
         if mode == "none" or not _is_policy_domain(destination.domain):
             return None  # an IP-literal smart host has no policy domain
         resolution = await self.engine.resolve(destination.domain)
@@ -1101,7 +1129,7 @@ class MtaStsPlugin:
             # the cached policy) is reported here, once per fetch, so TLS-RPT counts it.
             await self.runtime.hooks.on_tls_outcome(
                 TlsOutcome(
-                    connector=destination.connector,
+                    connector=destination.connector.name,
                     policy_type=PolicyType.STS,
                     policy_domain=resolution.domain,
                     success=False,

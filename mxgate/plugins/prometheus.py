@@ -46,6 +46,7 @@ kind                           labels                                     metric
 ``tlsrpt_sent``                result, method                             ``mxgate_tlsrpt_reports_sent_total``
 ``tlsrpt_received``            reporter_kind -> method, result            ``mxgate_tlsrpt_reports_received_total``
 ``tlsrpt_received_sessions``   result, result_type; value = sessions      ``mxgate_tlsrpt_received_sessions_total``
+``recipient_check``            source, result                             ``mxgate_recipient_checks_total``
 =============================  =========================================  ==========================================
 
 A missing event label becomes ``""``. Label values are bounded by the hook contract; as a second line of defence a
@@ -142,6 +143,11 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
         "mxgate_smtp_tls_sessions", "Inbound TLS sessions established (STARTTLS or implicit), by TLS version.",
         ("listener", "version"),
     ),
+    "certificate_reload": EventMetric(
+        "mxgate_tls_certificate_reloads",
+        "Changed listener certificate files: loaded, or refused (the old pair keeps serving).",
+        ("listener", "result"),
+    ),
     "auth": EventMetric("mxgate_smtp_auth", "SMTP AUTH attempts by result.", ("result",)),
     "message_received": EventMetric(
         "mxgate_messages_received", "Messages accepted and queued (250 after DATA), by listener and connector.",
@@ -210,6 +216,12 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
         "mxgate_tlsrpt_received_sessions",
         "Sessions counted in TLS-RPT reports others sent us, by result and (failures) result type.",
         ("result", "result_type"),
+    ),
+    "recipient_check": EventMetric(
+        "mxgate_recipient_checks",
+        "Recipients validated at RCPT, by source (file, callout, cache, none) and result (known, unknown, "
+        "unavailable, busy).",
+        ("source", "result"),
     ),
 }  # fmt: skip
 
@@ -390,6 +402,13 @@ class PrometheusPlugin:
         self.sessions_active = Gauge(
             "mxgate_smtp_sessions_active", "SMTP sessions open now, by listener.", ["listener"], registry=reg
         )
+        self.certificate_expiry = Gauge(
+            "mxgate_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate a listener serves expires (unix time), by listener and certificate (default, "
+            "or the SNI name).",
+            ["listener", "certificate"],
+            registry=reg,
+        )
         self.dns_latency = Histogram(
             "mxgate_dns_lookup_duration_seconds",
             "DNS lookup latency (network, not cache), by record type.",
@@ -565,6 +584,10 @@ class PrometheusPlugin:
             return
         if kind == "disconnection":
             self._child(self.sessions_active, (event.label("listener"),)).dec()
+            return
+        if kind == "certificate_expiry":
+            which = (event.label("listener"), event.label("certificate"))
+            self._child(self.certificate_expiry, which).set(event.value)
             return
         spec = EVENT_METRICS.get(kind)
         if spec is None:

@@ -79,7 +79,7 @@ import dns.zone
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from mxgate.core.dns import ResolverEndpoint
+from mxgate.core.dns import DnssecStatus, Resolver, ResolverEndpoint
 from mxgate.core.errors import MxgateError
 
 __all__ = [
@@ -396,10 +396,20 @@ class DnsLab:
     """A lab root ``test.``, its zones, and the nsd/unbound pair serving them (see the module docstring)."""
 
     def __init__(
-        self, workdir: Path | str, *, root_algorithm: Algorithm | str = Algorithm.ECDSA, ede: bool = True
+        self,
+        workdir: Path | str,
+        *,
+        root_algorithm: Algorithm | str = Algorithm.ECDSA,
+        ede: bool = True,
+        max_rtt_ms: int = 300,
     ) -> None:
-        """``ede=False``: unbound sends no RFC 8914 extended errors (exercises the CD-retry path)."""
+        """``ede=False``: unbound sends no RFC 8914 extended errors (exercises the CD-retry path).
+
+        ``max_rtt_ms``: the longest unbound waits for nsd before it retries, and after a few misses takes the
+        zone's server for dead for a minute (``infra-cache-max-rtt``). The default makes a dead delegation fail
+        fast; a lab with none, on a loaded machine, wants more (nsd answering after 300 ms is not dead)."""
         self.ede = ede
+        self.max_rtt_ms = max_rtt_ms
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root = LabZone(LAB_ROOT, algorithm=root_algorithm)
@@ -591,6 +601,23 @@ class DnsLab:
         self.stop()
         self.start()
 
+    def wait_validating(self, secure: str, bogus: str, *, timeout: float = 10.0) -> None:
+        """Wait (bounded, polled) until unbound answers ``secure`` as secure and ``bogus`` as bogus, as it will
+        from then on: right after start its first validations can SERVFAIL, and a gateway's start-up DNSSEC
+        self-test on these names would then (rightly) turn DANE off. Raises :class:`DnsLabError` on timeout."""
+
+        async def ready() -> bool:
+            resolver = Resolver([self.endpoint], timeout=1.0)
+            ok = await resolver.resolve(secure, "A", use_cache=False)
+            bad = await resolver.resolve(bogus, "A", use_cache=False)
+            return ok.is_secure and bad.status is DnssecStatus.BOGUS
+
+        deadline = time.monotonic() + timeout
+        while not asyncio.run(ready()):
+            if time.monotonic() > deadline:
+                raise DnsLabError(f"the DNS lab does not validate {secure} (secure) and {bogus} (bogus)")
+            time.sleep(0.1)
+
     @contextlib.contextmanager
     def running(self) -> Iterator[ResolverEndpoint]:
         """``with lab.running() as endpoint:`` — start, yield unbound's endpoint, always stop."""
@@ -680,7 +707,7 @@ class DnsLab:
             "  serve-expired: no",
             "  aggressive-nsec: no",
             # a dead authority fails within about a second instead of after many exponential back-offs
-            "  infra-cache-max-rtt: 300",
+            f"  infra-cache-max-rtt: {self.max_rtt_ms}",
             "  infra-host-ttl: 60",
             f'  local-zone: "{self.root.origin}" nodefault',
             f'  trust-anchor: "{self.trust_anchor}"',

@@ -32,10 +32,25 @@ from mxgate.core.runtime import Runtime
 FIXTURES = ("mxgate_gateway",)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", *also: str) -> int:
+    """A TCP port free on ``host`` and on every address in ``also`` (several MX hosts on 127.0.0.x that share one
+    SMTP port, as a connector's ``mx_port`` wants)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if all(_bindable(other, port) for other in also):
+            return port
+    raise RuntimeError(f"no TCP port free on every address of {[host, *also]}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass

@@ -139,6 +139,7 @@ class _SinkHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        self._sink.mail_commands.append(address)
         if self._sink.mail_reply is not None:
             return self._sink.mail_reply
         envelope.mail_from = address
@@ -148,6 +149,7 @@ class _SinkHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        self._sink.rcpt_commands.append(address)
         reply = self._sink.rcpt_reply_for(address)
         if reply is not None:
             return reply
@@ -213,8 +215,9 @@ class SmtpSink:
 
     Counters for connection handling: :attr:`connections` (accepted), :attr:`disconnections` (closed, by
     either side), :attr:`peak_connections` (most open at once), :attr:`quits`, :attr:`rsets`,
-    :attr:`tls_handshakes`; :meth:`close_connections` hangs up on every open session, as a server that times out
-    idle clients does.
+    :attr:`tls_handshakes`; :attr:`mail_commands` and :attr:`rcpt_commands` record every MAIL / RCPT address,
+    accepted or not, in order (a recipient callout shows up there and not in :attr:`messages`);
+    :meth:`close_connections` hangs up on every open session, as a server that times out idle clients does.
     """
 
     def __init__(
@@ -262,6 +265,8 @@ class SmtpSink:
         self.quits = 0  # QUIT commands received
         self.rsets = 0  # RSET commands received
         self.tls_handshakes = 0  # STARTTLS handshakes completed
+        self.mail_commands: list[str] = []  # MAIL FROM addresses ("<>": the null sender), whatever the reply
+        self.rcpt_commands: list[str] = []  # RCPT TO addresses, in order, whatever the reply
         self._messages: list[ReceivedMessage] = []
         self._changed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None

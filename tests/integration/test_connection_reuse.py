@@ -122,8 +122,10 @@ def connector(sink: SmtpSink | PostfixSink, name: str = "relay", tls: str = "non
     """
 
 
-def dest(sink: SmtpSink | PostfixSink, name: str = "relay") -> Destination:
-    return Destination(name, sink.host, (f"{sink.host}:{sink.port}",))
+def dest(runtime: Runtime, sink: SmtpSink | PostfixSink, name: str = "relay") -> Destination:
+    connector = runtime.config.outbound(name)
+    assert connector is not None
+    return Destination(connector, sink.host, (f"{sink.host}:{sink.port}",))
 
 
 def msg(n: int, *, data: bytes = BODY, tls_optional: bool = False, rcpt: str | None = None) -> OutgoingMessage:
@@ -145,7 +147,7 @@ async def test_sequential_messages_share_one_connection(make_runtime: Factory) -
         runtime, rec = await make_runtime(connector(sink))
         deliverer = Deliverer(runtime)
         for n in range(1, 6):
-            result = await deliverer.deliver(dest(sink), msg(n))
+            result = await deliverer.deliver(dest(runtime, sink), msg(n))
             assert results(result) == ["delivered"], result.steps
             assert result.peer_ip == "127.0.0.1" and result.mx_host == "127.0.0.1"
             if n == 1:
@@ -170,7 +172,7 @@ async def test_reuse_disabled_connects_per_message(make_runtime: Factory) -> Non
         runtime, rec = await make_runtime(connector(sink, extra="connection_reuse = false"))
         deliverer = Deliverer(runtime)
         for n in range(1, 6):
-            result = await deliverer.deliver(dest(sink), msg(n))
+            result = await deliverer.deliver(dest(runtime, sink), msg(n))
             assert results(result) == ["delivered"] and reusing(result) == []
             assert result.transcript[-1] == "S: 221 Bye"
         assert sink.connections == 5 and sink.quits == 5 and len(sink.messages) == 5
@@ -182,11 +184,11 @@ async def test_starttls_session_is_kept_with_its_verification(ca: TestCA, make_r
         extra = f'tls_domain = "relay.example.test"\ntls_ca_file = "{ca.cert_path}"'
         runtime, rec = await make_runtime(connector(sink, tls="domain_validation", extra=extra))
         deliverer = Deliverer(runtime)
-        first = await deliverer.deliver(dest(sink), msg(1))
+        first = await deliverer.deliver(dest(runtime, sink), msg(1))
         assert results(first) == ["delivered"], first.steps
         assert first.tls is not None and first.tls.startswith("TLSv1.") and first.verification == "verified"
         for n in range(2, 5):
-            again = await deliverer.deliver(dest(sink), msg(n))
+            again = await deliverer.deliver(dest(runtime, sink), msg(n))
             assert results(again) == ["delivered"] and reusing(again)
             assert (again.tls, again.verification, again.peer_ip) == (first.tls, first.verification, first.peer_ip)
             assert not any("STARTTLS" in line for line in again.transcript)
@@ -204,7 +206,7 @@ async def test_connection_closed_by_server_while_idle(make_runtime: Factory, how
         runtime, _ = await make_runtime(connector(sink))
         deliverer = Deliverer(runtime)
         for n in range(1, 4):
-            result = await deliverer.deliver(dest(sink), msg(n))
+            result = await deliverer.deliver(dest(runtime, sink), msg(n))
             assert results(result) == ["delivered"], result.steps
             assert reusing(result) == [] and not any(o.status.startswith("4") for o in result.outcomes)
             if how == "server_closes":
@@ -217,8 +219,8 @@ async def test_rset_refused_means_a_new_connection(make_runtime: Factory) -> Non
     async with PostfixSink(soft_reject=["RSET"]) as sink:
         runtime, _ = await make_runtime(connector(sink))
         deliverer = Deliverer(runtime)
-        first = await deliverer.deliver(dest(sink), msg(1))
-        second = await deliverer.deliver(dest(sink), msg(2))
+        first = await deliverer.deliver(dest(runtime, sink), msg(1))
+        second = await deliverer.deliver(dest(runtime, sink), msg(2))
         assert results(first) == results(second) == ["delivered"], second.steps
         assert reusing(second) == [] and any(s.startswith("connected to") for s in second.steps)
         assert "S: 450 4.3.0 Error: command failed" not in second.transcript  # the failed check stays out
@@ -230,13 +232,13 @@ async def test_idle_timeout_sends_quit(make_runtime: Factory) -> None:
         runtime, _ = await make_runtime(connector(sink, extra="connection_idle_timeout = 0.3"))
         deliverer = Deliverer(runtime)
         loop = asyncio.get_running_loop()
-        assert results(await deliverer.deliver(dest(sink), msg(1))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(1))) == ["delivered"]
         pooled_at = loop.time()
         assert deliverer.idle_sessions == 1 and sink.open_connections == 1
         await sink.wait_disconnections(1, timeout=2.0)
         assert loop.time() - pooled_at >= 0.25
         assert sink.quits == 1 and deliverer.idle_sessions == 0
-        assert results(await deliverer.deliver(dest(sink), msg(2))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(2))) == ["delivered"]
         assert sink.connections == 2
 
 
@@ -245,16 +247,16 @@ async def test_reuse_limit_and_max_age(make_runtime: Factory) -> None:
         runtime, _ = await make_runtime(connector(sink, extra="connection_reuse_limit = 2"))
         deliverer = Deliverer(runtime)
         for n in range(1, 6):
-            assert results(await deliverer.deliver(dest(sink), msg(n))) == ["delivered"]
+            assert results(await deliverer.deliver(dest(runtime, sink), msg(n))) == ["delivered"]
         assert sink.connections == 3 and sink.quits == 2 and len(sink.messages) == 5
         await deliverer.close()
     async with SmtpSink() as sink:
         runtime, _ = await make_runtime(connector(sink, extra="connection_max_age = 0.2"))
         deliverer = Deliverer(runtime)
-        assert results(await deliverer.deliver(dest(sink), msg(1))) == ["delivered"]
-        assert results(await deliverer.deliver(dest(sink), msg(2))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(1))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(2))) == ["delivered"]
         await asyncio.sleep(0.25)
-        assert results(await deliverer.deliver(dest(sink), msg(3))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(3))) == ["delivered"]
         assert sink.connections == 2
         await deliverer.close()
 
@@ -266,7 +268,7 @@ async def test_policy_differences_never_share_a_session(make_runtime: Factory) -
         deliverer = Deliverer(runtime)
 
         async def send(n: int, **kw: bool) -> DeliveryResult:
-            return await deliverer.deliver(dest(sink), msg(n, **kw))
+            return await deliverer.deliver(dest(runtime, sink), msg(n, **kw))
 
         assert results(await send(1)) == ["delivered"]  # test_policy, MAY, data rrset 1: session A
         assert results(await send(2, tls_optional=True)) == ["delivered"]  # RFC 8689: connector policy: B
@@ -292,7 +294,7 @@ async def test_connectors_do_not_share_sessions_and_close_quits_all(make_runtime
         deliverer = Deliverer(runtime)
         for n in range(1, 5):
             name = "one" if n % 2 else "two"
-            assert results(await deliverer.deliver(dest(sink, name), msg(n))) == ["delivered"]
+            assert results(await deliverer.deliver(dest(runtime, sink, name), msg(n))) == ["delivered"]
         assert sink.connections == 2 and rec.reused() == ["one", "two"]
         assert deliverer.idle_sessions == 2 and sink.quits == 0
         await deliverer.close()
@@ -300,7 +302,7 @@ async def test_connectors_do_not_share_sessions_and_close_quits_all(make_runtime
         assert sink.quits == 2 and deliverer.idle_sessions == 0
         await sink.wait_disconnections(2)
         # closed: deliveries still work, and QUIT at once
-        assert results(await deliverer.deliver(dest(sink, "one"), msg(5))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink, "one"), msg(5))) == ["delivered"]
         assert sink.connections == 3 and sink.quits == 3 and deliverer.idle_sessions == 0
 
 
@@ -308,7 +310,7 @@ async def test_pool_holds_at_most_max_connections_per_destination(make_runtime: 
     async with SmtpSink() as sink:
         runtime, _ = await make_runtime(connector(sink, extra="max_connections_per_destination = 2"))
         deliverer = Deliverer(runtime)
-        done = await asyncio.gather(*(deliverer.deliver(dest(sink), msg(n)) for n in range(1, 5)))
+        done = await asyncio.gather(*(deliverer.deliver(dest(runtime, sink), msg(n)) for n in range(1, 5)))
         assert [results(r) for r in done] == [["delivered"]] * 4
         assert sink.connections == 4 and deliverer.idle_sessions == 2
         await sink.wait_disconnections(2)
@@ -321,12 +323,12 @@ async def test_refused_transaction_and_unmet_needs_keep_the_session(make_runtime
     async with SmtpSink(rcpt_replies=replies, data_size_limit=1000) as sink:
         runtime, _ = await make_runtime(connector(sink))
         deliverer = Deliverer(runtime)
-        assert results(await deliverer.deliver(dest(sink), msg(1))) == ["delivered"]
-        refused = await deliverer.deliver(dest(sink), msg(2, rcpt="nobody@x.test"))
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(1))) == ["delivered"]
+        refused = await deliverer.deliver(dest(runtime, sink), msg(2, rcpt="nobody@x.test"))
         assert results(refused) == ["failed"] and reusing(refused)
-        big = await deliverer.deliver(dest(sink), msg(3, data=BODY + b"x" * 2000 + b"\r\n"))
+        big = await deliverer.deliver(dest(runtime, sink), msg(3, data=BODY + b"x" * 2000 + b"\r\n"))
         assert [(o.result, o.status) for o in big.outcomes] == [("failed", "5.3.4")] and reusing(big)
-        after = await deliverer.deliver(dest(sink), msg(4))
+        after = await deliverer.deliver(dest(runtime, sink), msg(4))
         assert results(after) == ["delivered"] and reusing(after) == [
             f"reusing session to 127.0.0.1[127.0.0.1]:{sink.port} (message 3 on it)"  # the big one was not sent
         ]
@@ -340,7 +342,7 @@ async def test_engine_shutdown_closes_pooled_sessions_without_close(make_runtime
         runtime, _ = await make_runtime(connector(sink))
         deliverer = Deliverer(runtime)
         others = list(runtime.tasks)  # the plugins' own
-        assert results(await deliverer.deliver(dest(sink), msg(1))) == ["delivered"]
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(1))) == ["delivered"]
         (keeper,) = [t for t in runtime.tasks if t not in others]
         assert deliverer.idle_sessions == 1
         tasks = list(runtime.tasks)
@@ -349,7 +351,7 @@ async def test_engine_shutdown_closes_pooled_sessions_without_close(make_runtime
         await asyncio.gather(*tasks, return_exceptions=True)
         await sink.wait_disconnections(1)
         assert deliverer.idle_sessions == 0 and keeper.done() and keeper not in runtime.tasks
-        assert results(await deliverer.deliver(dest(sink), msg(2))) == ["delivered"]  # no more pooling
+        assert results(await deliverer.deliver(dest(runtime, sink), msg(2))) == ["delivered"]  # no more pooling
         assert sink.connections == 2 and deliverer.idle_sessions == 0
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,6 @@ from mxgate.core.outcomes import (
     NextHop,
     PolicyType,
     TlsLevel,
-    TlsOutcome,
     TlsPolicy,
     TlsRptResult,
 )
@@ -41,6 +39,7 @@ from mxgate.plugins.dane import DanePlugin, HostState, dane_status, make_tlsa, s
 from mxgate.plugins.dnssec import SELF_TEST
 from mxgate.testing.ca import IssuedCert, TestCA, self_signed
 from mxgate.testing.dnslab import DnsLab, DnsLabError
+from mxgate.testing.recorder import Recorder
 from mxgate.testing.sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -197,31 +196,14 @@ def dane_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     except DnsLabError as exc:
         pytest.fail(f"DNS lab could not start: {exc}", pytrace=False)
     lab.resolver_text = str(lab.lab.endpoint)
-    warm_up(lab.lab, ZONE, BOGUS_TCP)
+    try:
+        lab.lab.wait_validating(ZONE, BOGUS_TCP)
+    except DnsLabError as exc:
+        pytest.fail(str(exc), pytrace=False)
     try:
         yield lab
     finally:
         lab.lab.stop()
-
-
-def warm_up(lab: DnsLab, secure: str, bogus: str) -> None:
-    """Wait (bounded) until unbound answers the self-test names as it will for the rest of the module: right after
-    start its first validations can SERVFAIL, and the gateway's start-up self-test would then (rightly) turn DANE
-    off."""
-
-    async def ready() -> bool:
-        resolver = Resolver([lab.endpoint], timeout=1.0)
-        ok, bad = (
-            await resolver.resolve(secure, "A", use_cache=False),
-            await resolver.resolve(bogus, "A", use_cache=False),
-        )
-        return ok.is_secure and bad.status is DnssecStatus.BOGUS
-
-    for _ in range(50):
-        if asyncio.run(ready()):
-            return
-        time.sleep(0.1)
-    pytest.fail("the DNS lab does not validate the self-test names", pytrace=False)
 
 
 @contextlib.asynccontextmanager
@@ -238,19 +220,6 @@ async def sinks(lab: Lab, *names: str, **kwargs: Any) -> AsyncIterator[dict[str,
             await sink.stop()
 
 
-class Capture:
-    """Collects TLS outcomes."""
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.outcomes: list[TlsOutcome] = []
-
-    @hookimpl
-    def mxgate_delivery_on_tls_outcome(self, outcome: TlsOutcome) -> None:
-        self.outcomes.append(outcome)
-
-
 class FakeSts:
     """An MTA-STS-like opinion that would accept any MX with any certificate (precedence 200)."""
 
@@ -264,7 +233,7 @@ class FakeSts:
 @contextlib.asynccontextmanager
 async def gateway_runtime(
     lab: Lab, tmp_path: Path, *, dane: str = "opportunistic", extra: tuple[tuple[str, Any], ...] = (), **conn: Any
-) -> AsyncIterator[tuple[Runtime, Capture]]:
+) -> AsyncIterator[tuple[Runtime, Recorder]]:
     document = {
         "server": {"hostname": "gw.dane.test", "state_dir": str(tmp_path / "var")},
         "dns": {
@@ -291,7 +260,7 @@ async def gateway_runtime(
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(document))
-    capture = Capture()
+    capture = Recorder()
     config, plugins = engine.load(path, entry_points=False, extra_plugins=(("capture", capture), *extra))
     runtime = Runtime.create(config, plugins)
     runtime.resolver = lab.resolver()
@@ -316,7 +285,9 @@ async def deliver(runtime: Runtime, domain: str, smart_hosts: tuple[str, ...] = 
         recipients=(f"rcpt@{domain}",),
         data=b"From: sender@gw.dane.test\r\nSubject: dane\r\n\r\nhello\r\n",
     )
-    return await Deliverer(runtime).deliver(Destination("internet", domain, smart_hosts), message)
+    return await Deliverer(runtime).deliver(
+        Destination(runtime.config.outbound("internet"), domain, smart_hosts), message
+    )
 
 
 def result_of(res: Any) -> str:
@@ -330,7 +301,7 @@ def result_of(res: Any) -> str:
 
 async def _policy(runtime: Runtime, domain: str) -> tuple[NextHop, TlsPolicy | None, DanePlugin]:
     plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-    dest = Destination("internet", domain)
+    dest = Destination(runtime.config.outbound("internet"), domain)
     next_hop = await runtime.hooks.resolve_next_hop(dest)
     assert next_hop is not None
     return next_hop, await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop), plugin
@@ -406,7 +377,11 @@ async def test_smart_hosts_by_address_have_no_tlsa(dane_lab: Lab, tmp_path: Path
         events: list[str] = []
         async with gateway_runtime(dane_lab, tmp_path / mode, dane=mode) as (runtime, _):
             plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-            dest = Destination("internet", "127.0.0.1", (f"127.0.0.1:{dane_lab.port}", f"[::1]:{dane_lab.port}"))
+            dest = Destination(
+                runtime.config.outbound("internet"),
+                "127.0.0.1",
+                (f"127.0.0.1:{dane_lab.port}", f"[::1]:{dane_lab.port}"),
+            )
             next_hop = await runtime.hooks.resolve_next_hop(dest)
             assert next_hop is not None and len(next_hop.hosts) == 2
             runtime.hooks.on_event = functools.partial(_recording, events, runtime.hooks.on_event)  # type: ignore[method-assign]
@@ -450,7 +425,7 @@ async def test_cname_smart_host_uses_expanded_base_domain(dane_lab: Lab, tmp_pat
     relay = fqdn("relay")
     async with gateway_runtime(dane_lab, tmp_path) as (runtime, _):
         plugin = next(p for p in runtime.plugins.pm.get_plugins() if isinstance(p, DanePlugin))
-        dest = Destination("internet", relay, (f"{relay}:{dane_lab.port}",))
+        dest = Destination(runtime.config.outbound("internet"), relay, (f"{relay}:{dane_lab.port}",))
         next_hop = await runtime.hooks.resolve_next_hop(dest)
         assert next_hop is not None and next_hop.kind == "smart_host"
         policy = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)

@@ -127,7 +127,9 @@ async def test_mx_delivery_opportunistic_tls_with_outcome(ca: TestCA, make_runti
             """,
             resolver,
         )
-        result = await _deliver(runtime, Destination("internet", "example.test"), _msg("b@example.test"))
+        result = await _deliver(
+            runtime, Destination(runtime.config.outbound("internet"), "example.test"), _msg("b@example.test")
+        )
         assert [o.result for o in result.outcomes] == ["delivered"], result.steps
         assert result.mx_host == "mx.example.test" and result.tls and result.tls.startswith("TLSv1.")
         assert any("TLS TLSv1." in step and "SNI mx.example.test" in step for step in result.steps)
@@ -169,7 +171,9 @@ async def test_smart_host_tls_modes(
         extra = f'tls_domain = "relay.example.test"\ntls_ca_file = "{ca.cert_path}"'
         runtime, rec = await make_runtime(_smart(sink, tls, extra))
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test")
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test"),
         )
         assert [o.result for o in result.outcomes] == [expect], result.steps
         assert len(sink.messages) == (1 if expect == "delivered" else 0)
@@ -190,7 +194,9 @@ async def test_peer_without_starttls(ca: TestCA, make_runtime: Factory, tls: str
     async with SmtpSink(tls=ca.issue(["relay.example.test"]), starttls=False) as sink:
         runtime, rec = await make_runtime(_smart(sink, tls))
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test")
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test"),
         )
         assert [o.result for o in result.outcomes] == [expect]
         assert [m.tls_version for m in sink.messages] == ([None] if expect == "delivered" else [])
@@ -202,7 +208,9 @@ async def test_tls_none_never_starttls(ca: TestCA, make_runtime: Factory) -> Non
     async with SmtpSink(tls=ca.issue(["relay.example.test"])) as sink:
         runtime, rec = await make_runtime(_smart(sink, "none"))
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test")
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test"),
         )
         assert [o.result for o in result.outcomes] == ["delivered"]
         assert sink.messages[0].tls_version is None and rec.outcomes == []
@@ -213,7 +221,9 @@ async def test_per_recipient_results_in_one_transaction(make_runtime: Factory) -
     async with SmtpSink(rcpt_replies=replies) as sink:
         runtime, _ = await make_runtime(_smart(sink, "opportunistic"))
         msg = _msg("ok@x.test", "busy@x.test", "nobody@x.test", "ok2@x.test")
-        result = await _deliver(runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), msg)
+        result = await _deliver(
+            runtime, Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)), msg
+        )
         by = {o.recipient: o for o in result.outcomes}
         assert {r: o.result for r, o in by.items()} == {
             "ok@x.test": "delivered",
@@ -247,7 +257,9 @@ async def test_mx_failover_across_loopback_addresses(make_runtime: Factory) -> N
             """,
             resolver,
         )
-        result = await _deliver(runtime, Destination("internet", "example.test"), _msg("b@example.test"))
+        result = await _deliver(
+            runtime, Destination(runtime.config.outbound("internet"), "example.test"), _msg("b@example.test")
+        )
         assert [o.result for o in result.outcomes] == ["delivered"]
         assert result.mx_host == "mx2.example.test" and result.peer_ip == "127.0.0.3"
         assert any("mx1.example.test[127.0.0.2]" in s for s in result.steps)
@@ -268,9 +280,9 @@ async def test_null_mx_fails_at_once_and_unreachable_defers(make_runtime: Factor
         """,
         resolver,
     )
-    null = await _deliver(runtime, Destination("internet", "null.test"), _msg("b@null.test"))
+    null = await _deliver(runtime, Destination(runtime.config.outbound("internet"), "null.test"), _msg("b@null.test"))
     assert [(o.result, o.status) for o in null.outcomes] == [("failed", "5.1.10")]
-    down = await _deliver(runtime, Destination("internet", "down.test"), _msg("b@down.test"))
+    down = await _deliver(runtime, Destination(runtime.config.outbound("internet"), "down.test"), _msg("b@down.test"))
     assert [o.result for o in down.outcomes] == ["deferred"] and down.outcomes[0].status.startswith("4.")
 
 
@@ -279,7 +291,9 @@ async def test_size_limit_is_honoured(make_runtime: Factory) -> None:
         runtime, _ = await make_runtime(_smart(sink, "none"))
         big = BODY + b"x" * 500 + b"\r\n"
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test", data=big)
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test", data=big),
         )
         assert [(o.result, o.status) for o in result.outcomes] == [("failed", "5.3.4")]
         assert sink.messages == ()
@@ -289,7 +303,9 @@ async def test_test_mode_sends_nothing(make_runtime: Factory) -> None:
     async with SmtpSink() as sink:
         runtime, _ = await make_runtime(_smart(sink, "none", "test_mode = true"))
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test")
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test"),
         )
         assert [o.result for o in result.outcomes] == ["delivered"] and sink.connections == 0
 
@@ -309,7 +325,9 @@ async def test_postfix_smtp_sink_replies(
     async with PostfixSink(**options) as sink:
         runtime, _ = await make_runtime(_smart(sink, "none"))
         result = await _deliver(
-            runtime, Destination("relay", "127.0.0.1", (f"127.0.0.1:{sink.port}",)), _msg("b@x.test")
+            runtime,
+            Destination(runtime.config.outbound("relay"), "127.0.0.1", (f"127.0.0.1:{sink.port}",)),
+            _msg("b@x.test"),
         )
         (o,) = result.outcomes
         assert (o.result, o.status[:2]) == expect, result.steps

@@ -56,7 +56,7 @@ async def runtime_for(tmp_path: Path, sink: SmtpSink) -> Runtime:
 async def test_recipient_policy_failure_blocks_ordinary_mail_but_not_tls_required_no(tmp_path: Path) -> None:
     async with SmtpSink() as sink:
         runtime = await runtime_for(tmp_path, sink)
-        dest = Destination("relay", f"{sink.host}", (f"{sink.host}:{sink.port}",))
+        dest = Destination(runtime.config.outbound("relay"), f"{sink.host}", (f"{sink.host}:{sink.port}",))
         blocked = await Deliverer(runtime).deliver(
             dest, OutgoingMessage("Q1", "r@sender.test", ("x@example.test",), BODY)
         )

@@ -4,9 +4,8 @@ served by the plugin's own HTTPS listener, aiosmtpd sinks with test-CA certifica
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,13 @@ import tomli_w
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.dns import Resolver
-from mxgate.core.hookspecs import hookimpl
-from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
+from mxgate.core.outcomes import Destination, PolicyType, TlsRptResult
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.mta_sts import ServedPolicy
 from mxgate.testing.ca import IssuedCert, TestCA
 from mxgate.testing.dnslab import DnsLab
+from mxgate.testing.gateway import free_port
+from mxgate.testing.recorder import Recorder
 from mxgate.testing.sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -35,23 +35,6 @@ SERVED = [
     ServedPolicy(domain="tbadc.test", mode="testing", mx=("mx.tbadc.test",), max_age=86400),
     ServedPolicy(domain="bare.test", mode="enforce", mx=("mx.enf.test",), max_age=86400),
 ]
-
-
-def _free_port(*hosts: str) -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        ok = True
-        for host in hosts[1:]:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    ok = False
-        if ok:
-            return port
-    raise RuntimeError("no port free on every address")
 
 
 @dataclass
@@ -89,19 +72,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         zone.add("mta-sts", "A", POLICY_IP)
     dns.start()
     try:
-        yield World(dns, ca, certs, _free_port(ROGUE_IP, GOOD_IP, BADCERT_IP), _free_port(POLICY_IP), tmp)
+        yield World(dns, ca, certs, free_port(ROGUE_IP, GOOD_IP, BADCERT_IP), free_port(POLICY_IP), tmp)
     finally:
         dns.stop()
-
-
-@dataclass
-class Recorder:
-    outcomes: list[TlsOutcome] = field(default_factory=list)
-    name: str = "recorder"
-
-    @hookimpl
-    def mxgate_delivery_on_tls_outcome(self, outcome: TlsOutcome) -> None:
-        self.outcomes.append(outcome)
 
 
 @pytest.fixture
@@ -155,7 +128,7 @@ async def gateway(world: World, tmp_path: Path) -> AsyncIterator[tuple[Runtime, 
 
 async def deliver(runtime: Runtime, domain: str) -> DeliveryResult:
     message = OutgoingMessage("Q1", "a@sender.test", (f"b@{domain}",), BODY)
-    return await Deliverer(runtime).deliver(Destination("internet", domain), message)
+    return await Deliverer(runtime).deliver(Destination(runtime.config.outbound("internet"), domain), message)
 
 
 async def test_enforce_skips_mx_not_in_policy(world: World, gateway: tuple[Runtime, Recorder]) -> None:

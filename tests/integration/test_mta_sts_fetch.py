@@ -261,13 +261,15 @@ async def running(lab: Lab, state: Path, **kwargs: Any) -> AsyncIterator[tuple[R
         await runtime.hooks.on_shutdown(runtime)
 
 
-def next_hop(domain: str, *hosts: str) -> NextHop:
-    dest = Destination("internet", domain)
+def next_hop(runtime: Runtime, domain: str, *hosts: str) -> NextHop:
+    connector = runtime.config.outbound("internet")
+    assert connector is not None
+    dest = Destination(connector, domain)
     return NextHop(dest, tuple(HopHost(h, 25, 10 * i) for i, h in enumerate(hosts, 1)), "mx")
 
 
 async def sts_policy(runtime: Runtime, domain: str, *hosts: str) -> TlsPolicy | None:
-    hop = next_hop(domain, *(hosts or (f"mx1.{domain}",)))
+    hop = next_hop(runtime, domain, *(hosts or (f"mx1.{domain}",)))
     policies = await runtime.hooks.resolve_tls_policy(hop.destination, hop)
     return next((p for p in policies if p.source == "mta_sts"), None)
 

@@ -9,6 +9,7 @@ import pytest
 from mxgate.core import engine
 from mxgate.core.config import BUILTIN_SOURCE, load_config
 from mxgate.core.errors import ConfigError
+from mxgate.testing.ca import TestCA
 
 
 def write(tmp_path: Path, text: str, name: str = "mx.toml") -> Path:
@@ -244,8 +245,9 @@ def test_missing_file() -> None:
 
 def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
     (tmp_path / "certs").mkdir()
-    (tmp_path / "certs" / "mx.pem").write_text("x")
-    (tmp_path / "certs" / "mx.key").write_text("x")
+    pair = TestCA.create(tmp_path / "ca").issue(["mx.example.org"])  # a pair that loads (config check loads it)
+    (tmp_path / "certs" / "mx.pem").write_bytes(pair.chain_path.read_bytes())
+    (tmp_path / "certs" / "mx.key").write_bytes(pair.key_path.read_bytes())
     text = BASE.replace(
         'address = "127.0.0.1:2525"',
         'address = "127.0.0.1:2525"\ntls_cert = "certs/mx.pem"\ntls_key = "certs/mx.key"',

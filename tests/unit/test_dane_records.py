@@ -407,8 +407,10 @@ def _hd(state: HostState, **kw: object) -> HostDane:
 def test_host_policy(
     state: HostState, mode: DaneMode, level: TlsLevel, usable: bool, failure: TlsRptResult | None
 ) -> None:
-    hp = host_policy(_hd(state), mode, TlsLevel.MAY)
+    hp = host_policy(_hd(state), mode)
     assert (hp.level, hp.usable, hp.failure) == (level, usable, failure)
+    # opportunistic DANE has no opinion on a host without secure TLSA: the next policy decides it (RFC 7672 §2.2)
+    assert hp.applies is not (state in (HostState.NO_TLSA, HostState.INSECURE_HOST) and mode is DaneMode.OPPORTUNISTIC)
     if state is HostState.DANE:
         assert hp.sni == "mx.example.test" and hp.reference_ids == ("mx.example.test",)
 
@@ -416,7 +418,7 @@ def test_host_policy(
 def test_failed_lookup_makes_host_unusable_in_any_mode() -> None:
     hd = _hd(HostState.FAILED, failure=TlsRptResult.DNSSEC_INVALID)
     for mode in (DaneMode.OPPORTUNISTIC, DaneMode.MANDATORY):
-        hp = host_policy(hd, mode, TlsLevel.MAY)
+        hp = host_policy(hd, mode)
         assert not hp.usable and hp.failure is TlsRptResult.DNSSEC_INVALID
 
 

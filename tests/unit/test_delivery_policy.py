@@ -58,7 +58,8 @@ class FakeResolver:
 
 A, NODATA, NX, ERR = AnswerKind.ANSWER, AnswerKind.NODATA, AnswerKind.NXDOMAIN, AnswerKind.ERROR
 SEC, INS, BOGUS = DnssecStatus.SECURE, DnssecStatus.INSECURE, DnssecStatus.BOGUS
-DEST = Destination("internet", "example.test")
+INTERNET = OutboundConnector(name="internet", recipient_domains=("*",), use_mx=True)
+DEST = Destination(INTERNET, "example.test")
 
 
 def _policy(source: str, prec: int, level: TlsLevel, **kw: object) -> TlsPolicy:
@@ -151,9 +152,19 @@ async def test_implicit_mx_null_mx_and_nonexistent_domain() -> None:
     )
     hop = await mx_next_hop(DEST, resolver, 25, random.Random(1))  # type: ignore[arg-type]
     assert hop.kind == "implicit_mx" and [h.addresses for h in hop.hosts] == [("127.0.0.5",)]
-    null = await mx_next_hop(Destination("internet", "null.test"), resolver, 25, random.Random(1))  # type: ignore[arg-type]
+    null = await mx_next_hop(
+        Destination(INTERNET, "null.test"),
+        resolver,
+        25,
+        random.Random(1),
+    )  # type: ignore[arg-type]
     assert null.kind == "null_mx" and null.permanent
-    gone = await mx_next_hop(Destination("internet", "gone.test"), resolver, 25, random.Random(1))  # type: ignore[arg-type]
+    gone = await mx_next_hop(
+        Destination(INTERNET, "gone.test"),
+        resolver,
+        25,
+        random.Random(1),
+    )  # type: ignore[arg-type]
     assert gone.kind == "error" and gone.permanent
 
 
@@ -170,7 +181,11 @@ async def test_failed_mx_lookup_defers_without_address_fallback(kind: AnswerKind
 async def test_smart_hosts_names_ips_and_ports() -> None:
     resolver = FakeResolver({("relay.test", "A"): (A, INS, ["127.0.0.7"])})
     hop = await smart_host_next_hop(
-        Destination("out", "relay.test", ("relay.test", "127.0.0.8:2526", "[::1]:2527")),
+        Destination(
+            replace(INTERNET, name="out"),
+            "relay.test",
+            ("relay.test", "127.0.0.8:2526", "[::1]:2527"),
+        ),
         ("relay.test", "127.0.0.8:2526", "[::1]:2527"),
         587,
         resolver,  # type: ignore[arg-type]
@@ -211,7 +226,7 @@ def test_connector_verification(tmp_path: Path) -> None:
 
 def test_session_key_tells_apart_what_makes_sessions_different() -> None:
     """Equal keys only for deliveries that would set up equivalent sessions (connection reuse)."""
-    conn = OutboundConnector(name="internet", recipient_domains=("*",), use_mx=True)
+    conn = INTERNET
     host = HopHost("mx.example.test", 25, 10)
     hop = NextHop(DEST, (host,), "mx")
     msg = OutgoingMessage("Q1", "a@example.org", ("b@example.test",), b"x")

@@ -44,3 +44,37 @@ def test_partner_dane() -> None:
         assert partner.get(DANE_MODE) == "mandatory" and partner.get(MTA_STS_MODE) == "none"
     other = select_outbound(config.outbound_connector, "example.net")
     assert other is not None and other.name == "internet"
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A systemd unit file as ``"Section.Key" -> [values]`` (keys may repeat; comments skipped)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return out
+
+
+def test_systemd_units_are_hardened_and_hand_over_the_listener() -> None:
+    service = _unit(EXAMPLES / "systemd" / "mxgate.service")
+    socket_unit = _unit(EXAMPLES / "systemd" / "mxgate.socket")
+    assert service["Unit.Requires"] == ["mxgate.socket"]
+    assert service.get("Service.User") == ["mxgate"] or service.get("Service.DynamicUser") == ["yes"]
+    assert service["Service.ProtectSystem"] == ["strict"]
+    assert service["Service.StateDirectory"] == ["mxgate"]
+    assert service["Service.NoNewPrivileges"] == ["yes"]
+    assert service["Service.CapabilityBoundingSet"] == [""] and service["Service.AmbientCapabilities"] == [""]
+    assert any(cmd.split()[1:3] == ["run", "--config"] for cmd in service["Service.ExecStart"])
+    assert any(cmd.split()[1:3] == ["reload", "--config"] for cmd in service["Service.ExecReload"])
+    # the socket unit binds port 25 and names its sockets after the example's listener
+    assert all(addr.endswith(":25") for addr in socket_unit["Socket.ListenStream"])
+    config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    assert socket_unit["Socket.FileDescriptorName"] == [config.listener[0].name]
+    assert socket_unit["Socket.Service"] == ["mxgate.service"]

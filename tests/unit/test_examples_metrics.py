@@ -46,6 +46,7 @@ async def exercised() -> dict[str, set[str]]:
         await hooks.on_event(kind, value=0.01, **{src: "x" for src in (spec.sources or spec.labels)})
     await hooks.on_event("queue", action="dsn", dsn="failed")
     await hooks.on_event("disconnection", listener="x")
+    await hooks.on_event("certificate_expiry", value=1.8e9, listener="x", certificate="default")
     await hooks.on_disconnect(
         Session(id="s", listener="x", peer_ip="192.0.2.1", peer_port=1, local_ip="", local_port=0)
     )

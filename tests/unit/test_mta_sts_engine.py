@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -324,7 +325,7 @@ def resolution(text: str | None, **kwargs: Any) -> StsResolution:
 
 
 HOP = NextHop(
-    Destination("internet", DOMAIN),
+    Destination(OutboundConnector(name="internet", recipient_domains=("*",), use_mx=True), DOMAIN),
     (
         HopHost("mx1.example.test", 25, 10),
         HopHost("rogue.example.test", 25, 20),
@@ -403,7 +404,9 @@ def test_sts_ranks_below_dane_and_above_connector() -> None:
 async def test_verify_answers_only_for_its_own_policy() -> None:
     plugin = MtaStsPlugin()
     dane = TlsPolicy("dane", PolicyType.TLSA, DOMAIN, TlsLevel.SECURE, 300)
-    attempt = SimpleNamespace(host=HopHost("mx1.example.test", 25), destination=Destination("c", DOMAIN))
+    attempt = SimpleNamespace(
+        host=HopHost("mx1.example.test", 25), destination=Destination(HOP.destination.connector, DOMAIN)
+    )
     assert await plugin.mxgate_delivery_on_tls_verify(attempt, dane, ()) is None  # type: ignore[arg-type]
 
 

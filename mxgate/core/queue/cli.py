@@ -17,7 +17,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, TypeVar
 
-from mxgate.core.queue.store import MessageNotFoundError, QueuedMessage, QueueStore
+from mxgate.core.errors import StateError
+from mxgate.core.queue.store import DB_NAME, MessageNotFoundError, QueuedMessage, QueueStore
 from mxgate.core.textsafe import escape
 
 T = TypeVar("T")
@@ -61,9 +62,15 @@ def _last_error(msg: QueuedMessage) -> str:
 
 
 def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> T:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.cli import ENV_CONFIG, load_from_args
 
     config, _ = load_from_args(args)
+    db = config.state_path / DB_NAME
+    if not db.is_file():  # never create a queue (or ./var) where no gateway ever ran
+        raise StateError(
+            f"no queue at {db.absolute()} (server.state_dir of {config.source}): name the gateway's configuration with "
+            f"-c FILE or ${ENV_CONFIG}"
+        )
 
     async def main() -> T:
         store = await QueueStore.open(config.state_path, release_leases=False)

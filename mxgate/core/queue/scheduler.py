@@ -389,7 +389,7 @@ class Scheduler:
                 domain = checks.split_hostport(smart[0], connector.port)[0].lower()
             else:
                 domain = addr.domain.lower().rstrip(".")
-            destination = Destination(connector.name, domain, tuple(smart))
+            destination = Destination(connector, domain, tuple(smart))
             groups.setdefault(destination, []).append(r.address)
             tracking.write(
                 TrackEvent.ROUTE,
@@ -406,14 +406,13 @@ class Scheduler:
         delivered = await asyncio.gather(*(self._deliver(msg, job, body) for job in jobs))
         mx_hosts = {res.mx_host for res in delivered if res.mx_host}
         for res in delivered:
-            connector = runtime.config.outbound(res.destination.connector)
-            schedule = schedule_for(connector)
+            schedule = schedule_for(res.destination.connector)
             for out in res.outcomes:
                 outcomes[out.recipient] = out
                 results[out.recipient] = self._result(msg, out, schedule, now)
 
         previous_attempt = None
-        if any(schedule_for(runtime.config.outbound(d.connector)).delay_warning_after is not None for d in groups):
+        if any(schedule_for(d.connector).delay_warning_after is not None for d in groups):
             history = await queue.attempts(msg.id)
             previous_attempt = max((a.at for a in history), default=None)
 
@@ -478,13 +477,13 @@ class Scheduler:
     async def _deliver(self, msg: QueuedMessage, job: _Job, body: bytes) -> DeliveryResult:
         runtime = self.runtime
         dest = job.destination
-        connector = runtime.config.outbound(dest.connector)
-        limit = connector.max_connections if connector is not None else 1
-        per_dest = connector.max_connections_per_destination if connector is not None else 1
-        csem = self._connector_sems.get(dest.connector)
+        connector = dest.connector
+        limit = connector.max_connections
+        per_dest = connector.max_connections_per_destination
+        csem = self._connector_sems.get(connector.name)
         if csem is None:
-            csem = self._connector_sems[dest.connector] = asyncio.Semaphore(limit)
-        key = (dest.connector, dest.domain)
+            csem = self._connector_sems[connector.name] = asyncio.Semaphore(limit)
+        key = (connector.name, dest.domain)
         dsem = self._destination_sems.get(key)
         if dsem is None:
             dsem = asyncio.Semaphore(per_dest)
@@ -509,7 +508,7 @@ class Scheduler:
             TrackEvent.ATTEMPT,
             queue_id=msg.id,
             message_id=msg.message_id,
-            connector=dest.connector,
+            connector=connector.name,
             destination=dest.domain,
             mx=result.mx_host,
             ip=result.peer_ip,
@@ -518,7 +517,7 @@ class Scheduler:
             results=counts,
         )
         summary = DELIVERED if counts.get(DELIVERED) else (DEFERRED if counts.get(DEFERRED) else FAILED)
-        await runtime.hooks.on_event("delivery_attempt", connector=dest.connector, result=summary)
+        await runtime.hooks.on_event("delivery_attempt", connector=connector.name, result=summary)
         return result
 
     async def _report(
@@ -592,8 +591,7 @@ class Scheduler:
         delayed = []
         retry_until = None
         for dest, rcpts in groups.items():
-            connector = self.runtime.config.outbound(dest.connector)
-            schedule = schedule_for(connector)
+            schedule = schedule_for(dest.connector)
             if schedule.delay_warning_after is None:
                 continue
             already = (

@@ -368,31 +368,34 @@ class SmtpClient:
         mail_params: Sequence[str],
         recipients: Sequence[str],
         rcpt_params: Sequence[str] = (),
+        *,
+        data: bool = True,
     ) -> tuple[SmtpReply, list[SmtpReply], SmtpReply | None]:
         """MAIL, every RCPT and DATA; pipelined in one write when the server offers PIPELINING (RFC 2920).
 
         Returns (MAIL reply, RCPT replies in order, DATA reply or ``None`` when DATA was not sent). Without
         pipelining, DATA is sent only if MAIL and at least one RCPT succeeded. With pipelining DATA is always
         sent last in the group; if it is answered 354 although no recipient was accepted, an empty message
-        is not sent: the caller must :meth:`abort_data`.
+        is not sent: the caller must :meth:`abort_data`. ``data=False`` stops after the RCPTs (a recipient
+        callout): DATA is never sent and the DATA reply is ``None``.
         """
         params = "".join(f" {p}" for p in mail_params)
         rparams = "".join(f" {p}" for p in rcpt_params)
         mail_line = f"MAIL FROM:<{sender}>{params}"
         rcpt_lines = [f"RCPT TO:<{r}>{rparams}" for r in recipients]
         if self.supports("PIPELINING"):
-            for line in (mail_line, *rcpt_lines, "DATA"):
+            group = (mail_line, *rcpt_lines, "DATA") if data else (mail_line, *rcpt_lines)
+            for line in group:
                 self.transcript.append(f"C: {line}")
-            self._write(b"".join(line.encode("utf-8") + b"\r\n" for line in (mail_line, *rcpt_lines, "DATA")))
+            self._write(b"".join(line.encode("utf-8") + b"\r\n" for line in group))
             mail = await self.read_reply()
             rcpts = [await self.read_reply() for _ in rcpt_lines]
-            data = await self.read_reply()
-            return mail, rcpts, data
+            return mail, rcpts, (await self.read_reply()) if data else None
         mail = await self.command(mail_line)
         if not mail.is_positive:
             return mail, [], None
         rcpts = [await self.command(line) for line in rcpt_lines]
-        if not any(r.is_positive for r in rcpts):
+        if not data or not any(r.is_positive for r in rcpts):
             return mail, rcpts, None
         return mail, rcpts, await self.command("DATA")
 

@@ -35,8 +35,8 @@ from cryptography.x509.oid import NameOID
 
 from mxgate.core import tls as tlsmod
 from mxgate.core.auth import AuthResult, FailureLimiter
-from mxgate.core.config import ListenerConfig
-from mxgate.core.errors import PluginError
+from mxgate.core.config import Config, ListenerConfig
+from mxgate.core.errors import PluginError, StartupError
 from mxgate.core.model import (
     Accept,
     Disconnect,
@@ -209,10 +209,9 @@ def tls_state(
     )
 
 
-def client_ca_paths(runtime: Runtime, lc: ListenerConfig) -> tuple[str, ...] | None:
+def client_ca_paths(cfg: Config, lc: ListenerConfig) -> tuple[str, ...] | None:
     """What client certificates are verified against: the listener's ``tls_client_ca`` plus every connector's
     (``()``: the system store); ``None`` when no connector needs a client certificate (none is asked for)."""
-    cfg = runtime.config
     connectors = [c for c in cfg.inbound_connector if c.enabled]
     cas = [str(cfg.path(lc.tls_client_ca))] if lc.tls_client_ca else []
     cas += [str(cfg.path(c.tls_client_ca)) for c in connectors if c.tls_client_ca]
@@ -221,19 +220,62 @@ def client_ca_paths(runtime: Runtime, lc: ListenerConfig) -> tuple[str, ...] | N
     return tuple(dict.fromkeys(cas))
 
 
-def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> ssl.SSLContext | None:
-    """The listener's server context: default certificate, SNI map; client certificates asked for (never
-    required, never fatal) when :func:`client_ca_paths` says a connector needs them."""
+def client_verifier(cfg: Config, lc: ListenerConfig, tls: bool) -> tlsmod.ClientCertificateVerifier | None:
+    """What verifies a client's certificate after the handshake (``None``: none is asked for)."""
+    cas = client_ca_paths(cfg, lc) if tls else None
+    return None if cas is None else tlsmod.ClientCertificateVerifier(cas or None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """What a listener's server context is built from (a configuration's paths, made absolute)."""
+
+    cert: str
+    key: str
+    sni: dict[str, tuple[str, str]]
+    want_client: bool  # ask for a client certificate (never required, never fatal: verified after the handshake)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"sni": self.sni, "request_client_cert": self.want_client}
+
+
+def tls_files(lc: ListenerConfig, cfg: Config) -> TlsFiles | None:
+    """The listener's TLS files under ``cfg``: default certificate, SNI map, and whether client certificates are
+    asked for (:func:`client_ca_paths`). A pair that does not load is one line naming the files
+    (:class:`StartupError`)."""
     if not lc.tls_cert or not lc.tls_key:
         return None
-    cfg = runtime.config
     sni = {s.name: (str(cfg.path(s.cert)), str(cfg.path(s.key))) for s in lc.sni_certificates}
-    return tlsmod.server_context(
-        cfg.path(lc.tls_cert),
-        cfg.path(lc.tls_key),
-        sni=sni,
-        request_client_cert=client_ca_paths(runtime, lc) is not None,
-    )
+    want_client = client_ca_paths(cfg, lc) is not None
+    cert, key = str(cfg.path(lc.tls_cert)), str(cfg.path(lc.tls_key))
+    for c, k in [(cert, key), *sni.values()]:
+        problem = tlsmod.pair_problem(c, k)
+        if problem:
+            raise StartupError(f"listener {lc.name}: {problem}")
+    return TlsFiles(cert, key, sni, want_client)
+
+
+def build_tls_context(runtime: Runtime, lc: ListenerConfig) -> tlsmod.RotatingServerContext | None:
+    """The listener's server context (:func:`tls_files`). Its certificates are re-read when their files change
+    (:meth:`Listener.watch_certificates`) and on reload (:meth:`Listener.prepare_reload`)."""
+    files = tls_files(lc, runtime.config)
+    if files is None:
+        return None
+    try:
+        rotating = tlsmod.RotatingServerContext(files.cert, files.key, **files.kwargs())
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
+    _warn_expired(runtime, lc, rotating)
+    return rotating
+
+
+def _warn_expired(runtime: Runtime, lc: ListenerConfig, rotating: tlsmod.RotatingServerContext) -> None:
+    for name, leaf in rotating.current.leaves.items():
+        if leaf.not_valid_after_utc.timestamp() < runtime.clock():
+            log.warning(
+                "serving an expired certificate",
+                extra={"listener": lc.name, "certificate": name or "default", "not_after": leaf.not_valid_after_utc},
+            )
 
 
 # --- the listener -----------------------------------------------------------------------------------------------
@@ -258,9 +300,10 @@ class Listener:
     def __init__(self, runtime: Runtime, config: ListenerConfig) -> None:
         self.runtime = runtime
         self.config = config
-        self.tls_context = build_tls_context(runtime, config)
-        cas = client_ca_paths(runtime, config) if self.tls_context is not None else None
-        self.client_verifier = tlsmod.ClientCertificateVerifier(cas or None) if cas is not None else None
+        self.certificates = build_tls_context(runtime, config)
+        self.tls_context = None if self.certificates is None else self.certificates.context
+        self._watch: asyncio.Task[None] | None = None
+        self.client_verifier = client_verifier(runtime.config, config, self.tls_context is not None)
         self.policy = ReceivePolicy(runtime.config, config, tls_available=self.tls_context is not None)
         self.auth_failures = runtime.stash.setdefault(AUTH_FAILURES, FailureLimiter())
         self.descriptors = runtime.stash.setdefault(
@@ -285,17 +328,26 @@ class Listener:
         """Bind and listen; or, in a receive worker, serve on the listening ``sockets`` the main process bound.
         ``serve=False`` binds and listens without accepting (the main process when receive workers accept)."""
         loop = asyncio.get_running_loop()
+        if self.certificates is not None:
+            self.report_certificates()
+            self._watch = asyncio.ensure_future(self.watch_certificates())
         if sockets:
             self._accepting += sockets
         else:
-            server = await loop.create_server(
-                lambda: Connection(self),
-                self.config.host,
-                self.config.port,
-                reuse_address=True,
-                backlog=BACKLOG,
-                start_serving=False,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda: Connection(self),
+                    self.config.host,
+                    self.config.port,
+                    reuse_address=True,
+                    backlog=BACKLOG,
+                    start_serving=False,
+                )
+            except OSError as exc:
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise StartupError(
+                    f"listener {self.config.name}: cannot listen on {self.config.address}: {reason}"
+                ) from None
             self.servers.append(server)
             if serve:  # our accept loop works on duplicates of the server's sockets (uvloop's are not sockets)
                 self._accepting += [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
@@ -398,8 +450,95 @@ class Listener:
                 conn.close()
             raise
 
-    def close(self) -> None:
-        self.stopping = True
+    async def watch_certificates(self) -> None:
+        """Every ``server.certificate_check_interval`` seconds: re-read the certificate and key files when they
+        changed; new handshakes get the new set, or the old one when the new files do not load (logged once)."""
+        assert self.certificates is not None
+        interval = self.runtime.config.server.certificate_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_certificates()
+
+    def reload_certificates(self) -> bool:
+        """Re-read the certificates if their files changed (also what a reload does). True when a new set serves."""
+        rotating = self.certificates
+        if rotating is None:
+            return False
+        before = rotating.current
+        problem = rotating.refresh()
+        name = self.config.name
+        if problem:
+            log.warning(
+                "new certificate files refused; the previous certificate keeps serving",
+                extra={"listener": name, "file": self.config.tls_cert, "error": problem},
+            )
+            self.runtime.hooks.emit("certificate_reload", listener=name, result="refused")
+            return False
+        if rotating.current is before:
+            return False
+        leaf = rotating.current.leaf
+        log.info(
+            "certificate reloaded",
+            extra={"listener": name, "subject": leaf.subject.rfc4514_string(), "not_after": leaf.not_valid_after_utc},
+        )
+        self.runtime.hooks.emit("certificate_reload", listener=name, result="loaded")
+        self.report_certificates()
+        return True
+
+    def report_certificates(self) -> None:
+        """The expiry of every certificate this listener serves, as an event (a gauge in the metrics)."""
+        if self.certificates is None:
+            return
+        for sni, leaf in self.certificates.current.leaves.items():
+            self.runtime.hooks.emit(
+                "certificate_expiry",
+                leaf.not_valid_after_utc.timestamp(),
+                listener=self.config.name,
+                certificate=sni or "default",
+            )
+
+    def prepare_reload(self, config: Config, lc: ListenerConfig) -> Callable[[], None]:
+        """Everything a reloaded configuration changes for this listener, loaded now (raises :class:`StartupError`
+        when its certificates do not load: nothing changed then); returns what applies it. Sessions already open
+        keep their policy; new sessions get the new one. The address and implicit TLS need a restart (the caller
+        refuses those)."""
+        files = tls_files(lc, config)
+        rotating = self.certificates
+        adopt_tls: Callable[[], None] | None = None
+        fresh: tlsmod.RotatingServerContext | None = None
+        try:
+            if files is not None and rotating is not None:
+                adopt_tls = rotating.prepare(files.cert, files.key, **files.kwargs())
+            elif files is not None:
+                fresh = tlsmod.RotatingServerContext(files.cert, files.key, **files.kwargs())
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise StartupError(f"listener {lc.name}: {lc.tls_cert}: {exc}") from None
+        tls_available = files is not None
+        policy = ReceivePolicy(config, lc, tls_available=tls_available)
+
+        def apply() -> None:
+            self.config = lc
+            if adopt_tls is not None:
+                adopt_tls()
+            elif fresh is not None or files is None:
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
+                self.certificates = fresh
+                self.tls_context = None if fresh is None else fresh.context
+                if fresh is not None:
+                    self._watch = asyncio.ensure_future(self.watch_certificates())
+            self.policy = policy
+            self.client_verifier = client_verifier(config, lc, self.tls_context is not None)
+            if self.certificates is not None:
+                _warn_expired(self.runtime, lc, self.certificates)
+                self.report_certificates()
+
+        return apply
+
+    def stop_accepting(self) -> None:
+        """Accept no more connections; open sessions go on. The listening sockets are closed here only (a
+        retiring receive worker: the other processes keep theirs)."""
         if self._accept_paused is not None:
             self._accept_paused.cancel()
             self._accept_paused = None
@@ -410,6 +549,13 @@ class Listener:
         for sock in self._accepting:
             sock.close()
         self._accepting = []
+
+    def close(self) -> None:
+        self.stopping = True
+        self.stop_accepting()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -440,12 +586,13 @@ async def start_listeners(
     runtime: Runtime, sockets: Mapping[str, Sequence[socket.socket]] | None = None, *, serve: bool = True
 ) -> list[Listener]:
     """Called by the engine: one started :class:`Listener` per ``[[listener]]`` (on the already listening
-    ``sockets`` by listener name, in a receive worker; bound but not accepting with ``serve=False``)."""
+    ``sockets`` by listener name: a receive worker's, systemd's or those bound before root was dropped; a listener
+    without sockets binds its address; bound but not accepting with ``serve=False``)."""
     listeners: list[Listener] = []
     try:
         for lc in runtime.config.listener:
             listener = Listener(runtime, lc)
-            await listener.start(() if sockets is None else sockets[lc.name], serve=serve)
+            await listener.start(() if sockets is None else sockets.get(lc.name, ()), serve=serve)
             listeners.append(listener)
     except BaseException:
         for listener in listeners:

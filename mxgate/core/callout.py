@@ -1,0 +1,109 @@
+"""Recipient verification by callout (Postfix's ``reject_unverified_recipient``, Exim's ``verify = recipient/callout``).
+
+A callout asks the next hop a recipient would be delivered to whether it takes that recipient, without sending a
+message: it is routed exactly like a queued message (``resolve_route``, the same connector, the same next hop from
+``resolve_next_hop``, the same TLS policies, verification and AUTH), and the :class:`~mxgate.core.delivery.Deliverer`
+runs the session with ``verify_only``: MAIL FROM (the null sender by default), RCPT TO, then RSET/QUIT; DATA is
+never sent. Nothing is queued or tracked. Plugins reach it through :meth:`mxgate.core.runtime.Runtime.callout`;
+caching, rate limits and what to answer the client are the caller's business (the ``recipients`` agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from mxgate.core import checks
+from mxgate.core.model import Address
+from mxgate.core.outcomes import Destination
+
+if TYPE_CHECKING:
+    from mxgate.core.runtime import Runtime
+
+__all__ = ["CALLOUT_QUEUE_ID", "CalloutResult", "CalloutVerdict", "callout"]
+
+#: The queue id routing hooks see for a callout (its message is not in the queue).
+CALLOUT_QUEUE_ID = "callout"
+
+
+class CalloutVerdict(StrEnum):
+    ACCEPTED = "accepted"  # the next hop said 2xx to RCPT
+    REJECTED = "rejected"  # it said 5xx to RCPT, or a delivery there would fail for good (no route, null MX)
+    UNAVAILABLE = "unavailable"  # no answer about this recipient: unreachable, 4xx, MAIL refused, timeout
+
+
+@dataclass(frozen=True, slots=True)
+class CalloutResult:
+    """What a callout learnt about one recipient."""
+
+    recipient: str
+    verdict: CalloutVerdict
+    reply: str  # the next hop's reply ("550 5.1.1 ...") or our own account of what went wrong
+    status: str  # RFC 3463 code of ``reply``
+    connector: str | None = None
+    host: str | None = None  # the host that answered
+    remote: bool = False  # ``reply`` came from the next hop
+
+
+async def callout(
+    runtime: Runtime, recipient: Address, *, sender: Address | None = None, timeout: float = 10.0
+) -> CalloutResult:
+    """Verify ``recipient`` at its next hop; at most ``timeout`` seconds in all (each connect and reply is capped
+    at it too). ``sender`` is the MAIL FROM of the callout (default ``<>``)."""
+    from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
+    from mxgate.core.queue.store import QueuedMessage, QueuedRecipient, RecipientStatus
+
+    rcpt = str(recipient)
+    mail_from = "" if sender is None else str(sender)
+    now = runtime.clock()
+    probe = QueuedMessage(
+        id=CALLOUT_QUEUE_ID,
+        sender=mail_from,
+        recipients=(QueuedRecipient(rcpt, RecipientStatus.QUEUED, 0, None, None, now),),
+        received_at=now,
+        size=0,
+        message_id=None,
+        held=False,
+        meta=(),
+    )
+    route = await runtime.hooks.resolve_route(probe, recipient)
+    connector = runtime.config.outbound(route.connector) if route is not None else None
+    if route is None or connector is None or not connector.enabled:
+        why = f"550 5.4.4 no outbound connector routes {recipient.domain}"
+        return CalloutResult(rcpt, CalloutVerdict.REJECTED, why, "5.4.4")
+    smart = route.smart_hosts or connector.smart_hosts
+    if smart:
+        domain = checks.split_hostport(smart[0], connector.port)[0].lower()
+    else:
+        domain = recipient.domain.lower().rstrip(".")
+    destination = Destination(connector, domain, tuple(smart))
+    message = OutgoingMessage(
+        CALLOUT_QUEUE_ID,
+        mail_from,
+        (rcpt,),
+        b"",
+        received_at=now,
+        smtputf8=not rcpt.isascii(),
+        verify_only=True,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            result = await Deliverer(runtime, reuse=False, timeout_cap=timeout).deliver(destination, message)
+    except TimeoutError:
+        why = f"451 4.4.3 no answer from {destination.domain} within {timeout:g} s"
+        return CalloutResult(rcpt, CalloutVerdict.UNAVAILABLE, why, "4.4.3", connector.name)
+    outcome = next((o for o in result.outcomes if o.recipient == rcpt), None)
+    if outcome is None:  # pragma: no cover - the deliverer answers for every recipient
+        return CalloutResult(rcpt, CalloutVerdict.UNAVAILABLE, "451 4.4.3 no answer", "4.4.3", connector.name)
+    verdict = (
+        CalloutVerdict.ACCEPTED
+        if outcome.result == DELIVERED
+        else CalloutVerdict.UNAVAILABLE
+        if outcome.result == DEFERRED
+        else CalloutVerdict.REJECTED
+    )
+    return CalloutResult(
+        rcpt, verdict, outcome.reply, outcome.status, connector.name, outcome.mx_host or result.mx_host, outcome.remote
+    )

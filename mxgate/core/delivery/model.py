@@ -1,0 +1,84 @@
+"""Delivery records: what one attempt and one delivery look like to hooks, the scheduler and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mxgate.core.outcomes import Destination, HopHost, HostPolicy, NextHop
+
+__all__ = [
+    "DEFERRED",
+    "DELIVERED",
+    "FAILED",
+    "AttemptContext",
+    "DeliveryResult",
+    "OutgoingMessage",
+    "RecipientOutcome",
+]
+
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """One connection attempt as ``on_tls_verify`` sees it (after the TLS handshake)."""
+
+    connector: str
+    destination: Destination
+    next_hop: NextHop
+    host: HopHost  # the MX or smart host dialled
+    peer_ip: str
+    peer_port: int
+    sni: str | None  # the server name we sent
+    peer_helo: str | None = None  # the name in the peer's banner / EHLO reply
+    tls_version: str | None = None
+    cipher: str | None = None
+    mx_secure: bool = False  # the MX RRset was DNSSEC-secure (RFC 7672 §2.2.1)
+    host_policy: HostPolicy | None = None  # the deciding policy's refinement for this host
+    at: float = 0.0  # unix time of the attempt
+
+    @property
+    def host_secure(self) -> bool:
+        return self.host.secure
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """What one transaction carries."""
+
+    queue_id: str
+    sender: str  # "" = null reverse-path
+    recipients: tuple[str, ...]
+    data: bytes
+    received_at: float = 0.0
+    envid: str | None = None
+    smtputf8: bool = False  # the client asked for SMTPUTF8 when it gave us the message
+    body_8bit: bool = False  # BODY=8BITMIME was declared
+    tls_optional: bool = False  # RFC 8689 "TLS-Required: No": recipient-side policies (DANE, MTA-STS) do not bind
+    # a recipient callout: MAIL and RCPT only, never DATA. "delivered" then means the next hop accepted the RCPT;
+    # a refused MAIL (or anything but an RCPT reply) is "deferred": the recipient could not be verified.
+    verify_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    recipient: str
+    result: str  # "delivered" | "deferred" | "failed"
+    reply: str  # "250 2.0.0 Ok", or our own text for local failures
+    status: str  # RFC 3463 code
+    mx_host: str | None = None
+    remote: bool = False  # the reply came from the remote server (DSN Diagnostic-Code)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    destination: Destination
+    outcomes: tuple[RecipientOutcome, ...]
+    mx_host: str | None = None
+    peer_ip: str | None = None
+    tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the transaction ran under TLS
+    verification: str | None = None
+    steps: tuple[str, ...] = ()  # what happened, for `connector validate` and logs
+    transcript: tuple[str, ...] = ()
