@@ -38,6 +38,7 @@ from mxgate.core.delivery.plan import (
     TlsReport,
     connect_failed,
     connection_lost,
+    describe_extensions,
     describe_host_policy,
     final_verdict,
     host_gate,
@@ -456,7 +457,10 @@ class Deliverer:
         """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
         the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
         client = session.client
-        params, unmet = transaction_params(message, _capabilities(client), session.where)
+        caps = _capabilities(client)
+        if session.messages == 0:
+            rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
+        params, unmet = transaction_params(message, caps, session.where)
         if unmet is not None:
             rec.failures.append(unmet)
             await self.pool.finish(session, key, connector, reset=False)  # nothing was started: still clean
@@ -482,15 +486,21 @@ class Deliverer:
         recipients = message.recipients
         outcomes: dict[str, RecipientOutcome] = {}
         accepted: list[str] = []
+        bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
         try:
-            mail, rcpts, data = await client.envelope(message.sender, params, recipients, data=not message.verify_only)
+            if bdat:
+                mail, rcpts, data = await client.envelope_bdat(message.sender, params, recipients, message.data)
+            else:
+                mail, rcpts, data = await client.envelope(
+                    message.sender, params, recipients, data=not message.verify_only
+                )
             if message.verify_only:
                 return await self._verified(session, key, connector, destination, host, message, rec, mail, rcpts)
             if not mail.is_positive:
                 result = FAILED if mail.is_permanent else DEFERRED
                 for r in recipients:
                     outcomes[r] = RecipientOutcome(r, result, str(mail), mail.status, mx, True)
-                if data is not None and data.code == 354:
+                if not bdat and data is not None and data.code == 354:
                     await client.abort_data()
                     await client.quit()
                 else:
@@ -504,13 +514,13 @@ class Deliverer:
                         r, FAILED if reply.is_permanent else DEFERRED, str(reply), reply.status, mx, True
                     )
             if not accepted:
-                if data is not None and data.code == 354:
+                if not bdat and data is not None and data.code == 354:
                     await client.abort_data()
                     await client.quit()
                 else:
                     await self.pool.finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            if data is None or data.code != 354:
+            if data is None or (not bdat and data.code != 354):
                 for r in accepted:
                     if data is None:
                         outcomes[r] = RecipientOutcome(
@@ -522,7 +532,8 @@ class Deliverer:
                         )
                 await self.pool.finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            final = await client.send_data(message.data)
+            # BDAT: the reply to the last chunk (or the first refused one) is the final reply
+            final = data if bdat else await client.send_data(message.data)
             for r in accepted:
                 if final.is_positive:
                     outcomes[r] = RecipientOutcome(r, DELIVERED, str(final), final.status, mx, True)

@@ -32,6 +32,7 @@ from mxgate.core.delivery.policy import (
 from mxgate.core.outcomes import HopHost, HostPolicy, NextHop, PeerVerification, TlsLevel, TlsPolicy, TlsRptResult
 
 __all__ = [
+    "REPORTED_EXTENSIONS",
     "AttemptFailure",
     "AttemptPlan",
     "Capabilities",
@@ -45,6 +46,7 @@ __all__ = [
     "Verdict",
     "connect_failed",
     "connection_lost",
+    "describe_extensions",
     "describe_host_policy",
     "final_verdict",
     "host_gate",
@@ -131,6 +133,21 @@ class Capabilities:
 
     def supports(self, keyword: str) -> bool:
         return keyword.upper() in self.keywords
+
+
+REPORTED_EXTENSIONS = ("CHUNKING", "DSN", "REQUIRETLS", "SIZE", "PIPELINING", "SMTPUTF8", "8BITMIME")
+
+
+def describe_extensions(capabilities: Capabilities) -> str:
+    """The extensions delivery uses, offered or not: ``"CHUNKING DSN SIZE=10240000 (not offered: ...)"``
+    (a delivery step; ``mxgate connector validate`` prints it)."""
+    offered = [
+        f"SIZE={capabilities.size_limit}" if k == "SIZE" and capabilities.size_limit else k
+        for k in REPORTED_EXTENSIONS
+        if capabilities.supports(k)
+    ]
+    missing = [k for k in REPORTED_EXTENSIONS if not capabilities.supports(k)]
+    return " ".join(offered or ["none"]) + (f" (not offered: {' '.join(missing)})" if missing else "")
 
 
 @dataclass(frozen=True, slots=True)
