@@ -1,10 +1,11 @@
-"""SMTP extensions on the delivery side (issue 19) against real next hops: Postfix's smtpd (CHUNKING/BDAT, SIZE;
-it relays on to an mxgate gateway or a sink that records what arrived) and our own receive side (RFC 3030,
-1870)."""
+"""SMTP extensions on the delivery side (issue 19) against real next hops: Postfix's smtpd (CHUNKING/BDAT, DSN,
+SIZE; it relays on to an mxgate gateway or a sink that records what arrived), aiosmtpd sinks (DSN) and our own
+receive side; the scheduler's "relayed" DSN (RFC 3030, 1870, 3461, 3464)."""
 
 from __future__ import annotations
 
 import asyncio
+import email
 import importlib
 import os
 import sys
@@ -16,8 +17,11 @@ import pytest
 
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
+from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import Destination
-from mxgate.core.queue.store import QueueStore
+from mxgate.core.queue import MessageOptions, NewRecipient
+from mxgate.core.queue.scheduler import Scheduler
+from mxgate.core.queue.store import QueueStore, RecipientStatus
 from mxgate.core.runtime import Runtime
 from mxgate.testing.gateway import TestGateway, delivery_config
 from mxgate.testing.sinks import SmtpSink
@@ -106,14 +110,15 @@ def _sent(result: DeliveryResult) -> list[str]:
     return [line[3:] for line in result.transcript if line.startswith("C: ")]
 
 
-# --- 1. CHUNKING / BDAT: Postfix's smtpd as next hop ------------------------------------
+# --- 1. CHUNKING / BDAT, 2. DSN passed on: Postfix's smtpd as next hop ------------------------------------
 
 
 @pytest.mark.parametrize("chunking", [True, False])
-async def test_bdat_to_postfix_smtpd(mxgate_gateway: Start, make_runtime: Factory, chunking: bool) -> None:
+async def test_bdat_and_dsn_to_postfix_smtpd(mxgate_gateway: Start, make_runtime: Factory, chunking: bool) -> None:
     """Postfix's smtpd offers CHUNKING and DSN. With ``chunking = true`` (the default) the message goes in
     ``BDAT n [LAST]`` chunks pipelined with MAIL/RCPT, byte for byte (dot lines not stuffed); with ``false`` as
-    DATA. Postfix relays the message to the gateway behind it, which records what arrived."""
+    DATA. Either way RET/ENVID and each recipient's NOTIFY/ORCPT go on (an ORCPT added where none was given):
+    Postfix relays them to the gateway behind it, which records what arrived."""
     gw = await mxgate_gateway(BASE)
     pf = await asyncio.to_thread(_postfix, gw.smtp_port)
     try:
@@ -123,6 +128,9 @@ async def test_bdat_to_postfix_smtpd(mxgate_gateway: Start, make_runtime: Factor
             "a@sender.test",
             ("u@example.org", "v@example.org"),
             BODY,
+            envid="env+1",
+            dsn_ret=DsnRet.HDRS,
+            recipient_dsn=(RecipientDsn(frozenset({DsnNotify.FAILURE, DsnNotify.DELAY}), ("rfc822", "o@x.test")),),
         )
         result = await _deliver(runtime, pf.port, msg)
         assert [o.result for o in result.outcomes] == ["delivered", "delivered"], result.steps
@@ -137,13 +145,17 @@ async def test_bdat_to_postfix_smtpd(mxgate_gateway: Start, make_runtime: Factor
         else:
             assert "DATA" in sent and not any(c.startswith("BDAT") for c in sent)
         mail = next(i for i, c in enumerate(sent) if c.startswith("MAIL"))
-        assert sent[mail : mail + 3] == [
-            f"MAIL FROM:<a@sender.test> SIZE={len(BODY)}",
-            "RCPT TO:<u@example.org>",
-            "RCPT TO:<v@example.org>",
+        assert sent[mail] == f"MAIL FROM:<a@sender.test> SIZE={len(BODY)} RET=HDRS ENVID=env+2B1"
+        assert sent[mail + 1 : mail + 3] == [
+            "RCPT TO:<u@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;o@x.test",
+            "RCPT TO:<v@example.org> ORCPT=rfc822;v@example.org",
         ]
         (got,) = await _arrived(gw, pf)
-        assert [r.address for r in got.recipients] == ["u@example.org", "v@example.org"]
+        assert got.options == MessageOptions(DsnRet.HDRS, "env+1")
+        assert [(r.address, r.dsn_notify, r.orcpt) for r in got.recipients] == [
+            ("u@example.org", "FAILURE,DELAY", "rfc822;o@x.test"),
+            ("v@example.org", None, "rfc822;v@example.org"),
+        ]
         assert gw.runtime.queue is not None
         body = await gw.runtime.queue.body(got.id)
         # Postfix's cleanup adds its headers (Received:, Date:, To:); the original ones are kept, the body is exact
@@ -196,3 +208,66 @@ async def test_bdat_to_our_own_receive_side_small_and_empty_recipient_refused(
     outcomes = {o.recipient: (o.result, o.status) for o in result.outcomes}
     assert outcomes == {"u@example.org": ("delivered", "2.0.0"), "x@elsewhere.test": ("failed", "5.7.1")}, result.steps
     assert len(await gw.runtime.queue.list()) == 2
+
+
+# --- the scheduler: "relayed" DSN, the REQUIRETLS bounce ---------------------------------------------------
+
+
+async def _round(runtime: Runtime) -> Scheduler:
+    sched = Scheduler(runtime, poll_interval=0.05)
+    await sched.run_once()
+    await sched.drain(10)
+    return sched
+
+
+async def _dsns(runtime: Runtime) -> list[tuple[Any, email.message.Message]]:
+    queue = runtime.queue
+    assert queue is not None
+    out = []
+    for m in await queue.list():
+        if m.sender == "":
+            out.append((m, email.message_from_bytes(await queue.body(m.id))))
+    return out
+
+
+def _status_blocks(report: email.message.Message) -> list[email.message.Message]:
+    part = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    payload = part.get_payload()
+    assert isinstance(payload, list)
+    return payload
+
+
+@pytest.mark.parametrize("next_hop_dsn", [False, True])
+async def test_relayed_dsn_when_the_next_hop_does_not_offer_dsn(make_runtime: Factory, next_hop_dsn: bool) -> None:
+    """RFC 3461 §6.2.2 / RFC 3464: delivered to a next hop without DSN, a recipient that asked NOTIFY=SUCCESS
+    gets a "relayed" DSN from us (Original-Recipient, Original-Envelope-Id kept); recipients that did not ask get
+    none. A next hop that offers DSN gets NOTIFY passed on, and we send nothing."""
+    async with SmtpSink(dsn=next_hop_dsn) as sink:
+        runtime = await make_runtime(_relay(sink.host, sink.port), queue=True)
+        assert runtime.queue is not None
+        qid = await runtime.queue.put(
+            "a@sender.test",
+            [NewRecipient("s@x.test", "SUCCESS,FAILURE", "rfc822;orig@x.test"), NewRecipient("f@x.test", "FAILURE")],
+            b"Subject: hi\r\nMessage-ID: <r@sender.test>\r\n\r\nhello\r\n",
+            now=1_700_000_000.0,
+            options=MessageOptions(envid="env-7"),
+        )
+        await _round(runtime)
+        msg = await runtime.queue.get(qid)
+        assert msg is not None and all(r.status is RecipientStatus.DELIVERED for r in msg.recipients)
+        (got,) = sink.messages
+        dsns = await _dsns(runtime)
+        if next_hop_dsn:
+            assert dsns == []
+            assert "NOTIFY=SUCCESS,FAILURE" in got.rcpt_options and "NOTIFY=FAILURE" in got.rcpt_options
+            return
+        assert not any(o.startswith("NOTIFY") for o in got.rcpt_options)
+        ((dsn_msg, report),) = dsns
+        assert [r.address for r in dsn_msg.recipients] == ["a@sender.test"]
+        assert report["Subject"] == "Successful Mail Delivery Report"
+        per_message, *per_rcpt = _status_blocks(report)
+        assert per_message["Original-Envelope-Id"] == "env-7"
+        assert [(b["Final-Recipient"], b["Action"], b["Original-Recipient"]) for b in per_rcpt] == [
+            ("rfc822; s@x.test", "relayed", "rfc822;orig@x.test")
+        ]
+        assert per_rcpt[0]["Status"].startswith("2.")

@@ -3,6 +3,8 @@ fed with replies and verification results as the driver would (RFC 3207, RFC 767
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mxgate.core.delivery.model import DEFERRED, FAILED, OutgoingMessage
@@ -16,9 +18,11 @@ from mxgate.core.delivery.plan import (
     final_verdict,
     host_gate,
     judge,
+    rcpt_params,
     transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision
+from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import HopHost, HostPolicy, PeerVerification, PolicyType, TlsLevel, TlsPolicy, TlsRptResult
 from mxgate.core.smtp.client import SmtpReply
 from mxgate.plugins.dane import DANE_STATUS
@@ -180,3 +184,34 @@ def test_final_verdict() -> None:
     mixed = final_verdict([temp, AttemptFailure("554 5.7.1 policy", "5.7.1")])
     assert (mixed.result, mixed.status) == (DEFERRED, "4.4.1") and mixed.reply.startswith("451 4.4.1 554")
     assert final_verdict([]).result == DEFERRED
+
+
+# -- RFC 3461 DSN passed on -------------------------------------------------------------------------------
+
+
+def test_rfc3461_dsn_parameters_passed_on_only_when_offered() -> None:
+    """§4.1-4.4: RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT, xtext-encoded, when the peer offers DSN;
+    an ORCPT is added where the sender gave none (§4.2), not for a non-ASCII address; nothing without DSN."""
+    message = OutgoingMessage(
+        "q",
+        "a@x.test",
+        ("b@y.test", "c@y.test", "dé@y.test"),
+        b"x",
+        envid="id+1 =x",
+        dsn_ret=DsnRet.HDRS,
+        recipient_dsn=(
+            RecipientDsn(frozenset({DsnNotify.SUCCESS, DsnNotify.FAILURE}), ("rfc822", "B+orig@y.test")),
+            RecipientDsn(frozenset({DsnNotify.NEVER})),
+            RecipientDsn(),
+        ),
+    )
+    dsn = Capabilities(frozenset({"DSN"}))
+    ascii_only = replace(message, recipients=("b@y.test",))
+    assert transaction_params(ascii_only, dsn, WHERE) == (["RET=HDRS", "ENVID=id+2B1+20+3Dx"], None)
+    assert rcpt_params(message, dsn) == (
+        ("NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;B+2Borig@y.test"),
+        ("NOTIFY=NEVER", "ORCPT=rfc822;c@y.test"),
+        (),
+    )
+    assert transaction_params(ascii_only, Capabilities(), WHERE) == ([], None)
+    assert rcpt_params(message, Capabilities()) == ((), (), ())

@@ -46,6 +46,7 @@ from mxgate.core.delivery.plan import (
     local_reply,
     no_address,
     plan_destination,
+    rcpt_params,
     transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
@@ -486,13 +487,16 @@ class Deliverer:
         recipients = message.recipients
         outcomes: dict[str, RecipientOutcome] = {}
         accepted: list[str] = []
+        per_rcpt = rcpt_params(message, _capabilities(client))
         bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
         try:
             if bdat:
-                mail, rcpts, data = await client.envelope_bdat(message.sender, params, recipients, message.data)
+                mail, rcpts, data = await client.envelope_bdat(
+                    message.sender, params, recipients, message.data, per_recipient=per_rcpt
+                )
             else:
                 mail, rcpts, data = await client.envelope(
-                    message.sender, params, recipients, data=not message.verify_only
+                    message.sender, params, recipients, data=not message.verify_only, per_recipient=per_rcpt
                 )
             if message.verify_only:
                 return await self._verified(session, key, connector, destination, host, message, rec, mail, rcpts)
@@ -536,7 +540,9 @@ class Deliverer:
             final = data if bdat else await client.send_data(message.data)
             for r in accepted:
                 if final.is_positive:
-                    outcomes[r] = RecipientOutcome(r, DELIVERED, str(final), final.status, mx, True)
+                    outcomes[r] = RecipientOutcome(
+                        r, DELIVERED, str(final), final.status, mx, True, dsn_passed=client.supports("DSN")
+                    )
                 else:
                     outcomes[r] = RecipientOutcome(
                         r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True

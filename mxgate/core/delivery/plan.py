@@ -29,7 +29,9 @@ from mxgate.core.delivery.policy import (
     needs_smtputf8,
     rank_policies,
 )
+from mxgate.core.model import DsnNotify
 from mxgate.core.outcomes import HopHost, HostPolicy, NextHop, PeerVerification, TlsLevel, TlsPolicy, TlsRptResult
+from mxgate.core.smtp.parse import xtext_encode
 
 __all__ = [
     "REPORTED_EXTENSIONS",
@@ -54,6 +56,7 @@ __all__ = [
     "local_reply",
     "no_address",
     "plan_destination",
+    "rcpt_params",
     "transaction_params",
 ]
 
@@ -458,8 +461,9 @@ def _nobody(source: str) -> PeerVerification:
 def transaction_params(
     message: OutgoingMessage, capabilities: Capabilities, where: str
 ) -> tuple[list[str], AttemptFailure | None]:
-    """MAIL FROM parameters for ``message`` on a session with ``capabilities`` (SIZE, 8BITMIME, SMTPUTF8), or the
-    permanent failure when the peer cannot take it (too large, SMTPUTF8 or 8BITMIME needed but not offered)."""
+    """MAIL FROM parameters for ``message`` on a session with ``capabilities`` (SIZE, 8BITMIME, SMTPUTF8, DSN's
+    RET/ENVID), or the permanent failure when the peer cannot take it (too large, SMTPUTF8 or 8BITMIME needed
+    but not offered)."""
     limit = capabilities.size_limit
     utf8 = needs_smtputf8(message)
     eight = needs_8bitmime(message)
@@ -497,7 +501,31 @@ def transaction_params(
         params.append("BODY=8BITMIME")
     if utf8:
         params.append("SMTPUTF8")
+    if capabilities.supports("DSN"):
+        if message.dsn_ret is not None:
+            params.append(f"RET={message.dsn_ret.value}")
+        if message.envid:
+            params.append(f"ENVID={xtext_encode(message.envid)}")
     return params, None
+
+
+def rcpt_params(message: OutgoingMessage, capabilities: Capabilities) -> tuple[tuple[str, ...], ...]:
+    """Each recipient's RCPT parameters: its NOTIFY and ORCPT when the peer offers DSN (RFC 3461 §4.1, §4.2),
+    with an ORCPT added when the sender gave none (§4.2 recommends it; ASCII addresses only); none otherwise."""
+    if not capabilities.supports("DSN"):
+        return tuple(() for _ in message.recipients)
+    out: list[tuple[str, ...]] = []
+    for i, rcpt in enumerate(message.recipients):
+        dsn = message.recipient_dsn[i] if i < len(message.recipient_dsn) else None
+        params: list[str] = []
+        if dsn is not None and dsn.notify is not None:
+            params.append("NOTIFY=" + ",".join(n.value for n in DsnNotify if n in dsn.notify))
+        if dsn is not None and dsn.orcpt is not None:
+            params.append(f"ORCPT={dsn.orcpt[0]};{xtext_encode(dsn.orcpt[1])}")
+        elif rcpt.isascii():
+            params.append(f"ORCPT=rfc822;{xtext_encode(rcpt)}")
+        out.append(tuple(params))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

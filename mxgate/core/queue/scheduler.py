@@ -49,7 +49,7 @@ from mxgate.core.delivery import (
     OutgoingMessage,
     RecipientOutcome,
 )
-from mxgate.core.model import Address
+from mxgate.core.model import Address, DsnNotify, RecipientDsn
 from mxgate.core.outcomes import DeliveryReport, Destination, Route
 from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
@@ -58,6 +58,7 @@ from mxgate.core.queue.store import (
     MessageOptions,
     NewRecipient,
     QueuedMessage,
+    QueuedRecipient,
     QueueError,
     QueueStore,
     RecipientResult,
@@ -498,6 +499,8 @@ class Scheduler:
             smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
             body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
             tls_optional=tls_required_no(msg.meta_value("tls_required"), body),
+            dsn_ret=msg.options.dsn_ret,
+            recipient_dsn=tuple(_recipient_dsn(msg.recipient(r)) for r in job.recipients),
         )
         async with csem, dsem:
             result = await self.deliverer.deliver(dest, outgoing)
@@ -568,7 +571,17 @@ class Scheduler:
         body: bytes | None = None,
     ) -> None:
         failed = []
+        relayed = []
         for res in results:
+            if res.status is RecipientStatus.DELIVERED:
+                # RFC 3461 §6.2.2: a next hop without DSN cannot report success; we report "relayed" ourselves
+                out = outcomes.get(res.recipient)
+                rcpt = msg.recipient(res.recipient)
+                asked = rcpt is not None and DsnNotify.SUCCESS in (_recipient_dsn(rcpt).notify or ())
+                if out is not None and out.remote and not out.dsn_passed and asked:
+                    status = out.status if out.status.startswith("2.") else "2.0.0"
+                    relayed.append((res.recipient, status, res.reply, out.mx_host, "relayed"))
+                continue
             if res.status is not RecipientStatus.FAILED:
                 continue
             out = outcomes.get(res.recipient)
@@ -580,6 +593,8 @@ class Scheduler:
             failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
         if failed:
             await self._send_dsn(msg, failed, now, None, body)
+        if relayed:
+            await self._send_dsn(msg, relayed, now, None)
 
     async def _delay_warning(
         self,
@@ -645,6 +660,21 @@ class Scheduler:
         )
         await self.runtime.hooks.on_event("queue", action="dsn", dsn=items[0][4])
         self.wakeup()
+
+
+def _recipient_dsn(rcpt: QueuedRecipient | None) -> RecipientDsn:
+    """The queue's NOTIFY/ORCPT text of one recipient as the typed value delivery passes on."""
+    if rcpt is None:
+        return RecipientDsn()
+    notify = None
+    if rcpt.dsn_notify is not None:
+        words = {w.strip().upper() for w in rcpt.dsn_notify.split(",")}
+        notify = frozenset(n for n in DsnNotify if n.value in words)
+    orcpt = None
+    if rcpt.orcpt:
+        addr_type, sep, address = rcpt.orcpt.partition(";")
+        orcpt = (addr_type.strip().lower(), address.strip()) if sep else ("rfc822", rcpt.orcpt.strip())
+    return RecipientDsn(notify, orcpt)
 
 
 def _status_of(reply: str) -> str:
