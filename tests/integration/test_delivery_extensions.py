@@ -1,6 +1,7 @@
-"""SMTP extensions on the delivery side (issue 19) against real next hops: Postfix's smtpd (CHUNKING/BDAT, DSN,
-SIZE; it relays on to an mxgate gateway or a sink that records what arrived), aiosmtpd sinks (DSN) and our own
-receive side; the scheduler's "relayed" DSN (RFC 3030, 1870, 3461, 3464)."""
+"""SMTP extensions on the delivery side (issue 19) against real next hops: Postfix's smtpd (CHUNKING/BDAT, DSN;
+it relays on to an mxgate gateway that records what arrived), aiosmtpd sinks (DSN, REQUIRETLS advertised after
+STARTTLS) and our own receive side; the scheduler's "relayed" DSN and the REQUIRETLS bounce (RFC 3030, 3461,
+3464, 8689)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from mxgate.core.queue import MessageOptions, NewRecipient
 from mxgate.core.queue.scheduler import Scheduler
 from mxgate.core.queue.store import QueueStore, RecipientStatus
 from mxgate.core.runtime import Runtime
+from mxgate.testing.ca import TestCA
 from mxgate.testing.gateway import TestGateway, delivery_config
 from mxgate.testing.sinks import SmtpSink
 
@@ -60,6 +62,11 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
         if rt.queue is not None:
             await rt.queue.close()
         rt.tracking.close()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA.create(tmp_path_factory.mktemp("ca"))
 
 
 def _relay(host: str, port: int, tls: str = "none", extra: str = "") -> str:
@@ -210,6 +217,85 @@ async def test_bdat_to_our_own_receive_side_small_and_empty_recipient_refused(
     assert len(await gw.runtime.queue.list()) == 2
 
 
+# --- 3. REQUIRETLS (RFC 8689) ------------------------------------------------------------------------------
+
+
+def _rt(*rcpts: str) -> OutgoingMessage:
+    return OutgoingMessage(
+        "QR", "a@sender.test", rcpts or ("b@x.test",), b"Subject: rt\r\n\r\nsecret\r\n", requiretls=True
+    )
+
+
+def _validating(port: int, ca: TestCA, tls: str = "domain_validation") -> str:
+    return _relay("127.0.0.1", port, tls, f'tls_domain = "relay.example.test"\ntls_ca_file = "{ca.cert_path}"')
+
+
+async def test_requiretls_passed_on_to_an_authenticated_peer_that_offers_it(ca: TestCA, make_runtime: Factory) -> None:
+    """§4.2.1: TLS, the certificate validated (the connector's domain_validation), REQUIRETLS offered after
+    STARTTLS: MAIL carries REQUIRETLS on to the next hop."""
+    async with SmtpSink(tls=ca.issue(["relay.example.test"]), requiretls=True) as sink:
+        runtime = await make_runtime(_validating(sink.port, ca))
+        result = await _deliver(runtime, sink.port, _rt())
+        assert [(o.result, o.status) for o in result.outcomes] == [("delivered", "2.0.0")], result.steps
+        (got,) = sink.messages
+        assert got.tls_version is not None and "REQUIRETLS" in got.mail_options
+        assert any("extensions" in s and "REQUIRETLS" in s.split("(not offered")[0] for s in result.steps)
+
+
+@pytest.mark.parametrize("tls", ["opportunistic", "encryption_only"])
+async def test_requiretls_bounces_without_an_authenticating_policy_never_in_the_clear(
+    ca: TestCA, make_runtime: Factory, tls: str
+) -> None:
+    """A host no policy authenticates (opportunistic, encryption_only) is never dialled for a REQUIRETLS
+    message: one permanent 5.7.30 failure, no connection at all (so nothing goes in the clear)."""
+    async with SmtpSink(tls=ca.issue(["relay.example.test"]), requiretls=True) as sink:
+        runtime = await make_runtime(_relay("127.0.0.1", sink.port, tls))
+        result = await _deliver(runtime, sink.port, _rt())
+        assert [(o.result, o.status) for o in result.outcomes] == [("failed", "5.7.30")], result.steps
+        assert result.outcomes[0].reply.startswith("550 5.7.30 ")
+        assert sink.connections == 0 and sink.messages == ()
+
+
+async def test_requiretls_bounces_when_the_peer_does_not_offer_it(ca: TestCA, make_runtime: Factory) -> None:
+    """An authenticated TLS peer without REQUIRETLS: 5.7.30, before MAIL (the message is not handed over)."""
+    async with SmtpSink(tls=ca.issue(["relay.example.test"]), requiretls=False) as sink:
+        runtime = await make_runtime(_validating(sink.port, ca, "certificate_validation"))
+        result = await _deliver(runtime, sink.port, _rt())
+        assert [(o.result, o.status) for o in result.outcomes] == [("failed", "5.7.30")], result.steps
+        assert sink.tls_handshakes == 1 and sink.mail_commands == []
+
+
+async def test_requiretls_to_postfix_which_does_not_offer_it(ca: TestCA, tmp_path: Path, make_runtime: Factory) -> None:
+    """Postfix's smtpd (STARTTLS with a test-CA certificate, validated) does not implement REQUIRETLS: the
+    message bounces with 5.7.30 and Postfix never sees a MAIL command; a message without REQUIRETLS goes."""
+    cert = ca.issue(["relay.example.test"])
+    async with SmtpSink() as behind:
+        sys.path.insert(0, str(REPO / "bench"))
+        try:
+            postfix = importlib.import_module("benchkit.postfix")
+            procs = importlib.import_module("benchkit.procs")
+        finally:
+            sys.path.remove(str(REPO / "bench"))
+        if not postfix.available():
+            pytest.fail("starts its own Postfix: needs root and postfix (`make deps`)")
+        pf = postfix.PostfixInstance(
+            procs.ProcGroup("ext-rt"), relay_port=behind.port, tls_cert=str(cert.chain_path), tls_key=str(cert.key_path)
+        )
+        await asyncio.to_thread(pf.start)
+        try:
+            runtime = await make_runtime(_validating(pf.port, ca))
+            result = await _deliver(runtime, pf.port, _rt())
+            assert [(o.result, o.status) for o in result.outcomes] == [("failed", "5.7.30")], result.steps
+            assert any("TLS TLSv1." in s for s in result.steps) and not any(c.startswith("MAIL") for c in _sent(result))
+            plain = OutgoingMessage("QP", "a@sender.test", ("b@x.test",), b"Subject: plain\r\n\r\nhi\r\n")
+            result = await _deliver(runtime, pf.port, plain)
+            assert [o.result for o in result.outcomes] == ["delivered"], result.steps
+            (got,) = await behind.wait_for(1, timeout=60)
+            assert got.data.endswith(b"\r\n\r\nhi\r\n")
+        finally:
+            await asyncio.to_thread(pf.stop)
+
+
 # --- the scheduler: "relayed" DSN, the REQUIRETLS bounce ---------------------------------------------------
 
 
@@ -271,3 +357,42 @@ async def test_relayed_dsn_when_the_next_hop_does_not_offer_dsn(make_runtime: Fa
             ("rfc822; s@x.test", "relayed", "rfc822;orig@x.test")
         ]
         assert per_rcpt[0]["Status"].startswith("2.")
+
+
+async def test_requiretls_bounce_follows_rfc8689_s5_and_tls_required_no_does_not_weaken_it(
+    make_runtime: Factory,
+) -> None:
+    """A REQUIRETLS message (also carrying ``TLS-Required: No``: §4.1, the header field is ignored) to a next
+    hop no policy authenticates: failed at once with 5.7.30 (never retried, never sent in the clear). Its DSN
+    (§5) returns the headers only, although RET=FULL was asked, and is itself queued with REQUIRETLS -- so over
+    the same opportunistic connector it is not sent either."""
+    async with SmtpSink() as sink:
+        runtime = await make_runtime(_relay(sink.host, sink.port, "opportunistic"), queue=True)
+        assert runtime.queue is not None
+        body = b"Subject: secret\r\nTLS-Required: No\r\nMessage-ID: <rt@sender.test>\r\n\r\nthe secret text\r\n"
+        qid = await runtime.queue.put(
+            "a@sender.test",
+            ["b@x.test"],
+            body,
+            now=1_700_000_000.0,
+            options=MessageOptions(DsnRet.FULL, None, requiretls=True),
+        )
+        await _round(runtime)
+        msg = await runtime.queue.get(qid)
+        assert msg is not None
+        (rcpt,) = msg.recipients
+        assert rcpt.status is RecipientStatus.FAILED and rcpt.last_error and "5.7.30" in rcpt.last_error
+        assert sink.connections == 0
+        ((dsn_msg, report),) = await _dsns(runtime)
+        assert dsn_msg.options.requiretls
+        assert dsn_body_has_no_content(await runtime.queue.body(dsn_msg.id))
+        (block,) = _status_blocks(report)[1:]
+        assert (block["Action"], block["Status"]) == ("failed", "5.7.30")
+        await _round(runtime)  # the DSN, REQUIRETLS itself, is not sent over the opportunistic connector either
+        assert sink.connections == 0
+        dsn_after = await runtime.queue.get(dsn_msg.id)
+        assert dsn_after is not None and dsn_after.recipients[0].status is RecipientStatus.FAILED
+
+
+def dsn_body_has_no_content(raw: bytes) -> bool:
+    return b"text/rfc822-headers" in raw and b"Subject: secret" in raw and b"the secret text" not in raw

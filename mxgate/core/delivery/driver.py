@@ -47,6 +47,7 @@ from mxgate.core.delivery.plan import (
     no_address,
     plan_destination,
     rcpt_params,
+    requiretls_gate,
     transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
@@ -296,6 +297,10 @@ class Deliverer:
         if gate.failure is not None:
             rec.fail(gate.failure, gate.note)
             return None
+        gate = requiretls_gate(message.requiretls, decision, host, enforce_hp)
+        if gate.failure is not None:
+            rec.fail(gate.failure, gate.note)
+            return None
         key: SessionKey | None = None
         if connector.connection_reuse and not self.pool.closed:
             key = SessionKey.of(connector, destination, next_hop, decision, host, enforce_hp, message)
@@ -458,10 +463,17 @@ class Deliverer:
         """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
         the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
         client = session.client
+        verification = session.verification
+        verified_tls = (
+            session.tls_info is not None
+            and verification is not None
+            and verification.ok
+            and verification.label in ("verified", "trusted")
+        )
         caps = _capabilities(client)
         if session.messages == 0:
             rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
-        params, unmet = transaction_params(message, caps, session.where)
+        params, unmet = transaction_params(message, caps, session.where, verified_tls=verified_tls)
         if unmet is not None:
             rec.failures.append(unmet)
             await self.pool.finish(session, key, connector, reset=False)  # nothing was started: still clean

@@ -62,6 +62,9 @@ class OutgoingMessage:
     # ``recipients``; empty: none given)
     dsn_ret: DsnRet | None = None
     recipient_dsn: tuple[RecipientDsn, ...] = ()
+    # RFC 8689 REQUIRETLS: only over TLS to a peer authenticated by DANE, MTA-STS enforce or the connector's
+    # validation, and only to a next hop that offers REQUIRETLS; else the message fails with 5.7.30
+    requiretls: bool = False
     # a recipient callout: MAIL and RCPT only, never DATA. "delivered" then means the next hop accepted the RCPT;
     # a refused MAIL (or anything but an RCPT reply) is "deferred": the recipient could not be verified.
     verify_only: bool = False

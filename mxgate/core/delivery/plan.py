@@ -57,6 +57,7 @@ __all__ = [
     "no_address",
     "plan_destination",
     "rcpt_params",
+    "requiretls_gate",
     "transaction_params",
 ]
 
@@ -252,6 +253,29 @@ def host_gate(decision: TlsDecision, host: HopHost, enforce_hp: HostPolicy, repo
                 f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})",
             )
     return HostGate(tuple(reports))
+
+
+REQUIRETLS_STATUS = "5.7.30"  # RFC 8689 §6: "REQUIRETLS support required"
+
+
+def requiretls_failure(why: str) -> AttemptFailure:
+    """The one failure of a REQUIRETLS message that cannot travel as RFC 8689 asks: permanent (the message
+    bounces; it is never retried in the clear)."""
+    return AttemptFailure(local_reply(550, REQUIRETLS_STATUS, why), REQUIRETLS_STATUS, permanent=True)
+
+
+def requiretls_gate(requiretls: bool, decision: TlsDecision, host: HopHost, enforce_hp: HostPolicy) -> HostGate:
+    """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host whose certificate the enforced policy verifies
+    (DANE, MTA-STS ``enforce``, or the connector's ``certificate_validation``/``domain_validation``). A host
+    governed by anything weaker (opportunistic, ``encryption_only``, MTA-STS ``testing`` alone) is not dialled
+    for it."""
+    if not requiretls or enforce_hp.level >= TlsLevel.VERIFY:
+        return HostGate()
+    why = (
+        f"{host.name}: REQUIRETLS: no policy authenticates this host ({decision.enforce.source} demands only"
+        f" {enforce_hp.level.name})"
+    )
+    return HostGate(failure=requiretls_failure(why), note=why)
 
 
 def no_address(host: HopHost) -> AttemptFailure:
@@ -459,11 +483,17 @@ def _nobody(source: str) -> PeerVerification:
 
 
 def transaction_params(
-    message: OutgoingMessage, capabilities: Capabilities, where: str
+    message: OutgoingMessage, capabilities: Capabilities, where: str, *, verified_tls: bool = False
 ) -> tuple[list[str], AttemptFailure | None]:
     """MAIL FROM parameters for ``message`` on a session with ``capabilities`` (SIZE, 8BITMIME, SMTPUTF8, DSN's
-    RET/ENVID), or the permanent failure when the peer cannot take it (too large, SMTPUTF8 or 8BITMIME needed
-    but not offered)."""
+    RET/ENVID, REQUIRETLS), or the permanent failure when the peer cannot take it (too large, SMTPUTF8 or
+    8BITMIME needed but not offered; a REQUIRETLS message on a session that is not TLS with an authenticated
+    peer (``verified_tls``), or to a peer that does not offer REQUIRETLS: 5.7.30)."""
+    if message.requiretls:
+        if not verified_tls:
+            return [], requiretls_failure(f"{where}: REQUIRETLS: the session is not TLS with an authenticated peer")
+        if not capabilities.supports("REQUIRETLS"):
+            return [], requiretls_failure(f"{where} does not offer REQUIRETLS, which this message requires")
     limit = capabilities.size_limit
     utf8 = needs_smtputf8(message)
     eight = needs_8bitmime(message)
@@ -506,6 +536,8 @@ def transaction_params(
             params.append(f"RET={message.dsn_ret.value}")
         if message.envid:
             params.append(f"ENVID={xtext_encode(message.envid)}")
+    if message.requiretls:
+        params.append("REQUIRETLS")
     return params, None
 
 

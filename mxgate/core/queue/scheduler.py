@@ -498,9 +498,11 @@ class Scheduler:
             envid=msg.options.envid,
             smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
             body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
-            tls_optional=tls_required_no(msg.meta_value("tls_required"), body),
+            # RFC 8689 §4.1: with REQUIRETLS the TLS-Required header field is ignored
+            tls_optional=not msg.requiretls and tls_required_no(msg.meta_value("tls_required"), body),
             dsn_ret=msg.options.dsn_ret,
             recipient_dsn=tuple(_recipient_dsn(msg.recipient(r)) for r in job.recipients),
+            requiretls=msg.requiretls,
         )
         async with csem, dsem:
             result = await self.deliverer.deliver(dest, outgoing)
@@ -631,7 +633,10 @@ class Scheduler:
         retry_until: datetime | None,
         body: bytes | None = None,
     ) -> None:
-        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL)."""
+        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL).
+
+        The DSN of a REQUIRETLS message (RFC 8689 §5) returns its headers only, never the content, and is itself
+        sent with REQUIRETLS: it travels only as the original had to."""
         queue = self.queue
         try:
             headers = await queue.headers(msg.id)
@@ -644,11 +649,12 @@ class Scheduler:
             failed=items,
             now=datetime.fromtimestamp(now, tz=UTC),
             retry_until=retry_until,
-            original_message=body,
+            original_message=None if msg.requiretls else body,
         )
         if report is None:
             return
-        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now)
+        options = MessageOptions(requiretls=True) if msg.requiretls else None
+        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now, options=options)
         self.runtime.tracking.write(
             TrackEvent.DSN,
             queue_id=msg.id,
