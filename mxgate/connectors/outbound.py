@@ -81,6 +81,9 @@ class OutboundConnector:
         desc="Send a delay warning DSN after this many seconds (unset: none).",
         check=checks.check_optional_positive,
     )
+    chunking: bool = setting(
+        True, desc="Send with BDAT (RFC 3030 CHUNKING) when the next hop offers it; false: always DATA."
+    )
     test_mode: bool = setting(False, desc="Accept and log but do not deliver (connector dry run).")
     source_address: str | None = setting(None, desc="Local IP to send from.")
     enabled: bool = setting(True, desc="A disabled connector routes nothing.")

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -113,6 +113,15 @@ class _SinkSMTP(SMTP):
         super().connection_lost(error)
         self._sink._event(disconnected=True)
 
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd refuses MAIL/RCPT parameters it does not know (555); those of the extensions this sink
+        advertises (DSN, REQUIRETLS) are let through and recorded in ``mail_options``/``rcpt_options``."""
+        result = super()._getparams(params)
+        if result is not None:
+            for keyword in self._sink.accepted_params(tls=self._tls_protocol is not None):
+                result.pop(keyword, None)
+        return result
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         envelope, session = self.envelope, self.session
@@ -156,6 +165,14 @@ class _SinkHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        tls = isinstance(server, _SinkSMTP) and server._tls_protocol is not None
+        extra = [f"250-{keyword}" for keyword in self._sink.advertised(tls=tls)]
+        return [*responses[:-1], *extra, responses[-1]]
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self._sink.quits += 1
@@ -212,6 +229,8 @@ class SmtpSink:
         without a reply (the message is not recorded).
     :param idle_timeout: seconds a client may stay silent before the sink closes the connection (no reply).
     :param data_delay: seconds to wait before answering the end of the message (a slow server).
+    :param dsn: advertise DSN (RFC 3461) and accept RET/ENVID/NOTIFY/ORCPT (recorded, not acted on).
+    :param requiretls: advertise REQUIRETLS (RFC 8689) once TLS is up, and accept ``MAIL FROM ... REQUIRETLS``.
 
     Counters for connection handling: :attr:`connections` (accepted), :attr:`disconnections` (closed, by
     either side), :attr:`peak_connections` (most open at once), :attr:`quits`, :attr:`rsets`,
@@ -238,6 +257,8 @@ class SmtpSink:
         data_size_limit: int = 33_554_432,
         idle_timeout: float = 30.0,
         data_delay: float = 0.0,
+        dsn: bool = False,
+        requiretls: bool = False,
     ) -> None:
         _require_loopback(host)
         if (implicit_tls or require_tls or sni) and tls is None:
@@ -259,6 +280,8 @@ class SmtpSink:
         self.data_size_limit = data_size_limit
         self.idle_timeout = idle_timeout
         self.data_delay = data_delay
+        self.dsn = dsn
+        self.requiretls = requiretls
         self.connections = 0  # TCP connections accepted so far
         self.peak_connections = 0  # most connections open at the same time
         self.disconnections = 0  # of those, closed since (by either side)
@@ -277,6 +300,15 @@ class SmtpSink:
     @property
     def host(self) -> str:
         return self._host
+
+    def advertised(self, *, tls: bool) -> tuple[str, ...]:
+        """EHLO keywords this sink adds to aiosmtpd's own."""
+        return (*(("DSN",) if self.dsn else ()), *(("REQUIRETLS",) if self.requiretls and tls else ()))
+
+    def accepted_params(self, *, tls: bool) -> tuple[str, ...]:
+        """MAIL/RCPT parameters of the advertised extensions."""
+        dsn = ("RET", "ENVID", "NOTIFY", "ORCPT") if self.dsn else ()
+        return (*dsn, *(("REQUIRETLS",) if self.requiretls and tls else ()))
 
     @property
     def port(self) -> int:

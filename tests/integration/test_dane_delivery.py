@@ -276,7 +276,7 @@ async def gateway_runtime(
         runtime.tracking.close()
 
 
-async def deliver(runtime: Runtime, domain: str, smart_hosts: tuple[str, ...] = ()) -> Any:
+async def deliver(runtime: Runtime, domain: str, smart_hosts: tuple[str, ...] = (), *, requiretls: bool = False) -> Any:
     from mxgate.core.delivery import Deliverer, OutgoingMessage
 
     message = OutgoingMessage(
@@ -284,6 +284,7 @@ async def deliver(runtime: Runtime, domain: str, smart_hosts: tuple[str, ...] = 
         sender="sender@gw.dane.test",
         recipients=(f"rcpt@{domain}",),
         data=b"From: sender@gw.dane.test\r\nSubject: dane\r\n\r\nhello\r\n",
+        requiretls=requiretls,
     )
     return await Deliverer(runtime).deliver(
         Destination(runtime.config.outbound("internet"), domain, smart_hosts), message
@@ -544,6 +545,27 @@ async def test_unusable_records_require_tls_but_accept_any_certificate(dane_lab:
         res = await deliver(runtime, fqdn("dpkix"))
         assert result_of(res) == "deferred", res.steps
         assert s[name].messages == ()
+
+
+async def test_requiretls_under_dane(dane_lab: Lab, tmp_path: Path) -> None:
+    """RFC 8689 §4.2.1 with DANE: a host whose certificate DANE verifies takes a REQUIRETLS message (passed on
+    with MAIL ... REQUIRETLS); a host DANE does not authenticate -- usable records absent (only PKIX usages: TLS
+    required, peer unauthenticated) or TLSA insecure (opportunistic) -- is never dialled for it: 550 5.7.30."""
+    good, pkix, plain = fqdn("mx311"), fqdn("mxpkix"), fqdn("mx", PLAIN)
+    async with (
+        gateway_runtime(dane_lab, tmp_path) as (runtime, _),
+        sinks(dane_lab, good, pkix, plain, requiretls=True) as s,
+    ):
+        res = await deliver(runtime, fqdn("d311"), requiretls=True)
+        assert result_of(res) == "delivered", res.steps
+        (msg,) = s[good].messages
+        assert msg.tls_version is not None and "REQUIRETLS" in msg.mail_options
+        for domain, name in ((fqdn("dpkix"), pkix), (PLAIN, plain)):
+            res = await deliver(runtime, domain, requiretls=True)
+            assert [(o.result, o.status) for o in res.outcomes] == [("failed", "5.7.30")], res.steps
+            assert s[name].connections == 0
+        # without REQUIRETLS the same hosts take the message
+        assert result_of(await deliver(runtime, fqdn("dpkix"))) == "delivered"
 
 
 async def test_bogus_tlsa_skips_that_mx(dane_lab: Lab, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 async def test_connector_validate_prints_tls_and_replies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca = TestCA.create(tmp_path / "ca")
-    async with SmtpSink(tls=ca.issue(["relay.example.test"])) as sink:
+    async with SmtpSink(tls=ca.issue(["relay.example.test"]), dsn=True) as sink:
         config = tmp_path / "mxgate.toml"
         config.write_text(
             textwrap.dedent(
@@ -52,6 +52,9 @@ async def test_connector_validate_prints_tls_and_replies(tmp_path: Path, capsys:
         out = capsys.readouterr().out
         assert code == 0, out
         assert "TLS policy: connector (no-policy-found, level NONE)" in out
+        # which of the extensions delivery uses the peer offered (aiosmtpd: no CHUNKING, no PIPELINING)
+        assert f"127.0.0.1]:{sink.port}: extensions DSN SIZE=33554432 SMTPUTF8 8BITMIME" in out
+        assert "(not offered: CHUNKING REQUIRETLS PIPELINING)" in out
         assert "250 2.0.0" in out and "C: RCPT TO:<b@x.test>" in out and "result: delivered" in out
         assert len(sink.messages) == 1 and sink.messages[0].rcpt_tos == ("b@x.test",)
         assert (

@@ -3,6 +3,8 @@ fed with replies and verification results as the driver would (RFC 3207, RFC 767
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mxgate.core.delivery.model import DEFERRED, FAILED, OutgoingMessage
@@ -16,9 +18,12 @@ from mxgate.core.delivery.plan import (
     final_verdict,
     host_gate,
     judge,
+    rcpt_params,
+    requiretls_gate,
     transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision
+from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import HopHost, HostPolicy, PeerVerification, PolicyType, TlsLevel, TlsPolicy, TlsRptResult
 from mxgate.core.smtp.client import SmtpReply
 from mxgate.plugins.dane import DANE_STATUS
@@ -180,3 +185,89 @@ def test_final_verdict() -> None:
     mixed = final_verdict([temp, AttemptFailure("554 5.7.1 policy", "5.7.1")])
     assert (mixed.result, mixed.status) == (DEFERRED, "4.4.1") and mixed.reply.startswith("451 4.4.1 554")
     assert final_verdict([]).result == DEFERRED
+
+
+# -- RFC 8689 REQUIRETLS ----------------------------------------------------------------------------------
+
+STS_ENFORCE = TlsPolicy("mta_sts", PolicyType.STS, "example.test", TlsLevel.SECURE, 200)
+RT = OutgoingMessage("q", "a@x.test", ("b@y.test",), b"x", requiretls=True)
+RT_CAPS = Capabilities(frozenset({"REQUIRETLS", "SIZE"}))
+
+
+@pytest.mark.parametrize(
+    ("policy", "level", "allowed"),
+    [
+        (DANE, TlsLevel.SECURE, True),  # DANE authenticates the host
+        (STS_ENFORCE, TlsLevel.SECURE, True),  # WebPKI under an enforced MTA-STS policy
+        (CONNECTOR, TlsLevel.SECURE, True),  # the connector's domain_validation
+        (CONNECTOR, TlsLevel.VERIFY, True),  # the connector's certificate_validation
+        (CONNECTOR, TlsLevel.ENCRYPT, False),  # encryption_only: the peer is not authenticated
+        (CONNECTOR, TlsLevel.MAY, False),  # opportunistic
+        (CONNECTOR, TlsLevel.NONE, False),
+    ],
+)
+def test_rfc8689_requiretls_only_to_a_host_whose_certificate_a_policy_verifies(
+    policy: TlsPolicy, level: TlsLevel, allowed: bool
+) -> None:
+    """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host authenticated by DANE, MTA-STS or the
+    connector's validation; anything weaker is one permanent 5.7.30 failure, before any connection (so never
+    in the clear, never retried). A message without REQUIRETLS is never stopped here."""
+    decision = TlsDecision(policy, policy)
+    gate = requiretls_gate(True, decision, HOST, HostPolicy(level))
+    if allowed:
+        assert gate.failure is None
+    else:
+        assert gate.failure is not None and gate.failure.permanent and gate.failure.status == "5.7.30"
+        assert gate.failure.reply.startswith("550 5.7.30 mx.example.test: REQUIRETLS")
+    assert requiretls_gate(False, decision, HOST, HostPolicy(level)).failure is None
+
+
+def test_rfc8689_requiretls_report_only_sts_does_not_authenticate() -> None:
+    """MTA-STS ``testing`` only reports: the enforced policy (an opportunistic connector) decides: 5.7.30."""
+    decision = TlsDecision(STS_TESTING, CONNECTOR)
+    gate = requiretls_gate(True, decision, HOST, HostPolicy(TlsLevel.MAY))
+    assert gate.failure is not None and gate.failure.status == "5.7.30"
+
+
+def test_rfc8689_requiretls_on_the_session() -> None:
+    """§4.2.1: MAIL carries REQUIRETLS only on a verified TLS session to a peer that offers it; otherwise the
+    message fails permanently with 5.7.30 (RFC 8689 §6)."""
+    params, unmet = transaction_params(RT, RT_CAPS, WHERE, verified_tls=True)
+    assert unmet is None and params == ["SIZE=1", "REQUIRETLS"]
+    for caps, verified in ((Capabilities(frozenset({"SIZE"})), True), (RT_CAPS, False)):
+        params, unmet = transaction_params(RT, caps, WHERE, verified_tls=verified)
+        assert params == [] and unmet is not None and unmet.permanent and unmet.status == "5.7.30"
+    # without REQUIRETLS nothing is asked of the session
+    plain = OutgoingMessage("q", "a@x.test", ("b@y.test",), b"x")
+    assert transaction_params(plain, Capabilities(), WHERE) == ([], None)
+
+
+# -- RFC 3461 DSN passed on -------------------------------------------------------------------------------
+
+
+def test_rfc3461_dsn_parameters_passed_on_only_when_offered() -> None:
+    """§4.1-4.4: RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT, xtext-encoded, when the peer offers DSN;
+    an ORCPT is added where the sender gave none (§4.2), not for a non-ASCII address; nothing without DSN."""
+    message = OutgoingMessage(
+        "q",
+        "a@x.test",
+        ("b@y.test", "c@y.test", "dé@y.test"),
+        b"x",
+        envid="id+1 =x",
+        dsn_ret=DsnRet.HDRS,
+        recipient_dsn=(
+            RecipientDsn(frozenset({DsnNotify.SUCCESS, DsnNotify.FAILURE}), ("rfc822", "B+orig@y.test")),
+            RecipientDsn(frozenset({DsnNotify.NEVER})),
+            RecipientDsn(),
+        ),
+    )
+    dsn = Capabilities(frozenset({"DSN"}))
+    ascii_only = replace(message, recipients=("b@y.test",))
+    assert transaction_params(ascii_only, dsn, WHERE) == (["RET=HDRS", "ENVID=id+2B1+20+3Dx"], None)
+    assert rcpt_params(message, dsn) == (
+        ("NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;B+2Borig@y.test"),
+        ("NOTIFY=NEVER", "ORCPT=rfc822;c@y.test"),
+        (),
+    )
+    assert transaction_params(ascii_only, Capabilities(), WHERE) == ([], None)
+    assert rcpt_params(message, Capabilities()) == ((), (), ())

@@ -209,3 +209,53 @@ async def test_handshake_failure_raises_connection_error(scripted: Callable[[Scr
     with pytest.raises(SmtpConnectionError, match="TLS handshake failed"):
         await client.starttls(tls.client_context(verify=False), "mx.example")
     assert not client.tls
+
+
+async def test_bdat_without_pipelining_waits_for_each_reply_and_stops_at_a_refusal(
+    scripted: Callable[[Script], Awaitable[int]],
+) -> None:
+    """RFC 3030 without PIPELINING: MAIL and RCPT answered one by one; then each chunk (exact byte count, bytes
+    as they are, no dot-stuffing, no end-of-data line) waits for its reply; a refused chunk ends the transaction
+    (its reply is the final one); no chunk at all when no recipient was accepted."""
+    got: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 peer ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-peer\r\n250 CHUNKING\r\n")
+        for reply in (b"250 ok\r\n", b"250 ok\r\n"):  # MAIL, RCPT (each before the next command)
+            got.append(await _line(r))
+            w.write(reply)
+        for reply in (b"250 2.0.0 chunk\r\n", b"552 5.3.4 too big\r\n"):
+            header = await _line(r)
+            got.append(header)
+            got.append(await asyncio.wait_for(r.readexactly(int(header.split()[1])), 5))
+            w.write(reply)
+        got.append(await _line(r))  # MAIL of the second transaction
+        w.write(b"250 ok\r\n")
+        got.append(await _line(r))
+        w.write(b"550 5.1.1 nobody\r\n")
+        got.append(await _line(r))
+        w.write(b"221 bye\r\n")
+        await w.drain()
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    await client.ehlo("me.example")
+    data = b".dot\r\n" + b"x" * 10
+    mail, rcpts, final = await client.envelope_bdat("a@x.test", [], ["b@y.test"], data * 2, chunk_size=len(data))
+    assert (mail.code, [r.code for r in rcpts]) == (250, [250])
+    assert final is not None and (final.code, final.status) == (552, "5.3.4")
+    assert got[:6] == [
+        b"MAIL FROM:<a@x.test>\r\n",
+        b"RCPT TO:<b@y.test>\r\n",
+        f"BDAT {len(data)}\r\n".encode(),
+        data,
+        f"BDAT {len(data)} LAST\r\n".encode(),
+        data,
+    ]
+    mail, rcpts, final = await client.envelope_bdat("a@x.test", [], ["n@y.test"], data)
+    assert [r.code for r in rcpts] == [550] and final is None
+    await client.quit()
+    assert got[6:] == [b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<n@y.test>\r\n", b"QUIT\r\n"]

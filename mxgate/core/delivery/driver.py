@@ -38,6 +38,7 @@ from mxgate.core.delivery.plan import (
     TlsReport,
     connect_failed,
     connection_lost,
+    describe_extensions,
     describe_host_policy,
     final_verdict,
     host_gate,
@@ -45,6 +46,8 @@ from mxgate.core.delivery.plan import (
     local_reply,
     no_address,
     plan_destination,
+    rcpt_params,
+    requiretls_gate,
     transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
@@ -294,6 +297,10 @@ class Deliverer:
         if gate.failure is not None:
             rec.fail(gate.failure, gate.note)
             return None
+        gate = requiretls_gate(message.requiretls, decision, host, enforce_hp)
+        if gate.failure is not None:
+            rec.fail(gate.failure, gate.note)
+            return None
         key: SessionKey | None = None
         if connector.connection_reuse and not self.pool.closed:
             key = SessionKey.of(connector, destination, next_hop, decision, host, enforce_hp, message)
@@ -456,7 +463,17 @@ class Deliverer:
         """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
         the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
         client = session.client
-        params, unmet = transaction_params(message, _capabilities(client), session.where)
+        verification = session.verification
+        verified_tls = (
+            session.tls_info is not None
+            and verification is not None
+            and verification.ok
+            and verification.label in ("verified", "trusted")
+        )
+        caps = _capabilities(client)
+        if session.messages == 0:
+            rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
+        params, unmet = transaction_params(message, caps, session.where, verified_tls=verified_tls)
         if unmet is not None:
             rec.failures.append(unmet)
             await self.pool.finish(session, key, connector, reset=False)  # nothing was started: still clean
@@ -482,15 +499,24 @@ class Deliverer:
         recipients = message.recipients
         outcomes: dict[str, RecipientOutcome] = {}
         accepted: list[str] = []
+        per_rcpt = rcpt_params(message, _capabilities(client))
+        bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
         try:
-            mail, rcpts, data = await client.envelope(message.sender, params, recipients, data=not message.verify_only)
+            if bdat:
+                mail, rcpts, data = await client.envelope_bdat(
+                    message.sender, params, recipients, message.data, per_recipient=per_rcpt
+                )
+            else:
+                mail, rcpts, data = await client.envelope(
+                    message.sender, params, recipients, data=not message.verify_only, per_recipient=per_rcpt
+                )
             if message.verify_only:
                 return await self._verified(session, key, connector, destination, host, message, rec, mail, rcpts)
             if not mail.is_positive:
                 result = FAILED if mail.is_permanent else DEFERRED
                 for r in recipients:
                     outcomes[r] = RecipientOutcome(r, result, str(mail), mail.status, mx, True)
-                if data is not None and data.code == 354:
+                if not bdat and data is not None and data.code == 354:
                     await client.abort_data()
                     await client.quit()
                 else:
@@ -504,13 +530,13 @@ class Deliverer:
                         r, FAILED if reply.is_permanent else DEFERRED, str(reply), reply.status, mx, True
                     )
             if not accepted:
-                if data is not None and data.code == 354:
+                if not bdat and data is not None and data.code == 354:
                     await client.abort_data()
                     await client.quit()
                 else:
                     await self.pool.finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            if data is None or data.code != 354:
+            if data is None or (not bdat and data.code != 354):
                 for r in accepted:
                     if data is None:
                         outcomes[r] = RecipientOutcome(
@@ -522,10 +548,13 @@ class Deliverer:
                         )
                 await self.pool.finish(session, key, connector, reset=True)
                 return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            final = await client.send_data(message.data)
+            # BDAT: the reply to the last chunk (or the first refused one) is the final reply
+            final = data if bdat else await client.send_data(message.data)
             for r in accepted:
                 if final.is_positive:
-                    outcomes[r] = RecipientOutcome(r, DELIVERED, str(final), final.status, mx, True)
+                    outcomes[r] = RecipientOutcome(
+                        r, DELIVERED, str(final), final.status, mx, True, dsn_passed=client.supports("DSN")
+                    )
                 else:
                     outcomes[r] = RecipientOutcome(
                         r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mxgate.core.model import DsnRet, RecipientDsn
 from mxgate.core.outcomes import Destination, HopHost, HostPolicy, NextHop
 
 __all__ = [
@@ -57,6 +58,13 @@ class OutgoingMessage:
     smtputf8: bool = False  # the client asked for SMTPUTF8 when it gave us the message
     body_8bit: bool = False  # BODY=8BITMIME was declared
     tls_optional: bool = False  # RFC 8689 "TLS-Required: No": recipient-side policies (DANE, MTA-STS) do not bind
+    # RFC 3461, passed on to a next hop that offers DSN: RET, and each recipient's NOTIFY/ORCPT (parallel to
+    # ``recipients``; empty: none given)
+    dsn_ret: DsnRet | None = None
+    recipient_dsn: tuple[RecipientDsn, ...] = ()
+    # RFC 8689 REQUIRETLS: only over TLS to a peer authenticated by DANE, MTA-STS enforce or the connector's
+    # validation, and only to a next hop that offers REQUIRETLS; else the message fails with 5.7.30
+    requiretls: bool = False
     # a recipient callout: MAIL and RCPT only, never DATA. "delivered" then means the next hop accepted the RCPT;
     # a refused MAIL (or anything but an RCPT reply) is "deferred": the recipient could not be verified.
     verify_only: bool = False
@@ -70,6 +78,7 @@ class RecipientOutcome:
     status: str  # RFC 3463 code
     mx_host: str | None = None
     remote: bool = False  # the reply came from the remote server (DSN Diagnostic-Code)
+    dsn_passed: bool = False  # delivered to a next hop that offers DSN: NOTIFY went on with the message
 
 
 @dataclass(frozen=True, slots=True)

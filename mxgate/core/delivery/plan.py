@@ -29,9 +29,12 @@ from mxgate.core.delivery.policy import (
     needs_smtputf8,
     rank_policies,
 )
+from mxgate.core.model import DsnNotify
 from mxgate.core.outcomes import HopHost, HostPolicy, NextHop, PeerVerification, TlsLevel, TlsPolicy, TlsRptResult
+from mxgate.core.smtp.parse import xtext_encode
 
 __all__ = [
+    "REPORTED_EXTENSIONS",
     "AttemptFailure",
     "AttemptPlan",
     "Capabilities",
@@ -45,6 +48,7 @@ __all__ = [
     "Verdict",
     "connect_failed",
     "connection_lost",
+    "describe_extensions",
     "describe_host_policy",
     "final_verdict",
     "host_gate",
@@ -52,6 +56,8 @@ __all__ = [
     "local_reply",
     "no_address",
     "plan_destination",
+    "rcpt_params",
+    "requiretls_gate",
     "transaction_params",
 ]
 
@@ -131,6 +137,21 @@ class Capabilities:
 
     def supports(self, keyword: str) -> bool:
         return keyword.upper() in self.keywords
+
+
+REPORTED_EXTENSIONS = ("CHUNKING", "DSN", "REQUIRETLS", "SIZE", "PIPELINING", "SMTPUTF8", "8BITMIME")
+
+
+def describe_extensions(capabilities: Capabilities) -> str:
+    """The extensions delivery uses, offered or not: ``"CHUNKING DSN SIZE=10240000 (not offered: ...)"``
+    (a delivery step; ``mxgate connector validate`` prints it)."""
+    offered = [
+        f"SIZE={capabilities.size_limit}" if k == "SIZE" and capabilities.size_limit else k
+        for k in REPORTED_EXTENSIONS
+        if capabilities.supports(k)
+    ]
+    missing = [k for k in REPORTED_EXTENSIONS if not capabilities.supports(k)]
+    return " ".join(offered or ["none"]) + (f" (not offered: {' '.join(missing)})" if missing else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +253,29 @@ def host_gate(decision: TlsDecision, host: HopHost, enforce_hp: HostPolicy, repo
                 f"{host.name}: unusable under the {pol.source} policy ({hp.detail or hp.failure})",
             )
     return HostGate(tuple(reports))
+
+
+REQUIRETLS_STATUS = "5.7.30"  # RFC 8689 §6: "REQUIRETLS support required"
+
+
+def requiretls_failure(why: str) -> AttemptFailure:
+    """The one failure of a REQUIRETLS message that cannot travel as RFC 8689 asks: permanent (the message
+    bounces; it is never retried in the clear)."""
+    return AttemptFailure(local_reply(550, REQUIRETLS_STATUS, why), REQUIRETLS_STATUS, permanent=True)
+
+
+def requiretls_gate(requiretls: bool, decision: TlsDecision, host: HopHost, enforce_hp: HostPolicy) -> HostGate:
+    """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host whose certificate the enforced policy verifies
+    (DANE, MTA-STS ``enforce``, or the connector's ``certificate_validation``/``domain_validation``). A host
+    governed by anything weaker (opportunistic, ``encryption_only``, MTA-STS ``testing`` alone) is not dialled
+    for it."""
+    if not requiretls or enforce_hp.level >= TlsLevel.VERIFY:
+        return HostGate()
+    why = (
+        f"{host.name}: REQUIRETLS: no policy authenticates this host ({decision.enforce.source} demands only"
+        f" {enforce_hp.level.name})"
+    )
+    return HostGate(failure=requiretls_failure(why), note=why)
 
 
 def no_address(host: HopHost) -> AttemptFailure:
@@ -439,10 +483,17 @@ def _nobody(source: str) -> PeerVerification:
 
 
 def transaction_params(
-    message: OutgoingMessage, capabilities: Capabilities, where: str
+    message: OutgoingMessage, capabilities: Capabilities, where: str, *, verified_tls: bool = False
 ) -> tuple[list[str], AttemptFailure | None]:
-    """MAIL FROM parameters for ``message`` on a session with ``capabilities`` (SIZE, 8BITMIME, SMTPUTF8), or the
-    permanent failure when the peer cannot take it (too large, SMTPUTF8 or 8BITMIME needed but not offered)."""
+    """MAIL FROM parameters for ``message`` on a session with ``capabilities`` (SIZE, 8BITMIME, SMTPUTF8, DSN's
+    RET/ENVID, REQUIRETLS), or the permanent failure when the peer cannot take it (too large, SMTPUTF8 or
+    8BITMIME needed but not offered; a REQUIRETLS message on a session that is not TLS with an authenticated
+    peer (``verified_tls``), or to a peer that does not offer REQUIRETLS: 5.7.30)."""
+    if message.requiretls:
+        if not verified_tls:
+            return [], requiretls_failure(f"{where}: REQUIRETLS: the session is not TLS with an authenticated peer")
+        if not capabilities.supports("REQUIRETLS"):
+            return [], requiretls_failure(f"{where} does not offer REQUIRETLS, which this message requires")
     limit = capabilities.size_limit
     utf8 = needs_smtputf8(message)
     eight = needs_8bitmime(message)
@@ -480,7 +531,33 @@ def transaction_params(
         params.append("BODY=8BITMIME")
     if utf8:
         params.append("SMTPUTF8")
+    if capabilities.supports("DSN"):
+        if message.dsn_ret is not None:
+            params.append(f"RET={message.dsn_ret.value}")
+        if message.envid:
+            params.append(f"ENVID={xtext_encode(message.envid)}")
+    if message.requiretls:
+        params.append("REQUIRETLS")
     return params, None
+
+
+def rcpt_params(message: OutgoingMessage, capabilities: Capabilities) -> tuple[tuple[str, ...], ...]:
+    """Each recipient's RCPT parameters: its NOTIFY and ORCPT when the peer offers DSN (RFC 3461 §4.1, §4.2),
+    with an ORCPT added when the sender gave none (§4.2 recommends it; ASCII addresses only); none otherwise."""
+    if not capabilities.supports("DSN"):
+        return tuple(() for _ in message.recipients)
+    out: list[tuple[str, ...]] = []
+    for i, rcpt in enumerate(message.recipients):
+        dsn = message.recipient_dsn[i] if i < len(message.recipient_dsn) else None
+        params: list[str] = []
+        if dsn is not None and dsn.notify is not None:
+            params.append("NOTIFY=" + ",".join(n.value for n in DsnNotify if n in dsn.notify))
+        if dsn is not None and dsn.orcpt is not None:
+            params.append(f"ORCPT={dsn.orcpt[0]};{xtext_encode(dsn.orcpt[1])}")
+        elif rcpt.isascii():
+            params.append(f"ORCPT=rfc822;{xtext_encode(rcpt)}")
+        out.append(tuple(params))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

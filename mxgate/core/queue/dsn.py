@@ -34,6 +34,7 @@ MAX_RETURNED_HEADERS: Final = 64 * 1024
 MAX_RETURNED_MESSAGE: Final = 10 * 1024 * 1024  # RET=FULL beyond this returns headers only (Postfix: 50 kB)
 SUBJECT_FAILED: Final = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED: Final = "Delayed Mail (still being retried)"
+SUBJECT_SUCCESS: Final = "Successful Mail Delivery Report"
 
 
 class DsnRecipient(NamedTuple):
@@ -43,7 +44,7 @@ class DsnRecipient(NamedTuple):
     status: str  # RFC 3463, "5.1.1"
     diagnostic: str | None  # "smtp; 550 5.1.1 no such user" (a bare reply gets "smtp; " in front)
     remote_mta: str | None  # host name of the MX that answered, if any
-    action: str  # "failed" | "delayed" (RFC 3464 also allows delivered, relayed, expanded)
+    action: str  # "failed" | "delayed" | "relayed" (RFC 3464 also allows delivered, expanded)
 
 
 def is_auto_message(headers: bytes) -> bool:
@@ -164,6 +165,12 @@ def build_dsn(
             "I'm sorry to have to inform you that your message could not be delivered to one or more\r\n"
             f"recipients. It's attached below{'' if full else ' (headers only)'}.\r\n"
         )
+    elif not any(r.action == "delayed" for r in reports):
+        intro = (
+            f"This is the mail system at host {reporting_mta}.\r\n\r\n"
+            "Your message was relayed to a mail system that does not return delivery notifications: you will\r\n"
+            "not be told whether it reaches the recipients below.\r\n"
+        )
     else:
         until = f" until {format_datetime(retry_until)}" if retry_until is not None else ""
         intro = (
@@ -235,7 +242,8 @@ def build_dsn(
     report = Message(policy=policy.compat32)
     report["From"] = f"Mail Delivery System <{sender}>"
     report["To"] = f"<{original.sender}>"
-    report["Subject"] = SUBJECT_FAILED if any_failed else SUBJECT_DELAYED
+    delayed = any(r.action == "delayed" for r in reports)
+    report["Subject"] = SUBJECT_FAILED if any_failed else SUBJECT_DELAYED if delayed else SUBJECT_SUCCESS
     report["Date"] = format_datetime(now)
     report["Message-ID"] = make_msgid(domain=reporting_mta)
     if original.message_id:

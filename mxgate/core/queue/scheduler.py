@@ -49,7 +49,7 @@ from mxgate.core.delivery import (
     OutgoingMessage,
     RecipientOutcome,
 )
-from mxgate.core.model import Address
+from mxgate.core.model import Address, DsnNotify, RecipientDsn
 from mxgate.core.outcomes import DeliveryReport, Destination, Route
 from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
@@ -58,6 +58,7 @@ from mxgate.core.queue.store import (
     MessageOptions,
     NewRecipient,
     QueuedMessage,
+    QueuedRecipient,
     QueueError,
     QueueStore,
     RecipientResult,
@@ -497,7 +498,11 @@ class Scheduler:
             envid=msg.options.envid,
             smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
             body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
-            tls_optional=tls_required_no(msg.meta_value("tls_required"), body),
+            # RFC 8689 §4.1: with REQUIRETLS the TLS-Required header field is ignored
+            tls_optional=not msg.requiretls and tls_required_no(msg.meta_value("tls_required"), body),
+            dsn_ret=msg.options.dsn_ret,
+            recipient_dsn=tuple(_recipient_dsn(msg.recipient(r)) for r in job.recipients),
+            requiretls=msg.requiretls,
         )
         async with csem, dsem:
             result = await self.deliverer.deliver(dest, outgoing)
@@ -568,7 +573,17 @@ class Scheduler:
         body: bytes | None = None,
     ) -> None:
         failed = []
+        relayed = []
         for res in results:
+            if res.status is RecipientStatus.DELIVERED:
+                # RFC 3461 §6.2.2: a next hop without DSN cannot report success; we report "relayed" ourselves
+                out = outcomes.get(res.recipient)
+                rcpt = msg.recipient(res.recipient)
+                asked = rcpt is not None and DsnNotify.SUCCESS in (_recipient_dsn(rcpt).notify or ())
+                if out is not None and out.remote and not out.dsn_passed and asked:
+                    status = out.status if out.status.startswith("2.") else "2.0.0"
+                    relayed.append((res.recipient, status, res.reply, out.mx_host, "relayed"))
+                continue
             if res.status is not RecipientStatus.FAILED:
                 continue
             out = outcomes.get(res.recipient)
@@ -580,6 +595,8 @@ class Scheduler:
             failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
         if failed:
             await self._send_dsn(msg, failed, now, None, body)
+        if relayed:
+            await self._send_dsn(msg, relayed, now, None)
 
     async def _delay_warning(
         self,
@@ -616,7 +633,10 @@ class Scheduler:
         retry_until: datetime | None,
         body: bytes | None = None,
     ) -> None:
-        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL)."""
+        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL).
+
+        The DSN of a REQUIRETLS message (RFC 8689 §5) returns its headers only, never the content, and is itself
+        sent with REQUIRETLS: it travels only as the original had to."""
         queue = self.queue
         try:
             headers = await queue.headers(msg.id)
@@ -629,11 +649,12 @@ class Scheduler:
             failed=items,
             now=datetime.fromtimestamp(now, tz=UTC),
             retry_until=retry_until,
-            original_message=body,
+            original_message=None if msg.requiretls else body,
         )
         if report is None:
             return
-        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now)
+        options = MessageOptions(requiretls=True) if msg.requiretls else None
+        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now, options=options)
         self.runtime.tracking.write(
             TrackEvent.DSN,
             queue_id=msg.id,
@@ -645,6 +666,21 @@ class Scheduler:
         )
         await self.runtime.hooks.on_event("queue", action="dsn", dsn=items[0][4])
         self.wakeup()
+
+
+def _recipient_dsn(rcpt: QueuedRecipient | None) -> RecipientDsn:
+    """The queue's NOTIFY/ORCPT text of one recipient as the typed value delivery passes on."""
+    if rcpt is None:
+        return RecipientDsn()
+    notify = None
+    if rcpt.dsn_notify is not None:
+        words = {w.strip().upper() for w in rcpt.dsn_notify.split(",")}
+        notify = frozenset(n for n in DsnNotify if n.value in words)
+    orcpt = None
+    if rcpt.orcpt:
+        addr_type, sep, address = rcpt.orcpt.partition(";")
+        orcpt = (addr_type.strip().lower(), address.strip()) if sep else ("rfc822", rcpt.orcpt.strip())
+    return RecipientDsn(notify, orcpt)
 
 
 def _status_of(reply: str) -> str:

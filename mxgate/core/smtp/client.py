@@ -6,7 +6,9 @@ Why our own and not aiosmtplib: the delivery path needs things a general-purpose
   discarded before the handshake; here the receive buffer is ours, so it is simply cleared (and counted).
 * the raw presented certificate chain (DANE and our own WebPKI checks verify *after* the handshake, with
   verification off in OpenSSL) and the peer's EHLO name (TLS-RPT ``receiving-mx-helo``);
-* PIPELINING (RFC 2920) of MAIL/RCPT/DATA with per-recipient replies, which the transaction logic needs.
+* PIPELINING (RFC 2920) of MAIL/RCPT/DATA with per-recipient replies, which the transaction logic needs;
+* CHUNKING (RFC 3030): the message in ``BDAT n [LAST]`` chunks, exact byte counts, no dot-stuffing, pipelined
+  with MAIL/RCPT where the peer offers PIPELINING.
 
 The client does I/O and parsing only; what to do with the replies is :mod:`mxgate.core.delivery`'s business.
 Every read is bounded (line length, reply lines, ``timeout``); no loop waits forever.
@@ -36,6 +38,7 @@ __all__ = [
 
 MAX_LINE = 4096  # longer than RFC 5321's 512 for replies: real servers send long texts
 MAX_REPLY_LINES = 200
+BDAT_CHUNK = 1024 * 1024  # bytes per BDAT chunk
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 
 
@@ -370,6 +373,7 @@ class SmtpClient:
         rcpt_params: Sequence[str] = (),
         *,
         data: bool = True,
+        per_recipient: Sequence[Sequence[str]] | None = None,
     ) -> tuple[SmtpReply, list[SmtpReply], SmtpReply | None]:
         """MAIL, every RCPT and DATA; pipelined in one write when the server offers PIPELINING (RFC 2920).
 
@@ -377,12 +381,10 @@ class SmtpClient:
         pipelining, DATA is sent only if MAIL and at least one RCPT succeeded. With pipelining DATA is always
         sent last in the group; if it is answered 354 although no recipient was accepted, an empty message
         is not sent: the caller must :meth:`abort_data`. ``data=False`` stops after the RCPTs (a recipient
-        callout): DATA is never sent and the DATA reply is ``None``.
+        callout): DATA is never sent and the DATA reply is ``None``. ``per_recipient``: each recipient's own
+        parameters (DSN's NOTIFY/ORCPT), after ``rcpt_params``.
         """
-        params = "".join(f" {p}" for p in mail_params)
-        rparams = "".join(f" {p}" for p in rcpt_params)
-        mail_line = f"MAIL FROM:<{sender}>{params}"
-        rcpt_lines = [f"RCPT TO:<{r}>{rparams}" for r in recipients]
+        mail_line, rcpt_lines = self._envelope_lines(sender, mail_params, recipients, rcpt_params, per_recipient)
         if self.supports("PIPELINING"):
             group = (mail_line, *rcpt_lines, "DATA") if data else (mail_line, *rcpt_lines)
             for line in group:
@@ -398,6 +400,81 @@ class SmtpClient:
         if not data or not any(r.is_positive for r in rcpts):
             return mail, rcpts, None
         return mail, rcpts, await self.command("DATA")
+
+    @staticmethod
+    def _envelope_lines(
+        sender: str,
+        mail_params: Sequence[str],
+        recipients: Sequence[str],
+        rcpt_params: Sequence[str],
+        per_recipient: Sequence[Sequence[str]] | None,
+    ) -> tuple[str, list[str]]:
+        params = "".join(f" {p}" for p in mail_params)
+        common = [*rcpt_params]
+        rcpt_lines = []
+        for i, r in enumerate(recipients):
+            own = per_recipient[i] if per_recipient is not None and i < len(per_recipient) else ()
+            rcpt_lines.append(f"RCPT TO:<{r}>" + "".join(f" {p}" for p in (*common, *own)))
+        return f"MAIL FROM:<{sender}>{params}", rcpt_lines
+
+    async def envelope_bdat(
+        self,
+        sender: str,
+        mail_params: Sequence[str],
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        per_recipient: Sequence[Sequence[str]] | None = None,
+        chunk_size: int = BDAT_CHUNK,
+        timeout: float | None = None,
+    ) -> tuple[SmtpReply, list[SmtpReply], SmtpReply | None]:
+        """MAIL, every RCPT and the message as ``BDAT n [LAST]`` chunks (RFC 3030): the bytes as they are (no
+        dot-stuffing, no end-of-data line). The caller makes sure the peer offers CHUNKING.
+
+        With PIPELINING everything goes in one write (RFC 3030 §4.2 allows BDAT in a pipelined group) and every
+        reply is read; a peer with no accepted recipient refuses the chunks (it must read them). Without, MAIL and
+        each RCPT are answered first and the chunks are sent only when a recipient was accepted, each waiting
+        for its reply. Returns (MAIL reply, RCPT replies, the reply to the last chunk or to the first refused one;
+        ``None`` when no chunk was sent). ``timeout``: for the chunks' replies.
+        """
+        mail_line, rcpt_lines = self._envelope_lines(sender, mail_params, recipients, (), per_recipient)
+        size = max(1, chunk_size)
+        chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+        frames = [
+            f"BDAT {len(c)}{' LAST' if i == len(chunks) - 1 else ''}".encode("ascii") + b"\r\n" + c
+            for i, c in enumerate(chunks)
+        ]
+        if self.supports("PIPELINING"):
+            for line in (mail_line, *rcpt_lines):
+                self.transcript.append(f"C: {line}")
+            self.transcript.extend(
+                f"C: BDAT {len(c)}{' LAST' if i == len(chunks) - 1 else ''} <data>" for i, c in enumerate(chunks)
+            )
+            self._write(
+                b"".join(line.encode("utf-8") + b"\r\n" for line in (mail_line, *rcpt_lines)) + b"".join(frames)
+            )
+            mail = await self.read_reply()
+            rcpts = [await self.read_reply() for _ in rcpt_lines]
+            final: SmtpReply | None = None
+            for _ in frames:
+                reply = await self.read_reply(timeout)
+                if final is None or final.is_positive:
+                    final = reply  # the first refusal stands
+            return mail, rcpts, final
+        mail = await self.command(mail_line)
+        if not mail.is_positive:
+            return mail, [], None
+        rcpts = [await self.command(line) for line in rcpt_lines]
+        if not any(r.is_positive for r in rcpts):
+            return mail, rcpts, None
+        last: SmtpReply | None = None
+        for i, frame in enumerate(frames):
+            self.transcript.append(f"C: BDAT {len(chunks[i])}{' LAST' if i == len(chunks) - 1 else ''} <data>")
+            self._write(frame)
+            last = await self.read_reply(timeout)
+            if not last.is_positive:
+                break
+        return mail, rcpts, last
 
     async def send_data(self, data: bytes, *, timeout: float | None = None) -> SmtpReply:
         """After 354: the message (dot-stuffed) and the final ``.``; returns the final reply."""

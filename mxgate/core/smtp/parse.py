@@ -27,6 +27,7 @@ __all__ = [
     "parse_path",
     "parse_rcpt",
     "xtext_decode",
+    "xtext_encode",
 ]
 
 MAX_LOCAL = 64  # RFC 5321 §4.5.3.1.1
@@ -95,6 +96,18 @@ def xtext_decode(value: str) -> str | None:
     if any(not (0x20 <= ord(c) <= 0x7E) for c in out):
         return None
     return out
+
+
+def xtext_encode(value: str) -> str:
+    """Text -> RFC 3461 §4 xtext: ``+``, ``=`` and everything outside ``!``..``~`` as ``+HH`` (for ASCII text;
+    a non-ASCII character is encoded byte by byte in UTF-8)."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
 
 
 def _dsn_bad(what: str) -> ParseError:
