@@ -6,6 +6,8 @@ Systems, each measured the same way and in the same run:
 * ``floor``   -- bare aiosmtpd answering 250 without storing (what mxgate's front end costs by itself)
 * ``postfix`` -- a Postfix 3.7 of our own from a temporary directory, relayhost = the sink, default durability
 * ``mxgate``  -- ``mxgate run --config FILE`` relaying through a smart-host connector to the sink
+  (``receive_workers = --mxgate-workers``)
+* ``mxgate-default`` -- the same with ``receive_workers`` unset, as a new user runs it (relay scenario)
 
 Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
 path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
@@ -51,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[*scenarios.SCENARIOS, "all"],
         help="relay (default), tls, dane, idle or all; repeatable",
     )
-    p.add_argument("--systems", default="floor,postfix,mxgate", help="comma-separated subset of floor,postfix,mxgate")
+    p.add_argument(
+        "--systems",
+        default="floor,postfix,mxgate,mxgate-default",
+        help="comma-separated subset of floor,postfix,mxgate,mxgate-default (mxgate with receive_workers unset: "
+        "the default configuration; relay scenario only)",
+    )
     p.add_argument(
         "--latency-messages", type=int, default=None, help="messages of the loadgen latency pass (default messages/4)"
     )
@@ -102,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "all" in args.scenarios:
         args.scenarios = list(scenarios.SCENARIOS)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(args.systems) - {"floor", "postfix", "mxgate"}
+    unknown = set(args.systems) - {"floor", "postfix", "mxgate", "mxgate-default"}
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     args.idle_counts = [int(x) for x in args.idle_counts.split(",") if x.strip()]
@@ -221,7 +228,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     if "relay" in sc:
         r = sc["relay"]
         out += ["## relay (smtp-source: rates, CPU, memory; loadgen: latency)", ""]
-        out += table(r, [("mxgate/postfix", "mxgate", "postfix"), ("mxgate/floor", "mxgate", "floor")])
+        ratios = [("mxgate/postfix", "mxgate", "postfix"), ("mxgate/floor", "mxgate", "floor")]
+        if "mxgate-default" in r:
+            ratios.append(("default/postfix", "mxgate-default", "postfix"))
+        out += table(r, ratios)
         out.append("")
     if "relay" in sc:
         for system, r in sc["relay"].items():

@@ -86,7 +86,7 @@ def _systems(args: argparse.Namespace, allowed: tuple[str, ...]) -> list[str]:
 
 
 def _skip_reason(name: str) -> str | None:
-    if name == "mxgate":
+    if name.startswith("mxgate"):
         return mxgate_available()
     if name == "postfix" and not postfix.available():
         return "needs root and /usr/sbin/postfix"
@@ -99,7 +99,8 @@ def _with_system(name: str, args: argparse.Namespace, body: Callable[[System], d
         return {"skipped": reason}
     system = SYSTEMS[name](args.workdir, args.python)
     system.loop = args.mxgate_loop
-    system.receive_workers = args.mxgate_workers
+    if name == "mxgate":
+        system.receive_workers = args.mxgate_workers
     try:
         return body(system)
     except Exception as exc:  # one system's failure must not hide the others' figures
@@ -120,7 +121,7 @@ def relay(args: argparse.Namespace) -> dict[str, Any]:
     """Each system measured ``--repeat`` times, interleaved (floor, postfix, mxgate, floor, ...); medians."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.repeat):
-        for name in _systems(args, ("floor", "postfix", "mxgate")):
+        for name in _systems(args, ("floor", "postfix", "mxgate", "mxgate-default")):
             first = rep == 0
             result = _with_system(name, args, lambda system, first=first: _relay_once(system, args, profile=first))
             runs.setdefault(name, []).append(result)

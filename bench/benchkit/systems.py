@@ -59,7 +59,7 @@ class System:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.loop = "default"  # mxgate: "default" (what `mxgate run` picks: uvloop when installed) or "asyncio"
-        self.receive_workers = 1  # mxgate: server.receive_workers (extra receiving processes)
+        self.receive_workers: int | None = 1  # mxgate: server.receive_workers; None: not set (the default)
 
     def _preexec(self) -> None:
         self.group.join()
@@ -160,7 +160,7 @@ class Postfix(System):
 def mxgate_available() -> str | None:
     """None when ``mxgate run`` can accept and relay mail; else why not."""
     core = REPO / "mxgate" / "core"
-    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists()]
+    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists() and not (core / p[:-3]).is_dir()]
     if missing:
         return f"not built yet: mxgate/core/{', mxgate/core/'.join(missing)} missing"
     return None
@@ -196,12 +196,11 @@ class Mxgate(System):
             }
         else:
             outbound["smart_hosts"] = [f"127.0.0.1:{opts.sink_port}"]
+        server: dict[str, Any] = {"hostname": "mxgate.bench.test", "state_dir": str(state_dir)}
+        if self.receive_workers is not None:
+            server["receive_workers"] = self.receive_workers
         return {
-            "server": {
-                "hostname": "mxgate.bench.test",
-                "state_dir": str(state_dir),
-                "receive_workers": self.receive_workers,
-            },
+            "server": server,
             "listener": [listener],
             "inbound_connector": [{"name": "bench", "sender_ips": ["127.0.0.0/8"], "may_relay": True}],
             "outbound_connector": [outbound],
@@ -245,4 +244,19 @@ class Mxgate(System):
             self.run_dir = None
 
 
-SYSTEMS: dict[str, type[System]] = {"floor": Floor, "postfix": Postfix, "mxgate": Mxgate}
+class MxgateDefault(Mxgate):
+    """mxgate as a new user runs it: ``server.receive_workers`` left at its default (``"auto"``)."""
+
+    name = "mxgate-default"
+
+    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+        super().__init__(workdir, python)
+        self.receive_workers = None
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "floor": Floor,
+    "postfix": Postfix,
+    "mxgate": Mxgate,
+    "mxgate-default": MxgateDefault,
+}

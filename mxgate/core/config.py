@@ -61,14 +61,21 @@ class ServerConfig:
     users_file: str | None = setting(
         None, desc="SMTP AUTH users (scrypt hashes; `mxgate user add`); default: <state_dir>/users."
     )
-    receive_workers: int = setting(
-        0,
+    receive_workers: int | str = setting(
+        "auto",
         desc="Receive worker processes: they accept on the listeners the main process binds and run the receive "
         "stage; the main process queues, delivers, runs plugins' background services and serves metrics. "
-        "0: one process does everything. One per spare core.",
+        '"auto": one per spare core (usable cores - 1, by CPU affinity and cgroup quota; at most 8; 0 on one '
+        "core); `mxgate config show` prints the choice. A number overrides it; 0: one process does everything. "
+        "Gateways built in-process (not `mxgate run`) start none.",
         check=checks.check_receive_workers,
-        example=1,
     )
+
+    @property
+    def receive_worker_count(self) -> int:
+        """``receive_workers`` as a number: ``"auto"`` decided on this machine (:func:`checks.auto_receive_workers`)."""
+        value = self.receive_workers
+        return checks.auto_receive_workers() if value == "auto" else int(value)
 
 
 @dataclass(frozen=True, slots=True)

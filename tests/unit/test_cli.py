@@ -157,3 +157,22 @@ def test_there_are_example_configs() -> None:
 def test_examples_pass_config_check(config: Path) -> None:
     out = mxgate("config", "check", str(config), cwd=config.parent)
     assert out.returncode == 0, out.stderr
+
+
+def test_config_show_says_what_receive_workers_auto_decided(tmp_path: Path) -> None:
+    from mxgate.core import checks
+
+    out = mxgate("config", "show")
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    decided = checks.auto_receive_workers()
+    assert line == (
+        f'receive_workers = "auto"  # {decided} on this machine: one per spare core '
+        f"({checks.usable_cpus()} usable), at most {checks.RECEIVE_WORKERS_AUTO_MAX}"
+    )
+    assert tomllib.loads(out.stdout)["server"]["receive_workers"] == "auto"  # still valid TOML, still portable
+    path = tmp_path / "two.toml"
+    path.write_text("[server]\nreceive_workers = 2\n")
+    out = mxgate("config", "show", str(path))
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    assert line == "receive_workers = 2"
