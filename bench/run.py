@@ -10,7 +10,8 @@ Systems, each measured the same way and in the same run:
 * ``mxgate-default`` -- the same with ``receive_workers`` unset, as a new user runs it (relay scenario)
 
 Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
-path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
+path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session),
+``backlog`` (mxgate relaying while its queue holds 0 / 50,000 / 250,000 deferred messages).
 Figures and how they are obtained: bench/RESULTS.md.
 
     .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=[*scenarios.SCENARIOS, "all"],
-        help="relay (default), tls, dane, idle or all; repeatable",
+        help="relay (default), tls, dane, idle, backlog or all; repeatable",
     )
     p.add_argument(
         "--systems",
@@ -94,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tls/dane: TLS 1.3 session tickets the sink sends after each handshake (Python's default 2)",
     )
     p.add_argument("--idle-counts", default="1000,5000", help="idle: session counts (default 1000,5000)")
+    p.add_argument(
+        "--backlog-depths",
+        default="0,50000,250000",
+        help="backlog: deferred messages in the queue, one measurement each (default 0,50000,250000)",
+    )
     p.add_argument("--timeout", type=float, default=None, help="bound on every pass, seconds")
     p.add_argument("--quick", action="store_true", help="smoke test: 200 messages, 10 sessions, idle 100")
     p.add_argument("--json", type=Path, help="also write the full results as JSON here")
@@ -105,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.messages = min(args.messages, 200)
         args.sessions = min(args.sessions, 10)
         args.idle_counts = "100"
+        args.backlog_depths = "0,500"
     args.scenarios = args.scenario or ["relay"]
     if "all" in args.scenarios:
         args.scenarios = list(scenarios.SCENARIOS)
@@ -113,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     args.idle_counts = [int(x) for x in args.idle_counts.split(",") if x.strip()]
+    args.backlog_depths = [int(x) for x in args.backlog_depths.split(",") if x.strip()]
     if args.latency_messages is None:
         args.latency_messages = max(args.messages // 4, min(args.messages, 200))
     if args.timeout is None:
@@ -269,6 +277,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                         [("mxgate/postfix", "mxgate", "postfix")],
                     )
                     out.append("")
+    if "backlog" in sc:
+        out += render_backlog(sc["backlog"], args)
     if "idle" in sc:
         out += ["## idle sessions (loadgen --idle: connect + EHLO, then hold)", ""]
         out += ["| system | sessions | ready | RSS KB/session | PSS KB/session | RSS MB held | PSS MB held |"]
@@ -284,6 +294,58 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                 )
         out.append("")
     return "\n".join(out)
+
+
+def render_backlog(runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """One row per depth; rates and CPU also as ratios to the empty queue (the mean of its passes)."""
+    out = [
+        f"## backlog (smtp-source, {args.messages} msgs; deferred mail to a 4xx destination in the queue, not due)",
+        "",
+        "| deferred | acceptance msg/s | end-to-end msg/s | accept / empty | e2e / empty | main CPU ms / delivery "
+        "| CPU / empty | group CPU s / 1000 | main RSS MB started / end | peak RSS MB (sum) | start-up s "
+        "| queue list s | list --after s | queue show s | mxgate version s "
+        "| store ms: counts / list page / page --after / show | prefill s |",
+        "|" + "---|" * 17,
+    ]
+    empty = [r for k, r in runs.items() if k.startswith("0") and r.get("ok")]
+
+    def base(key: str) -> float | None:
+        vals = [r[key] for r in empty if isinstance(r.get(key), int | float)]
+        return sum(vals) / len(vals) if vals else None
+
+    for label, r in runs.items():
+        if _status(r):
+            out.append(f"| {label} | {_status(r)} |" + " |" * 15)
+            continue
+        cli = r.get("cli", {})
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    _fmt(r.get("accept_rate")),
+                    _fmt(r.get("e2e_rate")),
+                    _fmt(_ratio(r.get("accept_rate"), base("accept_rate"))),
+                    _fmt(_ratio(r.get("e2e_rate"), base("e2e_rate"))),
+                    _fmt(r.get("main_cpu_ms_per_delivery")),
+                    _fmt(_ratio(r.get("main_cpu_ms_per_delivery"), base("main_cpu_ms_per_delivery"))),
+                    _fmt(r.get("cpu_s_per_1000")),
+                    f"{_fmt(r.get('main_rss_started_mb'))} / {_fmt(r.get('main_rss_end_mb'))}",
+                    _fmt(r.get("peak_rss_mb")),
+                    _fmt(r.get("startup_s")),
+                    *(
+                        _fmt(cli.get(k, {}).get("s"))
+                        for k in ("queue list", "queue list --after", "queue show", "version")
+                    ),
+                    " / ".join(
+                        _fmt(r.get("store_ms", {}).get(k)) for k in ("counts", "list page", "list page --after", "show")
+                    ),
+                    _fmt(r.get("prefill_s")),
+                ]
+            )
+            + " |"
+        )
+    return [*out, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

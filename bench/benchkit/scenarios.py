@@ -390,11 +390,98 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# -- backlog: relay while the queue holds many deferred messages -------------------------------------------------
+
+
+def backlog(args: argparse.Namespace) -> dict[str, Any]:
+    """mxgate relaying to a healthy sink while its queue holds 0, 50,000, 250,000 ... messages deferred for a
+    destination that refuses with 4xx (written through the store API before the gateway starts, due 2-3 h
+    later: the figures are the cost of carrying the backlog, not of retrying it). The empty queue is measured
+    first and again last, so drift over the scenario shows. Per depth: acceptance and end-to-end rates, CPU of
+    the main process per delivery (it queues, schedules and delivers; receiving is in the worker), RSS of the
+    main process once started and at the peak, start-up time, and the wall time of ``queue list`` / ``queue
+    show`` run as an operator would while the gateway holds the backlog."""
+    from benchkit import backlog as bk
+
+    depths = list(args.backlog_depths)
+    if len(depths) > 1 and depths[0] == 0:
+        depths.append(0)  # the bracket
+    healthy = CountingSink("smtp-sink").start()
+    down = CountingSink("smtp-sink", extra_args=("-r", "rcpt")).start()
+    down_connector = {
+        "name": "down",
+        "recipient_domains": [bk.DOWN_DOMAIN],
+        "smart_hosts": [f"127.0.0.1:{down.port}"],
+        "tls": "none",
+    }
+    results: dict[str, Any] = {}
+    try:
+        for n, depth in enumerate(depths):
+            label = "0 (again)" if n == len(depths) - 1 and n > 0 and depth == 0 else str(depth)
+
+            def body(system: System, depth: int = depth) -> dict[str, Any]:
+                info: dict[str, Any] = {}
+
+                def fill(state_dir: Path) -> None:
+                    if depth:
+                        info.update(bk.prefill(state_dir, depth))
+
+                t0 = time.monotonic()
+                system.start(Options(sink_port=healthy.port, extra_outbound=[down_connector], prefill=fill))
+                startup = time.monotonic() - t0 - float(info.get("prefill_s", 0.0))
+                assert system.proc is not None
+                main = system.proc.pid
+                rss_started = bk.proc_rss_mb(main)
+                cpu0 = bk.proc_cpu(main)
+                head = throughput(system, healthy, args, driver="smtp-source", messages=args.messages)
+                main_cpu = bk.proc_cpu(main) - cpu0
+                config = system.run_dir / "mxgate.toml"
+                cli: dict[str, Any] = {"version": bk.timed_cli(args.python, ["version"], system.workdir)}
+                cli["queue list"] = bk.timed_cli(
+                    args.python, ["queue", "list", "--config", str(config)], system.workdir
+                )
+                for what, ids in (
+                    ("queue list --after", info.get("ids", [])[1:2]),
+                    ("queue show", info.get("ids", [])[1:2]),
+                ):
+                    if ids:
+                        argv = (
+                            ["queue", "list", "--after", ids[0]]
+                            if what.endswith("after")
+                            else ["queue", "show", ids[0]]
+                        )
+                        cli[what] = bk.timed_cli(args.python, [*argv, "--config", str(config)], system.workdir)
+                mid = (info.get("ids") or [None, None])[1]
+                store_ms = bk.store_timings(system.run_dir / "var", mid)
+                return {
+                    **head,
+                    "store_ms": store_ms,
+                    "deferred": info.get("deferred", 0),
+                    "prefill_s": info.get("prefill_s"),
+                    "startup_s": _r(startup, 2),
+                    "main_cpu_ms_per_delivery": _r(main_cpu / args.messages * 1000, 3),
+                    "main_rss_started_mb": rss_started,
+                    "main_rss_end_mb": bk.proc_rss_mb(main),
+                    "cli": cli,
+                    "ok": head["ok"] and all(c.get("ok") for c in cli.values()),
+                    "error": head["error"]
+                    or next((f"{k}: {c['error']}" for k, c in cli.items() if not c.get("ok")), None),
+                }
+
+            results[label] = _with_system("mxgate", args, body)
+            _progress(args, f"backlog {label}", "mxgate", results[label])
+    finally:
+        healthy.stop()
+        down.stop()
+    return results
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "relay": relay,
     "tls": tls,
     "dane": dane,
     "idle": idle,
+    "backlog": backlog,
 }
 
 

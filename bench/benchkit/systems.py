@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class Options:
     max_sessions: int | None = None  # inbound sessions the system must hold (idle scenario)
     workers: int = 1  # the floor: processes sharing its listener
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_outbound: list[dict[str, Any]] = field(default_factory=list)  # mxgate: connectors before the bench one
+    prefill: Callable[[Path], None] | None = None  # mxgate: called with the state directory before it starts
 
 
 class System:
@@ -203,7 +206,7 @@ class Mxgate(System):
             "server": server,
             "listener": [listener],
             "inbound_connector": [{"name": "bench", "sender_ips": ["127.0.0.0/8"], "may_relay": True}],
-            "outbound_connector": [outbound],
+            "outbound_connector": [*opts.extra_outbound, outbound],
             "dns": dns,
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         }
@@ -228,6 +231,8 @@ class Mxgate(System):
         self.run_dir = run_dir
         path = run_dir / "mxgate.toml"
         path.write_text(tomli_w.dumps(self.config(opts, run_dir / "var")))
+        if opts.prefill is not None:
+            opts.prefill(run_dir / "var")
         if self.loop == "asyncio":  # hide uvloop: engine.run falls back to asyncio.run
             cmd = [self.python, str(HERE / "mxgate_asyncio.py")]
         else:
