@@ -123,18 +123,30 @@ def check_receive_workers(value: Any) -> str | None:
 
 
 def usable_cpus() -> int:
-    """Cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (``cpu.max``) when one
-    is set (a container limited to 1.5 CPUs counts 2)."""
+    """Cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (``cpu.max`` of its
+    cgroup or any parent) when one is set (a container limited to 1.5 CPUs counts 2)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    root = Path("/sys/fs/cgroup")
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
+        own = next(
+            (line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")),
+            "/",
+        )
+    except OSError:
+        own = "/"
+    here = (root / own.lstrip("/")).resolve()
+    for directory in [here, *here.parents]:
+        if not directory.is_relative_to(root):
+            break
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max" and int(period) > 0:
+                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):
+            pass
     return max(1, cpus)
 
 

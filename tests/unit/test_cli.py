@@ -176,3 +176,21 @@ def test_config_show_says_what_receive_workers_auto_decided(tmp_path: Path) -> N
     out = mxgate("config", "show", str(path))
     (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
     assert line == "receive_workers = 2"
+
+
+def test_receive_workers_auto_is_none_on_one_core() -> None:
+    """Pinned to one core (CPU affinity, as `taskset -c 0` or a container's cpuset would), "auto" starts no worker."""
+    import os
+
+    one = min(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, "-m", "mxgate", "config", "show"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+    )
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    assert '"auto"  # 0 on this machine: one per spare core (1 usable)' in line
