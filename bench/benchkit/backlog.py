@@ -19,7 +19,8 @@ REPLY = "451 4.3.0 <{rcpt}>: Recipient address rejected (smtp-sink -r rcpt; writ
 
 def prefill(state_dir: Path, count: int, *, size: int = 2048, retry_in: float = 7200.0) -> dict[str, Any]:
     """``count`` messages to ``DOWN_DOMAIN``, each queued and deferred once (as after a 4xx), next attempt
-    ``retry_in`` s from now spread over another hour, so none comes due while the scenario measures. Goes
+    ``retry_in`` s from now spread over another hour (by default none comes due while the scenario measures;
+    a negative ``retry_in`` makes them all due at once). Goes
     through :class:`QueueStore` (put + record_results, group-committed), not SMTP: fast, and the same rows the
     gateway writes. Returns the time it took and a few ids for ``queue show``."""
     from mxgate.core.queue import QueueStore, RecipientStatus

@@ -396,16 +396,20 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
 def backlog(args: argparse.Namespace) -> dict[str, Any]:
     """mxgate relaying to a healthy sink while its queue holds 0, 50,000, 250,000 ... messages deferred for a
     destination that refuses with 4xx (written through the store API before the gateway starts, due 2-3 h
-    later: the figures are the cost of carrying the backlog, not of retrying it). The empty queue is measured
-    first and again last, so drift over the scenario shows. Per depth: acceptance and end-to-end rates, CPU of
-    the main process per delivery (it queues, schedules and delivers; receiving is in the worker), RSS of the
-    main process once started and at the peak, start-up time, and the wall time of ``queue list`` / ``queue
-    show`` run as an operator would while the gateway holds the backlog."""
+    later: the figures are the cost of carrying the backlog, not of retrying it; ``--backlog-due``: due at
+    start). The empty queue is measured before and after each depth, so drift over the scenario shows. Per
+    depth: acceptance and end-to-end rates, CPU of the main process per delivery (it queues, schedules and
+    delivers; receiving is in the worker), RSS of the main process once started and at the peak, start-up time,
+    and the wall time of ``queue list`` / ``queue show`` run as an operator would while the gateway holds the
+    backlog."""
     from benchkit import backlog as bk
 
-    depths = list(args.backlog_depths)
-    if len(depths) > 1 and depths[0] == 0:
-        depths.append(0)  # the bracket
+    # every deep pass between two empty-queue passes, so that a change of the machine's load during the scenario
+    # shows (and each depth is compared with its neighbours): 0, 50000, 0, 250000, 0
+    depths = [0]
+    for d in args.backlog_depths:
+        if d:
+            depths += [d, 0]
     healthy = CountingSink("smtp-sink").start()
     down = CountingSink("smtp-sink", extra_args=("-r", "rcpt")).start()
     down_connector = {
@@ -417,14 +421,14 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         for n, depth in enumerate(depths):
-            label = "0 (again)" if n == len(depths) - 1 and n > 0 and depth == 0 else str(depth)
+            label = f"{depth} #{n // 2 + 1}" if depth == 0 else str(depth)
 
             def body(system: System, depth: int = depth) -> dict[str, Any]:
                 info: dict[str, Any] = {}
 
                 def fill(state_dir: Path) -> None:
                     if depth:
-                        info.update(bk.prefill(state_dir, depth))
+                        info.update(bk.prefill(state_dir, depth, retry_in=-3600.0 if args.backlog_due else 7200.0))
 
                 t0 = time.monotonic()
                 system.start(Options(sink_port=healthy.port, extra_outbound=[down_connector], prefill=fill))
