@@ -116,6 +116,7 @@ async def hot_path(store: QueueStore, n: int) -> None:
         down.id, [(f"d{n}@down.test", RecipientStatus.DEFERRED, "451 4.3.0 later", LATER)], now=NOW + 1, known=down
     )
     assert await store.lease_due(NOW + 2, 100, 900) == []  # nothing due: the backlog waits for LATER
+    assert await store.lease_due(NOW + 2, 100, 900, retry_limit=50) == []  # as the scheduler asks
     await store.counts(now=NOW + 2)
 
 
@@ -131,6 +132,24 @@ async def test_hot_path_uses_indexes_and_costs_the_same_at_any_depth(store: Queu
     # thousands per statement); a little slack for the B-tree pages a seek walks through
     assert deep <= shallow * 1.1 + 200, (shallow, deep)
     assert await store.integrity_check() == []
+
+
+async def test_lease_due_gives_retries_their_share(store: QueueStore, tmp_path: Path) -> None:
+    """Due retries come first, most overdue first, up to ``retry_limit``; mail not attempted yet fills the rest;
+    both through their own due index."""
+    await defer_many(store, 20)  # due at LATER + i
+    fresh = [await store.put("a@example.net", [f"n{i}@good.test"], BODY, now=LATER + 100 + i) for i in range(8)]
+    now = LATER + 1000
+    with Probe(store) as probe:
+        first = await store.lease_due(now, 10, 900, retry_limit=4)
+    assert full_scans(tmp_path / DB_NAME, probe.statements) == []
+    retries = [m for m in first if m.recipients[0].status == RecipientStatus.DEFERRED]
+    assert [m.recipients[0].address for m in retries] == [f"u{i}@down.test" for i in range(4)]  # most overdue
+    assert [m.id for m in first if m not in retries] == fresh[:6]
+    second = await store.lease_due(now, 10, 900, retry_limit=0)
+    assert [m.id for m in second] == fresh[6:]  # no retry at all, and only 2 new messages were left
+    third = await store.lease_due(now, 10, 900)  # no limit: due order over both
+    assert [m.recipients[0].address for m in third] == [f"u{i}@down.test" for i in range(4, 14)]
 
 
 async def test_a_page_of_the_list_costs_its_own_rows(store: QueueStore, tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ __all__ = [
 T = TypeVar("T")
 
 DB_NAME: Final = "queue.sqlite3"
-SCHEMA_VERSION: Final = 2  # 2: queue_stats kept by triggers, messages_active and messages_leased
+SCHEMA_VERSION: Final = 2  # 2: queue_stats kept by triggers, messages_active/leased, recipients_due_new/retry
 BUSY_TIMEOUT_MS: Final = 10_000
 MAX_BATCH_JOBS: Final = 1_000
 MAX_BATCH_BYTES: Final = 64 * 1024 * 1024
@@ -349,6 +349,8 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_active ON messages(id) WHERE finished_at IS NULL;
+CREATE INDEX IF NOT EXISTS recipients_due_new ON recipients(next_attempt) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS recipients_due_retry ON recipients(next_attempt) WHERE status = 'deferred';
 CREATE INDEX IF NOT EXISTS messages_leased ON messages(lease_until) WHERE lease_until > 0;
 CREATE TABLE IF NOT EXISTS queue_stats (
     id             INTEGER PRIMARY KEY CHECK (id = 0),
@@ -1081,29 +1083,45 @@ class QueueStore:
 
     # -- scheduling --------------------------------------------------------------------------------------
 
-    async def lease_due(self, now: float, limit: int, lease_seconds: float) -> builtins.list[QueuedMessage]:
+    async def lease_due(
+        self, now: float, limit: int, lease_seconds: float, *, retry_limit: int | None = None
+    ) -> builtins.list[QueuedMessage]:
         """Lease up to ``limit`` due messages (not held, not leased), most overdue first.
+
+        With ``retry_limit``, at most that many of them are retries (a recipient deferred before): those come
+        first, most overdue first, and mail not attempted yet fills the rest, so a backlog that comes due for a
+        destination that is down cannot take every slot from new mail.
 
         A leased message is not returned again until :meth:`record_results` releases it or the lease expires,
         so two schedulers (or a CLI flush and the scheduler) never attempt the same message at once.
         """
 
+        def walk(conn: sqlite3.Connection, status: str, ids: dict[str, None], stop: int) -> None:
+            # Walks a due index (recipients_due, or recipients_due_new/_retry for one status) in due order and
+            # stops at `stop` messages: the cost is the messages skipped (leased or held ones, at most those in
+            # flight plus held) plus `limit`, not the backlog. A message's first row carries its earliest due
+            # recipient.
+            if len(ids) >= stop:
+                return
+            for (msg_id,) in conn.execute(
+                "SELECT r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                f" WHERE r.status {status} AND r.next_attempt <= ?"
+                " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
+                " ORDER BY r.next_attempt",
+                (now, now),
+            ):
+                ids[msg_id] = None
+                if len(ids) >= stop:
+                    break
+
         def job(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
-            # Walks the recipients_due index in due order and stops after `limit` messages: the cost is the
-            # messages skipped (leased or held ones, at most those in flight plus held) plus `limit`, not the
-            # backlog. A message's first row in this order carries its earliest due recipient.
             ids: dict[str, None] = {}
             if limit > 0:
-                for (msg_id,) in conn.execute(
-                    "SELECT r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
-                    " WHERE r.status IN ('queued', 'deferred') AND r.next_attempt <= ?"
-                    " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
-                    " ORDER BY r.next_attempt",
-                    (now, now),
-                ):
-                    ids[msg_id] = None
-                    if len(ids) >= limit:
-                        break
+                if retry_limit is None:
+                    walk(conn, "IN ('queued', 'deferred')", ids, limit)
+                else:
+                    walk(conn, "= 'deferred'", ids, min(limit, max(0, retry_limit)))
+                    walk(conn, "= 'queued'", ids, limit)
             conn.executemany(
                 "UPDATE messages SET lease_until = ? WHERE id = ?", [(now + lease_seconds, i) for i in ids]
             )
