@@ -6,9 +6,12 @@ Systems, each measured the same way and in the same run:
 * ``floor``   -- bare aiosmtpd answering 250 without storing (what mxgate's front end costs by itself)
 * ``postfix`` -- a Postfix 3.7 of our own from a temporary directory, relayhost = the sink, default durability
 * ``mxgate``  -- ``mxgate run --config FILE`` relaying through a smart-host connector to the sink
+  (``receive_workers = --mxgate-workers``)
+* ``mxgate-default`` -- the same with ``receive_workers`` unset, as a new user runs it (relay scenario)
 
 Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
-path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
+path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session),
+``backlog`` (mxgate relaying while its queue holds 0 / 50,000 / 250,000 deferred messages).
 Figures and how they are obtained: bench/RESULTS.md.
 
     .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
@@ -49,9 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=[*scenarios.SCENARIOS, "all"],
-        help="relay (default), tls, dane, idle or all; repeatable",
+        help="relay (default), tls, dane, idle, backlog or all; repeatable",
     )
-    p.add_argument("--systems", default="floor,postfix,mxgate", help="comma-separated subset of floor,postfix,mxgate")
+    p.add_argument(
+        "--systems",
+        default="floor,postfix,mxgate,mxgate-default",
+        help="comma-separated subset of floor,postfix,mxgate,mxgate-default (mxgate with receive_workers unset: "
+        "the default configuration; relay scenario only)",
+    )
     p.add_argument(
         "--latency-messages", type=int, default=None, help="messages of the loadgen latency pass (default messages/4)"
     )
@@ -87,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tls/dane: TLS 1.3 session tickets the sink sends after each handshake (Python's default 2)",
     )
     p.add_argument("--idle-counts", default="1000,5000", help="idle: session counts (default 1000,5000)")
+    p.add_argument(
+        "--backlog-depths",
+        default="0,50000,250000",
+        help="backlog: deferred messages in the queue, one measurement each (default 0,50000,250000)",
+    )
+    p.add_argument(
+        "--backlog-due",
+        action="store_true",
+        help="backlog: the deferred mail is due when the gateway starts (it retries it against the 4xx "
+        "destination while the healthy mail is measured); default: due 2-3 h later",
+    )
     p.add_argument("--timeout", type=float, default=None, help="bound on every pass, seconds")
     p.add_argument("--quick", action="store_true", help="smoke test: 200 messages, 10 sessions, idle 100")
     p.add_argument("--json", type=Path, help="also write the full results as JSON here")
@@ -98,14 +117,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.messages = min(args.messages, 200)
         args.sessions = min(args.sessions, 10)
         args.idle_counts = "100"
+        args.backlog_depths = "0,500"
     args.scenarios = args.scenario or ["relay"]
     if "all" in args.scenarios:
         args.scenarios = list(scenarios.SCENARIOS)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(args.systems) - {"floor", "postfix", "mxgate"}
+    unknown = set(args.systems) - {"floor", "postfix", "mxgate", "mxgate-default"}
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     args.idle_counts = [int(x) for x in args.idle_counts.split(",") if x.strip()]
+    args.backlog_depths = [int(x) for x in args.backlog_depths.split(",") if x.strip()]
     if args.latency_messages is None:
         args.latency_messages = max(args.messages // 4, min(args.messages, 200))
     if args.timeout is None:
@@ -221,7 +242,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     if "relay" in sc:
         r = sc["relay"]
         out += ["## relay (smtp-source: rates, CPU, memory; loadgen: latency)", ""]
-        out += table(r, [("mxgate/postfix", "mxgate", "postfix"), ("mxgate/floor", "mxgate", "floor")])
+        ratios = [("mxgate/postfix", "mxgate", "postfix"), ("mxgate/floor", "mxgate", "floor")]
+        if "mxgate-default" in r:
+            ratios.append(("default/postfix", "mxgate-default", "postfix"))
+        out += table(r, ratios)
         out.append("")
     if "relay" in sc:
         for system, r in sc["relay"].items():
@@ -259,6 +283,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                         [("mxgate/postfix", "mxgate", "postfix")],
                     )
                     out.append("")
+    if "backlog" in sc:
+        out += render_backlog(sc["backlog"], args)
     if "idle" in sc:
         out += ["## idle sessions (loadgen --idle: connect + EHLO, then hold)", ""]
         out += ["| system | sessions | ready | RSS KB/session | PSS KB/session | RSS MB held | PSS MB held |"]
@@ -274,6 +300,64 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                 )
         out.append("")
     return "\n".join(out)
+
+
+def render_backlog(runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """One row per pass; a deep pass's rates and CPU also as ratios to the empty-queue passes just before and
+    after it (their mean), an empty pass's to the mean of all empty passes."""
+    out = [
+        f"## backlog (smtp-source, {args.messages} msgs; deferred mail to a 4xx destination in the queue, "
+        f"{'due at start' if args.backlog_due else 'not due'})",
+        "",
+        "| deferred | acceptance msg/s | end-to-end msg/s | accept / empty | e2e / empty | main CPU ms / delivery "
+        "| CPU / empty | group CPU s / 1000 | main RSS MB started / end | peak RSS MB (sum) | start-up s "
+        "| queue list s | list --after s | queue show s | mxgate version s "
+        "| store ms: counts / list page / page --after / show | prefill s |",
+        "|" + "---|" * 17,
+    ]
+    labels = list(runs)
+
+    def base(key: str, i: int) -> float | None:
+        if labels[i].startswith("0 "):
+            around = [r for k, r in runs.items() if k.startswith("0 ")]
+        else:
+            around = [runs[labels[j]] for j in (i - 1, i + 1) if 0 <= j < len(labels) and labels[j].startswith("0 ")]
+        vals = [r[key] for r in around if r.get("ok") and isinstance(r.get(key), int | float)]
+        return sum(vals) / len(vals) if vals else None
+
+    for i, (label, r) in enumerate(runs.items()):
+        if _status(r):
+            out.append(f"| {label} | {_status(r)} |" + " |" * 15)
+            continue
+        cli = r.get("cli", {})
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    _fmt(r.get("accept_rate")),
+                    _fmt(r.get("e2e_rate")),
+                    _fmt(_ratio(r.get("accept_rate"), base("accept_rate", i))),
+                    _fmt(_ratio(r.get("e2e_rate"), base("e2e_rate", i))),
+                    _fmt(r.get("main_cpu_ms_per_delivery")),
+                    _fmt(_ratio(r.get("main_cpu_ms_per_delivery"), base("main_cpu_ms_per_delivery", i))),
+                    _fmt(r.get("cpu_s_per_1000")),
+                    f"{_fmt(r.get('main_rss_started_mb'))} / {_fmt(r.get('main_rss_end_mb'))}",
+                    _fmt(r.get("peak_rss_mb")),
+                    _fmt(r.get("startup_s")),
+                    *(
+                        _fmt(cli.get(k, {}).get("s"))
+                        for k in ("queue list", "queue list --after", "queue show", "version")
+                    ),
+                    " / ".join(
+                        _fmt(r.get("store_ms", {}).get(k)) for k in ("counts", "list page", "list page --after", "show")
+                    ),
+                    _fmt(r.get("prefill_s")),
+                ]
+            )
+            + " |"
+        )
+    return [*out, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

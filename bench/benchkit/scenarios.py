@@ -86,7 +86,7 @@ def _systems(args: argparse.Namespace, allowed: tuple[str, ...]) -> list[str]:
 
 
 def _skip_reason(name: str) -> str | None:
-    if name == "mxgate":
+    if name.startswith("mxgate"):
         return mxgate_available()
     if name == "postfix" and not postfix.available():
         return "needs root and /usr/sbin/postfix"
@@ -99,7 +99,8 @@ def _with_system(name: str, args: argparse.Namespace, body: Callable[[System], d
         return {"skipped": reason}
     system = SYSTEMS[name](args.workdir, args.python)
     system.loop = args.mxgate_loop
-    system.receive_workers = args.mxgate_workers
+    if name == "mxgate":
+        system.receive_workers = args.mxgate_workers
     try:
         return body(system)
     except Exception as exc:  # one system's failure must not hide the others' figures
@@ -120,7 +121,7 @@ def relay(args: argparse.Namespace) -> dict[str, Any]:
     """Each system measured ``--repeat`` times, interleaved (floor, postfix, mxgate, floor, ...); medians."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.repeat):
-        for name in _systems(args, ("floor", "postfix", "mxgate")):
+        for name in _systems(args, ("floor", "postfix", "mxgate", "mxgate-default")):
             first = rep == 0
             result = _with_system(name, args, lambda system, first=first: _relay_once(system, args, profile=first))
             runs.setdefault(name, []).append(result)
@@ -389,11 +390,102 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# -- backlog: relay while the queue holds many deferred messages -------------------------------------------------
+
+
+def backlog(args: argparse.Namespace) -> dict[str, Any]:
+    """mxgate relaying to a healthy sink while its queue holds 0, 50,000, 250,000 ... messages deferred for a
+    destination that refuses with 4xx (written through the store API before the gateway starts, due 2-3 h
+    later: the figures are the cost of carrying the backlog, not of retrying it; ``--backlog-due``: due at
+    start). The empty queue is measured before and after each depth, so drift over the scenario shows. Per
+    depth: acceptance and end-to-end rates, CPU of the main process per delivery (it queues, schedules and
+    delivers; receiving is in the worker), RSS of the main process once started and at the peak, start-up time,
+    and the wall time of ``queue list`` / ``queue show`` run as an operator would while the gateway holds the
+    backlog."""
+    from benchkit import backlog as bk
+
+    # every deep pass between two empty-queue passes, so that a change of the machine's load during the scenario
+    # shows (and each depth is compared with its neighbours): 0, 50000, 0, 250000, 0
+    depths = [0]
+    for d in args.backlog_depths:
+        if d:
+            depths += [d, 0]
+    healthy = CountingSink("smtp-sink").start()
+    down = CountingSink("smtp-sink", extra_args=("-r", "rcpt")).start()
+    down_connector = {
+        "name": "down",
+        "recipient_domains": [bk.DOWN_DOMAIN],
+        "smart_hosts": [f"127.0.0.1:{down.port}"],
+        "tls": "none",
+    }
+    results: dict[str, Any] = {}
+    try:
+        for n, depth in enumerate(depths):
+            label = f"{depth} #{n // 2 + 1}" if depth == 0 else str(depth)
+
+            def body(system: System, depth: int = depth) -> dict[str, Any]:
+                info: dict[str, Any] = {}
+
+                def fill(state_dir: Path) -> None:
+                    if depth:
+                        info.update(bk.prefill(state_dir, depth, retry_in=-3600.0 if args.backlog_due else 7200.0))
+
+                t0 = time.monotonic()
+                system.start(Options(sink_port=healthy.port, extra_outbound=[down_connector], prefill=fill))
+                startup = time.monotonic() - t0 - float(info.get("prefill_s", 0.0))
+                assert system.proc is not None
+                main = system.proc.pid
+                rss_started = bk.proc_rss_mb(main)
+                cpu0 = bk.proc_cpu(main)
+                head = throughput(system, healthy, args, driver="smtp-source", messages=args.messages)
+                main_cpu = bk.proc_cpu(main) - cpu0
+                config = system.run_dir / "mxgate.toml"
+                cli: dict[str, Any] = {"version": bk.timed_cli(args.python, ["version"], system.workdir)}
+                cli["queue list"] = bk.timed_cli(
+                    args.python, ["queue", "list", "--config", str(config)], system.workdir
+                )
+                for what, ids in (
+                    ("queue list --after", info.get("ids", [])[1:2]),
+                    ("queue show", info.get("ids", [])[1:2]),
+                ):
+                    if ids:
+                        argv = (
+                            ["queue", "list", "--after", ids[0]]
+                            if what.endswith("after")
+                            else ["queue", "show", ids[0]]
+                        )
+                        cli[what] = bk.timed_cli(args.python, [*argv, "--config", str(config)], system.workdir)
+                mid = (info.get("ids") or [None, None])[1]
+                store_ms = bk.store_timings(system.run_dir / "var", mid)
+                return {
+                    **head,
+                    "store_ms": store_ms,
+                    "deferred": info.get("deferred", 0),
+                    "prefill_s": info.get("prefill_s"),
+                    "startup_s": _r(startup, 2),
+                    "main_cpu_ms_per_delivery": _r(main_cpu / args.messages * 1000, 3),
+                    "main_rss_started_mb": rss_started,
+                    "main_rss_end_mb": bk.proc_rss_mb(main),
+                    "cli": cli,
+                    "ok": head["ok"] and all(c.get("ok") for c in cli.values()),
+                    "error": head["error"]
+                    or next((f"{k}: {c['error']}" for k, c in cli.items() if not c.get("ok")), None),
+                }
+
+            results[label] = _with_system("mxgate", args, body)
+            _progress(args, f"backlog {label}", "mxgate", results[label])
+    finally:
+        healthy.stop()
+        down.stop()
+    return results
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "relay": relay,
     "tls": tls,
     "dane": dane,
     "idle": idle,
+    "backlog": backlog,
 }
 
 

@@ -35,6 +35,7 @@ class CountingSink:
         python: str = sys.executable,
         max_seconds: float = 3600.0,
         tickets: int = 2,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         if kind not in ("smtp-sink", "countsink"):
             raise ValueError(kind)
@@ -45,6 +46,7 @@ class CountingSink:
         self.python = python
         self.max_seconds = max_seconds
         self.tickets = tickets
+        self.extra_args = extra_args  # smtp-sink: e.g. ("-r", "rcpt") to refuse every RCPT with a 4xx
         self.host = "127.0.0.1"
         self.port = 0
         self.count = 0
@@ -58,7 +60,7 @@ class CountingSink:
             if os.geteuid() == 0:
                 cmd += ["-u", "nobody"]
             # -t: its command timeout; backlog 4096 so bursts of connections are not refused
-            return [*cmd, "-h", "smtp-sink.bench.test", f"inet:{self.host}:{port}", "4096"]
+            return [*cmd, *self.extra_args, "-h", "smtp-sink.bench.test", f"inet:{self.host}:{port}", "4096"]
         cmd = [self.python, str(HERE / "countsink.py"), "--port", str(port), "--max-seconds", str(self.max_seconds)]
         if self.tls_cert:
             cmd += ["--tls-cert", self.tls_cert, "--tls-key", str(self.tls_key), "--tickets", str(self.tickets)]

@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class Options:
     max_sessions: int | None = None  # inbound sessions the system must hold (idle scenario)
     workers: int = 1  # the floor: processes sharing its listener
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_outbound: list[dict[str, Any]] = field(default_factory=list)  # mxgate: connectors before the bench one
+    prefill: Callable[[Path], None] | None = None  # mxgate: called with the state directory before it starts
 
 
 class System:
@@ -59,7 +62,7 @@ class System:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.loop = "default"  # mxgate: "default" (what `mxgate run` picks: uvloop when installed) or "asyncio"
-        self.receive_workers = 1  # mxgate: server.receive_workers (extra receiving processes)
+        self.receive_workers: int | None = 1  # mxgate: server.receive_workers; None: not set (the default)
 
     def _preexec(self) -> None:
         self.group.join()
@@ -160,7 +163,7 @@ class Postfix(System):
 def mxgate_available() -> str | None:
     """None when ``mxgate run`` can accept and relay mail; else why not."""
     core = REPO / "mxgate" / "core"
-    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists()]
+    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists() and not (core / p[:-3]).is_dir()]
     if missing:
         return f"not built yet: mxgate/core/{', mxgate/core/'.join(missing)} missing"
     return None
@@ -196,15 +199,14 @@ class Mxgate(System):
             }
         else:
             outbound["smart_hosts"] = [f"127.0.0.1:{opts.sink_port}"]
+        server: dict[str, Any] = {"hostname": "mxgate.bench.test", "state_dir": str(state_dir)}
+        if self.receive_workers is not None:
+            server["receive_workers"] = self.receive_workers
         return {
-            "server": {
-                "hostname": "mxgate.bench.test",
-                "state_dir": str(state_dir),
-                "receive_workers": self.receive_workers,
-            },
+            "server": server,
             "listener": [listener],
             "inbound_connector": [{"name": "bench", "sender_ips": ["127.0.0.0/8"], "may_relay": True}],
-            "outbound_connector": [outbound],
+            "outbound_connector": [*opts.extra_outbound, outbound],
             "dns": dns,
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         }
@@ -229,6 +231,8 @@ class Mxgate(System):
         self.run_dir = run_dir
         path = run_dir / "mxgate.toml"
         path.write_text(tomli_w.dumps(self.config(opts, run_dir / "var")))
+        if opts.prefill is not None:
+            opts.prefill(run_dir / "var")
         if self.loop == "asyncio":  # hide uvloop: engine.run falls back to asyncio.run
             cmd = [self.python, str(HERE / "mxgate_asyncio.py")]
         else:
@@ -245,4 +249,19 @@ class Mxgate(System):
             self.run_dir = None
 
 
-SYSTEMS: dict[str, type[System]] = {"floor": Floor, "postfix": Postfix, "mxgate": Mxgate}
+class MxgateDefault(Mxgate):
+    """mxgate as a new user runs it: ``server.receive_workers`` left at its default (``"auto"``)."""
+
+    name = "mxgate-default"
+
+    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+        super().__init__(workdir, python)
+        self.receive_workers = None
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "floor": Floor,
+    "postfix": Postfix,
+    "mxgate": Mxgate,
+    "mxgate-default": MxgateDefault,
+}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import os
 import pwd
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z", re.IGNORECASE)
@@ -117,8 +119,48 @@ def positive_at_most(limit: float) -> Callable[[Any], str | None]:
     return check
 
 
+RECEIVE_WORKERS_AUTO_MAX = 8  # the main process queues and delivers for all of them: more would wait on it
+
+
 def check_receive_workers(value: Any) -> str | None:
-    return None if 0 <= value <= 64 else "expected a whole number from 0 to 64"
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64):
+        return None
+    return 'expected "auto" or a whole number from 0 to 64'
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (``cpu.max`` of its
+    cgroup or any parent) when one is set (a container limited to 1.5 CPUs counts 2)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    root = Path("/sys/fs/cgroup")
+    try:
+        own = next(
+            (line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")),
+            "/",
+        )
+    except OSError:
+        own = "/"
+    here = (root / own.lstrip("/")).resolve()
+    for directory in [here, *here.parents]:
+        if not directory.is_relative_to(root):
+            break
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max" and int(period) > 0:
+                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):
+            pass
+    return max(1, cpus)
+
+
+def auto_receive_workers(cpus: int | None = None) -> int:
+    """``receive_workers = "auto"``: one receive worker per spare core, the main process keeping one core for
+    queueing and delivery: usable cores - 1 (0 on one core), at most :data:`RECEIVE_WORKERS_AUTO_MAX`."""
+    cpus = usable_cpus() if cpus is None else cpus
+    return max(0, min(cpus - 1, RECEIVE_WORKERS_AUTO_MAX))
 
 
 def check_user(value: Any) -> str | None:

@@ -90,8 +90,28 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_document(config), indent=2))
     else:
         sys.stdout.write(f"# effective configuration of {config.source}, defaults included\n")
-        sys.stdout.write(tomli_w.dumps(cfg.to_document(config)))
+        sys.stdout.write(_with_choices(tomli_w.dumps(cfg.to_document(config)), config))
     return 0
+
+
+def _with_choices(text: str, config: cfg.Config) -> str:
+    """``receive_workers = "auto"`` with what it decided on this machine, as a comment on its line."""
+    from mxgate.core import checks
+
+    if config.server.receive_workers != "auto":
+        return text
+    note = (
+        f"  # {config.server.receive_worker_count} on this machine: one per spare core "
+        f"({checks.usable_cpus()} usable), at most {checks.RECEIVE_WORKERS_AUTO_MAX}"
+    )
+    out, in_server = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("["):
+            in_server = line.strip() == "[server]"
+        elif in_server and line.startswith("receive_workers = "):
+            line = line.rstrip("\n") + note + "\n"
+        out.append(line)
+    return "".join(out)
 
 
 def cmd_config_init(args: argparse.Namespace) -> int:

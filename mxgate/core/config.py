@@ -76,13 +76,14 @@ class ServerConfig:
         "limit to the hard limit at start.",
         check=checks.check_non_negative,
     )
-    receive_workers: int = setting(
-        0,
+    receive_workers: int | str = setting(
+        "auto",
         desc="Receive worker processes: they accept on the listeners the main process binds and run the receive "
         "stage; the main process queues, delivers, runs plugins' background services and serves metrics. "
-        "0: one process does everything. One per spare core.",
+        '"auto": one per spare core (usable cores - 1, by CPU affinity and cgroup quota; at most 8; 0 on one '
+        "core); `mxgate config show` prints the choice. A number overrides it; 0: one process does everything. "
+        "Gateways built in-process (not `mxgate run`) start none.",
         check=checks.check_receive_workers,
-        example=1,
     )
     certificate_check_interval: float = setting(
         10.0,
@@ -100,6 +101,12 @@ class ServerConfig:
     group: str | None = setting(
         None, desc="Group to run as with server.user (default: that user's group).", check=checks.check_group
     )
+
+    @property
+    def receive_worker_count(self) -> int:
+        """``receive_workers`` as a number: ``"auto"`` decided on this machine (:func:`checks.auto_receive_workers`)."""
+        value = self.receive_workers
+        return checks.auto_receive_workers() if value == "auto" else int(value)
 
 
 @dataclass(frozen=True, slots=True)

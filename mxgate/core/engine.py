@@ -165,7 +165,9 @@ class Gateway:
         from mxgate.core.smtp.server import start_listeners
         from mxgate.core.workers import ReceiveWorkers
 
-        count = self.config.server.receive_workers
+        server = self.config.server
+        # "auto" in a gateway built in-process (tests, embedding) means none: only `mxgate run` can start workers
+        count = 0 if server.receive_workers == "auto" and self.source is None else server.receive_worker_count
         if count and self.source is None:
             raise ConfigError.single(
                 self.config.source,
@@ -207,7 +209,15 @@ class Gateway:
             self.workers = ReceiveWorkers(runtime, self.source, self.servers, count)
             await self.workers.start()
         for lst in self.config.listener:
-            log.info("listening", extra={"listener": lst.name, "address": lst.address, "processes": 1 + count})
+            log.info(
+                "listening",
+                extra={
+                    "listener": lst.name,
+                    "address": lst.address,
+                    "processes": 1 + count,
+                    "receive_workers": f"{count} ({server.receive_workers})",
+                },
+            )
         return runtime
 
     async def stop(self, timeout: float = 30.0) -> None:

@@ -100,7 +100,7 @@ MAX_CHILDREN = 20_000
 MAX_LABEL_LENGTH = 64
 #: Seconds between queue reads when nothing happens; after mail moved, the next read comes within QUEUE_DEBOUNCE.
 QUEUE_INTERVAL = 5.0
-QUEUE_DEBOUNCE = 2.0  # under steady load the queue is read at most every 2 s (each read scans the store)
+QUEUE_DEBOUNCE = 2.0  # under steady load the queue is read at most every 2 s (a read is one row and two index seeks)
 
 #: Receipt to final state: seconds .. five days (the default give-up time).
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 14400, 43200, 86400, 259200, 432000)

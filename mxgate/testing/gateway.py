@@ -76,6 +76,7 @@ def delivery_config(directory: Path, connectors: str, *, hostname: str = "gw.sen
         [server]
         hostname = "{hostname}"
         state_dir = "{directory / "var"}"
+        receive_workers = 0
         [[listener]]
         name = "smtp"
         address = "127.0.0.1:1"
@@ -87,10 +88,13 @@ def delivery_config(directory: Path, connectors: str, *, hostname: str = "gw.sen
 
 
 def build_document(extra_toml: str, tmp_path: Path) -> dict[str, Any]:
-    """The test defaults merged under ``extra_toml`` (tables merge; arrays of tables in extra replace)."""
+    """The test defaults merged under ``extra_toml`` (tables merge; arrays of tables in extra replace).
+
+    One process unless a test asks for receive workers (``[server] receive_workers = N``): the default "auto"
+    depends on the machine, and a test must mean the same everywhere."""
     smtp_port = free_port()
     base: dict[str, Any] = {
-        "server": {"hostname": "mx.gateway.test", "state_dir": str(tmp_path / "var")},
+        "server": {"hostname": "mx.gateway.test", "state_dir": str(tmp_path / "var"), "receive_workers": 0},
         "listener": [{"name": "smtp", "address": f"127.0.0.1:{smtp_port}"}],
         "inbound_connector": [{"name": "localhost", "sender_ips": ["127.0.0.0/8"], "may_relay": True}],
         "outbound_connector": [{"name": "internet", "recipient_domains": ["*"], "use_mx": True}],

@@ -440,3 +440,46 @@ async def test_dsn_honours_notify_ret_envid_and_orcpt(env: Callable[[str], Await
         assert b"Original-Recipient: rfc822;Gone+x@x.test" in dsn_body
         assert b"Original-Envelope-Id: ENV-7" in dsn_body
         assert b"Content-Type: message/rfc822" in dsn_body and BODY in dsn_body  # RET=FULL: the whole message
+
+
+async def test_a_backlog_coming_due_leaves_slots_to_new_mail(env: Callable[[str], Awaitable[Env]]) -> None:
+    """30 deferred messages for a destination that is down (one connection, each attempt slow, then 451) are all
+    due; new mail for a healthy destination still gets slots at once: it is delivered while the retries have
+    barely started (without the retries' share of slots it waited for all 30, each holding a slot)."""
+    async with SmtpSink() as good, SmtpSink(data_delay=0.3, data_reply="451 4.3.0 try later") as down:
+        runtime, _, _agent, clock, _ = await env(
+            _relay(good, "good", '["good.test"]')
+            + _relay(down, "down", '["down.test"]', "max_connections_per_destination = 1")
+        )
+        queue = runtime.queue
+        assert queue is not None
+        backlog = []
+        for i in range(30):
+            msg = await queue.put_leased("a@sender.test", [f"r{i}@down.test"], BODY, now=clock.now - 600)
+            await queue.record_results(
+                msg.id, [(f"r{i}@down.test", RecipientStatus.DEFERRED, "451 4.3.0 earlier", clock.now - 1)],
+                now=clock.now - 600, known=msg,
+            )  # fmt: skip
+            backlog.append(msg.id)
+        sched = Scheduler(runtime, poll_interval=0.05, batch=10)
+        assert sched.retry_slots == 5
+        loop = asyncio.ensure_future(sched.run())
+        try:
+            deadline = time.monotonic() + 20
+            while (await queue.counts(now=clock.now)).leased < sched.retry_slots:  # rounds lease their share
+                assert time.monotonic() < deadline, "the retries were not leased"
+                await asyncio.sleep(0.02)
+            ids = await asyncio.gather(
+                *(sched.enqueue("a@sender.test", [f"n{i}@good.test"], BODY, now=clock.now) for i in range(10))
+            )
+            await good.wait_for(10, timeout=20)
+            retried = [len(await queue.attempts(m)) - 1 for m in backlog]
+            # one connection, 0.3 s per attempt: a few retries at most while ten new messages went through
+            assert sum(retried) < 10, retried
+            assert len(sched._retrying) <= sched.retry_slots
+            for qid in ids:
+                msg = await queue.get(qid)
+                assert msg is not None and msg.is_final
+        finally:
+            await sched.stop(timeout=5)
+            loop.cancel()

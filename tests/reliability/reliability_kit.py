@@ -217,6 +217,7 @@ def gateway_document(
             "state_dir": str(state),
             "accepted_domains": list(accepted),
             "log_level": "warning",
+            "receive_workers": 0,  # one process unless a test asks: "auto" (the default) depends on the machine
             **(extra_server or {}),
         },
         "listener": [{"name": "smtp", "address": f"127.0.0.1:{port}", **(extra_listener or {})}],

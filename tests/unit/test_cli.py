@@ -359,3 +359,40 @@ def test_queue_command_as_root_leaves_the_tracking_log_to_the_gateways_user(tmp_
     log = state / "tracking.jsonl"
     assert (log.stat().st_uid, log.stat().st_gid) == (65534, 65534)
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_config_show_says_what_receive_workers_auto_decided(tmp_path: Path) -> None:
+    from mxgate.core import checks
+
+    out = mxgate("config", "show")
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    decided = checks.auto_receive_workers()
+    assert line == (
+        f'receive_workers = "auto"  # {decided} on this machine: one per spare core '
+        f"({checks.usable_cpus()} usable), at most {checks.RECEIVE_WORKERS_AUTO_MAX}"
+    )
+    assert tomllib.loads(out.stdout)["server"]["receive_workers"] == "auto"  # still valid TOML, still portable
+    path = tmp_path / "two.toml"
+    path.write_text("[server]\nreceive_workers = 2\n")
+    out = mxgate("config", "show", str(path))
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    assert line == "receive_workers = 2"
+
+
+def test_receive_workers_auto_is_none_on_one_core() -> None:
+    """Pinned to one core (CPU affinity, as `taskset -c 0` or a container's cpuset would), "auto" starts no worker."""
+    import os
+
+    one = min(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, "-m", "mxgate", "config", "show"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+    )
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("receive_workers")]
+    assert '"auto"  # 0 on this machine: one per spare core (1 usable)' in line

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
+import tomli_w
 
-from mxgate.core import engine
+from mxgate.core import checks, engine
 from mxgate.core.config import BUILTIN_SOURCE, load_config
 from mxgate.core.errors import ConfigError
 from mxgate.testing.ca import TestCA
+from mxgate.testing.gateway import build_document
 
 
 def write(tmp_path: Path, text: str, name: str = "mx.toml") -> Path:
@@ -106,19 +110,56 @@ def test_connection_reuse_settings(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("-1", "server.receive_workers: -1: expected a whole number from 0 to 64"),
-        ("65", "server.receive_workers: 65: expected a whole number from 0 to 64"),
-        ("1.5", "server.receive_workers: expected a whole number, got a number (1.5)"),
-        ('"auto"', "server.receive_workers: expected a whole number, got a string ('auto')"),
+        ("-1", 'server.receive_workers: -1: expected "auto" or a whole number from 0 to 64'),
+        ("65", 'server.receive_workers: 65: expected "auto" or a whole number from 0 to 64'),
+        ("1.5", 'server.receive_workers: 1.5: expected "auto" or a whole number from 0 to 64'),
+        ("true", 'server.receive_workers: True: expected "auto" or a whole number from 0 to 64'),
+        ('"many"', "server.receive_workers: 'many': expected \"auto\" or a whole number from 0 to 64"),
     ],
 )
 def test_receive_workers_bounds(tmp_path: Path, value: str, expected: str) -> None:
     config, _ = engine.load(write(tmp_path, BASE))
-    assert config.server.receive_workers == 0  # one process unless asked
+    assert config.server.receive_workers == "auto"  # decided by the machine unless a number is given
+    assert config.server.receive_worker_count == checks.auto_receive_workers()
     config, _ = engine.load(write(tmp_path, "[server]\nreceive_workers = 3\n" + BASE, "three.toml"))
-    assert config.server.receive_workers == 3
+    assert (config.server.receive_workers, config.server.receive_worker_count) == (3, 3)
+    config, _ = engine.load(write(tmp_path, "[server]\nreceive_workers = 0\n" + BASE, "zero.toml"))
+    assert config.server.receive_worker_count == 0
     msgs = problems(write(tmp_path, f"[server]\nreceive_workers = {value}\n" + BASE, "bad.toml"))
     assert [m.split(": ", 1)[1] for m in msgs] == [expected]
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 0), (2, 1), (4, 3), (9, 8), (64, 8)])
+def test_receive_workers_auto_is_one_per_spare_core(cpus: int, workers: int) -> None:
+    assert checks.auto_receive_workers(cpus) == workers
+
+
+def test_usable_cpus_follows_the_affinity_mask() -> None:
+    """What "auto" counts: the cores this process may run on, not every core of the machine."""
+    assert 1 <= checks.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+async def test_auto_starts_no_workers_in_process(tmp_path: Path) -> None:
+    """A gateway built in-process (tests, embedding) cannot start workers: "auto" means none there, one process
+    that receives itself (a number still asks for workers and is refused, below)."""
+    document = build_document("", tmp_path)  # loopback ports, DNS and metrics of the test gateways
+    del document["server"]["receive_workers"]  # which set 0 explicitly
+    path = tmp_path / "auto.toml"
+    path.write_text(tomli_w.dumps(document))
+    config, plugins = engine.load(path, entry_points=False)
+    assert config.server.receive_workers == "auto"
+    gateway = engine.Gateway(config, plugins)
+    runtime = await gateway.start()
+    try:
+        assert gateway.workers is None and runtime.role == "main"
+        listener = config.listener[0]
+        reader, writer = await asyncio.open_connection(listener.host, listener.port)
+        try:  # this process accepts (with workers it would only bind)
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        finally:
+            writer.close()
+    finally:
+        await gateway.stop(timeout=5.0)
 
 
 async def test_receive_workers_need_the_mxgate_run_process(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from mxgate.core.queue import (
     RecipientResult,
     RecipientStatus,
 )
-from mxgate.core.queue.store import DB_NAME
+from mxgate.core.queue.store import DB_NAME, SCHEMA_VERSION
 
 NOW = 1_700_000_000.0
 BODY = b"From: a@example.org\r\nSubject: test\r\nMessage-ID: <m1@example.org>\r\n\r\nHello\r\n"
@@ -639,6 +639,8 @@ async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
     with conn:  # turn it back into a schema-1 store
         for column in ("dsn_ret", "envid", "requiretls"):
             conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
+        for column in ("dsn_notify", "orcpt"):
+            conn.execute(f"ALTER TABLE recipients DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
     s = await QueueStore.open(tmp_path)
@@ -651,5 +653,5 @@ async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
     finally:
         await s.close()
     conn = sqlite3.connect(tmp_path / DB_NAME)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()

@@ -169,22 +169,32 @@ def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """One page of ``--limit`` messages after ``--after``; when the page is full, the command for the next page
+    goes to stderr (a page costs its own rows, however deep the queue)."""
     now = time.time()
+    if args.limit < 1:
+        print("mxgate: --limit must be at least 1", file=sys.stderr)
+        return 2
     filters = _filters(args, now)
 
     async def fetch(store: QueueStore) -> list[QueuedMessage]:
         if not filters:
-            return await store.list(limit=args.limit, include_finished=args.all)
-        ids = await store.select(**filters, include_finished=args.all, limit=args.limit)
+            return await store.list(limit=args.limit, include_finished=args.all, after=args.after)
+        ids = await store.select(**filters, include_finished=args.all, limit=args.limit, after=args.after)
         return await store.get_many(ids)
 
     messages = _run(args, fetch)
     rows = [message_row(m, now) for m in messages]
+    if len(rows) == args.limit:
+        print(f"mxgate: {len(rows)} shown; for the next page add --after {rows[-1]['id']}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no queued message matches" if filters else "queue is empty")
+        if args.after:
+            print("no more messages")
+        else:
+            print("no queued message matches" if filters else "queue is empty")
         return 0
     head = ("ID", "AGE", "SENDER", "RECIPIENTS", "STATE", "NEXT", "LAST ERROR")
     table = [  # sender, recipients and the remote's reply came from the network: escaped for the terminal
@@ -370,7 +380,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p = qsub.add_parser("list", help="id, age, sender, recipients, state, next attempt, last error")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("--all", action="store_true", help="include finished messages (tombstones)")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=100, help="messages per page (default 100)")
+    p.add_argument("--after", metavar="ID", help="start after this message id (the last of the previous page)")
     _add_filters(p)
     add_config_arg(p)
     p.set_defaults(func=cmd_list)

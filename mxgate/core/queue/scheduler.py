@@ -20,7 +20,8 @@ A message the receive side accepts takes a short cut (:meth:`Scheduler.enqueue`)
 messages are in flight it is queued *leased* (one transaction) and its delivery starts from memory, so it is
 neither found by a due-query nor read back. Otherwise it is queued unleased and a round leases it later; rounds
 run on a wake-up, when deliveries free at least a tenth of the slots while a backlog exists, and every
-``poll_interval``.
+``poll_interval``. Retries (messages with a recipient deferred before) hold at most ``retry_share`` of the
+slots: a backlog that comes due for a destination that is down does not keep new mail out.
 
 Restart semantics come from the store: leases left by a crashed or stopped process are released when the gateway
 opens the queue, so attempts in flight become due again (at-least-once). :meth:`Scheduler.stop` lets in-flight
@@ -132,6 +133,7 @@ class Scheduler:
         poll_interval: float = 1.0,
         lease_seconds: float = 900.0,
         batch: int = 100,
+        retry_share: float = 0.5,
         rng: random.Random | None = None,
         deliverer: Deliverer | None = None,
     ) -> None:
@@ -139,6 +141,11 @@ class Scheduler:
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.batch = batch
+        # Retries (messages with a recipient deferred before) take at most this many of the `batch` slots, so a
+        # backlog that comes due for a destination that is down leaves the rest to new mail.
+        self.retry_slots = max(1, int(batch * retry_share))
+        self._retrying: set[asyncio.Task[None]] = set()
+        self._retry_backlog = False  # due retries may be waiting for their share of the slots
         self.rng = rng or random.Random()
         self.deliverer = deliverer or Deliverer(runtime)
         self._event = asyncio.Event()
@@ -169,10 +176,17 @@ class Scheduler:
     def _start(self, msg: QueuedMessage, body: bytes | None = None) -> None:
         task = asyncio.ensure_future(self._guarded(msg, body))
         self._inflight.add(task)
+        if any(r.status is RecipientStatus.DEFERRED for r in msg.recipients):
+            self._retrying.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        if task in self._retrying:
+            self._retrying.discard(task)
+            free = self.retry_slots - len(self._retrying)
+            if self._retry_backlog and free >= max(1, self.retry_slots // 10) and self._room() > 0:
+                self._event.set()
         if self._backlog and self._room() >= max(1, self.batch // 10):
             self._event.set()
 
@@ -246,9 +260,13 @@ class Scheduler:
             self._backlog = True
             return 0
         self._backlog = False
-        leased = await self.queue.lease_due(self.runtime.clock(), room, self.lease_seconds)
+        retry_room = max(0, self.retry_slots - len(self._retrying))
+        leased = await self.queue.lease_due(self.runtime.clock(), room, self.lease_seconds, retry_limit=retry_room)
+        retries = sum(any(r.status is RecipientStatus.DEFERRED for r in m.recipients) for m in leased)
         if len(leased) == room:
             self._backlog = True  # there may be more
+        # retries held back by their share of the slots: a round when some of theirs are free again
+        self._retry_backlog = retries >= retry_room
         for msg in leased:
             self._start(msg)
         return len(leased)

@@ -85,7 +85,9 @@ __all__ = [
 T = TypeVar("T")
 
 DB_NAME: Final = "queue.sqlite3"
-SCHEMA_VERSION: Final = 2
+# 2: RFC 3461 / RFC 8689 message columns; 3: queue_stats kept by triggers, messages_active/leased,
+# recipients_due_new/retry
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 10_000
 MAX_BATCH_JOBS: Final = 1_000
 MAX_BATCH_BYTES: Final = 64 * 1024 * 1024
@@ -381,7 +383,122 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_msg ON attempts(msg_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_active ON messages(id) WHERE finished_at IS NULL;
+CREATE INDEX IF NOT EXISTS recipients_due_new ON recipients(next_attempt) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS recipients_due_retry ON recipients(next_attempt) WHERE status = 'deferred';
+CREATE INDEX IF NOT EXISTS messages_leased ON messages(lease_until) WHERE lease_until > 0;
+CREATE TABLE IF NOT EXISTS queue_stats (
+    id             INTEGER PRIMARY KEY CHECK (id = 0),
+    messages       INTEGER NOT NULL,
+    held           INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    finished       INTEGER NOT NULL,
+    deferred_msgs  INTEGER NOT NULL,
+    queued         INTEGER NOT NULL,
+    deferred       INTEGER NOT NULL,
+    delivered      INTEGER NOT NULL,
+    failed         INTEGER NOT NULL
+);
 """
+
+# What QueueStore.counts reports, counted from the rows: a full scan of the queue. Run once when queue_stats is
+# created (a new store, or one of schema 1) and by integrity_check; the triggers below keep the row current.
+_RECOUNT: Final = """
+SELECT
+    (SELECT count(*) FROM messages WHERE finished_at IS NULL),
+    (SELECT coalesce(sum(held), 0) FROM messages WHERE finished_at IS NULL),
+    (SELECT coalesce(sum(size), 0) FROM messages WHERE finished_at IS NULL),
+    (SELECT count(*) FROM messages WHERE finished_at IS NOT NULL),
+    (SELECT count(DISTINCT r.msg_id) FROM recipients r JOIN messages m ON m.id = r.msg_id
+        WHERE m.finished_at IS NULL AND r.status = 'deferred'),
+    {per_status}
+"""
+_STATUS_COLUMNS: Final = ("queued", "deferred", "delivered", "failed")
+_RECOUNT_SQL: Final = _RECOUNT.format(
+    per_status=",\n    ".join(
+        "(SELECT count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+        f" WHERE m.finished_at IS NULL AND r.status = '{s}')"
+        for s in _STATUS_COLUMNS
+    )
+)
+_STATS_COLUMNS: Final = ("messages", "held", "bytes", "finished", "deferred_msgs", *_STATUS_COLUMNS)
+
+
+def _status_delta(plus: str | None, minus: str | None) -> str:
+    """SET clause: each status column + 1 where it is ``plus`` and - 1 where it is ``minus`` (SQL expressions);
+    one assignment per column (SQLite keeps only the last of several)."""
+    parts = []
+    for c in _STATUS_COLUMNS:
+        expr = c + (f" + ({plus} = '{c}')" if plus else "") + (f" - ({minus} = '{c}')" if minus else "")
+        parts.append(f"{c} = {expr}")
+    return ", ".join(parts)
+
+
+# The only other deferred recipient of the same message, if any (the row itself excluded).
+_OTHER_DEFERRED: Final = (
+    "EXISTS (SELECT 1 FROM recipients o WHERE o.msg_id = {r}.msg_id AND o.status = 'deferred' AND o.idx != {r}.idx)"
+)
+_ACTIVE_PARENT: Final = "EXISTS (SELECT 1 FROM messages m WHERE m.id = {r}.msg_id AND m.finished_at IS NULL)"
+
+# Counting as rows change, so that QueueStore.counts reads one row instead of scanning the queue (it is called
+# every few seconds by the metrics while mail moves; a scan cost 0.25 s at 50,000 deferred messages). Recipient
+# figures count active messages only, as QueueCounts says. Each trigger touches the message's own rows.
+_TRIGGERS: Final = (
+    """CREATE TRIGGER IF NOT EXISTS stats_message_insert AFTER INSERT ON messages BEGIN
+        UPDATE queue_stats SET
+            messages = messages + (new.finished_at IS NULL),
+            held = held + (CASE WHEN new.finished_at IS NULL THEN new.held ELSE 0 END),
+            bytes = bytes + (CASE WHEN new.finished_at IS NULL THEN new.size ELSE 0 END),
+            finished = finished + (new.finished_at IS NOT NULL)
+        WHERE id = 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS stats_message_held AFTER UPDATE OF held ON messages
+        WHEN new.finished_at IS NULL AND old.finished_at IS NULL AND new.held != old.held BEGIN
+        UPDATE queue_stats SET held = held + new.held - old.held WHERE id = 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS stats_message_finish AFTER UPDATE OF finished_at ON messages
+        WHEN old.finished_at IS NULL AND new.finished_at IS NOT NULL BEGIN
+        UPDATE queue_stats SET
+            messages = messages - 1, held = held - old.held, bytes = bytes - old.size, finished = finished + 1,
+            deferred_msgs = deferred_msgs
+                - EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id = new.id AND r.status = 'deferred'),
+            """
+    + ", ".join(
+        f"{c} = {c} - (SELECT count(*) FROM recipients r WHERE r.msg_id = new.id AND r.status = '{c}')"
+        for c in _STATUS_COLUMNS
+    )
+    + """
+        WHERE id = 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS stats_message_delete AFTER DELETE ON messages BEGIN
+        UPDATE queue_stats SET
+            messages = messages - (old.finished_at IS NULL),
+            held = held - (CASE WHEN old.finished_at IS NULL THEN old.held ELSE 0 END),
+            bytes = bytes - (CASE WHEN old.finished_at IS NULL THEN old.size ELSE 0 END),
+            finished = finished - (old.finished_at IS NOT NULL)
+        WHERE id = 0;
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS stats_recipient_insert AFTER INSERT ON recipients
+        WHEN {_ACTIVE_PARENT.format(r="new")} BEGIN
+        UPDATE queue_stats SET {_status_delta("new.status", None)},
+            deferred_msgs = deferred_msgs + (new.status = 'deferred' AND NOT {_OTHER_DEFERRED.format(r="new")})
+        WHERE id = 0;
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS stats_recipient_status AFTER UPDATE OF status ON recipients
+        WHEN new.status != old.status AND {_ACTIVE_PARENT.format(r="new")} BEGIN
+        UPDATE queue_stats SET {_status_delta("new.status", "old.status")},
+            deferred_msgs = deferred_msgs
+                + (new.status = 'deferred' AND NOT {_OTHER_DEFERRED.format(r="new")})
+                - (old.status = 'deferred' AND NOT {_OTHER_DEFERRED.format(r="new")})
+        WHERE id = 0;
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS stats_recipient_delete AFTER DELETE ON recipients
+        WHEN {_ACTIVE_PARENT.format(r="old")} BEGIN
+        UPDATE queue_stats SET {_status_delta(None, "old.status")},
+            deferred_msgs = deferred_msgs - (old.status = 'deferred' AND NOT {_OTHER_DEFERRED.format(r="old")})
+        WHERE id = 0;
+    END""",
+)
 
 
 # Schema changes of an existing store, by the version they lead to (a new store gets _SCHEMA as it is).
@@ -390,6 +507,8 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "ALTER TABLE messages ADD COLUMN dsn_ret TEXT",
         "ALTER TABLE messages ADD COLUMN envid TEXT",
         "ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE recipients ADD COLUMN dsn_notify TEXT",
+        "ALTER TABLE recipients ADD COLUMN orcpt TEXT",
     ),
 }
 
@@ -755,14 +874,22 @@ class QueueStore:
             if version < SCHEMA_VERSION:
                 writer.execute("BEGIN IMMEDIATE")
                 try:
-                    if version == 0:
-                        for stmt in _SCHEMA.split(";"):
-                            if stmt.strip():
-                                writer.execute(stmt)
-                    else:
-                        for step in range(version + 1, SCHEMA_VERSION + 1):
-                            for stmt in _MIGRATIONS[step]:
-                                writer.execute(stmt)
+                    # an existing store gets its column changes first; then _SCHEMA (IF NOT EXISTS throughout)
+                    # adds what later versions created: tables and indexes
+                    steps = range(version + 1, SCHEMA_VERSION + 1) if version else range(0)
+                    for step in steps:
+                        for stmt in _MIGRATIONS.get(step, ()):
+                            writer.execute(stmt)
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            writer.execute(stmt)
+                    # counted once from the rows (an older store may hold mail), then kept by the triggers
+                    writer.execute(
+                        f"INSERT OR IGNORE INTO queue_stats (id, {', '.join(_STATS_COLUMNS)})"
+                        f" SELECT 0, * FROM ({_RECOUNT_SQL})"
+                    )
+                    for stmt in _TRIGGERS:
+                        writer.execute(stmt)
                     writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     writer.execute("COMMIT")
                 except BaseException:
@@ -958,12 +1085,20 @@ class QueueStore:
 
         return await self._read(run)
 
-    async def list(self, *, limit: int = 1000, include_finished: bool = False) -> builtins.list[QueuedMessage]:
-        """Messages in arrival (id) order; active ones only unless ``include_finished``."""
-        where = "" if include_finished else "WHERE finished_at IS NULL"
+    async def list(
+        self, *, limit: int = 1000, include_finished: bool = False, after: str | None = None
+    ) -> builtins.list[QueuedMessage]:
+        """Up to ``limit`` messages in arrival (id) order, after the id ``after`` (the last of the previous page);
+        active ones only unless ``include_finished``. One page costs its own rows (an index walk from ``after``),
+        whatever the queue holds."""
+        terms = ["id > ?"] if after is not None else []
+        if not include_finished:
+            terms.append("finished_at IS NULL")  # the messages_active index
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
+        args: tuple[Any, ...] = ((after,) if after is not None else ()) + (limit,)
 
         def run(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
-            ids = [r[0] for r in conn.execute(f"SELECT id FROM messages {where} ORDER BY id LIMIT ?", (limit,))]
+            ids = [r[0] for r in conn.execute(f"SELECT id FROM messages {where} ORDER BY id LIMIT ?", args)]
             return _load(conn, ids)
 
         return await self._read(run)
@@ -976,12 +1111,17 @@ class QueueStore:
         received_before: float | None = None,
         include_finished: bool = False,
         limit: int | None = None,
+        after: str | None = None,
     ) -> builtins.list[str]:
         """Ids of the messages (arrival order) whose sender is ``sender`` (``""`` the null sender), that have
         ``recipient`` among their recipients (both without case) and were received before ``received_before``;
-        active ones only unless ``include_finished``. Only ids: a queue of any size fits in memory."""
+        active ones only unless ``include_finished``; after the id ``after`` (a page of :meth:`list`). Only ids:
+        a queue of any size fits in memory."""
         where = [] if include_finished else ["m.finished_at IS NULL"]
         args: builtins.list[Any] = []
+        if after is not None:
+            where.append("m.id > ?")
+            args.append(after)
         if sender is not None:
             where.append("lower(m.sender) = ?")
             args.append(sender.lower())
@@ -1019,61 +1159,91 @@ class QueueStore:
         return await self._read(run)
 
     async def counts(self, *, now: float) -> QueueCounts:
+        """The queue's figures without scanning it: the ``queue_stats`` row (kept by triggers as rows change), the
+        leased messages by their index (at most those in flight) and the oldest active message by id (ids begin
+        with the time of arrival)."""
+
         def run(conn: sqlite3.Connection) -> QueueCounts:
-            m = conn.execute(
-                "SELECT count(*), coalesce(sum(held), 0), coalesce(sum(lease_until > ?), 0),"
-                " coalesce(sum(size), 0), min(received_at) FROM messages WHERE finished_at IS NULL",
+            s = conn.execute(f"SELECT {', '.join(_STATS_COLUMNS)} FROM queue_stats WHERE id = 0").fetchone()
+            leased = conn.execute(
+                "SELECT count(*) FROM messages WHERE lease_until > 0 AND lease_until > ? AND finished_at IS NULL",
                 (now,),
-            ).fetchone()
-            finished = conn.execute("SELECT count(*) FROM messages WHERE finished_at IS NOT NULL").fetchone()[0]
-            deferred = conn.execute(
-                "SELECT count(DISTINCT r.msg_id) FROM recipients r JOIN messages m ON m.id = r.msg_id"
-                " WHERE m.finished_at IS NULL AND r.status = 'deferred'"
             ).fetchone()[0]
-            per = dict(
-                conn.execute(
-                    "SELECT r.status, count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
-                    " WHERE m.finished_at IS NULL GROUP BY r.status"
-                ).fetchall()
-            )
+            oldest = conn.execute(
+                "SELECT received_at FROM messages WHERE finished_at IS NULL ORDER BY id LIMIT 1"
+            ).fetchone()
+            per = dict(zip(_STATUS_COLUMNS, tuple(s)[5:], strict=True))
             return QueueCounts(
-                messages=m[0],
-                held=m[1],
-                leased=m[2],
-                deferred=deferred,
-                finished=finished,
-                bytes=m[3],
-                recipients=tuple((s, int(per.get(s.value, 0))) for s in RecipientStatus),
-                oldest_age=None if m[4] is None else max(0.0, now - m[4]),
+                messages=s["messages"],
+                held=s["held"],
+                leased=leased,
+                deferred=s["deferred_msgs"],
+                finished=s["finished"],
+                bytes=s["bytes"],
+                recipients=tuple((st, int(per.get(st.value, 0))) for st in RecipientStatus),
+                oldest_age=None if oldest is None else max(0.0, now - oldest[0]),
             )
 
         return await self._read(run)
 
+    async def recount(self) -> dict[str, int]:
+        """The figures behind :meth:`counts` counted from the rows (a full scan, for checks and tests), next to
+        :meth:`stats_row`, what the triggers kept."""
+        return await self._read(lambda c: dict(zip(_STATS_COLUMNS, c.execute(_RECOUNT_SQL).fetchone(), strict=True)))
+
+    async def stats_row(self) -> dict[str, int]:
+        """The ``queue_stats`` row the triggers keep (see :meth:`recount`)."""
+        return await self._read(
+            lambda c: dict(
+                zip(
+                    _STATS_COLUMNS,
+                    c.execute(f"SELECT {', '.join(_STATS_COLUMNS)} FROM queue_stats WHERE id = 0").fetchone(),
+                    strict=True,
+                )
+            )
+        )
+
     # -- scheduling --------------------------------------------------------------------------------------
 
-    async def lease_due(self, now: float, limit: int, lease_seconds: float) -> builtins.list[QueuedMessage]:
+    async def lease_due(
+        self, now: float, limit: int, lease_seconds: float, *, retry_limit: int | None = None
+    ) -> builtins.list[QueuedMessage]:
         """Lease up to ``limit`` due messages (not held, not leased), most overdue first.
+
+        With ``retry_limit``, at most that many of them are retries (a recipient deferred before): those come
+        first, most overdue first, and mail not attempted yet fills the rest, so a backlog that comes due for a
+        destination that is down cannot take every slot from new mail.
 
         A leased message is not returned again until :meth:`record_results` releases it or the lease expires,
         so two schedulers (or a CLI flush and the scheduler) never attempt the same message at once.
         """
 
+        def walk(conn: sqlite3.Connection, status: str, ids: dict[str, None], stop: int) -> None:
+            # Walks a due index (recipients_due, or recipients_due_new/_retry for one status) in due order and
+            # stops at `stop` messages: the cost is the messages skipped (leased or held ones, at most those in
+            # flight plus held) plus `limit`, not the backlog. A message's first row carries its earliest due
+            # recipient.
+            if len(ids) >= stop:
+                return
+            for (msg_id,) in conn.execute(
+                "SELECT r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                f" WHERE r.status {status} AND r.next_attempt <= ?"
+                " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
+                " ORDER BY r.next_attempt",
+                (now, now),
+            ):
+                ids[msg_id] = None
+                if len(ids) >= stop:
+                    break
+
         def job(conn: sqlite3.Connection) -> builtins.list[QueuedMessage]:
-            # Walks the recipients_due index in due order and stops after `limit` messages: the cost is the
-            # messages skipped (leased or held ones, at most those in flight plus held) plus `limit`, not the
-            # backlog. A message's first row in this order carries its earliest due recipient.
             ids: dict[str, None] = {}
             if limit > 0:
-                for (msg_id,) in conn.execute(
-                    "SELECT r.msg_id FROM recipients r JOIN messages m ON m.id = r.msg_id"
-                    " WHERE r.status IN ('queued', 'deferred') AND r.next_attempt <= ?"
-                    " AND m.held = 0 AND m.lease_until <= ? AND m.finished_at IS NULL"
-                    " ORDER BY r.next_attempt",
-                    (now, now),
-                ):
-                    ids[msg_id] = None
-                    if len(ids) >= limit:
-                        break
+                if retry_limit is None:
+                    walk(conn, "IN ('queued', 'deferred')", ids, limit)
+                else:
+                    walk(conn, "= 'deferred'", ids, min(limit, max(0, retry_limit)))
+                    walk(conn, "= 'queued'", ids, limit)
             conn.executemany(
                 "UPDATE messages SET lease_until = ? WHERE id = ?", [(now + lease_seconds, i) for i in ids]
             )
@@ -1286,6 +1456,13 @@ class QueueStore:
             for what, sql in checks:
                 for row in conn.execute(sql + " LIMIT 100").fetchall():
                     problems.append(f"{row[0]}: {what}")
+            kept = conn.execute(f"SELECT {', '.join(_STATS_COLUMNS)} FROM queue_stats WHERE id = 0").fetchone()
+            counted = conn.execute(_RECOUNT_SQL).fetchone()
+            if kept is None or tuple(kept) != tuple(counted):
+                problems.append(
+                    f"queue_stats: kept {None if kept is None else tuple(kept)}, counted {tuple(counted)}"
+                    f" ({', '.join(_STATS_COLUMNS)})"
+                )
             return problems
 
         return await self._read(run)
