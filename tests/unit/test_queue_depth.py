@@ -222,8 +222,8 @@ async def test_counts_are_kept_through_every_change(store: QueueStore) -> None:
     assert await store.integrity_check() == []
 
 
-async def test_a_schema_1_store_is_upgraded_with_its_figures(tmp_path: Path) -> None:
-    """A store written by the previous release (no kept figures) is counted once when opened."""
+async def test_a_schema_2_store_is_upgraded_with_its_figures(tmp_path: Path) -> None:
+    """A store written before the kept figures (schema 2) is counted once when opened."""
     store = await QueueStore.open(tmp_path)
     await defer_many(store, 30)
     done = await store.put("s@x.test", ["z@y.test"], b"1", now=NOW)
@@ -237,7 +237,7 @@ async def test_a_schema_1_store_is_upgraded_with_its_figures(tmp_path: Path) -> 
             " OR name IN ('messages_active', 'messages_leased')"
         ).fetchall():
             raw.execute(f"DROP {kind.upper()} {name}")
-        raw.execute("PRAGMA user_version = 1")
+        raw.execute("PRAGMA user_version = 2")
     store = await QueueStore.open(tmp_path)
     try:
         assert await store.stats_row() == expected
