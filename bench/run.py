@@ -8,7 +8,8 @@ Systems, each measured the same way and in the same run:
 * ``mxgate``  -- ``mxgate run --config FILE`` relaying through a smart-host connector to the sink
 
 Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
-path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
+path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``edge`` (a new connection with STARTTLS
+per message in, DANE out, outbound TLS reused; CPU per message by stage), ``idle`` (memory per idle session).
 Figures and how they are obtained: bench/RESULTS.md.
 
     .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=[*scenarios.SCENARIOS, "all"],
-        help="relay (default), tls, dane, idle or all; repeatable",
+        help="relay (default), tls, dane, edge, idle or all; repeatable",
     )
     p.add_argument("--systems", default="floor,postfix,mxgate", help="comma-separated subset of floor,postfix,mxgate")
     p.add_argument(
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="relay, tls, dane: measure each system (each arm) N times, interleaved; medians",
+        help="relay, tls, dane, edge: measure each system (each arm) N times, interleaved; medians",
     )
     p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
     p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
@@ -259,6 +260,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                         [("mxgate/postfix", "mxgate", "postfix")],
                     )
                     out.append("")
+    if "edge" in sc:
+        out += render_edge(sc["edge"])
     if "idle" in sc:
         out += ["## idle sessions (loadgen --idle: connect + EHLO, then hold)", ""]
         out += ["| system | sessions | ready | RSS KB/session | PSS KB/session | RSS MB held | PSS MB held |"]
@@ -274,6 +277,57 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                 )
         out.append("")
     return "\n".join(out)
+
+
+def render_edge(edge: dict[str, Any]) -> list[str]:
+    """The edge scenario: the two systems side by side, then CPU per message by stage."""
+    out = ["## edge (loadgen: a new connection with STARTTLS per message; delivery by MX with DANE)", ""]
+    ok = {name: r for name, r in edge.items() if not _status(r)}
+    out += table(edge, [("mxgate/postfix", "mxgate", "postfix")] if len(ok) == 2 else [])
+    setups = [
+        f"{name} p50 {_fmt(r['setup_ms'].get('p50'))} / p99 {_fmt(r['setup_ms'].get('p99'))} ms"
+        for name, r in ok.items()
+        if r.get("setup_ms")
+    ]
+    if setups:
+        out += ["", "Session set-up (connect to the EHLO reply after STARTTLS): " + "; ".join(setups)]
+    split = {name: r["stages"] for name, r in ok.items() if r.get("stages")}
+    if split:
+        from benchkit.stages import STAGES
+
+        names = list(split)
+        out += ["", "### CPU ms per relayed message by stage (/proc per thread + perf by shared object)", ""]
+        out += ["| stage | " + " | ".join(f"{n} | {n} kernel" for n in names) + " |"]
+        out += ["|---|" + "---|---|" * len(names)]
+        for stage in STAGES:
+            cells = [
+                f"{_fmt(s['stages_ms_per_msg'][stage])} | {_fmt(s['kernel_ms_per_msg'][stage])}" for s in split.values()
+            ]
+            out.append(f"| {stage} | " + " | ".join(cells) + " |")
+        for label, key in (
+            ("unattributed (exited unseen)", "unattributed_ms_per_msg"),
+            ("total (cgroup)", "total_ms_per_msg"),
+        ):
+            out.append(f"| {label} | " + " | ".join(f"{_fmt(s[key])} | " for s in split.values()) + " |")
+        out.append("")
+        for name, s in split.items():
+            units = ", ".join(f"{u} {_fmt(v)}" for u, v in s["units_ms_per_msg"].items() if v >= 0.005)
+            c = s.get("ceilings", {})
+            b = s.get("busiest_thread", {})
+            out.append(
+                f"- {name}: by process/thread (ms/msg): {units}; perf: {s['perf']} ({s['perf_samples']} samples); "
+                f"ceiling {_fmt(c.get('cores_msgs'))} msg/s on all cores, {_fmt(c.get('busiest_thread_msgs'))} "
+                f"msg/s for the busiest thread ({b.get('thread')})"
+            )
+        out.append("")
+        kinds = ("tls", "sqlite", "kernel", "interpreter", "event loop", "libc", "other")
+        out += ["#### where each process spends it (ms per message, by perf's shared object)", ""]
+        out += ["| system | process / thread | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for name, s in split.items():
+            for unit, by_kind in s.get("units_by_kind_ms_per_msg", {}).items():
+                out.append(f"| {name} | {unit} | " + " | ".join(_fmt(by_kind.get(k, 0.0)) for k in kinds) + " |")
+        out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,8 @@ def throughput(
         out["error"] = f"sink got {sink.count - base} of {messages} within {args.timeout}s"
     if "latency_ms" in d:
         out["latency_ms"] = d["latency_ms"]
+    if "setup_ms" in d:
+        out["setup_ms"] = d["setup_ms"]
     return out
 
 
@@ -278,18 +280,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def dane(args: argparse.Namespace) -> dict[str, Any]:
-    """Plain smart-host relay vs DANE-verified delivery by MX, per system. The DNS lab's unbound listens on
-    127.0.0.1:53 when that is free, so that Postfix (libc resolver, port 53 only, given its own resolv.conf in a
-    private mount namespace) can take part; otherwise on a free port and Postfix is skipped."""
+def _dane_lab(args: argparse.Namespace, domain: str) -> tuple[Any, CountingSink, bool]:
+    """A DNS lab (not started yet) where ``domain``'s MX is 127.0.0.1 with a TLSA 3 1 1 record for the started
+    TLS sink's key, and whether its unbound gets 127.0.0.1:53 (for Postfix's libc resolver)."""
     from benchkit.procs import free_port
     from mxgate.testing.dnslab import DnsLab
 
-    certs = _certs(args)
-    sink_cert = certs["sink"]
-    domain = "dane.test"
-    rcpt = f"rcpt@{domain}"
-    results: dict[str, Any] = {}
+    sink_cert = _certs(args)["sink"]
     lab = DnsLab(Path(args.workdir) / "dnslab")
     port53 = os.geteuid() == 0 and _port_free(53)
     if port53:
@@ -309,6 +306,21 @@ def dane(args: argparse.Namespace) -> dict[str, Any]:
         digest = _spki_sha256(Path(sink_cert.cert_path))
         for port in sorted({25, sink.port}):
             z.add(f"_{port}._tcp.mx", "TLSA", f"3 1 1 {digest}")
+    except BaseException:
+        sink.stop()
+        raise
+    return lab, sink, port53
+
+
+def dane(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain smart-host relay vs DANE-verified delivery by MX, per system. The DNS lab's unbound listens on
+    127.0.0.1:53 when that is free, so that Postfix (libc resolver, port 53 only, given its own resolv.conf in a
+    private mount namespace) can take part; otherwise on a free port and Postfix is skipped."""
+    domain = "dane.test"
+    rcpt = f"rcpt@{domain}"
+    results: dict[str, Any] = {}
+    lab, sink, port53 = _dane_lab(args, domain)
+    try:
         endpoint = lab.start()
         for name in _systems(args, ("postfix", "mxgate")):
             if name == "postfix" and not port53:
@@ -334,6 +346,71 @@ def dane(args: argparse.Namespace) -> dict[str, Any]:
 
             results[name] = _with_system(name, args, body)
             _progress(args, "dane", name, results[name])
+    finally:
+        lab.stop()
+        sink.stop()
+    return results
+
+
+# -- edge: every client connects anew with STARTTLS, delivery by MX with DANE; CPU by stage ----------------------
+
+
+def edge(args: argparse.Namespace) -> dict[str, Any]:
+    """What an edge MTA carries: each message on a new inbound connection with STARTTLS (a full handshake:
+    loadgen keeps no TLS sessions), delivered by MX lookup to a DANE-verified (TLSA 3 1 1) sink through the DNS
+    lab, outbound TLS sessions reused on both sides (mxgate's pool; Postfix's ``smtp_tls_connection_reuse`` via
+    tlsproxy). After a warm-up (DNS caches, outbound sessions), one measured pass per run with the CPU of every
+    process and thread sampled from /proc and ``perf record`` alongside, split by stage (benchkit/stages.py)."""
+    from benchkit import stages
+    from benchkit.procs import PerfRecord, StageSampler
+
+    certs = _certs(args)
+    server = certs["server"]
+    domain = "dane.test"
+    rcpt = f"rcpt@{domain}"
+    results: dict[str, Any] = {}
+    lab, sink, port53 = _dane_lab(args, domain)
+    try:
+        endpoint = lab.start()
+        dane = {"resolver": f"{endpoint.host}:{endpoint.port}", "domain": domain, "bogus": "bogus.test"}
+        opts = Options(
+            sink_port=sink.port,
+            tls_cert=str(server.chain_path),
+            tls_key=str(server.key_path),
+            dane=dane,
+            postfix_extra={"smtp_tls_connection_reuse": "yes"},
+        )
+        for name in _systems(args, ("postfix", "mxgate")):
+            if name == "postfix" and not port53:
+                results[name] = {"skipped": "127.0.0.1:53 is taken: Postfix's libc resolver cannot reach the lab"}
+                continue
+
+            def body(system: System) -> dict[str, Any]:
+                runs: list[dict[str, Any]] = []
+                for rep in range(args.repeat):
+                    system.start(opts)
+                    try:
+                        warm = max(args.sessions * 4, args.messages // 10)
+                        w = throughput(system, sink, args, driver="loadgen", messages=warm, starttls=True, rcpt=rcpt)
+                        if not w["ok"]:
+                            runs.append({**w, "error": f"warm-up failed: {w['error']}"})
+                            continue
+                        perf_out = Path(args.workdir) / f"perf-edge-{system.name}-{rep}.data"
+                        with StageSampler(system.group) as sampler, PerfRecord(perf_out) as perf:
+                            r = throughput(
+                                system, sink, args, driver="loadgen", messages=args.messages, starttls=True, rcpt=rcpt
+                            )
+                        main_pid = system.proc.pid if system.proc is not None else None
+                        r["stages"] = stages.split(system.name, sampler, perf, args.messages, main_pid=main_pid)
+                        r["stages"]["ceilings"] = stages.ceilings(r["stages"], os.cpu_count() or 1)
+                        perf_out.unlink(missing_ok=True)
+                        runs.append(r)
+                    finally:
+                        system.stop()
+                return _median(runs)
+
+            results[name] = _with_system(name, args, body)
+            _progress(args, "edge", name, results[name])
     finally:
         lab.stop()
         sink.stop()
@@ -393,6 +470,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "relay": relay,
     "tls": tls,
     "dane": dane,
+    "edge": edge,
     "idle": idle,
 }
 

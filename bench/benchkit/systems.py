@@ -43,6 +43,7 @@ class Options:
     dane: dict[str, Any] | None = None  # {"resolver": "127.0.0.1:port", "domain": "dane.test"}
     max_sessions: int | None = None  # inbound sessions the system must hold (idle scenario)
     workers: int = 1  # the floor: processes sharing its listener
+    postfix_extra: dict[str, str] = field(default_factory=dict)  # more main.cf settings (Postfix only)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -138,6 +139,7 @@ class Postfix(System):
             workdir=self.workdir,
             dane_nexthop=f"{opts.dane['domain']}:{opts.sink_port}" if opts.dane else None,
             resolver=opts.dane["resolver"].split(":")[0] if opts.dane else None,
+            extra=opts.postfix_extra,
         )
         try:
             self.instance.start()
@@ -160,7 +162,7 @@ class Postfix(System):
 def mxgate_available() -> str | None:
     """None when ``mxgate run`` can accept and relay mail; else why not."""
     core = REPO / "mxgate" / "core"
-    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists()]
+    missing = [p for p in ("smtp/server.py", "delivery.py") if not (core / p).exists() and not (core / p[:-3]).is_dir()]
     if missing:
         return f"not built yet: mxgate/core/{', mxgate/core/'.join(missing)} missing"
     return None
