@@ -400,6 +400,7 @@ def edge(args: argparse.Namespace) -> dict[str, Any]:
                             r = throughput(
                                 system, sink, args, driver="loadgen", messages=args.messages, starttls=True, rcpt=rcpt
                             )
+                        r["outbound_tls"] = _outbound_tls(system)
                         main_pid = system.proc.pid if system.proc is not None else None
                         r["stages"] = stages.split(system.name, sampler, perf, args.messages, main_pid=main_pid)
                         r["stages"]["ceilings"] = stages.ceilings(r["stages"], os.cpu_count() or 1)
@@ -415,6 +416,35 @@ def edge(args: argparse.Namespace) -> dict[str, Any]:
         lab.stop()
         sink.stop()
     return results
+
+
+def _outbound_tls(system: System) -> dict[str, int]:
+    """How the system's outbound TLS went so far (warm-up included): Postfix's smtp_tls_loglevel 1 lines
+    ("Verified TLS connection established/reused"), mxgate's ``mxgate_tls_outcomes_total`` by policy and result."""
+    import re
+    import tomllib
+    import urllib.request
+
+    counts: dict[str, int] = {}
+    if system.name == "postfix":
+        instance = getattr(system, "instance", None)
+        log = Path(instance.dir / "maillog") if instance is not None else None
+        if log is not None and log.exists():
+            for m in re.finditer(r"(\w+) TLS connection (established|reused) to ", log.read_text(errors="replace")):
+                key = f"{m.group(1).lower()} {m.group(2)}"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+    run_dir = getattr(system, "run_dir", None)
+    if run_dir is None:
+        return counts
+    listen = tomllib.loads((Path(run_dir) / "mxgate.toml").read_text())["metrics"]["listen"]
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for m in re.finditer(r"^mxgate_tls_outcomes_total\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        key = f"{labels.get('policy_type')} {labels.get('result')}"
+        counts[key] = counts.get(key, 0) + int(float(m.group(2)))
+    return counts
 
 
 # -- idle sessions: memory per connection ------------------------------------------------------------------------
