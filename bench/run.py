@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="relay, tls, dane, edge: measure each system (each arm) N times, interleaved; medians",
     )
-    p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
+    p.add_argument(
+        "--profile", type=Path, help="relay, edge: py-spy an extra pass of floor and mxgate, stacks to this dir"
+    )
     p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
     p.add_argument(
         "--mxgate-workers",
@@ -291,6 +293,9 @@ def render_edge(edge: dict[str, Any]) -> list[str]:
     ]
     if setups:
         out += ["", "Session set-up (connect to the EHLO reply after STARTTLS): " + "; ".join(setups)]
+    drivers = [f"{name} {_fmt(r['driver_cpu_s_per_1000'])}" for name, r in ok.items() if r.get("driver_cpu_s_per_1000")]
+    if drivers:
+        out += ["", "The load generator's own CPU s / 1000 msgs (same two cores): " + "; ".join(drivers)]
     split = {name: r["stages"] for name, r in ok.items() if r.get("stages")}
     if split:
         from benchkit.stages import STAGES
@@ -320,6 +325,20 @@ def render_edge(edge: dict[str, Any]) -> list[str]:
                 f"msg/s for the busiest thread ({b.get('thread')})"
             )
         out.append("")
+        for name, r in ok.items():
+            prof = r.get("profile")
+            if not prof:
+                continue
+            out += [
+                f"#### {name}: py-spy by module ({prof['samples']} busy samples of an extra pass at "
+                f"{_fmt(prof['accept_rate_while_profiled'])} msg/s; innermost mxgate frame, else the leaf's file)",
+                "",
+                "| process | module | share |",
+                "|---|---|---|",
+            ]
+            for role, rows in prof["by_process"].items():
+                out += [f"| {role} | `{row['module']}` | {row['share']:.1%} |" for row in rows]
+            out.append("")
         kinds = ("tls", "sqlite", "kernel", "interpreter", "event loop", "libc", "other")
         out += ["#### where each process spends it (ms per message, by perf's shared object)", ""]
         out += ["| system | process / thread | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]

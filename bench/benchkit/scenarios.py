@@ -80,6 +80,8 @@ def throughput(
         out["latency_ms"] = d["latency_ms"]
     if "setup_ms" in d:
         out["setup_ms"] = d["setup_ms"]
+    if d.get("driver_cpu_s") is not None:
+        out["driver_cpu_s_per_1000"] = _r(d["driver_cpu_s"] / messages * 1000, 3)  # the load generator's own
     return out
 
 
@@ -405,6 +407,17 @@ def edge(args: argparse.Namespace) -> dict[str, Any]:
                         r["stages"] = stages.split(system.name, sampler, perf, args.messages, main_pid=main_pid)
                         r["stages"]["ceilings"] = stages.ceilings(r["stages"], os.cpu_count() or 1)
                         perf_out.unlink(missing_ok=True)
+                        if rep == 0 and args.profile and system.name == "mxgate" and main_pid is not None:
+                            from benchkit.profile import Profiler, by_module
+
+                            args.profile.mkdir(parents=True, exist_ok=True)
+                            raw = args.profile / f"{system.name}-edge.txt"
+                            with Profiler(main_pid, raw):
+                                p = throughput(
+                                    system, sink, args, driver="loadgen", messages=args.messages, starttls=True,
+                                    rcpt=rcpt,
+                                )  # fmt: skip
+                            r["profile"] = {**by_module(raw, main_pid), "accept_rate_while_profiled": p["accept_rate"]}
                         runs.append(r)
                     finally:
                         system.stop()
