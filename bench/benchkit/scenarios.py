@@ -380,7 +380,9 @@ def edge(args: argparse.Namespace) -> dict[str, Any]:
             tls_cert=str(server.chain_path),
             tls_key=str(server.key_path),
             dane=dane,
-            postfix_extra={"smtp_tls_connection_reuse": "yes"},
+            # tlsproxy keeps outbound TLS for reuse; sessions are cached for the destination always (Postfix caches
+            # on demand only, when a backlog exists: then most deliveries paid a handshake), as mxgate keeps them
+            postfix_extra={"smtp_tls_connection_reuse": "yes", "smtp_connection_cache_destinations": domain},
         )
         for name in _systems(args, ("postfix", "mxgate")):
             if name == "postfix" and not port53:
