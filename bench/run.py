@@ -8,9 +8,11 @@ Systems, each measured the same way and in the same run:
 * ``mxgate``  -- ``mxgate run --config FILE`` relaying through a smart-host connector to the sink
 
 Scenarios: ``relay`` (default; smtp-source headline + loadgen latency), ``tls`` (STARTTLS on both legs vs the same
-path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``edge`` (a new connection with STARTTLS
-per message in, DANE out, outbound TLS reused; CPU per message by stage), ``idle`` (memory per idle session).
+path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idle`` (memory per idle session).
 Figures and how they are obtained: bench/RESULTS.md.
+
+``edge``: a new connection with STARTTLS per message in, delivery by MX with DANE out, outbound TLS reused on both
+sides; Postfix and mxgate, with CPU per message split by stage (receive, queue, deliver, TLS).
 
     .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
     .venv/bin/python bench/run.py --scenario all
@@ -262,8 +264,6 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                         [("mxgate/postfix", "mxgate", "postfix")],
                     )
                     out.append("")
-    if "edge" in sc:
-        out += render_edge(sc["edge"])
     if "idle" in sc:
         out += ["## idle sessions (loadgen --idle: connect + EHLO, then hold)", ""]
         out += ["| system | sessions | ready | RSS KB/session | PSS KB/session | RSS MB held | PSS MB held |"]
@@ -278,6 +278,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{_fmt(r['pss_kb_per_conn'])} | {_fmt(r['rss_mb'])} | {_fmt(r['pss_mb'])} |"
                 )
         out.append("")
+    if "edge" in sc:
+        out += render_edge(sc["edge"])
     return "\n".join(out)
 
 
