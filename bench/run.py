@@ -14,6 +14,9 @@ path in clear), ``dane`` (DANE-verified outbound via the DNS lab, mxgate), ``idl
 ``backlog`` (mxgate relaying while its queue holds 0 / 50,000 / 250,000 deferred messages).
 Figures and how they are obtained: bench/RESULTS.md.
 
+``edge``: a new connection with STARTTLS per message in, delivery by MX with DANE out, outbound TLS reused on both
+sides; Postfix and mxgate, with CPU per message split by stage (receive, queue, deliver, TLS).
+
     .venv/bin/python bench/run.py                          # relay, 20,000 x 10 KiB over 50 sessions
     .venv/bin/python bench/run.py --scenario all
     .venv/bin/python bench/run.py --quick --json out.json   # smoke test: 200 messages
@@ -52,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=[*scenarios.SCENARIOS, "all"],
-        help="relay (default), tls, dane, idle, backlog or all; repeatable",
+        help="relay (default), tls, dane, edge, idle, backlog or all; repeatable",
     )
     p.add_argument(
         "--systems",
@@ -72,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="relay, tls, dane: measure each system (each arm) N times, interleaved; medians",
+        help="relay, tls, dane, edge: measure each system (each arm) N times, interleaved; medians",
     )
-    p.add_argument("--profile", type=Path, help="relay: py-spy an extra pass of floor and mxgate, stacks to this dir")
+    p.add_argument(
+        "--profile", type=Path, help="relay, edge: py-spy an extra pass of floor and mxgate, stacks to this dir"
+    )
     p.add_argument("--floor-workers", type=int, default=1, help="relay: floor processes sharing one listener")
     p.add_argument(
         "--mxgate-workers",
@@ -225,6 +230,74 @@ def table(columns: dict[str, dict[str, Any]], ratios: list[tuple[str, str, str]]
     return [*lines, *(["", *notes] if notes else [])]
 
 
+def render_edge(edge: dict[str, Any]) -> list[str]:
+    """The edge scenario: the two systems side by side, then CPU per message by stage."""
+    out = ["## edge (loadgen: a new connection with STARTTLS per message; delivery by MX with DANE)", ""]
+    ok = {name: r for name, r in edge.items() if not _status(r)}
+    out += table(edge, [("mxgate/postfix", "mxgate", "postfix")] if len(ok) == 2 else [])
+    setups = [
+        f"{name} p50 {_fmt(r['setup_ms'].get('p50'))} / p99 {_fmt(r['setup_ms'].get('p99'))} ms"
+        for name, r in ok.items()
+        if r.get("setup_ms")
+    ]
+    if setups:
+        out += ["", "Session set-up (connect to the EHLO reply after STARTTLS): " + "; ".join(setups)]
+    drivers = [f"{name} {_fmt(r['driver_cpu_s_per_1000'])}" for name, r in ok.items() if r.get("driver_cpu_s_per_1000")]
+    if drivers:
+        out += ["", "The load generator's own CPU s / 1000 msgs (same two cores): " + "; ".join(drivers)]
+    split = {name: r["stages"] for name, r in ok.items() if r.get("stages")}
+    if split:
+        from benchkit.stages import STAGES
+
+        names = list(split)
+        out += ["", "### CPU ms per relayed message by stage (/proc per thread + perf by shared object)", ""]
+        out += ["| stage | " + " | ".join(f"{n} | {n} kernel" for n in names) + " |"]
+        out += ["|---|" + "---|---|" * len(names)]
+        for stage in STAGES:
+            cells = [
+                f"{_fmt(s['stages_ms_per_msg'][stage])} | {_fmt(s['kernel_ms_per_msg'][stage])}" for s in split.values()
+            ]
+            out.append(f"| {stage} | " + " | ".join(cells) + " |")
+        for label, key in (
+            ("unattributed (exited unseen)", "unattributed_ms_per_msg"),
+            ("total (cgroup)", "total_ms_per_msg"),
+        ):
+            out.append(f"| {label} | " + " | ".join(f"{_fmt(s[key])} | " for s in split.values()) + " |")
+        out.append("")
+        for name, s in split.items():
+            units = ", ".join(f"{u} {_fmt(v)}" for u, v in s["units_ms_per_msg"].items() if v >= 0.005)
+            c = s.get("ceilings", {})
+            b = s.get("busiest_thread", {})
+            out.append(
+                f"- {name}: by process/thread (ms/msg): {units}; perf: {s['perf']} ({s['perf_samples']} samples); "
+                f"ceiling {_fmt(c.get('cores_msgs'))} msg/s on all cores, {_fmt(c.get('busiest_thread_msgs'))} "
+                f"msg/s for the busiest thread ({b.get('thread')})"
+            )
+        out.append("")
+        for name, r in ok.items():
+            prof = r.get("profile")
+            if not prof:
+                continue
+            out += [
+                f"#### {name}: py-spy by module ({prof['samples']} busy samples of an extra pass at "
+                f"{_fmt(prof['accept_rate_while_profiled'])} msg/s; innermost mxgate frame, else the leaf's file)",
+                "",
+                "| process | module | share |",
+                "|---|---|---|",
+            ]
+            for role, rows in prof["by_process"].items():
+                out += [f"| {role} | `{row['module']}` | {row['share']:.1%} |" for row in rows]
+            out.append("")
+        kinds = ("tls", "sqlite", "kernel", "interpreter", "event loop", "libc", "other")
+        out += ["#### where each process spends it (ms per message, by perf's shared object)", ""]
+        out += ["| system | process / thread | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for name, s in split.items():
+            for unit, by_kind in s.get("units_by_kind_ms_per_msg", {}).items():
+                out.append(f"| {name} | {unit} | " + " | ".join(_fmt(by_kind.get(k, 0.0)) for k in kinds) + " |")
+        out.append("")
+    return out
+
+
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     m = results["machine"]
     out = [
@@ -299,6 +372,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{_fmt(r['pss_kb_per_conn'])} | {_fmt(r['rss_mb'])} | {_fmt(r['pss_mb'])} |"
                 )
         out.append("")
+    if "edge" in sc:
+        out += render_edge(sc["edge"])
     return "\n".join(out)
 
 

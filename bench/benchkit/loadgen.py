@@ -43,6 +43,7 @@ class Run:
         self.rejected = 0
         self.errors = 0
         self.latencies: list[float] = []
+        self.setups: list[float] = []  # connect -> EHLO reply (after STARTTLS when used)
         self.body = make_body(args.size)
         self.ctx: ssl.SSLContext | None = None
         if args.starttls:
@@ -145,7 +146,9 @@ async def session(run: Run) -> None:
     while run.next_index < a.messages and errors <= a.max_errors:
         writer = None
         try:
+            t_setup = time.perf_counter()
             reader, writer, pipe = await open_session(run)
+            run.setups.append(time.perf_counter() - t_setup)
             while True:
                 n = run.take()
                 if n is None:
@@ -187,6 +190,7 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*pending, return_exceptions=True)
     elapsed = time.perf_counter() - t0
     lat = sorted(run.latencies)
+    setups = sorted(run.setups)
 
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v * 1000, 3)
@@ -208,6 +212,7 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
             "max": ms(lat[-1] if lat else None),
             "mean": ms(sum(lat) / len(lat) if lat else None),
         },
+        "setup_ms": {"p50": ms(percentile(setups, 0.50)), "p99": ms(percentile(setups, 0.99)), "n": len(setups)},
     }
 
 

@@ -12,6 +12,7 @@ libraries and copy-on-write pages fairly between Postfix's processes) every ``in
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import os
 import signal
@@ -267,3 +268,152 @@ def install_signal_exit(signals: Iterable[int] = (signal.SIGTERM, signal.SIGHUP)
 
     for sig in signals:
         signal.signal(sig, handler)
+
+
+def _task_cpu(pid: int, tid: int) -> float | None:
+    """utime+stime of one thread in seconds (children not included: they are sampled themselves)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+class StageSampler:
+    """CPU seconds per process and thread of a group over a pass, from ``/proc/PID/task/TID/stat``.
+
+    Every ``interval`` seconds each thread of each process in the group is read; the last value seen counts.
+    A process that starts and exits between two samples, or the CPU it used after its last sample, is not seen:
+    that is the ``unattributed`` rest against the group's exact total (cgroup). Keys are ``(pid, tid, comm)``;
+    ``comm`` is the process's name (Postfix's daemons: smtpd, cleanup, qmgr, smtp, tlsproxy, ...).
+    """
+
+    def __init__(self, group: ProcGroup, interval: float = 0.1) -> None:
+        self.group = group
+        self.interval = interval
+        self.base: dict[tuple[int, int], float] = {}
+        self.last: dict[tuple[int, int], float] = {}
+        self.comm: dict[int, str] = {}
+        self.total = 0.0
+        self._cpu0 = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stages-{group.name}", daemon=True)
+
+    def sample(self, *, first: bool = False) -> None:
+        for pid in self.group.pids():
+            if pid not in self.comm:
+                with contextlib.suppress(OSError):
+                    self.comm[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                cpu = _task_cpu(pid, tid)
+                if cpu is None:
+                    continue
+                if first:
+                    self.base[(pid, tid)] = cpu
+                self.last[(pid, tid)] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> StageSampler:
+        self._cpu0 = self.group.cpu_seconds()
+        self.sample(first=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.sample()
+        self.total = self.group.cpu_seconds() - self._cpu0
+
+    def per_thread(self) -> dict[tuple[int, int, str], float]:
+        """CPU seconds used during the pass, per (pid, tid, process name)."""
+        return {
+            (pid, tid, self.comm.get(pid, "?")): cpu - self.base.get((pid, tid), 0.0)
+            for (pid, tid), cpu in self.last.items()
+        }
+
+
+class PerfRecord:
+    """``perf record -a`` (cpu-clock samples of every CPU) during a pass, for the shared object each sample was in.
+
+    Used to split a process's CPU into TLS (libssl, libcrypto, Python's ``_ssl``), SQLite, the kernel (system
+    calls, TCP, interrupts charged to the process) and the rest. The whole machine is sampled; :meth:`shares`
+    keeps the samples of the threads it is asked about. Not available: ``self.error`` says why.
+    """
+
+    def __init__(self, out: Path, freq: int = 199) -> None:
+        self.out = out
+        self.freq = freq
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error: str | None = None
+
+    def __enter__(self) -> PerfRecord:
+        import shutil
+
+        exe = shutil.which("perf")
+        if exe is None:
+            self.error = "perf is not installed (linux-perf)"
+            return self
+        cmd = [exe, "record", "-e", "cpu-clock", "-F", str(self.freq), "-a", "-q", "-o", str(self.out)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        time.sleep(0.3)  # perf opens its events before the pass starts
+        if self.proc.poll() is not None:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            self.error = f"perf record failed: {err.strip()[-200:]}"
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc, sig=signal.SIGINT, timeout=30.0)  # SIGINT: perf writes its file and exits
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def samples(self) -> collections.Counter[tuple[int, int, str]]:
+        """Samples per (pid, tid, kind); kind: tls, sqlite, kernel, interpreter (libpython), event loop (uvloop,
+        _asyncio), libc or other (the program's own code, other libraries)."""
+        counts: collections.Counter[tuple[int, int, str]] = collections.Counter()
+        if self.error is not None or not self.out.exists():
+            return counts
+        res = subprocess.run(
+            ["perf", "script", "-i", str(self.out), "-F", "comm,pid,tid,ip,dso"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        for line in res.stdout.splitlines():
+            parts = line.rsplit(None, 3)  # comm (may hold spaces), pid/tid, ip, (dso)
+            if len(parts) < 4 or "/" not in parts[1]:
+                continue
+            pid_text, _, tid_text = parts[1].partition("/")
+            if not (pid_text.isdigit() and tid_text.isdigit()):
+                continue
+            counts[(int(pid_text), int(tid_text), _dso_kind(parts[3]))] += 1
+        return counts
+
+
+def _dso_kind(dso: str) -> str:
+    if "kernel" in dso or dso.startswith("([k"):
+        return "kernel"
+    name = dso.rsplit("/", 1)[-1]
+    if name.startswith(("libssl", "libcrypto", "_ssl.")):
+        return "tls"
+    if name.startswith(("libsqlite3", "_sqlite3.")):
+        return "sqlite"
+    if name.startswith(("libpython", "python")):
+        return "interpreter"
+    if name.startswith(("loop.cpython", "_asyncio.", "_selectors", "select.")):
+        return "event loop"
+    if name.startswith("libc."):
+        return "libc"
+    return "other"

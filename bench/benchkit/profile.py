@@ -109,3 +109,40 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         "inclusive": ranked(incl_counts),
         "activities": ranked(activities)[:8],
     }
+
+
+_PROCESS = re.compile(r"^process (?P<pid>\d+):")
+
+
+def by_module(raw: Path, main_pid: int | None, top: int = 12) -> dict[str, Any]:
+    """Busy samples per process (``main`` or ``worker``) and module: the innermost mxgate frame's file (what
+    mxgate code the CPU was spent for, library callees included), or the leaf's file when no mxgate frame is on
+    the stack (the event loop's own work: uvloop, asyncio, ssl). Shares are of all busy samples of the pass."""
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        parts = [p for p in stack.split(";") if p]
+        role = "?"
+        frames = []
+        for p in parts:
+            m = _PROCESS.match(p)
+            if m:
+                role = "main" if main_pid is not None and int(m.group("pid")) == main_pid else "worker"
+            elif not p.startswith("thread "):
+                frames.append(_short(p)[0])
+        if not frames:
+            continue
+        total += count
+        files = [f.rsplit("(", 1)[-1].rstrip(")").split(":", 1)[0] for f in frames]
+        own = [f for f in files if f.startswith("mxgate/") and not f.startswith(("mxgate/__main__", "mxgate/core/cli"))]
+        counts[(role, own[-1] if own else f"(library) {files[-1]}")] += count
+    per_role: dict[str, list[dict[str, Any]]] = {}
+    for (role, module), n in counts.most_common():
+        rows = per_role.setdefault(role, [])
+        if len(rows) < top:
+            rows.append({"module": module, "share": round(n / total, 4), "samples": n})
+    return {"file": str(raw), "samples": total, "by_process": per_role}

@@ -78,6 +78,10 @@ def throughput(
         out["error"] = f"sink got {sink.count - base} of {messages} within {args.timeout}s"
     if "latency_ms" in d:
         out["latency_ms"] = d["latency_ms"]
+    if "setup_ms" in d:
+        out["setup_ms"] = d["setup_ms"]
+    if d.get("driver_cpu_s") is not None:
+        out["driver_cpu_s_per_1000"] = _r(d["driver_cpu_s"] / messages * 1000, 3)  # the load generator's own
     return out
 
 
@@ -279,18 +283,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def dane(args: argparse.Namespace) -> dict[str, Any]:
-    """Plain smart-host relay vs DANE-verified delivery by MX, per system. The DNS lab's unbound listens on
-    127.0.0.1:53 when that is free, so that Postfix (libc resolver, port 53 only, given its own resolv.conf in a
-    private mount namespace) can take part; otherwise on a free port and Postfix is skipped."""
+def _dane_lab(args: argparse.Namespace, domain: str) -> tuple[Any, CountingSink, bool]:
+    """A DNS lab (not started yet) where ``domain``'s MX is 127.0.0.1 with a TLSA 3 1 1 record for the started
+    TLS sink's key, and whether its unbound gets 127.0.0.1:53 (for Postfix's libc resolver)."""
     from benchkit.procs import free_port
     from mxgate.testing.dnslab import DnsLab
 
-    certs = _certs(args)
-    sink_cert = certs["sink"]
-    domain = "dane.test"
-    rcpt = f"rcpt@{domain}"
-    results: dict[str, Any] = {}
+    sink_cert = _certs(args)["sink"]
     lab = DnsLab(Path(args.workdir) / "dnslab")
     port53 = os.geteuid() == 0 and _port_free(53)
     if port53:
@@ -310,6 +309,21 @@ def dane(args: argparse.Namespace) -> dict[str, Any]:
         digest = _spki_sha256(Path(sink_cert.cert_path))
         for port in sorted({25, sink.port}):
             z.add(f"_{port}._tcp.mx", "TLSA", f"3 1 1 {digest}")
+    except BaseException:
+        sink.stop()
+        raise
+    return lab, sink, port53
+
+
+def dane(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain smart-host relay vs DANE-verified delivery by MX, per system. The DNS lab's unbound listens on
+    127.0.0.1:53 when that is free, so that Postfix (libc resolver, port 53 only, given its own resolv.conf in a
+    private mount namespace) can take part; otherwise on a free port and Postfix is skipped."""
+    domain = "dane.test"
+    rcpt = f"rcpt@{domain}"
+    results: dict[str, Any] = {}
+    lab, sink, port53 = _dane_lab(args, domain)
+    try:
         endpoint = lab.start()
         for name in _systems(args, ("postfix", "mxgate")):
             if name == "postfix" and not port53:
@@ -339,6 +353,115 @@ def dane(args: argparse.Namespace) -> dict[str, Any]:
         lab.stop()
         sink.stop()
     return results
+
+
+# -- edge: every client connects anew with STARTTLS, delivery by MX with DANE; CPU by stage ----------------------
+
+
+def edge(args: argparse.Namespace) -> dict[str, Any]:
+    """What an edge MTA carries: each message on a new inbound connection with STARTTLS (a full handshake:
+    loadgen keeps no TLS sessions), delivered by MX lookup to a DANE-verified (TLSA 3 1 1) sink through the DNS
+    lab, outbound TLS sessions reused on both sides (mxgate's pool; Postfix's ``smtp_tls_connection_reuse`` via
+    tlsproxy). After a warm-up (DNS caches, outbound sessions), one measured pass per run with the CPU of every
+    process and thread sampled from /proc and ``perf record`` alongside, split by stage (benchkit/stages.py)."""
+    from benchkit import stages
+    from benchkit.procs import PerfRecord, StageSampler
+
+    certs = _certs(args)
+    server = certs["server"]
+    domain = "dane.test"
+    rcpt = f"rcpt@{domain}"
+    results: dict[str, Any] = {}
+    lab, sink, port53 = _dane_lab(args, domain)
+    try:
+        endpoint = lab.start()
+        dane = {"resolver": f"{endpoint.host}:{endpoint.port}", "domain": domain, "bogus": "bogus.test"}
+        opts = Options(
+            sink_port=sink.port,
+            tls_cert=str(server.chain_path),
+            tls_key=str(server.key_path),
+            dane=dane,
+            # tlsproxy keeps outbound TLS for reuse; sessions are cached for the destination always (Postfix caches
+            # on demand only, when a backlog exists: then most deliveries paid a handshake), as mxgate keeps them
+            postfix_extra={"smtp_tls_connection_reuse": "yes", "smtp_connection_cache_destinations": domain},
+        )
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(args.repeat):  # systems interleaved (postfix, mxgate, postfix, ...), so drift hits both
+            for name in _systems(args, ("postfix", "mxgate")):
+                if name == "postfix" and not port53:
+                    results[name] = {"skipped": "127.0.0.1:53 is taken: Postfix's libc resolver cannot reach the lab"}
+                    continue
+
+                def body(system: System, rep: int = rep) -> dict[str, Any]:
+                    system.start(opts)
+                    try:
+                        warm = max(args.sessions * 4, args.messages // 10)
+                        w = throughput(system, sink, args, driver="loadgen", messages=warm, starttls=True, rcpt=rcpt)
+                        if not w["ok"]:
+                            return {**w, "error": f"warm-up failed: {w['error']}"}
+                        perf_out = Path(args.workdir) / f"perf-edge-{system.name}-{rep}.data"
+                        with StageSampler(system.group) as sampler, PerfRecord(perf_out) as perf:
+                            r = throughput(
+                                system, sink, args, driver="loadgen", messages=args.messages, starttls=True, rcpt=rcpt
+                            )
+                        r["outbound_tls"] = _outbound_tls(system)
+                        main_pid = system.proc.pid if system.proc is not None else None
+                        r["stages"] = stages.split(system.name, sampler, perf, args.messages, main_pid=main_pid)
+                        r["stages"]["ceilings"] = stages.ceilings(r["stages"], os.cpu_count() or 1)
+                        perf_out.unlink(missing_ok=True)
+                        if rep == 0 and args.profile and system.name == "mxgate" and main_pid is not None:
+                            from benchkit.profile import Profiler, by_module
+
+                            args.profile.mkdir(parents=True, exist_ok=True)
+                            raw = args.profile / f"{system.name}-edge.txt"
+                            with Profiler(main_pid, raw):
+                                p = throughput(
+                                    system, sink, args, driver="loadgen", messages=args.messages, starttls=True,
+                                    rcpt=rcpt,
+                                )  # fmt: skip
+                            r["profile"] = {**by_module(raw, main_pid), "accept_rate_while_profiled": p["accept_rate"]}
+                        return r
+                    finally:
+                        system.stop()
+
+                runs.setdefault(name, []).append(_with_system(name, args, body))
+                _progress(args, f"edge #{rep + 1}", name, runs[name][-1])
+        for name, results_of in runs.items():
+            # the median run's figures; stages, set-up times and the profile are the first good run's
+            results[name] = _median(results_of)
+    finally:
+        lab.stop()
+        sink.stop()
+    return results
+
+
+def _outbound_tls(system: System) -> dict[str, int]:
+    """How the system's outbound TLS went so far (warm-up included): Postfix's smtp_tls_loglevel 1 lines
+    ("Verified TLS connection established/reused"), mxgate's ``mxgate_tls_outcomes_total`` by policy and result."""
+    import re
+    import tomllib
+    import urllib.request
+
+    counts: dict[str, int] = {}
+    if system.name == "postfix":
+        instance = getattr(system, "instance", None)
+        log = Path(instance.dir / "maillog") if instance is not None else None
+        if log is not None and log.exists():
+            for m in re.finditer(r"(\w+) TLS connection (established|reused) to ", log.read_text(errors="replace")):
+                key = f"{m.group(1).lower()} {m.group(2)}"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+    run_dir = getattr(system, "run_dir", None)
+    if run_dir is None:
+        return counts
+    listen = tomllib.loads((Path(run_dir) / "mxgate.toml").read_text())["metrics"]["listen"]
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for m in re.finditer(r"^mxgate_tls_outcomes_total\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        key = f"{labels.get('policy_type')} {labels.get('result')}"
+        counts[key] = counts.get(key, 0) + int(float(m.group(2)))
+    return counts
 
 
 # -- idle sessions: memory per connection ------------------------------------------------------------------------
@@ -484,6 +607,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "relay": relay,
     "tls": tls,
     "dane": dane,
+    "edge": edge,
     "idle": idle,
     "backlog": backlog,
 }

@@ -44,6 +44,7 @@ class Options:
     dane: dict[str, Any] | None = None  # {"resolver": "127.0.0.1:port", "domain": "dane.test"}
     max_sessions: int | None = None  # inbound sessions the system must hold (idle scenario)
     workers: int = 1  # the floor: processes sharing its listener
+    postfix_extra: dict[str, str] = field(default_factory=dict)  # more main.cf settings (Postfix only)
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_outbound: list[dict[str, Any]] = field(default_factory=list)  # mxgate: connectors before the bench one
     prefill: Callable[[Path], None] | None = None  # mxgate: called with the state directory before it starts
@@ -141,6 +142,7 @@ class Postfix(System):
             workdir=self.workdir,
             dane_nexthop=f"{opts.dane['domain']}:{opts.sink_port}" if opts.dane else None,
             resolver=opts.dane["resolver"].split(":")[0] if opts.dane else None,
+            extra=opts.postfix_extra,
         )
         try:
             self.instance.start()
