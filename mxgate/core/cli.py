@@ -259,6 +259,8 @@ def render_reference(registry: cfg.ConfigRegistry) -> str:
                 default = "unset" if value is None else f"`{_toml_value(cfg._plain(value))}`"
                 if factory is socket.getfqdn:
                     default = "this host's FQDN"
+                if factory is socket.gethostname:
+                    default = "this host's name"
             out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {desc} |")
         for spec in registry.settings_for(kind) if kind else []:
             owner = registry.owners.get(spec.name, "?")
@@ -369,6 +371,7 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.queue.cli",
         "mxgate.core.delivery_cli",
         "mxgate.core.explain",
+        "mxgate.core.cluster",
     ):
         try:
             mod = importlib.import_module(module)

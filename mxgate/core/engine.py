@@ -122,6 +122,12 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
         raise ConfigError.single(runtime.config.source, "dns.resolvers", str(exc)) from exc
     if queue:
         runtime.queue = await QueueStore.open(runtime.config.state_path)
+    if runtime.config.cluster.database:
+        from mxgate.core.cluster import Cluster, collect_migrations
+
+        cluster = Cluster(runtime.config.cluster, collect_migrations(runtime.hooks.dispatcher), clock=runtime.clock)
+        await cluster.check_schema()
+        runtime.cluster = cluster
 
 
 class Gateway:
@@ -161,6 +167,9 @@ class Gateway:
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
         runtime.enqueue = scheduler.enqueue
+        if runtime.cluster is not None:
+            await runtime.cluster.heartbeat()
+            runtime.tasks.append(asyncio.ensure_future(runtime.cluster.run_heartbeat()))
         await runtime.hooks.on_startup(runtime)
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         # With receive workers the main process binds the listeners and hands them over: it accepts nothing
@@ -197,6 +206,8 @@ class Gateway:
         await runtime.hooks.on_shutdown(runtime)
         if runtime.queue is not None:
             await runtime.queue.close()
+        if runtime.cluster is not None:
+            await runtime.cluster.close()
         runtime.tracking.close()
         self.runtime = None
 

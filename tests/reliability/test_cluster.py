@@ -1,0 +1,174 @@
+"""Cluster mode against a real PostgreSQL (mxgate.testing.postgres): schema steps by `mxgate cluster migrate`,
+three `mxgate run` nodes heartbeating into one database, `mxgate cluster status` showing them."""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from reliability_kit import REPO, GatewayProcess, free_port, gateway_document, write_config
+
+from mxgate.testing.postgres import PostgresServer
+from mxgate.testing.sinks import ThreadedSmtpSink
+
+pytestmark = pytest.mark.integration
+
+psycopg = pytest.importorskip("psycopg", reason="cluster tests need the mxgate[cluster] extra")
+
+
+def mxgate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mxgate", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+    )
+
+
+def poll(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def node_config(
+    directory: Path, name: str, url: str, sink: ThreadedSmtpSink, *, extra: dict[str, Any] | None = None
+) -> tuple[Path, int]:
+    port = free_port()
+    state = directory / name
+    state.mkdir(mode=0o700)
+    doc = gateway_document(state, port=port, smart_host=f"127.0.0.1:{sink.port}")
+    doc["server"]["hostname"] = f"{name}.gateway.test"
+    doc["inbound_connector"] = [{"name": "loopback", "sender_ips": ["127.0.0.0/8"], "may_relay": True}]
+    doc["cluster"] = {"database": url, "node": name, "heartbeat_interval": 0.5, "connect_timeout": 2.0}
+    for section, values in (extra or {}).items():
+        doc.setdefault(section, {}).update(values)
+    return write_config(directory / f"{name}.toml", doc), port
+
+
+@contextlib.contextmanager
+def nodes(configs: list[tuple[Path, int]]) -> Iterator[list[GatewayProcess]]:
+    procs = [GatewayProcess(path, path.with_suffix(".log")) for path, _ in configs]
+    try:
+        for proc, (_, port) in zip(procs, configs, strict=True):
+            proc.start(port, timeout=40)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop(timeout=30)
+
+
+def send(port: int, rcpt: str, subject: str) -> str:
+    """One message by SMTP; returns the reply to the end of DATA ("250 ...")."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("sender@client.test")
+        code, _ = client.rcpt(rcpt)
+        assert code == 250, code
+        code, text = client.data(f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+        return f"{code} {text.decode()}"
+
+
+def subjects(messages: Any) -> list[str]:
+    return sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in messages)
+
+
+def test_migrate_is_versioned_and_status_shows_the_schema(tmp_path: Path, postgresql_url: str) -> None:
+    config = write_config(
+        tmp_path / "a.toml",
+        {"server": {"state_dir": str(tmp_path / "var")}, "cluster": {"database": postgresql_url, "node": "a"}},
+    )
+    before = mxgate("cluster", "status", "-c", str(config))
+    assert before.returncode == 1
+    assert "core" in before.stdout and "0/1  MIGRATE" in before.stdout
+    first = mxgate("cluster", "migrate", "-c", str(config))
+    assert first.returncode == 0, first.stderr
+    assert "applied core 1: nodes and their heartbeats" in first.stdout
+    again = mxgate("cluster", "migrate", "-c", str(config))
+    assert again.returncode == 0 and "schema up to date" in again.stdout
+    with psycopg.connect(postgresql_url) as conn:
+        rows = conn.execute("SELECT component, version FROM mxgate_schema ORDER BY 1, 2").fetchall()
+    assert ("core", 1) in rows and len(rows) == len(set(rows))
+    after = mxgate("cluster", "status", "-c", str(config))
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "core         1/1  ok" in after.stdout
+    assert "postgres:" not in after.stdout  # no password is ever printed (there is none here either)
+
+
+def test_a_node_refuses_a_schema_older_than_its_own(tmp_path: Path, postgresql_url: str) -> None:
+    config = write_config(
+        tmp_path / "a.toml",
+        {
+            "server": {"state_dir": str(tmp_path / "var"), "hostname": "a.gateway.test"},
+            "listener": [{"name": "smtp", "address": f"127.0.0.1:{free_port()}"}],
+            "metrics": {"listen": ""},
+            "dns": {"resolvers": [f"127.0.0.1:{free_port()}"]},
+            "cluster": {"database": postgresql_url, "node": "a"},
+        },
+    )
+    proc = mxgate("run", "-c", str(config), timeout=60)
+    assert proc.returncode == 1
+    assert "run `mxgate cluster migrate`" in proc.stderr
+
+
+def test_the_driver_is_an_extra_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mxgate.core import cluster
+    from mxgate.core.errors import MxgateError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(MxgateError, match=r"pip install 'mxgate\[cluster\]'"):
+        cluster.import_psycopg()
+
+
+@pytest.mark.timeout(180)
+def test_three_nodes_take_mail_and_heartbeat(
+    tmp_path: Path, postgresql_url: str, threaded_smtp_sink: Callable[..., ThreadedSmtpSink]
+) -> None:
+    sink = threaded_smtp_sink()
+    configs = [node_config(tmp_path, name, postgresql_url, sink) for name in ("mx1", "mx2", "mx3")]
+    assert mxgate("cluster", "migrate", "-c", str(configs[0][0])).returncode == 0
+    with nodes(configs) as procs:
+        for i, (_, port) in enumerate(configs):
+            for j in range(3):
+                reply = send(port, f"user{j}@example.org", f"node {i} message {j}")
+                assert reply.startswith("250"), reply
+        received = sink.wait_for(9, timeout=60)
+        assert subjects(received) == sorted(f"node {i} message {j}" for i in range(3) for j in range(3))
+
+        def all_up() -> str | None:
+            out = mxgate("cluster", "status", "-c", str(configs[1][0])).stdout
+            up = [line for line in out.splitlines() if line.startswith("mx") and " up " in line]
+            return out if len(up) == 3 else None
+
+        status = poll(all_up, 30, "three nodes up")
+        assert "PostgreSQL 1" in status
+        procs[2].kill()
+
+        def mx3_stale() -> str | None:
+            out = mxgate("cluster", "status", "-c", str(configs[0][0])).stdout
+            line = next(line for line in out.splitlines() if line.startswith("mx3"))
+            return out if " stale " in line else None
+
+        status = poll(mx3_stale, 30, "mx3 stale after it was killed")
+        assert sum(" up " in line for line in status.splitlines()) == 2
+
+
+def test_a_node_starts_and_takes_mail_while_the_database_is_away(
+    tmp_path: Path, postgresql_server: PostgresServer, threaded_smtp_sink: Callable[..., ThreadedSmtpSink]
+) -> None:
+    sink = threaded_smtp_sink()
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    config, port = node_config(tmp_path, "mx1", dead, sink)
+    with nodes([(config, port)]):
+        reply = send(port, "user@example.org", "no database")
+        assert reply.startswith("250"), reply
+        assert len(sink.wait_for(1, timeout=30)) == 1
