@@ -171,9 +171,12 @@ class SharedDb:
 
     kind: Final = "postgresql"
 
-    def __init__(self, url: str, *, name: str, node: str, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, name: str, node: str, connect_timeout: float = 5.0, schema: str | None = None
+    ) -> None:
         self.url = url
         self.name = name
+        self.schema = schema
         self.node = node
         self.connect_timeout = connect_timeout
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"mxgate-pg-{name}")
@@ -193,24 +196,33 @@ class SharedDb:
                 keepalives_interval=5,
                 keepalives_count=3,
                 tcp_user_timeout=int(self.connect_timeout * 4000),
+                **({"options": f"-c search_path={self.schema},public"} if self.schema else {}),
             )
         except psycopg.OperationalError as exc:
             raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
 
     def _call(self, fn: Callable[[PgConnection], T], transaction: bool) -> T:
+        """``fn`` on this store's connection. A connection that was open before (the server restarted, a
+        fail-over happened) and fails is opened again and ``fn`` tried once more on the new one: every job of
+        the stores is an idempotent upsert or a read, so a retry never counts twice."""
         psycopg = import_psycopg()
-        if self._conn is None or self._conn.closed:
-            self._conn = self._open()
-        try:
-            if not transaction:
-                return fn(PgConnection(self._conn))
-            with self._conn.transaction():
-                return fn(PgConnection(self._conn))
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-            raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
+        for attempt in (1, 2):
+            reused = self._conn is not None and not self._conn.closed
+            if not reused:
+                self._conn = self._open()
+            try:
+                if not transaction:
+                    return fn(PgConnection(self._conn))
+                with self._conn.transaction():
+                    return fn(PgConnection(self._conn))
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+                if reused and attempt == 1:
+                    continue
+                raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
+        raise AssertionError("unreachable")
 
     async def run(self, fn: Callable[[Any], T]) -> T:
         if self._closed:
@@ -240,6 +252,19 @@ class SharedDb:
             if got:
                 with contextlib.suppress(Exception):
                     await self.run(lambda c: c.execute("SELECT pg_advisory_unlock(hashtext(?))", (f"mxgate:{name}",)))
+
+    async def size(self) -> int:
+        """Bytes of the tables of this store's schema (indexes and TOAST included)."""
+
+        def job(c: PgConnection) -> int:
+            row = c.execute(
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = ? AND c.relkind = 'r'",
+                (self.schema or "public",),
+            ).fetchone()
+            return int(row[0])
+
+        return await self.run(job)
 
     async def close(self) -> None:
         if self._closed:
@@ -335,9 +360,12 @@ class Cluster:
         self.last_beat: float | None = None
         self.reachable = False
 
-    def database(self, name: str) -> SharedDb:
-        """A new store connection for component ``name`` (its own session and thread)."""
-        return SharedDb(self.conf.database, name=name, node=self.node, connect_timeout=self.conf.connect_timeout)
+    def database(self, name: str, *, schema: str | None = None) -> SharedDb:
+        """A new store connection for component ``name`` (its own session and thread); unqualified table names
+        are looked up in ``schema`` first."""
+        return SharedDb(
+            self.conf.database, name=name, node=self.node, connect_timeout=self.conf.connect_timeout, schema=schema
+        )
 
     async def check_schema(self) -> None:
         """At start: a schema older than this mxgate's steps is a start-up error; an unreachable database only a
