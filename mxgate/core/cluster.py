@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from mxgate import __version__
+from mxgate.core.auth import FailureLimiter
 from mxgate.core.config import ClusterConfig
 from mxgate.core.errors import MxgateError, StateError
 
@@ -112,6 +113,19 @@ CORE_STEPS: Final = (
             started_at TIMESTAMPTZ NOT NULL,
             heartbeat_at TIMESTAMPTZ NOT NULL
         )
+        """,
+    ),
+    (
+        2,
+        "AUTH failures of every node",
+        """
+        CREATE TABLE mxgate_auth_failure (
+            source TEXT NOT NULL,
+            client TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX mxgate_auth_failure_at ON mxgate_auth_failure (at);
+        CREATE INDEX mxgate_auth_failure_client ON mxgate_auth_failure (client, at)
         """,
     ),
 )
@@ -344,6 +358,106 @@ def schema_problem(have: dict[str, int], wanted: dict[str, int]) -> str | None:
     return None
 
 
+# -- AUTH failures, cluster-wide --------------------------------------------------------------------------------
+
+AUTH_SYNC_INTERVAL: Final = 1.0
+AUTH_OUTBOX_LIMIT: Final = 10_000  # failures kept for the database while it is away (the oldest dropped first)
+AUTH_REMOTE_LIMIT: Final = 100_000  # client addresses whose failures on other nodes are known here
+
+
+class ClusterFailureLimiter(FailureLimiter):
+    """The AUTH failure limiter (:class:`~mxgate.core.auth.FailureLimiter`) counting every node's failures.
+
+    The receive path stays synchronous and local: a check never waits for the database. Each process records its
+    own failures as before and, every ``sync_interval`` seconds, sends them to ``mxgate_auth_failure`` and reads
+    the other processes' failures within the window per client address; a client is blocked when its failures
+    here, its attempts in progress here and its failures elsewhere reach the limit. So a brute-forcer spread over
+    N nodes gets the limit, plus what the nodes let through in one sync interval, not N times the limit. A
+    success resets the address everywhere. With the database away each node limits alone."""
+
+    def __init__(
+        self,
+        db: SharedDb,
+        *,
+        source: str,
+        limit: int = 5,
+        window: float = 300.0,
+        sync_interval: float = AUTH_SYNC_INTERVAL,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(limit, window)
+        self.db = db
+        self.source = source
+        self.sync_interval = sync_interval
+        self.wall_clock = wall_clock
+        self._outbox: list[tuple[str, str, float]] = []  # ("fail" | "ok", client, wall time)
+        self._remote: dict[str, int] = {}
+
+    def blocked(self, key: str) -> bool:
+        q = self._recent(key)
+        here = (len(q) if q is not None else 0) + self._pending.get(key, 0)
+        return here + self._remote.get(key, 0) >= self.limit
+
+    def failed(self, key: str) -> None:
+        super().failed(key)
+        self._queue("fail", key)
+
+    def succeeded(self, key: str) -> None:
+        super().succeeded(key)
+        self._remote.pop(key, None)
+        self._queue("ok", key)
+
+    def _queue(self, op: str, key: str) -> None:
+        self._outbox.append((op, key, self.wall_clock()))
+        if len(self._outbox) > AUTH_OUTBOX_LIMIT:
+            del self._outbox[: len(self._outbox) - AUTH_OUTBOX_LIMIT]
+
+    async def sync(self) -> bool:
+        """Send this process's failures and successes, read the others'; False when the database is away."""
+        ops, self._outbox = self._outbox, []
+        now = self.wall_clock()
+        source, cutoff = self.source, now - self.window
+
+        def job(c: PgConnection) -> list[Any]:
+            for op, client, at in ops:
+                if op == "fail":
+                    c.execute(
+                        "INSERT INTO mxgate_auth_failure (source, client, at) VALUES (?, ?, ?)", (source, client, at)
+                    )
+                else:
+                    c.execute("DELETE FROM mxgate_auth_failure WHERE client = ? AND at <= ?", (client, at))
+            c.execute("DELETE FROM mxgate_auth_failure WHERE at <= ?", (cutoff,))
+            rows: list[Any] = c.execute(
+                "SELECT client, COUNT(*) FROM mxgate_auth_failure WHERE at > ? AND source <> ? GROUP BY client"
+                " ORDER BY COUNT(*) DESC LIMIT ?",
+                (cutoff, source, AUTH_REMOTE_LIMIT),
+            ).fetchall()
+            return rows
+
+        try:
+            rows = await self.db.write(job)
+        except ClusterUnavailable:
+            self._outbox = ops + self._outbox  # sent when the database returns
+            del self._outbox[: max(0, len(self._outbox) - AUTH_OUTBOX_LIMIT)]
+            self._remote = {}
+            return False
+        self._remote = {str(client): int(n) for client, n in rows}
+        return True
+
+    async def run_sync(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("cluster AUTH failure sync failed")
+            await asyncio.sleep(self.sync_interval)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sync()
+        await self.db.close()
+
+
 # -- the node --------------------------------------------------------------------------------------------------
 
 
@@ -359,6 +473,7 @@ class Cluster:
         self._db = self.database(CORE)
         self.last_beat: float | None = None
         self.reachable = False
+        self.auth_limiter: ClusterFailureLimiter | None = None
 
     def database(self, name: str, *, schema: str | None = None) -> SharedDb:
         """A new store connection for component ``name`` (its own session and thread); unqualified table names
@@ -412,7 +527,17 @@ class Cluster:
                 log.exception("cluster heartbeat failed")
             await asyncio.sleep(self.conf.heartbeat_interval)
 
+    def start_auth_limiter(self) -> ClusterFailureLimiter:
+        """The cluster-wide AUTH failure limiter of this process (sync task: :meth:`ClusterFailureLimiter.run_sync`)."""
+        if self.auth_limiter is None:
+            self.auth_limiter = ClusterFailureLimiter(
+                self.database("auth"), source=f"{self.node}/{os.getpid()}", sync_interval=self.conf.auth_sync_interval
+            )
+        return self.auth_limiter
+
     async def close(self) -> None:
+        if self.auth_limiter is not None:
+            await self.auth_limiter.close()
         await self._db.close()
 
 

@@ -260,6 +260,12 @@ class ClusterConfig:
     connect_timeout: float = setting(
         5.0, desc="Seconds to wait for the cluster database before working without it.", check=checks.check_positive
     )
+    auth_sync_interval: float = setting(
+        1.0,
+        desc="Seconds between exchanges of AUTH failures with the other nodes (a brute-forcer spread over the nodes "
+        "gets the limit plus what they let through in one interval).",
+        check=checks.check_positive,
+    )
 
 
 @dataclass(frozen=True, slots=True)

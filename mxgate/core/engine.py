@@ -128,6 +128,11 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
         cluster = Cluster(runtime.config.cluster, collect_migrations(runtime.hooks.dispatcher), clock=runtime.clock)
         await cluster.check_schema()
         runtime.cluster = cluster
+        from mxgate.core.smtp.server import AUTH_FAILURES
+
+        limiter = cluster.start_auth_limiter()  # AUTH failures count on every node (receive workers too)
+        runtime.stash[AUTH_FAILURES] = limiter
+        runtime.tasks.append(asyncio.ensure_future(limiter.run_sync()))
 
 
 class Gateway:

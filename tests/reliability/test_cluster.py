@@ -3,18 +3,22 @@ three `mxgate run` nodes heartbeating into one database, `mxgate cluster status`
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import smtplib
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_kit import REPO, GatewayProcess, free_port, gateway_document, write_config
+from reliability_kit import REPO, GatewayProcess, RawClient, free_port, gateway_document, write_config
 
+from mxgate.core.auth import UsersFile
 from mxgate.testing.postgres import PostgresServer
 from mxgate.testing.sinks import ThreadedSmtpSink
 
@@ -49,7 +53,13 @@ def node_config(
     doc = gateway_document(state, port=port, smart_host=f"127.0.0.1:{sink.port}")
     doc["server"]["hostname"] = f"{name}.gateway.test"
     doc["inbound_connector"] = [{"name": "loopback", "sender_ips": ["127.0.0.0/8"], "may_relay": True}]
-    doc["cluster"] = {"database": url, "node": name, "heartbeat_interval": 0.5, "connect_timeout": 2.0}
+    doc["cluster"] = {
+        "database": url,
+        "node": name,
+        "heartbeat_interval": 0.5,
+        "connect_timeout": 2.0,
+        "auth_sync_interval": 0.2,
+    }
     for section, values in (extra or {}).items():
         doc.setdefault(section, {}).update(values)
     return write_config(directory / f"{name}.toml", doc), port
@@ -89,18 +99,20 @@ def test_migrate_is_versioned_and_status_shows_the_schema(tmp_path: Path, postgr
     )
     before = mxgate("cluster", "status", "-c", str(config))
     assert before.returncode == 1
-    assert "core" in before.stdout and "0/1  MIGRATE" in before.stdout
+    assert "core         0/2  MIGRATE" in before.stdout
     first = mxgate("cluster", "migrate", "-c", str(config))
     assert first.returncode == 0, first.stderr
     assert "applied core 1: nodes and their heartbeats" in first.stdout
+    assert "applied core 2: AUTH failures of every node" in first.stdout
+    assert "applied tlsrpt 1:" in first.stdout and "applied mta_sts 1:" in first.stdout
     again = mxgate("cluster", "migrate", "-c", str(config))
     assert again.returncode == 0 and "schema up to date" in again.stdout
     with psycopg.connect(postgresql_url) as conn:
         rows = conn.execute("SELECT component, version FROM mxgate_schema ORDER BY 1, 2").fetchall()
-    assert ("core", 1) in rows and len(rows) == len(set(rows))
+    assert {("core", 1), ("core", 2), ("mta_sts", 1), ("tlsrpt", 1)} <= set(rows) and len(rows) == len(set(rows))
     after = mxgate("cluster", "status", "-c", str(config))
     assert after.returncode == 0, after.stdout + after.stderr
-    assert "core         1/1  ok" in after.stdout
+    assert "core         2/2  ok" in after.stdout
     assert "postgres:" not in after.stdout  # no password is ever printed (there is none here either)
 
 
@@ -172,3 +184,44 @@ def test_a_node_starts_and_takes_mail_while_the_database_is_away(
         reply = send(port, "user@example.org", "no database")
         assert reply.startswith("250"), reply
         assert len(sink.wait_for(1, timeout=30)) == 1
+
+
+async def auth(port: int, password: str, source: str) -> str:
+    """One AUTH PLAIN on a new connection from ``source``; returns the reply's code and enhanced code."""
+    token = base64.b64encode(f"\0alice\0{password}".encode())
+    client = await RawClient.connect("127.0.0.1", port, source=source, timeout=30)
+    try:
+        assert (await client.reply(30)).code == "220"
+        await client.send(b"EHLO brute.example\r\n")
+        assert (await client.reply(30)).code == "250"
+        await client.send(b"AUTH PLAIN " + token + b"\r\n")
+        reply = await client.reply(60)
+        return reply.lines[-1][:9].decode("ascii", "replace") if reply.lines else reply.code
+    finally:
+        await client.close()
+
+
+@pytest.mark.timeout(240)
+def test_auth_failure_limit_is_cluster_wide(
+    tmp_path: Path, postgresql_url: str, threaded_smtp_sink: Callable[..., ThreadedSmtpSink]
+) -> None:
+    sink = threaded_smtp_sink()
+    configs = []
+    for name in ("mx1", "mx2", "mx3"):
+        path, port = node_config(tmp_path, name, postgresql_url, sink)
+        UsersFile(tmp_path / name / "users").add("alice", "right horse battery staple")
+        doc = tomllib.loads(path.read_text())
+        doc["listener"][0].update({"allow_plaintext_auth": True, "max_errors": 50})
+        configs.append((write_config(path, doc), port))
+    assert mxgate("cluster", "migrate", "-c", str(configs[0][0])).returncode == 0
+    with nodes(configs):
+        # a brute-forcer goes round the three nodes: 15 attempts each, what three separate limits of 5 would allow
+        replies = [asyncio.run(auth(configs[i % 3][1], f"guess {i}", "127.0.0.50")) for i in range(45)]
+        failed = replies.count("535 5.7.8")
+        limited = replies.count("454 4.7.0")
+        assert failed + limited == 45, replies
+        # the limit (5) plus what the nodes let through while their 0.2 s syncs catch up; alone, each would allow 5
+        assert 5 <= failed <= 9, replies
+        assert replies[-15:] == ["454 4.7.0"] * 15
+        # another address is not punished for it, on any node
+        assert asyncio.run(auth(configs[2][1], "right horse battery staple", "127.0.0.51")) == "235 2.7.0"
