@@ -130,11 +130,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     config, _ = load_from_args(args)
     by_mid = args.message_id is not None
     ident = args.message_id if by_mid else args.id
-    records = tracking.trace(config.state_path, ident, message_id=by_mid)
+    where = str(config.state_path / tracking.FILE_NAME)
+    if config.cluster.database:  # every node's records, each with its node name
+        from mxgate.core.cluster import SharedDb
+        from mxgate.core.cluster_tracking import trace as cluster_trace
+
+        cl = config.cluster
+        db = SharedDb(cl.database, name="trace", node=cl.node, connect_timeout=cl.connect_timeout)
+        records = cluster_trace(db, ident, message_id=by_mid)
+        where = "the cluster's tracking records"
+    else:
+        records = tracking.trace(config.state_path, ident, message_id=by_mid)
     if not records:
         what = "Message-ID" if by_mid else "queue id"
         print(
-            f"mxgate: no tracking records for {what} {escape(ident)!r} in {config.state_path / tracking.FILE_NAME}",
+            f"mxgate: no tracking records for {what} {escape(ident)!r} in {where}",
             file=sys.stderr,
         )
         if not by_mid and ("@" in ident or ident.startswith("<")):
@@ -343,7 +353,10 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     add_config_arg(p)
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("trace", help="a message's story from the tracking log, by queue id or --message-id")
+    p = sub.add_parser(
+        "trace",
+        help="a message's story from the tracking log, by queue id or --message-id (in a cluster: every node's)",
+    )
     p.add_argument("id", nargs="?", help="queue id (as in '250 2.0.0 Ok: queued as ID')")
     p.add_argument(
         "--message-id", metavar="MESSAGE-ID", help="every message with this Message-ID (angle brackets optional)"

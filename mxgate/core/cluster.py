@@ -128,6 +128,26 @@ CORE_STEPS: Final = (
         CREATE INDEX mxgate_auth_failure_client ON mxgate_auth_failure (client, at)
         """,
     ),
+    (
+        3,
+        "tracking log of every node",
+        """
+        CREATE TABLE mxgate_tracking (
+            node TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            pos BIGINT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            event TEXT NOT NULL,
+            queue_id TEXT,
+            message_id TEXT,
+            line TEXT NOT NULL,
+            PRIMARY KEY (node, file_id, pos)
+        );
+        CREATE INDEX mxgate_tracking_queue_id ON mxgate_tracking (queue_id);
+        CREATE INDEX mxgate_tracking_message_id ON mxgate_tracking (message_id);
+        CREATE INDEX mxgate_tracking_ts ON mxgate_tracking (ts)
+        """,
+    ),
 )
 
 
@@ -237,6 +257,10 @@ class SharedDb:
                     continue
                 raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
         raise AssertionError("unreachable")
+
+    def call(self, fn: Callable[[Any], T]) -> T:
+        """``fn`` on the caller's thread (a command that runs nothing else); not while the store's thread is used."""
+        return self._call(fn, False)
 
     async def run(self, fn: Callable[[Any], T]) -> T:
         if self._closed:

@@ -147,6 +147,7 @@ class Gateway:
         self.servers: list[Any] = []
         self.scheduler: Any = None
         self.workers: Any = None
+        self._shipper: Any = None  # cluster mode: ships the tracking log
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
@@ -173,8 +174,14 @@ class Gateway:
         runtime.wakeup = scheduler.wakeup
         runtime.enqueue = scheduler.enqueue
         if runtime.cluster is not None:
+            from mxgate.core.cluster_tracking import TrackingShipper
+
             await runtime.cluster.heartbeat()
             runtime.tasks.append(asyncio.ensure_future(runtime.cluster.run_heartbeat()))
+            if self.config.server.tracking_log:
+                shipper = TrackingShipper(runtime.cluster.database("tracking"), self.config.state_path)
+                self._shipper = shipper
+                runtime.tasks.append(asyncio.ensure_future(shipper.run()))
         await runtime.hooks.on_startup(runtime)
         runtime.tasks.append(asyncio.ensure_future(scheduler.run()))
         # With receive workers the main process binds the listeners and hands them over: it accepts nothing
@@ -211,9 +218,14 @@ class Gateway:
         await runtime.hooks.on_shutdown(runtime)
         if runtime.queue is not None:
             await runtime.queue.close()
+        runtime.tracking.close()
+        if self._shipper is not None:  # the last lines, while the database is there (else: at the next start)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._shipper.ship(), 10.0)
+            await self._shipper.db.close()
+            self._shipper = None
         if runtime.cluster is not None:
             await runtime.cluster.close()
-        runtime.tracking.close()
         self.runtime = None
 
     async def serve_forever(self) -> None:

@@ -99,20 +99,22 @@ def test_migrate_is_versioned_and_status_shows_the_schema(tmp_path: Path, postgr
     )
     before = mxgate("cluster", "status", "-c", str(config))
     assert before.returncode == 1
-    assert "core         0/2  MIGRATE" in before.stdout
+    assert "core         0/3  MIGRATE" in before.stdout
     first = mxgate("cluster", "migrate", "-c", str(config))
     assert first.returncode == 0, first.stderr
     assert "applied core 1: nodes and their heartbeats" in first.stdout
     assert "applied core 2: AUTH failures of every node" in first.stdout
+    assert "applied core 3: tracking log of every node" in first.stdout
     assert "applied tlsrpt 1:" in first.stdout and "applied mta_sts 1:" in first.stdout
     again = mxgate("cluster", "migrate", "-c", str(config))
     assert again.returncode == 0 and "schema up to date" in again.stdout
     with psycopg.connect(postgresql_url) as conn:
         rows = conn.execute("SELECT component, version FROM mxgate_schema ORDER BY 1, 2").fetchall()
-    assert {("core", 1), ("core", 2), ("mta_sts", 1), ("tlsrpt", 1)} <= set(rows) and len(rows) == len(set(rows))
+    assert {("core", 1), ("core", 2), ("core", 3), ("mta_sts", 1), ("tlsrpt", 1)} <= set(rows)
+    assert len(rows) == len(set(rows))
     after = mxgate("cluster", "status", "-c", str(config))
     assert after.returncode == 0, after.stdout + after.stderr
-    assert "core         2/2  ok" in after.stdout
+    assert "core         3/3  ok" in after.stdout
     assert "postgres:" not in after.stdout  # no password is ever printed (there is none here either)
 
 
@@ -149,12 +151,28 @@ def test_three_nodes_take_mail_and_heartbeat(
     configs = [node_config(tmp_path, name, postgresql_url, sink) for name in ("mx1", "mx2", "mx3")]
     assert mxgate("cluster", "migrate", "-c", str(configs[0][0])).returncode == 0
     with nodes(configs) as procs:
+        replies = []
         for i, (_, port) in enumerate(configs):
             for j in range(3):
                 reply = send(port, f"user{j}@example.org", f"node {i} message {j}")
                 assert reply.startswith("250"), reply
+                replies.append(reply)
+        first_reply = replies[0]
         received = sink.wait_for(9, timeout=60)
         assert subjects(received) == sorted(f"node {i} message {j}" for i in range(3) for j in range(3))
+
+        # the story of a message taken in by mx1, told on mx3 (each record names its node)
+        queue_id = first_reply.split()[-1]
+
+        def traced() -> str | None:
+            out = mxgate("trace", queue_id, "-c", str(configs[2][0])).stdout
+            return out if "DELIVER" in out else None
+
+        story = poll(traced, 30, "mx1's records in the cluster").splitlines()
+        assert {"RECEIVE", "ROUTE", "DELIVER"} <= {line.split()[2] for line in story}
+        assert all(f" {queue_id} " in line and "node=mx1" in line for line in story)
+        by_mid = mxgate("trace", "--message-id", "<nothing@here>", "-c", str(configs[1][0]))
+        assert by_mid.returncode == 1 and "the cluster's tracking records" in by_mid.stderr
 
         def all_up() -> str | None:
             out = mxgate("cluster", "status", "-c", str(configs[1][0])).stdout
