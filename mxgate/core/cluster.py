@@ -25,13 +25,14 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
@@ -146,6 +147,13 @@ CORE_STEPS: Final = (
         CREATE INDEX mxgate_tracking_queue_id ON mxgate_tracking (queue_id);
         CREATE INDEX mxgate_tracking_message_id ON mxgate_tracking (message_id);
         CREATE INDEX mxgate_tracking_ts ON mxgate_tracking (ts)
+        """,
+    ),
+    (
+        4,
+        "queue summaries of every node",
+        """
+        ALTER TABLE mxgate_node ADD COLUMN queue TEXT
         """,
     ),
 )
@@ -498,6 +506,8 @@ class Cluster:
         self.last_beat: float | None = None
         self.reachable = False
         self.auth_limiter: ClusterFailureLimiter | None = None
+        # the main process's queue summary, published with every heartbeat (``mxgate queue list --cluster``)
+        self.queue_summary: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     def database(self, name: str, *, schema: str | None = None) -> SharedDb:
         """A new store connection for component ``name`` (its own session and thread); unqualified table names
@@ -520,14 +530,21 @@ class Cluster:
 
     async def heartbeat(self) -> bool:
         now = self.clock()
+        queue = None
+        if self.queue_summary is not None:
+            try:
+                queue = json.dumps(await self.queue_summary(), separators=(",", ":"))
+            except Exception:
+                log.exception("queue summary for the cluster failed")
 
         def beat(c: PgConnection) -> None:
             c.execute(
-                "INSERT INTO mxgate_node (name, hostname, pid, version, started_at, heartbeat_at)"
-                " VALUES (?, ?, ?, ?, to_timestamp(?), to_timestamp(?)) ON CONFLICT (name) DO UPDATE SET"
+                "INSERT INTO mxgate_node (name, hostname, pid, version, started_at, heartbeat_at, queue)"
+                " VALUES (?, ?, ?, ?, to_timestamp(?), to_timestamp(?), ?) ON CONFLICT (name) DO UPDATE SET"
                 " hostname = excluded.hostname, pid = excluded.pid, version = excluded.version,"
-                " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
-                (self.node, socket.gethostname(), os.getpid(), __version__, self.started_at, now),
+                " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,"
+                " queue = COALESCE(excluded.queue, mxgate_node.queue)",
+                (self.node, socket.gethostname(), os.getpid(), __version__, self.started_at, now, queue),
             )
 
         try:
@@ -577,6 +594,7 @@ class NodeStatus:
     heartbeat_at: float
     age: float  # seconds since the last heartbeat, by the database's clock
     stale: bool
+    queue: dict[str, Any] | None = None  # the node's queue summary as of its last heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,11 +621,12 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
         schema = _versions(c)
         nodes: list[NodeStatus] = []
         if schema.get(CORE, 0) >= 1:
+            queue_col = ", queue" if schema.get(CORE, 0) >= 4 else ", NULL"
             rows = c.execute(
                 "SELECT name, hostname, version, EXTRACT(EPOCH FROM started_at), EXTRACT(EPOCH FROM heartbeat_at),"
-                " EXTRACT(EPOCH FROM now() - heartbeat_at) FROM mxgate_node ORDER BY name"
+                f" EXTRACT(EPOCH FROM now() - heartbeat_at){queue_col} FROM mxgate_node ORDER BY name"
             ).fetchall()
-            for name, host, ver, started, beat, age in rows:
+            for name, host, ver, started, beat, age, queue in rows:
                 nodes.append(
                     NodeStatus(
                         str(name),
@@ -617,6 +636,7 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
                         float(beat),
                         float(age),
                         float(age) > STALE_BEATS * conf.heartbeat_interval,
+                        json.loads(queue) if queue else None,
                     )
                 )
     return ClusterStatus(version, schema, migrations.wanted(), tuple(nodes))
@@ -667,6 +687,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.problem:
         print(f"mxgate: {status.problem}", file=sys.stderr)
         return 1
+    return 0
+
+
+def queue_summary(counts: Any) -> dict[str, Any]:
+    """What a node publishes of its queue (a :class:`~mxgate.core.queue.store.QueueCounts`)."""
+    return {
+        "messages": counts.messages,
+        "active": counts.leased,
+        "deferred": counts.deferred,
+        "held": counts.held,
+        "bytes": counts.bytes,
+        "recipients": {str(status): n for status, n in counts.recipients},
+        "oldest_age": counts.oldest_age,
+    }
+
+
+def cmd_queue_list_cluster(args: argparse.Namespace) -> int:
+    """``mxgate queue list --cluster``: every node's queue summary as of its last heartbeat."""
+    conf, migrations = _load(args)
+    status = read_status(conf, migrations)
+    if args.json:
+        rows = [
+            {"node": n.name, "heartbeat_age": round(n.age, 1), "stale": n.stale, "queue": n.queue} for n in status.nodes
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ("NODE", "STATE", "MESSAGES", "ACTIVE", "DEFERRED", "HELD", "BYTES", "OLDEST", "AS OF")
+    table = []
+    for n in status.nodes:
+        q = n.queue or {}
+        oldest = q.get("oldest_age")
+        table.append(
+            (
+                n.name,
+                "stale" if n.stale else "up",
+                *(str(q.get(k, "-")) for k in ("messages", "active", "deferred", "held", "bytes")),
+                "-" if oldest is None else f"{oldest:.0f}s",
+                f"{n.age:.0f}s ago",
+            )
+        )
+    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head))]
+    for row in [head, *table]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -176,6 +176,14 @@ class Gateway:
         if runtime.cluster is not None:
             from mxgate.core.cluster_tracking import TrackingShipper
 
+            queue = runtime.queue
+            if queue is not None:
+                from mxgate.core.cluster import queue_summary
+
+                async def summary() -> dict[str, Any]:
+                    return queue_summary(await queue.counts(now=runtime.clock()))
+
+                runtime.cluster.queue_summary = summary
             await runtime.cluster.heartbeat()
             runtime.tasks.append(asyncio.ensure_future(runtime.cluster.run_heartbeat()))
             if self.config.server.tracking_log:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import smtplib
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_migrate_is_versioned_and_status_shows_the_schema(tmp_path: Path, postgr
     )
     before = mxgate("cluster", "status", "-c", str(config))
     assert before.returncode == 1
-    assert "core         0/3  MIGRATE" in before.stdout
+    assert "core         0/4  MIGRATE" in before.stdout
     first = mxgate("cluster", "migrate", "-c", str(config))
     assert first.returncode == 0, first.stderr
     assert "applied core 1: nodes and their heartbeats" in first.stdout
@@ -110,11 +111,11 @@ def test_migrate_is_versioned_and_status_shows_the_schema(tmp_path: Path, postgr
     assert again.returncode == 0 and "schema up to date" in again.stdout
     with psycopg.connect(postgresql_url) as conn:
         rows = conn.execute("SELECT component, version FROM mxgate_schema ORDER BY 1, 2").fetchall()
-    assert {("core", 1), ("core", 2), ("core", 3), ("mta_sts", 1), ("tlsrpt", 1)} <= set(rows)
+    assert {("core", 1), ("core", 2), ("core", 3), ("core", 4), ("mta_sts", 1), ("tlsrpt", 1)} <= set(rows)
     assert len(rows) == len(set(rows))
     after = mxgate("cluster", "status", "-c", str(config))
     assert after.returncode == 0, after.stdout + after.stderr
-    assert "core         3/3  ok" in after.stdout
+    assert "core         4/4  ok" in after.stdout
     assert "postgres:" not in after.stdout  # no password is ever printed (there is none here either)
 
 
@@ -243,3 +244,35 @@ def test_auth_failure_limit_is_cluster_wide(
         assert replies[-15:] == ["454 4.7.0"] * 15
         # another address is not punished for it, on any node
         assert asyncio.run(auth(configs[2][1], "right horse battery staple", "127.0.0.51")) == "235 2.7.0"
+
+
+@pytest.mark.timeout(180)
+def test_queue_list_cluster_shows_every_nodes_queue(
+    tmp_path: Path, postgresql_url: str, threaded_smtp_sink: Callable[..., ThreadedSmtpSink]
+) -> None:
+    sink = threaded_smtp_sink()
+    good, good_port = node_config(tmp_path, "mx1", postgresql_url, sink)
+    stuck, stuck_port = node_config(tmp_path, "mx2", postgresql_url, sink)
+    doc = tomllib.loads(stuck.read_text())
+    doc["outbound_connector"][0]["smart_hosts"] = [f"127.0.0.1:{free_port()}"]  # nothing listens: deferred
+    write_config(stuck, doc)
+    assert mxgate("cluster", "migrate", "-c", str(good)).returncode == 0
+    with nodes([(good, good_port), (stuck, stuck_port)]):
+        assert send(good_port, "a@example.org", "goes through").startswith("250")
+        for i in range(2):
+            assert send(stuck_port, f"b{i}@example.org", "waits").startswith("250")
+        sink.wait_for(1, timeout=30)
+
+        def summaries() -> dict[str, Any] | None:
+            proc = mxgate("queue", "list", "--cluster", "--json", "-c", str(good))
+            assert proc.returncode == 0, proc.stderr
+            rows = {r["node"]: r["queue"] for r in json.loads(proc.stdout)}
+            ok = rows.get("mx1") and rows["mx1"]["messages"] == 0
+            waiting = rows.get("mx2") and rows["mx2"]["messages"] == 2 and rows["mx2"]["deferred"] == 2
+            return rows if ok and waiting else None
+
+        rows = poll(summaries, 60, "both nodes' queue summaries")
+        assert rows["mx2"]["recipients"]["deferred"] == 2
+        table = mxgate("queue", "list", "--cluster", "-c", str(stuck)).stdout.splitlines()
+        assert table[0].split()[:4] == ["NODE", "STATE", "MESSAGES", "ACTIVE"]
+        assert [line.split()[:3] for line in table[1:]] == [["mx1", "up", "0"], ["mx2", "up", "2"]]

@@ -90,6 +90,10 @@ def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from mxgate.core.cluster import cmd_queue_list_cluster
+
+        return cmd_queue_list_cluster(args)
     now = time.time()
     messages = _run(args, lambda s: s.list(limit=args.limit, include_finished=args.all))
     rows = [message_row(m, now) for m in messages]
@@ -206,6 +210,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("--all", action="store_true", help="include finished messages (tombstones)")
     p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--cluster", action="store_true", help="every node's queue summary, as published with its heartbeat")
     add_config_arg(p)
     p.set_defaults(func=cmd_list)
 
