@@ -276,3 +276,78 @@ def test_queue_list_cluster_shows_every_nodes_queue(
         table = mxgate("queue", "list", "--cluster", "-c", str(stuck)).stdout.splitlines()
         assert table[0].split()[:4] == ["NODE", "STATE", "MESSAGES", "ACTIVE"]
         assert [line.split()[:3] for line in table[1:]] == [["mx1", "up", "0"], ["mx2", "up", "2"]]
+
+
+def tlsrpt_local(state: Path) -> int:
+    """The sessions a node counted in its own TLS-RPT file (ground truth of what it recorded)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(state / "tlsrpt.sqlite3")) as conn:
+        row = conn.execute("SELECT COALESCE(SUM(success + failure), 0) FROM policy").fetchone()
+    return int(row[0])
+
+
+def tlsrpt_cluster(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT COALESCE(SUM(success + failure), 0) FROM tlsrpt.policy").fetchone()
+    return int(row[0])
+
+
+def tracked(url: str, event: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT queue_id FROM mxgate_tracking WHERE event = %s", (event,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+@pytest.mark.timeout(300)
+def test_postgresql_stopped_mid_load_stops_no_mail_and_loses_no_count(
+    tmp_path: Path,
+    postgresql_url: str,
+    postgresql_server: PostgresServer,
+    threaded_smtp_sink: Callable[..., ThreadedSmtpSink],
+    issue_cert: Any,
+) -> None:
+    sink = threaded_smtp_sink(tls=issue_cert(["sink.mxgate.test"]))
+    configs = []
+    for name in ("mx1", "mx2", "mx3"):
+        path, port = node_config(tmp_path, name, postgresql_url, sink)
+        doc = tomllib.loads(path.read_text())
+        # TLS to the sink (a self-signed-to-us chain: opportunistic), no session reuse: one TLS outcome per message
+        doc["outbound_connector"][0].update({"tls": "opportunistic", "connection_reuse": False})
+        doc["plugins"] = {"tlsrpt": {"flush_interval": 0.5}}
+        configs.append((write_config(path, doc), port))
+    assert mxgate("cluster", "migrate", "-c", str(configs[0][0])).returncode == 0
+    replies: list[str] = []
+    with nodes(configs):
+
+        def load(n: int, tag: str) -> None:
+            for i in range(n):
+                replies.append(send(configs[i % 3][1], f"user{i}@example.org", f"{tag} {i}"))
+
+        load(15, "before")
+        postgresql_server.stop()
+        try:
+            load(15, "during")  # the database is gone: mail flows on
+            sink.wait_for(30, timeout=60)
+        finally:
+            postgresql_server.start()
+        load(15, "after")
+        assert [r[:3] for r in replies] == ["250"] * 45, replies
+        received = sink.wait_for(45, timeout=90)
+        assert len(received) == 45 and len(set(subjects(received))) == 45
+        states = [tmp_path / name for name in ("mx1", "mx2", "mx3")]
+
+        def caught_up() -> bool:
+            local = sum(tlsrpt_local(s) for s in states)
+            return local == 45 and tlsrpt_cluster(postgresql_url) == local
+
+        poll(caught_up, 60, "TLS-RPT counts published after the outage")
+        queue_ids = {r.split()[-1] for r in replies}
+
+        def tracked_all() -> bool:
+            return set(tracked(postgresql_url, "DELIVER")) == queue_ids
+
+        poll(tracked_all, 60, "tracking records shipped after the outage")
+        received_ids = tracked(postgresql_url, "RECEIVE")
+        assert sorted(received_ids) == sorted(queue_ids)  # every message once: nothing lost, nothing twice
+    assert tlsrpt_cluster(postgresql_url) == 45  # and still exact after the nodes stopped (final flushes)
