@@ -351,3 +351,14 @@ def test_postgresql_stopped_mid_load_stops_no_mail_and_loses_no_count(
         received_ids = tracked(postgresql_url, "RECEIVE")
         assert sorted(received_ids) == sorted(queue_ids)  # every message once: nothing lost, nothing twice
     assert tlsrpt_cluster(postgresql_url) == 45  # and still exact after the nodes stopped (final flushes)
+    # one report for the policy domain, whichever node is asked, with the sum of the three nodes' sessions
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    show = mxgate("tlsrpt", "show", "--date", today, "-c", str(configs[1][0]))
+    assert show.returncode == 0, show.stderr
+    assert show.stdout.count("# ") == 1  # one policy domain: the smart host's (RFC 8460 4.3), "127.0.0.1" here
+    doc = json.loads(show.stdout.split("\n", 1)[1])
+    assert (
+        sum(p["summary"]["total-successful-session-count"] for p in doc["policies"])
+        + sum(p["summary"]["total-failure-session-count"] for p in doc["policies"])
+        == 45
+    )
