@@ -496,8 +496,16 @@ class ClusterFailureLimiter(FailureLimiter):
 class Cluster:
     """This node's view of the cluster: its name, the database, the stores plugins open on it, the heartbeat."""
 
-    def __init__(self, conf: ClusterConfig, migrations: MigrationRegistry, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        conf: ClusterConfig,
+        migrations: MigrationRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+        emit: Callable[..., Awaitable[None]] | None = None,
+    ):
         self.conf = conf
+        self.emit = emit  # report events (``cluster_heartbeat``), the hooks' ``on_event``
         self.node = conf.node
         self.migrations = migrations
         self.clock = clock
@@ -553,7 +561,11 @@ class Cluster:
             if self.reachable:
                 log.warning("cluster database lost; working without it", extra={"error": str(exc)})
             self.reachable = False
+            if self.emit is not None:
+                await self.emit("cluster_heartbeat", result="failed")
             return False
+        if self.emit is not None:
+            await self.emit("cluster_heartbeat", result="ok")
         if not self.reachable:
             log.info("cluster database reachable", extra={"node": self.node})
         self.reachable = True

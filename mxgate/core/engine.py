@@ -125,7 +125,12 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
     if runtime.config.cluster.database:
         from mxgate.core.cluster import Cluster, collect_migrations
 
-        cluster = Cluster(runtime.config.cluster, collect_migrations(runtime.hooks.dispatcher), clock=runtime.clock)
+        cluster = Cluster(
+            runtime.config.cluster,
+            collect_migrations(runtime.hooks.dispatcher),
+            clock=runtime.clock,
+            emit=runtime.hooks.on_event,
+        )
         await cluster.check_schema()
         runtime.cluster = cluster
         from mxgate.core.smtp.server import AUTH_FAILURES

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import smtplib
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -350,6 +352,12 @@ def test_postgresql_stopped_mid_load_stops_no_mail_and_loses_no_count(
         poll(tracked_all, 60, "tracking records shipped after the outage")
         received_ids = tracked(postgresql_url, "RECEIVE")
         assert sorted(received_ids) == sorted(queue_ids)  # every message once: nothing lost, nothing twice
+        # the outage is visible to Prometheus: failed heartbeats while it lasted, ok ones after
+        listen = tomllib.loads(configs[0][0].read_text())["metrics"]["listen"]
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        beats = dict(re.findall(r'^mxgate_cluster_heartbeats_total\{result="(\w+)"\} ([0-9.e+]+)$', metrics, re.M))
+        assert float(beats["failed"]) >= 1 and float(beats["ok"]) >= 2, beats
     assert tlsrpt_cluster(postgresql_url) == 45  # and still exact after the nodes stopped (final flushes)
     # one report for the policy domain, whichever node is asked, with the sum of the three nodes' sessions
     today = time.strftime("%Y-%m-%d", time.gmtime())
