@@ -467,6 +467,7 @@ class PolicyCache:
         self._rev = 0  # the shared cache's revision this node has taken in
         self._misses: OrderedDict[str, float] = OrderedDict()  # domain -> when the shared cache lacked it
         self._unavailable_logged = False
+        self._unshared: set[str] = set()  # fetched while the database was away: shared by the next pull
 
     @classmethod
     async def open(cls, path: Path, shared: SharedPolicies | None = None) -> PolicyCache:
@@ -485,8 +486,8 @@ class PolicyCache:
     async def put(self, entry: CachedPolicy) -> None:
         self._entries[entry.domain] = entry
         await asyncio.to_thread(self.store.put, entry)
-        if self.shared is not None:
-            await self._shared(self.shared.put(entry), None)
+        if self.shared is not None and await self._shared(self.shared.put(entry), False) is False:
+            self._unshared.add(entry.domain)  # the database is away: shared by the next pull
 
     async def delete(self, domain: str) -> None:
         """This node's copy only: the shared row expires by its own ``expires_at``."""
@@ -533,6 +534,11 @@ class PolicyCache:
         """Take in what other nodes fetched since the last pull; returns how many entries changed here."""
         if self.shared is None:
             return 0
+        for domain in sorted(self._unshared):  # fetched while the database was away: the cluster gets them now
+            entry = self._entries.get(domain)
+            if entry is not None and await self._shared(self.shared.put(entry), False) is False:
+                return 0
+            self._unshared.discard(domain)
         found = await self._shared(self.shared.changed(self._rev, now), None)
         if found is None:
             return 0

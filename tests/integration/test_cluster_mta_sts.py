@@ -152,3 +152,8 @@ async def test_the_cache_works_on_while_the_database_is_down(
         finally:
             await asyncio.to_thread(postgresql_server.start)
         assert capture.results("sts_fetch", "result").count("ok") == 2
+        await plugin.engine.cache.pull(time.time())  # back: the policy fetched meanwhile reaches the cluster
+    async with node(lab, tmp_path, "mx2", postgresql_url) as (b, _plugin_b, capture_b):
+        assert await sts_policy(b, "none.test", "mx.none.test") is not None
+        assert capture_b.results("sts_policy", "origin") == ["cache"]
+        assert capture_b.results("sts_fetch", "result") == []

@@ -151,7 +151,9 @@ def test_three_nodes_take_mail_and_heartbeat(
     tmp_path: Path, postgresql_url: str, threaded_smtp_sink: Callable[..., ThreadedSmtpSink]
 ) -> None:
     sink = threaded_smtp_sink()
-    configs = [node_config(tmp_path, name, postgresql_url, sink) for name in ("mx1", "mx2", "mx3")]
+    configs = [node_config(tmp_path, name, postgresql_url, sink) for name in ("mx1", "mx2")]
+    # mx3 receives in a worker process (server.receive_workers): the worker joins the cluster too
+    configs.append(node_config(tmp_path, "mx3", postgresql_url, sink, extra={"server": {"receive_workers": 1}}))
     assert mxgate("cluster", "migrate", "-c", str(configs[0][0])).returncode == 0
     with nodes(configs) as procs:
         replies = []
