@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 STATE_NAME: Final = "tracking.shipped"
 SHIP_INTERVAL: Final = 1.0
 BATCH_LINES: Final = 5000  # lines per transaction; a round goes on until the log is shipped
-RETENTION_DAYS: Final = 30  # records older than this are deleted from the shared table
 PURGE_EVERY: Final = 3600.0
 
 
@@ -72,8 +71,9 @@ def _parse(line: bytes) -> tuple[float, str, str | None, str | None] | None:
 class TrackingShipper:
     """Ships ``state_dir``'s tracking log to the cluster's ``mxgate_tracking`` table (see the module docstring)."""
 
-    def __init__(self, db: SharedDb, state_dir: Path, *, clock: Any = time.time) -> None:
+    def __init__(self, db: SharedDb, state_dir: Path, *, clock: Any = time.time, retention_days: int = 30) -> None:
         self.db = db
+        self.retention_days = retention_days  # records older than this are deleted from the shared table
         self.state_dir = state_dir
         self.state_path = state_dir / STATE_NAME
         self.clock = clock
@@ -159,7 +159,7 @@ class TrackingShipper:
             shipped += len(lines)
 
     async def purge(self) -> None:
-        cutoff = self.clock() - RETENTION_DAYS * 86400
+        cutoff = self.clock() - self.retention_days * 86400
         await self.db.run(lambda c: c.execute("DELETE FROM mxgate_tracking WHERE ts < ?", (cutoff,)))
 
     async def run(self) -> None:

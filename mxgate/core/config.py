@@ -260,6 +260,11 @@ class ClusterConfig:
     connect_timeout: float = setting(
         5.0, desc="Seconds to wait for the cluster database before working without it.", check=checks.check_positive
     )
+    tracking_retention_days: int = setting(
+        30,
+        desc="Days the shared tracking records (`mxgate trace` across nodes) are kept in the cluster database.",
+        check=checks.check_positive,
+    )
     auth_sync_interval: float = setting(
         1.0,
         desc="Seconds between exchanges of AUTH failures with the other nodes (a brute-forcer spread over the nodes "

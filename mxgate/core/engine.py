@@ -192,7 +192,11 @@ class Gateway:
             await runtime.cluster.heartbeat()
             runtime.tasks.append(asyncio.ensure_future(runtime.cluster.run_heartbeat()))
             if self.config.server.tracking_log:
-                shipper = TrackingShipper(runtime.cluster.database("tracking"), self.config.state_path)
+                shipper = TrackingShipper(
+                    runtime.cluster.database("tracking"),
+                    self.config.state_path,
+                    retention_days=self.config.cluster.tracking_retention_days,
+                )
                 self._shipper = shipper
                 runtime.tasks.append(asyncio.ensure_future(shipper.run()))
         await runtime.hooks.on_startup(runtime)
