@@ -1040,6 +1040,12 @@ class TlsRptService:
         if day >= _today(now):
             raise ValueError(f"{day} is not over yet (UTC); reports cover full days")
         await self.flush()
+        async with self.db.exclusive("tlsrpt-send") as ours:  # in a cluster, never beside a node's sending round
+            if not ours:
+                raise ValueError("another node is in its TLS-RPT sending round; try again in a minute")
+            return await self._send_day(day, domain, now)
+
+    async def _send_day(self, day: str, domain: str | None, now: float) -> list[SendResult]:
         domains = [domain] if domain else await self.domains(day)
         for d in domains:
             state = await self.db.run(functools.partial(_report_state, day=day, domain=d))

@@ -180,3 +180,26 @@ def test_cli_show_on_any_node_prints_the_clusters_report(tmp_path: Path, postgre
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.split("\n", 1)[1])
     assert totals(doc) == (5, 0)
+
+
+async def test_tlsrpt_send_waits_for_no_one_but_refuses_beside_a_sending_round(
+    tmp_path: Path, postgresql_url: str
+) -> None:
+    migrated(postgresql_url)
+    clock = Clock(ts("2024-03-05T06:00:00"))
+    sent: list[tuple[str, str]] = []
+    a, b = (node(tmp_path, name, postgresql_url, clock, sent=sent) for name in ("mx1", "mx2"))
+    try:
+        b.record(outcome(ts("2024-03-04T10:00:00")))
+        async with a.db.exclusive("tlsrpt-send") as ours:  # mx1 is in its sending round
+            assert ours
+            with pytest.raises(ValueError, match="another node is in its TLS-RPT sending round"):
+                await b.send_day(DAY)
+        assert sent == []
+        await b.send_day(DAY)  # the round is over: the operator's send goes through, once
+        assert [node for node, _ in sent] == ["mx2"]
+        await a.send_day(DAY)
+        assert len(sent) == 1
+    finally:
+        await a.close()
+        await b.close()
