@@ -424,6 +424,7 @@ class ClusterFailureLimiter(FailureLimiter):
         self.wall_clock = wall_clock
         self._outbox: list[tuple[str, str, float]] = []  # ("fail" | "ok", client, wall time)
         self._remote: dict[str, int] = {}
+        self._wake: asyncio.Event | None = None  # set by a failure: it goes out at once, not at the next interval
 
     def blocked(self, key: str) -> bool:
         q = self._recent(key)
@@ -443,6 +444,8 @@ class ClusterFailureLimiter(FailureLimiter):
         self._outbox.append((op, key, self.wall_clock()))
         if len(self._outbox) > AUTH_OUTBOX_LIMIT:
             del self._outbox[: len(self._outbox) - AUTH_OUTBOX_LIMIT]
+        if self._wake is not None:
+            self._wake.set()
 
     async def sync(self) -> bool:
         """Send this process's failures and successes, read the others'; False when the database is away."""
@@ -477,12 +480,18 @@ class ClusterFailureLimiter(FailureLimiter):
         return True
 
     async def run_sync(self) -> None:
+        """Every ``sync_interval``, and at once after a failure or success here (the other nodes still learn of
+        it at their next interval)."""
+        self._wake = wake = asyncio.Event()
         while True:
+            wake.clear()
             try:
                 await self.sync()
             except Exception:
                 log.exception("cluster AUTH failure sync failed")
-            await asyncio.sleep(self.sync_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.sync_interval)
+                await asyncio.sleep(self.sync_interval / 10)  # a flood's failures go out in batches
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
