@@ -131,7 +131,11 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
             clock=runtime.clock,
             emit=runtime.hooks.on_event,
         )
-        await cluster.check_schema()
+        try:
+            await cluster.check_schema()
+        except BaseException:
+            await cluster.close()
+            raise
         runtime.cluster = cluster
         from mxgate.core.smtp.server import AUTH_FAILURES
 
