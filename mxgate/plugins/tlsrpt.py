@@ -277,18 +277,11 @@ CREATE TABLE tlsrpt.received_failure (
     received_id BIGINT NOT NULL, policy_domain TEXT NOT NULL, result_type TEXT NOT NULL,
     receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, count BIGINT NOT NULL
 );
+CREATE INDEX received_at ON tlsrpt.received (received_at);
+CREATE INDEX received_policy_id ON tlsrpt.received_policy (received_id);
+CREATE INDEX received_failure_id ON tlsrpt.received_failure (received_id);
 CREATE TABLE tlsrpt.report_message (queue_id TEXT PRIMARY KEY, queued_at DOUBLE PRECISION NOT NULL);
 """
-CLUSTER_TABLES: Final = (
-    "policy",
-    "failure",
-    "report",
-    "delivery",
-    "received",
-    "received_policy",
-    "received_failure",
-    "report_message",
-)
 
 
 class _Db:
