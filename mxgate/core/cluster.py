@@ -1,9 +1,10 @@
 """Cluster mode: several gateways behind one set of MX records share state in one PostgreSQL database.
 
 ``[cluster] database = "postgresql://..."`` turns it on; ``node`` names this gateway (the host name by default).
-Queues stay per node, as in every MTA; what is shared lives in PostgreSQL: the nodes and their heartbeats (here),
-and what plugins put there (TLS-RPT counts and reports). Without ``database`` nothing changes: every store is
-SQLite under ``state_dir``.
+Queues stay per node, as in every MTA; what is shared lives in PostgreSQL: the nodes, their heartbeats and queue
+summaries, and the AUTH failure limits (here), the tracking log (:mod:`mxgate.core.cluster_tracking`), and what
+plugins put there (TLS-RPT counts and reports, the MTA-STS policy cache). Without ``database`` nothing changes:
+every store is SQLite under ``state_dir``.
 
 The schema is a list of numbered steps per component (``core`` here, plugins through the hook
 ``mxgate_lifecycle_register_migrations``), applied by ``mxgate cluster migrate`` under an advisory lock and

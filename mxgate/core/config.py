@@ -243,8 +243,9 @@ class ClusterConfig:
     database: str = setting(
         "",
         desc='Cluster mode: PostgreSQL URL ("postgresql://mxgate@db.example.org/mxgate") shared by every node for '
-        "TLS-RPT counts and reports; empty: this node alone, state in SQLite under state_dir. Keep the password "
-        "out of this file: libpq reads ~/.pgpass and PGPASSFILE.",
+        "TLS-RPT, the MTA-STS cache, AUTH failure limits, tracking and queue summaries (docs/cluster.md); empty: "
+        "this node alone, state in SQLite under state_dir. Keep the password out of this file: libpq reads "
+        "~/.pgpass and PGPASSFILE.",
         check=_check_database_url,
         example="postgresql://mxgate@db.example.org/mxgate",
     )
