@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	  PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | grep -x '$(patsubst python%,%,$(PYTHON))\(\.[0-9]*\)*' | tail -1)" \
 	  $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,speed]'
+	$(PY) -m pip install --quiet -e '.[test,speed,cluster]'
 	@touch $@
 
 venv: $(STAMP)

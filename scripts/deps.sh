@@ -14,6 +14,7 @@ libio-socket-inet6-perl  swaks --support 2>&1 | grep -q "^=== IPv6 supported"
 postfix                  test -x /usr/sbin/smtp-sink && test -x /usr/sbin/smtp-source && test -x /usr/sbin/postconf && test -x /usr/sbin/posttls-finger
 iproute2                 command -v ss && command -v ip
 util-linux               command -v setpriv
+postgresql               ls /usr/lib/postgresql/*/bin/initdb && ls /usr/lib/postgresql/*/bin/pg_ctl
 '
 
 failing() {

@@ -191,11 +191,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 0
     by_mid = args.message_id is not None
     ident = args.message_id if by_mid else args.id
-    records = tracking.trace(config.state_path, ident, message_id=by_mid)
+    where = str(config.state_path / tracking.FILE_NAME)
+    if config.cluster.database:  # every node's records, each with its node name
+        from mxgate.core.cluster import SharedDb
+        from mxgate.core.cluster_tracking import trace as cluster_trace
+
+        cl = config.cluster
+        db = SharedDb(cl.database, name="trace", node=cl.node, connect_timeout=cl.connect_timeout)
+        records = cluster_trace(db, ident, message_id=by_mid)
+        where = "the cluster's tracking records"
+    else:
+        records = tracking.trace(config.state_path, ident, message_id=by_mid)
     if not records:
         what = "Message-ID" if by_mid else "queue id"
         print(
-            f"mxgate: no tracking records for {what} {escape(ident)!r} in {config.state_path / tracking.FILE_NAME}",
+            f"mxgate: no tracking records for {what} {escape(ident)!r} in {where}",
             file=sys.stderr,
         )
         if not by_mid and ("@" in ident or ident.startswith("<")):
@@ -320,6 +330,8 @@ def render_reference(registry: cfg.ConfigRegistry) -> str:
                 default = "unset" if value is None else f"`{_toml_value(cfg._plain(value))}`"
                 if factory is socket.getfqdn:
                     default = "this host's FQDN"
+                if factory is socket.gethostname:
+                    default = "this host's name"
             out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {desc} |")
         for spec in registry.settings_for(kind) if kind else []:
             owner = registry.owners.get(spec.name, "?")
@@ -418,7 +430,7 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
         help="a message's story from the tracking log: by queue id, --message-id, or --from/--to/--client/--since",
         description="Print tracking records in log order: one message's story by its queue id (or the id in the "
         "Received: header mxgate added), every message with a Message-ID, or every message (and rejection) that "
-        "matches all the criteria given.",
+        "matches all the criteria given. In a cluster, every node's records.",
     )
     p.add_argument("id", nargs="?", help="queue id (as in '250 2.0.0 Ok: queued as ID') or our Received: id")
     p.add_argument(
@@ -455,6 +467,7 @@ def _core_command_modules() -> list[Callable[[Any], None]]:
         "mxgate.core.preflight",
         "mxgate.core.reload",
         "mxgate.demo",
+        "mxgate.core.cluster",
     ):
         try:
             mod = importlib.import_module(module)

@@ -260,6 +260,50 @@ class MetricsConfig:
     )
 
 
+def _check_database_url(value: Any) -> str | None:
+    if not value:
+        return None
+    if not str(value).startswith(("postgresql://", "postgres://")):
+        return 'expected a PostgreSQL URL "postgresql://user@host:port/dbname" (or "" for no cluster)'
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    database: str = setting(
+        "",
+        desc='Cluster mode: PostgreSQL URL ("postgresql://mxgate@db.example.org/mxgate") shared by every node for '
+        "TLS-RPT, the MTA-STS cache, AUTH failure limits, tracking and queue summaries (docs/cluster.md); empty: "
+        "this node alone, state in SQLite under state_dir. Keep the password out of this file: libpq reads "
+        "~/.pgpass and PGPASSFILE.",
+        check=_check_database_url,
+        example="postgresql://mxgate@db.example.org/mxgate",
+    )
+    node: str = setting(
+        factory=socket.gethostname,
+        desc="This node's name in the cluster (heartbeats, `mxgate cluster status`); unique per node.",
+        check=checks.check_name,
+        example="mx1",
+    )
+    heartbeat_interval: float = setting(
+        10.0, desc="Seconds between this node's heartbeats in the cluster database.", check=checks.check_positive
+    )
+    connect_timeout: float = setting(
+        5.0, desc="Seconds to wait for the cluster database before working without it.", check=checks.check_positive
+    )
+    tracking_retention_days: int = setting(
+        30,
+        desc="Days the shared tracking records (`mxgate trace` across nodes) are kept in the cluster database.",
+        check=checks.check_positive,
+    )
+    auth_sync_interval: float = setting(
+        1.0,
+        desc="Seconds between exchanges of AUTH failures with the other nodes (a brute-forcer spread over the nodes "
+        "gets the limit plus what they let through in one interval).",
+        check=checks.check_positive,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The effective configuration: what a file said, completed with defaults."""
@@ -271,6 +315,7 @@ class Config:
     dns: DnsConfig
     plugins: PluginsConfig
     metrics: MetricsConfig
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = BUILTIN_SOURCE
     base_dir: str = "."
     plugin_sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
@@ -305,6 +350,7 @@ SECTIONS: dict[str, Any] = {
     "dns": DnsConfig,
     "plugins": PluginsConfig,
     "metrics": MetricsConfig,
+    "cluster": ClusterConfig,
 }
 
 # The embedded default: what `make run` and `mxgate run` without a file use. It must itself be valid.

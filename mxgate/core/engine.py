@@ -124,6 +124,26 @@ async def open_services(runtime: Runtime, *, queue: bool = True) -> None:
         raise ConfigError.single(runtime.config.source, "dns.resolvers", str(exc)) from exc
     if queue:
         runtime.queue = await QueueStore.open(runtime.config.state_path)
+    if runtime.config.cluster.database:
+        from mxgate.core.cluster import Cluster, collect_migrations
+
+        cluster = Cluster(
+            runtime.config.cluster,
+            collect_migrations(runtime.hooks.dispatcher),
+            clock=runtime.clock,
+            emit=runtime.hooks.on_event,
+        )
+        try:
+            await cluster.check_schema()
+        except BaseException:
+            await cluster.close()
+            raise
+        runtime.cluster = cluster
+        from mxgate.core.smtp.server import AUTH_FAILURES
+
+        limiter = cluster.start_auth_limiter()  # AUTH failures count on every node (receive workers too)
+        runtime.stash[AUTH_FAILURES] = limiter
+        runtime.tasks.append(asyncio.ensure_future(limiter.run_sync()))
 
 
 def startup_failure(exc: HookCallError) -> StartupError:
@@ -158,6 +178,7 @@ class Gateway:
         self.lock: service.StateLock | None = None
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
+        self._shipper: Any = None  # cluster mode: ships the tracking log
         self._stopping = asyncio.Event()
 
     async def start(self) -> Runtime:
@@ -196,6 +217,27 @@ class Gateway:
         self.scheduler = scheduler
         runtime.wakeup = scheduler.wakeup
         runtime.enqueue = scheduler.enqueue
+        if runtime.cluster is not None:
+            from mxgate.core.cluster_tracking import TrackingShipper
+
+            queue = runtime.queue
+            if queue is not None:
+                from mxgate.core.cluster import queue_summary
+
+                async def summary() -> dict[str, Any]:
+                    return queue_summary(await queue.counts(now=runtime.clock()))
+
+                runtime.cluster.queue_summary = summary
+            await runtime.cluster.heartbeat()
+            runtime.tasks.append(asyncio.ensure_future(runtime.cluster.run_heartbeat()))
+            if self.config.server.tracking_log:
+                shipper = TrackingShipper(
+                    runtime.cluster.database("tracking"),
+                    self.config.state_path,
+                    retention_days=self.config.cluster.tracking_retention_days,
+                )
+                self._shipper = shipper
+                runtime.tasks.append(asyncio.ensure_future(shipper.run()))
         try:
             await runtime.hooks.on_startup(runtime)
         except HookCallError as exc:
@@ -245,6 +287,13 @@ class Gateway:
         if runtime.queue is not None:
             await runtime.queue.close()
         runtime.tracking.close()
+        if self._shipper is not None:  # the last lines, while the database is there (else: at the next start)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._shipper.ship(), 10.0)
+            await self._shipper.db.close()
+            self._shipper = None
+        if runtime.cluster is not None:
+            await runtime.cluster.close()
         self.runtime = None
         self._unlock()
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from mxgate.core.auth import AuthResult
+    from mxgate.core.cluster import MigrationRegistry
     from mxgate.core.delivery import AttemptContext
     from mxgate.core.queue.store import QueuedMessage
     from mxgate.core.runtime import Runtime
@@ -70,6 +71,21 @@ def mxgate_lifecycle_register_commands(subparsers: argparse._SubParsersAction) -
     returns ``(config, plugins)`` for the file the operator named.
 
     :param subparsers: ``argparse`` subparsers of the ``mxgate`` command.
+    """
+
+
+@hookspec
+def mxgate_lifecycle_register_migrations(migrations: MigrationRegistry) -> None:
+    """Called when cluster mode is configured (``[cluster] database``), at start-up and by ``mxgate cluster
+    migrate``, to declare the plugin's tables in the shared PostgreSQL database.
+
+    Add numbered steps with ``migrations.add(component, version, description, sql)``; versions of a component
+    start at 1 and only grow (a released step is never edited: add the next one). ``mxgate cluster migrate``
+    applies the missing steps in order, each once; a node refuses to start against a database whose schema is
+    older than its steps.
+
+    :param migrations: the registry of schema steps, per component.
+    :returns: nothing.
     """
 
 

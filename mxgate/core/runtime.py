@@ -19,6 +19,7 @@ from mxgate.core.tracking import TrackingLog
 
 if TYPE_CHECKING:
     from mxgate.core.callout import CalloutResult
+    from mxgate.core.cluster import Cluster
     from mxgate.core.dns import Resolver
     from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueStore
 
@@ -55,6 +56,9 @@ class Runtime:
     # queues a received message (set by the engine: the scheduler's ``enqueue``, which hands it straight to
     # delivery); None: ``queue.put`` then ``wakeup``
     enqueue: Callable[..., Awaitable[str]] | None = None
+    # cluster mode ([cluster] database): this node's name, the shared database (``cluster.database(name)`` opens a
+    # store connection of one's own); None when this gateway runs alone
+    cluster: Cluster | None = None
 
     async def submit(
         self,

@@ -260,6 +260,8 @@ async def serve_worker(spec: dict[str, Any]) -> None:
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
         await runtime.hooks.on_shutdown(runtime)
+        if runtime.cluster is not None:
+            await runtime.cluster.close()
         runtime.tracking.close()
         final = deltas.take()
         if final:

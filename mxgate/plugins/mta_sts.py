@@ -9,6 +9,13 @@ cached policy in force and is not repeated for the same ``id`` within five minut
 matching the policy's ``mx`` patterns are marked unusable (enforce); ``on_tls_verify`` checks the chain against
 the WebPKI and the certificate against the MX host actually dialled.
 
+Cluster mode (``[cluster] database``): the cache is also kept in PostgreSQL (schema ``mta_sts``) for every node.
+A policy fetched by one node protects all: a node without a policy for a domain asks the cluster's cache before
+anything else (so a node that never saw a domain is not open to a first-contact downgrade another node's cache
+would stop), and every refresh pass first takes in what other nodes fetched. A background refresh is claimed per
+domain for five minutes, so one node fetches per domain per interval. The local SQLite file stays the node's last
+known policies: with the database away the node works from it as a single gateway does.
+
 Inbound: optionally serves our own policies on an HTTPS listener; ``mxgate sts record DOMAIN`` prints the TXT
 record to publish.
 
@@ -77,6 +84,7 @@ from mxgate.plugins._sts_policy import (
 )
 
 if TYPE_CHECKING:
+    from mxgate.core.cluster import MigrationRegistry, SharedDb
     from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import Resolver
     from mxgate.core.runtime import Runtime
@@ -110,6 +118,7 @@ FETCH_RETRY_AFTER = 300.0  # RFC-CHECKLIST 20: a failed id is not fetched again 
 PRECEDENCE = 200  # DANE 300 > MTA-STS 200 > connector 100
 _MAX_ADDRESSES = 4  # policy host addresses tried per fetch
 _MAX_FAILURE_MEMORY = 10000  # domains remembered for the per-id rate limit
+CLUSTER_MISS_TTL = 60.0  # cluster mode: a domain the shared cache did not have is not asked again for this long
 _SERVE_REQUEST_TIMEOUT = 10.0
 _SERVE_MAX_HEADER = 8192
 
@@ -345,17 +354,125 @@ class SqlitePolicyStore:
             self._db.close()
 
 
-class PolicyCache:
-    """Reads from memory (no thread hop on the delivery path); writes through to the store off the loop."""
+# The cluster's cache (PostgreSQL, schema "mta_sts"): the same rows, a revision number for "what changed since",
+# and a claim per domain so that one node refreshes it per interval.
+CLUSTER_SCHEMA = """
+CREATE SCHEMA mta_sts;
+CREATE SEQUENCE mta_sts.rev;
+CREATE TABLE mta_sts.sts_policy (
+    domain TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    policy_text TEXT NOT NULL,
+    fetched_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    last_attempt_at DOUBLE PRECISION NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    rev BIGINT NOT NULL,
+    updated_by TEXT NOT NULL,
+    claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    claimed_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX sts_policy_rev ON mta_sts.sts_policy (rev);
+"""
 
-    def __init__(self, store: SqlitePolicyStore) -> None:
+_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at, last_attempt_at, failures, last_error"
+
+
+def _entry(row: Sequence[Any]) -> CachedPolicy | None:
+    domain, policy_id, text, fetched, expires, attempt, failures, error = row[:8]
+    try:
+        policy = parse_policy(text)
+    except StsSyntaxError:
+        return None
+    return CachedPolicy(domain, policy_id, policy, float(fetched), float(expires), float(attempt), failures, error)
+
+
+class SharedPolicies:
+    """The cluster's policy cache in PostgreSQL; every call may raise ``ClusterUnavailable``."""
+
+    def __init__(self, db: SharedDb) -> None:
+        self.db = db
+
+    async def get(self, domain: str) -> CachedPolicy | None:
+        row = await self.db.run(
+            lambda c: c.execute(f"SELECT {_COLUMNS} FROM sts_policy WHERE domain = ?", (domain,)).fetchone()
+        )
+        return None if row is None else _entry(row)
+
+    async def put(self, entry: CachedPolicy) -> None:
+        """Last fetch wins: an older fetch (a slow node) never replaces a newer one."""
+        node = self.db.node
+        await self.db.run(
+            lambda c: c.execute(
+                f"INSERT INTO sts_policy ({_COLUMNS}, rev, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                " nextval('mta_sts.rev'), ?) ON CONFLICT (domain) DO UPDATE SET policy_id = excluded.policy_id,"
+                " policy_text = excluded.policy_text, fetched_at = excluded.fetched_at, expires_at ="
+                " excluded.expires_at, last_attempt_at = excluded.last_attempt_at, failures = excluded.failures,"
+                " last_error = excluded.last_error, rev = excluded.rev, updated_by = excluded.updated_by"
+                " WHERE sts_policy.fetched_at <= excluded.fetched_at",
+                (
+                    entry.domain,
+                    entry.policy_id,
+                    entry.policy.text,
+                    entry.fetched_at,
+                    entry.expires_at,
+                    entry.last_attempt_at,
+                    entry.failures,
+                    entry.last_error,
+                    node,
+                ),
+            )
+        )
+
+    async def changed(self, since: int, now: float) -> tuple[list[CachedPolicy], int]:
+        """Valid entries written since revision ``since``, and the newest revision seen."""
+        rows = await self.db.run(
+            lambda c: c.execute(
+                f"SELECT {_COLUMNS}, rev FROM sts_policy WHERE rev > ? AND expires_at > ? ORDER BY rev",
+                (since, now),
+            ).fetchall()
+        )
+        entries = [e for e in (_entry(r) for r in rows) if e is not None]
+        return entries, max([since, *(int(r[8]) for r in rows)])
+
+    async def claim(self, domain: str, now: float, hold: float) -> bool:
+        """True when this node may refresh ``domain`` now (no other node claimed it within ``hold`` seconds)."""
+        node = self.db.node
+
+        def job(c: Any) -> bool:
+            row = c.execute(
+                "UPDATE sts_policy SET claimed_until = ?, claimed_by = ? WHERE domain = ?"
+                " AND (claimed_until <= ? OR claimed_by = ?) RETURNING 1",
+                (now + hold, node, domain, now, node),
+            ).fetchone()
+            if row is not None:
+                return True
+            return c.execute("SELECT 1 FROM sts_policy WHERE domain = ?", (domain,)).fetchone() is None
+
+        return bool(await self.db.write(job))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+class PolicyCache:
+    """Reads from memory (no thread hop on the delivery path); writes through to the store off the loop. In a
+    cluster, also through to the shared cache, which fills this one (:meth:`from_cluster`, :meth:`pull`)."""
+
+    def __init__(self, store: SqlitePolicyStore, shared: SharedPolicies | None = None) -> None:
         self.store = store
+        self.shared = shared
         self._entries: dict[str, CachedPolicy] = {}
+        self._rev = 0  # the shared cache's revision this node has taken in
+        self._misses: OrderedDict[str, float] = OrderedDict()  # domain -> when the shared cache lacked it
+        self._unavailable_logged = False
+        self._unshared: set[str] = set()  # fetched while the database was away: shared by the next pull
 
     @classmethod
-    async def open(cls, path: Path) -> PolicyCache:
+    async def open(cls, path: Path, shared: SharedPolicies | None = None) -> PolicyCache:
         store = await asyncio.to_thread(SqlitePolicyStore, path)
-        cache = cls(store)
+        cache = cls(store, shared)
         for entry in await asyncio.to_thread(store.load_all):
             cache._entries[entry.domain] = entry
         return cache
@@ -369,13 +486,81 @@ class PolicyCache:
     async def put(self, entry: CachedPolicy) -> None:
         self._entries[entry.domain] = entry
         await asyncio.to_thread(self.store.put, entry)
+        if self.shared is not None and await self._shared(self.shared.put(entry), False) is False:
+            self._unshared.add(entry.domain)  # the database is away: shared by the next pull
 
     async def delete(self, domain: str) -> None:
+        """This node's copy only: the shared row expires by its own ``expires_at``."""
         self._entries.pop(domain, None)
         await asyncio.to_thread(self.store.delete, domain)
 
+    async def _keep(self, entry: CachedPolicy) -> None:
+        self._entries[entry.domain] = entry
+        await asyncio.to_thread(self.store.put, entry)
+
+    async def _shared(self, call: Awaitable[Any], default: Any) -> Any:
+        from mxgate.core.cluster import ClusterUnavailable
+
+        try:
+            result = await call
+        except ClusterUnavailable as exc:
+            if not self._unavailable_logged:
+                log.warning("MTA-STS: cluster cache unavailable, using this node's policies", extra={"error": str(exc)})
+            self._unavailable_logged = True
+            return default
+        self._unavailable_logged = False
+        return result
+
+    async def from_cluster(self, domain: str, now: float) -> CachedPolicy | None:
+        """The shared cache's valid policy for ``domain``, kept here too; None without a cluster, when it has
+        none (asked again after ``CLUSTER_MISS_TTL``) or when the database is away."""
+        if self.shared is None:
+            return None
+        missed = self._misses.get(domain)
+        if missed is not None and 0 <= now - missed < CLUSTER_MISS_TTL:
+            return None
+        entry: CachedPolicy | None = await self._shared(self.shared.get(domain), None)
+        if entry is None or not entry.valid(now):
+            self._misses[domain] = now
+            self._misses.move_to_end(domain)
+            while len(self._misses) > _MAX_FAILURE_MEMORY:
+                self._misses.popitem(last=False)
+            return None
+        self._misses.pop(domain, None)
+        await self._keep(entry)
+        return entry
+
+    async def pull(self, now: float) -> int:
+        """Take in what other nodes fetched since the last pull; returns how many entries changed here."""
+        if self.shared is None:
+            return 0
+        for domain in sorted(self._unshared):  # fetched while the database was away: the cluster gets them now
+            entry = self._entries.get(domain)
+            if entry is not None and await self._shared(self.shared.put(entry), False) is False:
+                return 0
+            self._unshared.discard(domain)
+        found = await self._shared(self.shared.changed(self._rev, now), None)
+        if found is None:
+            return 0
+        entries, self._rev = found
+        taken = 0
+        for entry in entries:
+            mine = self._entries.get(entry.domain)
+            if mine is None or mine.fetched_at < entry.fetched_at or mine.policy_id != entry.policy_id:
+                await self._keep(entry)
+                taken += 1
+        return taken
+
+    async def claim(self, domain: str, now: float) -> bool:
+        """Whether this node refreshes ``domain`` now: always alone or with the database away."""
+        if self.shared is None:
+            return True
+        return bool(await self._shared(self.shared.claim(domain, now, FETCH_RETRY_AFTER), True))
+
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
+        if self.shared is not None:
+            await self.shared.close()
 
 
 # ============================================================================================================
@@ -648,6 +833,8 @@ class StsEngine:
         cached = self.cache.get(domain)
         if cached is not None and not cached.valid(now):
             cached = None
+        if cached is None or (record.id is not None and cached.policy_id != record.id):
+            cached = await self.cache.from_cluster(domain, now) or cached  # another node's fetch protects us too
         if record.status is RecordStatus.FOUND and record.id is not None:
             if cached is not None and cached.policy_id == record.id:
                 return StsResolution(domain, cached.policy, "cache", record, cached.policy_id, detail="id unchanged")
@@ -774,8 +961,10 @@ class StsEngine:
         ]
 
     async def refresh_due(self) -> int:
-        """One background pass: drop expired entries, refresh due ones with bounded concurrency."""
+        """One background pass: take in the cluster's fetches, drop expired entries, refresh due ones with bounded
+        concurrency (in a cluster, only those this node claims: one node refreshes a domain per interval)."""
         now = self.clock()
+        await self.cache.pull(now)
         for entry in self.cache.entries():
             if not entry.valid(now):
                 log.info("MTA-STS cached policy expired", extra={"domain": entry.domain, "id": entry.policy_id})
@@ -786,7 +975,8 @@ class StsEngine:
         async def one(entry: CachedPolicy) -> None:
             async with gate:
                 try:
-                    await self.refresh(entry.domain)
+                    if await self.cache.claim(entry.domain, now):
+                        await self.refresh(entry.domain)
                 except Exception:  # one domain's trouble must not stop the others
                     log.exception("MTA-STS refresh failed unexpectedly", extra={"domain": entry.domain})
 
@@ -1006,14 +1196,21 @@ def _fetch_context(config: Config, conf: MtaStsConfig) -> ssl.SSLContext:
 
 
 async def build_engine(
-    config: Config, resolver: Callable[[], Resolver], *, clock: Callable[[], float], sink: EventSink
+    config: Config,
+    resolver: Callable[[], Resolver],
+    *,
+    clock: Callable[[], float],
+    sink: EventSink,
+    shared: SharedDb | None = None,
 ) -> StsEngine:
     conf = _section(config)
     ctx = await asyncio.to_thread(_fetch_context, config, conf)
     fetcher = PolicyFetcher(
         addresses=resolver_addresses(resolver), ssl_context=ctx, port=conf.fetch_port, timeout=conf.fetch_timeout
     )
-    cache = await PolicyCache.open(config.state_path / CACHE_FILE)
+    cache = await PolicyCache.open(
+        config.state_path / CACHE_FILE, SharedPolicies(shared) if shared is not None else None
+    )
     return StsEngine(
         cache=cache,
         fetcher=fetcher,
@@ -1051,6 +1248,10 @@ class MtaStsPlugin:
         register_cli(subparsers)
 
     @hookimpl
+    def mxgate_lifecycle_register_migrations(self, migrations: MigrationRegistry) -> None:
+        migrations.add(PLUGIN_NAME, 1, "MTA-STS policy cache shared by the nodes", CLUSTER_SCHEMA)
+
+    @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
         if runtime.role not in (ROLE_MAIN, ROLE_COMMAND):  # policies serve delivery: not a receive worker's job
@@ -1058,7 +1259,10 @@ class MtaStsPlugin:
         config = runtime.config
         conf = _section(config)
         self._trust = _trust_paths(config, conf)
-        self.engine = await build_engine(config, self._get_resolver, clock=runtime.clock, sink=runtime.hooks)
+        shared = runtime.cluster.database(PLUGIN_NAME, schema="mta_sts") if runtime.cluster is not None else None
+        self.engine = await build_engine(
+            config, self._get_resolver, clock=runtime.clock, sink=runtime.hooks, shared=shared
+        )
         if runtime.role != ROLE_MAIN:  # a command delivers once: policies yes, refresher and policy server no
             return
         runtime.tasks.append(asyncio.ensure_future(self.engine.run_refresher(conf.refresh_interval)))

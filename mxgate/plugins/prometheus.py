@@ -44,6 +44,7 @@ kind                           labels                                     metric
 ``sts_refresh_failing``        mode                                       ``mxgate_sts_refresh_failing_total``
 ``sts_policy_served``          result                                     ``mxgate_sts_policy_requests_total``
 ``receive_worker_restart``     (none)                                     ``mxgate_receive_worker_restarts_total``
+``cluster_heartbeat``          result (ok | failed)                       ``mxgate_cluster_heartbeats_total``
 ``tlsrpt_sent``                result, method                             ``mxgate_tlsrpt_reports_sent_total``
 ``tlsrpt_received``            reporter_kind -> method, result            ``mxgate_tlsrpt_reports_received_total``
 ``tlsrpt_received_sessions``   result, result_type; value = sessions      ``mxgate_tlsrpt_received_sessions_total``
@@ -207,6 +208,12 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
     ),
     "sts_policy_served": EventMetric(
         "mxgate_sts_policy_requests", "Requests to our own MTA-STS policy listener, by result.", ("result",)
+    ),
+    "cluster_heartbeat": EventMetric(
+        "mxgate_cluster_heartbeats",
+        "Cluster mode: heartbeats to the shared PostgreSQL database, by result; failed: the node works without it "
+        "(alert when failed keeps rising).",
+        ("result",),
     ),
     "receive_worker_restart": EventMetric(
         "mxgate_receive_worker_restarts",

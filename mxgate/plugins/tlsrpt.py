@@ -14,6 +14,15 @@ Sending side
     ``multipart/report; report-type="tlsrpt"`` with ``TLS-Required: No``. For ``tlsa`` policies, an MX host that
     publishes its own ``_smtp._tls`` record also gets the part of the report about it.
 
+Cluster mode (``[cluster] database``)
+    Counts are still written to the node's own ``tlsrpt.sqlite3`` first (durable, whatever the database does),
+    then published to PostgreSQL (schema ``tlsrpt``) as this node's running totals per (day, policy): an
+    idempotent upsert keyed by node and policy, so a publish repeated after a lost connection counts nothing twice
+    and a node that was cut off catches up by publishing again. Reports are built from the sum over all nodes;
+    the sending round (schedule, build, send, purge) runs on one node at a time, the holder of a PostgreSQL
+    advisory lock, and reports, deliveries and received reports live in the shared database: one report-id per
+    domain and day, one copy of each received report, the same ``mxgate tlsrpt show`` on every node.
+
 Receiving side
     Reports addressed to ``receive_mailbox`` (end-of-data hook) or POSTed to the ``receive_listen`` HTTPS
     endpoint are parsed leniently (gzip or plain JSON, zone-less datetimes, empty fields), kept in the same
@@ -37,7 +46,7 @@ import sqlite3
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -67,6 +76,7 @@ from mxgate.plugins._tlsrpt_report import (
 )
 
 if TYPE_CHECKING:
+    from mxgate.core.cluster import MigrationRegistry, SharedDb
     from mxgate.core.queue.store import QueueStore
 
 __all__ = ["DB_NAME", "TlsRptConfig", "TlsRptPlugin", "TlsRptService"]
@@ -220,6 +230,60 @@ CREATE TABLE IF NOT EXISTS report_message (queue_id TEXT PRIMARY KEY, queued_at 
 """
 
 
+# The cluster store (PostgreSQL, schema "tlsrpt"): the same tables, counts kept per node. Steps are never edited
+# once released; the next change is step 2.
+CLUSTER_SCHEMA: Final = """
+CREATE SCHEMA tlsrpt;
+CREATE TABLE tlsrpt.policy (
+    id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL,
+    day TEXT NOT NULL, domain TEXT NOT NULL, policy_type TEXT NOT NULL,
+    policy_strings TEXT NOT NULL, mx_hosts TEXT NOT NULL,
+    success BIGINT NOT NULL DEFAULT 0, failure BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (node, day, domain, policy_type, policy_strings, mx_hosts)
+);
+CREATE INDEX policy_day_domain ON tlsrpt.policy (day, domain);
+CREATE TABLE tlsrpt.failure (
+    policy_id BIGINT NOT NULL REFERENCES tlsrpt.policy (id) ON DELETE CASCADE,
+    result_type TEXT NOT NULL, sending_ip TEXT NOT NULL, mx_hostname TEXT NOT NULL, mx_helo TEXT NOT NULL,
+    receiving_ip TEXT NOT NULL, additional_info TEXT NOT NULL, reason_code TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (policy_id, result_type, sending_ip, mx_hostname, mx_helo, receiving_ip, additional_info,
+                 reason_code)
+);
+CREATE TABLE tlsrpt.report (
+    day TEXT NOT NULL, domain TEXT NOT NULL, scope TEXT NOT NULL,
+    state TEXT NOT NULL, due_at DOUBLE PRECISION NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    first_try DOUBLE PRECISION, report_id TEXT, filename TEXT, body BYTEA, last_error TEXT,
+    PRIMARY KEY (day, domain, scope)
+);
+CREATE TABLE tlsrpt.delivery (
+    day TEXT NOT NULL, domain TEXT NOT NULL, scope TEXT NOT NULL, uri TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL, last_error TEXT, done_at DOUBLE PRECISION,
+    PRIMARY KEY (day, domain, scope, uri)
+);
+CREATE INDEX delivery_due ON tlsrpt.delivery (state, next_attempt);
+CREATE TABLE tlsrpt.received (
+    id BIGSERIAL PRIMARY KEY,
+    received_at DOUBLE PRECISION NOT NULL, method TEXT NOT NULL, organization TEXT NOT NULL, contact TEXT NOT NULL,
+    report_id TEXT NOT NULL, start DOUBLE PRECISION, "end" DOUBLE PRECISION, dkim TEXT NOT NULL, raw TEXT NOT NULL,
+    UNIQUE (organization, report_id)
+);
+CREATE TABLE tlsrpt.received_policy (
+    received_id BIGINT NOT NULL, policy_type TEXT NOT NULL, policy_domain TEXT NOT NULL,
+    success BIGINT NOT NULL, failure BIGINT NOT NULL
+);
+CREATE TABLE tlsrpt.received_failure (
+    received_id BIGINT NOT NULL, policy_domain TEXT NOT NULL, result_type TEXT NOT NULL,
+    receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, count BIGINT NOT NULL
+);
+CREATE INDEX received_at ON tlsrpt.received (received_at);
+CREATE INDEX received_policy_id ON tlsrpt.received_policy (received_id);
+CREATE INDEX received_failure_id ON tlsrpt.received_failure (received_id);
+CREATE TABLE tlsrpt.report_message (queue_id TEXT PRIMARY KEY, queued_at DOUBLE PRECISION NOT NULL);
+"""
+
+
 class _Db:
     """One SQLite connection owned by one thread; every call runs there, in order. A caller that is cancelled
     does not cancel its write (it still commits), so a shutdown can never half-lose a flush."""
@@ -271,6 +335,19 @@ class _Db:
             return result
 
         return await self.run(tx)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """The sending round's lock: one node, so always this one (the cluster store takes an advisory lock)."""
+        yield True
+
+    async def size(self) -> int:
+        """Bytes of the store on disk, its WAL included."""
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += os.stat(f"{self.path}{suffix}").st_size
+        return size
 
     async def close(self) -> None:
         if self._closed:
@@ -325,21 +402,81 @@ def _write_counts(
         )
 
 
-def _load_aggregates(conn: sqlite3.Connection, day: str, domain: str) -> list[PolicyAggregate]:
-    out = []
+def _load_aggregates(conn: Any, day: str, domain: str) -> list[PolicyAggregate]:
+    """The day's policies for ``domain`` with their counts, summed over the rows that hold them (one row per node
+    in the cluster store, one row alone in SQLite)."""
     rows = conn.execute(
-        "SELECT id, policy_type, policy_strings, mx_hosts, success, failure FROM policy WHERE day = ? AND domain = ?",
+        "SELECT policy_type, policy_strings, mx_hosts, SUM(success), SUM(failure) FROM policy"
+        " WHERE day = ? AND domain = ? GROUP BY policy_type, policy_strings, mx_hosts"
+        " ORDER BY policy_type, policy_strings, mx_hosts",
         (day, domain),
     ).fetchall()
-    for pid, ptype, pstrings, mx, ok, bad in rows:
+    fails = conn.execute(
+        "SELECT p.policy_type, p.policy_strings, p.mx_hosts, f.result_type, f.sending_ip, f.mx_hostname, f.mx_helo,"
+        " f.receiving_ip, f.additional_info, f.reason_code, SUM(f.count) FROM failure f JOIN policy p"
+        " ON p.id = f.policy_id WHERE p.day = ? AND p.domain = ? GROUP BY p.policy_type, p.policy_strings,"
+        " p.mx_hosts, f.result_type, f.sending_ip, f.mx_hostname, f.mx_helo, f.receiving_ip, f.additional_info,"
+        " f.reason_code ORDER BY 4, 5, 6, 7, 8, 9, 10",
+        (day, domain),
+    ).fetchall()
+    by_policy: dict[tuple[str, str, str], list[tuple[FailureKey, int]]] = {}
+    for f in fails:
+        by_policy.setdefault((f[0], f[1], f[2]), []).append((FailureKey(*f[3:10]), int(f[10])))
+    out = []
+    for ptype, pstrings, mx, ok, bad in rows:
+        key = PolicyKey(day, domain, ptype, tuple(json.loads(pstrings)), tuple(json.loads(mx)))
+        out.append(PolicyAggregate(key, int(ok), int(bad), tuple(by_policy.get((ptype, pstrings, mx), ()))))
+    return out
+
+
+def _local_totals(
+    conn: sqlite3.Connection, changed: set[tuple[str, str]] | None, oldest: str
+) -> list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]:
+    """This node's totals (policy row, its failure rows) of the ``changed`` (day, domain) pairs (None: of every
+    day since ``oldest``)."""
+    if changed is None:
+        policies = conn.execute(
+            "SELECT id, day, domain, policy_type, policy_strings, mx_hosts, success, failure FROM policy"
+            " WHERE day >= ?",
+            (oldest,),
+        ).fetchall()
+    else:
+        policies = []
+        for day, domain in sorted(changed):
+            policies += conn.execute(
+                "SELECT id, day, domain, policy_type, policy_strings, mx_hosts, success, failure FROM policy"
+                " WHERE day = ? AND domain = ?",
+                (day, domain),
+            ).fetchall()
+    out = []
+    for row in policies:
         fails = conn.execute(
             "SELECT result_type, sending_ip, mx_hostname, mx_helo, receiving_ip, additional_info, reason_code, count"
             " FROM failure WHERE policy_id = ?",
-            (pid,),
+            (row[0],),
         ).fetchall()
-        key = PolicyKey(day, domain, ptype, tuple(json.loads(pstrings)), tuple(json.loads(mx)))
-        out.append(PolicyAggregate(key, int(ok), int(bad), tuple((FailureKey(*f[:7]), int(f[7])) for f in fails)))
+        out.append((tuple(row[1:]), [tuple(f) for f in fails]))
     return out
+
+
+def _publish_totals(conn: Any, node: str, totals: Sequence[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]) -> None:
+    """This node's totals into the cluster store: absolute values keyed by (node, policy), so repeating a publish
+    (after a lost connection, at every start) never counts twice."""
+    for policy, fails in totals:
+        row = conn.execute(
+            "INSERT INTO policy (node, day, domain, policy_type, policy_strings, mx_hosts, success, failure)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, day, domain, policy_type, policy_strings, mx_hosts)"
+            " DO UPDATE SET success = excluded.success, failure = excluded.failure RETURNING id",
+            (node, *policy),
+        ).fetchone()
+        for f in fails:
+            conn.execute(
+                "INSERT INTO failure (policy_id, result_type, sending_ip, mx_hostname, mx_helo, receiving_ip,"
+                " additional_info, reason_code, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy_id,"
+                " result_type, sending_ip, mx_hostname, mx_helo, receiving_ip, additional_info, reason_code)"
+                " DO UPDATE SET count = excluded.count",
+                (row[0], *f),
+            )
 
 
 def _update_delivery(conn: sqlite3.Connection, params: tuple[Any, ...]) -> None:
@@ -432,6 +569,7 @@ class TlsRptService:
         wakeup: Callable[[], None] = lambda: None,
         emit: EventFn = _no_event,
         rng: random.Random | None = None,
+        shared: SharedDb | None = None,
     ) -> None:
         self.conf = conf
         self.submitter = submitter.rstrip(".").lower()
@@ -442,7 +580,14 @@ class TlsRptService:
         self.wakeup = wakeup
         self.emit = emit
         self.rng = rng or random.SystemRandom()
-        self.db = _Db(Path(state_dir) / DB_NAME)
+        # ``local``: this node's own SQLite file, where counts are written first; ``db``: where reports, deliveries
+        # and received reports live and reports are built from — the same file alone, PostgreSQL in a cluster
+        self.local = _Db(Path(state_dir) / DB_NAME)
+        self.shared = shared
+        self.db: _Db | SharedDb = shared if shared is not None else self.local
+        # (day, domain) pairs to publish to the cluster store; None: every recent day (at start)
+        self._dirty: set[tuple[str, str]] | None = None
+        self._publish_failed = False
         self._counts: dict[PolicyKey, list[int]] = {}
         self._failures: dict[tuple[PolicyKey, FailureKey], int] = {}
         self._flush_lock = asyncio.Lock()
@@ -495,22 +640,49 @@ class TlsRptService:
         return sum(a + b for a, b in self._counts.values())
 
     async def flush(self) -> None:
-        """Write the counts gathered so far in one transaction; on failure keep them for the next flush."""
+        """Write the counts gathered so far in one transaction; on failure keep them for the next flush. In a
+        cluster, then publish this node's totals of the (day, domain) pairs that changed (see :meth:`publish`)."""
         async with self._flush_lock:
-            if not self._counts:
-                return
-            counts, failures = self._counts, self._failures
-            self._counts, self._failures = {}, {}
-            try:
-                await self.db.write(lambda c: _write_counts(c, counts, failures))
-            except Exception:
-                for key, (ok, bad) in counts.items():
-                    cur = self._counts.setdefault(key, [0, 0])
-                    cur[0] += ok
-                    cur[1] += bad
-                for fkey, n in failures.items():
-                    self._failures[fkey] = self._failures.get(fkey, 0) + n
-                raise
+            if self._counts:
+                counts, failures = self._counts, self._failures
+                self._counts, self._failures = {}, {}
+                try:
+                    await self.local.write(lambda c: _write_counts(c, counts, failures))
+                except Exception:
+                    for key, (ok, bad) in counts.items():
+                        cur = self._counts.setdefault(key, [0, 0])
+                        cur[0] += ok
+                        cur[1] += bad
+                    for fkey, n in failures.items():
+                        self._failures[fkey] = self._failures.get(fkey, 0) + n
+                    raise
+                if self._dirty is not None:
+                    self._dirty.update((key.day, key.domain) for key in counts)
+            await self._publish()
+
+    async def _publish(self) -> None:
+        """Cluster mode: this node's totals of the changed (day, domain) pairs (at start: of every day still
+        reportable) into the shared store. Idempotent (absolute totals keyed by node), so after a failure the same
+        pairs are simply published again; until then they wait in the local file, which survives a restart."""
+        if self.shared is None or self._dirty == set():
+            return
+        from mxgate.core.cluster import ClusterUnavailable
+
+        changed = None if self._dirty is None else set(self._dirty)
+        oldest = rpt.utc_day(self.clock() - (CATCH_UP_DAYS + 1) * DAY)
+        totals = await self.local.run(lambda c: _local_totals(c, changed, oldest))
+        shared = self.shared
+        try:
+            await shared.write(lambda c: _publish_totals(c, shared.node, totals))
+        except ClusterUnavailable as exc:
+            if not self._publish_failed:
+                log.warning("TLS-RPT counts kept locally until the cluster database returns", extra={"error": str(exc)})
+            self._publish_failed = True
+            return
+        if self._publish_failed:
+            log.info("TLS-RPT counts published to the cluster database again")
+        self._publish_failed = False
+        self._dirty = set() if changed is None else (self._dirty or set()) - changed
 
     # -- reading back ----------------------------------------------------------------------------------------
 
@@ -579,7 +751,7 @@ class TlsRptService:
         oldest = rpt.utc_day(now - CATCH_UP_DAYS * DAY)
         window = self.conf.send_window_hours * 3600.0
 
-        def job(conn: sqlite3.Connection) -> int:
+        def job(conn: Any) -> int:
             rows = conn.execute(
                 "SELECT DISTINCT p.day, p.domain FROM policy p WHERE p.day < ? AND p.day >= ? AND NOT EXISTS"
                 " (SELECT 1 FROM report r WHERE r.day = p.day AND r.domain = p.domain AND r.scope = '')",
@@ -588,7 +760,8 @@ class TlsRptService:
             for day, domain in rows:
                 due = rpt.day_bounds(day)[1] + 1 + GRACE_SECONDS + self.rng.uniform(0.0, window)
                 conn.execute(
-                    "INSERT INTO report (day, domain, scope, state, due_at) VALUES (?, ?, '', 'scheduled', ?)",
+                    "INSERT INTO report (day, domain, scope, state, due_at) VALUES (?, ?, '', 'scheduled', ?)"
+                    " ON CONFLICT (day, domain, scope) DO NOTHING",
                     (day, domain, due),
                 )
             return len(rows)
@@ -670,7 +843,7 @@ class TlsRptService:
         body = rpt.gzip_report(self.render(day, aggs, report_id))
         filename = rpt.report_filename(self.submitter, domain, day, uid)
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: Any) -> None:
             conn.execute(
                 "INSERT INTO report (day, domain, scope, state, due_at, attempts, first_try, report_id, filename,"
                 " body) VALUES (?, ?, ?, 'built', ?, ?, ?, ?, ?, ?) ON CONFLICT (day, domain, scope) DO UPDATE SET"
@@ -681,8 +854,8 @@ class TlsRptService:
             )
             for uri in record.rua:
                 conn.execute(
-                    "INSERT OR IGNORE INTO delivery (day, domain, scope, uri, state, next_attempt, deadline)"
-                    " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                    "INSERT INTO delivery (day, domain, scope, uri, state, next_attempt, deadline)"
+                    " VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
                     (day, domain, scope, uri, now, now + RETRY_WINDOW),
                 )
 
@@ -693,7 +866,18 @@ class TlsRptService:
     async def tick(self, now: float | None = None) -> None:
         """One round of the background loop: flush, schedule new days, build due reports, send due deliveries,
         purge old data. Bounded: at most ``MAX_DUE_PER_TICK`` reports and deliveries per round."""
+        from mxgate.core.cluster import ClusterUnavailable
+
         now = self.clock() if now is None else now
+        await self.flush()
+        try:
+            async with self.db.exclusive("tlsrpt-send") as ours:
+                if ours:  # in a cluster, the one node holding the lock runs this round
+                    await self._round(now)
+        except ClusterUnavailable as exc:  # the next round, on whichever node then holds the lock, goes on
+            log.info("TLS-RPT sending round skipped: cluster database unavailable", extra={"error": str(exc)})
+
+    async def _round(self, now: float) -> None:
         await self.schedule(now)
         due = await self.db.run(
             lambda c: c.execute(
@@ -708,6 +892,8 @@ class TlsRptService:
         if now - self._last_purge > 3600:
             self._last_purge = now
             await self.purge(now)
+            if self.shared is not None:
+                await self.purge(now, self.local)
 
     async def send_due(self, now: float, *, day: str | None = None, domain: str | None = None) -> list[SendResult]:
         """Attempt every pending delivery that is due (or, with ``day``, every pending one of that day)."""
@@ -831,8 +1017,10 @@ class TlsRptService:
             return SendResult(uri, "mailto", False, f"{type(exc).__name__}: {exc}"[:300])
         self._report_messages.add(queue_id)
 
-        def remember(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT OR IGNORE INTO report_message (queue_id, queued_at) VALUES (?, ?)", (queue_id, now))
+        def remember(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO report_message (queue_id, queued_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (queue_id, now)
+            )
 
         await self.db.write(remember)
         self.wakeup()
@@ -845,6 +1033,12 @@ class TlsRptService:
         if day >= _today(now):
             raise ValueError(f"{day} is not over yet (UTC); reports cover full days")
         await self.flush()
+        async with self.db.exclusive("tlsrpt-send") as ours:  # in a cluster, never beside a node's sending round
+            if not ours:
+                raise ValueError("another node is in its TLS-RPT sending round; try again in a minute")
+            return await self._send_day(day, domain, now)
+
+    async def _send_day(self, day: str, domain: str | None, now: float) -> list[SendResult]:
         domains = [domain] if domain else await self.domains(day)
         for d in domains:
             state = await self.db.run(functools.partial(_report_state, day=day, domain=d))
@@ -854,7 +1048,7 @@ class TlsRptService:
         await self.db.write(
             lambda c: c.execute(
                 "UPDATE delivery SET state = 'pending', next_attempt = ?, deadline = ? WHERE day = ? AND state ="
-                " 'failed' AND (? IS NULL OR domain = ?)",
+                " 'failed' AND (CAST(? AS TEXT) IS NULL OR domain = ?)",
                 (now, now + RETRY_WINDOW, day, domain, domain),
             )
         )
@@ -873,11 +1067,11 @@ class TlsRptService:
         )
         return [(str(a), str(b), str(c), str(d), int(e), str(f)) for a, b, c, d, e, f in rows]
 
-    async def purge(self, now: float) -> None:
+    async def purge(self, now: float, db: _Db | SharedDb | None = None) -> None:
         cut_day = rpt.utc_day(now - self.conf.retention_days * DAY)
         received_cut = now - self.conf.receive_retention_days * DAY
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: Any) -> None:
             conn.execute("DELETE FROM failure WHERE policy_id IN (SELECT id FROM policy WHERE day < ?)", (cut_day,))
             conn.execute("DELETE FROM policy WHERE day < ?", (cut_day,))
             conn.execute("DELETE FROM delivery WHERE day < ?", (cut_day,))
@@ -888,12 +1082,18 @@ class TlsRptService:
             conn.execute("DELETE FROM received WHERE received_at < ?", (received_cut,))
             conn.execute("DELETE FROM report_message WHERE queued_at < ?", (now - self.conf.retention_days * DAY,))
 
-        await self.db.write(job)
+        await (db or self.db).write(job)
         await self.load_report_messages()
 
     async def load_report_messages(self) -> None:
         """The queue ids of our mailed reports still within retention (at start-up: reports queued before)."""
-        rows = await self.db.run(lambda c: c.execute("SELECT queue_id FROM report_message").fetchall())
+        from mxgate.core.cluster import ClusterUnavailable
+
+        try:
+            rows = await self.db.run(lambda c: c.execute("SELECT queue_id FROM report_message").fetchall())
+        except ClusterUnavailable as exc:  # read again with the next purge; meanwhile this node's own are known
+            log.warning("TLS-RPT: report message ids not loaded", extra={"error": str(exc)})
+            return
         self._report_messages = {str(r[0]) for r in rows}
 
     # -- receiving -------------------------------------------------------------------------------------------
@@ -911,10 +1111,11 @@ class TlsRptService:
                 key = (p.policy_domain, f.result_type, f.receiving_mx)
                 failures[key] = failures.get(key, 0) + f.count
 
-        def job(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO received (received_at, method, organization, contact, report_id, start, end,"
-                " dkim, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
+        def job(conn: Any) -> bool:
+            row = conn.execute(
+                'INSERT INTO received (received_at, method, organization, contact, report_id, start, "end",'
+                " dkim, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '') ON CONFLICT (organization, report_id) DO NOTHING"
+                " RETURNING id",
                 (
                     now,
                     method,
@@ -925,10 +1126,10 @@ class TlsRptService:
                     report.end,
                     dkim_state,
                 ),
-            )
-            if cur.rowcount == 0:
+            ).fetchone()
+            if row is None:
                 return False
-            rid = cur.lastrowid
+            rid = row[0]
             conn.executemany(
                 "INSERT INTO received_policy (received_id, policy_type, policy_domain, success, failure)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -1148,13 +1349,9 @@ class TlsRptService:
         tokens, _ = self._rates.get(client, (0.0, 0.0))
         return max(1, int((1.0 - tokens) * 3600.0 / self.conf.receive_reports_per_hour) + 1)
 
-    def store_size(self) -> int:
-        """Bytes of the store on disk, its WAL included."""
-        size = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                size += os.stat(f"{self.db.path}{suffix}").st_size
-        return size
+    async def store_size(self) -> int:
+        """Bytes of the store: the SQLite file with its WAL, or the cluster store's tables."""
+        return await self.db.size()
 
     async def _http_request(self, reader: asyncio.StreamReader, client: str = "?") -> tuple[int, str]:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -1182,7 +1379,7 @@ class TlsRptService:
         length = int(length_text)
         if length > self.conf.receive_max_bytes:
             return 413, f"report too large: at most {self.conf.receive_max_bytes} bytes"
-        if self.store_size() >= self.conf.receive_store_limit:
+        if await self.store_size() >= self.conf.receive_store_limit:
             log.warning(
                 "TLS-RPT store full: refusing received reports",
                 extra={"limit": self.conf.receive_store_limit, "retention_days": self.conf.receive_retention_days},
@@ -1226,7 +1423,9 @@ class TlsRptService:
             await asyncio.wait(set(self._receive_tasks), timeout=10.0)
         with contextlib.suppress(Exception):
             await self.flush()
-        await self.db.close()
+        await self.local.close()
+        if self.shared is not None:
+            await self.shared.close()
 
 
 _REASONS = {
@@ -1258,6 +1457,10 @@ class TlsRptPlugin:
         registry.add_section(self.name, TlsRptConfig, owner=self.name)
 
     @hookimpl
+    def mxgate_lifecycle_register_migrations(self, migrations: MigrationRegistry) -> None:
+        migrations.add("tlsrpt", 1, "TLS-RPT counts per node, reports, deliveries, received reports", CLUSTER_SCHEMA)
+
+    @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         conf = runtime.config.plugin_section(self.name, TlsRptConfig)
         self.runtime = runtime
@@ -1273,6 +1476,7 @@ class TlsRptPlugin:
             queue=runtime.queue,
             wakeup=runtime.wakeup,
             emit=runtime.hooks.on_event,
+            shared=runtime.cluster.database("tlsrpt", schema="tlsrpt") if runtime.cluster is not None else None,
         )
         self.service = service
         if runtime.role != ROLE_MAIN:
@@ -1345,12 +1549,19 @@ def _cli_service(args: argparse.Namespace, *, with_network: bool) -> tuple[TlsRp
         from mxgate.core.dns import resolver_from_config
 
         resolver = resolver_from_config(config.dns)
+    shared = None
+    if config.cluster.database:  # the cluster's reports, whichever node asks
+        from mxgate.core.cluster import SharedDb
+
+        cl = config.cluster
+        shared = SharedDb(cl.database, name="tlsrpt", node=cl.node, connect_timeout=cl.connect_timeout, schema="tlsrpt")
     service = TlsRptService(
         conf,
         state_dir=config.state_path,
         submitter=conf.submitter or config.server.hostname,
         base_dir=Path(config.base_dir),
         resolver=resolver,
+        shared=shared,
     )
     return service, config
 

@@ -2,7 +2,7 @@
 
 Fixtures: ``test_ca`` (a test CA issuing certificates), ``smtp_sink`` (real SMTP servers on loopback),
 ``dnslab`` (signed zones served by nsd, validated by unbound), ``mxgate_gateway`` (a running gateway from a
-config text).
+config text), ``postgresql_server`` and ``postgresql_url`` (a real PostgreSQL for cluster mode).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ _FIXTURE_MODULES = (
     "mxgate.testing.sinks",
     "mxgate.testing.dnslab",
     "mxgate.testing.gateway",
+    "mxgate.testing.postgres",
 )
 
 for _module in _FIXTURE_MODULES:

@@ -175,6 +175,7 @@ async def test_disconnection_event_closes_the_session_gauge() -> None:
         ("sts_fetch", {"result": "fetch_error", "trigger": "delivery"}, "mxgate_sts_fetches_total", None),
         ("sts_policy", {"mode": "enforce", "origin": "cache"}, "mxgate_sts_policy_lookups_total", None),
         ("sts_refresh", {"result": "failed"}, "mxgate_sts_refreshes_total", None),
+        ("cluster_heartbeat", {"result": "failed"}, "mxgate_cluster_heartbeats_total", None),
         ("sts_refresh_failing", {"mode": "enforce"}, "mxgate_sts_refresh_failing_total", None),
         ("sts_policy_served", {"result": "not_found"}, "mxgate_sts_policy_requests_total", None),
         ("tlsrpt_sent", {"result": "failed", "method": "https"}, "mxgate_tlsrpt_reports_sent_total", None),

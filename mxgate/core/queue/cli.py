@@ -171,6 +171,10 @@ def message_row(msg: QueuedMessage, now: float) -> dict[str, Any]:
 def cmd_list(args: argparse.Namespace) -> int:
     """One page of ``--limit`` messages after ``--after``; when the page is full, the command for the next page
     goes to stderr (a page costs its own rows, however deep the queue)."""
+    if args.cluster:
+        from mxgate.core.cluster import cmd_queue_list_cluster
+
+        return cmd_queue_list_cluster(args)
     now = time.time()
     if args.limit < 1:
         print("mxgate: --limit must be at least 1", file=sys.stderr)
@@ -383,6 +387,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--limit", type=int, default=100, help="messages per page (default 100)")
     p.add_argument("--after", metavar="ID", help="start after this message id (the last of the previous page)")
     _add_filters(p)
+    p.add_argument("--cluster", action="store_true", help="every node's queue summary, as published with its heartbeat")
     add_config_arg(p)
     p.set_defaults(func=cmd_list)
 
