@@ -52,6 +52,12 @@ class InboundConnector:
         check=checks.check_domain_patterns,
     )
     may_relay: bool = setting(False, desc="Clients of this connector may send to any recipient domain.")
+    max_message_size: int | None = setting(
+        None,
+        desc="Largest message (bytes) from this connector's clients: lowers the listener's limit, never raises it; "
+        "advertised in SIZE once the connector is known (after STARTTLS or AUTH when they select it).",
+        check=checks.check_optional_positive,
+    )
     treat_as_internal: bool = setting(
         False,
         desc="Mail from this connector is internal (Exchange's "

@@ -270,6 +270,19 @@ async def test_line_and_size_limits(mxgate_gateway: Start) -> None:
     assert body.endswith(b"\r\n\r\n" + b"." * 998 + b"\r\n.\r\n")
 
 
+async def test_connector_size_limit_with_swaks(mxgate_gateway: Start) -> None:
+    """An inbound connector's max_message_size (lower than the listener's) is what its clients are told in SIZE
+    and held to: a real client (swaks) gets 552 5.3.4 for a larger message, 250 for a smaller one."""
+    gw = await mxgate_gateway(
+        BASE + '[[inbound_connector]]\nname = "small"\nsender_ips = ["127.0.0.0/8"]\nmax_message_size = 2000\n'
+    )
+    code, out = await swaks(gw, "--body", "x" * 3000)
+    assert "250-SIZE 2000" in out or "250 SIZE 2000" in out, out
+    assert "552 5.3.4" in out and code != 0, out
+    code, out = await swaks(gw, "--body", "small enough")
+    assert code == 0 and "queued as" in out, out
+
+
 async def test_syntax_errors_and_error_limit(mxgate_gateway: Start) -> None:
     gw = await mxgate_gateway(BASE + f'[[listener]]\nname = "smtp"\naddress = "127.0.0.1:{_port()}"\nmax_errors = 4\n')
     raw = await Raw.connect(gw)

@@ -273,3 +273,23 @@ def test_dsn_offered_and_requiretls_only_over_tls() -> None:
     secured = state("192.0.2.7", p, tls=TLS)
     assert "REQUIRETLS" in p.ehlo_lines(secured)
     assert p.check_mail(secured, parse_mail("FROM:<a@b.com> REQUIRETLS")) is None
+
+
+def test_connector_max_message_size_lowers_the_listener_limit_rfc1870() -> None:
+    """An inbound connector's ``max_message_size`` lowers the listener's limit for its clients (never raises it):
+    advertised in SIZE once the connector is known, checked at MAIL SIZE= and across BDAT chunks (552 5.3.4)."""
+    doc = {**DOC, "inbound_connector": [{**DOC["inbound_connector"][0], "max_message_size": 1000}]}
+    doc["inbound_connector"].append({"name": "big", "sender_ips": ["10.3.0.0/16"], "max_message_size": 10**12})
+    config = build_config(doc, check_files=False)
+    p = ReceivePolicy(config, config.listener[0], tls_available=True)
+    exo = state("10.1.2.3", p, tls=TLS)
+    assert exo.connector is not None and exo.connector.name == "exo"
+    assert "SIZE 1000" in p.ehlo_lines(exo)
+    assert p.check_mail(exo, parse_mail("FROM:<a@b.com> SIZE=1001")) is R.TOO_BIG
+    assert p.check_mail(exo, parse_mail("FROM:<a@b.com> SIZE=1000")) is None
+    exo.envelope = Envelope(mail_from=Address("a", "b.com"), rcpt_tos=(Address("u", "example.org"),))
+    assert p.check_bdat(exo, 1000) is None and p.check_bdat(exo, 1001) is R.TOO_BIG
+    anonymous = state("192.0.2.7", p)
+    assert f"SIZE {config.server.max_message_size}" in p.ehlo_lines(anonymous)
+    big = state("10.3.0.1", p)  # a connector cannot raise the listener's limit
+    assert f"SIZE {config.server.max_message_size}" in p.ehlo_lines(big)

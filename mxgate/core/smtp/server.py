@@ -814,7 +814,7 @@ class Connection(asyncio.Protocol):
         size limit is passed (or a header hook refused), input is only scanned for the end and dropped.
         """
         limits = self.policy.limits
-        limit = limits.max_message_size
+        limit = self.policy.size_limit(self.state)
         started = self.loop.time()
         rate = limits.min_data_rate
         received = 0

@@ -177,11 +177,18 @@ class ReceivePolicy:
             and (state.tls is not None or self.listener.allow_plaintext_auth)
         )
 
+    def size_limit(self, state: ReceiveState) -> int:
+        """The message size limit in force: the listener's, lowered by the connector's ``max_message_size``."""
+        conn = state.connector
+        if conn is not None and conn.max_message_size is not None:
+            return min(self.limits.max_message_size, conn.max_message_size)
+        return self.limits.max_message_size
+
     def ehlo_lines(self, state: ReceiveState) -> list[str]:
         lines = [
             f"{self.hostname} Hello {state.helo} [{state.peer_ip}]",
             "PIPELINING",
-            f"SIZE {self.limits.max_message_size}",
+            f"SIZE {self.size_limit(state)}",
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
@@ -224,7 +231,7 @@ class ReceivePolicy:
             return R.NEED_TLS
         if mail.requiretls and state.tls is None:
             return R.REQUIRETLS_NEEDS_TLS
-        if mail.size is not None and mail.size > self.limits.max_message_size:
+        if mail.size is not None and mail.size > self.size_limit(state):
             return R.TOO_BIG
         conn = state.connector
         if conn is not None and conn.require_tls and state.tls is None:
@@ -332,7 +339,7 @@ class ReceivePolicy:
         if not state.envelope.rcpt_tos:
             return R.NEED_RCPT
         so_far = len(state.chunks) if state.chunks is not None else 0
-        if so_far + size > self.limits.max_message_size:  # SIZE counts the whole message, across chunks
+        if so_far + size > self.size_limit(state):  # SIZE counts the whole message, across chunks
             return R.TOO_BIG
         return None
 
