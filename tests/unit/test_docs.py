@@ -41,3 +41,32 @@ def test_configuration_reference_is_current() -> None:
 def test_every_builtin_plugin_has_a_page() -> None:
     pages = {p.stem for p in (DOCS / "plugins").glob("*.md")}
     assert set(BUILTIN_PLUGINS) <= pages, f"missing docs/plugins/<name>.md for {set(BUILTIN_PLUGINS) - pages}"
+
+
+ARCHITECTURE = DOCS / "architecture.md"
+_PATH = re.compile(r"`((?:mxgate|tests|examples|bench|docs)/[\w./-]*)`")
+# the test helpers and the demo are one room each: their folder stands for their files
+_ROOMS = {"mxgate/testing/", "mxgate/demo/"}
+
+
+def test_architecture_names_only_paths_that_exist() -> None:
+    text = ARCHITECTURE.read_text()
+    named = set(_PATH.findall(text))
+    assert len(named) > 50, "docs/architecture.md names too few paths: the pattern no longer matches"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert missing == [], f"docs/architecture.md names paths that do not exist: {missing}"
+    links = re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", text)
+    assert [link for link in links if not (DOCS / link).exists()] == []
+
+
+def test_architecture_names_every_module() -> None:
+    named = set(_PATH.findall(ARCHITECTURE.read_text()))
+    unnamed = []
+    for path in sorted((ROOT / "mxgate").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name == "__main__.py" or (path.name == "__init__.py" and not path.read_text().strip()):
+            continue
+        folder = rel.rsplit("/", 1)[0] + "/"
+        if rel not in named and not (folder in _ROOMS and folder in named):
+            unnamed.append(rel)
+    assert unnamed == [], f"add these modules to docs/architecture.md (the map): {unnamed}"
