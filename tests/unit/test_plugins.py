@@ -220,3 +220,40 @@ def test_entry_point_discovery(tmp_path: Path) -> None:
     assert rows["ep_demo"]["source"] == "entry point ep-demo"
     assert rows["ep_demo"]["priority"] == "7"
     assert rows["ep_demo"]["hooks"] == "receive_on_connect"
+
+
+def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
+    """A plugin imports what its hooks see from ``mxgate`` alone (issue 20, item 8)."""
+    import typing
+
+    from cryptography import x509
+
+    import mxgate
+    from mxgate.core import hookspecs
+    from mxgate.core.cluster import MigrationRegistry
+
+    assert sorted(mxgate.__all__) == sorted(set(mxgate.__all__))
+    assert all(hasattr(mxgate, name) for name in mxgate.__all__)
+    seen: set[str] = set()
+    for name in dir(hookspecs):
+        if name.startswith("mxgate_"):
+            hints = typing.get_type_hints(
+                getattr(hookspecs, name),
+                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509, "MigrationRegistry": MigrationRegistry},
+            )
+            for hint in hints.values():
+                stack = [hint]
+                while stack:
+                    item = stack.pop()
+                    stack.extend(typing.get_args(item))
+                    if isinstance(item, type) and item.__module__.startswith("mxgate."):
+                        seen.add(item.__name__)
+    # MigrationRegistry (cluster mode) stays in mxgate.core.cluster: that module imports mxgate.__version__
+    missing = seen - set(mxgate.__all__) - {"MigrationRegistry"}
+    assert not missing
+    assert {"Runtime", "QueuedMessage", "AttemptContext", "AuthResult", "TlsOutcome"} <= seen
+    for name in ("ConfigError", "QueuedRecipient", "MessageOptions", "RecipientStatus", "HostPolicy"):
+        assert name in mxgate.__all__
+    from mxgate.core.errors import ConfigError as InternalConfigError
+
+    assert mxgate.ConfigError is InternalConfigError  # one class: a plugin's raise is caught as mxgate's own
