@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,3 +258,84 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
     from mxgate.core.errors import ConfigError as InternalConfigError
 
     assert mxgate.ConfigError is InternalConfigError  # one class: a plugin's raise is caught as mxgate's own
+
+
+async def test_a_categorizer_or_delivery_hook_that_raises_is_skipped(mxgate_gateway: Any, smtp_sink: Any) -> None:
+    """docs/hooks.md, "When a hook raises": the error is logged and counted, the implementation is skipped as if
+    it had answered None, and the message goes on (here: routed, resolved and delivered by the core's defaults)."""
+    import asyncio
+    import smtplib
+
+    from mxgate import DeliveryReport, Destination, QueuedMessage, Route, TlsPolicy
+
+    errors: list[tuple[str, str]] = []
+    delivered: list[str] = []
+
+    class Broken:
+        name = "broken"
+        priority = 1
+
+        @hookimpl
+        def mxgate_categorizer_resolve_recipient(self, recipient: Address) -> None:
+            raise RuntimeError("alias table gone")
+
+        @hookimpl
+        def mxgate_categorizer_resolve_route(self, message: QueuedMessage) -> Route:
+            raise RuntimeError("routing table gone")
+
+        @hookimpl
+        def mxgate_delivery_resolve_next_hop(self, destination: Destination) -> None:
+            raise RuntimeError("no hops")
+
+        @hookimpl
+        def mxgate_delivery_resolve_tls_policy(self) -> TlsPolicy:
+            raise RuntimeError("no policy")
+
+        @hookimpl
+        def mxgate_delivery_on_delivered(self, report: DeliveryReport) -> None:
+            raise RuntimeError("audit log full")
+
+        @hookimpl
+        def mxgate_report_on_plugin_error(self, plugin: str, hook: str) -> None:
+            errors.append((plugin, hook))
+
+    class Later:
+        @hookimpl
+        def mxgate_delivery_on_delivered(self, report: DeliveryReport) -> None:
+            delivered.append(report.recipient)
+
+    sink = await smtp_sink()
+    gw = await mxgate_gateway(
+        f"""
+        [server]
+        accepted_domains = ["example.org"]
+        [[outbound_connector]]
+        name = "mailstore"
+        recipient_domains = ["example.org"]
+        smart_hosts = ["{sink.host}:{sink.port}"]
+        tls = "none"
+        """,
+        extra_plugins=[("broken", Broken()), ("later", Later())],
+    )
+
+    def send() -> None:
+        with smtplib.SMTP(gw.smtp_host, gw.smtp_port, timeout=30) as client:
+            client.sendmail("a@example.net", ["user@example.org"], b"Subject: x\r\n\r\nhi\r\n")
+
+    await asyncio.to_thread(send)
+    (received,) = await sink.wait_for(1, timeout=30)
+    assert received.rcpt_tos == ("user@example.org",)
+    async with asyncio.timeout(30):
+        while not delivered:
+            await asyncio.sleep(0.05)
+    assert delivered == ["user@example.org"]  # a later implementation of the same hook still runs
+    hooks = (
+        "mxgate_categorizer_resolve_recipient",
+        "mxgate_categorizer_resolve_route",
+        "mxgate_delivery_resolve_next_hop",
+        "mxgate_delivery_resolve_tls_policy",
+        "mxgate_delivery_on_delivered",
+    )
+    assert sorted(errors) == sorted(("broken", hook) for hook in hooks)
+    stats = gw.runtime.hooks.dispatcher.stats
+    assert all(stats[("broken", hook)].errors == 1 for hook in hooks)
