@@ -41,3 +41,20 @@ def test_configuration_reference_is_current() -> None:
 def test_every_builtin_plugin_has_a_page() -> None:
     pages = {p.stem for p in (DOCS / "plugins").glob("*.md")}
     assert set(BUILTIN_PLUGINS) <= pages, f"missing docs/plugins/<name>.md for {set(BUILTIN_PLUGINS) - pages}"
+
+
+def test_every_tls_outcome_field_is_described() -> None:
+    """A plugin author reading ``TlsOutcome`` (``on_tls_outcome``) learns what each field holds."""
+    import dataclasses
+    import inspect
+
+    from mxgate import TlsOutcome
+
+    lines = inspect.getsource(TlsOutcome).splitlines()
+    undescribed = []
+    for field in dataclasses.fields(TlsOutcome):
+        (i,) = (n for n, line in enumerate(lines) if line.strip().startswith(f"{field.name}:"))
+        described = "  # " in lines[i] and len(lines[i].split("  # ", 1)[1]) > 5
+        if not (described or lines[i - 1].strip().startswith("#")):
+            undescribed.append(field.name)
+    assert undescribed == []
