@@ -339,3 +339,43 @@ async def test_a_categorizer_or_delivery_hook_that_raises_is_skipped(mxgate_gate
     assert sorted(errors) == sorted(("broken", hook) for hook in hooks)
     stats = gw.runtime.hooks.dispatcher.stats
     assert all(stats[("broken", hook)].errors == 1 for hook in hooks)
+
+
+async def test_mxgate_gateway_loads_a_plugin_file_as_its_docstring_says(mxgate_gateway: Any, tmp_path: Path) -> None:
+    """mxgate.testing.gateway's example: an absolute ``.py`` path in ``load`` (or the object in extra_plugins);
+    a relative one is refused with the reason, not "plugin file ... does not exist" in a temporary directory."""
+    from mxgate.testing import gateway
+
+    assert 'load = ["{Path(__file__).with_name("my_plugin.py")}:MyPlugin"]' in (gateway.__doc__ or "")
+    plugin_file = tmp_path / "my_plugin.py"
+    plugin_file.write_text(
+        "from mxgate import hookimpl\n\n"
+        "class MyPlugin:\n"
+        "    name = 'my_plugin'\n\n"
+        "    @hookimpl\n"
+        "    def mxgate_receive_on_connect(self):\n"
+        "        return None\n"
+    )
+    gw = await mxgate_gateway(f'[plugins]\nload = ["{plugin_file}:MyPlugin"]\n')
+    assert "my_plugin" in gw.runtime.plugins.names()
+    # the defaults the docstring lists
+    assert [c.name for c in gw.runtime.config.inbound_connector] == ["localhost"]
+    assert [c.name for c in gw.runtime.config.outbound_connector] == ["internet"]
+    with pytest.raises(ValueError, match=r"plugin path 'my_plugin.py' is relative.*absolute path"):
+        await mxgate_gateway('[plugins]\nload = ["my_plugin.py:MyPlugin"]\n')
+
+
+def test_the_pytest_plugin_registers_the_integration_marker() -> None:
+    """The example plugin's tests use ``@pytest.mark.integration``; run on their own (its pyproject, not mxgate's)
+    under --strict-markers, they collect because mxgate's pytest plugin registers the marker."""
+    example = ROOT / "examples" / "header-stamp"
+    args = ["-c", "pyproject.toml", "--rootdir", ".", "--strict-markers", "-p", "no:cacheprovider", "--collect-only"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, "-q", "tests"],
+        cwd=example,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_accepted_mail_arrives_stamped" in proc.stdout
