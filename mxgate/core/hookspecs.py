@@ -59,6 +59,9 @@ def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
 
     Declare a ``[plugins.<name>]`` section with ``registry.add_section(name, FrozenDataclass)`` and connector keys
     with ``registry.add_connector_setting(ConnectorSetting(...))``. The core validates them like its own keys.
+    A check across keys or sections (a value naming an outbound connector) is ``add_section(name, cls,
+    validate=check)``: ``check(section, config)`` yields problems, reported by ``mxgate config check`` and at
+    start-up like the core's own.
 
     :param registry: the schema being assembled.
     :returns: nothing.

@@ -379,3 +379,63 @@ def test_the_pytest_plugin_registers_the_integration_marker() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test_accepted_mail_arrives_stamped" in proc.stdout
+
+
+ARCHIVE_PLUGIN = """
+from dataclasses import dataclass
+
+from mxgate import setting, hookimpl
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    connector: str = setting("archive", desc="The outbound connector archived copies go through.")
+
+
+def check(section, config):
+    if config.outbound(section.connector) is None:
+        yield ("connector", f"{section.connector!r} is not an outbound connector")
+    if section.connector == "boom":
+        raise RuntimeError("bad check")
+
+
+class Archive:
+    name = "archive"
+
+    @hookimpl
+    def mxgate_lifecycle_register_config(self, registry):
+        registry.add_section("archive", ArchiveConfig, owner=self.name, validate=check)
+"""
+
+
+def test_a_section_level_check_runs_in_config_check_and_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A setting that names another section: ``add_section(..., validate=)`` finds the mistake in ``config check``
+    (one line naming file and key) and ``engine.load`` refuses it the same way, instead of a start-up traceback."""
+    from mxgate.core.cli import main
+
+    plugin = tmp_path / "archive.py"
+    plugin.write_text(ARCHIVE_PLUGIN)
+    path = tmp_path / "mx.toml"
+    head = f'[server]\nstate_dir = "{tmp_path / "var"}"\n[plugins]\nload = ["{plugin}:Archive"]\n'
+    connector = '[[outbound_connector]]\nname = "vault"\nrecipient_domains = ["*"]\nuse_mx = true\n'
+    path.write_text(head + '[plugins.archive]\nconnector = "valut"\n' + connector)
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    problem = f"{path}: plugins.archive.connector: 'valut' is not an outbound connector"
+    assert err == [f"error: {problem}", "mxgate: 1 configuration error(s)"]
+    with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'valut' is not an outbound connector"):
+        engine.load(path)
+    # the default is checked too when the section is absent ("archive" does not exist either)
+    path.write_text(head + connector)
+    with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'archive' is not an outbound connector"):
+        engine.load(path)
+    # a check that raises is one problem, not a traceback
+    path.write_text(head + '[plugins.archive]\nconnector = "boom"\n' + connector)
+    with pytest.raises(ConfigError, match=r"plugins\.archive: its check failed: RuntimeError\('bad check'\)"):
+        engine.load(path)
+    path.write_text(head + '[plugins.archive]\nconnector = "vault"\n' + connector)
+    config, _ = engine.load(path)
+    assert config.plugin_sections["archive"].connector == "vault"
+    assert main(["config", "check", str(path)]) == 0
