@@ -1,9 +1,14 @@
 """mxgate: an SMTP gateway with Exchange-style connectors and transport agents.
 
-This module is the plugin author's API; everything else is internal and may change.
+This module is the plugin author's API; everything else is internal and may change. It exports every type a hook
+passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``...),
+the verdicts, the outcome and policy types, and ``ConfigError`` (what a plugin's setting validation raises).
 """
 
+from mxgate.core.auth import AuthResult
 from mxgate.core.callout import CalloutResult, CalloutVerdict
+from mxgate.core.delivery import AttemptContext
+from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import (
@@ -27,6 +32,7 @@ from mxgate.core.model import (
 from mxgate.core.outcomes import (
     DeliveryReport,
     Destination,
+    HostPolicy,
     NextHop,
     PeerVerification,
     PolicyType,
@@ -37,6 +43,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
+from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.runtime import Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 
@@ -45,8 +52,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Accept",
     "Address",
+    "AttemptContext",
+    "AuthResult",
     "CalloutResult",
     "CalloutVerdict",
+    "ConfigError",
+    "ConfigProblem",
     "ConfigRegistry",
     "ConnectorSetting",
     "DeliveryReport",
@@ -55,11 +66,17 @@ __all__ = [
     "DsnNotify",
     "DsnRet",
     "Envelope",
+    "HostPolicy",
     "IncomingMessage",
+    "MessageOptions",
+    "MxgateError",
     "NextHop",
     "PeerVerification",
     "PolicyType",
+    "QueuedMessage",
+    "QueuedRecipient",
     "RecipientDsn",
+    "RecipientStatus",
     "Reject",
     "Reply",
     "ReportEvent",

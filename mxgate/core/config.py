@@ -606,9 +606,29 @@ def build_config(
             built[name] = () if typing.get_origin(hint) is tuple else hint()
     config = Config(**built, source=file, base_dir=base_dir or ".", plugin_sections=MappingProxyType(sections))
     _cross_check(b, config, check_files=check_files)
+    _validate_plugin_sections(b, config, registry)
     if b.problems:
         raise ConfigError(b.problems)
     return config
+
+
+def _validate_plugin_sections(b: _Builder, config: Config, registry: ConfigRegistry) -> None:
+    """The plugins' section-level checks (``ConfigRegistry.add_section(..., validate=...)``)."""
+    for name, validate in registry.validators.items():
+        section = config.plugin_sections.get(name)
+        if section is None:
+            continue
+        try:
+            found = list(validate(section, config) or ())
+        except Exception as exc:
+            b.problem(f"plugins.{name}", f"its check failed: {exc!r}")
+            continue
+        for item in found:
+            if isinstance(item, tuple):
+                key, message = item
+                b.problem(f"plugins.{name}.{key}" if key else f"plugins.{name}", str(message))
+            else:
+                b.problem(f"plugins.{name}", str(item))
 
 
 def _split_plugin_sections(

@@ -7,7 +7,10 @@ Every hook is declared here, grouped by stage in the order a message meets them.
 Implementations may be plain functions or ``async def``; the core's dispatcher (:mod:`mxgate.core.plugins`)
 awaits them in pluggy's call order. Wrappers (``hookwrapper``/``wrapper``) are refused on async hooks.
 An implementation declares only the arguments it uses. A hook that raises is logged with the plugin's name and
-counted; on receive hooks the client gets ``451 4.3.0`` and the session continues.
+counted (``report_on_plugin_error``); on ``on_startup`` start-up fails; on receive verdict hooks the client gets
+``451 4.3.0`` and the session continues; on every other hook (categorizer, delivery, notifications) the
+implementation is skipped as if it had returned None and the call goes on with the next one (docs/hooks.md,
+"When a hook raises").
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def mxgate_lifecycle_register_config(registry: ConfigRegistry) -> None:
 
     Declare a ``[plugins.<name>]`` section with ``registry.add_section(name, FrozenDataclass)`` and connector keys
     with ``registry.add_connector_setting(ConnectorSetting(...))``. The core validates them like its own keys.
+    A check across keys or sections (a value naming an outbound connector) is ``add_section(name, cls,
+    validate=check)``: ``check(section, config)`` yields problems, reported by ``mxgate config check`` and at
+    start-up like the core's own.
 
     :param registry: the schema being assembled.
     :returns: nothing.
@@ -237,7 +243,8 @@ def mxgate_receive_on_disconnect(session: Session) -> None:
 
 @hookspec
 def mxgate_categorizer_on_submitted_message(message: QueuedMessage) -> None:
-    """Called when a queued message is first picked up for routing. Notification only."""
+    """Called when a queued message is first picked up for routing. Notification only (raising changes
+    nothing for the message)."""
 
 
 @hookspec(firstresult=True)
@@ -247,6 +254,8 @@ def mxgate_categorizer_resolve_recipient(message: QueuedMessage, recipient: Addr
     Stops at the first non-None result.
 
     :returns: ``None`` to keep the recipient, or the addresses that replace it (may be empty: drop it).
+
+    Raising is as returning None: the next implementation is asked, else the recipient stays as it is.
     """
 
 
@@ -260,6 +269,8 @@ def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address)
     (``message.id == "callout"``, the envelope sender of the callout, no meta).
 
     :returns: a Route, or ``None`` to let later implementations decide.
+
+    Raising is as returning None: the next implementation (in the end the built-in one) decides.
     """
 
 
@@ -277,7 +288,8 @@ def mxgate_categorizer_on_routed_message(message: QueuedMessage, routes: Sequenc
 def mxgate_delivery_resolve_next_hop(destination: Destination) -> NextHop | None:
     """Resolve the hosts to try for a destination (MX or smart hosts), with DNSSEC status.
 
-    Stops at the first non-None result; the built-in MX/smart-host resolver is ``trylast``.
+    Stops at the first non-None result; the built-in MX/smart-host resolver is ``trylast``. Raising is as
+    returning None: the next implementation answers (nobody: the destination is deferred, ``451 4.4.0``).
     """
 
 
@@ -294,6 +306,9 @@ def mxgate_delivery_resolve_tls_policy(destination: Destination, next_hop: NextH
     ``failure`` is skipped.
 
     :returns: a TlsPolicy, or ``None`` when this plugin has no opinion.
+
+    Raising is as returning None: the hosts are decided by the other policies. A policy plugin that must not fail
+    open catches its errors and returns a policy with ``failure`` set (the destination is deferred).
     """
 
 
@@ -309,6 +324,8 @@ def mxgate_delivery_on_tls_verify(
     Stops at the first non-None result.
 
     :param chain: the certificates the peer presented, leaf first (not just the verified part).
+
+    Raising is no answer: a policy that demanded verification and got no answer fails the host.
     """
 
 

@@ -158,24 +158,32 @@ class PeerVerification:
 
 @dataclass(frozen=True, slots=True)
 class TlsOutcome:
-    """One TLS attempt (or one policy failure before any attempt), as TLS-RPT and metrics see it."""
+    """One TLS attempt (or one policy failure before any attempt), as TLS-RPT and metrics see it.
 
-    connector: str
-    policy_type: PolicyType
-    policy_domain: str
+    Reported through ``mxgate_delivery_on_tls_outcome``: by the core once per connection to an MX host (a session
+    reused for further messages is not reported again), and once per policy failure before any connection (then
+    every connection field is None); a policy plugin may report a failure of its own (MTA-STS: a failed policy
+    fetch). The field names follow RFC 8460 section 4.4 (failure details) where there is one.
+    """
+
+    connector: str  # the outbound connector's name
+    policy_type: PolicyType  # the governing policy's type: tlsa (DANE), sts (MTA-STS), no-policy-found
+    policy_domain: str  # the domain the policy is for: the recipient domain, or the next-hop domain (smart hosts)
+    # TLS was set up and the peer passed every verification asked for (RFC 8460 successful session); a failed
+    # report-only policy (MTA-STS testing) is False here although the message still goes
     success: bool
-    mx_host: str | None = None
-    receiving_ip: str | None = None
-    receiving_helo: str | None = None
-    sending_ip: str | None = None
-    tls_version: str | None = None
-    cipher: str | None = None
-    verification: str | None = None  # PeerVerification.label
-    matched: str | None = None
-    result_type: TlsRptResult | None = None
-    policy_strings: tuple[str, ...] = ()
-    mx_patterns: tuple[str, ...] = ()
-    detail: str = ""
+    mx_host: str | None = None  # the host dialled (MX name or smart host); None: failed before any connection
+    receiving_ip: str | None = None  # the peer's IP address; None without a connection
+    receiving_helo: str | None = None  # the name the peer gave in its greeting/EHLO reply
+    sending_ip: str | None = None  # our end of the connection
+    tls_version: str | None = None  # e.g. "TLSv1.3"; None: no TLS session (refused, failed or cleartext)
+    cipher: str | None = None  # the negotiated cipher suite (OpenSSL name); None without TLS
+    verification: str | None = None  # PeerVerification.label: verified, trusted, untrusted, anonymous
+    matched: str | None = None  # PeerVerification.matched: the TLSA record ("3 1 1") or certificate name matched
+    result_type: TlsRptResult | None = None  # the RFC 8460 result type of a failure; None on success
+    policy_strings: tuple[str, ...] = ()  # RFC 8460 policy-string: the TLSA records or the MTA-STS policy lines
+    mx_patterns: tuple[str, ...] = ()  # RFC 8460 mx-host patterns of an MTA-STS policy (empty for others)
+    detail: str = ""  # a human-readable explanation (RFC 8460 additional-information), "" when nothing to add
     at: float = 0.0  # unix time
     queue_id: str | None = None  # the queued message the attempt was made for (TLS-RPT: its own reports, §5.3)
 

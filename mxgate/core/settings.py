@@ -8,13 +8,19 @@ their own connector settings through :class:`ConfigRegistry` (hook ``mxgate_life
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from mxgate.core.config import Config
 
 T = TypeVar("T")
 
 Check = Callable[[Any], "str | None"]  # returns an error message, or None when the value is fine
+# A section-level check (``add_section(..., validate=...)``): the section and the whole configuration in, one
+# problem per item out: ``"message"`` (about the section) or ``("key", "message")``.
+SectionCheck = Callable[[Any, "Config"], "Iterable[str | tuple[str, str]] | None"]
 
 
 def setting(
@@ -73,15 +79,24 @@ class ConfigRegistry:
         self.sections: dict[str, type[Any]] = {}
         self.connector_settings: dict[tuple[str, str], ConnectorSetting[Any]] = {}
         self.owners: dict[str, str] = {}  # section or setting name -> plugin name, for messages
+        self.validators: dict[str, SectionCheck] = {}  # section name -> its section-level check
 
-    def add_section(self, name: str, cls: type[Any], *, owner: str = "?") -> None:
-        """Declare ``[plugins.<name>]`` as the frozen dataclass ``cls`` (fields made with :func:`setting`)."""
+    def add_section(self, name: str, cls: type[Any], *, owner: str = "?", validate: SectionCheck | None = None) -> None:
+        """Declare ``[plugins.<name>]`` as the frozen dataclass ``cls`` (fields made with :func:`setting`).
+
+        ``validate(section, config)``, when given, checks what one key cannot check alone — a value that names
+        another section (an outbound connector, a listener) or two keys together. It runs after the whole file
+        was read and cross-checked (by ``mxgate config check`` and at start-up alike), on the section's values
+        or its defaults; each item it returns is one problem: ``"message"`` for the section, ``("key",
+        "message")`` for one key. If it raises, that is one problem too."""
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"plugin section {name!r} must be a dataclass, got {cls!r}")
         if name in self.sections and self.sections[name] is not cls:
             raise ValueError(f"plugin section {name!r} declared twice ({self.owners[name]} and {owner})")
         self.sections[name] = cls
         self.owners[name] = owner
+        if validate is not None:
+            self.validators[name] = validate
 
     def add_connector_setting(self, spec: ConnectorSetting[Any], *, owner: str = "?") -> None:
         key = (spec.kind, spec.name)

@@ -5,7 +5,8 @@ as well:
 
 - ``mxgate_report_on_event`` — countable events; the table :data:`EVENT_METRICS` maps each event kind and its
   labels to a metric. An event kind not in the table is only counted in ``mxgate_events_total{kind}``; labels of
-  unknown kinds are dropped (nobody promised they are bounded).
+  unknown kinds are dropped (nobody promised they are bounded). A plugin makes its own kind known, with a counter
+  of its own, by :func:`add_event_counter` (see ``docs/plugins/prometheus.md``).
 - ``mxgate_delivery_on_tls_outcome`` — ``mxgate_tls_outcomes_total`` (DANE = ``policy_type="tlsa"``, MTA-STS =
   ``"sts"``): the same records TLS-RPT aggregates.
 - ``mxgate_delivery_on_delivered`` / ``on_deferred`` / ``on_failed`` — per-recipient results and, for the final
@@ -68,7 +69,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar, cast
@@ -240,6 +241,9 @@ EVENT_METRICS: Mapping[str, EventMetric] = {
     ),
 }  # fmt: skip
 
+#: Kinds handled in :meth:`PrometheusPlugin.mxgate_report_on_event` without a table entry.
+_SPECIAL_KINDS = frozenset({"queue", "connection", "certificate_expiry"})
+
 RECIPIENT_STATES = ("delivered", "deferred", "failed")
 FINAL_STATES = ("delivered", "failed")
 
@@ -408,6 +412,8 @@ class PrometheusPlugin:
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
+        # EVENT_METRICS and the kinds plugins added (add_event_counter)
+        self.event_metrics: dict[str, EventMetric] = dict(EVENT_METRICS)
         self.counters: dict[str, Counter] = {
             kind: Counter(spec.name, spec.doc, spec.labels, registry=reg) for kind, spec in EVENT_METRICS.items()
         }
@@ -535,7 +541,26 @@ class PrometheusPlugin:
     def _counter(self, kind: str, values: tuple[str, ...]) -> Counter:
         if not values:  # a counter without labels is its own only series
             return self.counters[kind]
-        return self._child(self.counters[kind], values, EVENT_METRICS[kind].name)
+        return self._child(self.counters[kind], values, self.event_metrics[kind].name)
+
+    def add_event_counter(self, kind: str, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        """Count events of ``kind`` (``runtime.hooks.on_event(kind, value, **labels)``) in the counter
+        ``<name>_total`` with these labels, each taken from the event label of the same name ("" when an event
+        lacks it); the value is added. The series guard holds as for the built-in kinds. Adding the same kind
+        again with the same name and labels is a no-op; a built-in kind, a kind already added otherwise, or a
+        metric name already taken is a ``ValueError``."""
+        spec = EventMetric(name.removesuffix("_total"), doc, tuple(labels))
+        known = self.event_metrics.get(kind)
+        if known is not None:
+            if kind in EVENT_METRICS or (known.name, known.labels) != (spec.name, spec.labels):
+                raise ValueError(f"event kind {kind!r} already counts in {known.name}_total")
+            return self.counters[kind]
+        if kind in _SPECIAL_KINDS:
+            raise ValueError(f"event kind {kind!r} is mxgate's own")
+        counter = Counter(spec.name, spec.doc, spec.labels, registry=self.registry)
+        self.counters[kind] = counter
+        self.event_metrics[kind] = spec
+        return counter
 
     def _child(self, metric: _M, values: tuple[str, ...], name: str | None = None) -> _M:
         """``metric.labels(...)`` through the series guard. The children are kept (up to :data:`MAX_CHILDREN`):
@@ -609,7 +634,7 @@ class PrometheusPlugin:
             which = (event.label("listener"), event.label("certificate"))
             self._child(self.certificate_expiry, which).set(event.value)
             return
-        spec = EVENT_METRICS.get(kind)
+        spec = self.event_metrics.get(kind)
         if spec is None:
             return
         values = spec.values(event)
@@ -739,3 +764,17 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
 
 
 __all__ = ["EVENT_METRICS", "EventMetric", "PrometheusPlugin", "metric_names", "sample_names"]
+
+
+def add_event_counter(runtime: Runtime, kind: str, name: str, doc: str, labels: Sequence[str] = ()) -> bool:
+    """A plugin's own counter, fed by its own events: after this, every
+    ``await runtime.hooks.on_event(kind, value, **labels)`` (``runtime.hooks.emit(...)`` from synchronous code)
+    adds ``value`` to ``<name>_total{labels}`` on the metrics endpoint. Call it from ``mxgate_lifecycle_on_startup``
+    (in every role: a receive worker's events are counted by the main process). False when the ``prometheus``
+    plugin is disabled (the events are then only seen by other ``report_on_event`` hooks). Label values must be
+    bounded (no addresses, no domains). See :meth:`PrometheusPlugin.add_event_counter` for the rules."""
+    plugin = runtime.plugins.pm.get_plugin(PrometheusPlugin.name)
+    if not isinstance(plugin, PrometheusPlugin):
+        return False
+    plugin.add_event_counter(kind, name, doc, labels)
+    return True

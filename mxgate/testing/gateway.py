@@ -1,15 +1,38 @@
 """A real gateway for tests: write a config, start :class:`mxgate.core.engine.Gateway` in the test's event loop,
-stop it afterwards. Ports are picked free on loopback; the DNS resolver defaults to a closed loopback port so that
-nothing leaves the machine unless the test points it at the DNS lab.
+stop it afterwards.
 
-Fixture ``mxgate_gateway`` (async factory)::
+Fixture ``mxgate_gateway`` (async factory; the test is ``async def``, run by pytest-asyncio: mark it
+``@pytest.mark.asyncio`` unless your project sets ``asyncio_mode = "auto"``)::
+
+    from pathlib import Path
+
+    from my_plugin import MyPlugin
 
     async def test_stamp(mxgate_gateway):
-        gw = await mxgate_gateway('''
+        gw = await mxgate_gateway(extra_plugins=[("my_plugin", MyPlugin())])   # the plugin object, or:
+        gw = await mxgate_gateway(f'''
             [plugins]
-            load = ["my_plugin.py:MyPlugin"]
+            load = ["{Path(__file__).with_name("my_plugin.py")}:MyPlugin"]
         ''')
-        # gw.smtp_port, gw.metrics_port, gw.runtime, gw.state_dir
+        # gw.smtp_host, gw.smtp_port, gw.metrics_port, gw.runtime, gw.state_dir, gw.config_path
+
+A ``.py`` path in ``[plugins] load`` must be absolute: the config is written to a temporary directory, which is
+what a relative path would be resolved against (a relative one is refused with that explanation).
+
+The config text is merged over these defaults (tables merge key by key; an array of tables you give, such as
+``[[outbound_connector]]``, replaces the default one):
+
+- ``[server]``: ``hostname = "mx.gateway.test"``, ``state_dir`` in the test's ``tmp_path``, ``receive_workers = 0``
+  (one process);
+- ``[[listener]]`` ``smtp`` on ``127.0.0.1`` and a free port;
+- ``[[inbound_connector]]`` ``localhost``: ``sender_ips = ["127.0.0.0/8"]``, ``may_relay = true`` (the test
+  client may relay);
+- ``[[outbound_connector]]`` ``internet``: ``recipient_domains = ["*"]``, ``use_mx = true``;
+- ``[dns] resolvers``: a closed loopback port, ``timeout = 0.5`` (nothing leaves the machine unless the test
+  points it at the DNS lab);
+- ``[metrics] listen``: a free loopback port.
+
+Entry-point plugins are not loaded (only the built-ins, ``load`` and ``extra_plugins``).
 """
 
 from __future__ import annotations
@@ -102,6 +125,14 @@ def build_document(extra_toml: str, tmp_path: Path) -> dict[str, Any]:
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     extra = tomllib.loads(textwrap.dedent(extra_toml))
+    for spec in extra.get("plugins", {}).get("load", ()):
+        target = str(spec).partition(":")[0]
+        if target.endswith(".py") and not Path(target).is_absolute():
+            raise ValueError(
+                f"mxgate_gateway: plugin path {target!r} is relative, and the test config is written to {tmp_path}: "
+                'give an absolute path (e.g. Path(__file__).with_name("my_plugin.py")) or pass the plugin object '
+                "with extra_plugins"
+            )
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}

@@ -70,3 +70,20 @@ def test_architecture_names_every_module() -> None:
         if rel not in named and not (folder in _ROOMS and folder in named):
             unnamed.append(rel)
     assert unnamed == [], f"add these modules to docs/architecture.md (the map): {unnamed}"
+
+
+def test_every_tls_outcome_field_is_described() -> None:
+    """A plugin author reading ``TlsOutcome`` (``on_tls_outcome``) learns what each field holds."""
+    import dataclasses
+    import inspect
+
+    from mxgate import TlsOutcome
+
+    lines = inspect.getsource(TlsOutcome).splitlines()
+    undescribed = []
+    for field in dataclasses.fields(TlsOutcome):
+        (i,) = (n for n, line in enumerate(lines) if line.strip().startswith(f"{field.name}:"))
+        described = "  # " in lines[i] and len(lines[i].split("  # ", 1)[1]) > 5
+        if not (described or lines[i - 1].strip().startswith("#")):
+            undescribed.append(field.name)
+    assert undescribed == []

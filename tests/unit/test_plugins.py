@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,3 +221,221 @@ def test_entry_point_discovery(tmp_path: Path) -> None:
     assert rows["ep_demo"]["source"] == "entry point ep-demo"
     assert rows["ep_demo"]["priority"] == "7"
     assert rows["ep_demo"]["hooks"] == "receive_on_connect"
+
+
+def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
+    """A plugin imports what its hooks see from ``mxgate`` alone (issue 20, item 8)."""
+    import typing
+
+    from cryptography import x509
+
+    import mxgate
+    from mxgate.core import hookspecs
+    from mxgate.core.cluster import MigrationRegistry
+
+    assert sorted(mxgate.__all__) == sorted(set(mxgate.__all__))
+    assert all(hasattr(mxgate, name) for name in mxgate.__all__)
+    seen: set[str] = set()
+    for name in dir(hookspecs):
+        if name.startswith("mxgate_"):
+            hints = typing.get_type_hints(
+                getattr(hookspecs, name),
+                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509, "MigrationRegistry": MigrationRegistry},
+            )
+            for hint in hints.values():
+                stack = [hint]
+                while stack:
+                    item = stack.pop()
+                    stack.extend(typing.get_args(item))
+                    if isinstance(item, type) and item.__module__.startswith("mxgate."):
+                        seen.add(item.__name__)
+    # MigrationRegistry (cluster mode) stays in mxgate.core.cluster: that module imports mxgate.__version__
+    missing = seen - set(mxgate.__all__) - {"MigrationRegistry"}
+    assert not missing
+    assert {"Runtime", "QueuedMessage", "AttemptContext", "AuthResult", "TlsOutcome"} <= seen
+    for name in ("ConfigError", "QueuedRecipient", "MessageOptions", "RecipientStatus", "HostPolicy"):
+        assert name in mxgate.__all__
+    from mxgate.core.errors import ConfigError as InternalConfigError
+
+    assert mxgate.ConfigError is InternalConfigError  # one class: a plugin's raise is caught as mxgate's own
+
+
+async def test_a_categorizer_or_delivery_hook_that_raises_is_skipped(mxgate_gateway: Any, smtp_sink: Any) -> None:
+    """docs/hooks.md, "When a hook raises": the error is logged and counted, the implementation is skipped as if
+    it had answered None, and the message goes on (here: routed, resolved and delivered by the core's defaults)."""
+    import asyncio
+    import smtplib
+
+    from mxgate import DeliveryReport, Destination, QueuedMessage, Route, TlsPolicy
+
+    errors: list[tuple[str, str]] = []
+    delivered: list[str] = []
+
+    class Broken:
+        name = "broken"
+        priority = 1
+
+        @hookimpl
+        def mxgate_categorizer_resolve_recipient(self, recipient: Address) -> None:
+            raise RuntimeError("alias table gone")
+
+        @hookimpl
+        def mxgate_categorizer_resolve_route(self, message: QueuedMessage) -> Route:
+            raise RuntimeError("routing table gone")
+
+        @hookimpl
+        def mxgate_delivery_resolve_next_hop(self, destination: Destination) -> None:
+            raise RuntimeError("no hops")
+
+        @hookimpl
+        def mxgate_delivery_resolve_tls_policy(self) -> TlsPolicy:
+            raise RuntimeError("no policy")
+
+        @hookimpl
+        def mxgate_delivery_on_delivered(self, report: DeliveryReport) -> None:
+            raise RuntimeError("audit log full")
+
+        @hookimpl
+        def mxgate_report_on_plugin_error(self, plugin: str, hook: str) -> None:
+            errors.append((plugin, hook))
+
+    class Later:
+        @hookimpl
+        def mxgate_delivery_on_delivered(self, report: DeliveryReport) -> None:
+            delivered.append(report.recipient)
+
+    sink = await smtp_sink()
+    gw = await mxgate_gateway(
+        f"""
+        [server]
+        accepted_domains = ["example.org"]
+        [[outbound_connector]]
+        name = "mailstore"
+        recipient_domains = ["example.org"]
+        smart_hosts = ["{sink.host}:{sink.port}"]
+        tls = "none"
+        """,
+        extra_plugins=[("broken", Broken()), ("later", Later())],
+    )
+
+    def send() -> None:
+        with smtplib.SMTP(gw.smtp_host, gw.smtp_port, timeout=30) as client:
+            client.sendmail("a@example.net", ["user@example.org"], b"Subject: x\r\n\r\nhi\r\n")
+
+    await asyncio.to_thread(send)
+    (received,) = await sink.wait_for(1, timeout=30)
+    assert received.rcpt_tos == ("user@example.org",)
+    async with asyncio.timeout(30):
+        while not delivered:
+            await asyncio.sleep(0.05)
+    assert delivered == ["user@example.org"]  # a later implementation of the same hook still runs
+    hooks = (
+        "mxgate_categorizer_resolve_recipient",
+        "mxgate_categorizer_resolve_route",
+        "mxgate_delivery_resolve_next_hop",
+        "mxgate_delivery_resolve_tls_policy",
+        "mxgate_delivery_on_delivered",
+    )
+    assert sorted(errors) == sorted(("broken", hook) for hook in hooks)
+    stats = gw.runtime.hooks.dispatcher.stats
+    assert all(stats[("broken", hook)].errors == 1 for hook in hooks)
+
+
+async def test_mxgate_gateway_loads_a_plugin_file_as_its_docstring_says(mxgate_gateway: Any, tmp_path: Path) -> None:
+    """mxgate.testing.gateway's example: an absolute ``.py`` path in ``load`` (or the object in extra_plugins);
+    a relative one is refused with the reason, not "plugin file ... does not exist" in a temporary directory."""
+    from mxgate.testing import gateway
+
+    assert 'load = ["{Path(__file__).with_name("my_plugin.py")}:MyPlugin"]' in (gateway.__doc__ or "")
+    plugin_file = tmp_path / "my_plugin.py"
+    plugin_file.write_text(
+        "from mxgate import hookimpl\n\n"
+        "class MyPlugin:\n"
+        "    name = 'my_plugin'\n\n"
+        "    @hookimpl\n"
+        "    def mxgate_receive_on_connect(self):\n"
+        "        return None\n"
+    )
+    gw = await mxgate_gateway(f'[plugins]\nload = ["{plugin_file}:MyPlugin"]\n')
+    assert "my_plugin" in gw.runtime.plugins.names()
+    # the defaults the docstring lists
+    assert [c.name for c in gw.runtime.config.inbound_connector] == ["localhost"]
+    assert [c.name for c in gw.runtime.config.outbound_connector] == ["internet"]
+    with pytest.raises(ValueError, match=r"plugin path 'my_plugin.py' is relative.*absolute path"):
+        await mxgate_gateway('[plugins]\nload = ["my_plugin.py:MyPlugin"]\n')
+
+
+def test_the_pytest_plugin_registers_the_integration_marker() -> None:
+    """The example plugin's tests use ``@pytest.mark.integration``; run on their own (its pyproject, not mxgate's)
+    under --strict-markers, they collect because mxgate's pytest plugin registers the marker."""
+    example = ROOT / "examples" / "header-stamp"
+    args = ["-c", "pyproject.toml", "--rootdir", ".", "--strict-markers", "-p", "no:cacheprovider", "--collect-only"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, "-q", "tests"],
+        cwd=example,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_accepted_mail_arrives_stamped" in proc.stdout
+
+
+ARCHIVE_PLUGIN = """
+from dataclasses import dataclass
+
+from mxgate import setting, hookimpl
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    connector: str = setting("archive", desc="The outbound connector archived copies go through.")
+
+
+def check(section, config):
+    if config.outbound(section.connector) is None:
+        yield ("connector", f"{section.connector!r} is not an outbound connector")
+    if section.connector == "boom":
+        raise RuntimeError("bad check")
+
+
+class Archive:
+    name = "archive"
+
+    @hookimpl
+    def mxgate_lifecycle_register_config(self, registry):
+        registry.add_section("archive", ArchiveConfig, owner=self.name, validate=check)
+"""
+
+
+def test_a_section_level_check_runs_in_config_check_and_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A setting that names another section: ``add_section(..., validate=)`` finds the mistake in ``config check``
+    (one line naming file and key) and ``engine.load`` refuses it the same way, instead of a start-up traceback."""
+    from mxgate.core.cli import main
+
+    plugin = tmp_path / "archive.py"
+    plugin.write_text(ARCHIVE_PLUGIN)
+    path = tmp_path / "mx.toml"
+    head = f'[server]\nstate_dir = "{tmp_path / "var"}"\n[plugins]\nload = ["{plugin}:Archive"]\n'
+    connector = '[[outbound_connector]]\nname = "vault"\nrecipient_domains = ["*"]\nuse_mx = true\n'
+    path.write_text(head + '[plugins.archive]\nconnector = "valut"\n' + connector)
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    problem = f"{path}: plugins.archive.connector: 'valut' is not an outbound connector"
+    assert err == [f"error: {problem}", "mxgate: 1 configuration error(s)"]
+    with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'valut' is not an outbound connector"):
+        engine.load(path)
+    # the default is checked too when the section is absent ("archive" does not exist either)
+    path.write_text(head + connector)
+    with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'archive' is not an outbound connector"):
+        engine.load(path)
+    # a check that raises is one problem, not a traceback
+    path.write_text(head + '[plugins.archive]\nconnector = "boom"\n' + connector)
+    with pytest.raises(ConfigError, match=r"plugins\.archive: its check failed: RuntimeError\('bad check'\)"):
+        engine.load(path)
+    path.write_text(head + '[plugins.archive]\nconnector = "vault"\n' + connector)
+    config, _ = engine.load(path)
+    assert config.plugin_sections["archive"].connector == "vault"
+    assert main(["config", "check", str(path)]) == 0

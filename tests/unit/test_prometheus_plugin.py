@@ -521,3 +521,45 @@ async def test_port_in_use_is_a_startup_error(tmp_path: Path) -> None:
     finally:
         blocker.close()
         await stop(runtime)
+
+
+async def test_a_plugin_adds_its_own_counter_fed_by_its_events(tmp_path: Path) -> None:
+    """The documented way (docs/plugins/prometheus.md): add_event_counter, then runtime.hooks.on_event/emit."""
+    runtime, plugin = await make_runtime(tmp_path, metrics=False)
+    try:
+        before = scrape(plugin)
+        await runtime.hooks.on_event("audit_tls", result="ok", policy="dane")  # not known yet: kind only
+        assert prometheus.add_event_counter(
+            runtime, "audit_tls", "acme_tls_audits", "TLS outcomes audited, by result.", ["result"]
+        )
+        await runtime.hooks.on_event("audit_tls", result="ok", policy="dane")
+        await runtime.hooks.on_event("audit_tls", 2.0, result="failed")
+        runtime.hooks.emit("audit_tls", result="ok")
+        await asyncio.gather(*runtime.hooks._pending)
+        after = scrape(plugin)
+        assert value(before, "acme_tls_audits_total", result="ok") is None
+        assert value(after, "acme_tls_audits_total", result="ok") == 2.0  # the event before it was added is not
+        assert value(after, "acme_tls_audits_total", result="failed") == 2.0
+        assert value(after, "mxgate_events_total", kind="audit_tls") == 4.0
+        assert "acme_tls_audits" in metric_names(plugin.registry)
+        # the same again is a no-op; another shape, a built-in kind or a taken name is refused
+        assert prometheus.add_event_counter(runtime, "audit_tls", "acme_tls_audits_total", "same", ["result"])
+        with pytest.raises(ValueError, match="already counts in acme_tls_audits_total"):
+            plugin.add_event_counter("audit_tls", "acme_tls_audits", "other labels", ["policy"])
+        with pytest.raises(ValueError, match="already counts in mxgate_dns_lookups_total"):
+            plugin.add_event_counter("dns_lookup", "acme_lookups", "mine", [])
+        with pytest.raises(ValueError, match="mxgate's own"):
+            plugin.add_event_counter("queue", "acme_queue", "mine", [])
+        with pytest.raises(ValueError):
+            plugin.add_event_counter("acme_other", "acme_tls_audits", "a taken name", [])
+    finally:
+        await stop(runtime)
+
+
+async def test_add_event_counter_without_the_prometheus_plugin_says_so(tmp_path: Path) -> None:
+    runtime, _ = await make_runtime(tmp_path, metrics=False)
+    try:
+        runtime.plugins.pm.unregister(name="prometheus")
+        assert not prometheus.add_event_counter(runtime, "audit_tls", "acme_tls_audits", "doc", ["result"])
+    finally:
+        await stop(runtime)
