@@ -401,13 +401,15 @@ class DnsLab:
         *,
         root_algorithm: Algorithm | str = Algorithm.ECDSA,
         ede: bool = True,
-        max_rtt_ms: int = 300,
+        max_rtt_ms: int | None = None,
     ) -> None:
         """``ede=False``: unbound sends no RFC 8914 extended errors (exercises the CD-retry path).
 
         ``max_rtt_ms``: the longest unbound waits for nsd before it retries, and after a few misses takes the
-        zone's server for dead for a minute (``infra-cache-max-rtt``). The default makes a dead delegation fail
-        fast; a lab with none, on a loaded machine, wants more (nsd answering after 300 ms is not dead)."""
+        zone's server for dead for a minute (``infra-cache-max-rtt``). Every lab zone is served by the one nsd,
+        so nsd taken for dead fails the whole lab (SERVFAIL, read as bogus). Default: 300 ms when the lab has a
+        dead delegation (:meth:`unreachable`, which must fail fast), else 3,000 ms (on a loaded machine nsd may
+        answer after 300 ms and is not dead)."""
         self.ede = ede
         self.max_rtt_ms = max_rtt_ms
         self.workdir = Path(workdir)
@@ -478,6 +480,12 @@ class DnsLab:
         origin = _abs(name)
         self._check_new(origin)
         self._unreachable[origin] = 0
+
+    @property
+    def effective_max_rtt_ms(self) -> int:
+        if self.max_rtt_ms is not None:
+            return self.max_rtt_ms
+        return 300 if self._unreachable else 3000
 
     def _check_new(self, origin: dns.name.Name) -> None:
         if not origin.is_subdomain(self.root.origin) or origin == self.root.origin:
@@ -707,7 +715,7 @@ class DnsLab:
             "  serve-expired: no",
             "  aggressive-nsec: no",
             # a dead authority fails within about a second instead of after many exponential back-offs
-            f"  infra-cache-max-rtt: {self.max_rtt_ms}",
+            f"  infra-cache-max-rtt: {self.effective_max_rtt_ms}",
             "  infra-host-ttl: 60",
             f'  local-zone: "{self.root.origin}" nodefault',
             f'  trust-anchor: "{self.trust_anchor}"',

@@ -172,11 +172,20 @@ async def load_run(
                 tasks += [asyncio.ensure_future(hostile_client(port, KINDS[i % len(KINDS)], tally, deadline))
                           for i in range(sessions - n_good)]  # fmt: skip
                 await asyncio.wait_for(asyncio.gather(*tasks), wave_seconds + 60)
-                # settle: sessions closed, the gateway's queue writer idle again
-                await asyncio.sleep(1.0)
+                # settle: sessions closed, the gateway's queue writer idle again, and the descriptors of work that
+                # outlives a session (a reverse-DNS lookup, a delivery) given back: the count held still for 1 s
+                # (polled, bounded: a leak never settles lower, it only stops moving)
                 pids = [gw.pid, *child_pids(gw.pid)]
                 assert len(pids) == 1 + receive_workers, pids
-                samples.append((sum(rss_kib(p) for p in pids), sum(open_fds(p) for p in pids)))
+                fds, still_since, settle_by = -1, time.monotonic(), time.monotonic() + 15
+                while time.monotonic() < settle_by:
+                    now_fds = sum(open_fds(p) for p in pids)
+                    if now_fds != fds:
+                        fds, still_since = now_fds, time.monotonic()
+                    elif time.monotonic() - still_since >= 1.0:
+                        break
+                    await asyncio.sleep(0.1)
+                samples.append((sum(rss_kib(p) for p in pids), fds))
             assert gw.proc is not None and gw.proc.poll() is None, f"the gateway died:\n{gw.tail()}"
         finally:
             returncode = await asyncio.to_thread(gw.stop)
