@@ -157,6 +157,9 @@ async def load_run(
             smart_host=f"127.0.0.1:{sink.port}",
             extra_listener={"idle_timeout": 3.0, "session_timeout": 60.0, "max_errors": 10},
             extra_server={"receive_workers": receive_workers},
+            # no pooled outbound sessions: how many stay open after a wave depends on the machine's speed, and the
+            # descriptor figures below are about the receive side
+            extra_connector={"connection_reuse": False},
         )
         gw = GatewayProcess(write_config(tmp_path / "mxgate.toml", doc), tmp_path / "gateway.log", uvloop=UVLOOP)
         await asyncio.to_thread(gw.start, port)
@@ -199,7 +202,9 @@ async def load_run(
     last_rss, last_fds = samples[-1]
     # flat: later waves do not grow memory by more than 20% or 24 MiB over the first, nor leak descriptors
     assert last_rss - first_rss < max(24 * 1024, first_rss // 5), f"RSS per wave (KiB): {samples}"
-    assert last_fds <= first_fds + 5, f"open files per wave: {samples}"
+    # a leak of one descriptor in a hundred sessions would add 5+ per wave (15+ by the third); work still in flight
+    # when the count held still (a delivery, a lookup) is a few descriptors on a slow machine, not hundreds
+    assert last_fds <= first_fds + max(15, sessions // 50), f"open files per wave: {samples}"
     result = {
         "sessions_per_wave": sessions,
         "waves": waves,
