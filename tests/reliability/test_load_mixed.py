@@ -202,8 +202,8 @@ async def load_run(
     last_rss, last_fds = samples[-1]
     # flat: later waves do not grow memory by more than 20% or 24 MiB over the first, nor leak descriptors
     assert last_rss - first_rss < max(24 * 1024, first_rss // 5), f"RSS per wave (KiB): {samples}"
-    # a leak of one descriptor in a hundred sessions would add 5+ per wave (15+ by the third); work still in flight
-    # when the count held still (a delivery, a lookup) is a few descriptors on a slow machine, not hundreds
+    # a leak of one descriptor per session adds 500 a wave, one in fifty sessions 10 a wave (20 by the third wave);
+    # work still in flight when the count held still (a delivery, a lookup) is a few descriptors on a slow machine
     assert last_fds <= first_fds + max(15, sessions // 50), f"open files per wave: {samples}"
     result = {
         "sessions_per_wave": sessions,
