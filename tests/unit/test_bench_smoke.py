@@ -168,7 +168,8 @@ def test_edge_relays_through_verified_tls_and_splits_cpu_by_stage(edge_results: 
     mx_units = edge["mxgate"]["stages"]["units_ms_per_msg"]
     assert "worker" in mx_units and "main: event loop" in mx_units  # the receive worker and the main process
     if "skipped" not in postfix:
-        assert {"smtpd", "cleanup", "qmgr", "smtp"} <= set(postfix["stages"]["units_ms_per_msg"])
+        # qmgr may spend less than a clock tick on 40 messages and then has no figure of its own
+        assert {"smtpd", "cleanup", "smtp"} <= set(postfix["stages"]["units_ms_per_msg"])
 
 
 def test_edge_leaves_nothing_running(edge_results: dict[str, object]) -> None:
