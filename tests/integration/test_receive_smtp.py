@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from smtp_raw import Raw, queued
 
 from mxgate.core.auth import UsersFile
 from mxgate.core.hookspecs import hookimpl
@@ -34,49 +35,6 @@ async def swaks(gw: TestGateway, *args: str, to: str = "rcpt@example.org") -> tu
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode("utf-8", "replace")
-
-
-class Raw:
-    """A raw SMTP client: send exact bytes, read whole (multi-line) replies."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, gw: TestGateway, *, greet: bool = True) -> Raw:
-        r, w = await asyncio.open_connection(gw.smtp_host, gw.smtp_port)
-        raw = cls(r, w)
-        if greet:
-            assert (await raw.reply()).startswith("220 ")
-        return raw
-
-    async def reply(self, timeout: float = 5.0) -> str:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout)
-            if not line:
-                return "\n".join(lines) + ("\n" if lines else "") + "<EOF>"
-            lines.append(line.decode().rstrip("\r\n"))
-            if len(line) < 4 or line[3:4] != b"-":
-                return "\n".join(lines)
-
-    async def cmd(self, data: bytes | str) -> str:
-        self.send(data if isinstance(data, bytes) else data.encode() + b"\r\n")
-        return await self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def closed(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(), 5) == b""
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def queued(gw: TestGateway) -> list[Any]:
-    assert gw.runtime.queue is not None
-    return await gw.runtime.queue.list()
 
 
 def tls_config(ca: TestCA, tmp: Any, extra: str = "") -> str:
