@@ -2,11 +2,14 @@
 
 This module is the plugin author's API; everything else is internal and may change. It exports every type a hook
 passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``...),
-the verdicts, the outcome and policy types, and ``ConfigError`` (what a plugin's setting validation raises).
+the verdicts, the outcome and policy types, ``ConfigError`` (what a plugin's setting validation raises), and the
+command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_register_commands``.
 """
 
+from mxgate._version import __version__
 from mxgate.core.auth import AuthResult
 from mxgate.core.callout import CalloutResult, CalloutVerdict
+from mxgate.core.commands import add_config_arg, load_from_args
 from mxgate.core.delivery import AttemptContext
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
@@ -46,8 +49,6 @@ from mxgate.core.outcomes import (
 from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.runtime import Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Accept",
@@ -93,7 +94,9 @@ __all__ = [
     "TlsRptResult",
     "Verdict",
     "__version__",
+    "add_config_arg",
     "hookimpl",
+    "load_from_args",
     "private_file",
     "setting",
 ]

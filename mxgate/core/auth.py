@@ -329,7 +329,7 @@ def users_file_path(config: Any) -> Path:
 def _users_for(args: argparse.Namespace) -> UsersFile:
     if getattr(args, "users_file", None):
         return UsersFile(Path(args.users_file))
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
 
     config, _ = load_from_args(args)
     return UsersFile(users_file_path(config))
@@ -369,7 +369,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """``mxgate user add NAME`` (password from stdin or --password-file), ``user remove NAME``, ``user list``."""
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     user = subparsers.add_parser("user", help="manage SMTP AUTH users (the built-in users file)")
     sub = user.add_subparsers(dest="user_command", required=True)

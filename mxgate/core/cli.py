@@ -15,37 +15,17 @@ from typing import Any
 
 import tomli_w
 
-from mxgate import __version__
+from mxgate._version import __version__
 from mxgate.core import config as cfg
 from mxgate.core import engine, logs, tracking
+from mxgate.core.commands import ENV_CONFIG, add_config_arg, load_from_args
+from mxgate.core.commands import config_path as _config_path
 from mxgate.core.errors import ConfigError, MxgateError
 from mxgate.core.files import PRIVATE_UMASK
 from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins
 from mxgate.core.textsafe import escape
 
-ENV_CONFIG = "MXGATE_CONFIG"
-
 Command = Callable[[argparse.Namespace], int]
-
-
-def add_config_arg(p: argparse.ArgumentParser) -> None:
-    """Give a (sub)command the ``-c/--config FILE`` option."""
-    p.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help=f"configuration file (default: ${ENV_CONFIG}, else the built-in default)",
-    )
-
-
-def _config_path(args: argparse.Namespace) -> str | None:
-    path = getattr(args, "config", None) or getattr(args, "file", None) or os.environ.get(ENV_CONFIG)
-    return path or None
-
-
-def load_from_args(args: argparse.Namespace) -> tuple[cfg.Config, PluginSet]:
-    return engine.load(_config_path(args))
 
 
 # --- commands ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from mxgate import __version__
+from mxgate._version import __version__
 from mxgate.core.auth import FailureLimiter
 from mxgate.core.config import ClusterConfig
 from mxgate.core.errors import MxgateError, StateError
@@ -668,7 +668,7 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
 
 
 def _load(args: argparse.Namespace) -> tuple[ClusterConfig, MigrationRegistry]:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
     from mxgate.core.plugins import Dispatcher
 
     config, plugins = load_from_args(args)
@@ -756,7 +756,7 @@ def cmd_queue_list_cluster(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p = subparsers.add_parser("cluster", help="cluster mode: migrate the shared database, show the nodes")
     sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)

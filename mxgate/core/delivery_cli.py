@@ -29,7 +29,7 @@ def _message(sender: str, to: str, connector: str, hostname: str) -> bytes:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
     from mxgate.core.delivery import Deliverer, OutgoingMessage
     from mxgate.core.dns import resolver_from_config
     from mxgate.core.outcomes import Destination
@@ -89,7 +89,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p_conn = subparsers.add_parser("connector", help="outbound connector tools")
     csub = p_conn.add_subparsers(dest="connector_command", metavar="ACTION", required=True)

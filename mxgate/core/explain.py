@@ -121,7 +121,7 @@ def format_dns(ex: DnsExplanation) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mxgate.core.cli import load_from_args  # cli imports this module for register_cli
+    from mxgate.core.commands import load_from_args
 
     if not args.dns:
         return cmd_explain_transport(args)
@@ -140,7 +140,7 @@ def cmd_explain_transport(args: argparse.Namespace) -> int:
     """Per MX (or smart) host: which mechanism governs it and why, from the code delivery runs; ``--connect``
     tests each handshake. Exit 1 when the destination would be deferred or no host is usable (or a test failed)."""
     from mxgate.connectors.outbound import select_outbound
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
     from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
     from mxgate.core.runtime import Runtime
 

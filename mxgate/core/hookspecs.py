@@ -73,7 +73,7 @@ def mxgate_lifecycle_register_commands(subparsers: argparse._SubParsersAction) -
     """Called when the command line is built: add ``mxgate <command>`` subcommands.
 
     Set ``parser.set_defaults(func=callable)``; the callable gets the parsed ``args`` and returns an exit code.
-    ``mxgate.core.cli.add_config_arg(parser)`` adds ``-c/--config``; ``mxgate.core.cli.load_from_args(args)``
+    ``mxgate.add_config_arg(parser)`` adds ``-c/--config``; ``mxgate.load_from_args(args)``
     returns ``(config, plugins)`` for the file the operator named.
 
     :param subparsers: ``argparse`` subparsers of the ``mxgate`` command.

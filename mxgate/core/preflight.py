@@ -170,7 +170,7 @@ async def run_checks(
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
 
     config, plugins = load_from_args(args)
     problems = asyncio.run(run_checks(config, plugins, days=args.days))
@@ -186,7 +186,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p = subparsers.add_parser(
         "check",

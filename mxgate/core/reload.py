@@ -79,7 +79,7 @@ def read_status(state: Path) -> dict[str, Any] | None:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
     from mxgate.core.preflight import running_pid
 
     config, _ = load_from_args(args)  # an invalid file: its errors, and the gateway is not disturbed
@@ -107,7 +107,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p = subparsers.add_parser(
         "reload",

@@ -1052,7 +1052,7 @@ class DanePlugin:
 
     @hookimpl
     def mxgate_lifecycle_register_commands(self, subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-        from mxgate.core.cli import add_config_arg
+        from mxgate.core.commands import add_config_arg
 
         p = subparsers.add_parser("dane", help="DANE (RFC 7672): TLSA records to publish, inbound checks, per-MX view")
         sub = p.add_subparsers(dest="dane_command", metavar="ACTION", required=True)
@@ -1128,7 +1128,7 @@ def cmd_tlsa(args: argparse.Namespace) -> int:
 
 
 def _resolver(args: argparse.Namespace) -> tuple[Any, Resolver]:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
     from mxgate.core.dns import resolver_from_config
 
     config, _plugins = load_from_args(args)

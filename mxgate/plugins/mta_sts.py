@@ -1393,7 +1393,7 @@ async def start_policy_server(config: Config, conf: MtaStsConfig, sink: EventSin
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p = subparsers.add_parser("sts", help="MTA-STS: cached policies, refresh, the TXT record we publish")
     sub = p.add_subparsers(dest="sts_command", metavar="ACTION", required=True)
@@ -1417,7 +1417,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
 
     config, _plugins = load_from_args(args)
     return config

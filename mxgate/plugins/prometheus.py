@@ -80,7 +80,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from mxgate import __version__
+from mxgate._version import __version__
 from mxgate.core.checks import split_hostport
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import DeliveryReport, ReportEvent, TlsOutcome

@@ -1516,7 +1516,7 @@ class TlsRptPlugin:
 
     @hookimpl
     def mxgate_lifecycle_register_commands(self, subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-        from mxgate.core.cli import add_config_arg
+        from mxgate.core.commands import add_config_arg
 
         p = subparsers.add_parser("tlsrpt", help="TLS-RPT (RFC 8460): show and send reports, list received ones")
         sub = p.add_subparsers(dest="tlsrpt_command", required=True)
@@ -1540,7 +1540,7 @@ class TlsRptPlugin:
 
 
 def _cli_service(args: argparse.Namespace, *, with_network: bool) -> tuple[TlsRptService, Any]:
-    from mxgate.core.cli import load_from_args
+    from mxgate.core.commands import load_from_args
 
     config, _plugins = load_from_args(args)
     conf = config.plugin_section("tlsrpt", TlsRptConfig)

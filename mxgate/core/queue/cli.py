@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> 
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from mxgate.core.cli import ENV_CONFIG, load_from_args
+    from mxgate.core.commands import ENV_CONFIG, load_from_args
 
     config, _ = load_from_args(args)
     db = config.state_path / DB_NAME
@@ -376,7 +376,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mxgate.core.cli import add_config_arg
+    from mxgate.core.commands import add_config_arg
 
     p_queue = subparsers.add_parser("queue", help="list, show, flush, hold, release or delete queued messages")
     qsub = p_queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
