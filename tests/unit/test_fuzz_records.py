@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mxgate.plugins._sts_policy import (
+from mxgate.plugins.mta_sts.policy import (
     MAX_AGE_LIMIT,
     RecordStatus,
     StsMode,

@@ -24,7 +24,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.plugins._sts_policy import RecordLookup, RecordStatus, StsRecord, parse_policy
+from mxgate.plugins.mta_sts.policy import RecordLookup, RecordStatus, StsRecord, parse_policy
 from mxgate.plugins.mta_sts import (
     FETCH_RETRY_AFTER,
     PRECEDENCE,
