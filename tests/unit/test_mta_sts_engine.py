@@ -24,7 +24,6 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.plugins.mta_sts.policy import RecordLookup, RecordStatus, StsRecord, parse_policy
 from mxgate.plugins.mta_sts import (
     FETCH_RETRY_AFTER,
     PRECEDENCE,
@@ -41,6 +40,7 @@ from mxgate.plugins.mta_sts import (
     served_record,
     verify_mx_certificate,
 )
+from mxgate.plugins.mta_sts.policy import RecordLookup, RecordStatus, StsRecord, parse_policy
 from mxgate.testing.ca import TestCA
 
 DOMAIN = "example.test"
