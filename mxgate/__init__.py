@@ -55,7 +55,7 @@ from mxgate.core.outcomes import (
     TlsRptResult,
 )
 from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
+from mxgate.core.runtime import Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.textsafe import escape
 from mxgate.core.tls import (
@@ -68,9 +68,6 @@ from mxgate.core.tls import (
 )
 
 __all__ = [
-    "ROLE_COMMAND",
-    "ROLE_MAIN",
-    "ROLE_RECEIVER",
     "Accept",
     "Address",
     "AttemptContext",

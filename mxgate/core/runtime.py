@@ -99,6 +99,18 @@ class Runtime:
     def state_dir(self) -> Path:
         return self.config.state_path
 
+    @property
+    def delivers(self) -> bool:
+        """This process delivers (the main process, or a command that delivers once); a receive worker does not,
+        so a plugin sets up what delivery needs only when this is true."""
+        return self.role in (ROLE_MAIN, ROLE_COMMAND)
+
+    @property
+    def runs_services(self) -> bool:
+        """This process runs the plugins' listeners, endpoints and background tasks: the main process only (not a
+        receive worker, not a command)."""
+        return self.role == ROLE_MAIN
+
     @classmethod
     def create(
         cls, config: Config, plugins: PluginSet, *, clock: Callable[[], float] = time.time, role: str = ROLE_MAIN

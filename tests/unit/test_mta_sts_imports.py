@@ -87,3 +87,16 @@ def test_the_entry_point_still_resolves() -> None:
     assert getattr(import_module(module), attr).name == "mta_sts"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'mta_sts = "mxgate.plugins.mta_sts:MtaStsPlugin"' in pyproject
+
+
+def test_runtime_says_what_a_process_does() -> None:
+    """The plugin asks ``runtime.delivers`` / ``runtime.runs_services`` rather than comparing role constants."""
+    from types import SimpleNamespace
+
+    from mxgate import Runtime
+
+    expected = {"main": (True, True), "command": (True, False), "receiver": (False, False)}
+    for role, (delivers, services) in expected.items():
+        probe = SimpleNamespace(role=role)
+        assert Runtime.delivers.fget(probe) is delivers, role  # type: ignore[attr-defined]
+        assert Runtime.runs_services.fget(probe) is services, role  # type: ignore[attr-defined]

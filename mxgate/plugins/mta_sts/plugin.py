@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from mxgate import (
-    ROLE_COMMAND,
-    ROLE_MAIN,
     AttemptContext,
     ConfigRegistry,
     Destination,
@@ -69,7 +67,7 @@ class MtaStsPlugin:
     @hookimpl
     async def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        if runtime.role not in (ROLE_MAIN, ROLE_COMMAND):  # policies serve delivery: not a receive worker's job
+        if not runtime.delivers:  # policies serve delivery: not a receive worker's job
             return
         config = runtime.config
         conf = section(config)
@@ -78,7 +76,7 @@ class MtaStsPlugin:
         self.engine = await build_engine(
             config, self._get_resolver, clock=runtime.clock, sink=runtime.hooks, shared=shared
         )
-        if runtime.role != ROLE_MAIN:  # a command delivers once: policies yes, refresher and policy server no
+        if not runtime.runs_services:  # a command delivers once: policies yes, refresher and policy server no
             return
         runtime.tasks.append(asyncio.ensure_future(self.engine.run_refresher(conf.refresh_interval)))
         if conf.serve_listen:
