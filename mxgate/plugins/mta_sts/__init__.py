@@ -19,6 +19,7 @@ known policies: with the database away the node works from it as a single gatewa
 Inbound: optionally serves our own policies on an HTTPS listener; ``mxgate sts record DOMAIN`` prints the TXT
 record to publish.
 
+Commands: ``mxgate sts show DOMAIN``, ``sts refresh DOMAIN``, ``sts list``, ``sts record DOMAIN``.
 
 The package, by concern: :mod:`.policy` (the RFC grammar and ``mx`` matching, no I/O), :mod:`.config` (settings),
 :mod:`.cache` (local and cluster-shared policy cache), :mod:`.fetch` (TXT record and HTTPS fetch), :mod:`.engine`
