@@ -7,10 +7,12 @@ command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_r
 """
 
 from mxgate._version import __version__
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.auth import AuthResult
 from mxgate.core.callout import CalloutResult, CalloutVerdict
-from mxgate.core.commands import add_config_arg, load_from_args
+from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
 from mxgate.core.delivery import AttemptContext
+from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver, SelfTestResult
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
@@ -35,6 +37,7 @@ from mxgate.core.model import (
 from mxgate.core.outcomes import (
     DeliveryReport,
     Destination,
+    HopHost,
     HostPolicy,
     NextHop,
     PeerVerification,
@@ -47,10 +50,16 @@ from mxgate.core.outcomes import (
     TlsRptResult,
 )
 from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.runtime import Runtime
+from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError
+from mxgate.core.tls import client_context, match_reference_identifiers, own_subject, peer_chain
 
 __all__ = [
+    "DNSSEC_SELF_TEST",
+    "ROLE_COMMAND",
+    "ROLE_MAIN",
+    "ROLE_RECEIVER",
     "Accept",
     "Address",
     "AttemptContext",
@@ -64,14 +73,18 @@ __all__ = [
     "DeliveryReport",
     "Destination",
     "Disconnect",
+    "DnsAnswer",
+    "DnssecStatus",
     "DsnNotify",
     "DsnRet",
     "Envelope",
+    "HopHost",
     "HostPolicy",
     "IncomingMessage",
     "MessageOptions",
     "MxgateError",
     "NextHop",
+    "OutboundConnector",
     "PeerVerification",
     "PolicyType",
     "QueuedMessage",
@@ -81,10 +94,14 @@ __all__ = [
     "Reject",
     "Reply",
     "ReportEvent",
+    "Resolver",
     "ReverseDnsStatus",
     "Route",
     "Runtime",
+    "SelfTestResult",
     "Session",
+    "SmtpClient",
+    "SmtpClientError",
     "Stash",
     "StashKey",
     "TempFail",
@@ -95,8 +112,13 @@ __all__ = [
     "Verdict",
     "__version__",
     "add_config_arg",
+    "client_context",
+    "command_runtime",
     "hookimpl",
     "load_from_args",
+    "match_reference_identifiers",
+    "own_subject",
+    "peer_chain",
     "private_file",
     "setting",
 ]
