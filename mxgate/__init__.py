@@ -1,9 +1,12 @@
 """mxgate: an SMTP gateway with Exchange-style connectors and transport agents.
 
 This module is the plugin author's API; everything else is internal and may change. It exports every type a hook
-passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``...),
-the verdicts, the outcome and policy types, ``ConfigError`` (what a plugin's setting validation raises), and the
-command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_register_commands``.
+passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``, ``OutboundConnector``...),
+the verdicts, the outcome and policy types, ``ConfigError`` (what a plugin's setting validation raises), the
+command helpers ``add_config_arg`` / ``load_from_args`` / ``command_runtime`` for
+``mxgate_lifecycle_register_commands``, the DNS answer types with their DNSSEC status (``Resolver``, ``DnsAnswer``,
+``DnssecStatus``, the self-test result under ``DNSSEC_SELF_TEST``), the outbound ``SmtpClient``, and the TLS helpers
+a verifying plugin needs (``peer_chain``, ``client_context``, ``match_reference_identifiers``, ``own_subject``).
 """
 
 from mxgate._version import __version__
