@@ -55,7 +55,7 @@ from mxgate.core.outcomes import (
 from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
-from mxgate.core.smtp.client import SmtpClient, SmtpClientError
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply
 from mxgate.core.tls import client_context, match_reference_identifiers, own_subject, peer_chain
 
 __all__ = [
@@ -105,6 +105,7 @@ __all__ = [
     "Session",
     "SmtpClient",
     "SmtpClientError",
+    "SmtpReply",
     "Stash",
     "StashKey",
     "TempFail",

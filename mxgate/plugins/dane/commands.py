@@ -29,7 +29,7 @@ from mxgate import (
 )
 from mxgate.plugins.dane.examine import HostState
 from mxgate.plugins.dane.inbound import check_inbound, starttls_probe, tlsa_for_file
-from mxgate.plugins.dane.policy import DANE_MODE, DaneMode, analyse
+from mxgate.plugins.dane.policy import DaneMode, analyse
 from mxgate.plugins.dane.records import make_tlsa
 from mxgate.plugins.dane.verify import verify_chain
 
@@ -165,7 +165,7 @@ async def explain_dane(
     assert resolver is not None
     domain = domain.lower().rstrip(".")
     connector = await _connector(runtime, domain)
-    mode = DaneMode(connector.get(DANE_MODE)) if connector is not None else DaneMode.OPPORTUNISTIC
+    mode = DaneMode.of(connector) if connector is not None else DaneMode.OPPORTUNISTIC
     base = connector or OutboundConnector(name="-", recipient_domains=("*",), use_mx=True)
     destination = Destination(replace(base, mx_port=port) if port else base, domain)
     next_hop = await runtime.hooks.resolve_next_hop(destination)

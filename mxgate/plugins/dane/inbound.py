@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography import x509
 
-from mxgate import DnssecStatus, Resolver, Runtime, SmtpClient, SmtpClientError, client_context, peer_chain
+from mxgate import DnssecStatus, Resolver, Runtime, SmtpClient, SmtpClientError, SmtpReply, client_context, peer_chain
 from mxgate.plugins.dane.examine import address_list
 from mxgate.plugins.dane.records import Tlsa, Usage, effective_records, make_tlsa, record_matches, records_of
 from mxgate.plugins.dane.verify import verify_chain
@@ -37,6 +37,13 @@ class Probe:
     error: str | None = None
 
 
+def _last_line(reply: SmtpReply | None) -> str:
+    """A reply's last line as the server sent it (``"220 mx.example.org ESMTP"``)."""
+    if reply is None:
+        return ""
+    return f"{reply.code} {reply.lines[-1]}" if reply.lines else str(reply.code)
+
+
 async def starttls_probe(
     address: str, port: int, *, sni: str | None, helo: str = "mxgate.invalid", timeout: float = 10.0
 ) -> Probe:
@@ -47,14 +54,14 @@ async def starttls_probe(
     try:
         async with asyncio.timeout(timeout):
             client = await SmtpClient.connect(address, port, timeout=timeout)
-            banner = str(client.banner) if client.banner is not None else ""
+            banner = _last_line(client.banner)
             probe = Probe(address, port, sni, banner=banner)
             await client.ehlo(helo)
             if not client.supports("STARTTLS"):
                 return Probe(address, port, sni, banner=banner, error="STARTTLS not offered")
             reply = await client.starttls(client_context(verify=False), sni)
             if reply.code != 220:
-                return Probe(address, port, sni, banner, True, error=f"STARTTLS refused: {reply}")
+                return Probe(address, port, sni, banner, True, error=f"STARTTLS refused: {_last_line(reply)}")
             obj = client.ssl_object
             if obj is None:
                 return Probe(address, port, sni, banner, True, error="no TLS object after the handshake")
@@ -67,8 +74,9 @@ async def starttls_probe(
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.quit(timeout=2.0), 3)
-            client.abort()
+                await asyncio.wait_for(client.quit(timeout=2.0), 3)  # QUIT politely, at most 2 s
+            if not client.closed:
+                client.abort()
 
 
 def load_certs(path: str) -> list[x509.Certificate]:

@@ -17,7 +17,6 @@ from mxgate import (
     ConfigRegistry,
     Destination,
     NextHop,
-    OutboundConnector,
     PeerVerification,
     Runtime,
     TlsPolicy,
@@ -39,10 +38,6 @@ __all__ = ["ANALYSIS_REUSE_MAX", "ANALYSIS_REUSE_SECONDS", "DanePlugin"]
 # than its TTL says; the examination (and its dane_tlsa_lookup events) then runs again.
 ANALYSIS_REUSE_SECONDS: Final = 1.0
 ANALYSIS_REUSE_MAX: Final = 4096  # destinations remembered at once (expired ones are dropped when it is full)
-
-
-def _mode(connector: OutboundConnector) -> DaneMode:
-    return DaneMode(connector.get(DANE_MODE))
 
 
 class DanePlugin:
@@ -73,7 +68,7 @@ class DanePlugin:
         runtime = self.runtime
         if runtime is None or runtime.resolver is None or not next_hop.hosts:
             return None
-        mode = _mode(destination.connector)
+        mode = DaneMode.of(destination.connector)
         if mode is DaneMode.NONE:
             return None
         if mode is DaneMode.OPPORTUNISTIC and all(is_ip(h.name) for h in next_hop.hosts):

@@ -14,6 +14,7 @@ from mxgate import (
     Destination,
     HostPolicy,
     NextHop,
+    OutboundConnector,
     PolicyType,
     Resolver,
     SelfTestResult,
@@ -50,6 +51,11 @@ class DaneMode(StrEnum):
     NONE = "none"
     OPPORTUNISTIC = "opportunistic"
     MANDATORY = "mandatory"
+
+    @classmethod
+    def of(cls, connector: OutboundConnector) -> DaneMode:
+        """The connector's ``dane`` setting."""
+        return cls(connector.get(DANE_MODE))
 
 
 # Enhanced status codes (RFC 3463) per TLS-RPT result type, for DSNs when the retry schedule runs out (5.x.x) and
