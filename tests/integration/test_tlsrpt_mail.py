@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.queue.store import QueueStore
-from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptPlugin, TlsRptService
+from mxgate.plugins.tlsrpt import report as rpt
 from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
 from mxgate.testing.gateway import running_gateway
@@ -104,6 +104,12 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
     woken: list[bool] = []
     async with ScriptedDnsServer(handler_for(records)) as dns_server, SmtpSink() as sink:
         queue = await QueueStore.open(tmp_path / "var")
+
+        async def submit(*args: Any, **kwargs: Any) -> str:  # the gateway's door (Runtime.submit): put, then wake
+            queue_id = await queue.put(*args, **kwargs)
+            woken.append(True)
+            return queue_id
+
         conf = replace(
             TlsRptConfig(),
             organization_name="Sender Org",
@@ -118,8 +124,7 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
             submitter=SUBMITTER,
             clock=lambda: now,
             resolver=Resolver([dns_server.endpoint()], timeout=2.0),
-            queue=queue,
-            wakeup=lambda: woken.append(True),
+            submit=submit,
         )
         svc.record(outcome(ts("2024-03-04T08:00:00")))
         svc.record(outcome(ts("2024-03-04T08:00:05"), success=False, result_type=TlsRptResult.DANE_REQUIRED))
@@ -357,14 +362,18 @@ async def test_report_messages_are_remembered_across_a_restart(tmp_path: Path) -
     conf = replace(TlsRptConfig(), organization_name="Sender Org", dkim_selector=SELECTOR, dkim_key_file=str(key_file))
     queue = await QueueStore.open(tmp_path / "var")
     try:
-        first = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        first = TlsRptService(
+            conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, submit=queue.put
+        )
         sent = await first.send_mail(
             "mailto:tlsrpt@example.org", domain="example.org", report_id="r-1", filename="r.json.gz", gz=b"x", now=now
         )
         assert sent.ok, sent.detail
         await first.close()
         (queued,) = await queue.list()
-        second = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        second = TlsRptService(
+            conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, submit=queue.put
+        )
         try:
             await second.load_report_messages()
             second.record(outcome(now, queue_id=queued.id))

@@ -33,7 +33,8 @@ from mxgate.plugins._sts_policy import (
     render_policy,
     select_record,
 )
-from mxgate.plugins._tlsrpt_report import (
+from mxgate.plugins.dane import Tlsa, effective_records, make_tlsa, record_matches, verify_chain
+from mxgate.plugins.tlsrpt.report import (
     ReportError,
     decode_report_bytes,
     extract_report_from_mail,
@@ -41,7 +42,6 @@ from mxgate.plugins._tlsrpt_report import (
     parse_received_report,
     parse_tlsrpt_record,
 )
-from mxgate.plugins.dane import Tlsa, effective_records, make_tlsa, record_matches, verify_chain
 from mxgate.testing.ca import TestCA
 
 QUICK = settings(

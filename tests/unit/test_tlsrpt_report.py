@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
-from mxgate.plugins import _tlsrpt_report as rpt
+from mxgate.plugins.tlsrpt import report as rpt
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tlsrpt"
 SCHEMA = json.loads((DATA / "report.schema.json").read_text())

@@ -22,7 +22,6 @@ from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import Address, Envelope, IncomingMessage, Session
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime
-from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins.tlsrpt import (
     GRACE_SECONDS,
     RETRY_WINDOW,
@@ -31,6 +30,7 @@ from mxgate.plugins.tlsrpt import (
     TlsRptPlugin,
     TlsRptService,
 )
+from mxgate.plugins.tlsrpt import report as rpt
 from mxgate.testing.gateway import build_document
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tlsrpt"
@@ -338,7 +338,7 @@ async def test_mailto_without_a_dkim_key_is_not_sent_unsigned(tmp_path: Path) ->
             return "id"
 
     queue = Queue()
-    svc = make_service(tmp_path, clock, resolver=resolver, send_window_hours=0.0, queue=queue)
+    svc = make_service(tmp_path, clock, resolver=resolver, send_window_hours=0.0, submit=queue.put)
     svc.record(outcome(ts("2024-03-04T10:00:00")))
     try:
         await svc.tick(clock.now)

@@ -2,7 +2,8 @@
 message, and the lenient parser for reports other senders deliver to us.
 
 Everything here is pure (bytes and records in, bytes and records out) so it is tested without sockets; the agent in
-:mod:`mxgate.plugins.tlsrpt` does the storing, DNS, HTTPS and queueing.
+:mod:`~mxgate.plugins.tlsrpt.collect`, :mod:`~mxgate.plugins.tlsrpt.send` and :mod:`~mxgate.plugins.tlsrpt.receive`
+do the storing, DNS, HTTPS and queueing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from email.utils import format_datetime, make_msgid
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
+from mxgate import PolicyType, TlsOutcome, TlsRptResult
 
 __all__ = [
     "MAX_REPORT_BYTES",
