@@ -30,7 +30,8 @@ Receiving side
 
 Modules
     ``collect`` (outcomes into counts, flushed and published), ``store`` (the SQLite file and the cluster schema),
-    ``report`` (the RFC 8460 document, record and mail, no I/O), ``send`` (rua discovery, HTTPS and mail),
+    ``report`` (the RFC 8460 document, record and mail, no I/O), ``parse`` (reports others send us, read
+    leniently, no I/O), ``send`` (rua discovery, HTTPS and mail),
     ``receive`` (reports others send us; the HTTPS endpoint), ``service`` (all of it in one object), ``plugin``
     (the hooks), ``commands`` (``mxgate tlsrpt``), ``config`` (``[plugins.tlsrpt]``). Each imports only the
     public API, :mod:`mxgate`, and this package.

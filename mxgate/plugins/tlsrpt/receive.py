@@ -23,7 +23,16 @@ import dkim
 import mxgate.plugins.tlsrpt.report as rpt
 from mxgate import Address, TlsRptResult, server_context
 from mxgate.plugins.tlsrpt.collect import DAY, Collector
-from mxgate.plugins.tlsrpt.report import ReceivedReport, ReportError, ReportTooLarge
+from mxgate.plugins.tlsrpt.parse import (
+    MAX_REPORT_BYTES,
+    ReceivedReport,
+    ReportError,
+    ReportTooLarge,
+    check_report_bounds,
+    decode_report_bytes,
+    extract_report_from_mail,
+    parse_received_report,
+)
 
 __all__ = ["Receiver"]
 
@@ -103,11 +112,11 @@ class Receiver(Collector):
     def _read_report(self, data: bytes) -> ReceivedReport:
         """Decode (gzip or not), bound and parse: runs in a thread (a big report took 1.75 s of the loop)."""
         conf = self.conf
-        document = rpt.decode_report_bytes(data, limit=min(conf.receive_max_bytes, rpt.MAX_REPORT_BYTES))
-        rpt.check_report_bounds(
+        document = decode_report_bytes(data, limit=min(conf.receive_max_bytes, MAX_REPORT_BYTES))
+        check_report_bounds(
             document, max_policies=conf.receive_max_policies, max_failure_details=conf.receive_max_failure_details
         )
-        return rpt.parse_received_report(document)
+        return parse_received_report(document)
 
     async def accept_report(
         self, data: bytes, *, method: str, dkim_state: str = "none"
@@ -217,7 +226,7 @@ class Receiver(Collector):
         return "pass" if ok else "fail"
 
     async def receive_mail(self, data: bytes) -> str:
-        attachment = rpt.extract_report_from_mail(data)
+        attachment = extract_report_from_mail(data)
         if attachment is None:
             await self.emit("tlsrpt_received", reporter_kind="mailto", result="invalid")
             return "invalid"

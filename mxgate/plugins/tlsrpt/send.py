@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import mxgate.plugins.tlsrpt.report as rpt
 from mxgate import ClusterUnavailable
 from mxgate.plugins.tlsrpt.collect import CATCH_UP_DAYS, DAY, Collector
+from mxgate.plugins.tlsrpt.parse import decode_report_bytes
 from mxgate.plugins.tlsrpt.report import PolicyAggregate, TlsRptRecord
 
 __all__ = ["GRACE_SECONDS", "RETRY_WINDOW", "SendResult", "Sender", "SubmitFn", "dkim_sign", "load_dkim_key"]
@@ -141,7 +142,7 @@ class Sender(Collector):
             ).fetchone()
         )
         if stored is not None:
-            doc: dict[str, Any] = rpt.decode_report_bytes(bytes(stored[0]))
+            doc: dict[str, Any] = decode_report_bytes(bytes(stored[0]))
             return doc
         aggs = await self.aggregates(day, domain)
         if not aggs:
