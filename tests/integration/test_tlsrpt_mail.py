@@ -384,3 +384,68 @@ async def test_report_messages_are_remembered_across_a_restart(tmp_path: Path) -
             await second.close()
     finally:
         await queue.close()
+
+
+def test_cli_send_queues_a_mailed_report_through_the_gateway_door(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mxgate tlsrpt send`` with a ``mailto:`` rua: the DKIM-signed report lands in the state directory's queue as
+    the gateway would queue it (``Runtime.submit`` on a command runtime): sender, recipient, the ``tls_required``
+    meta, and its queue id remembered, so the session that later delivers it is not counted."""
+    import tomli_w
+
+    from mxgate.core.cli import main as cli_main
+    from mxgate.core.engine import load
+    from mxgate.testing.gateway import build_document
+    from tests.integration.test_tlsrpt_https import LoopThread
+
+    key_file, _ = dkim_key(tmp_path)
+    loop = LoopThread()
+    records = {"_smtp._tls.example.org": "v=TLSRPTv1; rua=mailto:tlsrpt@example.org"}
+    dns_server: ScriptedDnsServer = loop.run(ScriptedDnsServer(handler_for(records)).__aenter__())
+    try:
+        document = build_document("", tmp_path)
+        document["server"]["hostname"] = SUBMITTER
+        document["dns"] = {"resolvers": [f"127.0.0.1:{dns_server.port}"], "timeout": 2.0}
+        document["plugins"] = {
+            "disable": ["dane", "mta_sts", "prometheus", "dnssec"],
+            "tlsrpt": {"organization_name": "Sender Org", "dkim_selector": SELECTOR, "dkim_key_file": str(key_file)},
+        }
+        path = tmp_path / "mxgate.toml"
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
+        config, _ = load(path, entry_points=False)
+
+        async def seed() -> None:
+            svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter=SUBMITTER)
+            svc.record(outcome(ts("2024-03-04T09:00:00")))
+            await svc.close()
+
+        asyncio.run(seed())
+        assert cli_main(["tlsrpt", "send", "-c", str(path), "--date", "2024-03-04"]) == 0
+        assert "example.org  mailto:tlsrpt@example.org  sent  attempts=1" in capsys.readouterr().out
+    finally:
+        loop.run(dns_server.__aexit__(None, None, None))
+        loop.close()
+
+    async def check() -> None:
+        queue = await QueueStore.open(config.state_path)
+        try:
+            (queued,) = await queue.list()
+            assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
+            assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
+            assert queued.meta_value("origin") == "tlsrpt"
+            assert queued.meta_value("tls_required") == "no"
+            data = await queue.body(queued.id)
+        finally:
+            await queue.close()
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        assert msg.get_param("report-type") == "tlsrpt" and msg["DKIM-Signature"] is not None
+        gateway = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter=SUBMITTER)
+        try:
+            await gateway.load_report_messages()
+            gateway.record(outcome(ts("2024-03-05T09:00:00"), queue_id=queued.id))
+            assert gateway.pending == 0
+        finally:
+            await gateway.close()
+
+    asyncio.run(check())
