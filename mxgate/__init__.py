@@ -58,10 +58,8 @@ from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.textsafe import escape
 from mxgate.core.tls import server_context
 
-__all__ = [
-    "ROLE_COMMAND",
-    "ROLE_MAIN",
-    "ROLE_RECEIVER",
+# plain sorted() order, as tests check (ruff's isort-style order would put the ROLE_* constants first)
+__all__ = [  # noqa: RUF022
     "Accept",
     "Address",
     "AttemptContext",
@@ -89,6 +87,9 @@ __all__ = [
     "PolicyType",
     "QueuedMessage",
     "QueuedRecipient",
+    "ROLE_COMMAND",
+    "ROLE_MAIN",
+    "ROLE_RECEIVER",
     "RecipientDsn",
     "RecipientStatus",
     "Reject",

@@ -108,7 +108,7 @@ class Sender(Collector):
     """Scheduling, building and delivering our reports (the sending half of the service)."""
 
     submit: SubmitFn | None
-    rng: random.Random | random.SystemRandom
+    rng: random.Random
     _dkim_key: bytes | None
     _last_purge: float
 
