@@ -8,7 +8,8 @@ else is internal and may change. It exports, grouped as ``__all__`` is:
   ``QueuedMessage``, ``AttemptContext``, ``AuthResult``, ``OutboundConnector``...), the verdicts, the outcome and
   policy types, ``StashKey`` and the stash keys the core fills (``DNSSEC_SELF_TEST``);
 - configuration: ``setting``, ``ConfigRegistry``, ``ConnectorSetting``, ``Config``, ``ConfigError`` (what a
-  plugin's validation raises) and the setting checks (``is_hostname``, ``split_hostport``...);
+  plugin's validation raises) and the setting checks (``check_*`` for ``setting(check=...)``, ``is_hostname``...);
+- the process roles (``ROLE_MAIN``, ``ROLE_RECEIVER``, ``ROLE_COMMAND``; ``Runtime.role``);
 - commands (``mxgate_lifecycle_register_commands``): ``add_config_arg``, ``load_from_args``, ``command_runtime``;
 - services a built-in uses and a third party may too: the DNS resolver with DNSSEC status (``Resolver``,
   ``DnsAnswer``, ``DnssecStatus``), the outbound ``SmtpClient``, TLS contexts and checks (``client_context``,
@@ -20,7 +21,7 @@ from mxgate._version import __version__
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.auth import AuthResult
 from mxgate.core.callout import CalloutResult, CalloutVerdict
-from mxgate.core.checks import check_optional_hostport, is_hostname, split_hostport
+from mxgate.core.checks import check_hostname, check_optional_hostport, check_positive, is_hostname, split_hostport
 from mxgate.core.cluster import ClusterUnavailable, MigrationRegistry, SharedDb
 from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
 from mxgate.core.config import Config
@@ -143,7 +144,9 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "add_config_arg",
+    "check_hostname",
     "check_optional_hostport",
+    "check_positive",
     "client_context",
     "command_runtime",
     "escape",

@@ -1,6 +1,7 @@
 """The running gateway as plugins see it (``mxgate_lifecycle_on_startup``): config, hooks, DNS, queue, clock.
 
-Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime.create`.
+Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime.create`, commands with
+:func:`mxgate.core.commands.command_runtime`.
 """
 
 from __future__ import annotations
