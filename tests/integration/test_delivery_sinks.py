@@ -16,7 +16,7 @@ import pytest
 
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime
@@ -45,6 +45,10 @@ class StaticResolver:
 
     async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
         return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+
+    async def host_addresses(self, name: str) -> HostAddresses:
+        a, aaaa = await self.resolve_addresses(name)
+        return HostAddresses(name, aaaa=aaaa, a=a)
 
 
 class Recorder:

@@ -25,7 +25,7 @@ from mxgate.core.delivery import (
     needs_8bitmime,
     needs_smtputf8,
 )
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -54,6 +54,10 @@ class FakeResolver:
 
     async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
         return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+
+    async def host_addresses(self, name: str) -> HostAddresses:
+        a, aaaa = await self.resolve_addresses(name)
+        return HostAddresses(name, aaaa=aaaa, a=a)
 
 
 A, NODATA, NX, ERR = AnswerKind.ANSWER, AnswerKind.NODATA, AnswerKind.NXDOMAIN, AnswerKind.ERROR

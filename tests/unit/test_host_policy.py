@@ -16,7 +16,7 @@ import pytest
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.defaults import mx_next_hop
 from mxgate.core.delivery import decide_host, filter_hosts_by_policies
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -58,6 +58,10 @@ class TableResolver:
 
     async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
         return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+
+    async def host_addresses(self, name: str) -> HostAddresses:
+        a, aaaa = await self.resolve_addresses(name)
+        return HostAddresses(name, aaaa=aaaa, a=a)
 
 
 def _policy(source: str, prec: int, level: TlsLevel, **kw: object) -> TlsPolicy:
