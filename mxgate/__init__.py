@@ -3,7 +3,8 @@
 This module is the plugin author's API; everything else is internal and may change. It exports every type a hook
 passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``...),
 the verdicts, the outcome and policy types, ``ConfigError`` (what a plugin's setting validation raises), and the
-command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_register_commands``.
+command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_register_commands``, and the small
+HTTP/1.1 server (``HttpServer``, ``HttpRouter``, ``HttpRequest``, ``HttpResponse``) a plugin's own endpoint runs on.
 """
 
 from mxgate._version import __version__
@@ -14,6 +15,7 @@ from mxgate.core.delivery import AttemptContext
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.http import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter, HttpServer
 from mxgate.core.model import (
     Accept,
     Address,
@@ -68,6 +70,12 @@ __all__ = [
     "DsnRet",
     "Envelope",
     "HostPolicy",
+    "HttpConnection",
+    "HttpLimits",
+    "HttpRequest",
+    "HttpResponse",
+    "HttpRouter",
+    "HttpServer",
     "IncomingMessage",
     "MessageOptions",
     "MxgateError",
