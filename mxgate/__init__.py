@@ -48,11 +48,13 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.runtime import Runtime
+from mxgate.core.queue.store import MessageOptions, QueueCounts, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_MAIN, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 
 __all__ = [
+    "RECEIVE_WORKER_PIDS",
+    "ROLE_MAIN",
     "Accept",
     "Address",
     "AttemptContext",
@@ -82,6 +84,7 @@ __all__ = [
     "NextHop",
     "PeerVerification",
     "PolicyType",
+    "QueueCounts",
     "QueuedMessage",
     "QueuedRecipient",
     "RecipientDsn",

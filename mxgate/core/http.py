@@ -35,6 +35,8 @@ from http import HTTPStatus
 
 import h11
 
+from mxgate.core.checks import split_hostport
+
 __all__ = [
     "Handler",
     "HttpConnection",
@@ -386,8 +388,12 @@ class HttpServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port`` (``""`` or ``"::"``/``"0.0.0.0"`` for wildcards; brackets are dropped)."""
+    async def start(self, host: str, port: int | None = None) -> None:
+        """Listen on ``host`` and ``port`` (``""`` for every address; brackets around IPv6 are dropped), or, without
+        ``port``, on a configured ``"host:port"`` / ``"[v6]:port"`` given as ``host``. Raises OSError (address in
+        use) and ValueError (a malformed address)."""
+        if port is None:
+            host, port = split_hostport(host)
         self._server = await asyncio.start_server(
             self._connected,
             host.strip("[]") or None,
