@@ -5,10 +5,12 @@ framework would be the largest dependency in the gateway for ~300 lines of work.
 all HTTP parsing and framing, sans-I/O; this module adds what h11 leaves to its caller, in two layers as STYLE.md
 asks:
 
-* :class:`HttpConnection` — socket-free: bytes in, :class:`HttpRequest` heads, bodies and error :class:`HttpResponse`
-  values out, response bytes back. Limits (head size -> 431, body size -> 413 before reading when the length is
-  declared, while reading when chunked), malformed input -> 400, HEAD (headers of the GET, no body), keep-alive
-  decided by h11 (HTTP/1.0, ``Connection: close``) and bounded by ``max_requests``. Tested without sockets.
+* :class:`HttpConnection` — socket-free: bytes in, :class:`HttpRequest` heads, bodies and error
+  :class:`HttpResponse` values out, response bytes back. Limits: head size -> 431; body size -> 413, before
+  reading when ``Content-Length`` declares it (after the ``before_body`` check, so a receiver's own refusals come
+  first), while reading when chunked. Malformed input -> 400; HEAD gets the GET's headers and no body;
+  keep-alive is h11's decision (HTTP/1.0, ``Connection: close``), bounded by ``max_requests``. Tested without
+  sockets.
 * :class:`HttpServer` — the thin asyncio driver: listens on ``host:port`` (IPv4 or IPv6; several sockets for a
   wildcard), optional TLS (any :class:`ssl.SSLContext`, SNI callbacks included), timeouts (head: 408 then close;
   body: 408; idle keep-alive: close; writes), a connection cap (503), graceful close (stop listening, idle
@@ -17,7 +19,7 @@ asks:
 A handler is ``async (HttpRequest) -> HttpResponse`` (a plain function works too); :class:`HttpRouter` is one
 that dispatches by method and path with 404/405 (``Allow``) and answers HEAD from the GET route. A
 ``before_body`` check sees the request head (``body == b""``) before any body byte is read, so a receiver can
-refuse early (rate limits, ``411``, store full) without reading what it will not keep. HttpRequest bodies are
+refuse early (rate limits, ``411``, store full) without reading what it will not keep. Request bodies are
 handed over as received: ``Content-Encoding: gzip`` is the handler's to undo (with its own size limit).
 """
 
@@ -40,6 +42,7 @@ from mxgate.core.checks import split_hostport
 __all__ = [
     "Handler",
     "HttpConnection",
+    "HttpCounters",
     "HttpLimits",
     "HttpRequest",
     "HttpResponse",
@@ -259,9 +262,6 @@ class HttpConnection:
                 tls=self.tls,
                 http_version=event.http_version.decode("ascii", "replace"),
             )
-            declared = self._head.content_length
-            if declared is not None and declared > self.limits.max_body_bytes:
-                return self._too_large()
             return self._head
         return CLOSED  # ConnectionClosed, or PAUSED (nothing more will be read on this connection)
 
@@ -277,7 +277,11 @@ class HttpConnection:
         return self._conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
 
     def read_body(self) -> bytes | HttpResponse | _Need:
-        """The whole body once its end arrived; an error response (413, 400); or ``NEED_DATA``."""
+        """The whole body once its end arrived; an error response (413: at once when ``Content-Length`` declares
+        too much, else when the received chunks exceed the limit; 400); or ``NEED_DATA``."""
+        declared = self._head.content_length if self._head is not None and not self._size else None
+        if declared is not None and declared > self.limits.max_body_bytes:
+            return self._too_large()
         while True:
             event = self._event()
             if isinstance(event, HttpResponse):
@@ -346,7 +350,9 @@ class _Conn:
 
 
 @dataclass(slots=True)
-class _Counters:
+class HttpCounters:
+    """What an :class:`HttpServer` did since it started."""
+
     connections: int = 0
     requests: int = 0
     refused: int = 0
@@ -360,10 +366,13 @@ class HttpServer:
     :param name: for logs ("metrics", "mta-sts", "tlsrpt").
     :param ssl: a server :class:`ssl.SSLContext` (its SNI callback included) for HTTPS; ``None``: plain HTTP.
     :param limits: sizes, timeouts and counts (:class:`HttpLimits`).
-    :param before_body: called with the head (``body=b""``) before the body is read; a HttpResponse is sent instead
+    :param before_body: called with the head (``body=b""``) before the body is read; a response is sent instead
         of reading it (and the connection closes if a body was on its way).
-    :param on_response: called after each response was sent (or could not be), with the request (``None`` when
-        none could be parsed: 400, 408, 431, 503) and the response: counts and access logs.
+    :param on_response: called after each response was written, with the request (``None`` when none could be
+        parsed: 400, 408, 431, 503) and the response: counts and access logs. A connection that closes without
+        a request, or whose response cannot be written, is not reported.
+
+    ``counters`` holds connections accepted, requests answered and connections refused (503) since start.
     """
 
     def __init__(
@@ -384,7 +393,7 @@ class HttpServer:
         self._on_response = on_response
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
-        self.counters = _Counters()
+        self.counters = HttpCounters()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -446,6 +455,9 @@ class HttpServer:
     # -- one connection --------------------------------------------------------------------------------------
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._server is None:  # its TLS handshake finished after close() began
+            writer.close()
+            return
         conn = _Conn(writer, asyncio.current_task())
         self._conns.add(conn)
         self.counters.connections += 1

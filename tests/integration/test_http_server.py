@@ -154,6 +154,8 @@ async def test_malformed_request_is_400(start: Start) -> None:
 async def test_before_body_refuses_early_and_handler_errors_are_500(start: Start) -> None:
     async def check(head: HttpRequest) -> HttpResponse | None:
         assert head.body == b""
+        if head.header("x-flood"):
+            return HttpResponse.text(429, "slow down", headers=(("Retry-After", "60"),))
         if not head.header("content-length"):
             return HttpResponse.text(411, "Content-Length required", close=True)
         return None
@@ -162,8 +164,11 @@ async def test_before_body_refuses_early_and_handler_errors_are_500(start: Start
         raise RuntimeError("boom")
 
     router = HttpRouter({("POST", "/echo"): echo, ("GET", "/broken"): broken})
-    server = await start(handler=router, before_body=check)
+    server = await start(handler=router, before_body=check, limits=HttpLimits(max_body_bytes=100))
     assert server.port is not None
+    flood = b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Flood: 1\r\nContent-Length: 1000\r\n\r\n"
+    assert (await raw(server.port, flood)).startswith(b"HTTP/1.1 429 ")  # the check first, then the size (413)
+    assert (await raw(server.port, flood.replace(b"X-Flood", b"X-Calm"))).startswith(b"HTTP/1.1 413 ")
     chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     assert (await raw(server.port, chunked)).startswith(b"HTTP/1.1 411 ")
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", trust_env=False) as client:
