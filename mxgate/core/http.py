@@ -544,14 +544,14 @@ class HttpServer:
             early = await self._guarded(self._before_body, head)
             if isinstance(early, HttpResponse):
                 return head, early, True
-        if http.expects_continue:
-            await self._write(writer, http.send_continue())
         try:
             async with asyncio.timeout(self.limits.body_timeout):
                 while True:
                     body = http.read_body()
                     if body is not NEED_DATA:
                         break
+                    if http.expects_continue:  # only now: a refused request (413 above) gets no 100 first
+                        await self._write(writer, http.send_continue())
                     http.receive(await reader.read(65536))
         except TimeoutError:
             return head, HttpResponse.text(408, "request timeout", close=True), False

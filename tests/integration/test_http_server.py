@@ -200,3 +200,19 @@ async def test_connection_cap_and_graceful_close(start: Start) -> None:
     assert out.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in out and out.endswith(b"done")
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", server.port)
+
+
+async def test_expect_100_continue(start: Start) -> None:
+    server = await start(limits=HttpLimits(max_body_bytes=10))
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 100 ")
+        writer.write(b"ok")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ") and await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+    finally:
+        writer.close()
+    big = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+    assert (await raw(server.port, big)).startswith(b"HTTP/1.1 413 ")  # no 100 before the refusal
