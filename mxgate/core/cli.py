@@ -344,7 +344,7 @@ def render_reference(registry: cfg.ConfigRegistry) -> str:
 
 def _type_name(hint: object) -> str:
     text = str(hint).replace("typing.", "").replace("collections.abc.", "")
-    for qual in ("mxgate.core.config.", "<class '", "'>"):
+    for qual in ("mxgate.core.config_schema.", "mxgate.core.config.", "<class '", "'>"):
         text = text.replace(qual, "")
     return text.replace("|", "\\|")
 

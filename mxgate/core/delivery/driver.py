@@ -5,8 +5,9 @@ and the I/O a thin driver").
 enforcing policy's patterns, decides each host's policy (:func:`~mxgate.core.delivery.policy.decide_host`), and
 tries the hosts in order (every address, IPv6 and IPv4): connect, EHLO, STARTTLS as the host's level demands
 (whatever the peer sent after its 220 is discarded), ``on_tls_verify`` with the policy governing that host, one
-``on_tls_outcome`` per TLS attempt, AUTH, then MAIL/RCPT/DATA pipelined where offered, reporting one
-:class:`~mxgate.core.delivery.model.RecipientOutcome` per recipient. What to do at each step — and every failure
+``on_tls_outcome`` per TLS attempt (:mod:`~mxgate.core.delivery.outcome`), AUTH, then the mail transaction
+(:mod:`~mxgate.core.delivery.transaction`), reporting one :class:`~mxgate.core.delivery.model.RecipientOutcome`
+per recipient. What to do at each step — and every failure
 reply — comes from :class:`~mxgate.core.delivery.plan.AttemptPlan`; established sessions are kept for reuse by
 :class:`~mxgate.core.delivery.pool.SessionPool`.
 """
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mxgate.core.delivery.model import (
@@ -26,19 +27,17 @@ from mxgate.core.delivery.model import (
     AttemptContext,
     DeliveryResult,
     OutgoingMessage,
-    RecipientOutcome,
 )
+from mxgate.core.delivery.outcome import tls_outcome
 from mxgate.core.delivery.plan import (
     AttemptFailure,
     AttemptPlan,
-    Capabilities,
     DestinationPlan,
     Next,
     Step,
     TlsReport,
     connect_failed,
     connection_lost,
-    describe_extensions,
     describe_host_policy,
     final_verdict,
     host_gate,
@@ -46,21 +45,19 @@ from mxgate.core.delivery.plan import (
     local_reply,
     no_address,
     plan_destination,
-    rcpt_params,
     requiretls_gate,
-    transaction_params,
 )
 from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
 from mxgate.core.delivery.pool import PooledSession, SessionKey, SessionPool
+from mxgate.core.delivery.transaction import AttemptLog, capabilities_of, same_for_all, send_message
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
     NextHop,
     PeerVerification,
-    TlsOutcome,
     TlsRptResult,
 )
-from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError, SmtpReply
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError
 from mxgate.core.tls import client_context, describe, peer_chain
 
 if TYPE_CHECKING:
@@ -74,21 +71,6 @@ __all__ = ["AddressResolver", "Deliverer"]
 log = logging.getLogger(__name__)
 
 AddressResolver = Callable[[str], Awaitable[tuple[str, ...]]]
-
-
-@dataclass
-class _Attempt:
-    """Mutable bookkeeping of one delivery (several hosts, several addresses)."""
-
-    steps: list[str] = field(default_factory=list)
-    transcript: list[str] = field(default_factory=list)
-    failures: list[AttemptFailure] = field(default_factory=list)
-    verification: PeerVerification | None = None  # of the last handshake (probes report it)
-
-    def fail(self, failure: AttemptFailure, note: str = "") -> None:
-        if note:
-            self.steps.append(note)
-        self.failures.append(failure)
 
 
 class Deliverer:
@@ -140,25 +122,25 @@ class Deliverer:
                 connect_timeout=min(connector.connect_timeout, cap),
                 command_timeout=min(connector.command_timeout, cap),
             )
-        rec = _Attempt()
+        rec = AttemptLog()
         if connector.test_mode:
             rec.steps.append(f"connector {connector.name} is in test mode: nothing sent")
             reply = local_reply(250, "2.0.0", "test mode: not sent")
-            return self._all(destination, message, DELIVERED, reply, "2.0.0", rec)
+            return same_for_all(destination, message, DELIVERED, reply, "2.0.0", rec)
 
         next_hop = await runtime.hooks.resolve_next_hop(destination)
         if next_hop is None:
             reply = local_reply(451, "4.4.0", "no next hop resolver answered")
-            return self._all(destination, message, DEFERRED, reply, "4.4.0", rec)
+            return same_for_all(destination, message, DEFERRED, reply, "4.4.0", rec)
         rec.steps.append(f"next hop ({next_hop.kind}): " + (", ".join(_host_label(h) for h in next_hop.hosts) or "-"))
         if next_hop.kind == "null_mx":
             reply = local_reply(556, "5.1.10", f"recipient domain {destination.domain} accepts no mail (null MX)")
-            return self._all(destination, message, FAILED, reply, "5.1.10", rec)
+            return same_for_all(destination, message, FAILED, reply, "5.1.10", rec)
         if next_hop.kind == "error" or not next_hop.hosts:
             why = next_hop.error or "no hosts to deliver to"
             if next_hop.permanent:
-                return self._all(destination, message, FAILED, local_reply(550, "5.1.2", why), "5.1.2", rec)
-            return self._all(destination, message, DEFERRED, local_reply(451, "4.4.3", why), "4.4.3", rec)
+                return same_for_all(destination, message, FAILED, local_reply(550, "5.1.2", why), "5.1.2", rec)
+            return same_for_all(destination, message, DEFERRED, local_reply(451, "4.4.3", why), "4.4.3", rec)
 
         fallback = connector_policy(connector, destination)
         if message.tls_optional:
@@ -196,7 +178,7 @@ class Deliverer:
             why = f"TLS policy ({policy.source}) unavailable: {dplan.failure}"
             reply = local_reply(451, status, f"{why} ({policy.detail})" if policy.detail else why)
             rec.steps.append(reply)
-            return self._all(destination, message, DEFERRED, reply, status, rec)
+            return same_for_all(destination, message, DEFERRED, reply, status, rec)
 
         # An enforcing policy's mx patterns filter ALL candidates, whether or not DANE governs a host (RFC 8461
         # §4.1). Report-only (MTA-STS testing): hosts outside the patterns are still dialled; the policy's own
@@ -218,14 +200,14 @@ class Deliverer:
                 451, "4.7.5", f"no MX host of {destination.domain} matches the {filtering.source} policy"
             )
             rec.steps.append(reply)
-            return self._all(destination, message, DEFERRED, reply, "4.7.5", rec)
+            return same_for_all(destination, message, DEFERRED, reply, "4.7.5", rec)
 
         for host in dplan.hosts:
             outcome = await self._try_host(connector, destination, dplan, host, message, rec)
             if outcome is not None:
                 return outcome
         verdict = final_verdict(rec.failures)
-        return self._all(
+        return same_for_all(
             destination, message, verdict.result, verdict.reply, verdict.status, rec, remote=verdict.remote
         )
 
@@ -252,7 +234,7 @@ class Deliverer:
         connector = destination.connector
         assert self._probe
         decision, enforce_hp, report_hp = dplan.decide(host)
-        rec = _Attempt()
+        rec = AttemptLog()
         plan = AttemptPlan(f"{host.name}[{address}]:{host.port}", decision, enforce_hp, report_hp)
         probe = OutgoingMessage("probe", "", (), b"")
         result = await self._try_address(connector, destination, dplan.next_hop, host, address, probe, rec, plan, None)
@@ -281,7 +263,7 @@ class Deliverer:
         dplan: DestinationPlan,
         host: HopHost,
         message: OutgoingMessage,
-        rec: _Attempt,
+        rec: AttemptLog,
     ) -> DeliveryResult | None:
         next_hop = dplan.next_hop
         decision, enforce_hp, report_hp = dplan.decide(host)
@@ -305,7 +287,7 @@ class Deliverer:
                 await self.runtime.hooks.on_event("outbound_session_reused", connector=connector.name)
                 # None: this host cannot take the message (recorded); the same host on a new session could not
                 # either, so on to the next host.
-                return await self._send(session, key, connector, destination, host, message, rec)
+                return await send_message(self.pool, session, key, connector, destination, host, message, rec)
         addresses = await self._addresses(host)
         if not addresses:
             rec.fail(no_address(host), f"{host.name}: no usable address")
@@ -331,7 +313,7 @@ class Deliverer:
         host: HopHost,
         address: str,
         message: OutgoingMessage,
-        rec: _Attempt,
+        rec: AttemptLog,
         plan: AttemptPlan,
         key: SessionKey | None,
     ) -> DeliveryResult | None:
@@ -359,7 +341,7 @@ class Deliverer:
             step = plan.greeting(client.banner)
             if step is None:
                 ehlo = await client.ehlo(runtime.config.server.hostname)
-                step = plan.ehlo(ehlo, _capabilities(client))
+                step = plan.ehlo(ehlo, capabilities_of(client))
             sni = plan.enforce_hp.sni or plan.report_hp.sni or (None if is_ip(host.name) else host.name.rstrip("."))
             while isinstance(step, Next):
                 if step.note:
@@ -428,7 +410,7 @@ class Deliverer:
                     )
                 else:  # Step.SEND
                     session = PooledSession(client, where, tls_info, verification, opened)
-                    return await self._send(session, key, connector, destination, host, message, rec)
+                    return await send_message(self.pool, session, key, connector, destination, host, message, rec)
             if step.report is not None:
                 await self._outcome(connector.name, decision, client, host, step.report, message.queue_id)
             rec.fail(step.failure, step.note)
@@ -444,158 +426,6 @@ class Deliverer:
         finally:
             rec.transcript.extend(client.transcript)
             client.transcript.clear()
-
-    async def _send(
-        self,
-        session: PooledSession,
-        key: SessionKey | None,
-        connector: OutboundConnector,
-        destination: Destination,
-        host: HopHost,
-        message: OutgoingMessage,
-        rec: _Attempt,
-    ) -> DeliveryResult | None:
-        """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
-        the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
-        client = session.client
-        verification = session.verification
-        verified_tls = (
-            session.tls_info is not None
-            and verification is not None
-            and verification.ok
-            and verification.label in ("verified", "trusted")
-        )
-        caps = _capabilities(client)
-        if session.messages == 0:
-            rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
-        params, unmet = transaction_params(message, caps, session.where, verified_tls=verified_tls)
-        if unmet is not None:
-            rec.failures.append(unmet)
-            await self.pool.finish(session, key, connector, reset=False)  # nothing was started: still clean
-            rec.transcript.extend(client.transcript)
-            client.transcript.clear()
-            return None
-        session.messages += 1
-        return await self._transaction(session, key, connector, destination, host, message, params, rec)
-
-    async def _transaction(
-        self,
-        session: PooledSession,
-        key: SessionKey | None,
-        connector: OutboundConnector,
-        destination: Destination,
-        host: HopHost,
-        message: OutgoingMessage,
-        params: list[str],
-        rec: _Attempt,
-    ) -> DeliveryResult:
-        client, tls_info, verification = session.client, session.tls_info, session.verification
-        mx = host.name
-        recipients = message.recipients
-        outcomes: dict[str, RecipientOutcome] = {}
-        accepted: list[str] = []
-        per_rcpt = rcpt_params(message, _capabilities(client))
-        bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
-        try:
-            if bdat:
-                mail, rcpts, data = await client.envelope_bdat(
-                    message.sender, params, recipients, message.data, per_recipient=per_rcpt
-                )
-            else:
-                mail, rcpts, data = await client.envelope(
-                    message.sender, params, recipients, data=not message.verify_only, per_recipient=per_rcpt
-                )
-            if message.verify_only:
-                return await self._verified(session, key, connector, destination, host, message, rec, mail, rcpts)
-            if not mail.is_positive:
-                result = FAILED if mail.is_permanent else DEFERRED
-                for r in recipients:
-                    outcomes[r] = RecipientOutcome(r, result, str(mail), mail.status, mx, True)
-                if not bdat and data is not None and data.code == 354:
-                    await client.abort_data()
-                    await client.quit()
-                else:
-                    await self.pool.finish(session, key, connector, reset=True)
-                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            for r, reply in zip(recipients, rcpts, strict=False):
-                if reply.is_positive:
-                    accepted.append(r)
-                else:
-                    outcomes[r] = RecipientOutcome(
-                        r, FAILED if reply.is_permanent else DEFERRED, str(reply), reply.status, mx, True
-                    )
-            if not accepted:
-                if not bdat and data is not None and data.code == 354:
-                    await client.abort_data()
-                    await client.quit()
-                else:
-                    await self.pool.finish(session, key, connector, reset=True)
-                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            if data is None or (not bdat and data.code != 354):
-                for r in accepted:
-                    if data is None:
-                        outcomes[r] = RecipientOutcome(
-                            r, DEFERRED, local_reply(451, "4.4.2", "DATA not sent"), "4.4.2", mx
-                        )
-                    else:
-                        outcomes[r] = RecipientOutcome(
-                            r, FAILED if data.is_permanent else DEFERRED, str(data), data.status, mx, True
-                        )
-                await self.pool.finish(session, key, connector, reset=True)
-                return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-            # BDAT: the reply to the last chunk (or the first refused one) is the final reply
-            final = data if bdat else await client.send_data(message.data)
-            for r in accepted:
-                if final.is_positive:
-                    outcomes[r] = RecipientOutcome(
-                        r, DELIVERED, str(final), final.status, mx, True, dsn_passed=client.supports("DSN")
-                    )
-                else:
-                    outcomes[r] = RecipientOutcome(
-                        r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True
-                    )
-            await self.pool.finish(session, key, connector, reset=not final.is_positive)
-        except SmtpClientError as exc:
-            # Lost in the middle: whatever was not confirmed is deferred (at-least-once; RFC 5321 §6.1).
-            client.abort()
-            for r in recipients:
-                if r not in outcomes:
-                    outcomes[r] = RecipientOutcome(
-                        r, DEFERRED, local_reply(451, "4.4.2", f"{host.name}: {exc}"), "4.4.2", mx
-                    )
-            rec.steps.append(f"{host.name}: {exc}")
-        return self._result(destination, message, outcomes, rec, client, host, tls_info, verification)
-
-    async def _verified(
-        self,
-        session: PooledSession,
-        key: SessionKey | None,
-        connector: OutboundConnector,
-        destination: Destination,
-        host: HopHost,
-        message: OutgoingMessage,
-        rec: _Attempt,
-        mail: SmtpReply,
-        rcpts: Sequence[SmtpReply],
-    ) -> DeliveryResult:
-        """A callout's answer: each RCPT reply as it came (2xx delivered, 5xx failed, 4xx deferred); a refused
-        MAIL verifies nothing (deferred, whatever its code). Then RSET (or QUIT)."""
-        mx = host.name
-        outcomes: dict[str, RecipientOutcome] = {}
-        if mail.is_positive:
-            for r, reply in zip(message.recipients, rcpts, strict=False):
-                result = DELIVERED if reply.is_positive else FAILED if reply.is_permanent else DEFERRED
-                outcomes[r] = RecipientOutcome(r, result, str(reply), reply.status, mx, True)
-        for r in message.recipients:
-            if r not in outcomes:
-                why = local_reply(451, "4.4.3", f"{mx} did not verify the recipient (MAIL: {mail})")
-                outcomes[r] = RecipientOutcome(r, DEFERRED, why, "4.4.3", mx)
-        await self.pool.finish(session, key, connector, reset=True)
-        return self._result(
-            destination, message, outcomes, rec, session.client, host, session.tls_info, session.verification
-        )
-
-    # -- verification and outcomes -------------------------------------------------------------------------
 
     async def _verify(
         self, plan: AttemptPlan, attempt: AttemptContext, chain: tuple[x509.Certificate, ...]
@@ -621,45 +451,8 @@ class Deliverer:
     ) -> None:
         if self._probe:
             return
-        policy = decision.policy
-        hp = policy.for_host(host.name) if host is not None else None
-        policy_domain = (hp.policy_domain if hp is not None else None) or policy.policy_domain
-        policy_strings = hp.policy_strings if hp is not None and hp.policy_strings is not None else None
-        success, result, detail, verification = report.success, report.result, report.detail, report.verification
-        version = cipher = None
-        peer_ip = sending_ip = helo = None
-        if client is not None:
-            peer_ip = _peer(client)[0]
-            sending_ip = client.local_address[0] if client.local_address else None
-            helo = client.peer_ehlo_name
-            obj = client.ssl_object
-            if obj is not None:
-                version = obj.version()
-                c = obj.cipher()
-                cipher = c[0] if c else None
-        outcome = TlsOutcome(
-            connector=connector,
-            policy_type=policy.policy_type,
-            policy_domain=policy_domain,
-            success=success,
-            mx_host=host.name if host is not None else None,
-            receiving_ip=peer_ip,
-            receiving_helo=helo,
-            sending_ip=sending_ip,
-            tls_version=version,
-            cipher=cipher,
-            verification=verification.label if verification is not None else None,
-            matched=verification.matched if verification is not None else None,
-            result_type=result,
-            policy_strings=policy_strings if policy_strings is not None else policy.policy_strings,
-            mx_patterns=policy.mx_patterns,
-            detail=detail,
-            at=self.runtime.clock(),
-            queue_id=queue_id,
-        )
+        outcome = tls_outcome(connector, decision, client, host, report, queue_id, self.runtime.clock())
         await self.runtime.hooks.on_tls_outcome(outcome)
-
-    # -- helpers -------------------------------------------------------------------------------------------
 
     def _password(self, connector: OutboundConnector) -> str:
         if not connector.auth_password_file:
@@ -667,52 +460,6 @@ class Deliverer:
         path = self.runtime.config.path(connector.auth_password_file)
         text = path.read_text(encoding="utf-8")
         return text.splitlines()[0] if text else ""
-
-    def _all(
-        self,
-        destination: Destination,
-        message: OutgoingMessage,
-        result: str,
-        reply: str,
-        status: str,
-        rec: _Attempt,
-        *,
-        remote: bool = False,
-    ) -> DeliveryResult:
-        outcomes = tuple(RecipientOutcome(r, result, reply, status, None, remote) for r in message.recipients)
-        rec.steps.append(f"{result}: {reply}")
-        return DeliveryResult(destination, outcomes, steps=tuple(rec.steps), transcript=tuple(rec.transcript))
-
-    def _result(
-        self,
-        destination: Destination,
-        message: OutgoingMessage,
-        outcomes: dict[str, RecipientOutcome],
-        rec: _Attempt,
-        client: SmtpClient,
-        host: HopHost,
-        tls_info: str | None,
-        verification: PeerVerification | None,
-    ) -> DeliveryResult:
-        ordered = tuple(outcomes[r] for r in message.recipients if r in outcomes)
-        for o in ordered:
-            rec.steps.append(f"<{o.recipient}>: {o.result}: {o.reply}")
-        rec.transcript.extend(client.transcript)
-        client.transcript.clear()
-        return DeliveryResult(
-            destination,
-            ordered,
-            mx_host=host.name,
-            peer_ip=client.host,
-            tls=tls_info,
-            verification=verification.label if verification is not None else None,
-            steps=tuple(rec.steps),
-            transcript=tuple(rec.transcript),
-        )
-
-
-def _capabilities(client: SmtpClient) -> Capabilities:
-    return Capabilities(frozenset(client.extensions), client.size_limit)
 
 
 def _peer(client: SmtpClient) -> tuple[str, int]:
