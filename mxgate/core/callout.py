@@ -16,8 +16,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mxgate.core import checks
+from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
 from mxgate.core.model import Address
 from mxgate.core.outcomes import Destination
+from mxgate.core.queue.store import QueuedMessage, QueuedRecipient, RecipientStatus
 
 if TYPE_CHECKING:
     from mxgate.core.runtime import Runtime
@@ -52,9 +54,6 @@ async def callout(
 ) -> CalloutResult:
     """Verify ``recipient`` at its next hop; at most ``timeout`` seconds in all (each connect and reply is capped
     at it too). ``sender`` is the MAIL FROM of the callout (default ``<>``)."""
-    from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
-    from mxgate.core.queue.store import QueuedMessage, QueuedRecipient, RecipientStatus
-
     rcpt = str(recipient)
     mail_from = "" if sender is None else str(sender)
     now = runtime.clock()

@@ -1,7 +1,7 @@
 """What a command needs, for the core's own commands and plugins' alike (``mxgate_lifecycle_register_commands``).
 
-A leaf of the command line: ``cli.py`` builds the parser and imports every command module; command modules import
-only this, so no command module imports the command line that imports it.
+A leaf of the command line: command modules import this (and :mod:`mxgate.core.bootstrap`, which loads a
+configuration), never the command line (:mod:`mxgate.core.cli`) that calls them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 from typing import TYPE_CHECKING, Final
+
+from mxgate.core import bootstrap
 
 if TYPE_CHECKING:
     from mxgate.core.config import Config
@@ -36,6 +38,4 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[Config, PluginSet]:
     """``(config, plugins)`` for the file the operator named; a bad file raises ``ConfigError`` naming the key."""
-    from mxgate.core import engine  # the engine loads plugins, which may import this module
-
-    return engine.load(config_path(args))
+    return bootstrap.load(config_path(args))

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from mxgate.connectors.inbound import InboundConnector
+from mxgate.connectors.inbound import InboundConnector, shadowed
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core import checks
 from mxgate.core.errors import ConfigError, ConfigProblem
@@ -750,8 +750,6 @@ def _overlaps(key: tuple[str, int], bound: Mapping[tuple[str, int], str]) -> str
 def advisories(config: Config) -> list[str]:
     """What is valid but probably not meant, one line each: ``mxgate run`` logs them at start and ``mxgate config
     check`` prints them as warnings (neither refuses the configuration)."""
-    from mxgate.connectors.inbound import shadowed
-
     out: list[str] = []
     for i, lst in enumerate(config.listener):
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from mxgate.core.callout import callout
 from mxgate.core.config import Config
 from mxgate.core.files import private_dir
 from mxgate.core.model import Address, Stash, StashKey
@@ -91,8 +92,6 @@ class Runtime:
     ) -> CalloutResult:
         """Ask the next hop whether it takes ``recipient`` (MAIL FROM, RCPT TO, RSET/QUIT; never DATA), routed
         and secured like a delivery; at most ``timeout`` seconds. See :mod:`mxgate.core.callout`."""
-        from mxgate.core.callout import callout
-
         return await callout(self, recipient, sender=sender, timeout=timeout)
 
     @property

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import Destination
@@ -47,7 +47,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
     async def make(connectors: str, *, queue: bool = False) -> Runtime:
         directory = tmp_path / f"rt{len(made)}"
         directory.mkdir()
-        config, plugins = engine.load(delivery_config(directory, connectors), entry_points=False)
+        config, plugins = bootstrap.load(delivery_config(directory, connectors), entry_points=False)
         runtime = Runtime.create(config, plugins)
         if queue:
             runtime.queue = await QueueStore.open(config.state_path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mxgate.core import engine, tracking
+from mxgate.core import bootstrap, tracking
 from mxgate.core.cli import main as cli_main
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import Address
@@ -92,7 +92,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Env]]]:
     async def make(connectors: str) -> Env:
         path = delivery_config(tmp_path, connectors)
         agent, clock = Agent(), Clock()
-        config, plugins = engine.load(path, entry_points=False, extra_plugins=[("agent", agent)])
+        config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("agent", agent)])
         runtime = Runtime.create(config, plugins, clock=clock)
         runtime.queue = await QueueStore.open(config.state_path)
         await runtime.hooks.on_startup(runtime)
