@@ -7,16 +7,16 @@ command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_r
 """
 
 from mxgate._version import __version__
-from mxgate.core.auth import AuthResult
-from mxgate.core.callout import CalloutResult, CalloutVerdict
 from mxgate.core.commands import add_config_arg, load_from_args
-from mxgate.core.delivery import AttemptContext
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.migrations import MigrationRegistry
 from mxgate.core.model import (
     Accept,
     Address,
+    AuthResult,
     Disconnect,
     DsnNotify,
     DsnRet,
@@ -33,6 +33,9 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.outcomes import (
+    AttemptContext,
+    CalloutResult,
+    CalloutVerdict,
     DeliveryReport,
     Destination,
     HostPolicy,
@@ -46,7 +49,6 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.runtime import Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 
@@ -70,6 +72,7 @@ __all__ = [
     "HostPolicy",
     "IncomingMessage",
     "MessageOptions",
+    "MigrationRegistry",
     "MxgateError",
     "NextHop",
     "PeerVerification",

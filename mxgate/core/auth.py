@@ -26,12 +26,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mxgate.core.files import private_dir
-from mxgate.core.model import StashKey
+from mxgate.core.model import AuthResult, StashKey
 
 __all__ = [
     "AuthResult",
@@ -51,24 +50,6 @@ SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 _MAXMEM = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResult:
-    """What a credentials source says about one username/password pair."""
-
-    ok: bool
-    user: str | None = None  # the authenticated identity (may be normalised by the source)
-    reason: str = ""  # for logs, never sent to the client
-    temporary: bool = False  # the source could not decide (backend down): 454 4.7.0 instead of 535 5.7.8
-
-    @classmethod
-    def success(cls, user: str) -> AuthResult:
-        return cls(True, user)
-
-    @classmethod
-    def failure(cls, reason: str = "bad credentials", *, temporary: bool = False) -> AuthResult:
-        return cls(False, None, reason, temporary)
 
 
 def hash_password(password: str, *, log2_n: int = SCRYPT_LOG2_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:

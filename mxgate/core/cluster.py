@@ -32,13 +32,14 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from mxgate._version import __version__
 from mxgate.core.auth import FailureLimiter
 from mxgate.core.config import ClusterConfig
 from mxgate.core.errors import MxgateError, StateError
+from mxgate.core.migrations import Migration, MigrationRegistry
 
 if TYPE_CHECKING:
     from mxgate.core.plugins import Dispatcher
@@ -59,7 +60,7 @@ class ClusterUnavailable(MxgateError):
 def import_psycopg() -> Any:
     """psycopg, or an error that names the extra to install."""
     try:
-        import psycopg
+        import psycopg  # lazy: the optional extra mxgate[cluster], needed only when a cluster is configured
     except ImportError as exc:
         raise MxgateError(f"cluster mode needs the PostgreSQL driver: pip install '{EXTRA}'") from exc
     return psycopg
@@ -71,33 +72,6 @@ def safe_url(url: str) -> str:
 
 
 # -- schema steps ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    component: str
-    version: int
-    description: str
-    sql: str
-
-
-@dataclass
-class MigrationRegistry:
-    """Numbered schema steps per component (hook ``mxgate_lifecycle_register_migrations``)."""
-
-    steps: dict[str, list[Migration]] = field(default_factory=dict)
-
-    def add(self, component: str, version: int, description: str, sql: str) -> None:
-        steps = self.steps.setdefault(component, [])
-        if any(m.version == version for m in steps):
-            raise ValueError(f"cluster schema step {component} {version} declared twice")
-        steps.append(Migration(component, version, description, sql))
-        steps.sort(key=lambda m: m.version)
-        if [m.version for m in steps] != list(range(1, len(steps) + 1)):
-            raise ValueError(f"cluster schema steps of {component} must be numbered 1, 2, 3 ... without gaps")
-
-    def wanted(self) -> dict[str, int]:
-        return {component: steps[-1].version for component, steps in self.steps.items() if steps}
 
 
 CORE_STEPS: Final = (

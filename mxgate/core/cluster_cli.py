@@ -9,17 +9,11 @@ import sys
 import time
 from typing import Any
 
-from mxgate.core.cluster import (
-    ClusterUnavailable,
-    MigrationRegistry,
-    collect_migrations,
-    migrate,
-    read_status,
-    safe_url,
-)
+from mxgate.core.cluster import ClusterUnavailable, collect_migrations, migrate, read_status, safe_url
 from mxgate.core.commands import add_config_arg, load_from_args
 from mxgate.core.config import ClusterConfig
 from mxgate.core.errors import MxgateError
+from mxgate.core.migrations import MigrationRegistry
 from mxgate.core.plugins import Dispatcher
 
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from mxgate.connectors.outbound import select_outbound
 from mxgate.core import checks, cluster_cli, delivery_cli, explain, preflight, reload, users_cli
-from mxgate.core.auth import AuthResult, KdfPoolFull, kdf_pool_for_runtime, users_for_runtime
+from mxgate.core.auth import KdfPoolFull, kdf_pool_for_runtime, users_for_runtime
 from mxgate.core.delivery import connector_policy
 from mxgate.core.dns import DnssecStatus
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.model import Address
+from mxgate.core.model import Address, AuthResult
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -39,9 +39,9 @@ from mxgate.core.tls import VerifyReason, match_reference_identifiers, verify_we
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from mxgate.core.auth import AuthResult
-    from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import DnsAnswer, Resolver
+    from mxgate.core.model import AuthResult
+    from mxgate.core.outcomes import AttemptContext
 
 
 class CorePlugin:

@@ -43,9 +43,9 @@ from mxgate.core.settings import ConfigRegistry
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from mxgate.core.auth import AuthResult
-    from mxgate.core.delivery import AttemptContext
-    from mxgate.core.queue.store import QueuedMessage
+    from mxgate.core.messages import QueuedMessage
+    from mxgate.core.model import AuthResult
+    from mxgate.core.outcomes import AttemptContext
     from mxgate.core.runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,11 @@ from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
 
 if TYPE_CHECKING:
-    from mxgate.core.callout import CalloutResult
     from mxgate.core.cluster import Cluster
     from mxgate.core.dns import Resolver
-    from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueStore
+    from mxgate.core.messages import MessageOptions, NewRecipient
+    from mxgate.core.outcomes import CalloutResult
+    from mxgate.core.queue.store import QueueStore
 
 
 # The process a plugin's ``on_startup`` runs in. The main process binds the listeners, receives, delivers and runs

@@ -16,6 +16,7 @@ operations; call it via ``asyncio.to_thread`` on the event loop's behalf.
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import ctypes
 import ipaddress
@@ -141,8 +142,6 @@ _accept_presented_certificate = _VERIFY_CALLBACK(_accept_all)  # kept alive: Ope
 
 
 def _libssl() -> Any:
-    import _ssl
-
     lib = ctypes.CDLL(_ssl.__file__)  # dlsym through _ssl's handle finds the libssl it is linked with
     lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CALLBACK]
     lib.SSL_CTX_set_verify.restype = None

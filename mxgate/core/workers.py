@@ -56,8 +56,9 @@ from typing import Any, Final
 from mxgate.core import bootstrap, logs
 from mxgate.core.bootstrap import Source
 from mxgate.core.errors import MxgateError, WorkerError
+from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.plugins import HookCallError, HookStats
-from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
+from mxgate.core.queue.store import QueueFullError
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
 from mxgate.core.smtp.server import Listener, start_listeners
 

@@ -95,8 +95,8 @@ from mxgate.core.tls import (
 
 if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
-    from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import DnsAnswer, Resolver, SelfTestResult
+    from mxgate.core.outcomes import AttemptContext
     from mxgate.core.runtime import Runtime
 
 __all__ = [

@@ -84,9 +84,10 @@ from mxgate.plugins._sts_policy import (
 )
 
 if TYPE_CHECKING:
-    from mxgate.core.cluster import MigrationRegistry, SharedDb
-    from mxgate.core.delivery import AttemptContext
+    from mxgate.core.cluster import SharedDb
     from mxgate.core.dns import Resolver
+    from mxgate.core.migrations import MigrationRegistry
+    from mxgate.core.outcomes import AttemptContext
     from mxgate.core.runtime import Runtime
 
 __all__ = [

@@ -76,7 +76,8 @@ from mxgate.plugins._tlsrpt_report import (
 )
 
 if TYPE_CHECKING:
-    from mxgate.core.cluster import MigrationRegistry, SharedDb
+    from mxgate.core.cluster import SharedDb
+    from mxgate.core.migrations import MigrationRegistry
     from mxgate.core.queue.store import QueueStore
 
 __all__ = ["DB_NAME", "TlsRptConfig", "TlsRptPlugin", "TlsRptService"]

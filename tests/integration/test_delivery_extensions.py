@@ -18,11 +18,11 @@ import pytest
 
 from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
+from mxgate.core.messages import MessageOptions, NewRecipient, RecipientStatus
 from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import Destination
-from mxgate.core.queue import MessageOptions, NewRecipient
 from mxgate.core.queue.scheduler import Scheduler
-from mxgate.core.queue.store import QueueStore, RecipientStatus
+from mxgate.core.queue.store import QueueStore
 from mxgate.core.runtime import Runtime
 from mxgate.testing.ca import TestCA
 from mxgate.testing.gateway import TestGateway, delivery_config

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from reliability_kit import RawClient, free_port, gateway_command, gateway_document, write_config
 
-from mxgate.core.queue.store import RecipientStatus
+from mxgate.core.messages import RecipientStatus
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError
 from mxgate.testing.gateway import TestGateway, running_gateway
 from mxgate.testing.sinks import PostfixSink, SmtpSink, ThreadedSmtpSink

@@ -231,7 +231,6 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
 
     import mxgate
     from mxgate.core import hookspecs
-    from mxgate.core.cluster import MigrationRegistry
 
     assert sorted(mxgate.__all__) == sorted(set(mxgate.__all__))
     assert all(hasattr(mxgate, name) for name in mxgate.__all__)
@@ -240,7 +239,7 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
         if name.startswith("mxgate_"):
             hints = typing.get_type_hints(
                 getattr(hookspecs, name),
-                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509, "MigrationRegistry": MigrationRegistry},
+                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509},
             )
             for hint in hints.values():
                 stack = [hint]
@@ -249,8 +248,7 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
                     stack.extend(typing.get_args(item))
                     if isinstance(item, type) and item.__module__.startswith("mxgate."):
                         seen.add(item.__name__)
-    # MigrationRegistry (cluster mode) stays in mxgate.core.cluster: that module imports mxgate.__version__
-    missing = seen - set(mxgate.__all__) - {"MigrationRegistry"}
+    missing = seen - set(mxgate.__all__)
     assert not missing
     assert {"Runtime", "QueuedMessage", "AttemptContext", "AuthResult", "TlsOutcome"} <= seen
     for name in ("ConfigError", "QueuedRecipient", "MessageOptions", "RecipientStatus", "HostPolicy"):

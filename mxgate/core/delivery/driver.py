@@ -19,15 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from mxgate.core.delivery.model import (
-    DEFERRED,
-    DELIVERED,
-    FAILED,
-    AttemptContext,
-    DeliveryResult,
-    OutgoingMessage,
-    RecipientOutcome,
-)
+from mxgate.core.delivery.model import DEFERRED, DELIVERED, FAILED, DeliveryResult, OutgoingMessage, RecipientOutcome
 from mxgate.core.delivery.plan import (
     AttemptFailure,
     AttemptPlan,
@@ -53,6 +45,7 @@ from mxgate.core.delivery.plan import (
 from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
 from mxgate.core.delivery.pool import PooledSession, SessionKey, SessionPool
 from mxgate.core.outcomes import (
+    AttemptContext,
     Destination,
     HopHost,
     NextHop,

@@ -35,11 +35,13 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mxgate.core import tls as tlsmod
-from mxgate.core.auth import AUTH_FAILURES, AuthResult, FailureLimiter
+from mxgate.core.auth import AUTH_FAILURES, FailureLimiter
 from mxgate.core.config import Config, ListenerConfig
 from mxgate.core.errors import PluginError, StartupError
+from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.model import (
     Accept,
+    AuthResult,
     Disconnect,
     IncomingMessage,
     RecipientDsn,
@@ -53,7 +55,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
-from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
+from mxgate.core.queue.store import QueueFullError
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
 from mxgate.core.smtp.rdns import ReverseDns
