@@ -4,7 +4,7 @@
 Three generators: arbitrary bytes and TOML-looking text (the reader), schema-shaped documents with random keys
 and values of every TOML type (the validator), and single mutations of a complete valid document (the cross
 checks, which only run when the sections themselves are valid). Loading goes through
-:func:`mxgate.core.engine.load`, the path ``mxgate run`` and ``mxgate config check`` take, with the built-in
+:func:`mxgate.core.bootstrap.load`, the path ``mxgate run`` and ``mxgate config check`` take, with the built-in
 plugins' sections and connector settings registered.
 """
 

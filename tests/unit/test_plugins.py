@@ -410,7 +410,7 @@ def test_a_section_level_check_runs_in_config_check_and_at_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A setting that names another section: ``add_section(..., validate=)`` finds the mistake in ``config check``
-    (one line naming file and key) and ``engine.load`` refuses it the same way, instead of a start-up traceback."""
+    (one line naming file and key) and ``bootstrap.load`` refuses it the same way, instead of a start-up traceback."""
     from mxgate.core.cli import main
 
     plugin = tmp_path / "archive.py"
