@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from mxgate.core.auth import AUTH_FAILURES
-from mxgate.core.cluster import Cluster, collect_migrations
+from mxgate.core.cluster import Cluster
+from mxgate.core.cluster_db import collect_migrations
 from mxgate.core.config import (
     BUILTIN_SOURCE,
     DEFAULT_DOCUMENT,

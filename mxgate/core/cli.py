@@ -20,7 +20,7 @@ import tomli_w
 from mxgate._version import __version__
 from mxgate.core import bootstrap, checks, engine, logs, tracking
 from mxgate.core import config as cfg
-from mxgate.core.cluster import SharedDb
+from mxgate.core.cluster_db import SharedDb
 from mxgate.core.cluster_tracking import trace as cluster_trace
 from mxgate.core.commands import ENV_CONFIG, add_config_arg, load_from_args
 from mxgate.core.commands import config_path as _config_path

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any
 
-from mxgate.core.cluster import ClusterUnavailable, collect_migrations, migrate, read_status, safe_url
+from mxgate.core.cluster import read_status
+from mxgate.core.cluster_db import ClusterUnavailable, collect_migrations, migrate, safe_url
 from mxgate.core.commands import add_config_arg, load_from_args
 from mxgate.core.config import ClusterConfig
 from mxgate.core.errors import MxgateError

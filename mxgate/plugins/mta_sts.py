@@ -84,7 +84,7 @@ from mxgate.plugins._sts_policy import (
 )
 
 if TYPE_CHECKING:
-    from mxgate.core.cluster import SharedDb
+    from mxgate.core.cluster_db import SharedDb
     from mxgate.core.dns import Resolver
     from mxgate.core.migrations import MigrationRegistry
     from mxgate.core.outcomes import AttemptContext
@@ -500,7 +500,7 @@ class PolicyCache:
         await asyncio.to_thread(self.store.put, entry)
 
     async def _shared(self, call: Awaitable[Any], default: Any) -> Any:
-        from mxgate.core.cluster import ClusterUnavailable
+        from mxgate.core.cluster_db import ClusterUnavailable
 
         try:
             result = await call

@@ -76,7 +76,7 @@ from mxgate.plugins._tlsrpt_report import (
 )
 
 if TYPE_CHECKING:
-    from mxgate.core.cluster import SharedDb
+    from mxgate.core.cluster_db import SharedDb
     from mxgate.core.migrations import MigrationRegistry
     from mxgate.core.queue.store import QueueStore
 
@@ -667,7 +667,7 @@ class TlsRptService:
         pairs are simply published again; until then they wait in the local file, which survives a restart."""
         if self.shared is None or self._dirty == set():
             return
-        from mxgate.core.cluster import ClusterUnavailable
+        from mxgate.core.cluster_db import ClusterUnavailable
 
         changed = None if self._dirty is None else set(self._dirty)
         oldest = rpt.utc_day(self.clock() - (CATCH_UP_DAYS + 1) * DAY)
@@ -867,7 +867,7 @@ class TlsRptService:
     async def tick(self, now: float | None = None) -> None:
         """One round of the background loop: flush, schedule new days, build due reports, send due deliveries,
         purge old data. Bounded: at most ``MAX_DUE_PER_TICK`` reports and deliveries per round."""
-        from mxgate.core.cluster import ClusterUnavailable
+        from mxgate.core.cluster_db import ClusterUnavailable
 
         now = self.clock() if now is None else now
         await self.flush()
@@ -1088,7 +1088,7 @@ class TlsRptService:
 
     async def load_report_messages(self) -> None:
         """The queue ids of our mailed reports still within retention (at start-up: reports queued before)."""
-        from mxgate.core.cluster import ClusterUnavailable
+        from mxgate.core.cluster_db import ClusterUnavailable
 
         try:
             rows = await self.db.run(lambda c: c.execute("SELECT queue_id FROM report_message").fetchall())
@@ -1552,7 +1552,7 @@ def _cli_service(args: argparse.Namespace, *, with_network: bool) -> tuple[TlsRp
         resolver = resolver_from_config(config.dns)
     shared = None
     if config.cluster.database:  # the cluster's reports, whichever node asks
-        from mxgate.core.cluster import SharedDb
+        from mxgate.core.cluster_db import SharedDb
 
         cl = config.cluster
         shared = SharedDb(cl.database, name="tlsrpt", node=cl.node, connect_timeout=cl.connect_timeout, schema="tlsrpt")
