@@ -1,9 +1,10 @@
 """The essential core plugin: the defaults every hook chain falls back to, and the core's own commands.
 
-All implementations are ``trylast``, so any plugin answers before them (datasette's default pages). This
+The fallbacks are ``trylast``, so any plugin answers before them (datasette's default pages). This
 plugin cannot be disabled; it can be overridden. The core's subcommands (``mxgate user``, ``queue``,
 ``connector``, ``explain``, ``check``, ``reload``, ``cluster``) are registered through the same
-``mxgate_lifecycle_register_commands`` hook plugins use, first, so a plugin cannot take their names.
+``mxgate_lifecycle_register_commands`` hook plugins use, ``tryfirst``: before the commands of any plugin that is
+not itself ``tryfirst``, as when the command line registered them by name.
 """
 
 from __future__ import annotations
