@@ -21,21 +21,21 @@ else is internal and may change. It exports, grouped as ``__all__`` is:
 
 from mxgate._version import __version__
 from mxgate.connectors.outbound import OutboundConnector
-from mxgate.core.auth import AuthResult
-from mxgate.core.callout import CalloutResult, CalloutVerdict
 from mxgate.core.checks import check_hostname, check_optional_hostport, check_positive, is_hostname, split_hostport
-from mxgate.core.cluster import ClusterUnavailable, MigrationRegistry, SharedDb
+from mxgate.core.cluster_db import ClusterUnavailable, SharedDb
 from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
 from mxgate.core.config import Config
-from mxgate.core.delivery import AttemptContext
 from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver, SelfTestResult, resolver_from_config
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.http import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter, HttpServer
+from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.migrations import MigrationRegistry
 from mxgate.core.model import (
     Accept,
     Address,
+    AuthResult,
     Disconnect,
     DsnNotify,
     DsnRet,
@@ -52,6 +52,9 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.outcomes import (
+    AttemptContext,
+    CalloutResult,
+    CalloutVerdict,
     DeliveryReport,
     Destination,
     HopHost,
@@ -66,7 +69,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import MessageOptions, QueueCounts, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.queue.store import QueueCounts
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply

@@ -23,7 +23,8 @@ def prefill(state_dir: Path, count: int, *, size: int = 2048, retry_in: float = 
     a negative ``retry_in`` makes them all due at once). Goes
     through :class:`QueueStore` (put + record_results, group-committed), not SMTP: fast, and the same rows the
     gateway writes. Returns the time it took and a few ids for ``queue show``."""
-    from mxgate.core.queue import QueueStore, RecipientStatus
+    from mxgate.core.messages import RecipientStatus
+    from mxgate.core.queue import QueueStore
 
     body = b"From: backlog@bench.test\r\nSubject: deferred\r\n\r\n" + b"x" * max(0, size - 60) + b"\r\n"
 

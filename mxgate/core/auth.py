@@ -13,26 +13,24 @@ neither take every core from the event loop nor pile up memory (16 MiB per runni
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import os
 import secrets
-import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mxgate.core.files import private_dir
-from mxgate.core.model import StashKey
+from mxgate.core.model import AuthResult, StashKey
 
 __all__ = [
     "AuthResult",
@@ -41,7 +39,6 @@ __all__ = [
     "KdfPoolFull",
     "UsersFile",
     "hash_password",
-    "register_cli",
     "verify_password",
 ]
 
@@ -53,24 +50,6 @@ SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 _MAXMEM = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResult:
-    """What a credentials source says about one username/password pair."""
-
-    ok: bool
-    user: str | None = None  # the authenticated identity (may be normalised by the source)
-    reason: str = ""  # for logs, never sent to the client
-    temporary: bool = False  # the source could not decide (backend down): 454 4.7.0 instead of 535 5.7.8
-
-    @classmethod
-    def success(cls, user: str) -> AuthResult:
-        return cls(True, user)
-
-    @classmethod
-    def failure(cls, reason: str = "bad credentials", *, temporary: bool = False) -> AuthResult:
-        return cls(False, None, reason, temporary)
 
 
 def hash_password(password: str, *, log2_n: int = SCRYPT_LOG2_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
@@ -281,8 +260,6 @@ class KdfPool:
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in the pool; :class:`KdfPoolFull` at once when ``max_pending`` checks are already queued
         or running."""
-        import asyncio
-
         with self._lock:
             if self._pending >= self.max_pending:
                 raise KdfPoolFull()
@@ -298,6 +275,7 @@ class KdfPool:
 
 USERS_KEY = StashKey[UsersFile]()
 KDF_POOL_KEY = StashKey[KdfPool]()
+AUTH_FAILURES = StashKey[FailureLimiter]()  # one per process (the cluster's in cluster mode)
 
 
 def kdf_pool_for_runtime(runtime: Any) -> KdfPool:
@@ -321,72 +299,3 @@ def users_file_path(config: Any) -> Path:
     configured = config.server.users_file
     path: Path = config.path(configured) if configured else config.state_path / USERS_FILE_NAME
     return path
-
-
-# --- mxgate user add / remove / list -----------------------------------------------------------------------------
-
-
-def _users_for(args: argparse.Namespace) -> UsersFile:
-    if getattr(args, "users_file", None):
-        return UsersFile(Path(args.users_file))
-    from mxgate.core.commands import load_from_args
-
-    config, _ = load_from_args(args)
-    return UsersFile(users_file_path(config))
-
-
-def _read_password(args: argparse.Namespace) -> str:
-    text = Path(args.password_file).read_text(encoding="utf-8") if args.password_file else sys.stdin.readline()
-    return text.rstrip("\r\n")
-
-
-def cmd_user_add(args: argparse.Namespace) -> int:
-    users = _users_for(args)
-    try:
-        password = _read_password(args)
-        new = users.add(args.name, password)
-    except (OSError, ValueError) as exc:
-        print(f"mxgate user add: {exc}", file=sys.stderr)
-        return 1
-    print(f"{'added' if new else 'updated'} {args.name} in {users.path}")
-    return 0
-
-
-def cmd_user_remove(args: argparse.Namespace) -> int:
-    users = _users_for(args)
-    if not users.remove(args.name):
-        print(f"mxgate user remove: no user {args.name!r} in {users.path}", file=sys.stderr)
-        return 1
-    print(f"removed {args.name} from {users.path}")
-    return 0
-
-
-def cmd_user_list(args: argparse.Namespace) -> int:
-    for name in _users_for(args).users():
-        print(name)
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """``mxgate user add NAME`` (password from stdin or --password-file), ``user remove NAME``, ``user list``."""
-    from mxgate.core.commands import add_config_arg
-
-    user = subparsers.add_parser("user", help="manage SMTP AUTH users (the built-in users file)")
-    sub = user.add_subparsers(dest="user_command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        add_config_arg(p)
-        p.add_argument("--users-file", metavar="FILE", help="users file (default: <state_dir>/users)")
-
-    p = sub.add_parser("add", help="add a user or change its password (password read from stdin)")
-    common(p)
-    p.add_argument("name")
-    p.add_argument("--password-file", metavar="FILE", help="read the password from this file instead of stdin")
-    p.set_defaults(func=cmd_user_add)
-    p = sub.add_parser("remove", help="remove a user")
-    common(p)
-    p.add_argument("name")
-    p.set_defaults(func=cmd_user_remove)
-    p = sub.add_parser("list", help="list user names")
-    common(p)
-    p.set_defaults(func=cmd_user_list)

@@ -11,40 +11,21 @@ caching, rate limits and what to answer the client are the caller's business (th
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mxgate.core import checks
+from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
+from mxgate.core.messages import QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.model import Address
-from mxgate.core.outcomes import Destination
+from mxgate.core.outcomes import CalloutResult, CalloutVerdict, Destination
 
 if TYPE_CHECKING:
     from mxgate.core.runtime import Runtime
 
-__all__ = ["CALLOUT_QUEUE_ID", "CalloutResult", "CalloutVerdict", "callout"]
+__all__ = ["CALLOUT_QUEUE_ID", "callout"]
 
 #: The queue id routing hooks see for a callout (its message is not in the queue).
 CALLOUT_QUEUE_ID = "callout"
-
-
-class CalloutVerdict(StrEnum):
-    ACCEPTED = "accepted"  # the next hop said 2xx to RCPT
-    REJECTED = "rejected"  # it said 5xx to RCPT, or a delivery there would fail for good (no route, null MX)
-    UNAVAILABLE = "unavailable"  # no answer about this recipient: unreachable, 4xx, MAIL refused, timeout
-
-
-@dataclass(frozen=True, slots=True)
-class CalloutResult:
-    """What a callout learnt about one recipient."""
-
-    recipient: str
-    verdict: CalloutVerdict
-    reply: str  # the next hop's reply ("550 5.1.1 ...") or our own account of what went wrong
-    status: str  # RFC 3463 code of ``reply``
-    connector: str | None = None
-    host: str | None = None  # the host that answered
-    remote: bool = False  # ``reply`` came from the next hop
 
 
 async def callout(
@@ -52,9 +33,6 @@ async def callout(
 ) -> CalloutResult:
     """Verify ``recipient`` at its next hop; at most ``timeout`` seconds in all (each connect and reply is capped
     at it too). ``sender`` is the MAIL FROM of the callout (default ``<>``)."""
-    from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
-    from mxgate.core.queue.store import QueuedMessage, QueuedRecipient, RecipientStatus
-
     rcpt = str(recipient)
     mail_from = "" if sender is None else str(sender)
     now = runtime.clock()

@@ -8,21 +8,26 @@ import json
 import os
 import socket
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from mxgate._version import __version__
+from mxgate.core import bootstrap, checks, engine, logs, tracking
 from mxgate.core import config as cfg
-from mxgate.core import engine, logs, tracking
+from mxgate.core.cluster_db import SharedDb
+from mxgate.core.cluster_tracking import trace as cluster_trace
 from mxgate.core.commands import ENV_CONFIG, add_config_arg, load_from_args
 from mxgate.core.commands import config_path as _config_path
 from mxgate.core.errors import ConfigError, MxgateError
 from mxgate.core.files import PRIVATE_UMASK
-from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins
+from mxgate.core.plugins import Dispatcher, PluginSet, build_plugins, collect_registry
+from mxgate.core.preflight import check_certificates
 from mxgate.core.textsafe import escape
 
 Command = Callable[[argparse.Namespace], int]
@@ -32,8 +37,8 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    source = engine.read_source(_config_path(args))
-    config, plugins = engine.load_source(source)
+    source = bootstrap.read_source(_config_path(args))
+    config, plugins = bootstrap.load_source(source)
     logs.configure(config.server.log_format, config.server.log_level)
     os.umask(PRIVATE_UMASK)  # whatever the gateway or a plugin creates is its own (0600 files, 0700 directories)
     engine.run(config, plugins, source=source)
@@ -41,9 +46,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from mxgate.core.preflight import check_certificates
 
     config, plugins = load_from_args(args)
     # What `run` needs of the listeners' certificates: readable, PEM, a matching pair (run refuses those in one
@@ -76,8 +78,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def _with_choices(text: str, config: cfg.Config) -> str:
     """``receive_workers = "auto"`` with what it decided on this machine, as a comment on its line."""
-    from mxgate.core import checks
-
     if config.server.receive_workers != "auto":
         return text
     note = (
@@ -96,7 +96,6 @@ def _with_choices(text: str, config: cfg.Config) -> str:
 
 def cmd_config_init(args: argparse.Namespace) -> int:
     plugins = build_plugins()
-    from mxgate.core.plugins import collect_registry
 
     text = render_default(collect_registry(Dispatcher(plugins)))
     if args.file in (None, "-"):
@@ -139,8 +138,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    import time
-
     given = [x is not None for x in (args.id, args.message_id)]
     try:
         flt = tracking.TraceFilter(
@@ -173,9 +170,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
     ident = args.message_id if by_mid else args.id
     where = str(config.state_path / tracking.FILE_NAME)
     if config.cluster.database:  # every node's records, each with its node name
-        from mxgate.core.cluster import SharedDb
-        from mxgate.core.cluster_tracking import trace as cluster_trace
-
         cl = config.cluster
         db = SharedDb(cl.database, name="trace", node=cl.node, connect_timeout=cl.connect_timeout)
         records = cluster_trace(db, ident, message_id=by_mid)
@@ -350,8 +344,6 @@ def _type_name(hint: object) -> str:
 
 
 def cmd_config_reference(_args: argparse.Namespace) -> int:
-    from mxgate.core.plugins import collect_registry
-
     sys.stdout.write(render_reference(collect_registry(Dispatcher(build_plugins()))) + "\n")
     return 0
 
@@ -359,7 +351,11 @@ def cmd_config_reference(_args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------------------------
 
 
-def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    plugins: PluginSet | None = None, *, commands: Sequence[Callable[[Any], None]] = ()
+) -> argparse.ArgumentParser:
+    """The ``mxgate`` parser: the commands here, then ``commands`` (each called with the subparsers; the program
+    adds ``mxgate demo``, which lives outside the core), then every plugin's, the core's own first."""
     parser = argparse.ArgumentParser(
         prog="mxgate",
         description="SMTP gateway with Exchange-style connectors and transport agents, DNSSEC, DANE, MTA-STS, "
@@ -426,39 +422,14 @@ def build_parser(plugins: PluginSet | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
 
-    for register in _core_command_modules():
+    for register in commands:
         register(sub)
-    if plugins is not None:
-        Dispatcher(plugins).call_sync("mxgate_lifecycle_register_commands", subparsers=sub)
+    # the core's own commands come from the essential plugin, like a plugin's: without a usable configuration
+    # file, from the essential plugin alone
+    if plugins is None:
+        plugins = build_plugins(entry_points=False, builtin=False)
+    Dispatcher(plugins).call_sync("mxgate_lifecycle_register_commands", subparsers=sub)
     return parser
-
-
-def _core_command_modules() -> list[Callable[[Any], None]]:
-    """Core subsystems that contribute commands (each module has ``register_cli(subparsers)``), and
-    ``mxgate.demo``, which lives outside the core and imports mxgate.testing only when ``mxgate demo`` runs."""
-    import importlib
-
-    found = []
-    for module in (
-        "mxgate.core.auth",
-        "mxgate.core.queue.cli",
-        "mxgate.core.delivery_cli",
-        "mxgate.core.explain",
-        "mxgate.core.preflight",
-        "mxgate.core.reload",
-        "mxgate.demo",
-        "mxgate.core.cluster",
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        register = getattr(mod, "register_cli", None)
-        if register is not None:
-            found.append(register)
-    return found
 
 
 def _plugins_for_cli(argv: Sequence[str]) -> PluginSet | None:
@@ -467,15 +438,16 @@ def _plugins_for_cli(argv: Sequence[str]) -> PluginSet | None:
     pre.add_argument("-c", "--config")
     known, _ = pre.parse_known_args(argv)
     try:
-        _, plugins = engine.load(known.config or os.environ.get(ENV_CONFIG) or None)
+        _, plugins = bootstrap.load(known.config or os.environ.get(ENV_CONFIG) or None)
     except MxgateError:
         return None
     return plugins
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, commands: Sequence[Callable[[Any], None]] = ()) -> int:
+    """Run one command; ``commands`` as for :func:`build_parser` (``mxgate.__main__.main`` gives ``mxgate demo``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_plugins_for_cli(argv))
+    parser = build_parser(_plugins_for_cli(argv), commands=commands)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

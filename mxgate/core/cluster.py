@@ -6,389 +6,47 @@ summaries, and the AUTH failure limits (here), the tracking log (:mod:`mxgate.co
 plugins put there (TLS-RPT counts and reports, the MTA-STS policy cache). Without ``database`` nothing changes:
 every store is SQLite under ``state_dir``.
 
-The schema is a list of numbered steps per component (``core`` here, plugins through the hook
-``mxgate_lifecycle_register_migrations``), applied by ``mxgate cluster migrate`` under an advisory lock and
-recorded in ``mxgate_schema``. A node checks the versions at start: older than its steps is an error (run the
-migration); an unreachable database is not (mail does not wait for it; the node works on and retries).
-
-The driver is psycopg 3 (extra ``mxgate[cluster]``), imported only when a cluster is configured. Why psycopg and
-not asyncpg: its connections are typed (mypy strict checks every call; asyncpg ships no type information), its
-binary wheel brings libpq (nothing to build), and its DB-API shape lets one store code path serve both back ends:
-a store hands a job (a function of a connection) to the thread that owns its connection — a SQLite file or a
-PostgreSQL session — exactly as the SQLite stores always did, so blocking I/O stays off the event loop and the SQL
-is written once (``?`` placeholders are translated for PostgreSQL). Each store owns one connection on its own
-thread; a pool (psycopg_pool) would buy nothing for a handful of ordered writers per node, so it is not used.
+This module is the node: its heartbeat and queue summary, the cluster-wide AUTH failure limiter, the status
+``mxgate cluster status`` shows. The database connections and the schema are :mod:`mxgate.core.cluster_db`;
+the commands :mod:`mxgate.core.cluster_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
 import os
-import re
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 from mxgate._version import __version__
 from mxgate.core.auth import FailureLimiter
+from mxgate.core.cluster_db import (
+    CORE,
+    ClusterUnavailable,
+    PgConnection,
+    SharedDb,
+    first_line,
+    import_psycopg,
+    safe_url,
+    schema_problem,
+    schema_versions,
+)
 from mxgate.core.config import ClusterConfig
-from mxgate.core.errors import MxgateError, StateError
+from mxgate.core.errors import StateError
+from mxgate.core.migrations import MigrationRegistry
 
 if TYPE_CHECKING:
-    from mxgate.core.plugins import Dispatcher
+    pass
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-EXTRA: Final = "mxgate[cluster]"
-CORE: Final = "core"
 STALE_BEATS: Final = 3  # a node whose last heartbeat is older than this many intervals is shown as "stale"
-
-
-class ClusterUnavailable(MxgateError):
-    """The cluster database cannot be reached (or dropped the connection); the caller works on without it."""
-
-
-def import_psycopg() -> Any:
-    """psycopg, or an error that names the extra to install."""
-    try:
-        import psycopg
-    except ImportError as exc:
-        raise MxgateError(f"cluster mode needs the PostgreSQL driver: pip install '{EXTRA}'") from exc
-    return psycopg
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages and ``cluster status``."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
-# -- schema steps ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    component: str
-    version: int
-    description: str
-    sql: str
-
-
-@dataclass
-class MigrationRegistry:
-    """Numbered schema steps per component (hook ``mxgate_lifecycle_register_migrations``)."""
-
-    steps: dict[str, list[Migration]] = field(default_factory=dict)
-
-    def add(self, component: str, version: int, description: str, sql: str) -> None:
-        steps = self.steps.setdefault(component, [])
-        if any(m.version == version for m in steps):
-            raise ValueError(f"cluster schema step {component} {version} declared twice")
-        steps.append(Migration(component, version, description, sql))
-        steps.sort(key=lambda m: m.version)
-        if [m.version for m in steps] != list(range(1, len(steps) + 1)):
-            raise ValueError(f"cluster schema steps of {component} must be numbered 1, 2, 3 ... without gaps")
-
-    def wanted(self) -> dict[str, int]:
-        return {component: steps[-1].version for component, steps in self.steps.items() if steps}
-
-
-CORE_STEPS: Final = (
-    (
-        1,
-        "nodes and their heartbeats",
-        """
-        CREATE TABLE mxgate_node (
-            name TEXT PRIMARY KEY,
-            hostname TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            version TEXT NOT NULL,
-            started_at TIMESTAMPTZ NOT NULL,
-            heartbeat_at TIMESTAMPTZ NOT NULL
-        )
-        """,
-    ),
-    (
-        2,
-        "AUTH failures of every node",
-        """
-        CREATE TABLE mxgate_auth_failure (
-            source TEXT NOT NULL,
-            client TEXT NOT NULL,
-            at DOUBLE PRECISION NOT NULL
-        );
-        CREATE INDEX mxgate_auth_failure_at ON mxgate_auth_failure (at);
-        CREATE INDEX mxgate_auth_failure_client ON mxgate_auth_failure (client, at)
-        """,
-    ),
-    (
-        3,
-        "tracking log of every node",
-        """
-        CREATE TABLE mxgate_tracking (
-            node TEXT NOT NULL,
-            file_id TEXT NOT NULL,
-            pos BIGINT NOT NULL,
-            ts DOUBLE PRECISION NOT NULL,
-            event TEXT NOT NULL,
-            queue_id TEXT,
-            message_id TEXT,
-            line TEXT NOT NULL,
-            PRIMARY KEY (node, file_id, pos)
-        );
-        CREATE INDEX mxgate_tracking_queue_id ON mxgate_tracking (queue_id);
-        CREATE INDEX mxgate_tracking_message_id ON mxgate_tracking (message_id);
-        CREATE INDEX mxgate_tracking_ts ON mxgate_tracking (ts)
-        """,
-    ),
-    (
-        4,
-        "queue summaries of every node",
-        """
-        ALTER TABLE mxgate_node ADD COLUMN queue TEXT
-        """,
-    ),
-)
-
-
-def collect_migrations(dispatcher: Dispatcher | None) -> MigrationRegistry:
-    """The core's steps and every enabled plugin's."""
-    registry = MigrationRegistry()
-    for version, description, sql in CORE_STEPS:
-        registry.add(CORE, version, description, sql)
-    if dispatcher is not None:
-        dispatcher.call_sync("mxgate_lifecycle_register_migrations", migrations=registry)
-    return registry
-
-
-# -- one connection on its own thread ---------------------------------------------------------------------------
-
-
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Connection(Protocol):
-    """What store jobs use of a connection: sqlite3's, or :class:`PgConnection` in front of psycopg's."""
-
-    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
-
-
-def _pg_sql(sql: str) -> str:
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-class PgConnection:
-    """A psycopg connection that speaks the SQL the SQLite stores write: ``?`` placeholders."""
-
-    def __init__(self, conn: Any) -> None:
-        self.raw = conn
-
-    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor:
-        cursor: Cursor = self.raw.execute(_pg_sql(sql), tuple(params))
-        return cursor
-
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
-        with self.raw.cursor() as cur:
-            cur.executemany(_pg_sql(sql), [tuple(r) for r in rows])
-
-
-class SharedDb:
-    """One PostgreSQL session owned by one thread; every call runs there, in order (the SQLite stores' shape).
-
-    A lost connection raises :class:`ClusterUnavailable` and is opened again by the next call. A caller that is
-    cancelled does not cancel its transaction (it still commits or rolls back on the thread)."""
-
-    kind: Final = "postgresql"
-
-    def __init__(
-        self, url: str, *, name: str, node: str, connect_timeout: float = 5.0, schema: str | None = None
-    ) -> None:
-        self.url = url
-        self.name = name
-        self.schema = schema
-        self.node = node
-        self.connect_timeout = connect_timeout
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"mxgate-pg-{name}")
-        self._conn: Any = None
-        self._closed = False
-
-    def _open(self) -> Any:
-        psycopg = import_psycopg()
-        try:
-            return psycopg.connect(
-                self.url,
-                autocommit=True,
-                connect_timeout=max(1, int(self.connect_timeout)),
-                application_name=f"mxgate {self.node} {self.name}"[:63],
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-                tcp_user_timeout=int(self.connect_timeout * 4000),
-                **({"options": f"-c search_path={self.schema},public"} if self.schema else {}),
-            )
-        except psycopg.OperationalError as exc:
-            raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
-
-    def _call(self, fn: Callable[[PgConnection], T], transaction: bool) -> T:
-        """``fn`` on this store's connection. A connection that was open before (the server restarted, a
-        fail-over happened) and fails is opened again and ``fn`` tried once more on the new one: every job of
-        the stores is an idempotent upsert or a read, so a retry never counts twice."""
-        psycopg = import_psycopg()
-        for attempt in (1, 2):
-            reused = self._conn is not None and not self._conn.closed
-            if not reused:
-                self._conn = self._open()
-            try:
-                if not transaction:
-                    return fn(PgConnection(self._conn))
-                with self._conn.transaction():
-                    return fn(PgConnection(self._conn))
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
-                if reused and attempt == 1:
-                    continue
-                raise ClusterUnavailable(f"cluster database {safe_url(self.url)}: {_first_line(exc)}") from exc
-        raise AssertionError("unreachable")
-
-    def call(self, fn: Callable[[Any], T]) -> T:
-        """``fn`` on the caller's thread (a command that runs nothing else); not while the store's thread is used."""
-        return self._call(fn, False)
-
-    async def run(self, fn: Callable[[Any], T]) -> T:
-        if self._closed:
-            raise RuntimeError(f"cluster store {self.name} is closed")
-        future = self._executor.submit(self._call, fn, False)
-        return await asyncio.shield(asyncio.wrap_future(future))
-
-    async def write(self, fn: Callable[[Any], T]) -> T:
-        """``fn`` in one transaction."""
-        if self._closed:
-            raise RuntimeError(f"cluster store {self.name} is closed")
-        future = self._executor.submit(self._call, fn, True)
-        return await asyncio.shield(asyncio.wrap_future(future))
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[bool]:
-        """Yields True on the one node that holds the advisory lock ``name`` now (False elsewhere); the lock
-        goes with the session, so a node that dies or loses the database gives it up at once."""
-
-        def lock(c: PgConnection) -> bool:
-            return bool(c.execute("SELECT pg_try_advisory_lock(hashtext(?))", (f"mxgate:{name}",)).fetchone()[0])
-
-        got = await self.run(lock)
-        try:
-            yield got
-        finally:
-            if got:
-                with contextlib.suppress(Exception):
-                    await self.run(lambda c: c.execute("SELECT pg_advisory_unlock(hashtext(?))", (f"mxgate:{name}",)))
-
-    async def size(self) -> int:
-        """Bytes of the tables of this store's schema (indexes and TOAST included)."""
-
-        def job(c: PgConnection) -> int:
-            row = c.execute(
-                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n"
-                " ON n.oid = c.relnamespace WHERE n.nspname = ? AND c.relkind = 'r'",
-                (self.schema or "public",),
-            ).fetchone()
-            return int(row[0])
-
-        return await self.run(job)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-
-        def shut() -> None:
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
-
-        self._closed = True
-        await asyncio.shield(asyncio.wrap_future(self._executor.submit(shut)))
-        await asyncio.to_thread(self._executor.shutdown, True)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-# -- schema ----------------------------------------------------------------------------------------------------
-
-_SCHEMA_TABLE = """
-CREATE TABLE IF NOT EXISTS mxgate_schema (
-    component TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    description TEXT NOT NULL,
-    applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (component, version)
-)
-"""
-
-
-def _versions(c: PgConnection) -> dict[str, int]:
-    exists = c.execute("SELECT to_regclass('mxgate_schema') IS NOT NULL").fetchone()[0]
-    if not exists:
-        return {}
-    rows = c.execute("SELECT component, MAX(version) FROM mxgate_schema GROUP BY component").fetchall()
-    return {str(r[0]): int(r[1]) for r in rows}
-
-
-def migrate(url: str, registry: MigrationRegistry, *, connect_timeout: float = 5.0) -> list[Migration]:
-    """Apply every missing step, in order, in one transaction under an advisory lock (two nodes or two
-    operators running it at once: the second waits and finds nothing to do). Returns the steps applied."""
-    psycopg = import_psycopg()
-    try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
-    except psycopg.OperationalError as exc:
-        raise ClusterUnavailable(f"cluster database {safe_url(url)}: {_first_line(exc)}") from exc
-    applied: list[Migration] = []
-    with conn, conn.transaction():
-        c = PgConnection(conn)
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('mxgate:migrate'))")
-        c.execute(_SCHEMA_TABLE)
-        have = _versions(c)
-        for component, steps in sorted(registry.steps.items()):
-            if have.get(component, 0) > steps[-1].version:
-                raise StateError(
-                    f"cluster database schema of {component} is at version {have[component]}, newer than this "
-                    f"mxgate's {steps[-1].version}: upgrade mxgate"
-                )
-            for step in steps:
-                if step.version > have.get(component, 0):
-                    conn.execute(step.sql)
-                    c.execute(
-                        "INSERT INTO mxgate_schema (component, version, description) VALUES (?, ?, ?)",
-                        (component, step.version, step.description),
-                    )
-                    applied.append(step)
-    return applied
-
-
-def schema_problem(have: dict[str, int], wanted: dict[str, int]) -> str | None:
-    behind = [f"{c} {have.get(c, 0)} < {v}" for c, v in sorted(wanted.items()) if have.get(c, 0) < v]
-    if behind:
-        return f"cluster database schema is older than this mxgate ({', '.join(behind)}): run `mxgate cluster migrate`"
-    return None
 
 
 # -- AUTH failures, cluster-wide --------------------------------------------------------------------------------
@@ -538,7 +196,7 @@ class Cluster:
         """At start: a schema older than this mxgate's steps is a start-up error; an unreachable database only a
         warning (the node works without it and catches up)."""
         try:
-            have = await self._db.run(_versions)
+            have = await self._db.run(schema_versions)
         except ClusterUnavailable as exc:
             log.warning("cluster database unreachable at start; working without it", extra={"error": str(exc)})
             return
@@ -636,11 +294,11 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
     try:
         conn = psycopg.connect(conf.database, autocommit=True, connect_timeout=max(1, int(conf.connect_timeout)))
     except psycopg.OperationalError as exc:
-        raise ClusterUnavailable(f"cluster database {safe_url(conf.database)}: {_first_line(exc)}") from exc
+        raise ClusterUnavailable(f"cluster database {safe_url(conf.database)}: {first_line(exc)}") from exc
     with conn:
         c = PgConnection(conn)
         version = str(c.execute("SHOW server_version").fetchone()[0])
-        schema = _versions(c)
+        schema = schema_versions(c)
         nodes: list[NodeStatus] = []
         if schema.get(CORE, 0) >= 1:
             queue_col = ", queue" if schema.get(CORE, 0) >= 4 else ", NULL"
@@ -664,54 +322,6 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
     return ClusterStatus(version, schema, migrations.wanted(), tuple(nodes))
 
 
-# -- commands --------------------------------------------------------------------------------------------------
-
-
-def _load(args: argparse.Namespace) -> tuple[ClusterConfig, MigrationRegistry]:
-    from mxgate.core.commands import load_from_args
-    from mxgate.core.plugins import Dispatcher
-
-    config, plugins = load_from_args(args)
-    if not config.cluster.database:
-        raise MxgateError(f"{config.source}: no cluster configured ([cluster] database is empty)")
-    return config.cluster, collect_migrations(Dispatcher(plugins))
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    conf, migrations = _load(args)
-    applied = migrate(conf.database, migrations, connect_timeout=conf.connect_timeout)
-    for step in applied:
-        print(f"applied {step.component} {step.version}: {step.description}")
-    if not applied:
-        print(f"{safe_url(conf.database)}: schema up to date")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    conf, migrations = _load(args)
-    try:
-        status = read_status(conf, migrations)
-    except ClusterUnavailable as exc:
-        print(f"database  {safe_url(conf.database)}  UNREACHABLE  {exc}")
-        return 1
-    print(f"database  {safe_url(conf.database)}  PostgreSQL {status.server_version}")
-    for component, version in sorted(status.wanted.items()):
-        have = status.schema.get(component, 0)
-        state = "ok" if have == version else ("MIGRATE" if have < version else "NEWER")
-        print(f"schema    {component:12} {have}/{version}  {state}")
-    print(f"{'NODE':24}  {'LAST HEARTBEAT':20}  {'AGE':>7}  {'STATE':5}  VERSION")
-    for n in status.nodes:
-        print(f"{n.name:24}  {_utc(n.heartbeat_at):20}  {n.age:>6.0f}s  {'stale' if n.stale else 'up':5}  {n.version}")
-    if status.problem:
-        print(f"mxgate: {status.problem}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def queue_summary(counts: Any) -> dict[str, Any]:
     """What a node publishes of its queue (a :class:`~mxgate.core.queue.store.QueueCounts`)."""
     return {
@@ -723,46 +333,3 @@ def queue_summary(counts: Any) -> dict[str, Any]:
         "recipients": {str(status): n for status, n in counts.recipients},
         "oldest_age": counts.oldest_age,
     }
-
-
-def cmd_queue_list_cluster(args: argparse.Namespace) -> int:
-    """``mxgate queue list --cluster``: every node's queue summary as of its last heartbeat."""
-    conf, migrations = _load(args)
-    status = read_status(conf, migrations)
-    if args.json:
-        rows = [
-            {"node": n.name, "heartbeat_age": round(n.age, 1), "stale": n.stale, "queue": n.queue} for n in status.nodes
-        ]
-        print(json.dumps(rows, indent=2))
-        return 0
-    head = ("NODE", "STATE", "MESSAGES", "ACTIVE", "DEFERRED", "HELD", "BYTES", "OLDEST", "AS OF")
-    table = []
-    for n in status.nodes:
-        q = n.queue or {}
-        oldest = q.get("oldest_age")
-        table.append(
-            (
-                n.name,
-                "stale" if n.stale else "up",
-                *(str(q.get(k, "-")) for k in ("messages", "active", "deferred", "held", "bytes")),
-                "-" if oldest is None else f"{oldest:.0f}s",
-                f"{n.age:.0f}s ago",
-            )
-        )
-    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head))]
-    for row in [head, *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from mxgate.core.commands import add_config_arg
-
-    p = subparsers.add_parser("cluster", help="cluster mode: migrate the shared database, show the nodes")
-    sub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
-    m = sub.add_parser("migrate", help="create or upgrade the shared PostgreSQL schema (every missing step, once)")
-    add_config_arg(m)
-    m.set_defaults(func=cmd_migrate)
-    s = sub.add_parser("status", help="the database, its schema versions and every node's last heartbeat")
-    add_config_arg(s)
-    s.set_defaults(func=cmd_status)

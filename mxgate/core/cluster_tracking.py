@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from mxgate.core.cluster import ClusterUnavailable, PgConnection, SharedDb
+from mxgate.core.cluster_db import ClusterUnavailable, PgConnection, SharedDb
 from mxgate.core.files import private_file
 from mxgate.core.tracking import TrackRecord, log_files
 

@@ -1,7 +1,7 @@
 """What a command needs, for the core's own commands and plugins' alike (``mxgate_lifecycle_register_commands``).
 
-A leaf of the command line: ``cli.py`` builds the parser and imports every command module; command modules import
-only this, so no command module imports the command line that imports it.
+A leaf of the command line: command modules import this (and :mod:`mxgate.core.bootstrap`, which loads a
+configuration), never the command line (:mod:`mxgate.core.cli`) that calls them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Final
 
+from mxgate.core import bootstrap
+from mxgate.core.cluster import Cluster
+from mxgate.core.cluster_db import collect_migrations
+from mxgate.core.dns import resolver_from_config
+from mxgate.core.queue.store import QueueStore
+from mxgate.core.runtime import ROLE_COMMAND, Runtime
+
 if TYPE_CHECKING:
     from mxgate.core.config import Config
     from mxgate.core.plugins import PluginSet
-    from mxgate.core.runtime import Runtime
 
 ENV_CONFIG: Final = "MXGATE_CONFIG"
 
@@ -41,9 +47,7 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 def load_from_args(args: argparse.Namespace) -> tuple[Config, PluginSet]:
     """``(config, plugins)`` for the file the operator named; a bad file raises ``ConfigError`` naming the key."""
-    from mxgate.core import engine  # the engine loads plugins, which may import this module
-
-    return engine.load(config_path(args))
+    return bootstrap.load(config_path(args))
 
 
 @contextlib.asynccontextmanager
@@ -69,22 +73,14 @@ async def command_runtime(
 
     In cluster mode ``runtime.cluster`` is set (``cluster.database(name)`` opens a store connection), with no
     heartbeat or schema check: the database may be away, and each store says so when used."""
-    from mxgate.core.runtime import ROLE_COMMAND, Runtime
-
     runtime = Runtime.create(config, plugins, clock=clock, role=ROLE_COMMAND)
     started = False
     try:
         if resolver:
-            from mxgate.core.dns import resolver_from_config
-
             runtime.resolver = resolver_from_config(config.dns)
         if queue:
-            from mxgate.core.queue.store import QueueStore
-
             runtime.queue = await QueueStore.open(config.state_path, release_leases=False)
         if config.cluster.database:
-            from mxgate.core.cluster import Cluster, collect_migrations
-
             runtime.cluster = Cluster(config.cluster, collect_migrations(runtime.hooks.dispatcher), clock=clock)
         if start:
             started = True

@@ -8,6 +8,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from mxgate.connectors.inbound import shadowed
 from mxgate.core import checks
 from mxgate.core.config_builder import _Builder
 from mxgate.core.settings import ConfigRegistry
@@ -129,8 +130,6 @@ def _overlaps(key: tuple[str, int], bound: Mapping[tuple[str, int], str]) -> str
 def advisories(config: Config) -> list[str]:
     """What is valid but probably not meant, one line each: ``mxgate run`` logs them at start and ``mxgate config
     check`` prints them as warnings (neither refuses the configuration)."""
-    from mxgate.connectors.inbound import shadowed
-
     out: list[str] = []
     for i, lst in enumerate(config.listener):
         try:

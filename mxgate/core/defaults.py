@@ -1,11 +1,15 @@
-"""The essential core plugin: the defaults every hook chain falls back to.
+"""The essential core plugin: the defaults every hook chain falls back to, and the core's own commands.
 
-All implementations are ``trylast``, so any plugin answers before them (datasette's default pages). This
-plugin cannot be disabled; it can be overridden.
+The fallbacks are ``trylast``, so any plugin answers before them (datasette's default pages). This
+plugin cannot be disabled; it can be overridden. The core's subcommands (``mxgate user``, ``queue``,
+``connector``, ``explain``, ``check``, ``reload``, ``cluster``) are registered through the same
+``mxgate_lifecycle_register_commands`` hook plugins use, ``tryfirst``: before the commands of any plugin that is
+not itself ``tryfirst``, as when the command line registered them by name.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import random
 from collections.abc import Sequence
@@ -13,9 +17,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from mxgate.connectors.outbound import select_outbound
-from mxgate.core import checks
+from mxgate.core import checks, cluster_cli, delivery_cli, explain, preflight, reload, users_cli
+from mxgate.core.auth import KdfPoolFull, kdf_pool_for_runtime, users_for_runtime
+from mxgate.core.delivery import connector_policy
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.model import Address
+from mxgate.core.model import Address, AuthResult
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -26,14 +32,15 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
+from mxgate.core.queue import cli as queue_cli
 from mxgate.core.runtime import Runtime
+from mxgate.core.tls import VerifyReason, match_reference_identifiers, verify_webpki
 
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from mxgate.core.auth import AuthResult
-    from mxgate.core.delivery import AttemptContext
     from mxgate.core.dns import Resolver
+    from mxgate.core.outcomes import AttemptContext
 
 
 class CorePlugin:
@@ -45,6 +52,11 @@ class CorePlugin:
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
         self.rng = random.Random()
+
+    @hookimpl(tryfirst=True)
+    def mxgate_lifecycle_register_commands(self, subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        for module in (users_cli, queue_cli, delivery_cli, explain, preflight, reload, cluster_cli):
+            module.register_cli(subparsers)
 
     @hookimpl(tryfirst=True)
     def mxgate_lifecycle_on_startup(self, runtime: Runtime) -> None:
@@ -64,8 +76,6 @@ class CorePlugin:
     async def mxgate_receive_resolve_credentials(self, username: str, password: str) -> AuthResult | None:
         """The built-in users file (``<state_dir>/users``, scrypt hashes); checked off the event loop, in the
         bounded password-check pool (full: a temporary failure, 454 4.7.0)."""
-        from mxgate.core.auth import AuthResult, KdfPoolFull, kdf_pool_for_runtime, users_for_runtime
-
         if self.runtime is None:
             return None
         try:
@@ -94,8 +104,6 @@ class CorePlugin:
     @hookimpl(trylast=True)
     def mxgate_delivery_resolve_tls_policy(self, destination: Destination) -> TlsPolicy | None:
         """The connector's own ``tls`` setting, precedence 100."""
-        from mxgate.core.delivery import connector_policy
-
         return connector_policy(destination.connector, destination)
 
     @hookimpl(trylast=True)
@@ -127,8 +135,6 @@ def verify_connector_peer(
 ) -> PeerVerification:
     """WebPKI path validation; at ``SECURE`` also a reference identifier (RFC 6125: DNS-ID SANs, CN only
     without them, a wildcard only as the whole left-most label)."""
-    from mxgate.core.tls import VerifyReason, match_reference_identifiers, verify_webpki
-
     result = verify_webpki(chain, name=None, now=now, trust_store_paths=trust_store_paths)
     if not result.ok:
         rtype = {

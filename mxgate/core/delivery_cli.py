@@ -10,6 +10,11 @@ import uuid
 from email.utils import formatdate
 
 from mxgate.core import checks
+from mxgate.core.commands import add_config_arg, load_from_args
+from mxgate.core.delivery import Deliverer, OutgoingMessage
+from mxgate.core.dns import resolver_from_config
+from mxgate.core.outcomes import Destination
+from mxgate.core.runtime import ROLE_COMMAND, Runtime
 from mxgate.core.textsafe import escape
 
 
@@ -29,12 +34,6 @@ def _message(sender: str, to: str, connector: str, hostname: str) -> bytes:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mxgate.core.commands import load_from_args
-    from mxgate.core.delivery import Deliverer, OutgoingMessage
-    from mxgate.core.dns import resolver_from_config
-    from mxgate.core.outcomes import Destination
-    from mxgate.core.runtime import ROLE_COMMAND, Runtime
-
     config, plugins = load_from_args(args)
     connector = config.outbound(args.name)
     if connector is None:
@@ -89,7 +88,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mxgate.core.commands import add_config_arg
 
     p_conn = subparsers.add_parser("connector", help="outbound connector tools")
     csub = p_conn.add_subparsers(dest="connector_command", metavar="ACTION", required=True)

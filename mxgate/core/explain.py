@@ -17,8 +17,12 @@ from typing import Any
 
 import dns.rdtypes.ANY.MX
 
+from mxgate.connectors.outbound import select_outbound
+from mxgate.core.commands import load_from_args
 from mxgate.core.config import Config
+from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
 from mxgate.core.dns import AnswerKind, DnsAnswer, Resolver, SelfTestResult, resolver_from_config
+from mxgate.core.runtime import Runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +125,6 @@ def format_dns(ex: DnsExplanation) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mxgate.core.commands import load_from_args
-
     if not args.dns:
         return cmd_explain_transport(args)
     config, _plugins = load_from_args(args)
@@ -139,11 +141,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_explain_transport(args: argparse.Namespace) -> int:
     """Per MX (or smart) host: which mechanism governs it and why, from the code delivery runs; ``--connect``
     tests each handshake. Exit 1 when the destination would be deferred or no host is usable (or a test failed)."""
-    from mxgate.connectors.outbound import select_outbound
-    from mxgate.core.commands import load_from_args
-    from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
-    from mxgate.core.runtime import Runtime
-
     config, plugins = load_from_args(args)
     domain = args.domain.lower().rstrip(".")
     if args.connector:

@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from mxgate.core.model import Address, Envelope, IncomingMessage, Session, Verdict
+from mxgate.core.messages import QueuedMessage
+from mxgate.core.migrations import MigrationRegistry
+from mxgate.core.model import Address, AuthResult, Envelope, IncomingMessage, Session, Verdict
 from mxgate.core.outcomes import (
+    AttemptContext,
     DeliveryReport,
     Destination,
     NextHop,
@@ -37,10 +40,6 @@ from mxgate.core.settings import ConfigRegistry
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from mxgate.core.auth import AuthResult
-    from mxgate.core.cluster import MigrationRegistry
-    from mxgate.core.delivery import AttemptContext
-    from mxgate.core.queue.store import QueuedMessage
     from mxgate.core.runtime import Runtime
 
 PROJECT = "mxgate"

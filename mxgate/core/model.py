@@ -286,3 +286,21 @@ class IncomingMessage:
     @property
     def added_headers(self) -> tuple[HeaderEdit, ...]:
         return tuple(self._added)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """What a credentials source says about one username/password pair."""
+
+    ok: bool
+    user: str | None = None  # the authenticated identity (may be normalised by the source)
+    reason: str = ""  # for logs, never sent to the client
+    temporary: bool = False  # the source could not decide (backend down): 454 4.7.0 instead of 535 5.7.8
+
+    @classmethod
+    def success(cls, user: str) -> AuthResult:
+        return cls(True, user)
+
+    @classmethod
+    def failure(cls, reason: str = "bad credentials", *, temporary: bool = False) -> AuthResult:
+        return cls(False, None, reason, temporary)

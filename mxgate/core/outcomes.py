@@ -212,3 +212,45 @@ class ReportEvent:
 
     def label(self, name: str, default: str = "") -> str:
         return next((v for k, v in self.labels if k == name), default)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """One connection attempt as ``on_tls_verify`` sees it (after the TLS handshake)."""
+
+    connector: str
+    destination: Destination
+    next_hop: NextHop
+    host: HopHost  # the MX or smart host dialled
+    peer_ip: str
+    peer_port: int
+    sni: str | None  # the server name we sent
+    peer_helo: str | None = None  # the name in the peer's banner / EHLO reply
+    tls_version: str | None = None
+    cipher: str | None = None
+    mx_secure: bool = False  # the MX RRset was DNSSEC-secure (RFC 7672 §2.2.1)
+    host_policy: HostPolicy | None = None  # the deciding policy's refinement for this host
+    at: float = 0.0  # unix time of the attempt
+
+    @property
+    def host_secure(self) -> bool:
+        return self.host.secure
+
+
+class CalloutVerdict(StrEnum):
+    ACCEPTED = "accepted"  # the next hop said 2xx to RCPT
+    REJECTED = "rejected"  # it said 5xx to RCPT, or a delivery there would fail for good (no route, null MX)
+    UNAVAILABLE = "unavailable"  # no answer about this recipient: unreachable, 4xx, MAIL refused, timeout
+
+
+@dataclass(frozen=True, slots=True)
+class CalloutResult:
+    """What a callout learnt about one recipient."""
+
+    recipient: str
+    verdict: CalloutVerdict
+    reply: str  # the next hop's reply ("550 5.1.1 ...") or our own account of what went wrong
+    status: str  # RFC 3463 code of ``reply``
+    connector: str | None = None
+    host: str | None = None  # the host that answered
+    remote: bool = False  # ``reply`` came from the next hop

@@ -43,9 +43,9 @@ from mxgate.core.settings import ConfigRegistry
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from mxgate.core.auth import AuthResult
-    from mxgate.core.delivery import AttemptContext
-    from mxgate.core.queue.store import QueuedMessage
+    from mxgate.core.messages import QueuedMessage
+    from mxgate.core.model import AuthResult
+    from mxgate.core.outcomes import AttemptContext
     from mxgate.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,19 @@ def build_plugins(
     priority: Mapping[str, int] | None = None,
     base_dir: Path = Path("."),
     entry_points: bool = True,
+    builtin: bool = True,
     extra: Sequence[tuple[str, Any]] = (),
 ) -> PluginSet:
-    """Assemble the plugin set. Order of calls follows priority (1 first); equal priorities keep load order."""
+    """Assemble the plugin set. Order of calls follows priority (1 first); equal priorities keep load order.
+    ``builtin=False`` (with ``entry_points=False``): only the essential core (the command line without a
+    usable configuration file)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     disabled = set(disable)
     priority = dict(priority or {})
     candidates: list[tuple[str, str, Any]] = []  # (name, source, object)
-    for source, table in (("essential", ESSENTIAL_PLUGINS), ("builtin", BUILTIN_PLUGINS)):
+    tables = (("essential", ESSENTIAL_PLUGINS), ("builtin", BUILTIN_PLUGINS if builtin else {}))
+    for source, table in tables:
         for name, spec in table.items():
             candidates.append((name, source, _instantiate(load_object(spec, base_dir)[0])))
     seen = {name for name, _, _ in candidates}

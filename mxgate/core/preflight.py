@@ -28,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from mxgate.core import tls as tlsmod
+from mxgate.core.bootstrap import open_services
 from mxgate.core.checks import split_hostport
+from mxgate.core.commands import add_config_arg, load_from_args
 from mxgate.core.config import Config
+from mxgate.core.plugins import Dispatcher, Hooks
+from mxgate.core.runtime import Runtime
 from mxgate.core.service import LOCK_NAME
+from mxgate.core.tracking import TrackingLog
 
 EXPIRY_DAYS = 14  # the default of --days; the example alert (MxgateCertificateExpiring) uses the same
 
@@ -147,11 +152,6 @@ async def run_checks(
     config: Config, plugins: Any, *, days: int = EXPIRY_DAYS, now: datetime | None = None
 ) -> list[str]:
     """Every problem, one line each (empty: ready to run)."""
-    from mxgate.core.engine import open_services
-    from mxgate.core.plugins import Dispatcher, Hooks
-    from mxgate.core.runtime import Runtime
-    from mxgate.core.tracking import TrackingLog
-
     when = now or datetime.now(UTC)
     state = config.state_path
     problems = check_state_dir(state, handed_over=os.geteuid() == 0 and bool(config.server.user))
@@ -170,8 +170,6 @@ async def run_checks(
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from mxgate.core.commands import load_from_args
-
     config, plugins = load_from_args(args)
     problems = asyncio.run(run_checks(config, plugins, days=args.days))
     for line in problems:
@@ -186,8 +184,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from mxgate.core.commands import add_config_arg
-
     p = subparsers.add_parser(
         "check",
         help="preflight: config, state directory, certificates, ports, resolver, our TLSA and MTA-STS records",

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from mxgate.core import config as cfg
+from mxgate.core.commands import add_config_arg, load_from_args
+from mxgate.core.preflight import running_pid
 
 STATUS_FILE: Final = "reload-status.json"
 WAIT: Final = 60.0  # how long `mxgate reload` waits for the gateway's answer
@@ -79,9 +81,6 @@ def read_status(state: Path) -> dict[str, Any] | None:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from mxgate.core.commands import load_from_args
-    from mxgate.core.preflight import running_pid
-
     config, _ = load_from_args(args)  # an invalid file: its errors, and the gateway is not disturbed
     state = config.state_path
     pid = running_pid(state) if state.is_dir() else None
@@ -107,8 +106,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from mxgate.core.commands import add_config_arg
-
     p = subparsers.add_parser(
         "reload",
         help="make the running gateway re-read its configuration (SIGHUP), and say what happened",

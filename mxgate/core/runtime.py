@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from mxgate.core.callout import callout
 from mxgate.core.config import Config
 from mxgate.core.files import private_dir
 from mxgate.core.model import Address, Stash, StashKey
@@ -19,10 +20,11 @@ from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
 
 if TYPE_CHECKING:
-    from mxgate.core.callout import CalloutResult
     from mxgate.core.cluster import Cluster
     from mxgate.core.dns import Resolver
-    from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueStore
+    from mxgate.core.messages import MessageOptions, NewRecipient
+    from mxgate.core.outcomes import CalloutResult
+    from mxgate.core.queue.store import QueueStore
 
 
 # The process a plugin's ``on_startup`` runs in. The main process binds the listeners, receives, delivers and runs
@@ -92,8 +94,6 @@ class Runtime:
     ) -> CalloutResult:
         """Ask the next hop whether it takes ``recipient`` (MAIL FROM, RCPT TO, RSET/QUIT; never DATA), routed
         and secured like a delivery; at most ``timeout`` seconds. See :mod:`mxgate.core.callout`."""
-        from mxgate.core.callout import callout
-
         return await callout(self, recipient, sender=sender, timeout=timeout)
 
     @property

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
@@ -327,8 +328,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_since(text: str, *, now: float) -> float:
     """``--since``: an age (``90s``, ``30m``, ``2h``, ``7d``) or an ISO 8601 date or time (UTC unless it names
     its offset). Raises :class:`ValueError` with the accepted forms."""
-    from datetime import UTC, datetime
-
     t = text.strip()
     if len(t) > 1 and t[-1] in _UNITS and t[:-1].isdigit():
         return now - int(t[:-1]) * _UNITS[t[-1]]

@@ -7,7 +7,7 @@ bottleneck while the worker used a third of a core); while a dead worker is rest
 backlog.
 
 A worker is ``python -m mxgate.core.workers``, started by the main process once its listeners are bound. It reads
-one JSON document on stdin: the configuration :class:`~mxgate.core.engine.Source` (the main process's text, so
+one JSON document on stdin: the configuration :class:`~mxgate.core.bootstrap.Source` (the main process's text, so
 every process runs the same configuration), its slot, and the numbers of the file descriptors it inherited (the
 listening sockets by listener, and its end of a socketpair: the channel). In a worker:
 
@@ -51,16 +51,16 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from mxgate.core import bootstrap, logs
+from mxgate.core.bootstrap import Source
 from mxgate.core.errors import MxgateError, WorkerError
+from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.plugins import HookCallError, HookStats
-from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
+from mxgate.core.queue.store import QueueFullError
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
-
-if TYPE_CHECKING:
-    from mxgate.core.engine import Source
-    from mxgate.core.smtp.server import Listener
+from mxgate.core.smtp.server import Listener, start_listeners
 
 log = logging.getLogger(__name__)
 
@@ -216,19 +216,16 @@ class _StatsDeltas:
 
 async def serve_worker(spec: dict[str, Any]) -> None:
     """A receive worker's life: start, serve until SIGTERM or the main process is gone, drain, stop."""
-    from mxgate.core import engine
-    from mxgate.core.smtp.server import start_listeners
-
-    source = engine.Source(**spec["source"])
-    config, plugins = engine.load_source(source)
-    engine.check_state_dir(config.state_path)
+    source = Source(**spec["source"])
+    config, plugins = bootstrap.load_source(source)
+    bootstrap.check_state_dir(config.state_path)
     runtime = Runtime.create(config, plugins, role=ROLE_RECEIVER)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=spec["channel"]), limit=CHANNEL_LIMIT)
     channel = _Channel(reader, writer)
     runtime.hooks.event_sink = channel.event
     runtime.hooks.dispatcher.error_sink = channel.plugin_error
     runtime.enqueue = channel.submit
-    await engine.open_services(runtime, queue=False)
+    await bootstrap.open_services(runtime, queue=False)
     stop = asyncio.Event()
     retire = asyncio.Event()  # replaced by a reload: accept nothing more, let open sessions end, then exit
     loop = asyncio.get_running_loop()
@@ -293,8 +290,6 @@ async def _send_stats(channel: _Channel, deltas: _StatsDeltas) -> None:
 
 def worker_main() -> int:
     """``python -m mxgate.core.workers``: the spec on stdin (see the module docs)."""
-    from mxgate.core import engine, logs
-
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's: it replaces us
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the main process, which stops us
     spec = json.loads(sys.stdin.read())
@@ -309,7 +304,7 @@ def worker_main() -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
     try:
-        engine.run_loop(serve_worker(spec))
+        bootstrap.run_loop(serve_worker(spec))
     except (MxgateError, HookCallError) as exc:  # logged where it happened; one line to say this process ends
         print(f"mxgate receive worker {slot}: {exc}", file=sys.stderr)
         return 1

@@ -4,8 +4,9 @@ This module only registers the command. The demo itself (:mod:`mxgate.demo.story
 :mod:`mxgate.testing` — the DNS lab (nsd + unbound), the test CA, the SMTP sinks — and is imported only when the
 command runs: building the command line, and every other command, never loads mxgate.testing or pytest.
 
-Why a module of its own, registered like the core's command modules (``register_cli(subparsers)``) and not as a
-plugin through ``mxgate_lifecycle_register_commands``: a plugin is loaded into every running gateway, listed by
+Why a module of its own, added to the command line by the program (``mxgate/__main__.py`` passes
+:func:`register_cli` to :func:`mxgate.core.cli.main`; the core does not import the demo) and not as a plugin
+through ``mxgate_lifecycle_register_commands``: a plugin is loaded into every running gateway, listed by
 ``mxgate plugins`` and can be disabled or lost with a broken configuration file; the demo needs no
 configuration at all and is no transport agent.
 """

@@ -49,7 +49,7 @@ from typing import Any
 import pytest_asyncio
 import tomli_w
 
-from mxgate.core import engine
+from mxgate.core import bootstrap, engine
 from mxgate.core.runtime import Runtime
 
 FIXTURES = ("mxgate_gateway",)
@@ -148,7 +148,7 @@ async def running_gateway(
     document = build_document(extra_toml, tmp_path)
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(document), encoding="utf-8")
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=extra_plugins)
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=extra_plugins)
     gateway = engine.Gateway(config, plugins)
     runtime = await gateway.start()
     listener = config.listener[0]

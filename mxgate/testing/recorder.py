@@ -4,7 +4,7 @@ metrics see), every recipient's fate (delivered / deferred / failed) and every r
 ::
 
     recorder = Recorder()
-    config, plugins = engine.load(path, extra_plugins=[("recorder", recorder)])
+    config, plugins = bootstrap.load(path, extra_plugins=[("recorder", recorder)])
     ...
     report = await recorder.wait_for_fate("Q1", timeout=10)      # the first delivered/deferred/failed report
     [o for o in recorder.outcomes if o.mx_host == "mx.example.test"]

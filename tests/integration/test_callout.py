@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mxgate import Address, CalloutVerdict
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.runtime import Runtime
 from mxgate.testing.ca import TestCA
 from mxgate.testing.gateway import delivery_config
@@ -30,7 +30,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
     async def make(connectors: str) -> Runtime:
         directory = tmp_path / f"rt{len(made)}"
         directory.mkdir()
-        config, plugins = engine.load(delivery_config(directory, connectors), entry_points=False)
+        config, plugins = bootstrap.load(delivery_config(directory, connectors), entry_points=False)
         runtime = Runtime.create(config, plugins)
         await runtime.hooks.on_startup(runtime)
         made.append(runtime)

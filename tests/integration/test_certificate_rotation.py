@@ -182,7 +182,7 @@ async def test_rotation_and_reload_under_load_lose_nothing(issue_cert: Any, tmp_
     every message answered 250 arrives, and the new certificates serve."""
     import tomli_w
 
-    from mxgate.core import engine
+    from mxgate.core import bootstrap, engine
     from mxgate.testing.sinks import SmtpSink
 
     pairs: list[IssuedCert] = [issue_cert(["mx.gateway.test"]) for _ in range(3)]
@@ -207,8 +207,8 @@ async def test_rotation_and_reload_under_load_lose_nothing(issue_cert: Any, tmp_
         }
         path = tmp_path / "mxgate.toml"
         path.write_text(tomli_w.dumps(doc))
-        source = engine.read_source(path)
-        config, plugins = engine.load_source(source, entry_points=False)
+        source = bootstrap.read_source(path)
+        config, plugins = bootstrap.load_source(source, entry_points=False)
         gateway = engine.Gateway(config, plugins, source=source)
         await gateway.start()
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from mxgate.core import cluster, engine
+from mxgate.core import bootstrap, cluster, cluster_db
 from mxgate.core.dns import Resolver
 from mxgate.core.plugins import Dispatcher, build_plugins
 from mxgate.core.runtime import Runtime
@@ -40,7 +40,7 @@ pytest.importorskip("psycopg", reason="cluster tests need the mxgate[cluster] ex
 
 
 def migrated(url: str) -> None:
-    cluster.migrate(url, cluster.collect_migrations(Dispatcher(build_plugins())))
+    cluster_db.migrate(url, cluster_db.collect_migrations(Dispatcher(build_plugins())))
 
 
 @contextlib.asynccontextmanager
@@ -50,10 +50,10 @@ async def node(lab: Lab, tmp: Path, name: str, url: str) -> AsyncIterator[tuple[
     doc["cluster"] = {"database": url, "node": name, "connect_timeout": 2.0}
     path.write_text(tomli_w.dumps(doc))
     capture = Capture()
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=[("capture", capture)])
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("capture", capture)])
     runtime = Runtime.create(config, plugins)
     runtime.resolver = Resolver([lab.dns.endpoint], timeout=2.0)
-    runtime.cluster = cluster.Cluster(config.cluster, cluster.collect_migrations(runtime.hooks.dispatcher))
+    runtime.cluster = cluster.Cluster(config.cluster, cluster_db.collect_migrations(runtime.hooks.dispatcher))
     await runtime.hooks.on_startup(runtime)
     plugin = plugins.pm.get_plugin("mta_sts")
     assert isinstance(plugin, MtaStsPlugin)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core import cluster
+from mxgate.core import cluster_db
 from mxgate.core.plugins import Dispatcher, build_plugins
 from mxgate.plugins.tlsrpt import SendResult, TlsRptConfig, TlsRptService
 from mxgate.plugins.tlsrpt.parse import decode_report_bytes
@@ -30,13 +30,13 @@ DAY = "2024-03-04"
 
 
 def migrated(url: str) -> None:
-    applied = cluster.migrate(url, cluster.collect_migrations(Dispatcher(build_plugins())))
+    applied = cluster_db.migrate(url, cluster_db.collect_migrations(Dispatcher(build_plugins())))
     assert {(m.component, m.version) for m in applied} >= {("core", 1), ("tlsrpt", 1)}
 
 
 def node(tmp_path: Path, name: str, url: str, clock: Clock, *, sent: list[tuple[str, str]]) -> TlsRptService:
     conf = replace(TlsRptConfig(), organization_name="Sender Org", contact_info="tlsrpt@sender.example")
-    shared = cluster.SharedDb(url, name="tlsrpt", node=name, connect_timeout=2.0, schema="tlsrpt")
+    shared = cluster_db.SharedDb(url, name="tlsrpt", node=name, connect_timeout=2.0, schema="tlsrpt")
     svc = TlsRptService(
         replace(conf, send_window_hours=0.0),
         state_dir=tmp_path / name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core import cluster
+from mxgate.core import cluster_db
 from mxgate.core.cluster_tracking import TrackingShipper, trace
 from mxgate.core.tracking import TrackEvent, TrackingLog
 from mxgate.testing.postgres import PostgresServer
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 psycopg = pytest.importorskip("psycopg", reason="cluster tests need the mxgate[cluster] extra")
 
 
-def shared(url: str, node: str) -> cluster.SharedDb:
-    return cluster.SharedDb(url, name="tracking", node=node, connect_timeout=2.0)
+def shared(url: str, node: str) -> cluster_db.SharedDb:
+    return cluster_db.SharedDb(url, name="tracking", node=node, connect_timeout=2.0)
 
 
 def rows(url: str) -> list[tuple[str, str, str]]:
@@ -34,7 +34,7 @@ def rows(url: str) -> list[tuple[str, str, str]]:
 async def test_the_log_is_shipped_once_across_rotation_and_a_database_outage(
     tmp_path: Path, postgresql_url: str, postgresql_server: PostgresServer
 ) -> None:
-    cluster.migrate(postgresql_url, cluster.collect_migrations(None))
+    cluster_db.migrate(postgresql_url, cluster_db.collect_migrations(None))
     state = tmp_path / "mx1"
     state.mkdir()
     log = TrackingLog(state, max_size=2000, files=10)  # rotates every dozen lines or so
@@ -66,7 +66,7 @@ async def test_the_log_is_shipped_once_across_rotation_and_a_database_outage(
 
 
 async def test_trace_tells_the_story_across_nodes(tmp_path: Path, postgresql_url: str) -> None:
-    cluster.migrate(postgresql_url, cluster.collect_migrations(None))
+    cluster_db.migrate(postgresql_url, cluster_db.collect_migrations(None))
     for name, event in (("mx1", TrackEvent.RECEIVE), ("mx2", TrackEvent.DSN)):
         state = tmp_path / name
         state.mkdir()

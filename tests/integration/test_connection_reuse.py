@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import (
@@ -89,7 +89,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
         directory.mkdir()
         path = delivery_config(directory, connectors)
         recorder = Recorder()
-        config, plugin_set = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder), *plugins])
+        config, plugin_set = bootstrap.load(path, entry_points=False, extra_plugins=[("recorder", recorder), *plugins])
         runtime = Runtime.create(config, plugin_set)
         await runtime.hooks.on_startup(runtime)
         runtime.resolver = None  # smart hosts by IP: no DNS

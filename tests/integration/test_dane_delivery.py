@@ -24,7 +24,7 @@ import pytest
 import tomli_w
 
 from mxgate import DNSSEC_SELF_TEST, hookimpl
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.dns import DnssecStatus, Resolver
 from mxgate.core.outcomes import (
     Destination,
@@ -260,7 +260,7 @@ async def gateway_runtime(
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(document))
     capture = Recorder()
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=(("capture", capture), *extra))
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=(("capture", capture), *extra))
     runtime = Runtime.create(config, plugins)
     runtime.resolver = lab.resolver()
     await runtime.hooks.on_startup(runtime)

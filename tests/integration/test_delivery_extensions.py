@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
+from mxgate.core.messages import MessageOptions, NewRecipient, RecipientStatus
 from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 from mxgate.core.outcomes import Destination
-from mxgate.core.queue import MessageOptions, NewRecipient
 from mxgate.core.queue.scheduler import Scheduler
-from mxgate.core.queue.store import QueueStore, RecipientStatus
+from mxgate.core.queue.store import QueueStore
 from mxgate.core.runtime import Runtime
 from mxgate.testing.ca import TestCA
 from mxgate.testing.gateway import TestGateway, delivery_config
@@ -47,7 +47,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
     async def make(connectors: str, *, queue: bool = False) -> Runtime:
         directory = tmp_path / f"rt{len(made)}"
         directory.mkdir()
-        config, plugins = engine.load(delivery_config(directory, connectors), entry_points=False)
+        config, plugins = bootstrap.load(delivery_config(directory, connectors), entry_points=False)
         runtime = Runtime.create(config, plugins)
         if queue:
             runtime.queue = await QueueStore.open(config.state_path)

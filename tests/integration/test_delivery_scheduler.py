@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 
-from mxgate.core import engine, tracking
+from mxgate.core import bootstrap, tracking
 from mxgate.core.cli import main as cli_main
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.messages import RecipientStatus
 from mxgate.core.model import Address
 from mxgate.core.outcomes import DeliveryReport, Route
 from mxgate.core.queue.scheduler import Scheduler
-from mxgate.core.queue.store import QueueStore, RecipientStatus
+from mxgate.core.queue.store import QueueStore
 from mxgate.core.runtime import Runtime
 from mxgate.testing.gateway import delivery_config
 from mxgate.testing.sinks import SmtpSink
@@ -92,7 +93,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Env]]]:
     async def make(connectors: str) -> Env:
         path = delivery_config(tmp_path, connectors)
         agent, clock = Agent(), Clock()
-        config, plugins = engine.load(path, entry_points=False, extra_plugins=[("agent", agent)])
+        config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("agent", agent)])
         runtime = Runtime.create(config, plugins, clock=clock)
         runtime.queue = await QueueStore.open(config.state_path)
         await runtime.hooks.on_startup(runtime)
@@ -263,8 +264,8 @@ async def test_queue_cli_on_live_state(
         clock.now = time.time()  # the CLI's flush uses the wall clock
         queue = runtime.queue
         assert queue is not None
+        from mxgate.core.messages import MessageOptions, NewRecipient
         from mxgate.core.model import DsnRet
-        from mxgate.core.queue.store import MessageOptions, NewRecipient
 
         qid = await queue.put(
             "a@sender.test",
@@ -406,8 +407,8 @@ async def test_message_deleted_while_in_flight_is_left_alone(
 async def test_dsn_honours_notify_ret_envid_and_orcpt(env: Callable[[str], Awaitable[Env]]) -> None:
     """RFC 3461 parameters kept with a message decide the DSNs the scheduler writes: NOTIFY=NEVER gets none,
     NOTIFY=SUCCESS alone none for a failure, RET=FULL returns the whole message, ENVID and ORCPT come back."""
+    from mxgate.core.messages import MessageOptions, NewRecipient
     from mxgate.core.model import DsnRet
-    from mxgate.core.queue.store import MessageOptions, NewRecipient
 
     replies = {"gone": "550 5.1.1 no such user", "quiet": "550 5.1.1 no such user", "succ": "550 5.1.1 no such user"}
     async with SmtpSink(rcpt_replies=replies) as sink:

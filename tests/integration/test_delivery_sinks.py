@@ -14,7 +14,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.hookspecs import hookimpl
@@ -70,7 +70,7 @@ async def make_runtime(tmp_path: Path) -> AsyncIterator[Factory]:
         directory.mkdir()
         path = delivery_config(directory, connectors)
         recorder = Recorder()
-        config, plugins = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
+        config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
         runtime = Runtime.create(config, plugins)
         await runtime.hooks.on_startup(runtime)
         runtime.resolver = resolver  # after start-up: the dnssec agent's self-test is not ours to run here

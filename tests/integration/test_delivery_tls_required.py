@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, OutgoingMessage
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, NextHop, PolicyType, TlsLevel, TlsPolicy, TlsRptResult
@@ -47,7 +47,7 @@ async def runtime_for(tmp_path: Path, sink: SmtpSink) -> Runtime:
         f'smart_hosts = ["{sink.host}:{sink.port}"]\n'
         'tls = "opportunistic"\nconnect_timeout = 5\ncommand_timeout = 5\n'
     )
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=[("strict", StrictPolicy())])
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("strict", StrictPolicy())])
     runtime = Runtime.create(config, plugins)
     await runtime.hooks.on_startup(runtime)
     return runtime

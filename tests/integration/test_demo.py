@@ -133,10 +133,10 @@ def test_help_describes_the_demo_without_loading_mxgate_testing() -> None:
     probe = textwrap.dedent(
         """
         import contextlib, io, sys
-        from mxgate.core import cli
+        from mxgate.__main__ import main
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-            cli.main(["demo", "--help"])
+            main(["demo", "--help"])
         print(out.getvalue())
         print("LOADED:", sorted(m for m in sys.modules if m.startswith("mxgate.testing") or m == "pytest"))
         """

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mxgate import ReportEvent, hookimpl
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.dns import resolver_from_config
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.dnssec import SELF_TEST, run_self_test
@@ -107,7 +107,7 @@ async def test_startup_self_test_is_stored_and_reported(
     dnslab: StandardLab, tmp_path: Path, bogus: str, validating: bool
 ) -> None:
     recorder = EventRecorder()
-    config, plugins = engine.load(
+    config, plugins = bootstrap.load(
         lab_config(tmp_path, str(dnslab.resolver), bogus=bogus), extra_plugins=[("recorder", recorder)]
     )
     runtime = Runtime.create(config, plugins)

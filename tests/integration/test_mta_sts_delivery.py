@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import Destination, PolicyType, TlsRptResult
@@ -113,7 +113,7 @@ async def gateway(world: World, tmp_path: Path) -> AsyncIterator[tuple[Runtime, 
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(document), encoding="utf-8")
     recorder = Recorder()
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
     runtime = Runtime.create(config, plugins)
     runtime.resolver = Resolver([world.dns.endpoint], timeout=2.0)
     await runtime.hooks.on_startup(runtime)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from mxgate.core import cli, engine
+from mxgate.core import bootstrap, cli
 from mxgate.core.dns import Resolver
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import (
@@ -245,7 +245,7 @@ def write_config(lab: Lab, state: Path, *, mode: str = "opportunistic", extra: d
 @contextlib.asynccontextmanager
 async def running(lab: Lab, state: Path, **kwargs: Any) -> AsyncIterator[tuple[Runtime, MtaStsPlugin, Capture]]:
     capture = Capture()
-    config, plugins = engine.load(
+    config, plugins = bootstrap.load(
         write_config(lab, state, **kwargs), entry_points=False, extra_plugins=[("capture", capture)]
     )
     runtime = Runtime.create(config, plugins)

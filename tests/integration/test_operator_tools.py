@@ -92,7 +92,7 @@ async def test_reload_warns_about_connectors_that_match_the_same_clients(
 ) -> None:
     import tomli_w
 
-    from mxgate.core import engine
+    from mxgate.core import bootstrap, engine
     from mxgate.testing.gateway import free_port
 
     doc: dict[str, object] = {
@@ -104,8 +104,8 @@ async def test_reload_warns_about_connectors_that_match_the_same_clients(
     }
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(doc))
-    source = engine.read_source(path)
-    config, plugins = engine.load_source(source, entry_points=False)
+    source = bootstrap.read_source(path)
+    config, plugins = bootstrap.load_source(source, entry_points=False)
     gateway = engine.Gateway(config, plugins, source=source)
     await gateway.start()
     try:

@@ -26,7 +26,7 @@ import pytest
 import tomli_w
 
 from mxgate.connectors.outbound import OutboundConnector
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
 from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
 from mxgate.core.dns import Resolver, ResolverEndpoint
@@ -192,7 +192,7 @@ async def gateway(
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(document), encoding="utf-8")
     recorder = Recorder()
-    config, plugins = engine.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
+    config, plugins = bootstrap.load(path, entry_points=False, extra_plugins=[("recorder", recorder)])
     runtime = Runtime.create(config, plugins)
     runtime.resolver = Resolver([resolver or world.dns.endpoint], timeout=dns_timeout)
     await runtime.hooks.on_startup(runtime)

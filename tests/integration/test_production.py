@@ -349,11 +349,11 @@ def test_a_busy_port_is_one_line_naming_listener_and_port(tmp_path: Path) -> Non
 
 
 async def test_a_second_gateway_on_the_same_state_dir_is_refused(mxgate_gateway: Any) -> None:
-    from mxgate.core import engine
+    from mxgate.core import bootstrap, engine
     from mxgate.core.errors import StartupError
 
     first = await mxgate_gateway()
-    config, plugins = engine.load(first.config_path, entry_points=False)
+    config, plugins = bootstrap.load(first.config_path, entry_points=False)
     second = engine.Gateway(config, plugins)
     with pytest.raises(StartupError) as caught:
         await second.start()

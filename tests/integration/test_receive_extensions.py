@@ -18,8 +18,8 @@ import pytest
 from smtp_raw import Raw, queued
 
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.messages import MessageOptions
 from mxgate.core.model import DsnRet, Envelope, ReverseDnsStatus, Session
-from mxgate.core.queue import MessageOptions
 from mxgate.core.tracking import read_records
 from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import DnsLab, ScriptedDnsServer
@@ -320,7 +320,7 @@ async def test_dsn_parameters_from_postfix_smtp_client(mxgate_gateway: Start) ->
 async def test_receive_worker_channel_carries_dsn_and_requiretls(mxgate_gateway: Start) -> None:
     """``server.receive_workers``: a worker hands its messages to the main process over a socket; the DSN
     parameters and REQUIRETLS travel with them (both ends of the real channel, the main process's real queue)."""
-    from mxgate.core.queue import NewRecipient
+    from mxgate.core.messages import NewRecipient
     from mxgate.core.workers import ReceiveWorkers, _Channel, _read_frame, _Worker
 
     gw = await mxgate_gateway(BASE)

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import tomli_w
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.cli import main as cli_main
 from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
@@ -277,7 +277,7 @@ def test_cli_send_posts_a_past_day_now(tmp_path: Path, capsys: pytest.CaptureFix
         }
         path = tmp_path / "mxgate.toml"
         path.write_text(tomli_w.dumps(document), encoding="utf-8")
-        config, _ = engine.load(path, entry_points=False)
+        config, _ = bootstrap.load(path, entry_points=False)
 
         async def seed() -> None:
             svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter="mx.sender.example")

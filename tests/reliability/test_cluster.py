@@ -138,12 +138,12 @@ def test_a_node_refuses_a_schema_older_than_its_own(tmp_path: Path, postgresql_u
 
 
 def test_the_driver_is_an_extra_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mxgate.core import cluster
+    from mxgate.core import cluster_db
     from mxgate.core.errors import MxgateError
 
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(MxgateError, match=r"pip install 'mxgate\[cluster\]'"):
-        cluster.import_psycopg()
+        cluster_db.import_psycopg()
 
 
 @pytest.mark.timeout(180)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from reliability_kit import RawClient, free_port, gateway_command, gateway_document, write_config
 
-from mxgate.core.queue.store import RecipientStatus
+from mxgate.core.messages import RecipientStatus
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError
 from mxgate.testing.gateway import TestGateway, running_gateway
 from mxgate.testing.sinks import PostfixSink, SmtpSink, ThreadedSmtpSink
@@ -155,7 +155,7 @@ async def test_an_attempt_a_full_disk_cannot_record_is_retried_when_space_return
     """Delivered, but the result cannot be written (disk full): the lease is given back once the store takes writes
     again, so the message is attempted again within seconds (a duplicate: at least once), not after the 900 s
     lease."""
-    from mxgate.core import engine
+    from mxgate.core import bootstrap
     from mxgate.core.queue.scheduler import Scheduler
     from mxgate.core.queue.store import QueueStore
     from mxgate.core.runtime import Runtime
@@ -175,7 +175,7 @@ async def test_an_attempt_a_full_disk_cannot_record_is_retried_when_space_return
             tls = "none"
             """.replace("\n            ", "\n")
         )
-        config, plugins = engine.load(path, entry_points=False)
+        config, plugins = bootstrap.load(path, entry_points=False)
         runtime = Runtime.create(config, plugins)
         queue = runtime.queue = await QueueStore.open(config.state_path)
         await runtime.hooks.on_startup(runtime)

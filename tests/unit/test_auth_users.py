@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core.auth import (
-    AuthResult,
-    FailureLimiter,
-    KdfPool,
-    KdfPoolFull,
-    UsersFile,
-    hash_password,
-    verify_password,
-)
+from mxgate.core.auth import FailureLimiter, KdfPool, KdfPoolFull, UsersFile, hash_password, verify_password
 from mxgate.core.cli import main
+from mxgate.core.model import AuthResult
 
 
 def test_hash_roundtrip_and_salt() -> None:

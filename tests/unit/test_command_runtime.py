@@ -11,7 +11,7 @@ import pytest
 import tomli_w
 
 from mxgate import ROLE_COMMAND, Resolver, Runtime, command_runtime, hookimpl
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.config import Config
 from mxgate.core.plugins import PluginSet
 from mxgate.core.queue.store import QueueStore
@@ -21,7 +21,7 @@ from mxgate.testing.gateway import build_document
 def load(tmp_path: Path) -> tuple[Config, PluginSet]:
     path = tmp_path / "mxgate.toml"
     path.write_text(tomli_w.dumps(build_document("", tmp_path)), encoding="utf-8")
-    return engine.load(path, entry_points=False)
+    return bootstrap.load(path, entry_points=False)
 
 
 def test_submit_puts_into_the_queue_and_everything_is_closed(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ async def test_a_command_runtime_starts_and_stops_the_plugins(tmp_path: Path) ->
         f'[server]\nstate_dir = "{tmp_path / "var"}"\n[dns]\nresolvers = ["127.0.0.1:5399"]\n'
     )
     watch = Watch()
-    config, plugins = engine.load(tmp_path / "mx.toml", entry_points=False, extra_plugins=[("watch", watch)])
+    config, plugins = bootstrap.load(tmp_path / "mx.toml", entry_points=False, extra_plugins=[("watch", watch)])
     with pytest.raises(LookupError):
         async with command_runtime(config, plugins) as runtime:
             assert runtime.role == ROLE_COMMAND

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from mxgate.core import checks, engine
+from mxgate.core import bootstrap, checks, engine
 from mxgate.core.config import BUILTIN_SOURCE, load_config
 from mxgate.core.errors import ConfigError
 from mxgate.testing.ca import TestCA
@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str, name: str = "mx.toml") -> Path:
 
 def problems(path: Path) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        engine.load(path)
+        bootstrap.load(path)
     return [str(p) for p in info.value.problems]
 
 
@@ -40,7 +40,7 @@ use_mx = true
 
 
 def test_builtin_default_is_valid() -> None:
-    config, plugins = engine.load(None)
+    config, plugins = bootstrap.load(None)
     assert config.source == BUILTIN_SOURCE
     assert [lst.address for lst in config.listener] == ["127.0.0.1:2525"]
     assert config.metrics.listen == "127.0.0.1:9925"
@@ -87,7 +87,7 @@ def test_plugin_connector_setting_validated(tmp_path: Path) -> None:
 
 
 def test_connection_reuse_settings(tmp_path: Path) -> None:
-    config, _ = engine.load(write(tmp_path, BASE))
+    config, _ = bootstrap.load(write(tmp_path, BASE))
     (conn,) = config.outbound_connector
     assert (conn.connection_reuse, conn.connection_idle_timeout) == (True, 2.0)
     assert (conn.connection_reuse_limit, conn.connection_max_age) == (100, 300.0)
@@ -102,7 +102,7 @@ def test_connection_reuse_settings(tmp_path: Path) -> None:
     assert "outbound_connector[0].connection_reuse_limit: 0: expected a number greater than 0" in msgs
     assert "outbound_connector[0].connection_max_age: 0.0: expected a number greater than 0" in msgs
     off = BASE.replace("use_mx = true", "use_mx = true\nconnection_reuse = false\nconnection_idle_timeout = 0.3")
-    config, _ = engine.load(write(tmp_path, off, "off.toml"))
+    config, _ = bootstrap.load(write(tmp_path, off, "off.toml"))
     (conn,) = config.outbound_connector
     assert (conn.connection_reuse, conn.connection_idle_timeout) == (False, 0.3)
 
@@ -118,12 +118,12 @@ def test_connection_reuse_settings(tmp_path: Path) -> None:
     ],
 )
 def test_receive_workers_bounds(tmp_path: Path, value: str, expected: str) -> None:
-    config, _ = engine.load(write(tmp_path, BASE))
+    config, _ = bootstrap.load(write(tmp_path, BASE))
     assert config.server.receive_workers == "auto"  # decided by the machine unless a number is given
     assert config.server.receive_worker_count == checks.auto_receive_workers()
-    config, _ = engine.load(write(tmp_path, "[server]\nreceive_workers = 3\n" + BASE, "three.toml"))
+    config, _ = bootstrap.load(write(tmp_path, "[server]\nreceive_workers = 3\n" + BASE, "three.toml"))
     assert (config.server.receive_workers, config.server.receive_worker_count) == (3, 3)
-    config, _ = engine.load(write(tmp_path, "[server]\nreceive_workers = 0\n" + BASE, "zero.toml"))
+    config, _ = bootstrap.load(write(tmp_path, "[server]\nreceive_workers = 0\n" + BASE, "zero.toml"))
     assert config.server.receive_worker_count == 0
     msgs = problems(write(tmp_path, f"[server]\nreceive_workers = {value}\n" + BASE, "bad.toml"))
     assert [m.split(": ", 1)[1] for m in msgs] == [expected]
@@ -146,7 +146,7 @@ async def test_auto_starts_no_workers_in_process(tmp_path: Path) -> None:
     del document["server"]["receive_workers"]  # which set 0 explicitly
     path = tmp_path / "auto.toml"
     path.write_text(tomli_w.dumps(document))
-    config, plugins = engine.load(path, entry_points=False)
+    config, plugins = bootstrap.load(path, entry_points=False)
     assert config.server.receive_workers == "auto"
     gateway = engine.Gateway(config, plugins)
     runtime = await gateway.start()
@@ -165,7 +165,7 @@ async def test_auto_starts_no_workers_in_process(tmp_path: Path) -> None:
 async def test_receive_workers_need_the_mxgate_run_process(tmp_path: Path) -> None:
     """A gateway built in-process (tests, embedding) has no configuration text to start workers from: a clear
     configuration error, not a half-started gateway."""
-    config, plugins = engine.load(
+    config, plugins = bootstrap.load(
         write(tmp_path, f"[server]\nreceive_workers = 1\nstate_dir = '{tmp_path}/var'\n" + BASE)
     )
     with pytest.raises(ConfigError, match=r"server.receive_workers: receive workers are started by `mxgate run`"):
@@ -293,13 +293,13 @@ def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
         'address = "127.0.0.1:2525"',
         'address = "127.0.0.1:2525"\ntls_cert = "certs/mx.pem"\ntls_key = "certs/mx.key"',
     )
-    config, _ = engine.load(write(tmp_path, text))
+    config, _ = bootstrap.load(write(tmp_path, text))
     assert config.path(config.listener[0].tls_cert or "") == tmp_path / "certs" / "mx.pem"
 
 
 def test_resolvers_accept_strings_and_tables(tmp_path: Path) -> None:
     text = BASE + '[dns]\nresolvers = ["127.0.0.1:5353", {address = "192.0.2.53", trusted = true}]\n'
-    config, _ = engine.load(write(tmp_path, text))
+    config, _ = bootstrap.load(write(tmp_path, text))
     assert [(r.address, r.trusted) for r in config.dns.resolvers] == [
         ("127.0.0.1:5353", False),
         ("192.0.2.53", True),
@@ -307,7 +307,7 @@ def test_resolvers_accept_strings_and_tables(tmp_path: Path) -> None:
 
 
 def test_config_objects_are_frozen() -> None:
-    config, _ = engine.load(None)
+    config, _ = bootstrap.load(None)
     with pytest.raises(AttributeError):
         config.server.hostname = "evil"  # type: ignore[misc]
     with pytest.raises(TypeError):

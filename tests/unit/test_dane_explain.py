@@ -19,7 +19,7 @@ from mxgate import (
     SelfTestResult,
     hookimpl,
 )
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.plugins.dane import explain_dane, format_explain
 
 CONFIG = """
@@ -71,7 +71,7 @@ class SelfTestOnly:
 async def explained(tmp_path: Path, **kwargs: Any) -> tuple[dict[str, Any], Steer]:
     (tmp_path / "mx.toml").write_text(CONFIG.format(state=tmp_path / "var"))
     steer = Steer()
-    config, plugins = engine.load(tmp_path / "mx.toml", entry_points=False, extra_plugins=[("steer", steer)])
+    config, plugins = bootstrap.load(tmp_path / "mx.toml", entry_points=False, extra_plugins=[("steer", steer)])
     runtime = Runtime.create(config, plugins)
     runtime.resolver = SelfTestOnly()  # type: ignore[assignment]
     await runtime.hooks.on_startup(runtime)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mxgate import DNSSEC_SELF_TEST
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.dns import DnssecStatus, SelfTestResult
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.dnssec import SELF_TEST, run_self_test
@@ -28,7 +28,7 @@ class ScriptedSelfTest:
 
 def runtime_with(resolver: Any, tmp_path: Any) -> Runtime:
     (tmp_path / "mx.toml").write_text(f'[server]\nstate_dir = "{tmp_path}"\n')
-    config, plugins = engine.load(tmp_path / "mx.toml", entry_points=False)
+    config, plugins = bootstrap.load(tmp_path / "mx.toml", entry_points=False)
     runtime = Runtime.create(config, plugins)
     runtime.resolver = resolver
     return runtime

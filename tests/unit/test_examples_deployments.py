@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mxgate.connectors.inbound import select_inbound
 from mxgate.connectors.outbound import select_outbound
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.plugins.dane import DANE_MODE
 from mxgate.plugins.mta_sts import MTA_STS_MODE
 
@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_edge_exchange_online() -> None:
-    config, plugins = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    config, plugins = bootstrap.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
     assert "prometheus" in plugins.names() and config.metrics.listen == "127.0.0.1:9925"
     inbound = config.inbound_connector
     exo = "mail.protection.outlook.com"
@@ -36,7 +36,7 @@ def test_edge_exchange_online() -> None:
 
 
 def test_partner_dane() -> None:
-    config, _ = engine.load(EXAMPLES / "partner-dane" / "mxgate.toml", entry_points=False)
+    config, _ = bootstrap.load(EXAMPLES / "partner-dane" / "mxgate.toml", entry_points=False)
     for domain in ("fabrikam.example", "mx.fabrikam.example"):
         partner = select_outbound(config.outbound_connector, domain)
         assert partner is not None and partner.name == "partner-fabrikam"
@@ -75,7 +75,7 @@ def test_systemd_units_are_hardened_and_hand_over_the_listener() -> None:
     assert any(cmd.split()[1:3] == ["reload", "--config"] for cmd in service["Service.ExecReload"])
     # the socket unit binds port 25 and names its sockets after the example's listener
     assert all(addr.endswith(":25") for addr in socket_unit["Socket.ListenStream"])
-    config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    config, _ = bootstrap.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
     assert socket_unit["Socket.FileDescriptorName"] == [config.listener[0].name]
     assert socket_unit["Socket.Service"] == ["mxgate.service"]
 
@@ -89,13 +89,13 @@ def test_examples_offer_no_auth_on_their_mx_listeners() -> None:
 
     assert len(_example_configs()) >= 3
     for path in _example_configs():
-        config, _ = engine.load(path, entry_points=False)
+        config, _ = bootstrap.load(path, entry_points=False)
         assert config.listener and all(not lst.auth for lst in config.listener), path  # "[::]:25" in production
         assert advisories(config) == [], path
 
 
 def test_edge_example_mails_tls_rpt_reports_only_as_its_readme_says() -> None:
-    config, _ = engine.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
+    config, _ = bootstrap.load(EXAMPLES / "edge-exchange-online" / "mxgate.toml", entry_points=False)
     tlsrpt = config.plugin_sections["tlsrpt"]
     readme = (EXAMPLES / "edge-exchange-online" / "README.md").read_text()
     reporting = " ".join(readme.split("**Reporting**")[1].split("\n- ")[0].split())

@@ -25,7 +25,7 @@ HARNESS = textwrap.dedent(
     from pathlib import Path
 
     with atheris.instrument_imports():
-        from mxgate.core import engine
+        from mxgate.core import bootstrap, engine
         from mxgate.core.errors import ConfigError
         from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
         from mxgate.plugins.mta_sts.policy import StsSyntaxError, parse_policy, select_record
@@ -49,7 +49,7 @@ HARNESS = textwrap.dedent(
         path = WORK / "f.toml"
         path.write_bytes(data)
         try:
-            engine.load(path, entry_points=False)
+            bootstrap.load(path, entry_points=False)
         except ConfigError:
             pass
 

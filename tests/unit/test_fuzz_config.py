@@ -4,7 +4,7 @@
 Three generators: arbitrary bytes and TOML-looking text (the reader), schema-shaped documents with random keys
 and values of every TOML type (the validator), and single mutations of a complete valid document (the cross
 checks, which only run when the sections themselves are valid). Loading goes through
-:func:`mxgate.core.engine.load`, the path ``mxgate run`` and ``mxgate config check`` take, with the built-in
+:func:`mxgate.core.bootstrap.load`, the path ``mxgate run`` and ``mxgate config check`` take, with the built-in
 plugins' sections and connector settings registered.
 """
 
@@ -26,7 +26,7 @@ import tomli_w
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.config import SECTIONS, Config
 from mxgate.core.errors import ConfigError
 from mxgate.core.plugins import Dispatcher, build_plugins, collect_registry
@@ -276,7 +276,7 @@ def _load_text(directory: Path, data: bytes) -> Config | None:
     path = directory / "fuzz.toml"
     path.write_bytes(data)
     try:
-        config, _plugins = engine.load(path, entry_points=False)
+        config, _plugins = bootstrap.load(path, entry_points=False)
     except ConfigError as exc:
         assert exc.problems, "a ConfigError without problems"
         for problem in exc.problems:
@@ -348,7 +348,7 @@ def test_deeply_nested_toml_is_a_config_error(tmp_path: Path, data: bytes) -> No
     path = tmp_path / "deep.toml"
     path.write_bytes(data)
     with pytest.raises(ConfigError):
-        engine.load(path, entry_points=False)
+        bootstrap.load(path, entry_points=False)
 
 
 @pytest.mark.parametrize(

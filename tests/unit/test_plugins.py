@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mxgate import Accept, Address, Envelope, Reject, Reply, Session, TempFail, hookimpl
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.errors import ConfigError, PluginError
 from mxgate.core.plugins import Dispatcher, HookCallError, Hooks, build_plugins
 
@@ -160,7 +160,7 @@ def test_disabled_plugin_section_becomes_unknown(tmp_path: Path) -> None:
     path = tmp_path / "mx.toml"
     path.write_text('[plugins]\ndisable = ["tlsrpt"]\n[plugins.tlsrpt]\norganization_name = "x"\n')
     with pytest.raises(ConfigError, match=r"no loaded plugin declares a \[plugins.tlsrpt\] section"):
-        engine.load(path)
+        bootstrap.load(path)
 
 
 def test_load_from_path_with_section(tmp_path: Path) -> None:
@@ -170,10 +170,10 @@ def test_load_from_path_with_section(tmp_path: Path) -> None:
         f'[plugins]\nload = ["{example}:HeaderStamp"]\n[plugins.header_stamp]\nreject_pattern = "(unclosed"\n'
     )
     with pytest.raises(ConfigError) as info:
-        engine.load(path)
+        bootstrap.load(path)
     assert "plugins.header_stamp.reject_pattern: '(unclosed': not a regular expression" in str(info.value)
     path.write_text(f'[plugins]\nload = ["{example}:HeaderStamp"]\n[plugins.header_stamp]\nheader = "X-T"\n')
-    config, plugins = engine.load(path)
+    config, plugins = bootstrap.load(path)
     info2 = plugins.info("header_stamp")
     assert info2 is not None and info2.source.startswith("config: ") and info2.priority == 10
     assert config.plugin_section("header_stamp", type(config.plugin_sections["header_stamp"])).header == "X-T"
@@ -183,10 +183,10 @@ def test_load_errors_name_the_plugin(tmp_path: Path) -> None:
     path = tmp_path / "mx.toml"
     path.write_text('[plugins]\nload = ["no_such_module_xyz:Thing"]\n')
     with pytest.raises(ConfigError, match="plugins: plugin module 'no_such_module_xyz' failed to import"):
-        engine.load(path)
+        bootstrap.load(path)
     path.write_text('[plugins]\nload = ["missing.py"]\n')
     with pytest.raises(ConfigError, match=r"missing\.py' does not exist"):
-        engine.load(path)
+        bootstrap.load(path)
 
 
 def test_entry_point_discovery(tmp_path: Path) -> None:
@@ -231,7 +231,6 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
 
     import mxgate
     from mxgate.core import hookspecs
-    from mxgate.core.cluster import MigrationRegistry
 
     assert sorted(mxgate.__all__) == sorted(set(mxgate.__all__))
     assert all(hasattr(mxgate, name) for name in mxgate.__all__)
@@ -240,7 +239,7 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
         if name.startswith("mxgate_"):
             hints = typing.get_type_hints(
                 getattr(hookspecs, name),
-                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509, "MigrationRegistry": MigrationRegistry},
+                localns=vars(hookspecs) | vars(mxgate) | {"x509": x509},
             )
             for hint in hints.values():
                 stack = [hint]
@@ -249,8 +248,7 @@ def test_the_public_api_exports_every_type_a_hook_passes_or_returns() -> None:
                     stack.extend(typing.get_args(item))
                     if isinstance(item, type) and item.__module__.startswith("mxgate."):
                         seen.add(item.__name__)
-    # MigrationRegistry (cluster mode) stays in mxgate.core.cluster: that module imports mxgate.__version__
-    missing = seen - set(mxgate.__all__) - {"MigrationRegistry"}
+    missing = seen - set(mxgate.__all__)
     assert not missing
     assert {"Runtime", "QueuedMessage", "AttemptContext", "AuthResult", "TlsOutcome"} <= seen
     for name in ("ConfigError", "QueuedRecipient", "MessageOptions", "RecipientStatus", "HostPolicy"):
@@ -412,7 +410,7 @@ def test_a_section_level_check_runs_in_config_check_and_at_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A setting that names another section: ``add_section(..., validate=)`` finds the mistake in ``config check``
-    (one line naming file and key) and ``engine.load`` refuses it the same way, instead of a start-up traceback."""
+    (one line naming file and key) and ``bootstrap.load`` refuses it the same way, instead of a start-up traceback."""
     from mxgate.core.cli import main
 
     plugin = tmp_path / "archive.py"
@@ -426,16 +424,16 @@ def test_a_section_level_check_runs_in_config_check_and_at_load(
     problem = f"{path}: plugins.archive.connector: 'valut' is not an outbound connector"
     assert err == [f"error: {problem}", "mxgate: 1 configuration error(s)"]
     with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'valut' is not an outbound connector"):
-        engine.load(path)
+        bootstrap.load(path)
     # the default is checked too when the section is absent ("archive" does not exist either)
     path.write_text(head + connector)
     with pytest.raises(ConfigError, match=r"plugins\.archive\.connector: 'archive' is not an outbound connector"):
-        engine.load(path)
+        bootstrap.load(path)
     # a check that raises is one problem, not a traceback
     path.write_text(head + '[plugins.archive]\nconnector = "boom"\n' + connector)
     with pytest.raises(ConfigError, match=r"plugins\.archive: its check failed: RuntimeError\('bad check'\)"):
-        engine.load(path)
+        bootstrap.load(path)
     path.write_text(head + '[plugins.archive]\nconnector = "vault"\n' + connector)
-    config, _ = engine.load(path)
+    config, _ = bootstrap.load(path)
     assert config.plugin_sections["archive"].connector == "vault"
     assert main(["config", "check", str(path)]) == 0

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mxgate import DeliveryReport, PolicyType, TlsOutcome, TlsRptResult, hookimpl
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.model import Stash
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet, build_plugins
 from mxgate.core.queue.store import QueueStore
@@ -88,7 +88,7 @@ resolvers = ["127.0.0.1:{free_port()}"]
 {extra}
 """
     )
-    config, plugins = engine.load(path, entry_points=False)
+    config, plugins = bootstrap.load(path, entry_points=False)
     runtime = Runtime.create(config, plugins)
     runtime.queue = await QueueStore.open(config.state_path)
     plugin = plugins.pm.get_plugin("prometheus")

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from mxgate.core.queue import QueueStore, RecipientStatus
+from mxgate.core.messages import RecipientStatus
+from mxgate.core.queue import QueueStore
 from mxgate.core.queue.store import DB_NAME
 
 NOW = 1_700_000_000.0

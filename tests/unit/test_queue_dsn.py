@@ -8,17 +8,9 @@ from email.message import Message
 
 import pytest
 
+from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.model import DsnRet
-from mxgate.core.queue import (
-    DSN_ENVELOPE_SENDER,
-    DsnRecipient,
-    MessageOptions,
-    QueuedMessage,
-    QueuedRecipient,
-    RecipientStatus,
-    build_dsn,
-    is_auto_message,
-)
+from mxgate.core.queue import DSN_ENVELOPE_SENDER, DsnRecipient, build_dsn, is_auto_message
 
 NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 RECEIVED = datetime(2024, 2, 28, 8, 30, 0, tzinfo=UTC)

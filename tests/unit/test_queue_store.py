@@ -13,15 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core.queue import (
-    MessageNotFoundError,
-    NewRecipient,
-    QueueError,
-    QueueFullError,
-    QueueStore,
-    RecipientResult,
-    RecipientStatus,
-)
+from mxgate.core.messages import NewRecipient, RecipientStatus
+from mxgate.core.queue import MessageNotFoundError, QueueError, QueueFullError, QueueStore, RecipientResult
 from mxgate.core.queue.store import DB_NAME, SCHEMA_VERSION
 
 NOW = 1_700_000_000.0
@@ -608,8 +601,8 @@ async def test_record_results_with_the_known_copy_reads_nothing_back(store: Queu
 
 
 async def test_message_options_and_recipient_dsn_round_trip(store: QueueStore) -> None:
+    from mxgate.core.messages import MessageOptions, NewRecipient
     from mxgate.core.model import DsnRet
-    from mxgate.core.queue import MessageOptions, NewRecipient
 
     options = MessageOptions(DsnRet.HDRS, "env id 1", requiretls=True)
     recipients = [NewRecipient("a@example.org", "SUCCESS,FAILURE", "rfc822;A@Example.org"), "b@example.org"]
@@ -630,7 +623,7 @@ async def test_message_options_and_recipient_dsn_round_trip(store: QueueStore) -
 async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
     """A store written by the previous version (schema 1: no option columns) opens, keeps its messages and
     takes the new fields."""
-    from mxgate.core.queue import MessageOptions
+    from mxgate.core.messages import MessageOptions
 
     s = await QueueStore.open(tmp_path)
     old_id = await s.put("s@example.net", ["a@example.org"], b"x\r\n", now=5.0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.config import Config
 from mxgate.core.reload import restart_needed
 from mxgate.core.service import inherited_sockets
@@ -35,7 +35,7 @@ listen = "127.0.0.1:9925"
 def load(tmp_path: Path, text: str) -> Config:
     path = tmp_path / "mxgate.toml"
     path.write_text(text.replace("{state}", str(tmp_path / "var")))
-    config, _ = engine.load(path, entry_points=False)
+    config, _ = bootstrap.load(path, entry_points=False)
     return config
 
 

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import tomli_w
 
-from mxgate.core import engine
+from mxgate.core import bootstrap
 from mxgate.core.cli import main as cli_main
 from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import Address, Envelope, IncomingMessage, Session
@@ -512,7 +512,7 @@ async def test_plugin_hooks_collect_receive_and_flush_at_shutdown(tmp_path: Path
             "receive_deliver": False,
         },
     )
-    config, plugins = engine.load(path, entry_points=False)
+    config, plugins = bootstrap.load(path, entry_points=False)
     runtime = Runtime.create(config, plugins)
     await runtime.hooks.on_startup(runtime)
     plugin = plugins.pm.get_plugin("tlsrpt")
@@ -555,7 +555,7 @@ async def test_plugin_hooks_collect_receive_and_flush_at_shutdown(tmp_path: Path
 
 async def test_disabled_plugin_collects_nothing(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"enabled": False})
-    config, plugins = engine.load(path, entry_points=False)
+    config, plugins = bootstrap.load(path, entry_points=False)
     runtime = Runtime.create(config, plugins)
     await runtime.hooks.on_startup(runtime)
     plugin = plugins.pm.get_plugin("tlsrpt")
@@ -570,7 +570,7 @@ def test_cli_show_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     import asyncio
 
     path = write_config(tmp_path, {"organization_name": "Sender Org", "contact_info": "tlsrpt@sender.example"})
-    config, _ = engine.load(path, entry_points=False)
+    config, _ = bootstrap.load(path, entry_points=False)
 
     async def seed() -> None:
         svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter="mx.sender.example")
@@ -597,7 +597,7 @@ def test_cli_received_lists_reporters(tmp_path: Path, capsys: pytest.CaptureFixt
     import asyncio
 
     path = write_config(tmp_path, {})
-    config, _ = engine.load(path, entry_points=False)
+    config, _ = bootstrap.load(path, entry_points=False)
 
     async def seed() -> None:
         svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter="mx.sender.example")
@@ -616,7 +616,7 @@ def test_cli_escapes_network_text(tmp_path: Path, capsys: pytest.CaptureFixture[
     import asyncio
 
     path = write_config(tmp_path, {})
-    config, _ = engine.load(path, entry_points=False)
+    config, _ = bootstrap.load(path, entry_points=False)
     hostile = "Evil\x1b]0;pwned\x07 Corp\u202egnp.exe"
     document = json.loads((DATA / "microsoft-shaped.json").read_text())
     document["organization-name"] = hostile
@@ -650,5 +650,5 @@ def test_bad_configuration_is_refused_with_its_key_path(tmp_path: Path, key: str
 
     path = write_config(tmp_path, {key: value})
     with pytest.raises(ConfigError) as info:
-        engine.load(path, entry_points=False)
+        bootstrap.load(path, entry_points=False)
     assert f"plugins.tlsrpt.{key}" in str(info.value)

@@ -11,15 +11,7 @@
 """
 
 from mxgate.core.delivery.driver import AddressResolver, Deliverer
-from mxgate.core.delivery.model import (
-    DEFERRED,
-    DELIVERED,
-    FAILED,
-    AttemptContext,
-    DeliveryResult,
-    OutgoingMessage,
-    RecipientOutcome,
-)
+from mxgate.core.delivery.model import DEFERRED, DELIVERED, FAILED, DeliveryResult, OutgoingMessage, RecipientOutcome
 from mxgate.core.delivery.plan import (
     AttemptFailure,
     AttemptPlan,
@@ -56,7 +48,6 @@ __all__ = [
     "QUIT_TIMEOUT",
     "RSET_TIMEOUT",
     "AddressResolver",
-    "AttemptContext",
     "AttemptFailure",
     "AttemptPlan",
     "Capabilities",

@@ -24,7 +24,6 @@ from mxgate.core.delivery.model import (
     DEFERRED,
     DELIVERED,
     FAILED,
-    AttemptContext,
     DeliveryResult,
     OutgoingMessage,
 )
@@ -51,6 +50,7 @@ from mxgate.core.delivery.policy import TlsDecision, connector_policy, is_ip
 from mxgate.core.delivery.pool import PooledSession, SessionKey, SessionPool
 from mxgate.core.delivery.transaction import AttemptLog, capabilities_of, same_for_all, send_message
 from mxgate.core.outcomes import (
+    AttemptContext,
     Destination,
     HopHost,
     NextHop,

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mxgate.core.model import DsnRet, RecipientDsn
-from mxgate.core.outcomes import Destination, HopHost, HostPolicy, NextHop
+from mxgate.core.outcomes import Destination
 
 __all__ = [
     "DEFERRED",
     "DELIVERED",
     "FAILED",
-    "AttemptContext",
     "DeliveryResult",
     "OutgoingMessage",
     "RecipientOutcome",
@@ -20,29 +19,6 @@ __all__ = [
 DELIVERED = "delivered"
 DEFERRED = "deferred"
 FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptContext:
-    """One connection attempt as ``on_tls_verify`` sees it (after the TLS handshake)."""
-
-    connector: str
-    destination: Destination
-    next_hop: NextHop
-    host: HopHost  # the MX or smart host dialled
-    peer_ip: str
-    peer_port: int
-    sni: str | None  # the server name we sent
-    peer_helo: str | None = None  # the name in the peer's banner / EHLO reply
-    tls_version: str | None = None
-    cipher: str | None = None
-    mx_secure: bool = False  # the MX RRset was DNSSEC-secure (RFC 7672 §2.2.1)
-    host_policy: HostPolicy | None = None  # the deciding policy's refinement for this host
-    at: float = 0.0  # unix time of the attempt
-
-    @property
-    def host_secure(self) -> bool:
-        return self.host.secure
 
 
 @dataclass(frozen=True, slots=True)

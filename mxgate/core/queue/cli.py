@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,9 +20,12 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, TypeVar
 
+from mxgate.core.cluster_cli import cmd_queue_list_cluster
+from mxgate.core.commands import ENV_CONFIG, add_config_arg, load_from_args
 from mxgate.core.config import Config
 from mxgate.core.errors import StateError
-from mxgate.core.queue.store import DB_NAME, MessageNotFoundError, QueuedMessage, QueueStore
+from mxgate.core.messages import QueuedMessage
+from mxgate.core.queue.store import DB_NAME, MessageNotFoundError, QueueStore
 from mxgate.core.textsafe import escape
 from mxgate.core.tracking import TrackEvent, TrackingLog
 
@@ -70,8 +74,6 @@ def _run(args: argparse.Namespace, fn: Callable[[QueueStore], Awaitable[T]]) -> 
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from mxgate.core.commands import ENV_CONFIG, load_from_args
-
     config, _ = load_from_args(args)
     db = config.state_path / DB_NAME
     if not db.is_file():  # never create a queue (or ./var) where no gateway ever ran
@@ -121,8 +123,6 @@ def _filters(args: argparse.Namespace, now: float) -> dict[str, Any]:
 def operator() -> dict[str, str]:
     """Who runs this command, for the ADMIN tracking record: the effective user, and the one sudo names (what
     the environment says: a hint, not proof)."""
-    import pwd
-
     uid = os.geteuid()
     try:
         name = pwd.getpwuid(uid).pw_name
@@ -172,8 +172,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     """One page of ``--limit`` messages after ``--after``; when the page is full, the command for the next page
     goes to stderr (a page costs its own rows, however deep the queue)."""
     if args.cluster:
-        from mxgate.core.cluster import cmd_queue_list_cluster
-
         return cmd_queue_list_cluster(args)
     now = time.time()
     if args.limit < 1:
@@ -376,7 +374,6 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from mxgate.core.commands import add_config_arg
 
     p_queue = subparsers.add_parser("queue", help="list, show, flush, hold, release or delete queued messages")
     qsub = p_queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)

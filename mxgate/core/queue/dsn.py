@@ -23,8 +23,8 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Final, NamedTuple
 
+from mxgate.core.messages import QueuedMessage
 from mxgate.core.model import DsnRet
-from mxgate.core.queue.store import QueuedMessage
 
 __all__ = ["DSN_ENVELOPE_SENDER", "DsnRecipient", "build_dsn", "is_auto_message"]
 

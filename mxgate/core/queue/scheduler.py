@@ -50,21 +50,12 @@ from mxgate.core.delivery import (
     OutgoingMessage,
     RecipientOutcome,
 )
+from mxgate.core.messages import MessageOptions, NewRecipient, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.model import Address, DsnNotify, RecipientDsn
 from mxgate.core.outcomes import DeliveryReport, Destination, Route
 from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
-from mxgate.core.queue.store import (
-    MessageNotFoundError,
-    MessageOptions,
-    NewRecipient,
-    QueuedMessage,
-    QueuedRecipient,
-    QueueError,
-    QueueStore,
-    RecipientResult,
-    RecipientStatus,
-)
+from mxgate.core.queue.store import MessageNotFoundError, QueueError, QueueStore, RecipientResult
 from mxgate.core.runtime import Runtime
 from mxgate.core.tracking import TrackEvent
 

@@ -15,6 +15,7 @@ when the server next waits for input. Over-long lines are discarded as they arri
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import dataclasses
 import email.utils
@@ -34,11 +35,13 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mxgate.core import tls as tlsmod
-from mxgate.core.auth import AuthResult, FailureLimiter
+from mxgate.core.auth import AUTH_FAILURES, FailureLimiter
 from mxgate.core.config import Config, ListenerConfig
 from mxgate.core.errors import PluginError, StartupError
+from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.model import (
     Accept,
+    AuthResult,
     Disconnect,
     IncomingMessage,
     RecipientDsn,
@@ -52,6 +55,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
+from mxgate.core.queue.store import QueueFullError
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
 from mxgate.core.smtp.rdns import ReverseDns
@@ -71,7 +75,6 @@ HANDSHAKE_TIMEOUT = 30.0
 # Distinct kinds of rejection (stage, reason, code) one session's tracking events are aggregated by; past this
 # many, further kinds are counted under the last one.
 MAX_REJECT_KINDS: Final = 16
-AUTH_FAILURES = StashKey[FailureLimiter]()
 DESCRIPTORS = StashKey[DescriptorBudget]()  # one per process: every listener's connections count
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event before other work gets a turn
 # accept() errors after which the same socket is tried again at once (the connection is gone, not the listener)
@@ -1256,8 +1259,6 @@ class Connection(asyncio.Protocol):
 
     @staticmethod
     def _b64(text: str) -> bytes | None:
-        import binascii
-
         if text == "=":
             return b""
         try:
@@ -1510,7 +1511,6 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             self._reply(reply)
             return
-        from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
 
         recipients = tuple(str(r) for r in envelope.rcpt_tos)
         dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
