@@ -52,11 +52,13 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
+from mxgate.core.smtp import wire
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
 from mxgate.core.smtp.rdns import ReverseDns
 from mxgate.core.smtp.rdns import lookup as rdns_lookup
 from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
+from mxgate.core.smtp.wire import CLOSED, NEED_DATA
 from mxgate.core.tracking import TrackEvent
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ _ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
 PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
+_DATA_REFUSALS: Final = {wire.Refusal.TOO_BIG: R.TOO_BIG, wire.Refusal.BARE_LINE_ENDING: R.BARE_LF_DATA}
 
 
 class _Gone(Exception):
@@ -627,7 +630,7 @@ class Connection(asyncio.Protocol):
         self.hooks = listener.runtime.hooks
         self.policy = listener.policy
         self.loop = asyncio.get_running_loop()
-        self.buf = bytearray()
+        self.reader = wire.WireReader()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.stash = Stash()
@@ -663,14 +666,15 @@ class Connection(asyncio.Protocol):
         self.task = self.loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > HIGH_WATER and not self._reading_paused and self.transport is not None:
+        self.reader.receive_data(data)
+        if self.reader.buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
+        self.reader.receive_data(b"")
         self._wake()
         return self.state.tls is None  # keep the TCP side open to answer; TLS transports cannot half-close
 
@@ -754,14 +758,14 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter = self.loop.create_future()
         timer = self.loop.call_later(max(0.0, deadline - now), self._wake)
         self._idle_wait = idle
-        before = len(self.buf)
+        before = self.reader.buffered
         try:
             await waiter
         finally:
             timer.cancel()
             self._waiter = None
             self._idle_wait = False
-        if len(self.buf) > before:
+        if self.reader.buffered > before:
             return
         if self._closed or self._eof:
             raise _Gone()
@@ -775,96 +779,74 @@ class Connection(asyncio.Protocol):
         if until is not None and now >= until:
             raise _Close(R.TOO_SLOW)
 
-    async def _read_line(self, limit: int, *, idle: bool = True) -> bytes | Reply:
-        """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF).
+    async def _next(self, *, idle: bool = True) -> wire.Event:
+        """The reader's next event in command mode: a line, or why it is refused (never :class:`wire.NeedData`).
 
-        Over-long input is discarded as it arrives; nothing beyond ``limit`` octets is held. Once a line has
-        begun it must end within ``command_timeout`` (input that trickles in does not reset a deadline).
+        Once a line has begun it must end within ``command_timeout`` (input that trickles in does not reset a
+        deadline); an over-long line being discarded is not an idle wait.
         """
-        scan = 0
+        reader = self.reader
         until: float | None = None
         while True:
-            i = self.buf.find(b"\n", scan)
-            if i >= 0:
-                line = bytes(self.buf[: i + 1])
-                del self.buf[: i + 1]
-                if i + 1 > limit:
-                    return R.LINE_TOO_LONG
-                if i == 0 or line[-2] != 0x0D or line.find(b"\r", 0, i - 1) >= 0:
-                    return R.BARE_LF
-                return line[:-2]
-            if until is None and self.buf:
+            event = reader.next_event()
+            if event is not NEED_DATA:
+                if event is CLOSED:
+                    raise _Gone()
+                return event
+            if until is None and reader.line_started:
                 until = self.loop.time() + self.policy.limits.command_timeout
-            if len(self.buf) >= limit:
-                self.buf.clear()
-                while True:  # discard up to the end of this line
-                    await self._wait(idle=False, until=until)
-                    j = self.buf.find(b"\n")
-                    if j >= 0:
-                        del self.buf[: j + 1]
-                        return R.LINE_TOO_LONG
-                    self.buf.clear()
-            scan = len(self.buf)
-            await self._wait(idle=idle, until=until)
+            await self._wait(idle=idle and not reader.discarding_line, until=until)
+
+    async def _read_line(self, limit: int) -> bytes | Reply:
+        """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF)."""
+        self.reader.line_limit = limit
+        event = await self._next()
+        if type(event) is wire.Command:
+            return event.line
+        return R.LINE_TOO_LONG if type(event) is wire.LineTooLong else R.BARE_LF
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
-        """The DATA content up to CRLF.CRLF, read in bulk (``find`` over whole chunks, never line by line).
-
-        Returns ``(raw content with dot-stuffing, None)`` or ``(None, reply)`` when it must be refused. Once the
-        size limit is passed (or a header hook refused), input is only scanned for the end and dropped.
-        """
+        """The DATA content up to CRLF.CRLF (see :mod:`mxgate.core.smtp.wire`), the header hook called when the
+        header block has arrived. Returns ``(dot-unstuffed content, None)`` or ``(None, reply)``."""
         limits = self.policy.limits
-        limit = self.policy.size_limit(self.state)
+        reader = self.reader
+        reader.start_data(self.policy.size_limit(self.state))
         started = self.loop.time()
         rate = limits.min_data_rate
-        received = 0
-        msg = bytearray(b"\r\n")  # the DATA line's CRLF: a first line of "." ends an empty message
-        scan = 0
-        hscan = 0
-        headers_done = False
         refused: Reply | None = None
-        discarding = False
         while True:
-            if self.buf:
-                received += len(self.buf)
-                msg += self.buf
-                self.buf.clear()
-            end = msg.find(b"\r\n.\r\n", scan)
-            if end >= 0:
-                self.buf += msg[end + 5 :]  # commands pipelined after the message
-                break
-            if not discarding and not headers_done:
-                j = msg.find(b"\r\n\r\n", hscan)
-                if j >= 0:
-                    headers_done = True
-                    refused = await self._end_of_headers(bytes(msg[2 : j + 2]))
-                    discarding = refused is not None
-                else:
-                    hscan = max(0, len(msg) - 3)
-            if not discarding and len(msg) - 2 > limit:
-                refused, discarding = R.TOO_BIG, True
-            if discarding and len(msg) > 4:
-                del msg[:-4]  # keep only what could start the terminator
-            scan = max(0, len(msg) - 4)
-            # the minimum rate: after a grace of command_timeout, min_data_rate bytes per second on average
-            until = started + limits.command_timeout + received / rate if rate else None
+            event = reader.next_event()
+            if event is NEED_DATA:
+                # the minimum rate: after a grace of command_timeout, min_data_rate bytes per second on average
+                until = started + limits.command_timeout + reader.data_received / rate if rate else None
+                await self._wait(until=until)
+            elif type(event) is wire.HeadersEnded:
+                refused = await self._end_of_headers(event.block)
+                if refused is not None:
+                    reader.refuse()
+            elif type(event) is wire.MessageEnded:
+                return event.content, None
+            elif type(event) is wire.MessageRefused:
+                return None, refused if event.reason is wire.Refusal.REFUSED else _DATA_REFUSALS[event.reason]
+            else:  # CLOSED
+                raise _Gone()
+
+    async def _read_chunk(self, size: int, into: bytearray | None) -> None:
+        """Exactly ``size`` octets of a BDAT chunk, appended to ``into`` (``None``: read and dropped). Nothing in
+        them is a command; what follows them is. The minimum data rate applies as for DATA."""
+        limits = self.policy.limits
+        rate = limits.min_data_rate
+        started = self.loop.time()
+        reader = self.reader
+        reader.start_chunk(size, into)
+        while True:
+            event = reader.next_event()
+            if type(event) is wire.ChunkEnded:
+                return
+            if event is CLOSED:
+                raise _Gone()
+            until = started + limits.command_timeout + reader.chunk_received / rate if rate else None
             await self._wait(until=until)
-        if refused is not None:
-            return None, refused
-        content_end = end + 2
-        if content_end - 2 > limit:
-            return None, R.TOO_BIG
-        raw = bytes(msg[2:content_end])
-        del msg
-        lf = raw.count(b"\n")
-        if lf != raw.count(b"\r\n") or raw.count(b"\r") != lf:
-            return None, R.BARE_LF_DATA
-        if not headers_done:
-            j = raw.find(b"\r\n\r\n")
-            refused = await self._end_of_headers(raw if j < 0 else raw[: j + 2])
-            if refused is not None:
-                return None, refused
-        return raw, None
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
@@ -1171,7 +1153,7 @@ class Connection(asyncio.Protocol):
         self._reply(R.TLS_READY)
         await self._drain()
         # RFC 3207 §4.2: whatever the client pipelined after STARTTLS is discarded, never executed under TLS.
-        self.buf.clear()
+        self.reader.discard_buffered()
         assert self.transport is not None
         try:
             transport = await self.loop.start_tls(
@@ -1411,25 +1393,6 @@ class Connection(asyncio.Protocol):
         finally:
             st.reset_transaction()
 
-    async def _read_chunk(self, size: int, into: bytearray | None) -> None:
-        """Exactly ``size`` octets of a BDAT chunk, appended to ``into`` (``None``: read and dropped). Nothing in
-        them is a command; what follows them is. The minimum data rate applies as for DATA."""
-        limits = self.policy.limits
-        rate = limits.min_data_rate
-        started = self.loop.time()
-        remaining = size
-        while True:
-            take = min(remaining, len(self.buf))
-            if take:
-                if into is not None:
-                    into += self.buf[:take]
-                del self.buf[:take]
-                remaining -= take
-            if remaining == 0:
-                return
-            until = started + limits.command_timeout + (size - remaining) / rate if rate else None
-            await self._wait(until=until)
-
     async def cmd_bdat(self, arg: bytes) -> None:
         """RFC 3030 ``BDAT <octets> [LAST]``: the chunk is read exactly, never dot-unstuffed, never parsed for
         commands; the assembled message meets DATA's rules (CRLF only, line length, size across chunks)."""
@@ -1477,23 +1440,19 @@ class Connection(asyncio.Protocol):
                 return
             if raw and not raw.endswith(b"\r\n"):
                 raw += b"\r\n"  # a message ends with a line end (DATA's CRLF.CRLF guarantees one)
-            await self._accept_message(raw, stuffed=False)
+            await self._accept_message(raw, data_command=False)
         finally:
             st.reset_transaction()
 
-    async def _accept_message(self, raw: bytes, *, stuffed: bool = True) -> None:
+    async def _accept_message(self, raw: bytes, *, data_command: bool = True) -> None:
         st = self.state
         envelope = st.envelope
         sender = str(envelope.mail_from)
-        if stuffed:
-            # RFC 5321 §4.5.2: remove the transparency dots
-            if raw.startswith(b"."):
-                raw = raw[1:]
-            raw = raw.replace(b"\r\n.", b"\r\n")
-            if len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
-                self._reply(R.TEXT_LINE_TOO_LONG)
-                await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
-                return
+        # DATA: unstuffed by the reader, its line lengths checked here (BDAT's in check_text)
+        if data_command and len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+            self._reply(R.TEXT_LINE_TOO_LONG)
+            await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
+            return
         j = raw.find(b"\r\n\r\n")
         headers = parse_headers(raw if j < 0 else raw[: j + 2])
         message = IncomingMessage(raw, headers)
