@@ -5,8 +5,11 @@ on every reply, our own EHLO list, bare CR/LF rejection in its line reader, bulk
 pipelined before STARTTLS, AUTH against a hook, bounded reading of over-long lines, idle *and* session timeouts,
 its per-connection ``inspect`` command table. A subclass would have overridden its reader loop and every
 ``smtp_*`` method and kept only its ``StreamReaderProtocol`` plumbing (and its private ``sslproto`` STARTTLS
-swap). So this module is a small ``asyncio.Protocol`` (PERF-NOTES' "bare Protocol": one buffer, ``find()`` for
-CRLF and CRLF.CRLF) driving the decisions of :mod:`mxgate.core.smtp.session`; STARTTLS uses ``loop.start_tls``.
+swap). So this module is a small ``asyncio.Protocol`` (PERF-NOTES' "bare Protocol") and the thin driver of
+socket-free parts: :mod:`mxgate.core.smtp.wire` frames the input (one buffer, ``find()`` for CRLF and CRLF.CRLF,
+bare CR/LF refused), :mod:`mxgate.core.smtp.session` decides, :mod:`mxgate.core.smtp.sasl` runs AUTH exchanges,
+:mod:`mxgate.core.smtp.transaction` turns a message into a queue submission. Here: listeners, admission, TLS
+(STARTTLS uses ``loop.start_tls``), timeouts and deadlines, hook calls, replies.
 
 Flow control: input is paused above a high-water mark; replies to pipelined commands are written in one batch
 when the server next waits for input. Over-long lines are discarded as they arrive, never held.
@@ -17,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import email.utils
 import errno
 import itertools
 import logging
@@ -41,7 +43,6 @@ from mxgate.core.model import (
     Accept,
     Disconnect,
     IncomingMessage,
-    RecipientDsn,
     Reject,
     Reply,
     Session,
@@ -52,7 +53,7 @@ from mxgate.core.model import (
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
-from mxgate.core.smtp import wire
+from mxgate.core.smtp import sasl, transaction, wire
 from mxgate.core.smtp.admission import ACCEPT_BACKOFF, TOO_MANY_FROM_CLIENT, ClientLimits, DescriptorBudget
 from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
 from mxgate.core.smtp.rdns import ReverseDns
@@ -64,7 +65,7 @@ from mxgate.core.tracking import TrackEvent
 if TYPE_CHECKING:
     from mxgate.core.runtime import Runtime
 
-__all__ = ["Connection", "Listener", "parse_headers", "received_header", "start_listeners"]
+__all__ = ["Connection", "Listener", "start_listeners"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ _ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
 PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
+# what the reader's refusals are answered with
+_LINE_REFUSALS: Final[Mapping[type[wire.Event], Reply]] = {
+    wire.LineTooLong: R.LINE_TOO_LONG,
+    wire.BareLineEnding: R.BARE_LF,
+}
 _DATA_REFUSALS: Final = {wire.Refusal.TOO_BIG: R.TOO_BIG, wire.Refusal.BARE_LINE_ENDING: R.BARE_LF_DATA}
 
 
@@ -117,59 +123,6 @@ class _Close(Exception):
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def parse_headers(block: bytes) -> tuple[tuple[str, str], ...]:
-    """``Name: value`` pairs of a header block, unfolded; lines without a colon are ignored."""
-    out: list[tuple[str, str]] = []
-    for line in block.decode("utf-8", "surrogateescape").split("\r\n"):
-        if not line:
-            continue
-        if line[0] in " \t":
-            if out:
-                name, value = out[-1]
-                out[-1] = (name, f"{value} {line.strip()}")
-            continue
-        name, sep, value = line.partition(":")
-        if sep and name and name == name.rstrip():
-            out.append((name, value.strip()))
-    return tuple(out)
-
-
-def _clean(text: str, limit: int = 255) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text[:limit])
-
-
-def received_header(
-    *,
-    helo: str | None,
-    ip: str,
-    hostname: str,
-    esmtp: bool,
-    tls: TlsState | None,
-    auth: bool,
-    ident: str,
-    recipients: tuple[str, ...],
-    when: datetime,
-    reverse_dns: str | None = None,
-) -> bytes:
-    """RFC 5321 §4.4 trace header; protocol names per RFC 3848; TLS details in Postfix's style."""
-    literal = f"IPv6:{ip}" if ":" in ip else ip
-    name = _clean(reverse_dns) if reverse_dns else "unknown"  # only a forward-confirmed name (FCrDNS)
-    lines = [f"Received: from {_clean(helo or 'unknown')} ({name} [{literal}])"]
-    if tls is not None:
-        lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
-    proto = "ESMTP" if esmtp else "SMTP"
-    if esmtp and tls is not None:
-        proto += "S"
-    if esmtp and auth:
-        proto += "A"
-    by = f"\tby {hostname} (mxgate) with {proto} id {ident}"
-    if len(recipients) == 1:
-        by += f"\r\n\tfor <{recipients[0]}>"
-    lines.append(by + ";")
-    lines.append(f"\t{email.utils.format_datetime(when)}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
 def _certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
@@ -630,7 +583,7 @@ class Connection(asyncio.Protocol):
         self.hooks = listener.runtime.hooks
         self.policy = listener.policy
         self.loop = asyncio.get_running_loop()
-        self.reader = wire.WireReader()
+        self.reader = wire.WireReader(line_limit=self.policy.limits.auth_line)  # (the longest: AUTH's)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.stash = Stash()
@@ -797,13 +750,10 @@ class Connection(asyncio.Protocol):
                 until = self.loop.time() + self.policy.limits.command_timeout
             await self._wait(idle=idle and not reader.discarding_line, until=until)
 
-    async def _read_line(self, limit: int) -> bytes | Reply:
+    async def _read_line(self) -> bytes | Reply:
         """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF)."""
-        self.reader.line_limit = limit
         event = await self._next()
-        if type(event) is wire.Command:
-            return event.line
-        return R.LINE_TOO_LONG if type(event) is wire.LineTooLong else R.BARE_LF
+        return event.line if type(event) is wire.Command else _LINE_REFUSALS[type(event)]
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
         """The DATA content up to CRLF.CRLF (see :mod:`mxgate.core.smtp.wire`), the header hook called when the
@@ -975,7 +925,7 @@ class Connection(asyncio.Protocol):
         self._rejects.clear()
 
     async def _end_of_headers(self, block: bytes) -> Reply | None:
-        self._headers_msg = IncomingMessage(block, parse_headers(block))
+        self._headers_msg = IncomingMessage(block, transaction.parse_headers(block))
         verdict = await self._veto(
             self.hooks.on_end_of_headers(self.snapshot(), self.state.envelope, self._headers_msg)
         )
@@ -1044,11 +994,12 @@ class Connection(asyncio.Protocol):
         self._reply(self.policy.banner())
         limits = self.policy.limits
         while True:
-            # AUTH may carry an initial response up to RFC 4954's 12,288 octets; every other command 512
-            line = await self._read_line(limits.auth_line)
-            if isinstance(line, Reply):
-                await self._bad(line)
+            # the reader's line limit is AUTH's (an initial response up to RFC 4954's 12,288 octets); others: 512
+            event = await self._next()
+            if type(event) is not wire.Command:
+                await self._bad(_LINE_REFUSALS[type(event)])
                 continue
+            line = event.line
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
             if verb == b"BDAT":  # its chunk follows at once: it must be read (or the session ends), whatever we say
@@ -1181,25 +1132,25 @@ class Connection(asyncio.Protocol):
         if problem is not None:
             await self._bad(problem)
             return
-        parts = (arg or "").split()
-        if not parts or len(parts) > 2:
-            await self._bad(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        parsed = sasl.parse_auth(arg)
+        if isinstance(parsed, Reply):
+            await self._bad(parsed)
             return
         limiter = self.listener.auth_failures
         if limiter.blocked(st.peer_ip):
             await self.hooks.on_event("auth", result="rate_limited")
             self._reply(R.AUTH_RATE)
             return
-        mech = parts[0].upper()
-        initial = parts[1] if len(parts) == 2 else None
-        if mech not in ("PLAIN", "LOGIN"):
+        mech, initial = parsed
+        exchange = sasl.new_exchange(mech)
+        if exchange is None:
             await self._bad(R.AUTH_MECH)
             return
-        creds = await (self._auth_plain(initial) if mech == "PLAIN" else self._auth_login(initial))
+        creds = await self._sasl(exchange, initial)
         if isinstance(creds, Reply):
             await self._bad(creds)
             return
-        username, password = creds
+        username, password = creds.username, creds.password
         # reserved before the (slow) check: parallel connections cannot all slip under the limit
         if not limiter.reserve(st.peer_ip):
             await self.hooks.on_event("auth", result="rate_limited")
@@ -1228,67 +1179,33 @@ class Connection(asyncio.Protocol):
         await self.hooks.on_event("auth", result="failed")
         await self._bad(R.AUTH_FAILED)
 
-    async def _auth_line(self, challenge: str) -> str | Reply:
-        self._reply(f"334 {challenge}")
-        line = await self._read_line(self.policy.limits.auth_line)
-        if isinstance(line, Reply):
-            return line
-        text = line.decode("ascii", "replace").strip()
-        return R.AUTH_CANCELLED if text == "*" else text
+    async def _sasl(self, exchange: sasl.Exchange, initial: str | None) -> sasl.Credentials | Reply:
+        """Run an AUTH exchange (:mod:`mxgate.core.smtp.sasl`): its challenges sent, the client's lines fed to it,
+        ``on_auth_command`` asked before it (LOGIN) or once the username is known (PLAIN)."""
+        mech = exchange.mechanism
+        if exchange.veto_first:
+            refused = await self._auth_veto(mech, None)
+            if refused is not None:
+                return refused
+        step = exchange.start(initial)
+        while isinstance(step, sasl.Challenge):
+            self._reply(f"334 {step.text}")
+            line = await self._read_line()
+            if isinstance(line, Reply):
+                return line
+            step = exchange.respond(line)
+        if isinstance(step, Reply):
+            return step
+        if not exchange.veto_first:
+            refused = await self._auth_veto(mech, step.username)
+            if refused is not None:
+                return refused
+        return step if step.authzid_ok else R.AUTH_FAILED
 
-    @staticmethod
-    def _b64(text: str) -> bytes | None:
-        import binascii
-
-        if text == "=":
-            return b""
-        try:
-            return binascii.a2b_base64(text.encode("ascii", "replace"), strict_mode=True)
-        except (binascii.Error, ValueError):
-            return None
-
-    async def _auth_plain(self, initial: str | None) -> tuple[str, str] | Reply:
-        text = initial if initial is not None else await self._auth_line("")
-        if isinstance(text, Reply):
-            return text
-        if text == "*":
-            return R.AUTH_CANCELLED
-        raw = self._b64(text)
-        if raw is None:
-            return R.AUTH_BAD64
-        parts = raw.split(b"\0")
-        if len(parts) != 3:
-            return Reply(501, "5.5.2", "PLAIN response must be authzid NUL authcid NUL password")
-        try:
-            authzid, username, password = (p.decode("utf-8") for p in parts)
-        except UnicodeDecodeError:
-            return R.AUTH_BAD64
-        verdict = await self._veto(self.hooks.on_auth_command(self.snapshot(), "PLAIN", username))
+    async def _auth_veto(self, mechanism: str, username: str | None) -> Reply | None:
+        verdict = await self._veto(self.hooks.on_auth_command(self.snapshot(), mechanism, username))
         reply, ok, _ = self._outcome(verdict, R.OK)
-        if not ok:
-            return reply
-        if authzid and authzid != username:
-            return R.AUTH_FAILED
-        return username, password
-
-    async def _auth_login(self, initial: str | None) -> tuple[str, str] | Reply:
-        verdict = await self._veto(self.hooks.on_auth_command(self.snapshot(), "LOGIN", None))
-        reply, ok, _ = self._outcome(verdict, R.OK)
-        if not ok:
-            return reply
-        values: list[str] = []
-        for given, challenge in ((initial, "VXNlcm5hbWU6"), (None, "UGFzc3dvcmQ6")):
-            text = given if given is not None else await self._auth_line(challenge)
-            if isinstance(text, Reply):
-                return text
-            raw = self._b64(text)
-            if raw is None:
-                return R.AUTH_BAD64
-            try:
-                values.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                return R.AUTH_BAD64
-        return values[0], values[1]
+        return None if ok else reply
 
     async def cmd_mail(self, arg: str | None) -> None:
         st = self.state
@@ -1445,22 +1362,18 @@ class Connection(asyncio.Protocol):
             st.reset_transaction()
 
     async def _accept_message(self, raw: bytes, *, data_command: bool = True) -> None:
+        """A received message (DATA's unstuffed, BDAT's assembled): ``on_end_of_data``, then the queue
+        (:mod:`mxgate.core.smtp.transaction`); ``250`` only once it is on disk."""
         st = self.state
         envelope = st.envelope
         sender = str(envelope.mail_from)
-        # DATA: unstuffed by the reader, its line lengths checked here (BDAT's in check_text)
-        if data_command and len(raw) > self.policy.limits.text_line and max(map(len, raw.split(b"\r\n"))) > 998:
+        # DATA's line lengths are checked here, once unstuffed (BDAT's in ReceivePolicy.check_text)
+        if data_command and transaction.too_long_lines(raw, self.policy.limits.text_line):
             self._reply(R.TEXT_LINE_TOO_LONG)
             await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
             return
-        j = raw.find(b"\r\n\r\n")
-        headers = parse_headers(raw if j < 0 else raw[: j + 2])
-        message = IncomingMessage(raw, headers)
-        head = self._headers_msg
-        if head is not None:  # headers a plugin added at end of headers
-            for edit in head.added_headers:
-                message.add_header(edit.name, edit.value)
-            self._headers_msg = None
+        message = transaction.message_of(raw, self._headers_msg)
+        self._headers_msg = None
         verdict = await self._veto(self.hooks.on_end_of_data(self.snapshot(), envelope, message))
         reply, ok, close = self._outcome(verdict, R.OK)
         if not ok:
@@ -1469,89 +1382,31 @@ class Connection(asyncio.Protocol):
                 raise _Close(reply)
             self._reply(reply)
             return
-        from mxgate.core.queue.store import MessageOptions, NewRecipient, QueueFullError
-
-        recipients = tuple(str(r) for r in envelope.rcpt_tos)
-        dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
-        queued = [NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)]
-        options = MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls)
         rdns = await self._await_rdns()
-        now = self.runtime.clock()
-        ident = f"{self.session_id}.{self._transactions}"
-        added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
-        received = received_header(
-            helo=st.helo,
-            ip=st.peer_ip,
+        listener = self.listener.config.name
+        sub = transaction.prepare(
+            st,
+            message,
             hostname=self.policy.hostname,
-            esmtp=st.esmtp,
-            tls=st.tls,
-            auth=st.auth_user is not None,
-            ident=ident,
-            recipients=recipients,
-            when=datetime.fromtimestamp(now, UTC),
-            reverse_dns=rdns.name if rdns else None,
+            listener=listener,
+            session_id=self.session_id,
+            ident=f"{self.session_id}.{self._transactions}",
+            rdns=rdns,
+            now=self.runtime.clock(),
         )
-        data = added + received + raw
-        message_id = message.get_header("Message-ID")
-        meta = self._meta(envelope)
-        try:
-            queue_id = await self.runtime.submit(
-                sender, queued, data, meta=meta, message_id=message_id, now=now, options=options
-            )
-        except QueueFullError:
-            self._reply(R.QUEUE_FULL)
-            await self._rejected("data", R.QUEUE_FULL, "queue_full", sender=sender)
+        queued = await transaction.submit(self.runtime, sub, session_id=self.session_id)
+        if isinstance(queued, tuple):
+            reply, reason = queued
+            self._reply(reply)
+            await self._rejected("data", reply, reason, sender=sender)
             return
-        except Exception:
-            log.exception("queueing failed", extra={"session": self.session_id})
-            self._reply(R.QUEUE_ERROR)
-            await self._rejected("data", R.QUEUE_ERROR, "queue_error", sender=sender)
-            return
-        tls = st.tls
-        self.runtime.tracking.write(
-            TrackEvent.RECEIVE,
-            queue_id=queue_id,
-            message_id=message_id,
-            received_id=ident,
-            listener=self.listener.config.name,
-            connector=self._label_connector(),
-            client=st.peer_ip,
-            client_name=rdns.name if rdns else None,
-            client_rdns=str(rdns.status) if rdns else None,
-            helo=st.helo,
-            tls=tls.version if tls else None,
-            cipher=tls.cipher if tls else None,
-            auth_user=st.auth_user,
-            sender=sender,
-            recipients=len(recipients),
-            size=len(data),
+        record = transaction.receive_record(
+            sub, st, queue_id=queued, listener=listener, connector=self._label_connector(), rdns=rdns
         )
-        self._reply(f"250 2.0.0 Ok: queued as {queue_id}")
+        self.runtime.tracking.write(TrackEvent.RECEIVE, **record)
+        self._reply(f"250 2.0.0 Ok: queued as {queued}")
         st.errors = 0  # a client that delivers mail starts over (max_errors counts errors "without delivering")
-        await self.hooks.on_event(
-            "message_received", listener=self.listener.config.name, connector=self._label_connector()
-        )
-
-    def _meta(self, envelope: Any) -> tuple[tuple[str, str], ...]:
-        st = self.state
-        conn = st.tx_connector
-        meta: list[tuple[str, str]] = [
-            ("client_ip", st.peer_ip),
-            ("helo", st.helo or ""),
-            ("listener", self.listener.config.name),
-            ("connector", conn.name if conn else ""),
-            ("session", self.session_id),
-            ("body", envelope.body),
-        ]
-        if envelope.smtputf8:
-            meta.append(("smtputf8", "yes"))
-        if st.tls is not None:
-            meta += [("tls", st.tls.version), ("cipher", st.tls.cipher)]
-        if st.auth_user is not None:
-            meta.append(("auth_user", st.auth_user))
-        if conn is not None and conn.treat_as_internal:
-            meta.append(("internal", "yes"))
-        return tuple(meta)
+        await self.hooks.on_event("message_received", listener=listener, connector=self._label_connector())
 
 
 def _reason(reply: Reply) -> str:

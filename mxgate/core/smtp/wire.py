@@ -20,10 +20,13 @@ Whatever follows the end of a message or chunk is read as commands again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "CLOSED",
+    "NEED_DATA",
     "BareLineEnding",
     "ChunkEnded",
     "Command",
@@ -142,13 +145,6 @@ def has_bare_line_ending(raw: bytes) -> bool:
 # --- the reader ---------------------------------------------------------------------------------------------------
 
 
-class _Mode(enum.Enum):
-    COMMAND = 1
-    DATA = 2
-    DATA_ENDING = 3  # the end was found; the last event(s) of the message are being handed out
-    CHUNK = 4
-
-
 class WireReader:
     """The input of one connection. Feed it with :meth:`receive_data`; ask it :meth:`next_event` until
     :class:`NeedData`. Starts in command mode with ``line_limit`` (CRLF included)."""
@@ -163,7 +159,6 @@ class WireReader:
         "_eof",
         "_headers_done",
         "_hscan",
-        "_mode",
         "_msg",
         "_refusal",
         "_scan",
@@ -171,12 +166,14 @@ class WireReader:
         "_size_limit",
         "data_received",
         "line_limit",
+        "next_event",
     )
 
     def __init__(self, line_limit: int = 512) -> None:
         self.line_limit = line_limit
         self._buf = bytearray()
-        self._mode = _Mode.COMMAND
+        # the current mode's reading method (an attribute, not a method dispatching on the mode: the hot path)
+        self.next_event: Callable[[], Event] = self._line
         self._eof = False
         self._scan = 0
         self._discarding_line = False
@@ -231,7 +228,7 @@ class WireReader:
 
     def start_data(self, size_limit: int) -> None:
         """After ``354``: read a DATA message; more than ``size_limit`` octets of content is refused."""
-        self._mode = _Mode.DATA
+        self.next_event = self._data
         self._msg = bytearray(b"\r\n")  # the DATA line's CRLF: a first line of "." ends an empty message
         self._scan = self._hscan = 0
         self._headers_done = self._discarding = False
@@ -247,21 +244,11 @@ class WireReader:
 
     def start_chunk(self, size: int, sink: bytearray | None) -> None:
         """After ``BDAT size``: the next ``size`` octets are the chunk, appended to ``sink`` (``None``: dropped)."""
-        self._mode = _Mode.CHUNK
+        self.next_event = self._chunk
         self._sink = sink
         self._chunk_size = self._chunk_left = size
 
-    # -- events ------------------------------------------------------------------------------------------------
-
-    def next_event(self) -> Event:
-        mode = self._mode
-        if mode is _Mode.COMMAND:
-            return self._line()
-        if mode is _Mode.DATA:
-            return self._data()
-        if mode is _Mode.CHUNK:
-            return self._chunk()
-        return self._ending()
+    # -- events (``next_event`` is one of these) ------------------------------------------------------------------
 
     def _need(self) -> NeedData | ConnectionClosed:
         return CLOSED if self._eof else NEED_DATA
@@ -278,14 +265,15 @@ class WireReader:
             return self._need()
         i = buf.find(b"\n", self._scan)
         if i >= 0:
-            line = bytes(buf[: i + 1])
-            del buf[: i + 1]
             self._scan = 0
             if i + 1 > self.line_limit:
-                return LINE_TOO_LONG
-            if i == 0 or line[-2] != 0x0D or line.find(b"\r", 0, i - 1) >= 0:
-                return BARE_LINE_ENDING
-            return Command(line[:-2])
+                event: Event = LINE_TOO_LONG
+            elif i == 0 or buf[i - 1] != 0x0D or buf.find(b"\r", 0, i - 1) >= 0:
+                event = BARE_LINE_ENDING
+            else:
+                event = Command(bytes(buf[: i - 1]))
+            del buf[: i + 1]
+            return event
         if len(buf) >= self.line_limit:  # over-long: drop it as it arrives, never hold it
             buf.clear()
             self._scan = 0
@@ -307,7 +295,8 @@ class WireReader:
             j = msg.find(b"\r\n\r\n", self._hscan)
             if j >= 0:
                 self._headers_done = True
-                return HeadersEnded(bytes(msg[2 : j + 2]))  # (called again, this pass goes on from here)
+                self._scan = max(0, len(msg) - 4)  # searched for the end already (the next pass goes on from here)
+                return HeadersEnded(bytes(msg[2 : j + 2]))
             self._hscan = max(0, len(msg) - 3)
         if not self._discarding and len(msg) - 2 > self._size_limit:
             self._refusal, self._discarding = Refusal.TOO_BIG, True
@@ -321,26 +310,29 @@ class WireReader:
         self._buf[:0] = msg[end + 5 :]  # commands pipelined after the message
         self._msg = bytearray()
         self._scan = 0
-        self._mode = _Mode.COMMAND
+        self.next_event = self._line
         if self._refusal is not None:
             return MessageRefused(self._refusal)
         if end > self._size_limit:  # content = msg[2 : end + 2]
             return MessageRefused(Refusal.TOO_BIG)
-        raw = bytes(msg[2 : end + 2])
+        del msg[end + 2 :]
+        del msg[:2]
+        raw = bytes(msg)
         del msg
-        if has_bare_line_ending(raw):
+        lf = raw.count(b"\n")  # (has_bare_line_ending, inline)
+        if lf != raw.count(b"\r\n") or raw.count(b"\r") != lf:
             return MessageRefused(Refusal.BARE_LINE_ENDING)
         if self._headers_done:
             return MessageEnded(unstuff(raw), len(raw))
         self._headers_done = True
         j = raw.find(b"\r\n\r\n")
         self._end_content = raw
-        self._mode = _Mode.DATA_ENDING
+        self.next_event = self._ending  # the message after the driver had its say about the headers
         return HeadersEnded(raw if j < 0 else raw[: j + 2])
 
     def _ending(self) -> Event:
         raw, self._end_content = self._end_content, b""
-        self._mode = _Mode.COMMAND
+        self.next_event = self._line
         if self._refusal is not None:
             return MessageRefused(self._refusal)
         return MessageEnded(unstuff(raw), len(raw))
@@ -354,7 +346,7 @@ class WireReader:
             del buf[:take]
             self._chunk_left -= take
         if self._chunk_left == 0:
-            self._mode = _Mode.COMMAND
+            self.next_event = self._line
             self._sink = None
             return ChunkEnded(self._chunk_size)
         return self._need()
