@@ -1,7 +1,7 @@
 """AUTH (RFC 4954) mechanisms as socket-free exchanges: the server asks an exchange what to send
 (:class:`Challenge`, answered with ``334``), feeds it the client's lines, and ends with :class:`Credentials` or the
 :class:`Reply` that refuses them. Checking the credentials (``resolve_credentials``), the ``on_auth_command`` veto
-and the failure limiter stay with the server (:meth:`mxgate.core.smtp.server.Connection.cmd_auth`).
+and the failure limiter stay with the server (:meth:`mxgate.core.smtp.connection.Connection.cmd_auth`).
 
 Mechanisms: ``PLAIN`` (RFC 4616) and ``LOGIN`` (draft-murchison-sasl-login). Both carry a password in the clear,
 so the session's policy offers AUTH only where it is allowed (:meth:`ReceivePolicy.check_auth`).

@@ -1,5 +1,5 @@
 """The receive side's framing, without sockets (h11's shape): bytes in with :meth:`WireReader.receive_data`, events
-out with :meth:`WireReader.next_event`. The driver (:mod:`mxgate.core.smtp.server`) owns time, replies and hooks;
+out with :meth:`WireReader.next_event`. The driver (:mod:`mxgate.core.smtp.connection`) owns time, replies and hooks;
 this module owns where a command line, a DATA message or a BDAT chunk ends -- which is where SMTP smuggling lives.
 
 Three modes, switched by the driver:
