@@ -28,7 +28,7 @@ from mxgate.core.smtp.parse import (
     parse_path,
     parse_rcpt,
 )
-from mxgate.core.smtp.server import parse_headers, received_header
+from mxgate.core.smtp.transaction import parse_headers, received_header
 
 QUICK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOAK = settings(max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

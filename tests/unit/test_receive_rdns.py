@@ -9,7 +9,7 @@ import dns.rdatatype
 from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import ReverseDnsStatus
 from mxgate.core.smtp.rdns import MAX_PTR_NAMES, ReverseDns, confirm, ptr_names
-from mxgate.core.smtp.server import received_header
+from mxgate.core.smtp.transaction import received_header
 
 
 def answer(

@@ -2,8 +2,8 @@
 rules, sender-domain restrictions, command sequencing, and the replies that say why.
 
 :class:`ReceivePolicy` is built once per listener from the frozen configuration; :class:`ReceiveState` is one
-connection's mutable state. The server (:mod:`mxgate.core.smtp.server`) does the I/O and the hook calls and asks
-the policy what to answer. Every reply carries an RFC 3463 enhanced code.
+connection's mutable state. The server (:mod:`mxgate.core.smtp.connection`) does the I/O and the hook calls and
+asks the policy what to answer. Every reply carries an RFC 3463 enhanced code.
 """
 
 from __future__ import annotations

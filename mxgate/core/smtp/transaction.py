@@ -1,0 +1,217 @@
+"""From a finished transaction to a queue submission: the envelope and the received content (DATA's, unstuffed, or
+BDAT's, assembled) become the message the hooks see, the ``Received:`` header, the queue's metadata and recipient
+records, one ``runtime.submit`` call and the tracking record of the receipt. No sockets and no replies to the
+client: the server (:meth:`mxgate.core.smtp.connection.Connection._accept_message`) calls the ``on_end_of_data`` hook in
+between and answers ``250`` only after :func:`submit` returned a queue id.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from mxgate.core.messages import MessageOptions, NewRecipient
+from mxgate.core.model import Envelope, IncomingMessage, RecipientDsn, Reply, TlsState
+from mxgate.core.queue.store import QueueFullError
+from mxgate.core.smtp.session import R, ReceiveState
+
+if TYPE_CHECKING:
+    from mxgate.core.runtime import Runtime
+    from mxgate.core.smtp.rdns import ReverseDns
+
+__all__ = ["Submission", "message_of", "parse_headers", "prepare", "received_header", "submit", "too_long_lines"]
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_LINE = 998  # RFC 5321 §4.5.3.1.6, without CRLF
+
+
+def parse_headers(block: bytes) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` pairs of a header block, unfolded; lines without a colon are ignored."""
+    out: list[tuple[str, str]] = []
+    for line in block.decode("utf-8", "surrogateescape").split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t":
+            if out:
+                name, value = out[-1]
+                out[-1] = (name, f"{value} {line.strip()}")
+            continue
+        name, sep, value = line.partition(":")
+        if sep and name and name == name.rstrip():
+            out.append((name, value.strip()))
+    return tuple(out)
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text[:limit])
+
+
+def received_header(
+    *,
+    helo: str | None,
+    ip: str,
+    hostname: str,
+    esmtp: bool,
+    tls: TlsState | None,
+    auth: bool,
+    ident: str,
+    recipients: tuple[str, ...],
+    when: datetime,
+    reverse_dns: str | None = None,
+) -> bytes:
+    """RFC 5321 §4.4 trace header; protocol names per RFC 3848; TLS details in Postfix's style."""
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    name = _clean(reverse_dns) if reverse_dns else "unknown"  # only a forward-confirmed name (FCrDNS)
+    lines = [f"Received: from {_clean(helo or 'unknown')} ({name} [{literal}])"]
+    if tls is not None:
+        lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
+    proto = "ESMTP" if esmtp else "SMTP"
+    if esmtp and tls is not None:
+        proto += "S"
+    if esmtp and auth:
+        proto += "A"
+    by = f"\tby {hostname} (mxgate) with {proto} id {ident}"
+    if len(recipients) == 1:
+        by += f"\r\n\tfor <{recipients[0]}>"
+    lines.append(by + ";")
+    lines.append(f"\t{email.utils.format_datetime(when)}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def too_long_lines(raw: bytes, text_line: int) -> bool:
+    """A line of DATA content (unstuffed) over 998 octets; skips the split for content shorter than a line."""
+    return len(raw) > text_line and max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE
+
+
+def message_of(raw: bytes, head: IncomingMessage | None) -> IncomingMessage:
+    """The message ``on_end_of_data`` sees: ``raw`` with its headers parsed, carrying the headers a plugin added
+    at end of headers (``head``: the message ``on_end_of_headers`` saw)."""
+    j = raw.find(b"\r\n\r\n")
+    message = IncomingMessage(raw, parse_headers(raw if j < 0 else raw[: j + 2]))
+    if head is not None:
+        for edit in head.added_headers:
+            message.add_header(edit.name, edit.value)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One ``runtime.submit`` call: everything the queue gets for a received message."""
+
+    sender: str
+    recipients: tuple[NewRecipient, ...]
+    data: bytes  # headers plugins added + Received: + the message
+    meta: tuple[tuple[str, str], ...]
+    message_id: str | None
+    options: MessageOptions
+    ident: str  # the Received: header's id: session id "." transaction number
+    now: float
+
+
+def _meta(state: ReceiveState, envelope: Envelope, listener: str, session_id: str) -> tuple[tuple[str, str], ...]:
+    conn = state.tx_connector
+    meta: list[tuple[str, str]] = [
+        ("client_ip", state.peer_ip),
+        ("helo", state.helo or ""),
+        ("listener", listener),
+        ("connector", conn.name if conn else ""),
+        ("session", session_id),
+        ("body", envelope.body),
+    ]
+    if envelope.smtputf8:
+        meta.append(("smtputf8", "yes"))
+    if state.tls is not None:
+        meta += [("tls", state.tls.version), ("cipher", state.tls.cipher)]
+    if state.auth_user is not None:
+        meta.append(("auth_user", state.auth_user))
+    if conn is not None and conn.treat_as_internal:
+        meta.append(("internal", "yes"))
+    return tuple(meta)
+
+
+def prepare(
+    state: ReceiveState,
+    message: IncomingMessage,
+    *,
+    hostname: str,
+    listener: str,
+    session_id: str,
+    ident: str,
+    rdns: ReverseDns | None,
+    now: float,
+) -> Submission:
+    """The submission for the transaction in ``state`` (its envelope) with ``message`` as accepted by the hooks."""
+    envelope = state.envelope
+    recipients = tuple(str(r) for r in envelope.rcpt_tos)
+    dsn = envelope.rcpt_dsn if len(envelope.rcpt_dsn) == len(recipients) else (RecipientDsn(),) * len(recipients)
+    added = b"".join(f"{e.name}: {e.value}\r\n".encode("utf-8", "surrogateescape") for e in message.added_headers)
+    received = received_header(
+        helo=state.helo,
+        ip=state.peer_ip,
+        hostname=hostname,
+        esmtp=state.esmtp,
+        tls=state.tls,
+        auth=state.auth_user is not None,
+        ident=ident,
+        recipients=recipients,
+        when=datetime.fromtimestamp(now, UTC),
+        reverse_dns=rdns.name if rdns else None,
+    )
+    return Submission(
+        sender=str(envelope.mail_from),
+        recipients=tuple(NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)),
+        data=added + received + message.data,
+        meta=_meta(state, envelope, listener, session_id),
+        message_id=message.get_header("Message-ID"),
+        options=MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls),
+        ident=ident,
+        now=now,
+    )
+
+
+async def submit(runtime: Runtime, sub: Submission, *, session_id: str) -> str | tuple[Reply, str]:
+    """Queue it: the queue id once it is on disk, or the reply and the rejection reason (``queue_full``,
+    ``queue_error``; the latter logged)."""
+    try:
+        return await runtime.submit(
+            sub.sender,
+            sub.recipients,
+            sub.data,
+            meta=sub.meta,
+            message_id=sub.message_id,
+            now=sub.now,
+            options=sub.options,
+        )
+    except QueueFullError:
+        return R.QUEUE_FULL, "queue_full"
+    except Exception:
+        log.exception("queueing failed", extra={"session": session_id})
+        return R.QUEUE_ERROR, "queue_error"
+
+
+def receive_record(
+    sub: Submission, state: ReceiveState, *, queue_id: str, listener: str, connector: str, rdns: ReverseDns | None
+) -> dict[str, Any]:
+    """The tracking log's ``RECEIVE`` record of a queued message."""
+    tls = state.tls
+    return dict(
+        queue_id=queue_id,
+        message_id=sub.message_id,
+        received_id=sub.ident,
+        listener=listener,
+        connector=connector,
+        client=state.peer_ip,
+        client_name=rdns.name if rdns else None,
+        client_rdns=str(rdns.status) if rdns else None,
+        helo=state.helo,
+        tls=tls.version if tls else None,
+        cipher=tls.cipher if tls else None,
+        auth_user=state.auth_user,
+        sender=sub.sender,
+        recipients=len(sub.recipients),
+        size=len(sub.data),
+    )
