@@ -27,7 +27,7 @@ from mxgate.plugins.mta_sts.config import MtaStsConfig, ServedPolicy, norm_domai
 from mxgate.plugins.mta_sts.engine import EventSink
 from mxgate.plugins.mta_sts.policy import WELL_KNOWN_PATH
 
-__all__ = ["PolicyResponder", "PolicyServer", "served_record", "start_policy_server"]
+__all__ = ["PolicyResponder", "PolicyServer", "served_label", "served_record", "start_policy_server"]
 
 log = logging.getLogger(__name__)
 
