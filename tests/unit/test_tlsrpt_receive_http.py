@@ -4,6 +4,7 @@ order (405, 429 with Retry-After, 411, 413, 507), and its answers to a report's 
 from __future__ import annotations
 
 import gzip
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,10 +40,10 @@ def text(response: HttpResponse | None) -> tuple[int, str]:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> TlsRptService:
+async def service(tmp_path: Path) -> AsyncIterator[TlsRptService]:
     conf = replace(TlsRptConfig(), receive_max_bytes=1000, receive_reports_per_hour=2)
     svc = TlsRptService(conf, state_dir=tmp_path / "var", submitter="mx.example.org", emit=Events())
-    yield svc  # type: ignore[misc]
+    yield svc
     await svc.close()
 
 
