@@ -4,6 +4,7 @@ real DNS exchange, retried after a failure; and our own HTTPS endpoint receiving
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import ssl
@@ -308,3 +309,89 @@ def test_cli_send_posts_a_past_day_now(tmp_path: Path, capsys: pytest.CaptureFix
 
         loop.run(stop())
         loop.close()
+
+
+async def _raw_https(port: int, ctx: ssl.SSLContext, data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """(status line, headers, body) for ``data`` sent as is over TLS."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="tlsrpt.receiver.test")
+    try:
+        writer.write(data)
+        async with asyncio.timeout(15):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            body = await reader.readexactly(int(headers["content-length"])) if not data.startswith(b"HEAD") else b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return lines[0], headers, body
+
+
+async def test_our_https_endpoint_refuses_on_the_head(tmp_path: Path) -> None:
+    """405, 429 with Retry-After, 411 (no length, chunked), 413 by declared length, 507 with Retry-After: each
+    decided before the body is read, with the texts and headers of the receiver before the shared server."""
+    ca = TestCA.create(tmp_path / "ca")
+    leaf = ca.issue(["tlsrpt.receiver.test"], ip_addresses=["127.0.0.1"])
+    events: list[str] = []
+
+    async def emit(kind: str, value: float = 1.0, **labels: str) -> None:
+        if kind == "tlsrpt_received":
+            events.append(labels["result"])
+
+    conf = replace(
+        TlsRptConfig(),
+        receive_listen="127.0.0.1:0",
+        receive_cert=str(leaf.chain_path),
+        receive_key=str(leaf.key_path),
+        receive_max_bytes=4096,
+        receive_reports_per_hour=3,
+    )
+    receiver = TlsRptService(conf, state_dir=tmp_path / "receiver", submitter="mx.receiver.test", emit=emit)
+    await receiver.start_receiver()
+    port = receiver.receiver_port
+    assert port is not None
+    ctx = ssl.create_default_context(cafile=ca.cert_path)
+    report = (DATA / "google-shaped.json").read_bytes()
+
+    def post(body: bytes, *headers: str) -> bytes:
+        lines = ["POST /anywhere HTTP/1.1", "Host: tlsrpt.receiver.test", *headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    try:
+        status, headers, body = await _raw_https(port, ctx, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body) == ("HTTP/1.1 405 Method Not Allowed", b"POST reports here\r\n")
+        assert headers["content-type"] == "text/plain" and headers["connection"] == "close"
+        assert headers["allow"] == "POST"
+        status, headers, body = await _raw_https(port, ctx, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == "HTTP/1.1 405 Method Not Allowed" and body == b""
+        status, _, body = await _raw_https(port, ctx, post(b""))
+        assert (status, body) == ("HTTP/1.1 411 Length Required", b"Content-Length required\r\n")
+        chunked = post(b"5\r\nhello\r\n0\r\n\r\n", "Transfer-Encoding: chunked")
+        status, _, body = await _raw_https(port, ctx, chunked)
+        assert (status, body) == ("HTTP/1.1 411 Length Required", b"Content-Length required\r\n")
+        status, _, body = await _raw_https(port, ctx, post(report, f"Content-Length: {len(report)}"))
+        assert (status, body) == ("HTTP/1.1 200 OK", b"ok\r\n")  # the third POST this hour: the last allowed
+        status, headers, body = await _raw_https(port, ctx, post(report, f"Content-Length: {len(report)}"))
+        assert (status.split(" ", 2)[1], body) == ("429", b"too many reports from 127.0.0.1; at most 3 an hour\r\n")
+        assert 0 < int(headers["retry-after"]) <= 1201 and headers["content-type"] == "text/plain"
+        assert events == ["ok", "rate_limited"]
+    finally:
+        await receiver.close()
+
+    # a fresh endpoint (a fresh rate) over a store past its limit
+    conf = replace(conf, receive_store_limit=1)
+    receiver = TlsRptService(conf, state_dir=tmp_path / "receiver", submitter="mx.receiver.test", emit=emit)
+    await receiver.start_receiver()
+    port = receiver.receiver_port
+    assert port is not None
+    try:
+        status, _, body = await _raw_https(port, ctx, post(b"", "Content-Length: 4097"))
+        assert status.split(" ", 2)[1] == "413" and body == b"report too large: at most 4096 bytes\r\n"
+        status, headers, body = await _raw_https(port, ctx, post(report, f"Content-Length: {len(report)}"))
+        assert (status, body) == ("HTTP/1.1 507 Insufficient Storage", b"report store full, try again later\r\n")
+        assert headers["retry-after"] == "3600"
+        assert events == ["ok", "rate_limited", "store_full"]
+        assert await receiver.reporter_failures() == [("Google Inc.", 1520, 3)]  # the one report before
+    finally:
+        await receiver.close()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from mxgate.connectors.outbound import OutboundConnector
+from mxgate.core.http import HttpRequest
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -41,7 +42,7 @@ from mxgate.plugins.mta_sts import (
     verify_mx_certificate,
 )
 from mxgate.plugins.mta_sts.policy import RecordLookup, RecordStatus, StsRecord, parse_policy
-from mxgate.plugins.mta_sts.serve import PolicyResponder
+from mxgate.plugins.mta_sts.serve import PolicyResponder, served_label
 from mxgate.testing.ca import TestCA
 
 DOMAIN = "example.test"
@@ -476,3 +477,21 @@ def test_policy_responder_decides_without_sockets() -> None:
     assert responder.respond("GET", "/.well-known/mta-sts.txt", "[::1]:443")[2] == "not_found"
     assert responder.respond("GET", "/.well-known/mta-sts.txt?x=1", "mta-sts.example.org")[0] == 404
     assert responder.respond("DELETE", "/", None) == (405, b"method not allowed\n", "bad_request")
+
+
+def test_policy_responses_and_labels_for_the_shared_http_server() -> None:
+    """The HTTP response the shared server sends (headers as before the move to ``mxgate.HttpServer``) and the
+    ``sts_policy_served`` label of each status."""
+    one = ServedPolicy(domain="example.org", mx=("mx.example.org",), max_age=86400)
+    responder = PolicyResponder([one])
+
+    def request(method: str, target: str, host: str | None) -> HttpRequest:
+        return HttpRequest(method, target, (("host", host),) if host is not None else ())
+
+    ok = responder.response(request("GET", "/.well-known/mta-sts.txt", "mta-sts.example.org:443"))
+    assert (ok.status, ok.body, ok.content_type, ok.headers) == (200, one.render().encode(), "text/plain", ())
+    missing = responder.response(request("GET", "/.well-known/mta-sts.txt", None))
+    assert (missing.status, missing.body, missing.content_type) == (404, b"not found\n", "text/plain; charset=utf-8")
+    refused = responder.response(request("PUT", "/.well-known/mta-sts.txt", "mta-sts.example.org"))
+    assert (refused.status, refused.body, refused.header("allow")) == (405, b"method not allowed\n", "GET, HEAD")
+    assert [served_label(s) for s in (200, 404, 405, 400, 408, 431, 503)] == ["ok", "not_found"] + ["bad_request"] * 5

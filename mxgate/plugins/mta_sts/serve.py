@@ -1,32 +1,41 @@
 """Inbound: serving our own policies at ``https://mta-sts.<domain>/.well-known/mta-sts.txt``, and the TXT record
 that announces them (``mxgate sts record DOMAIN``).
 
-What to answer is decided by :class:`PolicyResponder` without sockets. The HTTP side (h11 over an asyncio TLS
-server) is all in :class:`PolicyServer`: the one class to change for another HTTP server.
+What to answer is decided by :class:`PolicyResponder` without sockets; :class:`PolicyServer` puts it on mxgate's
+shared HTTP server (:class:`mxgate.HttpServer`: h11, TLS with the configured certificate, one request per
+connection, bounded in head size and time) and reports each answer as the ``sts_policy_served`` event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
-import h11
-
-from mxgate import Config, MxgateError, server_context, split_hostport
+from mxgate import (
+    Config,
+    HttpLimits,
+    HttpRequest,
+    HttpResponse,
+    HttpServer,
+    MxgateError,
+    server_context,
+    split_hostport,
+)
 from mxgate.plugins.mta_sts.config import MtaStsConfig, ServedPolicy, norm_domain
 from mxgate.plugins.mta_sts.engine import EventSink
 from mxgate.plugins.mta_sts.policy import WELL_KNOWN_PATH
 
-__all__ = ["PolicyResponder", "PolicyServer", "served_record", "start_policy_server"]
+__all__ = ["PolicyResponder", "PolicyServer", "served_label", "served_record", "start_policy_server"]
 
 log = logging.getLogger(__name__)
 
 _SERVE_REQUEST_TIMEOUT = 10.0
 _SERVE_MAX_HEADER = 8192
+#: One request per connection; its head within 10 s and 8 KiB (more: 408 / 431).
+LIMITS = HttpLimits(max_requests=1, header_timeout=_SERVE_REQUEST_TIMEOUT, max_header_bytes=_SERVE_MAX_HEADER)
+_ALLOW = (("Allow", "GET, HEAD"),)
 
 
 def served_record(policy: ServedPolicy) -> str:
@@ -50,79 +59,58 @@ class PolicyResponder:
             return 404, b"not found\n", "not_found"
         return 200, body, "ok"
 
+    def response(self, request: HttpRequest) -> HttpResponse:
+        """The HTTP response to ``request`` (the policy as ``text/plain``, RFC 8461 3.2)."""
+        status, body, _label = self.respond(request.method, request.target, request.header("host") or None)
+        if status == 200:
+            return HttpResponse(200, body, "text/plain")
+        return HttpResponse(status, body, headers=_ALLOW if status == 405 else ())
 
-# ------------------------------------------------------------------------------------------------------------
-# the HTTP side: everything below knows h11 and sockets
-# ------------------------------------------------------------------------------------------------------------
+
+def served_label(status: int) -> str:
+    """The ``result`` label of the ``sts_policy_served`` event for a response status."""
+    return {200: "ok", 404: "not_found"}.get(status, "bad_request")
 
 
 class PolicyServer:
     """A small HTTPS server: ``GET /.well-known/mta-sts.txt`` with ``Host: mta-sts.<domain>`` for each served
-    domain, ``404`` otherwise. HTTP parsing is h11's; one request per connection, bounded in size and time."""
+    domain, ``404`` otherwise; other methods ``405`` (the body is not read). On :class:`mxgate.HttpServer`."""
 
     def __init__(self, policies: Sequence[ServedPolicy], ssl_context: ssl.SSLContext, sink: EventSink) -> None:
         self._responder = PolicyResponder(policies)
-        self._ssl = ssl_context
         self._sink = sink
-        self._server: asyncio.Server | None = None
+        self.http = HttpServer(
+            self._responder.response,
+            name="mta-sts",
+            ssl=ssl_context,
+            limits=LIMITS,
+            before_body=self._refuse_early,
+            on_response=self._served,
+        )
 
     @property
-    def sockets(self) -> tuple[Any, ...]:
-        return tuple(self._server.sockets) if self._server is not None else ()
+    def sockets(self) -> tuple[object, ...]:
+        return self.http.sockets
+
+    @property
+    def port(self) -> int | None:
+        return self.http.port
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, ssl=self._ssl)
+        await self.http.start(host, port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 5.0)
-            self._server = None
+        await self.http.close()
 
     def respond(self, method: str, target: str, host: str | None) -> tuple[int, bytes, str]:
         return self._responder.respond(method, target, host)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_SERVE_MAX_HEADER)
-        label = "bad_request"
-        try:
-            async with asyncio.timeout(_SERVE_REQUEST_TIMEOUT):
-                request = await self._read_request(conn, reader)
-                if request is None:
-                    return
-                host = next((v.decode("latin-1") for k, v in request.headers if k == b"host"), None)
-                method = request.method.decode("ascii", "replace")
-                status, body, label = self.respond(method, request.target.decode("latin-1"), host)
-                headers = [
-                    ("Content-Type", "text/plain" if status == 200 else "text/plain; charset=utf-8"),
-                    ("Content-Length", str(len(body))),
-                    ("Connection", "close"),
-                ]
-                writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-                if method != "HEAD":
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
-                writer.write(conn.send(h11.EndOfMessage()) or b"")
-                await writer.drain()
-        except (h11.RemoteProtocolError, h11.LocalProtocolError, TimeoutError, OSError, ssl.SSLError):
-            label = "bad_request"
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            await self._sink.on_event("sts_policy_served", result=label)
+    def _refuse_early(self, request: HttpRequest) -> HttpResponse | None:
+        """A method other than GET/HEAD gets its 405 before any body is read."""
+        return None if request.method in ("GET", "HEAD") else self._responder.response(request)
 
-    @staticmethod
-    async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-        for _ in range(64):  # bounded: at most 64 reads of up to 4 KiB before the request line and headers
-            event = conn.next_event()
-            if isinstance(event, h11.Request):
-                return event
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(4096))
-                continue
-            return None  # ConnectionClosed or anything else
-        return None
+    async def _served(self, _request: HttpRequest | None, response: HttpResponse) -> None:
+        await self._sink.on_event("sts_policy_served", result=served_label(response.status))
 
 
 async def start_policy_server(config: Config, conf: MtaStsConfig, sink: EventSink) -> PolicyServer:

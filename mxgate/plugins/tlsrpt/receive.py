@@ -3,14 +3,14 @@
 (:mod:`~mxgate.plugins.tlsrpt.report`), bounded, kept as counts in the store, and counted:
 :meth:`Receiver.reporter_failures` and ``mxgate tlsrpt received`` show who fails to reach us.
 
-Everything HTTP (the request reader, the rate limit per client, the status replies) is the last section of this
-module, in one place.
+The HTTPS endpoint runs on mxgate's shared HTTP server (:class:`mxgate.HttpServer`: h11, TLS, one request per
+connection, head and body bounded in size and time); what this module adds (the refusals decided on the request
+head, among them the rate limit per client, and the answer to a report) is its last section.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -21,7 +21,7 @@ from typing import Any, Final
 import dkim
 
 import mxgate.plugins.tlsrpt.report as rpt
-from mxgate import Address, TlsRptResult, server_context
+from mxgate import Address, HttpLimits, HttpRequest, HttpResponse, HttpServer, TlsRptResult, server_context
 from mxgate.plugins.tlsrpt.collect import DAY, Collector
 from mxgate.plugins.tlsrpt.parse import (
     MAX_REPORT_BYTES,
@@ -51,7 +51,7 @@ class Receiver(Collector):
     """Reports others send us, by mail and by HTTPS (the receiving half of the service)."""
 
     _receive_tasks: set[asyncio.Task[Any]]
-    _server: asyncio.Server | None
+    _server: HttpServer | None
     _parsers: asyncio.Semaphore
     _rates: dict[str, tuple[float, float]]  # client address -> (tokens, when)
 
@@ -253,58 +253,35 @@ class Receiver(Collector):
     async def stop_receiving(self) -> None:
         """Close the HTTPS endpoint and wait (up to 10 s) for mailed reports still being parsed."""
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+            await self._server.close()
             self._server = None
         if self._receive_tasks:
             await asyncio.wait(set(self._receive_tasks), timeout=10.0)
 
-    # -- the HTTPS endpoint (RFC 8460 5.4; all of HTTP is here) ------------------------------------------------
+    # -- the HTTPS endpoint (RFC 8460 5.4) ---------------------------------------------------------------------
 
-    async def start_receiver(self) -> asyncio.Server | None:
+    async def start_receiver(self) -> HttpServer | None:
         if not self.conf.receive_listen:
             return None
         if not (self.conf.receive_cert and self.conf.receive_key):
             raise ValueError("[plugins.tlsrpt] receive_listen needs receive_cert and receive_key")
         ctx = server_context(self.path(self.conf.receive_cert), self.path(self.conf.receive_key))
-        host, _, port = self.conf.receive_listen.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._handle_http, host.strip("[]"), int(port), ssl=ctx, limit=RECEIVE_HEADER_LIMIT
+        limits = HttpLimits(
+            max_header_bytes=RECEIVE_HEADER_LIMIT,
+            max_body_bytes=self.conf.receive_max_bytes,
+            header_timeout=RECEIVE_TIMEOUT,
+            body_timeout=RECEIVE_TIMEOUT,
+            max_requests=1,
         )
-        return self._server
+        server = HttpServer(self._handle_report, name="tlsrpt", ssl=ctx, limits=limits, before_body=self._before_body)
+        host, _, port = self.conf.receive_listen.rpartition(":")
+        await server.start(host, int(port))  # as before: port 0 (any free port) allowed here
+        self._server = server
+        return server
 
     @property
     def receiver_port(self) -> int | None:
-        if self._server is None or not self._server.sockets:
-            return None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        try:
-            async with asyncio.timeout(RECEIVE_TIMEOUT):
-                status, text = await self._http_request(reader, client)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
-            status, text = 400, "bad request"
-        extra = ""
-        if status in (429, 507):
-            extra = f"Retry-After: {self._retry_after(client) if status == 429 else 3600}\r\n"
-        try:
-            body = (text + "\r\n").encode()
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n{extra}"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        return self._server.port if self._server is not None else None
 
     def _rate_ok(self, client: str) -> bool:
         """A token bucket per client address: ``receive_reports_per_hour`` POSTs, refilled evenly over the hour."""
@@ -322,58 +299,49 @@ class Receiver(Collector):
         tokens, _ = self._rates.get(client, (0.0, 0.0))
         return max(1, int((1.0 - tokens) * 3600.0 / self.conf.receive_reports_per_hour) + 1)
 
-    async def _http_request(self, reader: asyncio.StreamReader, client: str = "?") -> tuple[int, str]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            return 400, "bad request line"
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, colon, value = line.partition(":")
-                if not colon:
-                    return 400, "bad header"
-                headers[name.strip().lower()] = value.strip()
-        if parts[0] != "POST":
-            return 405, "POST reports here"
+    async def _before_body(self, request: HttpRequest) -> HttpResponse | None:
+        """The refusals decided on the request head, before any body byte is read, in this order: 405 (not a
+        POST), 429 (this client's rate), 411 (no ``Content-Length``), 413 (declared too large), 507 (store
+        full). ``None``: read the body and hand it to :meth:`_handle_report`."""
+        client = request.peer or "?"
+        if request.method != "POST":
+            return _reply(405, "POST reports here", ("Allow", "POST"))
         if not self._rate_ok(client):
             await self.emit("tlsrpt_received", reporter_kind="https", result="rate_limited")
-            return 429, f"too many reports from {client}; at most {self.conf.receive_reports_per_hour} an hour"
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return 411, "Content-Length required"
-        length_text = headers.get("content-length", "")
-        if not length_text.isdigit():
-            return 411, "Content-Length required"
-        length = int(length_text)
+            return _reply(
+                429,
+                f"too many reports from {client}; at most {self.conf.receive_reports_per_hour} an hour",
+                ("Retry-After", str(self._retry_after(client))),
+            )
+        length = request.content_length
+        if "chunked" in request.header("transfer-encoding").lower() or length is None:
+            return _reply(411, "Content-Length required")
         if length > self.conf.receive_max_bytes:
-            return 413, f"report too large: at most {self.conf.receive_max_bytes} bytes"
+            return _reply(413, f"report too large: at most {self.conf.receive_max_bytes} bytes")
         if await self.store_size() >= self.conf.receive_store_limit:
             log.warning(
                 "TLS-RPT store full: refusing received reports",
                 extra={"limit": self.conf.receive_store_limit, "retention_days": self.conf.receive_retention_days},
             )
             await self.emit("tlsrpt_received", reporter_kind="https", result="store_full")
-            return 507, "report store full, try again later"
-        data = await reader.readexactly(length)
-        result, _ = await self.accept_report(data, method="https")
+            return _reply(507, "report store full, try again later", ("Retry-After", "3600"))
+        return None
+
+    async def _handle_report(self, request: HttpRequest) -> HttpResponse:
+        """A POSTed report (any path; gzip or not, undone by :meth:`accept_report`), its body read in full."""
+        result, _ = await self.accept_report(request.body, method="https")
         if result == "invalid":
-            return 400, "not a TLS report"
+            return _reply(400, "not a TLS report")
         if result == "too_large":
-            return 413, (
+            return _reply(
+                413,
                 f"report too large: at most {self.conf.receive_max_bytes} bytes decompressed, "
                 f"{self.conf.receive_max_policies} policies and {self.conf.receive_max_failure_details} "
-                "failure-details"
+                "failure-details",
             )
-        return 200, result
+        return _reply(200, result)
 
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    507: "Insufficient Storage",
-}
+def _reply(status: int, text: str, *headers: tuple[str, str]) -> HttpResponse:
+    """The receiver's answers: ``text/plain``, the text and CRLF (as before the shared server)."""
+    return HttpResponse(status, (text + "\r\n").encode(), "text/plain", headers)
