@@ -14,6 +14,7 @@ from mxgate.core.delivery import AttemptContext
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.metadata import MessageHeaders, MessageMeta
 from mxgate.core.model import (
     Accept,
     Address,
@@ -69,6 +70,8 @@ __all__ = [
     "Envelope",
     "HostPolicy",
     "IncomingMessage",
+    "MessageHeaders",
+    "MessageMeta",
     "MessageOptions",
     "MxgateError",
     "NextHop",

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from mxgate.core import checks
+from mxgate.core.metadata import NO_META
 from mxgate.core.model import Address
-from mxgate.core.outcomes import Destination
 
 if TYPE_CHECKING:
     from mxgate.core.runtime import Runtime
@@ -54,6 +53,7 @@ async def callout(
     at it too). ``sender`` is the MAIL FROM of the callout (default ``<>``)."""
     from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
     from mxgate.core.queue.store import QueuedMessage, QueuedRecipient, RecipientStatus
+    from mxgate.core.routing import Unroutable, route_recipient
 
     rcpt = str(recipient)
     mail_from = "" if sender is None else str(sender)
@@ -66,19 +66,14 @@ async def callout(
         size=0,
         message_id=None,
         held=False,
-        meta=(),
+        meta=NO_META,
     )
-    route = await runtime.hooks.resolve_route(probe, recipient)
-    connector = runtime.config.outbound(route.connector) if route is not None else None
-    if route is None or connector is None or not connector.enabled:
+    decision = await route_recipient(runtime.hooks, runtime.config, probe, recipient)
+    if isinstance(decision, Unroutable):
         why = f"550 5.4.4 no outbound connector routes {recipient.domain}"
         return CalloutResult(rcpt, CalloutVerdict.REJECTED, why, "5.4.4")
-    smart = route.smart_hosts or connector.smart_hosts
-    if smart:
-        domain = checks.split_hostport(smart[0], connector.port)[0].lower()
-    else:
-        domain = recipient.domain.lower().rstrip(".")
-    destination = Destination(connector, domain, tuple(smart))
+    destination = decision.destination
+    connector = destination.connector
     message = OutgoingMessage(
         CALLOUT_QUEUE_ID,
         mail_from,

@@ -131,7 +131,7 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
             (queued,) = await queue.list()
             assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
             assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
-            assert queued.meta_value("tls_required") == "no"
+            assert queued.meta.tls_required_no and queued.meta.origin == "tlsrpt"
             data = await queue.body(queued.id)
         finally:
             await svc.close()

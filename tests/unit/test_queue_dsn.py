@@ -8,6 +8,7 @@ from email.message import Message
 
 import pytest
 
+from mxgate.core.metadata import NO_META, MessageMeta
 from mxgate.core.model import DsnRet
 from mxgate.core.queue import (
     DSN_ENVELOPE_SENDER,
@@ -36,7 +37,7 @@ ENV_42 = MessageOptions(envid="ENV-42")
 def original(
     sender: str = "alice@example.org",
     notify: str | None = None,
-    meta: tuple[tuple[str, str], ...] = (),
+    meta: MessageMeta = NO_META,
     options: MessageOptions = ENV_42,
 ) -> QueuedMessage:
     def rcpt(addr: str, status: RecipientStatus, orcpt: str | None = None) -> QueuedRecipient:

@@ -56,7 +56,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -64,6 +64,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from mxgate.core.errors import MxgateError
 from mxgate.core.files import SQLITE_COMPANIONS, private_file
+from mxgate.core.metadata import NO_META, MessageMeta, MetaInput
 from mxgate.core.model import DsnRet
 
 __all__ = [
@@ -196,7 +197,7 @@ class QueuedMessage:
     size: int
     message_id: str | None  # Message-ID header
     held: bool
-    meta: tuple[tuple[str, str], ...]  # client ip, connector, tls, envid...
+    meta: MessageMeta  # receive-time facts (client, inbound connector, TLS, AUTH...) and plugin keys
     leased_until: float = 0.0  # unix time; <= now means not leased
     finished_at: float | None = None  # set when every recipient is final (tombstone)
     options: MessageOptions = NO_OPTIONS  # DSN RET/ENVID, REQUIRETLS
@@ -218,9 +219,6 @@ class QueuedMessage:
 
     def recipient(self, address: str) -> QueuedRecipient | None:
         return next((r for r in self.recipients if r.address == address), None)
-
-    def meta_value(self, key: str) -> str | None:
-        return next((v for k, v in self.meta if k == key), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +524,15 @@ def _recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
     )
 
 
+def _meta_column(meta: MessageMeta) -> str:
+    """The ``meta`` column: a JSON list of ``[key, value]`` string pairs (the format of every schema version)."""
+    return json.dumps([list(item) for item in meta.to_pairs()])
+
+
+def _meta_from_column(text: str) -> MessageMeta:
+    return MessageMeta.from_pairs((str(k), str(v)) for k, v in json.loads(text)) if text != "[]" else NO_META
+
+
 def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
     return QueuedMessage(
         id=row["id"],
@@ -535,7 +542,7 @@ def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...])
         size=row["size"],
         message_id=row["message_id"],
         held=bool(row["held"]),
-        meta=tuple((str(k), str(v)) for k, v in json.loads(row["meta"])),
+        meta=_meta_from_column(row["meta"]),
         leased_until=row["lease_until"],
         finished_at=row["finished_at"],
         options=(
@@ -959,7 +966,7 @@ class QueueStore:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         options: MessageOptions | None = None,
@@ -983,7 +990,7 @@ class QueueStore:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         lease_seconds: float = 0.0,
@@ -991,7 +998,9 @@ class QueueStore:
     ) -> QueuedMessage:
         """:meth:`put`, returning the queued message; with ``lease_seconds`` it is leased in the same
         transaction, so the scheduler can deliver it from memory at once instead of finding it with
-        :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies)."""
+        :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies).
+
+        ``meta``: a :class:`~mxgate.core.metadata.MessageMeta` (or the ``(key, value)`` pairs it is stored as)."""
         options = options or NO_OPTIONS
         rcpts: dict[str, NewRecipient] = {}
         for r in recipients:
@@ -999,8 +1008,8 @@ class QueueStore:
             rcpts.setdefault(nr.address, nr)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
-        meta_items = tuple((str(k), str(v)) for k, v in meta)
-        meta_json = json.dumps([list(item) for item in meta_items])
+        meta_value = MessageMeta.of(meta)
+        meta_json = _meta_column(meta_value)
         headers = _header_section(data)
         writer = self._writer
         lease_until = now + lease_seconds if lease_seconds > 0 else 0.0
@@ -1051,7 +1060,7 @@ class QueueStore:
             size=len(data),
             message_id=message_id,
             held=False,
-            meta=meta_items,
+            meta=meta_value,
             leased_until=lease_until,
             options=options,
         )

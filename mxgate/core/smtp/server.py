@@ -37,6 +37,7 @@ from mxgate.core import tls as tlsmod
 from mxgate.core.auth import AuthResult, FailureLimiter
 from mxgate.core.config import Config, ListenerConfig
 from mxgate.core.errors import PluginError, StartupError
+from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import (
     Accept,
     Disconnect,
@@ -1501,6 +1502,8 @@ class Connection(asyncio.Protocol):
         if head is not None:  # headers a plugin added at end of headers
             for edit in head.added_headers:
                 message.add_header(edit.name, edit.value)
+            for key, value in head.meta.items():  # and metadata set then
+                message.set_meta(key, value)
             self._headers_msg = None
         verdict = await self._veto(self.hooks.on_end_of_data(self.snapshot(), envelope, message))
         reply, ok, close = self._outcome(verdict, R.OK)
@@ -1534,7 +1537,7 @@ class Connection(asyncio.Protocol):
         )
         data = added + received + raw
         message_id = message.get_header("Message-ID")
-        meta = self._meta(envelope)
+        meta = self._meta(envelope, message)
         try:
             queue_id = await self.runtime.submit(
                 sender, queued, data, meta=meta, message_id=message_id, now=now, options=options
@@ -1573,26 +1576,24 @@ class Connection(asyncio.Protocol):
             "message_received", listener=self.listener.config.name, connector=self._label_connector()
         )
 
-    def _meta(self, envelope: Any) -> tuple[tuple[str, str], ...]:
+    def _meta(self, envelope: Any, message: IncomingMessage) -> MessageMeta:
+        """What the queue keeps about this transaction (``message.meta`` for categorizer and delivery hooks)."""
         st = self.state
         conn = st.tx_connector
-        meta: list[tuple[str, str]] = [
-            ("client_ip", st.peer_ip),
-            ("helo", st.helo or ""),
-            ("listener", self.listener.config.name),
-            ("connector", conn.name if conn else ""),
-            ("session", self.session_id),
-            ("body", envelope.body),
-        ]
-        if envelope.smtputf8:
-            meta.append(("smtputf8", "yes"))
-        if st.tls is not None:
-            meta += [("tls", st.tls.version), ("cipher", st.tls.cipher)]
-        if st.auth_user is not None:
-            meta.append(("auth_user", st.auth_user))
-        if conn is not None and conn.treat_as_internal:
-            meta.append(("internal", "yes"))
-        return tuple(meta)
+        return MessageMeta(
+            listener=self.listener.config.name,
+            inbound_connector=conn.name if conn else "",
+            session=self.session_id,
+            client_ip=st.peer_ip,
+            helo=st.helo or "",
+            tls_version=st.tls.version if st.tls is not None else None,
+            tls_cipher=st.tls.cipher if st.tls is not None else None,
+            auth_user=st.auth_user,
+            internal=conn is not None and conn.treat_as_internal,
+            body_8bit=envelope.body.upper() == "8BITMIME",
+            smtputf8=envelope.smtputf8,
+            extra=message.meta,
+        )
 
 
 def _reason(reply: Reply) -> str:
