@@ -68,7 +68,7 @@ async def callout(
         held=False,
         meta=NO_META,
     )
-    decision = await route_recipient(runtime.hooks, runtime.config, probe, recipient)
+    decision = await route_recipient(runtime.hooks, runtime.config.outbound, probe, recipient)
     if isinstance(decision, Unroutable):
         why = f"550 5.4.4 no outbound connector routes {recipient.domain}"
         return CalloutResult(rcpt, CalloutVerdict.REJECTED, why, "5.4.4")

@@ -155,8 +155,8 @@ MetaInput = MessageMeta | Iterable[tuple[str, str]] | None
 
 class MessageHeaders:
     """A message's header section, read-only: ``headers.get("X-Route-To")``, ``headers.get_all("Received")``,
-    ``"Subject" in headers``. Names are case-insensitive; values are unfolded, encoded words decoded. Parsed on first
-    use, once."""
+    ``"Subject" in headers``. Names are case-insensitive; values are unfolded, encoded words decoded, surrounding
+    white space removed. Parsed on first use, once."""
 
     __slots__ = ("_message", "raw")
 
@@ -181,7 +181,7 @@ class MessageHeaders:
         if any("\udc80" <= c <= "\udcff" for c in raw):  # 8-bit bytes (SMTPUTF8 or not): read as UTF-8
             raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         try:
-            return str(email.policy.default.header_fetch_parse(name, raw))
+            return str(email.policy.default.header_fetch_parse(name, raw)).strip()
         except Exception:  # a header the email package cannot parse: its unfolded text
             return " ".join(raw.split())
 

@@ -34,12 +34,12 @@ from mxgate.core.outcomes import Destination, Route
 
 if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
-    from mxgate.core.config import Config
     from mxgate.core.plugins import Hooks
     from mxgate.core.queue.store import QueuedMessage, QueuedRecipient
 
 __all__ = [
     "Expanded",
+    "Outbound",
     "RecipientDecision",
     "Routed",
     "RoutingPlan",
@@ -48,6 +48,7 @@ __all__ = [
     "decide_route",
     "destination_for",
     "first_pickup",
+    "is_rewrite",
     "parse_address",
     "route_recipient",
 ]
@@ -112,6 +113,7 @@ class Unroutable:
 
 
 RecipientDecision = Expanded | Routed | Unroutable
+Outbound = Callable[[str], "OutboundConnector | None"]  # connector name -> connector (``config.outbound``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +166,7 @@ def destination_for(connector: OutboundConnector, route: Route, address: Address
     return Destination(connector, checks.split_hostport(smart[0], connector.port)[0].lower(), tuple(smart))
 
 
-def decide_route(
-    recipient: str, address: Address, route: Route | None, outbound: Callable[[str], OutboundConnector | None]
-) -> Routed | Unroutable:
+def decide_route(recipient: str, address: Address, route: Route | None, outbound: Outbound) -> Routed | Unroutable:
     """The decision for ``resolve_route``'s answer: routed when it names an enabled outbound connector
     (``outbound``: name -> connector, e.g. ``config.outbound``)."""
     connector = outbound(route.connector) if route is not None else None
@@ -179,22 +179,26 @@ def decide_route(
 
 
 async def route_recipient(
-    hooks: Hooks, config: Config, message: QueuedMessage, address: Address, headers: MessageHeaders | None = None
+    hooks: Hooks,
+    outbound: Outbound,
+    message: QueuedMessage,
+    address: Address,
+    headers: MessageHeaders | None = None,
 ) -> Routed | Unroutable:
-    """``resolve_route`` for one address, decided (also what a recipient callout uses)."""
-    headers = headers if headers is not None else MessageHeaders()
-    route = await hooks.resolve_route(message, address, headers)
-    return decide_route(str(address), address, route, config.outbound)
+    """``resolve_route`` for one address, decided (what a recipient callout uses)."""
+    route = await hooks.resolve_route(message, address, headers if headers is not None else MessageHeaders())
+    return decide_route(str(address), address, route, outbound)
 
 
 async def categorize(
     hooks: Hooks,
-    config: Config,
+    outbound: Outbound,
     message: QueuedMessage,
     pending: Sequence[QueuedRecipient],
     headers: MessageHeaders,
 ) -> RoutingPlan:
-    """Run the categorizer hooks for the ``pending`` recipients of ``message``; see the module docstring."""
+    """Run the categorizer hooks for the ``pending`` recipients of ``message``; see the module docstring.
+    ``outbound``: connector name -> enabled or disabled connector, or None (``config.outbound``)."""
     if first_pickup(message):
         await hooks.on_submitted_message(message, headers)
     decisions: list[RecipientDecision] = []
@@ -206,7 +210,7 @@ async def categorize(
                 decisions.append(Expanded(r.address, tuple(answer)))
                 continue
         route = await hooks.resolve_route(message, address, headers)
-        decisions.append(decide_route(r.address, address, route, config.outbound))
+        decisions.append(decide_route(r.address, address, route, outbound))
     plan = RoutingPlan(tuple(decisions))
     routes = plan.routes
     if routes:

@@ -361,7 +361,8 @@ class Scheduler:
             await queue.release_lease(msg.id)
             return
 
-        plan = await routing.categorize(runtime.hooks, runtime.config, msg, pending, MessageHeaders.of_message(body))
+        headers = MessageHeaders.of_message(body)
+        plan = await routing.categorize(runtime.hooks, runtime.config.outbound, msg, pending, headers)
         results: dict[str, RecipientResult] = {}
         outcomes: dict[str, RecipientOutcome] = {}
         for decision in plan.decisions:
