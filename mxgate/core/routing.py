@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from mxgate.core import checks
 from mxgate.core.metadata import MessageHeaders
@@ -102,14 +102,14 @@ class Unroutable:
     recipient: str
     address: Address
     route: Route | None
+    status: ClassVar[str] = "5.4.4"  # RFC 3463: bad routing
 
     @property
     def reply(self) -> str:
+        """What the recipient's record (and its DSN) says."""
         if self.route is None:
             return f"550 5.4.4 no outbound connector routes {self.address.domain or self.recipient}"
         return f"550 5.4.4 outbound connector {self.route.connector!r} does not exist or is disabled"
-
-    status = "5.4.4"
 
 
 RecipientDecision = Expanded | Routed | Unroutable

@@ -4,17 +4,17 @@ One background task per gateway (:meth:`Scheduler.run`). Each round it leases th
 (:meth:`QueueStore.lease_due`, so a CLI ``queue flush`` from another process simply makes messages due), and for
 each message:
 
-1. categorizer hooks: ``on_submitted_message`` (first pick-up only), ``resolve_recipient`` per recipient (a
-   rewrite or expansion is *bifurcated*: the new addresses go into a new queued message, marked categorized,
-   and the original recipient is recorded as delivered "expanded"), ``resolve_route`` (firstresult; the core's
-   ``trylast`` default is the most specific connector), ``on_routed_message``;
-2. recipients grouped by :class:`~mxgate.core.outcomes.Destination` (connector + domain, or the connector's smart
+1. the categorizer (:func:`mxgate.core.routing.categorize`: ``on_submitted_message``, ``resolve_recipient``,
+   ``resolve_route``, ``on_routed_message``) returns a plan; the scheduler acts on it: an expansion is
+   *bifurcated* (the new addresses go into a new message queued through ``runtime.submit``, marked categorized,
+   and the original recipient is recorded as delivered "expanded"), an unroutable recipient fails (5.4.4);
+2. the plan's groups by :class:`~mxgate.core.outcomes.Destination` (connector + domain, or the connector's smart
    hosts): one transaction per group, under a per-connector and a per-destination semaphore;
 3. results recorded with the connector's retry schedule (``retry_first``/``retry_max``/``give_up_after``);
    deferrals past ``give_up_after`` fail;
 4. ``on_delivered``/``on_deferred``/``on_failed`` per recipient, tracking-log events, metrics events; a DSN
-   (RFC 3464) for final failures and an optional delay warning, queued with the null sender (never to the null
-   sender, never for a report or an auto-submitted message: no loops).
+   (RFC 3464) for final failures and an optional delay warning, queued through ``runtime.submit`` with the null
+   sender (never to the null sender, never for a report or an auto-submitted message: no loops).
 
 A message the receive side accepts takes a short cut (:meth:`Scheduler.enqueue`): when fewer than ``batch``
 messages are in flight it is queued *leased* (one transaction) and its delivery starts from memory, so it is
