@@ -1,16 +1,32 @@
 """mxgate: an SMTP gateway with Exchange-style connectors and transport agents.
 
-This module is the plugin author's API; everything else is internal and may change. It exports every type a hook
-passes or returns (``Runtime``, ``QueuedMessage``, ``AttemptContext``, ``AuthResult``...),
-the verdicts, the outcome and policy types, ``ConfigError`` (what a plugin's setting validation raises), and the
-command helpers ``add_config_arg`` / ``load_from_args`` for ``mxgate_lifecycle_register_commands``.
+This module is the plugin author's API, the only one: the built-in plugins and the examples import nothing deeper
+(``tests/unit/test_public_api.py`` holds them to it), so a third party can write any of them with it. Everything
+else is internal and may change. It exports, grouped as ``__all__`` is:
+
+- the hook contract: ``hookimpl``, every type a hook passes or returns (``Runtime``, ``Session``, ``Envelope``,
+  ``QueuedMessage``, ``AttemptContext``, ``AuthResult``, ``OutboundConnector``...), the verdicts, the outcome and
+  policy types, ``StashKey`` and the stash keys the core fills (``DNSSEC_SELF_TEST``);
+- configuration: ``setting``, ``ConfigRegistry``, ``ConnectorSetting``, ``Config``, ``ConfigError`` (what a
+  plugin's validation raises) and the setting checks (``check_*`` for ``setting(check=...)``, ``is_hostname``...);
+- the process roles (``ROLE_MAIN``, ``ROLE_RECEIVER``, ``ROLE_COMMAND``; ``Runtime.role``);
+- commands (``mxgate_lifecycle_register_commands``): ``add_config_arg``, ``load_from_args``, ``command_runtime``;
+- services a built-in uses and a third party may too: the DNS resolver with DNSSEC status (``Resolver``,
+  ``DnsAnswer``, ``DnssecStatus``), the outbound ``SmtpClient``, TLS contexts and checks (``client_context``,
+  ``server_context``, ``verify_webpki``, ``peer_chain``...), the cluster's shared database (``SharedDb``,
+  ``MigrationRegistry``, ``ClusterUnavailable``), ``private_file`` and ``escape`` for network text on a terminal.
 """
 
 from mxgate._version import __version__
+from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.auth import AuthResult
 from mxgate.core.callout import CalloutResult, CalloutVerdict
-from mxgate.core.commands import add_config_arg, load_from_args
+from mxgate.core.checks import check_hostname, check_optional_hostport, check_positive, is_hostname, split_hostport
+from mxgate.core.cluster import ClusterUnavailable, MigrationRegistry, SharedDb
+from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
+from mxgate.core.config import Config
 from mxgate.core.delivery import AttemptContext
+from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver, SelfTestResult, resolver_from_config
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
@@ -36,6 +52,7 @@ from mxgate.core.model import (
 from mxgate.core.outcomes import (
     DeliveryReport,
     Destination,
+    HopHost,
     HostPolicy,
     NextHop,
     PeerVerification,
@@ -48,16 +65,35 @@ from mxgate.core.outcomes import (
     TlsRptResult,
 )
 from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.runtime import Runtime
+from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply
+from mxgate.core.textsafe import escape
+from mxgate.core.tls import (
+    VerifyReason,
+    VerifyResult,
+    client_context,
+    match_reference_identifiers,
+    normalize_dns_name,
+    own_subject,
+    peer_chain,
+    server_context,
+    verify_webpki,
+)
 
 __all__ = [
+    "DNSSEC_SELF_TEST",
+    "ROLE_COMMAND",
+    "ROLE_MAIN",
+    "ROLE_RECEIVER",
     "Accept",
     "Address",
     "AttemptContext",
     "AuthResult",
     "CalloutResult",
     "CalloutVerdict",
+    "ClusterUnavailable",
+    "Config",
     "ConfigError",
     "ConfigProblem",
     "ConfigRegistry",
@@ -65,16 +101,21 @@ __all__ = [
     "DeliveryReport",
     "Destination",
     "Disconnect",
+    "DnsAnswer",
+    "DnssecStatus",
     "DsnNotify",
     "DsnRet",
     "Envelope",
+    "HopHost",
     "HostPolicy",
     "IncomingMessage",
     "MessageHeaders",
     "MessageMeta",
     "MessageOptions",
+    "MigrationRegistry",
     "MxgateError",
     "NextHop",
+    "OutboundConnector",
     "PeerVerification",
     "PolicyType",
     "QueuedMessage",
@@ -84,10 +125,16 @@ __all__ = [
     "Reject",
     "Reply",
     "ReportEvent",
+    "Resolver",
     "ReverseDnsStatus",
     "Route",
     "Runtime",
+    "SelfTestResult",
     "Session",
+    "SharedDb",
+    "SmtpClient",
+    "SmtpClientError",
+    "SmtpReply",
     "Stash",
     "StashKey",
     "TempFail",
@@ -96,10 +143,27 @@ __all__ = [
     "TlsPolicy",
     "TlsRptResult",
     "Verdict",
+    "VerifyReason",
+    "VerifyResult",
     "__version__",
     "add_config_arg",
+    "check_hostname",
+    "check_optional_hostport",
+    "check_positive",
+    "client_context",
+    "command_runtime",
+    "escape",
     "hookimpl",
+    "is_hostname",
     "load_from_args",
+    "match_reference_identifiers",
+    "normalize_dns_name",
+    "own_subject",
+    "peer_chain",
     "private_file",
+    "resolver_from_config",
+    "server_context",
     "setting",
+    "split_hostport",
+    "verify_webpki",
 ]

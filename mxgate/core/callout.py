@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from mxgate.core.metadata import NO_META
 from mxgate.core.model import Address
 
 if TYPE_CHECKING:
@@ -66,7 +65,6 @@ async def callout(
         size=0,
         message_id=None,
         held=False,
-        meta=NO_META,
     )
     decision = await route_recipient(runtime.hooks, runtime.config.outbound, probe, recipient)
     if isinstance(decision, Unroutable):

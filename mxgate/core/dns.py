@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import dns.asyncquery
 import dns.edns
@@ -52,8 +52,10 @@ import dns.rdtypes.ANY.MX
 import dns.rrset
 
 from mxgate.core.errors import MxgateError
+from mxgate.core.model import StashKey
 
 __all__ = [
+    "DNSSEC_SELF_TEST",
     "AnswerKind",
     "DnsAnswer",
     "DnsNameError",
@@ -226,6 +228,12 @@ class SelfTestResult:
     secure_status: DnssecStatus
     bogus_status: DnssecStatus
     detail: str
+
+
+#: In ``runtime.stash``: the latest resolver self-test result, set by the agent that runs it (the built-in
+#: ``dnssec`` plugin) and read by those that must know whether the AD bit means anything (DANE). Unset until the
+#: first verdict: a reader then relies on each answer's own status.
+DNSSEC_SELF_TEST: Final = StashKey[SelfTestResult]()
 
 
 Observer = Callable[[DnsAnswer, float], None]

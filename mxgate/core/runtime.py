@@ -1,6 +1,7 @@
 """The running gateway as plugins see it (``mxgate_lifecycle_on_startup``): config, hooks, DNS, queue, clock.
 
-Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime.create`.
+Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime.create`, commands with
+:func:`mxgate.core.commands.command_runtime`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,18 @@ class Runtime:
     @property
     def state_dir(self) -> Path:
         return self.config.state_path
+
+    @property
+    def delivers(self) -> bool:
+        """This process delivers (the main process, or a command that delivers once); a receive worker does not,
+        so a plugin sets up what delivery needs only when this is true."""
+        return self.role in (ROLE_MAIN, ROLE_COMMAND)
+
+    @property
+    def runs_services(self) -> bool:
+        """This process runs the plugins' listeners, endpoints and background tasks: the main process only (not a
+        receive worker, not a command)."""
+        return self.role == ROLE_MAIN
 
     @classmethod
     def create(

@@ -2,13 +2,14 @@
 
 At start-up it proves that the configured resolver validates: a known-secure name must come back secure and a
 known-bogus name must fail validation (``[dns] self_test_secure`` / ``self_test_bogus``). The result is logged,
-kept in ``runtime.stash[SELF_TEST]`` for the DANE agent and ``mxgate explain --dns``, and reported as the event
-``dns_self_test`` (label ``result``: ``validating`` | ``not_validating``) for metrics. When the resolver does not
+kept in ``runtime.stash[mxgate.DNSSEC_SELF_TEST]`` (the core's key: the DANE agent reads it without importing
+this plugin), and reported as the event ``dns_self_test`` (label ``result``: ``validating`` |
+``not_validating``) for metrics. When the resolver does not
 validate, DANE is reported unavailable instead of every signed domain looking forged.
 
 The self-test runs in the background and again every hour: listeners open at once. Indeterminate answers (a
 resolver that has just started, a lost packet) are asked again up to three times before the verdict. Until the
-first verdict, ``SELF_TEST`` is unset and the DANE agent relies on each answer's own status (a secure answer
+first verdict, ``DNSSEC_SELF_TEST`` is unset and the DANE agent relies on each answer's own status (a secure answer
 carries its own proof; mandatory DANE defers without one).
 """
 
@@ -17,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mxgate.core.dns import DnssecStatus, SelfTestResult
-from mxgate.core.hookspecs import hookimpl
-from mxgate.core.model import StashKey
-from mxgate.core.runtime import ROLE_MAIN, Runtime
+from mxgate import DNSSEC_SELF_TEST, ROLE_MAIN, DnssecStatus, Runtime, SelfTestResult, hookimpl
 
 name = "dnssec"
 priority = 50
 
 log = logging.getLogger(__name__)
 
-SELF_TEST = StashKey[SelfTestResult]()
+#: The stash key the result is kept under; the key itself is the core's (:data:`mxgate.DNSSEC_SELF_TEST`), so that
+#: an agent reading it (DANE) needs no import of this plugin. Kept under this name for existing callers.
+SELF_TEST = DNSSEC_SELF_TEST
 
 
 RETRIES = 3  # an indeterminate answer (a resolver just started, a lost packet) is asked again

@@ -15,8 +15,8 @@ import pytest
 
 from mxgate.core import cluster
 from mxgate.core.plugins import Dispatcher, build_plugins
-from mxgate.plugins._tlsrpt_report import decode_report_bytes
 from mxgate.plugins.tlsrpt import SendResult, TlsRptConfig, TlsRptService
+from mxgate.plugins.tlsrpt.parse import decode_report_bytes
 from mxgate.testing.postgres import PostgresServer
 
 pytest.importorskip("psycopg", reason="cluster tests need the mxgate[cluster] extra")

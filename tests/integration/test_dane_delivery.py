@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from mxgate import hookimpl
+from mxgate import DNSSEC_SELF_TEST, hookimpl
 from mxgate.core import engine
 from mxgate.core.dns import DnssecStatus, Resolver
 from mxgate.core.outcomes import (
@@ -36,7 +36,6 @@ from mxgate.core.outcomes import (
 )
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.dane import DanePlugin, HostState, dane_status, make_tlsa, starttls_probe
-from mxgate.plugins.dnssec import SELF_TEST
 from mxgate.testing.ca import IssuedCert, TestCA, self_signed
 from mxgate.testing.dnslab import DnsLab, DnsLabError
 from mxgate.testing.recorder import Recorder
@@ -361,7 +360,7 @@ async def test_not_validating_resolver_turns_dane_off_or_defers(dane_lab: Lab, t
         async with gateway_runtime(dane_lab, tmp_path / mode, dane=mode) as (runtime, _):
             for task in runtime.tasks:
                 task.cancel()  # the real self-test would pass: pin the failing one
-            runtime.stash[SELF_TEST] = broken
+            runtime.stash[DNSSEC_SELF_TEST] = broken
             _, policy, _ = await _policy(runtime, fqdn("d311"))
         assert (policy.failure if policy is not None else None) is expect, mode
         assert (policy is None) is (expect is None)
@@ -412,7 +411,7 @@ async def test_one_analysis_serves_a_destination_for_a_second(dane_lab: Lab, tmp
         assert events.count("dane_tlsa_lookup") == examined
         other = dataclasses.replace(next_hop, hosts=next_hop.hosts[:0] + next_hop.hosts)  # equal: still reused
         assert await plugin.mxgate_delivery_resolve_tls_policy(dest, other) is first
-        runtime.stash[SELF_TEST] = dataclasses.replace(runtime.stash[SELF_TEST], detail="re-run")
+        runtime.stash[DNSSEC_SELF_TEST] = dataclasses.replace(runtime.stash[DNSSEC_SELF_TEST], detail="re-run")
         again = await plugin.mxgate_delivery_resolve_tls_policy(dest, next_hop)
         assert again is not first and again == first
         assert events.count("dane_tlsa_lookup") == 2 * examined

@@ -36,8 +36,8 @@ from mxgate.core.outcomes import (
 )
 from mxgate.core.runtime import Runtime
 from mxgate.core.tls import server_context
-from mxgate.plugins._sts_policy import parse_policy, render_policy
 from mxgate.plugins.mta_sts import CACHE_FILE, FetchStatus, MtaStsPlugin, SqlitePolicyStore
+from mxgate.plugins.mta_sts.policy import parse_policy, render_policy
 from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import DnsLab
 

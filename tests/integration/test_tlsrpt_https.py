@@ -24,8 +24,8 @@ from mxgate.core.cli import main as cli_main
 from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.tls import server_context
-from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptService
+from mxgate.plugins.tlsrpt import report as rpt
 from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
 from mxgate.testing.gateway import build_document

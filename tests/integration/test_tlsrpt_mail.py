@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mxgate.core.dns import Resolver
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.queue.store import QueueStore
-from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins.tlsrpt import TlsRptConfig, TlsRptPlugin, TlsRptService
+from mxgate.plugins.tlsrpt import report as rpt
 from mxgate.testing.ca import TestCA
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
 from mxgate.testing.gateway import running_gateway
@@ -104,6 +104,12 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
     woken: list[bool] = []
     async with ScriptedDnsServer(handler_for(records)) as dns_server, SmtpSink() as sink:
         queue = await QueueStore.open(tmp_path / "var")
+
+        async def submit(*args: Any, **kwargs: Any) -> str:  # the gateway's door (Runtime.submit): put, then wake
+            queue_id = await queue.put(*args, **kwargs)
+            woken.append(True)
+            return queue_id
+
         conf = replace(
             TlsRptConfig(),
             organization_name="Sender Org",
@@ -118,8 +124,7 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
             submitter=SUBMITTER,
             clock=lambda: now,
             resolver=Resolver([dns_server.endpoint()], timeout=2.0),
-            queue=queue,
-            wakeup=lambda: woken.append(True),
+            submit=submit,
         )
         svc.record(outcome(ts("2024-03-04T08:00:00")))
         svc.record(outcome(ts("2024-03-04T08:00:05"), success=False, result_type=TlsRptResult.DANE_REQUIRED))
@@ -357,14 +362,18 @@ async def test_report_messages_are_remembered_across_a_restart(tmp_path: Path) -
     conf = replace(TlsRptConfig(), organization_name="Sender Org", dkim_selector=SELECTOR, dkim_key_file=str(key_file))
     queue = await QueueStore.open(tmp_path / "var")
     try:
-        first = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        first = TlsRptService(
+            conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, submit=queue.put
+        )
         sent = await first.send_mail(
             "mailto:tlsrpt@example.org", domain="example.org", report_id="r-1", filename="r.json.gz", gz=b"x", now=now
         )
         assert sent.ok, sent.detail
         await first.close()
         (queued,) = await queue.list()
-        second = TlsRptService(conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, queue=queue)
+        second = TlsRptService(
+            conf, state_dir=tmp_path / "var", submitter=SUBMITTER, clock=lambda: now, submit=queue.put
+        )
         try:
             await second.load_report_messages()
             second.record(outcome(now, queue_id=queued.id))
@@ -375,3 +384,68 @@ async def test_report_messages_are_remembered_across_a_restart(tmp_path: Path) -
             await second.close()
     finally:
         await queue.close()
+
+
+def test_cli_send_queues_a_mailed_report_through_the_gateway_door(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mxgate tlsrpt send`` with a ``mailto:`` rua: the DKIM-signed report lands in the state directory's queue as
+    the gateway would queue it (``Runtime.submit`` on a command runtime): sender, recipient, the ``tls_required``
+    meta, and its queue id remembered, so the session that later delivers it is not counted."""
+    import tomli_w
+
+    from mxgate.core.cli import main as cli_main
+    from mxgate.core.engine import load
+    from mxgate.testing.gateway import build_document
+    from tests.integration.test_tlsrpt_https import LoopThread
+
+    key_file, _ = dkim_key(tmp_path)
+    loop = LoopThread()
+    records = {"_smtp._tls.example.org": "v=TLSRPTv1; rua=mailto:tlsrpt@example.org"}
+    dns_server: ScriptedDnsServer = loop.run(ScriptedDnsServer(handler_for(records)).__aenter__())
+    try:
+        document = build_document("", tmp_path)
+        document["server"]["hostname"] = SUBMITTER
+        document["dns"] = {"resolvers": [f"127.0.0.1:{dns_server.port}"], "timeout": 2.0}
+        document["plugins"] = {
+            "disable": ["dane", "mta_sts", "prometheus", "dnssec"],
+            "tlsrpt": {"organization_name": "Sender Org", "dkim_selector": SELECTOR, "dkim_key_file": str(key_file)},
+        }
+        path = tmp_path / "mxgate.toml"
+        path.write_text(tomli_w.dumps(document), encoding="utf-8")
+        config, _ = load(path, entry_points=False)
+
+        async def seed() -> None:
+            svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter=SUBMITTER)
+            svc.record(outcome(ts("2024-03-04T09:00:00")))
+            await svc.close()
+
+        asyncio.run(seed())
+        assert cli_main(["tlsrpt", "send", "-c", str(path), "--date", "2024-03-04"]) == 0
+        assert "example.org  mailto:tlsrpt@example.org  sent  attempts=1" in capsys.readouterr().out
+    finally:
+        loop.run(dns_server.__aexit__(None, None, None))
+        loop.close()
+
+    async def check() -> None:
+        queue = await QueueStore.open(config.state_path)
+        try:
+            (queued,) = await queue.list()
+            assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
+            assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
+            assert queued.meta.origin == "tlsrpt"
+            assert queued.meta.tls_required_no
+            data = await queue.body(queued.id)
+        finally:
+            await queue.close()
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        assert msg.get_param("report-type") == "tlsrpt" and msg["DKIM-Signature"] is not None
+        gateway = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter=SUBMITTER)
+        try:
+            await gateway.load_report_messages()
+            gateway.record(outcome(ts("2024-03-05T09:00:00"), queue_id=queued.id))
+            assert gateway.pending == 0
+        finally:
+            await gateway.close()
+
+    asyncio.run(check())

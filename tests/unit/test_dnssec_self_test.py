@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mxgate import DNSSEC_SELF_TEST
 from mxgate.core import engine
 from mxgate.core.dns import DnssecStatus, SelfTestResult
 from mxgate.core.runtime import Runtime
@@ -39,6 +40,7 @@ async def test_indeterminate_is_asked_again(tmp_path: Any) -> None:
     result = await run_self_test(runtime, retry_delay=0)
     assert fake.calls == 3 and result is not None and result.validating
     assert runtime.stash[SELF_TEST].validating
+    assert SELF_TEST is DNSSEC_SELF_TEST  # the core's public key: DANE reads it without importing this plugin
     runtime.tracking.close()
 
 

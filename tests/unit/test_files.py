@@ -81,7 +81,7 @@ def test_a_dkim_key_others_may_read_is_named_in_a_warning(tmp_path: Path, caplog
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from mxgate.plugins.tlsrpt import _load_dkim_key
+    from mxgate.plugins.tlsrpt.send import load_dkim_key
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "dkim.key"
@@ -90,9 +90,9 @@ def test_a_dkim_key_others_may_read_is_named_in_a_warning(tmp_path: Path, caplog
     )
     os.chmod(path, 0o600)
     with caplog.at_level("WARNING"):
-        assert _load_dkim_key(path).startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+        assert load_dkim_key(path).startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     assert "DKIM key" not in caplog.text
     os.chmod(path, 0o644)
     with caplog.at_level("WARNING"):
-        _load_dkim_key(path)
+        load_dkim_key(path)
     assert "DKIM key" in caplog.text and "0644" in caplog.text

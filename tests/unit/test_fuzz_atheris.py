@@ -28,9 +28,9 @@ HARNESS = textwrap.dedent(
         from mxgate.core import engine
         from mxgate.core.errors import ConfigError
         from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
-        from mxgate.plugins._sts_policy import StsSyntaxError, parse_policy, select_record
-        from mxgate.plugins._tlsrpt_report import (
-            ReportError, decode_report_bytes, parse_received_report, parse_tlsrpt_record)
+        from mxgate.plugins.mta_sts.policy import StsSyntaxError, parse_policy, select_record
+        from mxgate.plugins.tlsrpt.parse import ReportError, decode_report_bytes, parse_received_report
+        from mxgate.plugins.tlsrpt.report import parse_tlsrpt_record
         from mxgate.plugins.dane import Tlsa, effective_records
 
     WORK = Path(tempfile.mkdtemp(prefix="mxgate-atheris-"))

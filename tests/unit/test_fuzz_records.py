@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mxgate.plugins._sts_policy import (
+from mxgate.plugins.dane import Tlsa, effective_records, make_tlsa, record_matches, verify_chain
+from mxgate.plugins.mta_sts.policy import (
     MAX_AGE_LIMIT,
     RecordStatus,
     StsMode,
@@ -33,15 +34,14 @@ from mxgate.plugins._sts_policy import (
     render_policy,
     select_record,
 )
-from mxgate.plugins._tlsrpt_report import (
+from mxgate.plugins.tlsrpt.parse import (
     ReportError,
     decode_report_bytes,
     extract_report_from_mail,
     parse_datetime_lenient,
     parse_received_report,
-    parse_tlsrpt_record,
 )
-from mxgate.plugins.dane import Tlsa, effective_records, make_tlsa, record_matches, verify_chain
+from mxgate.plugins.tlsrpt.report import parse_tlsrpt_record
 from mxgate.testing.ca import TestCA
 
 QUICK = settings(

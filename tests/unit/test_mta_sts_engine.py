@@ -24,7 +24,6 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.plugins._sts_policy import RecordLookup, RecordStatus, StsRecord, parse_policy
 from mxgate.plugins.mta_sts import (
     FETCH_RETRY_AFTER,
     PRECEDENCE,
@@ -41,6 +40,8 @@ from mxgate.plugins.mta_sts import (
     served_record,
     verify_mx_certificate,
 )
+from mxgate.plugins.mta_sts.policy import RecordLookup, RecordStatus, StsRecord, parse_policy
+from mxgate.plugins.mta_sts.serve import PolicyResponder
 from mxgate.testing.ca import TestCA
 
 DOMAIN = "example.test"
@@ -462,3 +463,16 @@ def test_served_policy_record_and_routing(ca: TestCA) -> None:
     assert server.respond("GET", "/", "mta-sts.example.org")[0] == 404
     assert server.respond("GET", "/.well-known/mta-sts.txt", None)[0] == 404
     assert server.respond("POST", "/.well-known/mta-sts.txt", "mta-sts.example.org")[0] == 405
+
+
+def test_policy_responder_decides_without_sockets() -> None:
+    """What the policy server answers is decided apart from HTTP (``serve.PolicyResponder``)."""
+    one = ServedPolicy(domain="example.org", mx=("mx.example.org",), max_age=86400)
+    two = ServedPolicy(domain="two.example", mode="testing", mx=("*.two.example",), max_age=600)
+    responder = PolicyResponder([one, two])
+    status, body, label = responder.respond("HEAD", "/.well-known/mta-sts.txt", "mta-sts.two.example.")
+    assert (status, label) == (200, "ok") and parse_policy(body.decode()).mode == "testing"
+    assert responder.respond("GET", "/.well-known/mta-sts.txt", "mta-sts.example.org")[1] == one.render().encode()
+    assert responder.respond("GET", "/.well-known/mta-sts.txt", "[::1]:443")[2] == "not_found"
+    assert responder.respond("GET", "/.well-known/mta-sts.txt?x=1", "mta-sts.example.org")[0] == 404
+    assert responder.respond("DELETE", "/", None) == (405, b"method not allowed\n", "bad_request")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mxgate.plugins._sts_policy import (
+from mxgate.plugins.mta_sts.policy import (
     MAX_AGE_LIMIT,
     RecordStatus,
     StsMode,

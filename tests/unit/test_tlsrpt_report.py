@@ -15,7 +15,8 @@ import jsonschema
 import pytest
 
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
-from mxgate.plugins import _tlsrpt_report as rpt
+from mxgate.plugins.tlsrpt import parse
+from mxgate.plugins.tlsrpt import report as rpt
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tlsrpt"
 SCHEMA = json.loads((DATA / "report.schema.json").read_text())
@@ -267,14 +268,14 @@ def test_mail_message_rfc8460_5_3() -> None:
     assert [p.get_content_type() for p in parts] == ["text/plain", "application/tlsrpt+gzip"]
     assert parts[1].get_filename() == "mx.sender.example!example.org!1709510400!1709596799!abc.json.gz"
     assert parts[1].get_content() == gz
-    assert rpt.extract_report_from_mail(data) == gz
+    assert parse.extract_report_from_mail(data) == gz
 
 
 # -- RFC-CHECKLIST 31: reading others' reports leniently -----------------------------------------------------------
 
 
 def test_rfc_example_report_is_read() -> None:
-    report = rpt.parse_received_report(json.loads((DATA / "rfc8460-example.json").read_text()))
+    report = parse.parse_received_report(json.loads((DATA / "rfc8460-example.json").read_text()))
     assert report.organization == "Company-X"
     assert report.start == ts("2016-04-01T00:00:00") and report.end == ts("2016-04-01T23:59:59")
     (policy,) = report.policies
@@ -290,7 +291,7 @@ def test_rfc_example_report_is_read() -> None:
 
 def test_google_shaped_report_gzip() -> None:
     raw = (DATA / "google-shaped.json").read_bytes()
-    report = rpt.parse_received_report(rpt.decode_report_bytes(gzip.compress(raw)))
+    report = parse.parse_received_report(parse.decode_report_bytes(gzip.compress(raw)))
     assert report.organization == "Google Inc."
     assert report.start == ts("2024-03-04T00:00:00")
     assert (report.success, report.failure) == (1520, 3)
@@ -298,7 +299,7 @@ def test_google_shaped_report_gzip() -> None:
 
 
 def test_microsoft_shaped_report_zoneless_and_empty_fields() -> None:
-    report = rpt.parse_received_report(rpt.decode_report_bytes((DATA / "microsoft-shaped.json").read_bytes()))
+    report = parse.parse_received_report(parse.decode_report_bytes((DATA / "microsoft-shaped.json").read_bytes()))
     assert report.start == ts("2024-03-04T00:00:00")  # no zone: read as UTC
     assert report.end == ts("2024-03-04T23:59:59")
     sts, none = report.policies
@@ -320,16 +321,16 @@ def test_microsoft_shaped_report_zoneless_and_empty_fields() -> None:
     ],
 )
 def test_lenient_datetimes(text: str, expected: str) -> None:
-    assert rpt.parse_datetime_lenient(text) == ts(expected)
+    assert parse.parse_datetime_lenient(text) == ts(expected)
 
 
 @pytest.mark.parametrize("text", ["", "yesterday", "2024-13-01T00:00:00", None, True])
 def test_unreadable_datetimes_are_none(text: Any) -> None:
-    assert rpt.parse_datetime_lenient(text) is None
+    assert parse.parse_datetime_lenient(text) is None
 
 
 def test_lenient_fields() -> None:
-    report = rpt.parse_received_report(
+    report = parse.parse_received_report(
         {
             "organization-name": None,
             "policies": [
@@ -349,10 +350,10 @@ def test_lenient_fields() -> None:
 
 
 def test_unreadable_reports_are_refused() -> None:
-    with pytest.raises(rpt.ReportError):
-        rpt.decode_report_bytes(b"not json")
-    with pytest.raises(rpt.ReportError):
-        rpt.parse_received_report([1, 2])
-    bomb = gzip.compress(b" " * (rpt.MAX_REPORT_BYTES + 10))
-    with pytest.raises(rpt.ReportError):
-        rpt.decode_report_bytes(bomb)
+    with pytest.raises(parse.ReportError):
+        parse.decode_report_bytes(b"not json")
+    with pytest.raises(parse.ReportError):
+        parse.parse_received_report([1, 2])
+    bomb = gzip.compress(b" " * (parse.MAX_REPORT_BYTES + 10))
+    with pytest.raises(parse.ReportError):
+        parse.decode_report_bytes(bomb)

@@ -22,7 +22,6 @@ from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import Address, Envelope, IncomingMessage, Session
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime
-from mxgate.plugins import _tlsrpt_report as rpt
 from mxgate.plugins.tlsrpt import (
     GRACE_SECONDS,
     RETRY_WINDOW,
@@ -30,7 +29,9 @@ from mxgate.plugins.tlsrpt import (
     TlsRptConfig,
     TlsRptPlugin,
     TlsRptService,
+    parse,
 )
+from mxgate.plugins.tlsrpt import report as rpt
 from mxgate.testing.gateway import build_document
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tlsrpt"
@@ -142,7 +143,7 @@ async def test_aggregation_across_a_utc_day_boundary(tmp_path: Path) -> None:
         assert len(sent) == 1  # day 1 only; day 2 is not over
         uri, gz = sent[0]
         assert uri == "https://reports.example.org/tlsrpt"
-        report = rpt.decode_report_bytes(gz)
+        report = parse.decode_report_bytes(gz)
         validate(report)
         assert report["date-range"]["start-datetime"] == "2024-03-04T00:00:00Z"
         (entry,) = report["policies"]
@@ -304,7 +305,7 @@ async def test_dane_mx_host_with_its_own_record_gets_its_part(tmp_path: Path) ->
     sent: dict[str, dict[str, Any]] = {}
 
     async def fake_post(uri: str, gz: bytes) -> SendResult:
-        sent[uri] = rpt.decode_report_bytes(gz)
+        sent[uri] = parse.decode_report_bytes(gz)
         return SendResult(uri, "https", True)
 
     svc.post_https = fake_post  # type: ignore[method-assign]
@@ -338,7 +339,7 @@ async def test_mailto_without_a_dkim_key_is_not_sent_unsigned(tmp_path: Path) ->
             return "id"
 
     queue = Queue()
-    svc = make_service(tmp_path, clock, resolver=resolver, send_window_hours=0.0, queue=queue)
+    svc = make_service(tmp_path, clock, resolver=resolver, send_window_hours=0.0, submit=queue.put)
     svc.record(outcome(ts("2024-03-04T10:00:00")))
     try:
         await svc.tick(clock.now)
@@ -607,6 +608,37 @@ def test_cli_received_lists_reporters(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli_main(["tlsrpt", "received", "-c", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["Microsoft", "Corporation", "47", "7"]
+
+
+def test_cli_escapes_network_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A reporter names itself, an MX host's name comes from DNS and a remote error from a server: ESC, bidi
+    overrides and DEL reach the terminal escaped, and ``show`` still prints valid JSON."""
+    import asyncio
+
+    path = write_config(tmp_path, {})
+    config, _ = engine.load(path, entry_points=False)
+    hostile = "Evil\x1b]0;pwned\x07 Corp\u202egnp.exe"
+    document = json.loads((DATA / "microsoft-shaped.json").read_text())
+    document["organization-name"] = hostile
+    mx = "mx\x7f\x1b[2j.example.org"  # names are kept lower-case
+
+    async def seed() -> None:
+        svc = TlsRptService(TlsRptConfig(), state_dir=config.state_path, submitter="mx.sender.example")
+        assert (await svc.accept_report(json.dumps(document).encode(), method="https"))[0] == "ok"
+        svc.record(outcome(ts("2024-03-04T10:00:00"), success=False, mx_host=mx))
+        await svc.close()
+
+    asyncio.run(seed())
+    assert cli_main(["tlsrpt", "received", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "Evil\\x1b]0;pwned\\x07 Corp\\u202egnp.exe"[:40] in out
+    assert cli_main(["tlsrpt", "show", "-c", str(path), "--date", "2024-03-04", "--domain", "example.org"]) == 0
+    out = capsys.readouterr().out
+    assert not [c for c in out if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c == "\u202e")]
+    report = json.loads(out.partition("\n")[2])
+    (detail,) = report["policies"][0]["failure-details"]
+    assert detail["receiving-mx-hostname"] == mx  # escaped on the terminal, the same name once parsed
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,7 @@ class QueuedMessage:
     size: int
     message_id: str | None  # Message-ID header
     held: bool
-    meta: MessageMeta  # receive-time facts (client, inbound connector, TLS, AUTH...) and plugin keys
+    meta: MessageMeta = NO_META  # receive-time facts (client, inbound connector, TLS, AUTH...) and plugin keys
     leased_until: float = 0.0  # unix time; <= now means not leased
     finished_at: float | None = None  # set when every recipient is final (tombstone)
     options: MessageOptions = NO_OPTIONS  # DSN RET/ENVID, REQUIRETLS

@@ -17,6 +17,7 @@ from enum import StrEnum
 __all__ = [
     "MAX_AGE_LIMIT",
     "MAX_POLICY_BYTES",
+    "WELL_KNOWN_PATH",
     "RecordLookup",
     "RecordStatus",
     "StsMode",
@@ -33,6 +34,7 @@ __all__ = [
 
 MAX_AGE_LIMIT = 31557600  # RFC 8461 section 3.2: about one year
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 section 3.3
+WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 section 3.3
 
 _RECORD_START = re.compile(r"^v=STSv1[ \t]*;")  # sts-version sts-sep (section 3.1)
 _RECORD_ID = re.compile(r"^[A-Za-z0-9]{1,32}\Z")
