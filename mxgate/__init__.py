@@ -14,7 +14,9 @@ else is internal and may change. It exports, grouped as ``__all__`` is:
 - services a built-in uses and a third party may too: the DNS resolver with DNSSEC status (``Resolver``,
   ``DnsAnswer``, ``DnssecStatus``), the outbound ``SmtpClient``, TLS contexts and checks (``client_context``,
   ``server_context``, ``verify_webpki``, ``peer_chain``...), the cluster's shared database (``SharedDb``,
-  ``MigrationRegistry``, ``ClusterUnavailable``), ``private_file`` and ``escape`` for network text on a terminal.
+  ``MigrationRegistry``, ``ClusterUnavailable``), ``private_file``, ``escape`` for network text on a terminal, and
+  the small HTTP/1.1 server a plugin's own endpoint runs on (``HttpServer``, ``HttpRouter``, ``HttpRequest``,
+  ``HttpResponse``).
 """
 
 from mxgate._version import __version__
@@ -30,6 +32,7 @@ from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver,
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
+from mxgate.core.http import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter, HttpServer
 from mxgate.core.metadata import MessageHeaders, MessageMeta
 from mxgate.core.model import (
     Accept,
@@ -64,8 +67,8 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.runtime import ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
+from mxgate.core.queue.store import MessageOptions, QueueCounts, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply
 from mxgate.core.textsafe import escape
@@ -83,6 +86,7 @@ from mxgate.core.tls import (
 
 __all__ = [
     "DNSSEC_SELF_TEST",
+    "RECEIVE_WORKER_PIDS",
     "ROLE_COMMAND",
     "ROLE_MAIN",
     "ROLE_RECEIVER",
@@ -108,6 +112,12 @@ __all__ = [
     "Envelope",
     "HopHost",
     "HostPolicy",
+    "HttpConnection",
+    "HttpLimits",
+    "HttpRequest",
+    "HttpResponse",
+    "HttpRouter",
+    "HttpServer",
     "IncomingMessage",
     "MessageHeaders",
     "MessageMeta",
@@ -118,6 +128,7 @@ __all__ = [
     "OutboundConnector",
     "PeerVerification",
     "PolicyType",
+    "QueueCounts",
     "QueuedMessage",
     "QueuedRecipient",
     "RecipientDsn",

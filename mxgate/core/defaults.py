@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from mxgate.connectors.outbound import select_outbound
 from mxgate.core import checks
-from mxgate.core.dns import DnssecStatus
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.model import Address
 from mxgate.core.outcomes import (
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 
     from mxgate.core.auth import AuthResult
     from mxgate.core.delivery import AttemptContext
-    from mxgate.core.dns import DnsAnswer, Resolver
+    from mxgate.core.dns import Resolver
 
 
 class CorePlugin:
@@ -151,16 +150,9 @@ def verify_connector_peer(
     return PeerVerification(True, "verified", matched=matched, detail=f"chain valid for {matched}")
 
 
-def _addresses(answers: Sequence[DnsAnswer]) -> tuple[str, ...]:
-    out: list[str] = []
-    for ans in answers:
-        if not ans.is_failure and ans.exists:
-            out.extend(str(getattr(r, "address", r)) for r in ans.records)
-    return tuple(out)
-
-
 async def _host(resolver: Resolver | None, name: str, port: int, preference: int, chain_secure: bool) -> HopHost:
-    """A host with its addresses (AAAA first, then A); ``secure`` only when everything leading to it was.
+    """A host with its addresses (:meth:`Resolver.host_addresses`: AAAA first, then A); ``secure`` only when
+    everything leading to it was.
 
     A lookup that failed (timeout, SERVFAIL without a DNSSEC verdict) contributes no addresses and does not make
     the host insecure: the addresses used are those of the answered RRsets, and the host is secure when these
@@ -174,12 +166,8 @@ async def _host(resolver: Resolver | None, name: str, port: int, preference: int
         pass
     if resolver is None:
         return HopHost(name, port, preference)
-    a, aaaa = await resolver.resolve_addresses(name)
-    addrs = _addresses((aaaa, a))
-    answered = [x for x in (a, aaaa) if not x.is_failure]
-    bogus = any(x.status is DnssecStatus.BOGUS for x in (a, aaaa))
-    secure = chain_secure and not bogus and bool(answered) and all(x.is_secure for x in answered) and bool(addrs)
-    return HopHost(name, port, preference, addrs, secure)
+    found = await resolver.host_addresses(name)
+    return HopHost(name, port, preference, found.addresses, chain_secure and found.is_secure)
 
 
 async def smart_host_next_hop(
@@ -229,7 +217,6 @@ async def mx_next_hop(destination: Destination, resolver: Resolver, port: int, r
     host = await _host(resolver, domain, port, 0, mx.is_secure)
     if host.addresses:
         return NextHop(destination, (host,), "implicit_mx", mx_secure=mx.is_secure)
-    a, aaaa = await resolver.resolve_addresses(domain)
-    if a.is_failure or aaaa.is_failure:
+    if (await resolver.host_addresses(domain)).failures:
         return NextHop(destination, (), "error", error=f"address lookup for {domain} failed")
     return NextHop(destination, (), "error", error=f"{domain} has no MX and no address records", permanent=True)

@@ -60,6 +60,7 @@ __all__ = [
     "DnsAnswer",
     "DnsNameError",
     "DnssecStatus",
+    "HostAddresses",
     "Resolver",
     "ResolverEndpoint",
     "SelfTestResult",
@@ -167,6 +168,77 @@ class DnsAnswer:
             return False
         rd = self.records[0]
         return isinstance(rd, dns.rdtypes.ANY.MX.MX) and rd.preference == 0 and rd.exchange == dns.name.root
+
+
+@dataclass(frozen=True, slots=True)
+class HostAddresses:
+    """A host name's addresses, as :meth:`Resolver.host_addresses` found them: the AAAA and the A answer.
+
+    The order is fixed: **AAAA first, then A** (RFC 6724 §6 rule 6 prefers IPv6 destinations; RFC 8305 starts
+    with IPv6; Postfix, Exim and the delivery path sort so). Every user of addresses takes them in this order.
+
+    Security is decided per RRset (RFC-CHECKLIST 38, as Postfix does): a lookup that failed without a DNSSEC
+    verdict (timeout, SERVFAIL) contributes no addresses and does *not* make the host insecure; the answered
+    RRsets decide. So an attacker who drops AAAA queries gets fewer addresses, never a weaker policy. A bogus
+    RRset is a failure with a verdict (:attr:`bogus`). Failures never become "no record": :attr:`is_negative`
+    is true only when both lookups positively said there is nothing.
+    """
+
+    name: str  # as asked: lower-case, no trailing dot
+    aaaa: DnsAnswer
+    a: DnsAnswer
+
+    @property
+    def answers(self) -> tuple[DnsAnswer, DnsAnswer]:
+        """``(aaaa, a)``: the documented order."""
+        return self.aaaa, self.a
+
+    @property
+    def answered(self) -> tuple[DnsAnswer, ...]:
+        """The RRsets that are facts (not failures), in order."""
+        return tuple(x for x in (self.aaaa, self.a) if not x.is_failure)
+
+    @property
+    def failures(self) -> tuple[DnsAnswer, ...]:
+        """The lookups that failed (error, bogus, indeterminate), in order."""
+        return tuple(x for x in (self.aaaa, self.a) if x.is_failure)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Addresses of the answered RRsets: AAAA's, then A's (as text)."""
+        return tuple(str(getattr(r, "address", r)) for x in self.answered if x.exists for r in x.records)
+
+    @property
+    def bogus(self) -> DnsAnswer | None:
+        """The first RRset that failed DNSSEC validation (AAAA before A), if any."""
+        return next((x for x in (self.aaaa, self.a) if x.status is DnssecStatus.BOGUS), None)
+
+    @property
+    def all_failed(self) -> bool:
+        """Neither lookup produced a fact: the host is skipped for now (never "no address")."""
+        return not self.answered
+
+    @property
+    def is_secure(self) -> bool:
+        """Addresses exist and every answered RRset is DNSSEC-secure (a failed one does not count; a bogus one
+        forbids)."""
+        answered = self.answered
+        return (
+            self.bogus is None
+            and bool(answered)
+            and all(x.is_secure for x in answered)
+            and any(x.exists for x in answered)
+        )
+
+    @property
+    def is_negative(self) -> bool:
+        """Both lookups said NXDOMAIN/NODATA: the host has no address records (a failure is never this)."""
+        return self.aaaa.is_negative and self.a.is_negative
+
+    @property
+    def error(self) -> str:
+        """The failed lookups described (``"AAAA indeterminate: timeout; ..."``); ``""`` when none failed."""
+        return "; ".join(f"{x.rdtype} {x.status}: {x.error or x.kind}" for x in self.failures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +410,17 @@ class Resolver:
             return await asyncio.shield(task)
         return await self._lookup_and_store(qname, qtype)
 
-    async def resolve_addresses(self, name: str | dns.name.Name) -> tuple[DnsAnswer, DnsAnswer]:
-        """A and AAAA for ``name``, looked up concurrently: ``(a, aaaa)``."""
+    async def host_addresses(self, name: str | dns.name.Name) -> HostAddresses:
+        """The one host -> addresses lookup: AAAA and A for ``name``, asked concurrently, each with its DNSSEC
+        status; see :class:`HostAddresses` for the order (AAAA first) and the per-RRset security rule. Never
+        raises for DNS outcomes; an IP literal is the caller's business (it is not a host name)."""
         cached_a, cached_aaaa = self._cache_get(self._key(name, "A")), self._cache_get(self._key(name, "AAAA"))
         if cached_a is not None and cached_aaaa is not None:  # both cached: no tasks to start (every delivery asks)
-            return cached_a, cached_aaaa
-        a, aaaa = await asyncio.gather(self.resolve(name, "A"), self.resolve(name, "AAAA"))
-        return a, aaaa
+            a, aaaa = cached_a, cached_aaaa
+        else:
+            a, aaaa = await asyncio.gather(self.resolve(name, "A"), self.resolve(name, "AAAA"))
+        text = name if isinstance(name, str) else format_name(name)
+        return HostAddresses(text.lower().rstrip(".") or ".", aaaa=aaaa, a=a)
 
     async def self_test(self, secure_name: str, bogus_name: str, *, rdtype: str = "A") -> SelfTestResult:
         """Prove that the resolver validates: ``secure_name`` must be SECURE and ``bogus_name`` BOGUS.

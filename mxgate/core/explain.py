@@ -75,8 +75,8 @@ async def explain_dns(resolver: Resolver, config: Config, domain: str, *, self_t
         implicit, hosts = True, [(domain, 0)]  # RFC 5321 5.1: the domain itself, only when MX is NODATA
     views = []
     for host, pref in hosts:
-        a, aaaa = await resolver.resolve_addresses(host)
-        views.append(HostView(host, pref, (_address_view(a), _address_view(aaaa))))
+        found = await resolver.host_addresses(host)
+        views.append(HostView(host, pref, (_address_view(found.a), _address_view(found.aaaa))))
     test = None
     if self_test:
         test = await resolver.self_test(config.dns.self_test_secure, config.dns.self_test_bogus)

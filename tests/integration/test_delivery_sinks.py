@@ -16,7 +16,7 @@ import pytest
 
 from mxgate.core import engine
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime
@@ -43,8 +43,8 @@ class StaticResolver:
         records = tuple(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), t) for t in texts)
         return DnsAnswer(name, rdtype, AnswerKind.ANSWER, DnssecStatus.INSECURE, records, 60, name, ())
 
-    async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
-        return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+    async def host_addresses(self, name: str) -> HostAddresses:
+        return HostAddresses(name, aaaa=await self.resolve(name, "AAAA"), a=await self.resolve(name, "A"))
 
 
 class Recorder:

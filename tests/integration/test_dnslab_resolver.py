@@ -41,7 +41,8 @@ async def test_secure_mx_and_hosts(dnslab: StandardLab) -> None:  # noqa: F811
     assert (mx.kind, mx.status) == (AnswerKind.ANSWER, SECURE)
     prefs = sorted((rd.preference, rd.exchange.to_text()) for rd in mx.records if isinstance(rd, dns.rdtypes.ANY.MX.MX))
     assert prefs == [(10, "mx1.secure.test."), (20, "mx2.secure.test.")]
-    a, aaaa = await r.resolve_addresses(Std.SECURE_MX1)
+    found = await r.host_addresses(Std.SECURE_MX1)
+    a, aaaa = found.a, found.aaaa
     assert (a.kind, a.status, [x.to_text() for x in a.records]) == (
         AnswerKind.ANSWER,
         SECURE,

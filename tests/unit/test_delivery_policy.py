@@ -25,7 +25,7 @@ from mxgate.core.delivery import (
     needs_8bitmime,
     needs_smtputf8,
 )
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -52,8 +52,8 @@ class FakeResolver:
         records = tuple(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), t) for t in texts)
         return DnsAnswer(name, rdtype, kind, status, records, 300, name, ())
 
-    async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
-        return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+    async def host_addresses(self, name: str) -> HostAddresses:
+        return HostAddresses(name, aaaa=await self.resolve(name, "AAAA"), a=await self.resolve(name, "A"))
 
 
 A, NODATA, NX, ERR = AnswerKind.ANSWER, AnswerKind.NODATA, AnswerKind.NXDOMAIN, AnswerKind.ERROR

@@ -447,7 +447,7 @@ async def test_observer_sees_network_lookups_only() -> None:
         assert a.kind is AnswerKind.ANSWER  # a failing observer never breaks resolution
 
 
-async def test_resolve_addresses_asks_a_and_aaaa() -> None:
+async def test_host_addresses_asks_a_and_aaaa() -> None:
     def handler(q: Msg) -> Msg:
         name, rdtype = qinfo(q)
         if rdtype == "A":
@@ -455,7 +455,8 @@ async def test_resolve_addresses_asks_a_and_aaaa() -> None:
         return make_reply(q, ad=True, authority=[SOA])
 
     async with ScriptedDnsServer(handler) as server:
-        a, aaaa = await Resolver([server.endpoint()]).resolve_addresses("mx.example.test")
+        found = await Resolver([server.endpoint()]).host_addresses("mx.example.test")
+    a, aaaa = found.a, found.aaaa
     assert (a.rdtype, a.kind, a.status) == ("A", AnswerKind.ANSWER, DnssecStatus.SECURE)
     assert (aaaa.rdtype, aaaa.kind, aaaa.status) == ("AAAA", AnswerKind.NODATA, DnssecStatus.SECURE)
     assert sorted(qinfo(q)[1] for q in server.queries) == ["A", "AAAA"]

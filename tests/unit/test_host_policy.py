@@ -16,7 +16,7 @@ import pytest
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.defaults import mx_next_hop
 from mxgate.core.delivery import decide_host, filter_hosts_by_policies
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
@@ -56,8 +56,8 @@ class TableResolver:
         chain = (name, canonical) if canonical != name else ()
         return DnsAnswer(name, rdtype, kind, status, records, 300, canonical, chain)
 
-    async def resolve_addresses(self, name: str) -> tuple[DnsAnswer, DnsAnswer]:
-        return await self.resolve(name, "A"), await self.resolve(name, "AAAA")
+    async def host_addresses(self, name: str) -> HostAddresses:
+        return HostAddresses(name, aaaa=await self.resolve(name, "AAAA"), a=await self.resolve(name, "A"))
 
 
 def _policy(source: str, prec: int, level: TlsLevel, **kw: object) -> TlsPolicy:

@@ -272,12 +272,7 @@ class Deliverer:
         resolver = self.runtime.resolver
         if resolver is None:
             return ()
-        a, aaaa = await resolver.resolve_addresses(host.name)
-        out: list[str] = []
-        for ans in (aaaa, a):
-            if not ans.is_failure and ans.exists:
-                out.extend(str(getattr(r, "address", r)) for r in ans.records)
-        return tuple(out)
+        return (await resolver.host_addresses(host.name)).addresses
 
     async def _try_host(
         self,

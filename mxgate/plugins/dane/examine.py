@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from mxgate import DnsAnswer, DnssecStatus, HopHost, NextHop, Resolver, TlsRptResult
+from mxgate import DnssecStatus, HopHost, NextHop, Resolver, TlsRptResult
 from mxgate.plugins.dane.records import Tlsa, effective_records, records_of
 
-__all__ = ["HostDane", "HostState", "address_list", "examine_host", "is_ip", "lookup_addresses"]
+__all__ = ["HostDane", "HostState", "address_list", "examine_host", "is_ip"]
 
 
 class HostState(StrEnum):
@@ -56,21 +56,12 @@ def is_ip(name: str) -> bool:
     return True
 
 
-async def lookup_addresses(resolver: Resolver, name: str) -> tuple[DnsAnswer, DnsAnswer]:
-    """``(a, aaaa)`` for a host name: DANE's one address lookup (examination and the commands both use it)."""
-    return await resolver.resolve_addresses(name)
-
-
 async def address_list(resolver: Resolver, host: str) -> tuple[str, ...]:
-    """The addresses to dial for ``host`` (AAAA first, then A; an IP literal is itself), from the answered RRsets."""
+    """The addresses to dial for ``host`` (``Resolver.host_addresses``: AAAA first, then A; an IP literal is
+    itself)."""
     if is_ip(host):
         return (host.strip("[]"),)
-    a, aaaa = await lookup_addresses(resolver, host)
-    out: list[str] = []
-    for ans in (aaaa, a):
-        if not ans.is_failure and ans.exists:
-            out.extend(str(getattr(r, "address", r)) for r in ans.records)
-    return tuple(out)
+    return (await resolver.host_addresses(host)).addresses
 
 
 async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> HostDane:
@@ -80,9 +71,9 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
     name_secure = next_hop.mx_secure if next_hop.kind == "mx" else True
     if is_ip(name):
         return HostDane(name, port, HostState.NOT_APPLICABLE, name, detail="IP literal: no TLSA")
-    a, aaaa = await lookup_addresses(resolver, name)
-    if a.status is DnssecStatus.BOGUS or aaaa.status is DnssecStatus.BOGUS:
-        bad = a if a.status is DnssecStatus.BOGUS else aaaa
+    addrs = await resolver.host_addresses(name)
+    bad = addrs.bogus
+    if bad is not None:
         return HostDane(
             name,
             port,
@@ -91,11 +82,11 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             failure=TlsRptResult.DNSSEC_INVALID,
             detail=f"{bad.rdtype} lookup for {name} is bogus: {bad.error or 'validation failed'}",
         )
-    # Per address RRset (RFC-CHECKLIST 38, as Postfix): a lookup that failed without a DNSSEC verdict (timeout,
-    # SERVFAIL) says nothing, so it never makes the host insecure. The answered RRsets decide; when none was
-    # answered the host is skipped for this attempt. Dropping AAAA queries must not switch DANE off.
-    answered = [x for x in (a, aaaa) if not x.is_failure]
-    if not answered:
+    # Per address RRset (Resolver.host_addresses, RFC-CHECKLIST 38, as Postfix): a failed lookup never makes the
+    # host insecure; when none was answered the host is skipped for this attempt. Dropping AAAA queries must not
+    # switch DANE off.
+    if addrs.all_failed:
+        a, aaaa = addrs.a, addrs.aaaa
         return HostDane(
             name,
             port,
@@ -105,8 +96,7 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             detail=f"address lookups for {name} failed ({a.error or a.status}; {aaaa.error or aaaa.status}): "
             "host skipped for this attempt",
         )
-    addresses_secure = all(x.is_secure for x in answered) and any(x.exists for x in answered)
-    if not (host.secure or addresses_secure):
+    if not (host.secure or addrs.is_secure):
         return HostDane(
             name,
             port,
@@ -115,6 +105,7 @@ async def examine_host(resolver: Resolver, host: HopHost, next_hop: NextHop) -> 
             name_secure=name_secure,
             detail="address records not DNSSEC-secure: no TLSA lookup",
         )
+    answered = [x for x in (addrs.a, addrs.aaaa) if not x.is_failure]  # A first: as before, for the CNAME target
     found = next((x for x in answered if x.exists), answered[0])
     expanded = found.canonical_name if found.cname_chain and found.is_secure else name
     candidates = [expanded, name] if expanded != name else [name]

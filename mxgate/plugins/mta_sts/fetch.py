@@ -81,16 +81,14 @@ AddressLookup = Callable[[str], Awaitable[tuple[tuple[str, ...], str]]]
 
 
 def resolver_addresses(get_resolver: Callable[[], Resolver]) -> AddressLookup:
-    """Policy host -> (addresses, error) through mxgate's resolver (A first, then AAAA). The one place this
-    package turns a host name into addresses: keep it so, a shared resolver method replaces it in one line."""
+    """Policy host -> (addresses, error) through mxgate's resolver (``Resolver.host_addresses``: AAAA, then A, as
+    delivery dials them)."""
 
     async def lookup(host: str) -> tuple[tuple[str, ...], str]:
-        a, aaaa = await get_resolver().resolve_addresses(host)
-        addresses = tuple(rd.to_text() for ans in (a, aaaa) if ans.exists and not ans.is_failure for rd in ans.records)
-        if addresses:
-            return addresses, ""
-        failures = [f"{ans.rdtype} {ans.status}: {ans.error or ans.kind}" for ans in (a, aaaa) if ans.is_failure]
-        return (), "; ".join(failures) or f"{host} has no address records"
+        found = await get_resolver().host_addresses(host)
+        if found.addresses:
+            return found.addresses, ""
+        return (), found.error or f"{host} has no address records"
 
     return lookup
 
