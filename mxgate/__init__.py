@@ -6,7 +6,9 @@ else is internal and may change. It exports, grouped as ``__all__`` is:
 
 - the hook contract: ``hookimpl``, every type a hook passes or returns (``Runtime``, ``Session``, ``Envelope``,
   ``QueuedMessage``, ``AttemptContext``, ``AuthResult``, ``OutboundConnector``...), the verdicts, the outcome and
-  policy types, ``StashKey`` and the stash keys the core fills (``DNSSEC_SELF_TEST``);
+  policy types, ``StashKey`` and the stash keys the core fills (``DNSSEC_SELF_TEST``), and what categorizer and
+  delivery hooks read of a message: its typed metadata (``MessageMeta``, with the ``extra`` keys a receive hook set
+  through ``IncomingMessage.set_meta``) and its headers (``MessageHeaders``);
 - configuration: ``setting``, ``ConfigRegistry``, ``ConnectorSetting``, ``Config``, ``ConfigError`` (what a
   plugin's validation raises) and the setting checks (``check_*`` for ``setting(check=...)``, ``is_hostname``...);
 - the process roles (``ROLE_MAIN``, ``ROLE_RECEIVER``, ``ROLE_COMMAND``; ``Runtime.role``);
@@ -31,6 +33,7 @@ from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.http import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter, HttpServer
 from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.metadata import MessageHeaders, MessageMeta
 from mxgate.core.migrations import MigrationRegistry
 from mxgate.core.model import (
     Accept,
@@ -121,6 +124,8 @@ __all__ = [
     "HttpRouter",
     "HttpServer",
     "IncomingMessage",
+    "MessageHeaders",
+    "MessageMeta",
     "MessageOptions",
     "MigrationRegistry",
     "MxgateError",

@@ -18,12 +18,12 @@ from mxgate import (
     IncomingMessage,
     Reject,
     Reply,
+    Runtime,
     Session,
     Verdict,
     hookimpl,
     setting,
 )
-from mxgate.core.runtime import Runtime
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from mxgate.core import checks
 from mxgate.core.delivery import DEFERRED, DELIVERED, Deliverer, OutgoingMessage
 from mxgate.core.messages import QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.model import Address
-from mxgate.core.outcomes import CalloutResult, CalloutVerdict, Destination
+from mxgate.core.outcomes import CalloutResult, CalloutVerdict
+from mxgate.core.routing import Unroutable, route_recipient
 
 if TYPE_CHECKING:
     from mxgate.core.runtime import Runtime
@@ -44,19 +44,13 @@ async def callout(
         size=0,
         message_id=None,
         held=False,
-        meta=(),
     )
-    route = await runtime.hooks.resolve_route(probe, recipient)
-    connector = runtime.config.outbound(route.connector) if route is not None else None
-    if route is None or connector is None or not connector.enabled:
+    decision = await route_recipient(runtime.hooks, runtime.config.outbound, probe, recipient)
+    if isinstance(decision, Unroutable):
         why = f"550 5.4.4 no outbound connector routes {recipient.domain}"
         return CalloutResult(rcpt, CalloutVerdict.REJECTED, why, "5.4.4")
-    smart = route.smart_hosts or connector.smart_hosts
-    if smart:
-        domain = checks.split_hostport(smart[0], connector.port)[0].lower()
-    else:
-        domain = recipient.domain.lower().rstrip(".")
-    destination = Destination(connector, domain, tuple(smart))
+    destination = decision.destination
+    connector = destination.connector
     message = OutgoingMessage(
         CALLOUT_QUEUE_ID,
         mail_from,

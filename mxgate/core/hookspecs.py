@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from mxgate.core.messages import QueuedMessage
+from mxgate.core.metadata import MessageHeaders
 from mxgate.core.migrations import MigrationRegistry
 from mxgate.core.model import Address, AuthResult, Envelope, IncomingMessage, Session, Verdict
 from mxgate.core.outcomes import (
@@ -213,7 +214,9 @@ def mxgate_receive_on_end_of_headers(session: Session, envelope: Envelope, messa
 
     Stops at the first non-None result.
 
-    :param message: headers so far; ``message.add_header()`` prepends a header to the queued message.
+    :param message: headers so far; ``message.add_header()`` prepends a header to the queued message,
+        ``message.set_meta(key, value)`` keeps plugin metadata with it (``message.meta.extra`` in categorizer and
+        delivery hooks).
     :returns: ``None`` to abstain, or a Verdict (the body is then read and discarded).
     """
 
@@ -225,7 +228,9 @@ def mxgate_receive_on_end_of_data(session: Session, envelope: Envelope, message:
     Stops at the first non-None result. If nobody rejects, the message is written to the queue and fsync'ed,
     and only then answered ``250 2.0.0 Ok: queued as <id>``.
 
-    :param message: the whole message; ``message.add_header()`` prepends a header.
+    :param message: the whole message; ``message.add_header()`` prepends a header, ``message.set_meta(key,
+        value)`` keeps plugin metadata with the queued message (``message.meta.extra[key]`` for categorizer and
+        delivery hooks; keys 1-64 of ``A-Z a-z 0-9 _ . : -``, prefixed with the plugin's name).
     :returns: ``None`` to abstain, or a Verdict.
     """
 
@@ -240,18 +245,37 @@ def mxgate_receive_on_disconnect(session: Session) -> None:
 # ============================================================================================================
 
 
+# Every categorizer hook may also declare ``headers``: the message's header section as a read-only
+# :class:`~mxgate.core.metadata.MessageHeaders` (case-insensitive ``headers.get("X-Route-To")``, ``get_all``, parsed
+# once per delivery round and only if read). Receive-time facts are typed on the message: ``message.meta`` is a
+# :class:`~mxgate.core.metadata.MessageMeta` (``listener``, ``inbound_connector``, ``client_ip``, ``helo``,
+# ``tls_version``, ``auth_user``, ``internal``...), and ``message.meta.extra`` holds the keys receive hooks set with
+# ``IncomingMessage.set_meta(key, value)`` at end of headers or end of data. The core's categorizer is
+# :mod:`mxgate.core.routing`.
+
+
 @hookspec
-def mxgate_categorizer_on_submitted_message(message: QueuedMessage) -> None:
+def mxgate_categorizer_on_submitted_message(message: QueuedMessage, headers: MessageHeaders) -> None:
     """Called when a queued message is first picked up for routing. Notification only (raising changes
-    nothing for the message)."""
+    nothing for the message).
+
+    :param message: the queued message; ``message.meta`` its receive-time metadata.
+    :param headers: its header section, read-only.
+    """
 
 
 @hookspec(firstresult=True)
-def mxgate_categorizer_resolve_recipient(message: QueuedMessage, recipient: Address) -> Sequence[Address] | None:
+def mxgate_categorizer_resolve_recipient(
+    message: QueuedMessage, recipient: Address, headers: MessageHeaders
+) -> Sequence[Address] | None:
     """Rewrite or expand one recipient (aliases, distribution lists).
 
-    Stops at the first non-None result.
+    Stops at the first non-None result. Not asked for the recipients of an expansion (``message.meta.categorized``):
+    the new addresses go into a message of their own, and the original recipient is recorded as delivered.
 
+    :param message: the queued message; ``message.meta`` its receive-time metadata.
+    :param recipient: one due recipient.
+    :param headers: the message's header section, read-only.
     :returns: ``None`` to keep the recipient, or the addresses that replace it (may be empty: drop it).
 
     Raising is as returning None: the next implementation is asked, else the recipient stays as it is.
@@ -259,14 +283,21 @@ def mxgate_categorizer_resolve_recipient(message: QueuedMessage, recipient: Addr
 
 
 @hookspec(firstresult=True)
-def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address) -> Route | None:
+def mxgate_categorizer_resolve_route(
+    message: QueuedMessage, recipient: Address, headers: MessageHeaders
+) -> Route | None:
     """Choose the outbound connector for one recipient: the routing override.
 
     Stops at the first non-None result. The built-in ``trylast`` implementation picks the connector whose
     ``recipient_domains`` match most specifically (exact > ``*.example.com`` > ``*``; then ``cost``, then order).
+    A route naming an outbound connector that does not exist or is disabled fails the recipient (``550 5.4.4``).
     Also asked for recipient callouts (``Runtime.callout``) at RCPT time, with a message that is not in the queue
-    (``message.id == "callout"``, the envelope sender of the callout, no meta).
+    (``message.id == "callout"``, the envelope sender of the callout, empty meta and headers).
 
+    :param message: the queued message; ``message.meta`` its receive-time metadata (the inbound connector it came
+        in through: ``message.meta.inbound_connector``).
+    :param recipient: one due recipient.
+    :param headers: the message's header section, read-only.
     :returns: a Route, or ``None`` to let later implementations decide.
 
     Raising is as returning None: the next implementation (in the end the built-in one) decides.
@@ -274,8 +305,14 @@ def mxgate_categorizer_resolve_route(message: QueuedMessage, recipient: Address)
 
 
 @hookspec
-def mxgate_categorizer_on_routed_message(message: QueuedMessage, routes: Sequence[tuple[Address, Route]]) -> None:
-    """Called after every recipient of a message has a route. Notification only."""
+def mxgate_categorizer_on_routed_message(
+    message: QueuedMessage, routes: Sequence[tuple[Address, Route]], headers: MessageHeaders
+) -> None:
+    """Called after every due recipient of a message has a route. Notification only.
+
+    :param routes: each routed recipient with its route (recipients expanded or without a route are not in it).
+    :param headers: the message's header section, read-only.
+    """
 
 
 # ============================================================================================================

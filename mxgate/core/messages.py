@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
+from mxgate.core.metadata import NO_META, MessageMeta
 from mxgate.core.model import DsnRet
 
 __all__ = [
@@ -88,7 +89,7 @@ class QueuedMessage:
     size: int
     message_id: str | None  # Message-ID header
     held: bool
-    meta: tuple[tuple[str, str], ...]  # client ip, connector, tls, envid...
+    meta: MessageMeta = NO_META  # receive-time facts (client, inbound connector, TLS, AUTH...) and plugin keys
     leased_until: float = 0.0  # unix time; <= now means not leased
     finished_at: float | None = None  # set when every recipient is final (tombstone)
     options: MessageOptions = NO_OPTIONS  # DSN RET/ENVID, REQUIRETLS
@@ -110,6 +111,3 @@ class QueuedMessage:
 
     def recipient(self, address: str) -> QueuedRecipient | None:
         return next((r for r in self.recipients if r.address == address), None)
-
-    def meta_value(self, key: str) -> str | None:
-        return next((v for k, v in self.meta if k == key), None)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar, cast
 
+from mxgate.core.metadata import check_extra_key
+
 T = TypeVar("T")
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\Z")
@@ -257,9 +259,10 @@ class HeaderEdit:
 
 
 class IncomingMessage:
-    """The message at end of headers / end of data: read-only content, plus a controlled way to add headers."""
+    """The message at end of headers / end of data: read-only content, plus a controlled way to add headers and
+    to keep plugin metadata with the queued message (:meth:`set_meta`)."""
 
-    __slots__ = ("_added", "data", "headers")
+    __slots__ = ("_added", "_meta", "data", "headers")
 
     _HEADER_NAME = re.compile(r"^[!-9;-~]+\Z")  # RFC 5322 ftext
 
@@ -267,6 +270,7 @@ class IncomingMessage:
         self.data = data
         self.headers = headers
         self._added: list[HeaderEdit] = []
+        self._meta: dict[str, str] = {}
 
     def get_header(self, name: str) -> str | None:
         lname = name.lower()
@@ -286,6 +290,21 @@ class IncomingMessage:
     @property
     def added_headers(self) -> tuple[HeaderEdit, ...]:
         return tuple(self._added)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep ``value`` with the queued message under ``key``, for categorizer and delivery hooks to read as
+        ``message.meta.extra[key]`` (:class:`~mxgate.core.metadata.MessageMeta`). Keys are 1-64 of ``A-Z a-z 0-9
+        _ . : -``; prefix them with the plugin's name. Set at end of headers or end of data; a later call for
+        the same key replaces the value."""
+        check_extra_key(key)
+        if not isinstance(value, str):
+            raise TypeError(f"metadata value must be a str, got {type(value).__name__}")
+        self._meta[key] = value
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The metadata plugins set so far (a copy)."""
+        return dict(self._meta)
 
 
 @dataclass(frozen=True, slots=True)

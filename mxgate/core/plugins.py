@@ -27,6 +27,7 @@ import pluggy
 
 from mxgate.core import hookspecs
 from mxgate.core.errors import PluginError
+from mxgate.core.metadata import MessageHeaders
 from mxgate.core.model import VERDICT_TYPES, Address, Envelope, IncomingMessage, Session, Verdict
 from mxgate.core.outcomes import (
     DeliveryReport,
@@ -356,6 +357,10 @@ def collect_registry(dispatcher: Dispatcher) -> ConfigRegistry:
     return registry
 
 
+def _view(headers: MessageHeaders | None) -> MessageHeaders:
+    return headers if headers is not None else MessageHeaders()
+
+
 class Hooks:
     """Typed facade: one method per hook, so every call site is checked (tox's ``Plugin`` class)."""
 
@@ -468,24 +473,30 @@ class Hooks:
     async def on_disconnect(self, session: Session) -> None:
         await self._call("mxgate_receive_on_disconnect", session=session)
 
-    # categorizer
-    async def on_submitted_message(self, message: QueuedMessage) -> None:
-        await self._call("mxgate_categorizer_on_submitted_message", message=message)
+    # categorizer (``headers``: the message's header view; a callout's message has none)
+    async def on_submitted_message(self, message: QueuedMessage, headers: MessageHeaders | None = None) -> None:
+        await self._call("mxgate_categorizer_on_submitted_message", message=message, headers=_view(headers))
 
-    async def resolve_recipient(self, message: QueuedMessage, recipient: Address) -> Sequence[Address] | None:
+    async def resolve_recipient(
+        self, message: QueuedMessage, recipient: Address, headers: MessageHeaders | None = None
+    ) -> Sequence[Address] | None:
         result: Sequence[Address] | None = await self._call(
-            "mxgate_categorizer_resolve_recipient", message=message, recipient=recipient
+            "mxgate_categorizer_resolve_recipient", message=message, recipient=recipient, headers=_view(headers)
         )
         return result
 
-    async def resolve_route(self, message: QueuedMessage, recipient: Address) -> Route | None:
+    async def resolve_route(
+        self, message: QueuedMessage, recipient: Address, headers: MessageHeaders | None = None
+    ) -> Route | None:
         result: Route | None = await self._call(
-            "mxgate_categorizer_resolve_route", message=message, recipient=recipient
+            "mxgate_categorizer_resolve_route", message=message, recipient=recipient, headers=_view(headers)
         )
         return result
 
-    async def on_routed_message(self, message: QueuedMessage, routes: Sequence[tuple[Address, Route]]) -> None:
-        await self._call("mxgate_categorizer_on_routed_message", message=message, routes=routes)
+    async def on_routed_message(
+        self, message: QueuedMessage, routes: Sequence[tuple[Address, Route]], headers: MessageHeaders | None = None
+    ) -> None:
+        await self._call("mxgate_categorizer_on_routed_message", message=message, routes=routes, headers=_view(headers))
 
     # delivery
     async def resolve_next_hop(self, destination: Destination) -> NextHop | None:

@@ -7,7 +7,7 @@ Built by :mod:`mxgate.core.engine`; tests build one directly with :func:`Runtime
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from mxgate.core.callout import callout
 from mxgate.core.config import Config
 from mxgate.core.files import private_dir
+from mxgate.core.metadata import MessageMeta, MetaInput
 from mxgate.core.model import Address, Stash, StashKey
 from mxgate.core.plugins import Dispatcher, Hooks, PluginSet
 from mxgate.core.tracking import TrackingLog
@@ -69,13 +70,21 @@ class Runtime:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         options: MessageOptions | None = None,
     ) -> str:
-        """Queue a received message; returns its queue id once it is on disk (the receive side's one door).
-        ``recipients`` carry their DSN parameters, ``options`` the message's (RET, ENVID, REQUIRETLS)."""
+        """Queue a message; returns its queue id once it is on disk. The one door into the queue: the receive
+        side, the scheduler's DSNs and expansions, and plugins that send mail of their own (reports) all come here.
+
+        ``recipients`` are addresses (``"user@example.org"``) or ``NewRecipient`` with their DSN parameters;
+        ``data`` the message, headers included, CRLF line ends; ``meta`` a :class:`~mxgate.MessageMeta` (e.g.
+        ``MessageMeta(origin="myplugin", tls_required_no=True)``), or ``None``; ``options`` the message's RET,
+        ENVID and REQUIRETLS (:class:`~mxgate.MessageOptions`); ``now`` the arrival time (``runtime.clock()``).
+        ``meta`` also takes the queue's ``(key, value)`` pairs (:meth:`MessageMeta.from_pairs`), for callers
+        written before the type."""
+        meta = MessageMeta.of(meta)
         if self.enqueue is not None:
             queue_id: str = await self.enqueue(
                 sender, recipients, data, meta=meta, message_id=message_id, now=now, options=options

@@ -49,7 +49,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Final
 
@@ -57,6 +57,7 @@ from mxgate.core import bootstrap, logs
 from mxgate.core.bootstrap import Source
 from mxgate.core.errors import MxgateError, WorkerError
 from mxgate.core.messages import MessageOptions, NewRecipient
+from mxgate.core.metadata import MessageMeta, MetaInput
 from mxgate.core.plugins import HookCallError, HookStats
 from mxgate.core.queue.store import QueueFullError
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
@@ -139,7 +140,7 @@ class _Channel:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         options: MessageOptions | None = None,
@@ -155,7 +156,7 @@ class _Channel:
                 "r": request,
                 "f": sender,
                 "t": [r if isinstance(r, str) else [r.address, r.dsn_notify, r.orcpt] for r in recipients],
-                "m": list(meta),
+                "m": MessageMeta.of(meta).to_pairs(),
                 "i": message_id,
                 "n": now,
                 "o": options.to_json() if options is not None else None,
@@ -433,7 +434,7 @@ class ReceiveWorkers:
                 head["f"],
                 recipients,
                 data,
-                meta=[tuple(m) for m in head["m"]],
+                meta=MessageMeta.from_pairs(tuple(m) for m in head["m"]),
                 message_id=head["i"],
                 now=head["n"],
                 options=MessageOptions.from_json(head["o"]) if head.get("o") else None,

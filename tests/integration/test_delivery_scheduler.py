@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest
 from mxgate.core import bootstrap, tracking
 from mxgate.core.cli import main as cli_main
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.messages import RecipientStatus
-from mxgate.core.model import Address
+from mxgate.core.messages import MessageOptions, RecipientStatus
+from mxgate.core.metadata import MessageMeta
+from mxgate.core.model import Address, DsnRet
 from mxgate.core.outcomes import DeliveryReport, Route
 from mxgate.core.queue.scheduler import Scheduler
 from mxgate.core.queue.store import QueueStore
@@ -230,6 +232,39 @@ async def test_routing_specificity_override_and_expansion(env: Callable[[str], A
         assert msg is not None and msg.is_final
         assert "expanded" in (msg.recipient("list@example.test").last_error or "expanded")  # type: ignore[union-attr]
         assert any("z@override.test->special" in r for r in agent.routed[0])
+
+
+async def test_expansions_and_dsns_go_through_runtime_submit_typed(env: Callable[[str], Awaitable[Env]]) -> None:
+    """One door into the queue: the split message of an expansion and a DSN are queued with ``runtime.submit``;
+    the split message keeps the original's metadata (marked categorized, with where it came from) and its
+    options (REQUIRETLS, RET, ENVID travel with the content)."""
+    async with SmtpSink() as sink:
+        runtime, sched, agent, clock, _ = await env(_relay(sink))
+        agent.expand = {"list@x.test": ["m1@x.test"]}
+        agent.reroute = {"nowhere.test": "no-such-connector"}
+        queue = runtime.queue
+        assert queue is not None
+        submitted: list[tuple[str, MessageMeta]] = []
+
+        async def enqueue(sender: str, recipients: Any, data: bytes, **kw: Any) -> str:
+            submitted.append((sender, kw["meta"]))
+            return await queue.put(sender, recipients, data, **kw)
+
+        runtime.enqueue = enqueue
+        received = MessageMeta(listener="smtp", inbound_connector="partner", client_ip="192.0.2.9", extra={"a.b": "c"})
+        options = MessageOptions(DsnRet.HDRS, "ENV-7")
+        qid = await runtime.submit(
+            "a@sender.test", ["list@x.test", "b@nowhere.test"], BODY, meta=received, now=clock.now, options=options
+        )
+        await _round(sched)
+        split_meta = replace(received, categorized=True, expanded_from=(qid, "list@x.test"))
+        assert submitted[:2] == [("a@sender.test", received), ("a@sender.test", split_meta)]
+        assert submitted[2] == ("", MessageMeta(dsn_for=qid))  # b@nowhere.test: no such connector, a bounce
+        split = [m for m in await queue.list() if m.meta.expanded_from]
+        assert len(split) == 1 and split[0].meta == split_meta and split[0].options == options
+        await _round(sched)
+        assert sorted(m.rcpt_tos for m in sink.messages) == [("a@sender.test",), ("m1@x.test",)]  # DSN, split
+        assert agent.submitted[0] == qid and split[0].id in agent.submitted  # its own first pick-up
 
 
 async def test_restart_makes_leased_attempts_due_again_once(env: Callable[[str], Awaitable[Env]]) -> None:

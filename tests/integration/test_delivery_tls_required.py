@@ -73,7 +73,7 @@ async def test_recipient_policy_failure_blocks_ordinary_mail_but_not_tls_require
 
 
 def test_tls_required_header_and_meta() -> None:
-    assert tls_required_no("no", b"")
-    assert tls_required_no(None, b"Subject: x\r\nTLS-Required:  No\r\n\r\nTLS-Required: yes\r\n")
-    assert not tls_required_no(None, b"Subject: x\r\n\r\nTLS-Required: No\r\n")  # in the body: not a header
-    assert not tls_required_no(None, b"TLS-Required: yes\r\n\r\n")
+    assert tls_required_no(True, b"")
+    assert tls_required_no(False, b"Subject: x\r\nTLS-Required:  No\r\n\r\nTLS-Required: yes\r\n")
+    assert not tls_required_no(False, b"Subject: x\r\n\r\nTLS-Required: No\r\n")  # in the body: not a header
+    assert not tls_required_no(False, b"TLS-Required: yes\r\n\r\n")

@@ -89,7 +89,7 @@ async def test_swaks_starttls_received_header_and_auth(mxgate_gateway: Start, te
     msgs = await queued(gw)
     body = await gw.runtime.queue.body(msgs[0].id)  # type: ignore[union-attr]
     assert b"(using TLSv1.3 with cipher" in body and b"with ESMTPSA id" in body
-    assert msgs[0].meta_value("auth_user") == "alice" and msgs[0].meta_value("tls") == "TLSv1.3"
+    assert msgs[0].meta.auth_user == "alice" and msgs[0].meta.tls_version == "TLSv1.3"
     receive = [r for r in read_records(gw.state_dir) if r.event == "RECEIVE"]
     assert receive[0].get("tls") == "TLSv1.3" and receive[0].get("cipher")
 
@@ -141,7 +141,7 @@ async def test_client_certificate_selects_connector(mxgate_gateway: Start, test_
                             "--from", "a@partner.test", to="x@relayed.com")  # fmt: skip
     assert code == 0 and "queued as" in out, out
     msgs = await queued(gw)
-    assert [m.meta_value("connector") for m in msgs] == ["partner"]
+    assert [m.meta.inbound_connector for m in msgs] == ["partner"]
 
 
 # --- raw socket: smuggling, STARTTLS injection, limits ------------------------------------------------------------

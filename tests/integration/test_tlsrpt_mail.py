@@ -136,7 +136,7 @@ async def test_mailed_report_arrives_as_signed_multipart_report(tmp_path: Path) 
             (queued,) = await queue.list()
             assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
             assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
-            assert queued.meta_value("tls_required") == "no"
+            assert queued.meta.tls_required_no and queued.meta.origin == "tlsrpt"
             data = await queue.body(queued.id)
         finally:
             await svc.close()
@@ -433,8 +433,8 @@ def test_cli_send_queues_a_mailed_report_through_the_gateway_door(
             (queued,) = await queue.list()
             assert queued.sender == f"tlsrpt-noreply@{SUBMITTER}"
             assert [r.address for r in queued.recipients] == ["tlsrpt@example.org"]
-            assert queued.meta_value("origin") == "tlsrpt"
-            assert queued.meta_value("tls_required") == "no"
+            assert queued.meta.origin == "tlsrpt"
+            assert queued.meta.tls_required_no
             data = await queue.body(queued.id)
         finally:
             await queue.close()

@@ -25,6 +25,7 @@ CONTRACT = frozenset(
         "mxgate.core.errors",
         "mxgate.core.hookspecs",
         "mxgate.core.messages",
+        "mxgate.core.metadata",
         "mxgate.core.migrations",
         "mxgate.core.model",
         "mxgate.core.outcomes",

@@ -363,10 +363,17 @@ async def test_mxgate_gateway_loads_a_plugin_file_as_its_docstring_says(mxgate_g
         await mxgate_gateway('[plugins]\nload = ["my_plugin.py:MyPlugin"]\n')
 
 
-def test_the_pytest_plugin_registers_the_integration_marker() -> None:
-    """The example plugin's tests use ``@pytest.mark.integration``; run on their own (its pyproject, not mxgate's)
+@pytest.mark.parametrize(
+    ("name", "a_test"),
+    [
+        ("header-stamp", "test_accepted_mail_arrives_stamped"),
+        ("route-by-header", "test_trusted_mail_goes_where_its_header_says"),
+    ],
+)
+def test_the_pytest_plugin_registers_the_integration_marker(name: str, a_test: str) -> None:
+    """The example plugins' tests use ``@pytest.mark.integration``; run on their own (its pyproject, not mxgate's)
     under --strict-markers, they collect because mxgate's pytest plugin registers the marker."""
-    example = ROOT / "examples" / "header-stamp"
+    example = ROOT / "examples" / name
     args = ["-c", "pyproject.toml", "--rootdir", ".", "--strict-markers", "-p", "no:cacheprovider", "--collect-only"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *args, "-q", "tests"],
@@ -376,7 +383,7 @@ def test_the_pytest_plugin_registers_the_integration_marker() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "test_accepted_mail_arrives_stamped" in proc.stdout
+    assert a_test in proc.stdout
 
 
 ARCHIVE_PLUGIN = """

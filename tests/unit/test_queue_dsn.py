@@ -9,6 +9,7 @@ from email.message import Message
 import pytest
 
 from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
+from mxgate.core.metadata import NO_META, MessageMeta
 from mxgate.core.model import DsnRet
 from mxgate.core.queue import DSN_ENVELOPE_SENDER, DsnRecipient, build_dsn, is_auto_message
 
@@ -28,7 +29,7 @@ ENV_42 = MessageOptions(envid="ENV-42")
 def original(
     sender: str = "alice@example.org",
     notify: str | None = None,
-    meta: tuple[tuple[str, str], ...] = (),
+    meta: MessageMeta = NO_META,
     options: MessageOptions = ENV_42,
 ) -> QueuedMessage:
     def rcpt(addr: str, status: RecipientStatus, orcpt: str | None = None) -> QueuedRecipient:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mxgate.core.messages import NewRecipient, RecipientStatus
+from mxgate.core.metadata import MessageMeta
 from mxgate.core.queue import MessageNotFoundError, QueueError, QueueFullError, QueueStore, RecipientResult
 from mxgate.core.queue.store import DB_NAME, SCHEMA_VERSION
 
@@ -45,7 +46,7 @@ async def test_put_get_body_round_trip(store: QueueStore) -> None:
             NewRecipient("c@example.net", dsn_notify="FAILURE,DELAY", orcpt="rfc822;C@example.net"),
         ],
         BODY,
-        meta=(("client_ip", "192.0.2.1"), ("connector", "internet")),
+        meta=MessageMeta(client_ip="192.0.2.1", inbound_connector="internet", extra={"agent.tag": "x"}),
         message_id="<m1@example.org>",
         now=NOW,
     )
@@ -63,8 +64,8 @@ async def test_put_get_body_round_trip(store: QueueStore) -> None:
     assert msg.size == len(BODY)
     assert msg.message_id == "<m1@example.org>"
     assert msg.held is False
-    assert msg.meta == (("client_ip", "192.0.2.1"), ("connector", "internet"))
-    assert msg.meta_value("connector") == "internet"
+    assert msg.meta == MessageMeta(client_ip="192.0.2.1", inbound_connector="internet", extra={"agent.tag": "x"})
+    assert msg.meta.inbound_connector == "internet" and msg.meta.extra["agent.tag"] == "x"
     assert msg.next_attempt == NOW
     assert msg.is_final is False
     assert msg.finished_at is None
@@ -510,7 +511,7 @@ async def test_put_leased_returns_the_stored_message_leased(store: QueueStore) -
         "a@example.org",
         ["b@example.net", NewRecipient("c@example.net", dsn_notify="NEVER"), "b@example.net"],
         BODY,
-        meta=(("client_ip", "192.0.2.1"),),
+        meta=MessageMeta(client_ip="192.0.2.1"),
         message_id="<m1@example.org>",
         now=NOW,
         lease_seconds=900,
@@ -648,3 +649,69 @@ async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / DB_NAME)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+# --- message metadata: typed in memory, the same (key, value) pairs on disk as before ----------------------------
+
+
+async def test_metadata_written_by_the_previous_version_loads_typed(tmp_path: Path) -> None:
+    """A queue written before ``MessageMeta`` (string pairs in the ``meta`` column, as the receive side, the
+    scheduler's DSNs and expansions and TLS-RPT wrote them) opens and reads as typed values; nothing is lost."""
+    import json
+
+    s = await QueueStore.open(tmp_path)
+    received = await s.put("s@example.net", ["a@example.org"], b"x\r\n", now=5.0)
+    report = await s.put("s@example.net", ["b@example.org"], b"x\r\n", now=5.0)
+    expansion = await s.put("s@example.net", ["c@example.org"], b"x\r\n", now=5.0)
+    dsn = await s.put("", ["s@example.net"], b"x\r\n", now=5.0)
+    await s.close()
+    old = {
+        received: [["client_ip", "192.0.2.7"], ["helo", "mx.example.net"], ["listener", "smtp"],
+                   ["connector", "partner"], ["session", "01ABC"], ["body", "8BITMIME"], ["smtputf8", "yes"],
+                   ["tls", "TLSv1.3"], ["cipher", "TLS_AES_256_GCM_SHA384"], ["auth_user", "alice"],
+                   ["internal", "yes"], ["future_key", "kept"]],
+        report: [["origin", "tlsrpt"], ["tls_required", "no"]],
+        expansion: [["client_ip", "192.0.2.7"], ["body", "7BIT"], ["categorized", "1"],
+                    ["expanded_from", f"{received} list@example.org"]],
+        dsn: [["dsn_for", received]],
+    }  # fmt: skip
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    with conn:
+        for msg_id, pairs in old.items():
+            conn.execute("UPDATE messages SET meta = ? WHERE id = ?", (json.dumps(pairs), msg_id))
+    conn.close()
+    s = await QueueStore.open(tmp_path)
+    try:
+        got = {m.id: m.meta for m in await s.list()}
+        assert got[received] == MessageMeta(
+            listener="smtp",
+            inbound_connector="partner",
+            session="01ABC",
+            client_ip="192.0.2.7",
+            helo="mx.example.net",
+            tls_version="TLSv1.3",
+            tls_cipher="TLS_AES_256_GCM_SHA384",
+            auth_user="alice",
+            internal=True,
+            body_8bit=True,
+            smtputf8=True,
+            extra={"future_key": "kept"},
+        )
+        assert got[report] == MessageMeta(origin="tlsrpt", tls_required_no=True)
+        assert got[expansion] == MessageMeta(
+            client_ip="192.0.2.7", categorized=True, expanded_from=(received, "list@example.org")
+        )
+        assert got[dsn] == MessageMeta(dsn_for=received)
+        # and written back as the same pairs, which an older version reads (a plugin's key under "extra.")
+        for msg_id, pairs in old.items():
+            expected = {(k, v) if k != "future_key" else ("extra.future_key", v) for k, v in pairs}
+            assert set(got[msg_id].to_pairs()) == expected - {("body", "7BIT")}
+    finally:
+        await s.close()
+
+
+async def test_metadata_pairs_are_still_accepted_by_put(store: QueueStore) -> None:
+    """Callers written before the type (``meta=[("origin", "x"), ...]``) get the typed value back."""
+    msg_id = await store.put("s@example.net", ["a@example.org"], b"x\r\n", now=5.0, meta=[("tls_required", "no")])
+    msg = await store.get(msg_id)
+    assert msg is not None and msg.meta == MessageMeta(tls_required_no=True)

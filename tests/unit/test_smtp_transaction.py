@@ -51,7 +51,7 @@ def test_prepare_builds_the_submission() -> None:
     assert sub.data.startswith(b"X-Added: 1\r\nReceived: from client.example (unknown [192.0.2.7])\r\n")
     assert b"with ESMTPSA id abc1.1\r\n\tfor <u@example.org>;" in sub.data
     assert sub.data.endswith(b"\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n")
-    assert dict(sub.meta) == {
+    assert dict(sub.meta.to_pairs()) == {
         "client_ip": "192.0.2.7",
         "helo": "client.example",
         "listener": "smtp",

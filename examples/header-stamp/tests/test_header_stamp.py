@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mxgate_header_stamp import HeaderStamp, HeaderStampConfig
 
-from mxgate.core.errors import ConfigError
+from mxgate import ConfigError
 from mxgate.testing.gateway import TestGateway, running_gateway
 from mxgate.testing.sinks import SinkFactory
 

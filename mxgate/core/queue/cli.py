@@ -239,7 +239,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"sender:      {escape(msg.sender or '<>')}")
     print(f"size:        {msg.size}")
     print(f"message-id:  {escape(msg.message_id or '-')}")
-    for key, value in msg.meta:
+    for key, value in msg.meta.to_pairs():
         print(f"meta:        {escape(key)}={escape(value)}")
     opts = msg.options
     if opts.dsn_ret is not None or opts.envid is not None:

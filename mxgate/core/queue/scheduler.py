@@ -4,17 +4,17 @@ One background task per gateway (:meth:`Scheduler.run`). Each round it leases th
 (:meth:`QueueStore.lease_due`, so a CLI ``queue flush`` from another process simply makes messages due), and for
 each message:
 
-1. categorizer hooks: ``on_submitted_message`` (first pick-up only), ``resolve_recipient`` per recipient (a
-   rewrite or expansion is *bifurcated*: the new addresses go into a new queued message, marked categorized,
-   and the original recipient is recorded as delivered "expanded"), ``resolve_route`` (firstresult; the core's
-   ``trylast`` default is the most specific connector), ``on_routed_message``;
-2. recipients grouped by :class:`~mxgate.core.outcomes.Destination` (connector + domain, or the connector's smart
+1. the categorizer (:func:`mxgate.core.routing.categorize`: ``on_submitted_message``, ``resolve_recipient``,
+   ``resolve_route``, ``on_routed_message``) returns a plan; the scheduler acts on it: an expansion is
+   *bifurcated* (the new addresses go into a new message queued through ``runtime.submit``, marked categorized,
+   and the original recipient is recorded as delivered "expanded"), an unroutable recipient fails (5.4.4);
+2. the plan's groups by :class:`~mxgate.core.outcomes.Destination` (connector + domain, or the connector's smart
    hosts): one transaction per group, under a per-connector and a per-destination semaphore;
 3. results recorded with the connector's retry schedule (``retry_first``/``retry_max``/``give_up_after``);
    deferrals past ``give_up_after`` fail;
 4. ``on_delivered``/``on_deferred``/``on_failed`` per recipient, tracking-log events, metrics events; a DSN
-   (RFC 3464) for final failures and an optional delay warning, queued with the null sender (never to the null
-   sender, never for a report or an auto-submitted message: no loops).
+   (RFC 3464) for final failures and an optional delay warning, queued through ``runtime.submit`` with the null
+   sender (never to the null sender, never for a report or an auto-submitted message: no loops).
 
 A message the receive side accepts takes a short cut (:meth:`Scheduler.enqueue`): when fewer than ``batch``
 messages are in flight it is queued *leased* (one transaction) and its delivery starts from memory, so it is
@@ -35,12 +35,12 @@ import contextlib
 import logging
 import random
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from mxgate.connectors.outbound import OutboundConnector
-from mxgate.core import checks
+from mxgate.core import routing
 from mxgate.core.delivery import (
     DEFERRED,
     DELIVERED,
@@ -51,38 +51,27 @@ from mxgate.core.delivery import (
     RecipientOutcome,
 )
 from mxgate.core.messages import MessageOptions, NewRecipient, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.model import Address, DsnNotify, RecipientDsn
-from mxgate.core.outcomes import DeliveryReport, Destination, Route
+from mxgate.core.metadata import MessageHeaders, MessageMeta, MetaInput
+from mxgate.core.model import DsnNotify, RecipientDsn
+from mxgate.core.outcomes import DeliveryReport, Destination
 from mxgate.core.queue.dsn import build_dsn
 from mxgate.core.queue.retry import RetrySchedule
 from mxgate.core.queue.store import MessageNotFoundError, QueueError, QueueStore, RecipientResult
 from mxgate.core.runtime import Runtime
 from mxgate.core.tracking import TrackEvent
 
-__all__ = ["Scheduler", "parse_address", "schedule_for"]
+__all__ = ["Scheduler", "schedule_for", "tls_required_no"]
 
 log = logging.getLogger(__name__)
 
-META_CATEGORIZED = "categorized"
-META_EXPANDED_FROM = "expanded_from"
-META_DSN_FOR = "dsn_for"
 RELEASE_RETRY_FIRST = 1.0  # seconds before the first retry of a lease release the store refused
 RELEASE_RETRY_MAX = 30.0
 
 
-def parse_address(text: str) -> Address:
-    if not text:
-        return Address.null()
-    local, at, domain = text.rpartition("@")
-    if not at:
-        return Address(text, "")
-    return Address(local, domain)
-
-
-def tls_required_no(meta_value: str | None, body: bytes) -> bool:
-    """RFC 8689: the sender asked that recipient-side TLS policies not block this message (meta from a plugin
-    such as TLS-RPT, or a ``TLS-Required: No`` header in the message)."""
-    if (meta_value or "").lower() == "no":
+def tls_required_no(asked: bool, body: bytes) -> bool:
+    """RFC 8689: the sender asked that recipient-side TLS policies not block this message (``asked``: the
+    message's ``meta.tls_required_no``, set by a plugin such as TLS-RPT; or a ``TLS-Required: No`` header in it)."""
+    if asked:
         return True
     end = body.find(b"\r\n\r\n")
     for line in (body if end < 0 else body[:end]).split(b"\r\n"):
@@ -187,7 +176,7 @@ class Scheduler:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         options: MessageOptions | None = None,
@@ -348,10 +337,10 @@ class Scheduler:
             self._release_later(msg.id)
 
     async def process(self, msg: QueuedMessage, body: bytes | None = None) -> None:
-        """Categorize and deliver the due recipients of one leased message, record and report the results.
-        ``body``: the message data when the caller has it (a message just received); read from the store
-        otherwise."""
-        runtime, queue, hooks, tracking = self.runtime, self.queue, self.runtime.hooks, self.runtime.tracking
+        """Categorize (:func:`mxgate.core.routing.categorize`) and deliver the due recipients of one leased message,
+        record and report the results. ``body``: the message data when the caller has it (a message just
+        received); read from the store otherwise."""
+        runtime, queue, tracking = self.runtime, self.queue, self.runtime.tracking
         now = runtime.clock()
         if body is None:
             try:
@@ -362,55 +351,31 @@ class Scheduler:
         if not pending:
             await queue.release_lease(msg.id)
             return
-        if all(r.attempts == 0 and r.route is None for r in msg.recipients):
-            await hooks.on_submitted_message(msg)
 
+        headers = MessageHeaders.of_message(body)
+        plan = await routing.categorize(runtime.hooks, runtime.config.outbound, msg, pending, headers)
         results: dict[str, RecipientResult] = {}
         outcomes: dict[str, RecipientOutcome] = {}
-        routes: list[tuple[Address, Route]] = []
-        new_routes: dict[str, str] = {}
-        groups: dict[Destination, list[str]] = {}
-        categorized = msg.meta_value(META_CATEGORIZED) == "1"
-        for r in pending:
-            addr = parse_address(r.address)
-            if not categorized:
-                expansion = await hooks.resolve_recipient(msg, addr)
-                if expansion is not None and [str(a) for a in expansion] != [r.address]:
-                    await self._expand(msg, r.address, [str(a) for a in expansion if not a.is_null], body, now)
-                    text = f"250 2.1.5 expanded into {len(expansion)} recipient(s)"
-                    results[r.address] = RecipientResult(r.address, RecipientStatus.DELIVERED, text, None)
-                    continue
-            route = await hooks.resolve_route(msg, addr)
-            connector = runtime.config.outbound(route.connector) if route is not None else None
-            if route is None or connector is None or not connector.enabled:
-                why = (
-                    f"550 5.4.4 no outbound connector routes {addr.domain or r.address}"
-                    if route is None
-                    else f"550 5.4.4 outbound connector {route.connector!r} does not exist or is disabled"
-                )
-                results[r.address] = RecipientResult(r.address, RecipientStatus.FAILED, why, None)
-                outcomes[r.address] = RecipientOutcome(r.address, FAILED, why, "5.4.4")
-                continue
-            routes.append((addr, route))
-            if r.route != connector.name:
-                new_routes[r.address] = connector.name
-            smart = route.smart_hosts or connector.smart_hosts
-            if smart:
-                domain = checks.split_hostport(smart[0], connector.port)[0].lower()
+        for decision in plan.decisions:
+            rcpt = decision.recipient
+            if isinstance(decision, routing.Expanded):
+                await self._expand(msg, rcpt, decision.new_recipients, body, now)
+                results[rcpt] = RecipientResult(rcpt, RecipientStatus.DELIVERED, decision.reply, None)
+            elif isinstance(decision, routing.Unroutable):
+                why = decision.reply
+                results[rcpt] = RecipientResult(rcpt, RecipientStatus.FAILED, why, None)
+                outcomes[rcpt] = RecipientOutcome(rcpt, FAILED, why, decision.status)
             else:
-                domain = addr.domain.lower().rstrip(".")
-            destination = Destination(connector, domain, tuple(smart))
-            groups.setdefault(destination, []).append(r.address)
-            tracking.write(
-                TrackEvent.ROUTE,
-                queue_id=msg.id,
-                message_id=msg.message_id,
-                recipient=r.address,
-                connector=connector.name,
-                destination=domain,
-            )
-        if routes:
-            await hooks.on_routed_message(msg, routes)
+                tracking.write(
+                    TrackEvent.ROUTE,
+                    queue_id=msg.id,
+                    message_id=msg.message_id,
+                    recipient=rcpt,
+                    connector=decision.destination.connector.name,
+                    destination=decision.destination.domain,
+                )
+        groups = plan.groups
+        new_routes = plan.route_changes(msg.recipients)
 
         jobs = [_Job(d, tuple(rcpts)) for d, rcpts in groups.items()]
         delivered = await asyncio.gather(*(self._deliver(msg, job, body) for job in jobs))
@@ -463,17 +428,17 @@ class Scheduler:
         return RecipientResult(out.recipient, RecipientStatus.DEFERRED, out.reply, nxt)
 
     async def _expand(self, msg: QueuedMessage, original: str, new: Sequence[str], body: bytes, now: float) -> None:
+        """Queue the addresses an expansion gave in a message of their own (through ``runtime.submit``), marked
+        categorized, with the original's metadata and options (REQUIRETLS, RET, ENVID stay with the content)."""
         if not new:
             self.runtime.tracking.write(
                 TrackEvent.ROUTE, queue_id=msg.id, message_id=msg.message_id, recipient=original, expanded_to=[]
             )
             return
-        meta = [
-            *((k, v) for k, v in msg.meta if k not in (META_CATEGORIZED, META_EXPANDED_FROM)),
-            (META_CATEGORIZED, "1"),
-            (META_EXPANDED_FROM, f"{msg.id} {original}"),
-        ]
-        new_id = await self.queue.put(msg.sender, list(new), body, meta=meta, message_id=msg.message_id, now=now)
+        meta = replace(msg.meta, categorized=True, expanded_from=(msg.id, original))
+        new_id = await self.runtime.submit(
+            msg.sender, list(new), body, meta=meta, message_id=msg.message_id, now=now, options=msg.options
+        )
         self.runtime.tracking.write(
             TrackEvent.ROUTE,
             queue_id=msg.id,
@@ -505,10 +470,10 @@ class Scheduler:
             data=body,
             received_at=msg.received_at,
             envid=msg.options.envid,
-            smtputf8=(msg.meta_value("smtputf8") or "").lower() in ("1", "true", "yes"),
-            body_8bit=(msg.meta_value("body") or "").upper() == "8BITMIME",
+            smtputf8=msg.meta.smtputf8,
+            body_8bit=msg.meta.body_8bit,
             # RFC 8689 §4.1: with REQUIRETLS the TLS-Required header field is ignored
-            tls_optional=not msg.requiretls and tls_required_no(msg.meta_value("tls_required"), body),
+            tls_optional=not msg.requiretls and tls_required_no(msg.meta.tls_required_no, body),
             dsn_ret=msg.options.dsn_ret,
             recipient_dsn=tuple(_recipient_dsn(msg.recipient(r)) for r in job.recipients),
             requiretls=msg.requiretls,
@@ -610,7 +575,7 @@ class Scheduler:
     async def _delay_warning(
         self,
         msg: QueuedMessage,
-        groups: dict[Destination, list[str]],
+        groups: Mapping[Destination, Sequence[str]],
         previous_attempt: float | None,
         now: float,
     ) -> None:
@@ -663,7 +628,9 @@ class Scheduler:
         if report is None:
             return
         options = MessageOptions(requiretls=True) if msg.requiretls else None
-        dsn_id = await queue.put("", [msg.sender], report, meta=[(META_DSN_FOR, msg.id)], now=now, options=options)
+        dsn_id = await self.runtime.submit(
+            "", [msg.sender], report, meta=MessageMeta(dsn_for=msg.id), now=now, options=options
+        )
         self.runtime.tracking.write(
             TrackEvent.DSN,
             queue_id=msg.id,

@@ -56,7 +56,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
@@ -71,6 +71,7 @@ from mxgate.core.messages import (
     QueuedRecipient,
     RecipientStatus,
 )
+from mxgate.core.metadata import NO_META, MessageMeta, MetaInput
 from mxgate.core.model import DsnRet
 
 __all__ = [
@@ -440,6 +441,15 @@ def _recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
     )
 
 
+def _meta_column(meta: MessageMeta) -> str:
+    """The ``meta`` column: a JSON list of ``[key, value]`` string pairs (the format of every schema version)."""
+    return json.dumps([list(item) for item in meta.to_pairs()])
+
+
+def _meta_from_column(text: str) -> MessageMeta:
+    return MessageMeta.from_pairs((str(k), str(v)) for k, v in json.loads(text)) if text != "[]" else NO_META
+
+
 def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
     return QueuedMessage(
         id=row["id"],
@@ -449,7 +459,7 @@ def _message_from_row(row: sqlite3.Row, recipients: tuple[QueuedRecipient, ...])
         size=row["size"],
         message_id=row["message_id"],
         held=bool(row["held"]),
-        meta=tuple((str(k), str(v)) for k, v in json.loads(row["meta"])),
+        meta=_meta_from_column(row["meta"]),
         leased_until=row["lease_until"],
         finished_at=row["finished_at"],
         options=(
@@ -873,7 +883,7 @@ class QueueStore:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         options: MessageOptions | None = None,
@@ -897,7 +907,7 @@ class QueueStore:
         recipients: Sequence[str | NewRecipient],
         data: bytes,
         *,
-        meta: Iterable[tuple[str, str]] = (),
+        meta: MetaInput = None,
         message_id: str | None = None,
         now: float,
         lease_seconds: float = 0.0,
@@ -905,7 +915,9 @@ class QueueStore:
     ) -> QueuedMessage:
         """:meth:`put`, returning the queued message; with ``lease_seconds`` it is leased in the same
         transaction, so the scheduler can deliver it from memory at once instead of finding it with
-        :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies)."""
+        :meth:`lease_due` and reading it back (the lease is released at start-up if the process dies).
+
+        ``meta``: a :class:`~mxgate.core.metadata.MessageMeta` (or the ``(key, value)`` pairs it is stored as)."""
         options = options or NO_OPTIONS
         rcpts: dict[str, NewRecipient] = {}
         for r in recipients:
@@ -913,8 +925,8 @@ class QueueStore:
             rcpts.setdefault(nr.address, nr)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
-        meta_items = tuple((str(k), str(v)) for k, v in meta)
-        meta_json = json.dumps([list(item) for item in meta_items])
+        meta_value = MessageMeta.of(meta)
+        meta_json = _meta_column(meta_value)
         headers = _header_section(data)
         writer = self._writer
         lease_until = now + lease_seconds if lease_seconds > 0 else 0.0
@@ -965,7 +977,7 @@ class QueueStore:
             size=len(data),
             message_id=message_id,
             held=False,
-            meta=meta_items,
+            meta=meta_value,
             leased_until=lease_until,
             options=options,
         )

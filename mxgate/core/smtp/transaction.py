@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mxgate.core.messages import MessageOptions, NewRecipient
+from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import Envelope, IncomingMessage, RecipientDsn, Reply, TlsState
 from mxgate.core.queue.store import QueueFullError
 from mxgate.core.smtp.session import R, ReceiveState
@@ -92,9 +93,11 @@ def message_of(raw: bytes, head: IncomingMessage | None) -> IncomingMessage:
     at end of headers (``head``: the message ``on_end_of_headers`` saw)."""
     j = raw.find(b"\r\n\r\n")
     message = IncomingMessage(raw, parse_headers(raw if j < 0 else raw[: j + 2]))
-    if head is not None:
+    if head is not None:  # headers a plugin added at end of headers, and metadata set then
         for edit in head.added_headers:
             message.add_header(edit.name, edit.value)
+        for key, value in head.meta.items():
+            message.set_meta(key, value)
     return message
 
 
@@ -105,32 +108,32 @@ class Submission:
     sender: str
     recipients: tuple[NewRecipient, ...]
     data: bytes  # headers plugins added + Received: + the message
-    meta: tuple[tuple[str, str], ...]
+    meta: MessageMeta
     message_id: str | None
     options: MessageOptions
     ident: str  # the Received: header's id: session id "." transaction number
     now: float
 
 
-def _meta(state: ReceiveState, envelope: Envelope, listener: str, session_id: str) -> tuple[tuple[str, str], ...]:
+def _meta(
+    state: ReceiveState, envelope: Envelope, message: IncomingMessage, listener: str, session_id: str
+) -> MessageMeta:
+    """What the queue keeps about this transaction (``message.meta`` for categorizer and delivery hooks)."""
     conn = state.tx_connector
-    meta: list[tuple[str, str]] = [
-        ("client_ip", state.peer_ip),
-        ("helo", state.helo or ""),
-        ("listener", listener),
-        ("connector", conn.name if conn else ""),
-        ("session", session_id),
-        ("body", envelope.body),
-    ]
-    if envelope.smtputf8:
-        meta.append(("smtputf8", "yes"))
-    if state.tls is not None:
-        meta += [("tls", state.tls.version), ("cipher", state.tls.cipher)]
-    if state.auth_user is not None:
-        meta.append(("auth_user", state.auth_user))
-    if conn is not None and conn.treat_as_internal:
-        meta.append(("internal", "yes"))
-    return tuple(meta)
+    return MessageMeta(
+        listener=listener,
+        inbound_connector=conn.name if conn else "",
+        session=session_id,
+        client_ip=state.peer_ip,
+        helo=state.helo or "",
+        tls_version=state.tls.version if state.tls is not None else None,
+        tls_cipher=state.tls.cipher if state.tls is not None else None,
+        auth_user=state.auth_user,
+        internal=conn is not None and conn.treat_as_internal,
+        body_8bit=envelope.body.upper() == "8BITMIME",
+        smtputf8=envelope.smtputf8,
+        extra=message.meta,
+    )
 
 
 def prepare(
@@ -165,7 +168,7 @@ def prepare(
         sender=str(envelope.mail_from),
         recipients=tuple(NewRecipient(r, d.notify_text, d.orcpt_text) for r, d in zip(recipients, dsn, strict=True)),
         data=added + received + message.data,
-        meta=_meta(state, envelope, listener, session_id),
+        meta=_meta(state, envelope, message, listener, session_id),
         message_id=message.get_header("Message-ID"),
         options=MessageOptions(envelope.dsn_ret, envelope.envid, envelope.requiretls),
         ident=ident,

@@ -149,7 +149,6 @@ async def _connector(runtime: Runtime, domain: str) -> OutboundConnector | None:
         size=0,
         message_id=None,
         held=False,
-        meta=(),
     )
     route = await runtime.hooks.resolve_route(probe, rcpt)
     return runtime.config.outbound(route.connector) if route is not None else None
