@@ -35,7 +35,7 @@ from mxgate.core.outcomes import Destination, Route
 if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
     from mxgate.core.plugins import Hooks
-    from mxgate.core.queue.store import QueuedMessage, QueuedRecipient
+    from mxgate.core.messages import QueuedMessage, QueuedRecipient
 
 __all__ = [
     "Expanded",
