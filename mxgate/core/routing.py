@@ -34,8 +34,8 @@ from mxgate.core.outcomes import Destination, Route
 
 if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
-    from mxgate.core.plugins import Hooks
     from mxgate.core.messages import QueuedMessage, QueuedRecipient
+    from mxgate.core.plugins import Hooks
 
 __all__ = [
     "Expanded",
