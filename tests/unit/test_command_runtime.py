@@ -95,3 +95,16 @@ async def test_a_command_runtime_starts_and_stops_the_plugins(tmp_path: Path) ->
             assert watch.seen == [f"startup {ROLE_COMMAND}"]
             raise LookupError("the command failed")  # shut down all the same
     assert watch.seen == [f"startup {ROLE_COMMAND}", "shutdown, task cancelled: True"]
+
+
+def test_runtime_says_what_a_process_does() -> None:
+    """The plugin asks ``runtime.delivers`` / ``runtime.runs_services`` rather than comparing role constants."""
+    from types import SimpleNamespace
+
+    from mxgate import Runtime
+
+    expected = {"main": (True, True), "command": (True, False), "receiver": (False, False)}
+    for role, (delivers, services) in expected.items():
+        probe = SimpleNamespace(role=role)
+        assert Runtime.delivers.fget(probe) is delivers, role  # type: ignore[attr-defined]
+        assert Runtime.runs_services.fget(probe) is services, role  # type: ignore[attr-defined]

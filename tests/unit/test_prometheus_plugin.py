@@ -563,3 +563,15 @@ async def test_add_event_counter_without_the_prometheus_plugin_says_so(tmp_path:
         assert not prometheus.add_event_counter(runtime, "audit_tls", "acme_tls_audits", "doc", ["result"])
     finally:
         await stop(runtime)
+
+
+def test_documented_names_stay() -> None:
+    assert callable(prometheus.add_event_counter)
+    assert prometheus.PrometheusPlugin.__module__ == "mxgate.plugins.prometheus.plugin"
+    assert set(prometheus.__all__) >= {
+        "EVENT_METRICS",
+        "EventMetric",
+        "PrometheusPlugin",
+        "metric_names",
+        "sample_names",
+    }
