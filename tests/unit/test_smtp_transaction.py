@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mxgate.core.messages import MessageOptions, NewRecipient
+from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import Address, Envelope, IncomingMessage, RecipientDsn, TlsState
 from mxgate.core.queue.store import QueueFullError
 from mxgate.core.smtp import transaction
@@ -52,17 +53,16 @@ def test_prepare_builds_the_submission() -> None:
     assert sub.data.startswith(b"X-Added: 1\r\nReceived: from client.example (unknown [192.0.2.7])\r\n")
     assert b"with ESMTPSA id abc1.1\r\n\tfor <u@example.org>;" in sub.data
     assert sub.data.endswith(b"\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n")
-    assert dict(sub.meta.to_pairs()) == {
-        "client_ip": "192.0.2.7",
-        "helo": "client.example",
-        "listener": "smtp",
-        "connector": "",
-        "session": "abc1",
-        "body": "7BIT",
-        "tls": "TLSv1.3",
-        "cipher": "TLS_AES_256_GCM_SHA384",
-        "auth_user": "user",
-    }
+    assert sub.meta == MessageMeta(
+        listener="smtp",
+        inbound_connector="",
+        session="abc1",
+        client_ip="192.0.2.7",
+        helo="client.example",
+        tls_version="TLSv1.3",
+        tls_cipher="TLS_AES_256_GCM_SHA384",
+        auth_user="user",
+    )
 
 
 def test_receive_record() -> None:
