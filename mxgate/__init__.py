@@ -72,7 +72,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import QueueCounts
+from mxgate.core.queue.queries import QueueCounts
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply

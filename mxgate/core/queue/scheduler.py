@@ -55,8 +55,9 @@ from mxgate.core.metadata import MessageHeaders, MessageMeta, MetaInput
 from mxgate.core.model import DsnNotify, RecipientDsn
 from mxgate.core.outcomes import DeliveryReport, Destination
 from mxgate.core.queue.dsn import build_dsn
+from mxgate.core.queue.errors import MessageNotFoundError, QueueError
 from mxgate.core.queue.retry import RetrySchedule
-from mxgate.core.queue.store import MessageNotFoundError, QueueError, QueueStore, RecipientResult
+from mxgate.core.queue.store import QueueStore, RecipientResult
 from mxgate.core.runtime import Runtime
 from mxgate.core.tracking import TrackEvent
 
