@@ -27,7 +27,8 @@ from mxgate.core.checks import check_hostname, check_optional_hostport, check_po
 from mxgate.core.cluster_db import ClusterUnavailable, SharedDb
 from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
 from mxgate.core.config import Config
-from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver, SelfTestResult, resolver_from_config
+from mxgate.core.dns import Resolver, resolver_from_config
+from mxgate.core.dns_answers import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, SelfTestResult
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
