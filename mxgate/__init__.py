@@ -27,7 +27,8 @@ from mxgate.core.checks import check_hostname, check_optional_hostport, check_po
 from mxgate.core.cluster_db import ClusterUnavailable, SharedDb
 from mxgate.core.commands import add_config_arg, command_runtime, load_from_args
 from mxgate.core.config import Config
-from mxgate.core.dns import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, Resolver, SelfTestResult, resolver_from_config
+from mxgate.core.dns import Resolver, resolver_from_config
+from mxgate.core.dns_answers import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, SelfTestResult
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
@@ -72,7 +73,7 @@ from mxgate.core.outcomes import (
     TlsPolicy,
     TlsRptResult,
 )
-from mxgate.core.queue.store import QueueCounts
+from mxgate.core.queue.queries import QueueCounts
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_COMMAND, ROLE_MAIN, ROLE_RECEIVER, Runtime
 from mxgate.core.settings import ConfigRegistry, ConnectorSetting, setting
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply

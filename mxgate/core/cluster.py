@@ -323,7 +323,7 @@ def read_status(conf: ClusterConfig, migrations: MigrationRegistry) -> ClusterSt
 
 
 def queue_summary(counts: Any) -> dict[str, Any]:
-    """What a node publishes of its queue (a :class:`~mxgate.core.queue.store.QueueCounts`)."""
+    """What a node publishes of its queue (a :class:`~mxgate.core.queue.queries.QueueCounts`)."""
     return {
         "messages": counts.messages,
         "active": counts.leased,

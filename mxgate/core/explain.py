@@ -21,7 +21,8 @@ from mxgate.connectors.outbound import select_outbound
 from mxgate.core.commands import load_from_args
 from mxgate.core.config import Config
 from mxgate.core.delivery.explain import destination_for, explain_destination, format_transport
-from mxgate.core.dns import AnswerKind, DnsAnswer, Resolver, SelfTestResult, resolver_from_config
+from mxgate.core.dns import Resolver, resolver_from_config
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, SelfTestResult
 from mxgate.core.runtime import Runtime
 
 

@@ -59,7 +59,7 @@ from mxgate.core.errors import MxgateError, WorkerError
 from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.metadata import MessageMeta, MetaInput
 from mxgate.core.plugins import HookCallError, HookStats
-from mxgate.core.queue.store import QueueFullError
+from mxgate.core.queue.errors import QueueFullError
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS, ROLE_RECEIVER, Runtime
 from mxgate.core.smtp.server import Listener, start_listeners
 

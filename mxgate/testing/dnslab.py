@@ -60,7 +60,8 @@ import dns.name
 import dns.rdata
 import pytest
 
-from mxgate.core.dns import DnssecStatus, Resolver, ResolverEndpoint
+from mxgate.core.dns import Resolver, ResolverEndpoint
+from mxgate.core.dns_answers import DnssecStatus
 from mxgate.testing.dnsdaemons import (
     Daemon,
     find_binary,

@@ -25,7 +25,8 @@ import tomli_w
 
 from mxgate import DNSSEC_SELF_TEST, hookimpl
 from mxgate.core import bootstrap
-from mxgate.core.dns import DnssecStatus, Resolver
+from mxgate.core.dns import Resolver
+from mxgate.core.dns_answers import DnssecStatus
 from mxgate.core.outcomes import (
     Destination,
     NextHop,
@@ -353,7 +354,7 @@ async def test_mandatory_without_tlsa_fails_with_dane_required(dane_lab: Lab, tm
 
 
 async def test_not_validating_resolver_turns_dane_off_or_defers(dane_lab: Lab, tmp_path: Path) -> None:
-    from mxgate.core.dns import SelfTestResult
+    from mxgate.core.dns_answers import SelfTestResult
 
     broken = SelfTestResult(False, ZONE, BOGUS_TCP, DnssecStatus.INSECURE, DnssecStatus.INSECURE, "not validating")
     for mode, expect in (("opportunistic", None), ("mandatory", TlsRptResult.DNSSEC_INVALID)):

@@ -16,7 +16,7 @@ import pytest
 
 from mxgate.core import bootstrap
 from mxgate.core.delivery import Deliverer, DeliveryResult, OutgoingMessage
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.hookspecs import hookimpl
 from mxgate.core.outcomes import Destination, PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime

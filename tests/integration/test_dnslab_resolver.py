@@ -9,7 +9,8 @@ import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TLSA
 import pytest
 
-from mxgate.core.dns import AnswerKind, DnssecStatus, Resolver, ResolverEndpoint
+from mxgate.core.dns import Resolver, ResolverEndpoint
+from mxgate.core.dns_answers import AnswerKind, DnssecStatus
 from mxgate.testing.dnslab import (
     Corruption,
     DnsLab,

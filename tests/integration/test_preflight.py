@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from mxgate.core.cli import main
-from mxgate.core.dns import DnssecStatus, Resolver
+from mxgate.core.dns import Resolver
+from mxgate.core.dns_answers import DnssecStatus
 from mxgate.plugins.dane import make_tlsa
 from mxgate.testing.ca import IssuedCert, TestCA
 from mxgate.testing.dnslab import DnsLab, DnsLabError

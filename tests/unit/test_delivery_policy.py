@@ -25,7 +25,7 @@ from mxgate.core.delivery import (
     needs_8bitmime,
     needs_smtputf8,
 )
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,

@@ -8,7 +8,8 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses, Resolver
+from mxgate.core.dns import Resolver
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
 
 A, NODATA, NX, ERR = AnswerKind.ANSWER, AnswerKind.NODATA, AnswerKind.NXDOMAIN, AnswerKind.ERROR

@@ -20,16 +20,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import pytest
 
-from mxgate.core.dns import (
-    AnswerKind,
-    DnsAnswer,
-    DnsNameError,
-    DnssecStatus,
-    Resolver,
-    ResolverEndpoint,
-    resolver_from_config,
-    system_resolvers,
-)
+from mxgate.core.dns import Resolver, ResolverEndpoint, resolver_from_config, system_resolvers
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnsNameError, DnssecStatus
 from mxgate.testing.dnslab import ScriptedDnsServer, make_reply
 
 Msg = dns.message.Message

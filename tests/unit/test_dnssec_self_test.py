@@ -6,7 +6,7 @@ from typing import Any
 
 from mxgate import DNSSEC_SELF_TEST
 from mxgate.core import bootstrap
-from mxgate.core.dns import DnssecStatus, SelfTestResult
+from mxgate.core.dns_answers import DnssecStatus, SelfTestResult
 from mxgate.core.runtime import Runtime
 from mxgate.plugins.dnssec import SELF_TEST, run_self_test
 

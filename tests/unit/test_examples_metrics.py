@@ -18,7 +18,7 @@ from mxgate.core import hookspecs
 from mxgate.core.messages import RecipientStatus
 from mxgate.core.model import Stash
 from mxgate.core.plugins import Dispatcher, Hooks, build_plugins
-from mxgate.core.queue.store import QueueCounts
+from mxgate.core.queue.queries import QueueCounts
 from mxgate.core.runtime import RECEIVE_WORKER_PIDS
 from mxgate.plugins.prometheus import EVENT_METRICS, PrometheusPlugin, metric_names, sample_names
 

@@ -16,7 +16,7 @@ import pytest
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core.defaults import mx_next_hop
 from mxgate.core.delivery import decide_host, filter_hosts_by_policies
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus, HostAddresses
 from mxgate.core.outcomes import (
     Destination,
     HopHost,

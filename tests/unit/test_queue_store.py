@@ -16,7 +16,8 @@ import pytest
 from mxgate.core.messages import NewRecipient, RecipientStatus
 from mxgate.core.metadata import MessageMeta
 from mxgate.core.queue import MessageNotFoundError, QueueError, QueueFullError, QueueStore, RecipientResult
-from mxgate.core.queue.store import DB_NAME, SCHEMA_VERSION
+from mxgate.core.queue.schema import SCHEMA_VERSION
+from mxgate.core.queue.store import DB_NAME
 
 NOW = 1_700_000_000.0
 BODY = b"From: a@example.org\r\nSubject: test\r\nMessage-ID: <m1@example.org>\r\n\r\nHello\r\n"

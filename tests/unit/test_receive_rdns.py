@@ -6,7 +6,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import ReverseDnsStatus
 from mxgate.core.smtp.rdns import MAX_PTR_NAMES, ReverseDns, confirm, ptr_names
 from mxgate.core.smtp.transaction import received_header

@@ -8,7 +8,7 @@ from typing import Any
 from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import Address, Envelope, IncomingMessage, RecipientDsn, TlsState
-from mxgate.core.queue.store import QueueFullError
+from mxgate.core.queue.errors import QueueFullError
 from mxgate.core.smtp import transaction
 from mxgate.core.smtp.session import R, ReceiveState
 

@@ -18,7 +18,7 @@ import tomli_w
 
 from mxgate.core import bootstrap
 from mxgate.core.cli import main as cli_main
-from mxgate.core.dns import AnswerKind, DnsAnswer, DnssecStatus
+from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import Address, Envelope, IncomingMessage, Session
 from mxgate.core.outcomes import PolicyType, TlsOutcome, TlsRptResult
 from mxgate.core.runtime import Runtime

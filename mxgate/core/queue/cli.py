@@ -25,7 +25,8 @@ from mxgate.core.commands import ENV_CONFIG, add_config_arg, load_from_args
 from mxgate.core.config import Config
 from mxgate.core.errors import StateError
 from mxgate.core.messages import QueuedMessage
-from mxgate.core.queue.store import DB_NAME, MessageNotFoundError, QueueStore
+from mxgate.core.queue.errors import MessageNotFoundError
+from mxgate.core.queue.store import DB_NAME, QueueStore
 from mxgate.core.textsafe import escape
 from mxgate.core.tracking import TrackEvent, TrackingLog
 

@@ -23,10 +23,10 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Final, NamedTuple
 
-from mxgate.core.messages import QueuedMessage
-from mxgate.core.model import DsnRet
+from mxgate.core.messages import QueuedMessage, QueuedRecipient
+from mxgate.core.model import DsnNotify, DsnRet, RecipientDsn
 
-__all__ = ["DSN_ENVELOPE_SENDER", "DsnRecipient", "build_dsn", "is_auto_message"]
+__all__ = ["DSN_ENVELOPE_SENDER", "DsnRecipient", "build_dsn", "is_auto_message", "recipient_dsn"]
 
 DSN_ENVELOPE_SENDER: Final = ""
 ACTIONS: Final = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
@@ -256,3 +256,18 @@ def build_dsn(
     report.set_payload([human, status_part, headers_part])
     out_policy = policy.SMTPUTF8 if utf8 else policy.SMTP
     return report.as_bytes(policy=out_policy.clone(max_line_length=998))
+
+
+def recipient_dsn(rcpt: QueuedRecipient | None) -> RecipientDsn:
+    """The queue's NOTIFY/ORCPT text of one recipient as the typed value delivery passes on."""
+    if rcpt is None:
+        return RecipientDsn()
+    notify = None
+    if rcpt.dsn_notify is not None:
+        words = {w.strip().upper() for w in rcpt.dsn_notify.split(",")}
+        notify = frozenset(n for n in DsnNotify if n.value in words)
+    orcpt = None
+    if rcpt.orcpt:
+        addr_type, sep, address = rcpt.orcpt.partition(";")
+        orcpt = (addr_type.strip().lower(), address.strip()) if sep else ("rfc822", rcpt.orcpt.strip())
+    return RecipientDsn(notify, orcpt)

@@ -12,9 +12,10 @@ each message:
    hosts): one transaction per group, under a per-connector and a per-destination semaphore;
 3. results recorded with the connector's retry schedule (``retry_first``/``retry_max``/``give_up_after``);
    deferrals past ``give_up_after`` fail;
-4. ``on_delivered``/``on_deferred``/``on_failed`` per recipient, tracking-log events, metrics events; a DSN
-   (RFC 3464) for final failures and an optional delay warning, queued through ``runtime.submit`` with the null
-   sender (never to the null sender, never for a report or an auto-submitted message: no loops).
+4. reports (:class:`~mxgate.core.queue.reporting.Reporter`): ``on_delivered``/``on_deferred``/``on_failed`` per
+   recipient, tracking-log events, metrics events; a DSN (RFC 3464) for final failures and an optional delay
+   warning, queued through ``runtime.submit`` with the null sender (never to the null sender, never for a report
+   or an auto-submitted message: no loops).
 
 A message the receive side accepts takes a short cut (:meth:`Scheduler.enqueue`): when fewer than ``batch``
 messages are in flight it is queued *leased* (one transaction) and its delivery starts from memory, so it is
@@ -35,9 +36,8 @@ import contextlib
 import logging
 import random
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 from mxgate.connectors.outbound import OutboundConnector
 from mxgate.core import routing
@@ -50,13 +50,14 @@ from mxgate.core.delivery import (
     OutgoingMessage,
     RecipientOutcome,
 )
-from mxgate.core.messages import MessageOptions, NewRecipient, QueuedMessage, QueuedRecipient, RecipientStatus
-from mxgate.core.metadata import MessageHeaders, MessageMeta, MetaInput
-from mxgate.core.model import DsnNotify, RecipientDsn
-from mxgate.core.outcomes import DeliveryReport, Destination
-from mxgate.core.queue.dsn import build_dsn
+from mxgate.core.messages import MessageOptions, NewRecipient, QueuedMessage, RecipientStatus
+from mxgate.core.metadata import MessageHeaders, MetaInput
+from mxgate.core.outcomes import Destination
+from mxgate.core.queue.dsn import recipient_dsn
+from mxgate.core.queue.errors import MessageNotFoundError, QueueError
+from mxgate.core.queue.reporting import Reporter
 from mxgate.core.queue.retry import RetrySchedule
-from mxgate.core.queue.store import MessageNotFoundError, QueueError, QueueStore, RecipientResult
+from mxgate.core.queue.store import QueueStore, RecipientResult
 from mxgate.core.runtime import Runtime
 from mxgate.core.tracking import TrackEvent
 
@@ -128,6 +129,7 @@ class Scheduler:
         self._retry_backlog = False  # due retries may be waiting for their share of the slots
         self.rng = rng or random.Random()
         self.deliverer = deliverer or Deliverer(runtime)
+        self.reporter = Reporter(runtime, self.wakeup)  # reports, DSNs, delay warnings
         self._event = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -404,9 +406,12 @@ class Scheduler:
             routes=new_routes,
             known=msg,
         )
-        await self._report(updated, ordered, outcomes, now)
-        await self._dsn(updated, ordered, outcomes, now, body)
-        await self._delay_warning(updated, groups, previous_attempt, now)
+        reporter = self.reporter
+        await reporter.report(updated, ordered, outcomes, now)
+        await reporter.dsn(updated, ordered, outcomes, now, body)
+        await reporter.delay_warning(
+            updated, [(schedule_for(d.connector), rcpts) for d, rcpts in groups.items()], previous_attempt, now
+        )
 
     def _result(
         self, msg: QueuedMessage, out: RecipientOutcome, schedule: RetrySchedule, now: float
@@ -475,7 +480,7 @@ class Scheduler:
             # RFC 8689 §4.1: with REQUIRETLS the TLS-Required header field is ignored
             tls_optional=not msg.requiretls and tls_required_no(msg.meta.tls_required_no, body),
             dsn_ret=msg.options.dsn_ret,
-            recipient_dsn=tuple(_recipient_dsn(msg.recipient(r)) for r in job.recipients),
+            recipient_dsn=tuple(recipient_dsn(msg.recipient(r)) for r in job.recipients),
             requiretls=msg.requiretls,
         )
         async with csem, dsem:
@@ -498,170 +503,3 @@ class Scheduler:
         summary = DELIVERED if counts.get(DELIVERED) else (DEFERRED if counts.get(DEFERRED) else FAILED)
         await runtime.hooks.on_event("delivery_attempt", connector=connector.name, result=summary)
         return result
-
-    async def _report(
-        self,
-        msg: QueuedMessage,
-        results: Sequence[RecipientResult],
-        outcomes: dict[str, RecipientOutcome],
-        now: float,
-    ) -> None:
-        hooks, tracking = self.runtime.hooks, self.runtime.tracking
-        for res in results:
-            out = outcomes.get(res.recipient)
-            rcpt = msg.recipient(res.recipient)
-            connector = (rcpt.route if rcpt is not None else None) or ""
-            report = DeliveryReport(
-                message_id=msg.id,
-                recipient=res.recipient,
-                connector=connector,
-                result=str(res.status),
-                reply=res.reply,
-                mx_host=out.mx_host if out is not None else None,
-                received_at=msg.received_at,
-                at=now,
-            )
-            event, notify = {
-                RecipientStatus.DELIVERED: (TrackEvent.DELIVER, hooks.on_delivered),
-                RecipientStatus.DEFERRED: (TrackEvent.DEFER, hooks.on_deferred),
-            }.get(res.status, (TrackEvent.FAIL, hooks.on_failed))
-            tracking.write(
-                event,
-                queue_id=msg.id,
-                message_id=msg.message_id,
-                recipient=res.recipient,
-                connector=connector,
-                mx=report.mx_host,
-                reply=res.reply,
-                next_attempt=res.next_attempt if res.status is RecipientStatus.DEFERRED else None,
-            )
-            await notify(report)
-            await hooks.on_event("queue", action=str(res.status), connector=connector or "none")
-
-    async def _dsn(
-        self,
-        msg: QueuedMessage,
-        results: Sequence[RecipientResult],
-        outcomes: dict[str, RecipientOutcome],
-        now: float,
-        body: bytes | None = None,
-    ) -> None:
-        failed = []
-        relayed = []
-        for res in results:
-            if res.status is RecipientStatus.DELIVERED:
-                # RFC 3461 §6.2.2: a next hop without DSN cannot report success; we report "relayed" ourselves
-                out = outcomes.get(res.recipient)
-                rcpt = msg.recipient(res.recipient)
-                asked = rcpt is not None and DsnNotify.SUCCESS in (_recipient_dsn(rcpt).notify or ())
-                if out is not None and out.remote and not out.dsn_passed and asked:
-                    status = out.status if out.status.startswith("2.") else "2.0.0"
-                    relayed.append((res.recipient, status, res.reply, out.mx_host, "relayed"))
-                continue
-            if res.status is not RecipientStatus.FAILED:
-                continue
-            out = outcomes.get(res.recipient)
-            if out is not None and out.result == DELIVERED:
-                continue
-            status = out.status if out is not None else _status_of(res.reply)
-            if status.startswith("4."):  # a transient failure that ran out of retries is reported as final
-                status = "5" + status[1:]
-            failed.append((res.recipient, status, res.reply, out.mx_host if out is not None else None, "failed"))
-        if failed:
-            await self._send_dsn(msg, failed, now, None, body)
-        if relayed:
-            await self._send_dsn(msg, relayed, now, None)
-
-    async def _delay_warning(
-        self,
-        msg: QueuedMessage,
-        groups: Mapping[Destination, Sequence[str]],
-        previous_attempt: float | None,
-        now: float,
-    ) -> None:
-        delayed = []
-        retry_until = None
-        for dest, rcpts in groups.items():
-            schedule = schedule_for(dest.connector)
-            if schedule.delay_warning_after is None:
-                continue
-            already = (
-                previous_attempt is not None and previous_attempt - msg.received_at >= schedule.delay_warning_after
-            )
-            if not schedule.delay_warning_due(msg.received_at, now, already_warned=already):
-                continue
-            for address in rcpts:
-                r = msg.recipient(address)
-                if r is not None and r.status is RecipientStatus.DEFERRED:
-                    delayed.append((address, _status_of(r.last_error or ""), r.last_error, None, "delayed"))
-                    retry_until = schedule.expires_at(msg.received_at)
-        if delayed:
-            until = datetime.fromtimestamp(retry_until, tz=UTC) if retry_until is not None else None
-            await self._send_dsn(msg, delayed, now, until)
-
-    async def _send_dsn(
-        self,
-        msg: QueuedMessage,
-        items: Sequence[tuple[str, str, str | None, str | None, str]],
-        now: float,
-        retry_until: datetime | None,
-        body: bytes | None = None,
-    ) -> None:
-        """``body``: the original message, returned whole in a failure DSN when the sender asked (RET=FULL).
-
-        The DSN of a REQUIRETLS message (RFC 8689 §5) returns its headers only, never the content, and is itself
-        sent with REQUIRETLS: it travels only as the original had to."""
-        queue = self.queue
-        try:
-            headers = await queue.headers(msg.id)
-        except MessageNotFoundError:
-            return
-        report = build_dsn(
-            reporting_mta=self.runtime.config.server.hostname,
-            original=msg,
-            original_headers=headers,
-            failed=items,
-            now=datetime.fromtimestamp(now, tz=UTC),
-            retry_until=retry_until,
-            original_message=None if msg.requiretls else body,
-        )
-        if report is None:
-            return
-        options = MessageOptions(requiretls=True) if msg.requiretls else None
-        dsn_id = await self.runtime.submit(
-            "", [msg.sender], report, meta=MessageMeta(dsn_for=msg.id), now=now, options=options
-        )
-        self.runtime.tracking.write(
-            TrackEvent.DSN,
-            queue_id=msg.id,
-            message_id=msg.message_id,
-            dsn_queue_id=dsn_id,
-            action=items[0][4],
-            to=msg.sender,
-            recipients=[i[0] for i in items],
-        )
-        await self.runtime.hooks.on_event("queue", action="dsn", dsn=items[0][4])
-        self.wakeup()
-
-
-def _recipient_dsn(rcpt: QueuedRecipient | None) -> RecipientDsn:
-    """The queue's NOTIFY/ORCPT text of one recipient as the typed value delivery passes on."""
-    if rcpt is None:
-        return RecipientDsn()
-    notify = None
-    if rcpt.dsn_notify is not None:
-        words = {w.strip().upper() for w in rcpt.dsn_notify.split(",")}
-        notify = frozenset(n for n in DsnNotify if n.value in words)
-    orcpt = None
-    if rcpt.orcpt:
-        addr_type, sep, address = rcpt.orcpt.partition(";")
-        orcpt = (addr_type.strip().lower(), address.strip()) if sep else ("rfc822", rcpt.orcpt.strip())
-    return RecipientDsn(notify, orcpt)
-
-
-def _status_of(reply: str) -> str:
-    parts = reply.split(" ", 2)
-    if len(parts) >= 2 and parts[1][:1] in "245" and parts[1].count(".") == 2:
-        return parts[1]
-    code = parts[0] if parts else ""
-    return f"{code[:1]}.0.0" if code[:1] in ("4", "5") else "4.0.0"

@@ -21,7 +21,8 @@ import dns.reversename
 from mxgate.core.model import ReverseDnsStatus
 
 if TYPE_CHECKING:
-    from mxgate.core.dns import DnsAnswer, Resolver
+    from mxgate.core.dns import Resolver
+    from mxgate.core.dns_answers import DnsAnswer
 
 __all__ = ["MAX_PTR_NAMES", "ReverseDns", "confirm", "lookup"]
 

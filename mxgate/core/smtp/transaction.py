@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import Envelope, IncomingMessage, RecipientDsn, Reply, TlsState
-from mxgate.core.queue.store import QueueFullError
+from mxgate.core.queue.errors import QueueFullError
 from mxgate.core.smtp.session import R, ReceiveState
 
 if TYPE_CHECKING:
