@@ -394,8 +394,8 @@ def test_cli_send_queues_a_mailed_report_through_the_gateway_door(
     meta, and its queue id remembered, so the session that later delivers it is not counted."""
     import tomli_w
 
+    from mxgate.core.bootstrap import load
     from mxgate.core.cli import main as cli_main
-    from mxgate.core.engine import load
     from mxgate.testing.gateway import build_document
     from tests.integration.test_tlsrpt_https import LoopThread
 
