@@ -1,7 +1,7 @@
 """From a finished transaction to a queue submission: the envelope and the received content (DATA's, unstuffed, or
 BDAT's, assembled) become the message the hooks see, the ``Received:`` header, the queue's metadata and recipient
 records, one ``runtime.submit`` call and the tracking record of the receipt. No sockets and no replies to the
-client: the server (:meth:`mxgate.core.smtp.connection.Connection._accept_message`) calls the ``on_end_of_data`` hook in
+client: the server (:func:`mxgate.core.smtp.data.accept_message`) calls the ``on_end_of_data`` hook in
 between and answers ``250`` only after :func:`submit` returned a queue id.
 """
 
