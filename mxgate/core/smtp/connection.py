@@ -95,6 +95,7 @@ class Connection(Channel):
         self.local: tuple[str, int] = ("", 0)
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        self._snapshot: tuple[tuple[Any, ...], Session] | None = None  # (what it was made of, the last snapshot)
         # the client's reverse DNS: started at connect, awaited (bounded) at EHLO -- never before the banner
         self._rdns_task: asyncio.Task[ReverseDns] | None = None
         self._rdns_deadline = 0.0
@@ -153,10 +154,15 @@ class Connection(Channel):
         return self._rdns_known()
 
     def snapshot(self) -> Session:
+        """What hooks see of the session now. The same (immutable) object while nothing in it changed: a session
+        calls several hooks per message."""
         st = self.state
         conn = st.tx_connector if st.envelope.mail_from is not None else st.connector
         rdns = self._rdns_known()
-        return Session(
+        key = (conn, st.helo, st.tls, st.auth_user, rdns, st.peer_ip, self.peer, self.local, self.listener.config.name)
+        if self._snapshot is not None and key == self._snapshot[0]:
+            return self._snapshot[1]
+        session = Session(
             id=self.session_id,
             listener=self.listener.config.name,
             peer_ip=st.peer_ip,
@@ -171,6 +177,8 @@ class Connection(Channel):
             reverse_dns_status=rdns.status if rdns else None,
             stash=self.stash,
         )
+        self._snapshot = (key, session)
+        return session
 
     async def _veto(self, call: Awaitable[Verdict | None]) -> Verdict | None:
         """A receive veto hook; a plugin that raises or returns junk becomes 451 4.3.0 (logged with its name)."""

@@ -79,13 +79,35 @@ def received_header(
     if len(recipients) == 1:
         by += f"\r\n\tfor <{recipients[0]}>"
     lines.append(by + ";")
-    lines.append(f"\t{email.utils.format_datetime(when)}")
+    lines.append(f"\t{_rfc5322_date(when)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+_last_date: tuple[tuple[datetime, Any], str] | None = None  # ((the second, its zone), its text)
+
+
+def _rfc5322_date(when: datetime) -> str:
+    """``email.utils.format_datetime`` (to the second), remembered for the last second asked."""
+    global _last_date
+    key = (when.replace(microsecond=0), when.tzinfo)  # (aware datetimes of one instant are equal across zones)
+    if _last_date is None or _last_date[0] != key:
+        _last_date = (key, email.utils.format_datetime(when))
+    return _last_date[1]
+
+
 def too_long_lines(raw: bytes, text_line: int) -> bool:
-    """A line of DATA content (unstuffed) over 998 octets; skips the split for content shorter than a line."""
-    return len(raw) > text_line and max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE
+    """A line of DATA content (unstuffed) over 998 octets (lines end at CRLF). Jumps from the last CRLF within
+    998 octets of a line's start to the next line: a handful of searches for a message of short lines, no copy."""
+    if len(raw) <= text_line:
+        return False
+    start, end = 0, len(raw)
+    while end - start > MAX_TEXT_LINE:
+        # a CRLF starting at most MAX_TEXT_LINE octets after ``start`` ends the line within the limit
+        crlf = raw.rfind(b"\r\n", start, start + MAX_TEXT_LINE + 2)
+        if crlf < 0:
+            return True
+        start = crlf + 2
+    return False
 
 
 def message_of(raw: bytes, head: IncomingMessage | None) -> IncomingMessage:
