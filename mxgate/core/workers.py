@@ -18,11 +18,13 @@ listening sockets by listener, and its end of a socketpair: the channel). In a w
   memory) and sends back the queue id; only then does the worker answer 250. SQLite takes one writer at a time,
   and writers in several processes wait for each other with sleeps (measured: p99 acceptance went from 39 ms to
   143 ms), so the workers do not open the queue at all (``runtime.queue`` is None there; ``runtime.submit`` works);
-- the channel carries frames (:data:`FRAME`: a length, a kind byte, the payload). Worker to main: ``P`` a message
-  to queue (a JSON head, then the message bytes), ``J`` a JSON list of reports, written together once per loop
-  iteration: ``{"e": kind, "v": value, "l": labels}`` for every report event and ``{"x": [plugin, hook, error]}``
-  for every plugin error (the main process's report hooks receive them as their own, so metrics describe one
-  gateway), ``{"s": [...]}`` hook timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
+- the channel carries frames (:data:`FRAME`: a length, a kind byte, the payload), written in batches (one write
+  for what is pending: messages at the end of the loop iteration they were submitted in, reports within
+  :data:`REPORT_DELAY`, answers at the end of the main process's loop iteration). Worker to main: ``P`` a message
+  to queue (a JSON head, then the message bytes), ``J`` a JSON list of reports: ``{"e": kind, "v": value, "l":
+  labels}`` for every report event and ``{"x": [plugin, hook, error]}`` for every plugin error (the main
+  process's report hooks receive them as their own, so metrics describe one gateway), ``{"s": [...]}`` hook
+  timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
   ``A`` the answer to a ``P``: ``{"r": request, "q": queue id}`` or ``{"r": request, "e": "full" | "error"}``;
 - SIGTERM drains it like the main process (clients waiting for a command get 421, transactions finish); so does
   the channel closing, which means the main process is gone. :data:`RETIRE_SIGNAL` (a reload replaced it) stops its
