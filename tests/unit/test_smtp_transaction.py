@@ -32,6 +32,16 @@ def test_message_of_parses_headers_and_carries_edits_from_end_of_headers() -> No
     assert transaction.message_of(b"no headers end\r\n", None).headers == ()
 
 
+def test_message_of_reuses_headers_parsed_at_end_of_headers_only_for_the_same_block() -> None:
+    raw = b"Subject: s\r\nX-A: 1\r\n\r\nbody\r\n"
+    block = b"Subject: s\r\nX-A: 1\r\n"
+    known = (("Subject", "s"), ("X-A", "1"))
+    assert transaction.message_of(raw, None, (block, known)).headers is known
+    stuffed = b"Subject: s\r\n..X: 1\r\n"  # the block as received (dot-stuffed): not the message's
+    assert transaction.message_of(raw, None, (stuffed, (("Subject", "other"),))).headers == known
+    assert transaction.message_of(b"x\r\n", None, (b"x\r\n\r\n", ())).headers == ()
+
+
 def test_too_long_lines() -> None:
     assert not transaction.too_long_lines(b"x" * 998 + b"\r\n", 1000)
     assert transaction.too_long_lines(b"a\r\n" + b"x" * 999 + b"\r\n", 1000)

@@ -95,6 +95,7 @@ class Connection(Channel):
         self.local: tuple[str, int] = ("", 0)
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        self._headers_parsed: tuple[bytes, tuple[tuple[str, str], ...]] | None = None  # (block, its headers)
         self._snapshot: tuple[tuple[Any, ...], Session] | None = None  # (what it was made of, the last snapshot)
         # the client's reverse DNS: started at connect, awaited (bounded) at EHLO -- never before the banner
         self._rdns_task: asyncio.Task[ReverseDns] | None = None

@@ -115,8 +115,8 @@ async def accept_message(conn: Connection, raw: bytes, *, data_command: bool = T
         conn._reply(R.TEXT_LINE_TOO_LONG)
         await conn._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
         return
-    message = transaction.message_of(raw, conn._headers_msg)
-    conn._headers_msg = None
+    message = transaction.message_of(raw, conn._headers_msg, conn._headers_parsed)
+    conn._headers_msg = conn._headers_parsed = None
     verdict = await conn._veto(conn.hooks.on_end_of_data(conn.snapshot(), envelope, message))
     reply, ok, close = conn._outcome(verdict, R.OK)
     if not ok:
@@ -154,7 +154,8 @@ async def accept_message(conn: Connection, raw: bytes, *, data_command: bool = T
 
 async def end_of_headers(conn: Connection, block: bytes) -> Reply | None:
     """The header block has arrived (DATA) or been assembled (BDAT): ``on_end_of_headers``; a refusal's reply."""
-    conn._headers_msg = IncomingMessage(block, transaction.parse_headers(block))
+    conn._headers_parsed = (block, transaction.parse_headers(block))  # (DATA's block is the message's, unless dots)
+    conn._headers_msg = IncomingMessage(block, conn._headers_parsed[1])
     verdict = await conn._veto(conn.hooks.on_end_of_headers(conn.snapshot(), conn.state.envelope, conn._headers_msg))
     reply, ok, _ = conn._outcome(verdict, R.OK)
     return None if ok else reply

@@ -110,11 +110,19 @@ def too_long_lines(raw: bytes, text_line: int) -> bool:
     return False
 
 
-def message_of(raw: bytes, head: IncomingMessage | None) -> IncomingMessage:
+def message_of(
+    raw: bytes, head: IncomingMessage | None, parsed: tuple[bytes, tuple[tuple[str, str], ...]] | None = None
+) -> IncomingMessage:
     """The message ``on_end_of_data`` sees: ``raw`` with its headers parsed, carrying the headers a plugin added
-    at end of headers (``head``: the message ``on_end_of_headers`` saw)."""
+    at end of headers (``head``: the message ``on_end_of_headers`` saw). ``parsed``: a header block already
+    parsed (``(block, parse_headers(block))``), used when it is exactly ``raw``'s header block."""
     j = raw.find(b"\r\n\r\n")
-    message = IncomingMessage(raw, parse_headers(raw if j < 0 else raw[: j + 2]))
+    end = len(raw) if j < 0 else j + 2
+    if parsed is not None and len(parsed[0]) == end and raw.startswith(parsed[0]):
+        headers = parsed[1]
+    else:
+        headers = parse_headers(raw if j < 0 else raw[:end])
+    message = IncomingMessage(raw, headers)
     if head is not None:  # headers a plugin added at end of headers, and metadata set then
         for edit in head.added_headers:
             message.add_header(edit.name, edit.value)
