@@ -210,7 +210,9 @@ class Channel(asyncio.Protocol):
 
         ``until``: a deadline of the input being read (a command line's, or DATA's minimum rate), besides the
         idle and session timeouts."""
-        await self._drain()
+        self._flush()
+        if self._writing_paused and not self._closed:  # (the rest of _drain: only when the client lags)
+            await self._drain()
         if self._closed or self._eof:
             raise Gone()
         if idle and self._stopping:
