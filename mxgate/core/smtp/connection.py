@@ -69,9 +69,6 @@ PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns in
 _FOREIGN_VERBS: Final = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
 
 
-# --- one connection ---------------------------------------------------------------------------------------------
-
-
 Handler = Callable[["Connection", str | None], Awaitable[None]]
 
 
