@@ -24,6 +24,30 @@ def _r(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of one process so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _split_cpu(system: System) -> dict[str, float] | None:
+    """mxgate's CPU so far by process: ``main`` (``mxgate run`` itself) and ``workers`` (its children: the receive
+    workers), from /proc; ``None`` for other systems."""
+    proc = system.proc
+    if proc is None or not system.name.startswith("mxgate"):
+        return None
+    children: list[int] = []
+    for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return {"main": _process_cpu(proc.pid), "workers": sum(_process_cpu(c) for c in children)}
+
+
 def throughput(
     system: System,
     sink: CountingSink | None,
@@ -40,6 +64,7 @@ def throughput(
     base = sink.count if sink is not None else 0
     with MemSampler(group) as mem:
         cpu0 = group.cpu_seconds()
+        split0 = _split_cpu(system)
         if driver == "smtp-source":
             d = drivers.smtp_source(
                 system.host, system.port, messages=messages, sessions=args.sessions, size=args.size,
@@ -56,6 +81,7 @@ def throughput(
         if d.get("ok") and sink is not None and system.relays:
             t_done = sink.wait_for(base + messages, args.timeout)
             cpu_total = group.cpu_seconds() - cpu0
+        split1 = _split_cpu(system)
     accepted = d.get("accepted") or 0
     out: dict[str, Any] = {
         "driver": d["tool"],
@@ -76,6 +102,10 @@ def throughput(
     elif sink is not None and system.relays and d.get("ok"):
         out["ok"] = False
         out["error"] = f"sink got {sink.count - base} of {messages} within {args.timeout}s"
+    if split0 is not None and split1 is not None:
+        # by process: the receive worker(s) and the main process (queue, delivery), ms of CPU per message
+        out["worker_cpu_ms_per_msg"] = _r((split1["workers"] - split0["workers"]) / messages * 1000, 3)
+        out["main_cpu_ms_per_msg"] = _r((split1["main"] - split0["main"]) / messages * 1000, 3)
     if "latency_ms" in d:
         out["latency_ms"] = d["latency_ms"]
     if "setup_ms" in d:
@@ -628,6 +658,8 @@ def _progress(args: argparse.Namespace, scenario: str, name: str, result: dict[s
             state = "skipped"
         elif r.get("ok"):
             state = f"ok, {r.get('accept_rate') or r.get('ready')} / e2e {r.get('e2e_rate')}"
+            if r.get("worker_cpu_ms_per_msg") is not None:
+                state += f" / CPU ms/msg worker {r['worker_cpu_ms_per_msg']} main {r['main_cpu_ms_per_msg']}"
         else:
             state = "FAILED: " + " ".join(str(r.get("error")).split())[:160]
         print(f"bench: {scenario} / {name}: {state}", file=sys.stderr, flush=True)

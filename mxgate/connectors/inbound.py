@@ -6,6 +6,7 @@ certificate (``tls_sender_certificate_name``) or authenticated. No connector mat
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,13 +74,19 @@ class InboundConnector:
 
     @property
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in self.sender_ips)
+        return _networks(tuple(self.sender_ips))
 
     def matches_ip(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks)
+
+
+@functools.lru_cache(maxsize=256)
+def _networks(sender_ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``sender_ips`` parsed, once per tuple (a connector is matched at every connection)."""
+    return tuple(ipaddress.ip_network(n, strict=False) for n in sender_ips)
 
 
 def select_inbound(

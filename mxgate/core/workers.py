@@ -18,11 +18,13 @@ listening sockets by listener, and its end of a socketpair: the channel). In a w
   memory) and sends back the queue id; only then does the worker answer 250. SQLite takes one writer at a time,
   and writers in several processes wait for each other with sleeps (measured: p99 acceptance went from 39 ms to
   143 ms), so the workers do not open the queue at all (``runtime.queue`` is None there; ``runtime.submit`` works);
-- the channel carries frames (:data:`FRAME`: a length, a kind byte, the payload). Worker to main: ``P`` a message
-  to queue (a JSON head, then the message bytes), ``J`` a JSON list of reports, written together once per loop
-  iteration: ``{"e": kind, "v": value, "l": labels}`` for every report event and ``{"x": [plugin, hook, error]}``
-  for every plugin error (the main process's report hooks receive them as their own, so metrics describe one
-  gateway), ``{"s": [...]}`` hook timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
+- the channel carries frames (:data:`FRAME`: a length, a kind byte, the payload), written in batches (one write
+  for what is pending: messages at the end of the loop iteration they were submitted in, reports within
+  :data:`REPORT_DELAY`, answers at the end of the main process's loop iteration). Worker to main: ``P`` a message
+  to queue (a JSON head, then the message bytes), ``J`` a JSON list of reports: ``{"e": kind, "v": value, "l":
+  labels}`` for every report event and ``{"x": [plugin, hook, error]}`` for every plugin error (the main
+  process's report hooks receive them as their own, so metrics describe one gateway), ``{"s": [...]}`` hook
+  timing deltas every second, ``{"ready": pid}`` once it serves. Main to worker:
   ``A`` the answer to a ``P``: ``{"r": request, "q": queue id}`` or ``{"r": request, "e": "full" | "error"}``;
 - SIGTERM drains it like the main process (clients waiting for a command get 421, transactions finish); so does
   the channel closing, which means the main process is gone. :data:`RETIRE_SIGNAL` (a reload replaced it) stops its
@@ -71,6 +73,8 @@ RESTART_DELAY_MAX: Final = 30.0
 STABLE_AFTER: Final = 10.0  # a worker that ran this long before dying is restarted after the first delay again
 READY_TIMEOUT: Final = 60.0  # a worker that does not report ready in this time is killed and restarted
 CHANNEL_LIMIT: Final = 1 << 20
+# A worker's reports (metric events, plugin errors) are sent together, at most this long after they happened.
+REPORT_DELAY: Final = 0.02
 DRAIN_TIMEOUT: Final = 30.0  # a stopping worker waits this long for its transactions in progress
 # Sent by the main process to a worker a reload replaced (a new one already serves): accept no more and exit when
 # the open sessions are over. SIGTERM still stops it at once (clients waiting for a command get 421).
@@ -84,6 +88,9 @@ class WorkerPluginError(Exception):
 # Every frame on a channel: payload length (4 bytes, big-endian; the kind byte not included), kind (1 byte).
 FRAME: Final = struct.Struct("!Ic")
 HEAD: Final = struct.Struct("!I")  # a P frame's payload starts with the length of its JSON head
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # a head or an answer: compact, one encoder reused
 
 
 def _frame(kind: bytes, *parts: bytes) -> list[bytes]:
@@ -106,13 +113,20 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | Non
 
 
 class _Channel:
-    """The worker's end: messages to queue (answered by the main process) and reports (written together once
-    per loop iteration)."""
+    """The worker's end: messages to queue (answered by the main process) and reports.
+
+    What it sends is written in batches, one write for several frames: a message to queue at the end of the loop
+    iteration it was submitted in (with the others submitted in that iteration), reports at the latest
+    :data:`REPORT_DELAY` after they happened (with any message sent earlier). Reports are encoded before a message
+    that follows them, so the main process sees them in the order they happened."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self._reports: list[dict[str, Any]] = []
+        self._out: list[bytes] = []  # frames encoded, not yet written
+        self._flush_at: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._flush_soon = False  # the flush scheduled is at the end of this loop iteration
         self._answers: dict[int, asyncio.Future[str]] = {}
         self._requests = itertools.count(1)
         self._loop = asyncio.get_running_loop()
@@ -120,13 +134,24 @@ class _Channel:
 
     def report(self, item: dict[str, Any]) -> None:
         self._reports.append(item)
-        if len(self._reports) == 1:
-            self._loop.call_soon(self.flush)
+        if self._flush_at is None:
+            self._flush_at = self._loop.call_later(REPORT_DELAY, self.flush)
+
+    def _encode_reports(self) -> None:
+        if self._reports:
+            reports, self._reports = self._reports, []
+            self._out += _frame(b"J", json.dumps(reports, separators=(",", ":")).encode())
 
     def flush(self) -> None:
-        reports, self._reports = self._reports, []
-        if reports and not self.writer.is_closing():
-            self.writer.writelines(_frame(b"J", json.dumps(reports, separators=(",", ":")).encode()))
+        """Write every frame pending (reports included) now."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        self._flush_soon = False
+        self._encode_reports()
+        out, self._out = self._out, []
+        if out and not self.writer.is_closing():
+            self.writer.writelines(out)
 
     def event(self, kind: str, value: float, labels: dict[str, str]) -> None:
         self.report({"e": kind, "v": value, "l": labels})
@@ -151,7 +176,7 @@ class _Channel:
         if self.closed.is_set():
             raise ConnectionError("the main process is gone")
         request = next(self._requests)
-        head = json.dumps(
+        head = _dumps(
             {
                 "r": request,
                 "f": sender,
@@ -164,10 +189,14 @@ class _Channel:
         ).encode()
         answer: asyncio.Future[str] = self._loop.create_future()
         self._answers[request] = answer
-        self.flush()  # reports first: they happened before
-        self.writer.writelines(_frame(b"P", HEAD.pack(len(head)), head, data))
+        self._encode_reports()  # reports first: they happened before
+        self._out += _frame(b"P", HEAD.pack(len(head)), head, data)
+        if not self._flush_soon:  # written at the end of this loop iteration, with what else is submitted in it
+            if self._flush_at is not None:
+                self._flush_at.cancel()
+            self._flush_at = self._loop.call_soon(self.flush)
+            self._flush_soon = True
         try:
-            await self.writer.drain()
             return await answer
         finally:
             self._answers.pop(request, None)
@@ -333,6 +362,19 @@ class _Worker:
         self.ready = asyncio.get_running_loop().create_future()
         self.sessions: Counter[str] = Counter()  # open sessions per listener, to close in the metrics if it dies
         self.task: asyncio.Task[None] | None = None  # reads its channel
+        self._answers: list[bytes] = []  # answer frames not yet written
+
+    def answer(self, frame: list[bytes]) -> None:
+        """Send an answer at the end of this loop iteration, in one write with the others given in it (the queue
+        writer's group commit finishes several messages at once)."""
+        if not self._answers:
+            asyncio.get_running_loop().call_soon(self.flush_answers)
+        self._answers += frame
+
+    def flush_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        if answers and not self.writer.is_closing():
+            self.writer.writelines(answers)
 
 
 class ReceiveWorkers:
@@ -415,6 +457,7 @@ class ReceiveWorkers:
         finally:
             if puts:  # what it sent is queued (and answered, if it still listens) before it is counted gone
                 await asyncio.gather(*puts, return_exceptions=True)
+            worker.flush_answers()
             worker.writer.close()
             for listener, n in worker.sessions.items():
                 for _ in range(n):  # sessions it had open when it died
@@ -444,8 +487,7 @@ class ReceiveWorkers:
         except Exception as exc:
             log.exception("queueing a receive worker's message failed", extra={"slot": worker.slot})
             answer.update(e="error", d=f"{type(exc).__name__}: {exc}")
-        if not worker.writer.is_closing():
-            worker.writer.writelines(_frame(b"A", json.dumps(answer).encode()))
+        worker.answer(_frame(b"A", _dumps(answer).encode()))
 
     async def _report(self, worker: _Worker, item: dict[str, Any]) -> None:
         hooks = self.runtime.hooks

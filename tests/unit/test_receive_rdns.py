@@ -8,7 +8,7 @@ import dns.rdatatype
 
 from mxgate.core.dns_answers import AnswerKind, DnsAnswer, DnssecStatus
 from mxgate.core.model import ReverseDnsStatus
-from mxgate.core.smtp.rdns import MAX_PTR_NAMES, ReverseDns, confirm, ptr_names
+from mxgate.core.smtp.rdns import MAX_PTR_NAMES, ReverseDns, confirm, ptr_names, reverse_query
 from mxgate.core.smtp.transaction import received_header
 
 
@@ -74,3 +74,13 @@ def test_received_header_names_only_a_verified_client() -> None:
     assert header(None).startswith(b"Received: from helo.example (unknown [192.0.2.1])\r\n")
     assert header(None, "2001:db8::1").startswith(b"Received: from helo.example (unknown [IPv6:2001:db8::1])\r\n")
     assert header("a(b).example").startswith(b"Received: from helo.example (a?b?.example [192.0.2.1])")
+
+
+def test_reverse_query_names_the_ptr_and_the_forward_type() -> None:
+    assert reverse_query("192.0.2.7") == ("192.0.2.7", "7.2.0.192.in-addr.arpa.", "A")
+    assert reverse_query("::ffff:192.0.2.7") == ("192.0.2.7", "7.2.0.192.in-addr.arpa.", "A")  # IPv4-mapped
+    ip, name, rdtype = reverse_query("2001:db8::5") or ("", "", "")
+    assert ip == "2001:db8::5" and rdtype == "AAAA"
+    assert name == "5." + "0." * 23 + "8.b.d.0.1.0.0.2.ip6.arpa."
+    assert reverse_query("not an address") is None
+    assert reverse_query("192.0.2.7") == reverse_query("192.0.2.7")  # (remembered)

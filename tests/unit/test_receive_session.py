@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from mxgate.core.config import build_config
-from mxgate.core.model import Address, Envelope, TlsState
+from mxgate.core.model import Address, Envelope, Reply, TlsState
 from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
-from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState
+from mxgate.core.smtp.session import R, ReceivePolicy, ReceiveState, reject_reason
 
 DOC: dict[str, Any] = {
     "server": {"hostname": "mx.example.org", "accepted_domains": ["example.org"], "max_recipients": 2},
@@ -293,3 +293,21 @@ def test_connector_max_message_size_lowers_the_listener_limit_rfc1870() -> None:
     assert f"SIZE {config.server.max_message_size}" in p.ehlo_lines(anonymous)
     big = state("10.3.0.1", p)  # a connector cannot raise the listener's limit
     assert f"SIZE {config.server.max_message_size}" in p.ehlo_lines(big)
+
+
+@pytest.mark.parametrize(
+    ("reply", "label"),
+    [
+        (Reply(554, "5.7.1", "Relay access denied"), "relay"),
+        (Reply(550, "5.7.1", "Sender refused"), "sender_restriction"),
+        (R.NEED_TLS, "tls_required"),
+        (R.TOO_BIG, "size"),
+        (R.BARE_LF_DATA, "smuggling"),
+        (R.PLUGIN_ERROR, "plugin"),
+        (Reply(550, "5.1.2", "No route"), "no_route"),
+        (Reply(550, "5.1.1", "No such user"), "policy"),
+        (Reply(451, "4.7.1", "Later"), "tempfail"),
+    ],
+)
+def test_reject_reason_labels_are_bounded(reply: Reply, label: str) -> None:
+    assert reject_reason(reply) == label

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from mxgate.core.messages import MessageOptions, NewRecipient
 from mxgate.core.metadata import MessageMeta
 from mxgate.core.model import Address, Envelope, IncomingMessage, RecipientDsn, TlsState
@@ -31,10 +33,51 @@ def test_message_of_parses_headers_and_carries_edits_from_end_of_headers() -> No
     assert transaction.message_of(b"no headers end\r\n", None).headers == ()
 
 
+def test_message_of_reuses_headers_parsed_at_end_of_headers_only_for_the_same_block() -> None:
+    raw = b"Subject: s\r\nX-A: 1\r\n\r\nbody\r\n"
+    block = b"Subject: s\r\nX-A: 1\r\n"
+    known = (("Subject", "s"), ("X-A", "1"))
+    assert transaction.message_of(raw, None, (block, known)).headers is known
+    stuffed = b"Subject: s\r\n..X: 1\r\n"  # the block as received (dot-stuffed): not the message's
+    assert transaction.message_of(raw, None, (stuffed, (("Subject", "other"),))).headers == known
+    assert transaction.message_of(b"x\r\n", None, (b"x\r\n\r\n", ())).headers == ()
+
+
 def test_too_long_lines() -> None:
     assert not transaction.too_long_lines(b"x" * 998 + b"\r\n", 1000)
     assert transaction.too_long_lines(b"a\r\n" + b"x" * 999 + b"\r\n", 1000)
     assert not transaction.too_long_lines(b"short\r\n", 1000)
+
+
+def _too_long_by_split(raw: bytes) -> bool:
+    return max(map(len, raw.split(b"\r\n"))) > transaction.MAX_TEXT_LINE
+
+
+@pytest.mark.parametrize("lengths", [(998,) * 12, (997, 998, 999), (80,) * 200 + (999,), (0, 998, 0, 998), (1, 2000)])
+@pytest.mark.parametrize("ending", [b"", b"\r\n", b"\r", b"\n"])
+def test_too_long_lines_agrees_with_splitting(lengths: tuple[int, ...], ending: bytes) -> None:
+    """The searching check says what splitting the content at every CRLF says, line ends near the limit too."""
+    raw = b"\r\n".join(b"x" * n for n in lengths) + ending
+    assert transaction.too_long_lines(raw, 1000) == _too_long_by_split(raw)
+    lone = b"\r\n".join(b"x\ry" * (n // 3) for n in lengths) + ending  # lone CRs do not end a line
+    assert transaction.too_long_lines(lone, 1000) == _too_long_by_split(lone)
+
+
+def test_received_date_is_the_email_date_of_that_second() -> None:
+    import email.utils
+    from datetime import timedelta, timezone
+
+    for when in (
+        datetime.fromtimestamp(1765000000.25, UTC),
+        datetime.fromtimestamp(1765000000.75, UTC),
+        datetime.fromtimestamp(1765000001.0, UTC),
+        datetime.fromtimestamp(1765000001.0, timezone(timedelta(hours=2))),  # the same instant, another zone
+    ):
+        header = transaction.received_header(
+            helo="h", ip="192.0.2.1", hostname="mx", esmtp=True, tls=None, auth=False, ident="i", recipients=(),
+            when=when,
+        )  # fmt: skip
+        assert header.endswith(f"\t{email.utils.format_datetime(when)}\r\n".encode())
 
 
 def test_prepare_builds_the_submission() -> None:

@@ -1,4 +1,4 @@
-"""One SMTP client on the receive side: :class:`Connection`, the asyncio driver of a session (its listener:
+"""One SMTP client on the receive side: :class:`Connection`, the session of one client (its listener:
 :mod:`mxgate.core.smtp.server`).
 
 Why not aiosmtpd's ``SMTP`` class: everything it does per command had to change here -- enhanced status codes
@@ -6,14 +6,18 @@ on every reply, our own EHLO list, bare CR/LF rejection in its line reader, bulk
 pipelined before STARTTLS, AUTH against a hook, bounded reading of over-long lines, idle *and* session timeouts,
 its per-connection ``inspect`` command table. A subclass would have overridden its reader loop and every
 ``smtp_*`` method and kept only its ``StreamReaderProtocol`` plumbing (and its private ``sslproto`` STARTTLS
-swap). So this module is a small ``asyncio.Protocol`` (PERF-NOTES' "bare Protocol") and the thin driver of
-socket-free parts: :mod:`mxgate.core.smtp.wire` frames the input (one buffer, ``find()`` for CRLF and CRLF.CRLF,
-bare CR/LF refused), :mod:`mxgate.core.smtp.session` decides, :mod:`mxgate.core.smtp.sasl` runs AUTH exchanges,
-:mod:`mxgate.core.smtp.transaction` turns a message into a queue submission. Here: the session's I/O, STARTTLS
-(``loop.start_tls``), timeouts and deadlines, hook calls, replies.
+swap). So a session is a thin driver of socket-free parts, in layers:
 
-Flow control: input is paused above a high-water mark; replies to pipelined commands are written in one batch
-when the server next waits for input. Over-long lines are discarded as they arrive, never held.
+- :class:`~mxgate.core.smtp.channel.Channel` (:mod:`mxgate.core.smtp.channel`), its base class: the transport
+  -- reading, writing, flow control, timeouts, the STARTTLS upgrade;
+- :class:`Connection` (here): the session's life (connect, banner, the command loop, disconnect), the command
+  dialogue (EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET, ...), the hook calls and their verdicts, the rejections'
+  tracking, the client's reverse DNS;
+- :mod:`mxgate.core.smtp.data`: DATA and BDAT, the end-of-data hook and the queue hand-off.
+
+Socket-free: :mod:`mxgate.core.smtp.wire` frames the input, :mod:`mxgate.core.smtp.session` decides,
+:mod:`mxgate.core.smtp.sasl` runs AUTH exchanges, :mod:`mxgate.core.smtp.transaction` turns a message into a
+queue submission.
 """
 
 from __future__ import annotations
@@ -22,16 +26,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import ssl
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
-from mxgate.core import tls as tlsmod
 from mxgate.core.errors import PluginError
 from mxgate.core.model import (
     Accept,
@@ -43,16 +40,15 @@ from mxgate.core.model import (
     Session,
     Stash,
     TempFail,
-    TlsState,
     Verdict,
 )
 from mxgate.core.plugins import HookCallError
-from mxgate.core.smtp import sasl, transaction, wire
-from mxgate.core.smtp.parse import ParseError, parse_bdat, parse_mail, parse_rcpt
+from mxgate.core.smtp import data, sasl, wire
+from mxgate.core.smtp.channel import HANDSHAKE_TIMEOUT, LINE_REFUSALS, Channel, Close, Gone, tls_state
+from mxgate.core.smtp.parse import ParseError, parse_mail, parse_rcpt
 from mxgate.core.smtp.rdns import ReverseDns
 from mxgate.core.smtp.rdns import lookup as rdns_lookup
-from mxgate.core.smtp.session import R, ReceiveState
-from mxgate.core.smtp.wire import CLOSED, NEED_DATA
+from mxgate.core.smtp.session import R, ReceiveState, reject_reason
 from mxgate.core.tracking import TrackEvent
 
 if TYPE_CHECKING:
@@ -62,117 +58,42 @@ __all__ = ["HANDSHAKE_TIMEOUT", "Connection", "tls_state"]
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 256 * 1024  # pause reading above this much unprocessed input
-HANDSHAKE_TIMEOUT = 30.0
 # Distinct kinds of rejection (stage, reason, code) one session's tracking events are aggregated by; past this
 # many, further kinds are counted under the last one.
 MAX_REJECT_KINDS: Final = 16
 # Commands allowed before STARTTLS on a require_tls listener.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"})
 PLUGIN_FAILED = TempFail(R.PLUGIN_ERROR)  # what a failing receive hook turns into
-# what the reader's refusals are answered with
-_LINE_REFUSALS: Final[Mapping[type[wire.Event], Reply]] = {
-    wire.LineTooLong: R.LINE_TOO_LONG,
-    wire.BareLineEnding: R.BARE_LF,
-}
-_DATA_REFUSALS: Final = {wire.Refusal.TOO_BIG: R.TOO_BIG, wire.Refusal.BARE_LINE_ENDING: R.BARE_LF_DATA}
-
-
-class _Gone(Exception):
-    """The client went away (EOF, reset, failed handshake)."""
-
-
 # Requests of other protocols sent to an SMTP port (Postfix's smtpd_forbidden_commands: CONNECT, GET, POST):
 # cross-protocol attacks, from a browser or a proxy. The session ends at the first one.
 _FOREIGN_VERBS: Final = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
 
 
-class _Close(Exception):
-    """We are done with this client; the reply (if any) has been queued."""
-
-    def __init__(self, reply: Reply | None = None) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-def _certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
-    """DNS SANs, or the subject CN when the certificate has no DNS SAN."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        names = ()
-    if names:
-        return names
-    return tuple(str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
-
-
-def tls_state(
-    ssl_object: ssl.SSLObject, verifier: tlsmod.ClientCertificateVerifier | None = None, *, now: float | None = None
-) -> TlsState:
-    """What the handshake gave. A client certificate never failed it (see :func:`tlsmod.ask_for_client_certificate`):
-    it is verified here by the listener's ``verifier`` (``None``: certificates were not asked for), and the result
-    only decides whether a certificate-pinned connector matches."""
-    info = tlsmod.describe(ssl_object)
-    chain = tlsmod.peer_chain(ssl_object)
-    verified = False
-    if chain and verifier is not None:
-        when = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-        result = verifier.verify(chain, now=when, resumed=bool(ssl_object.session_reused))
-        verified = result.ok
-        if not result.ok:
-            log.info(
-                "client certificate not verified",
-                extra={"subject": chain[0].subject.rfc4514_string()[:200], "reason": str(result.reason)},
-            )
-    return TlsState(
-        version=info.version or "?",
-        cipher=info.cipher or "?",
-        bits=info.bits or 0,
-        sni=info.server_name,
-        peer_certificate_names=_certificate_names(chain[0]) if chain else (),
-        peer_certificate_verified=verified,
-    )
-
-
-# --- one connection ---------------------------------------------------------------------------------------------
-
-
 Handler = Callable[["Connection", str | None], Awaitable[None]]
 
 
-class Connection(asyncio.Protocol):
-    """One SMTP client. I/O here; decisions in :class:`ReceivePolicy`; hooks through ``runtime.hooks``."""
+class Connection(Channel):
+    """One SMTP client. I/O in :class:`Channel`; decisions in :class:`ReceivePolicy`; hooks through
+    ``runtime.hooks``; DATA and BDAT in :mod:`mxgate.core.smtp.data`."""
 
     COMMANDS: ClassVar[dict[bytes, Handler]] = {}  # filled once, after the class body
 
     def __init__(self, listener: Listener, *, release: Callable[[], None] | None = None) -> None:
+        super().__init__(listener.policy.limits)
         self.listener = listener
         self._release = release  # gives back the admission slot (see Listener._admit)
         self.runtime = listener.runtime
         self.hooks = listener.runtime.hooks
         self.policy = listener.policy
-        self.loop = asyncio.get_running_loop()
-        self.reader = wire.WireReader(line_limit=self.policy.limits.auth_line)  # (the longest: AUTH's)
-        self.transport: asyncio.Transport | None = None
-        self.task: asyncio.Task[None] | None = None
         self.stash = Stash()
         self.state = ReceiveState(peer_ip="")
         self.session_id = listener.next_session_id()
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
-        self._out: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._eof = False
-        self._closed = False
-        self._reading_paused = False
-        self._writing_paused = False
-        self._stopping = False
-        self._idle_wait = False  # waiting for a command (a shutdown may interrupt)
-        self._deadline = 0.0
         self._transactions = 0
         self._headers_msg: IncomingMessage | None = None
+        self._headers_parsed: tuple[bytes, tuple[tuple[str, str], ...]] | None = None  # (block, its headers)
+        self._snapshot: tuple[tuple[Any, ...], Session] | None = None  # (what it was made of, the last snapshot)
         # the client's reverse DNS: started at connect, awaited (bounded) at EHLO -- never before the banner
         self._rdns_task: asyncio.Task[ReverseDns] | None = None
         self._rdns_deadline = 0.0
@@ -181,194 +102,9 @@ class Connection(asyncio.Protocol):
         # once, the repeats are counted and written as one event when the session ends
         self._rejects: dict[tuple[str, str, str], tuple[dict[str, Any], int]] = {}
 
-    # -- asyncio.Protocol ------------------------------------------------------------------------------------
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         self.listener.connections.add(self)
-        self.task = self.loop.create_task(self._run())
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.receive_data(data)
-        if self.reader.buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self.reader.receive_data(b"")
-        self._wake()
-        return self.state.tls is None  # keep the TCP side open to answer; TLS transports cannot half-close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._wake()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        if self._idle_wait:
-            self._wake()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- output ----------------------------------------------------------------------------------------------
-
-    def _reply(self, reply: Reply | str) -> None:
-        self._out.append(f"{reply}\r\n".encode("utf-8", "surrogateescape"))
-
-    def _reply_lines(self, code: int, lines: list[str]) -> None:
-        last = len(lines) - 1
-        self._out.append(
-            "".join(f"{code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)).encode()
-        )
-
-    def _flush(self) -> None:
-        if self._out and not self._closed and self.transport is not None:
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
-
-    async def _drain(self) -> None:
-        self._flush()
-        if not self._writing_paused or self._closed:
-            return
-        waiter = self._drain_waiter = self.loop.create_future()
-        timer = self.loop.call_later(self.policy.limits.idle_timeout, waiter.cancel)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled() and self.task is not None and not self.task.cancelling():
-                raise _Gone() from None  # a client that does not read its replies
-            raise
-        finally:
-            timer.cancel()
-            self._drain_waiter = None
-
-    # -- input -----------------------------------------------------------------------------------------------
-
-    async def _wait(self, *, idle: bool = False, until: float | None = None) -> None:
-        """Wait for more input. Raises _Close on timeout or shutdown (the reply queued), _Gone on EOF.
-
-        ``until``: a deadline of the input being read (a command line's, or DATA's minimum rate), besides the
-        idle and session timeouts."""
-        await self._drain()
-        if self._closed or self._eof:
-            raise _Gone()
-        if idle and self._stopping:
-            raise _Close(R.SHUTDOWN)
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        now = self.loop.time()
-        idle_deadline = now + self.policy.limits.idle_timeout
-        deadline = min(idle_deadline, self._deadline, until if until is not None else self._deadline)
-        waiter = self._waiter = self.loop.create_future()
-        timer = self.loop.call_later(max(0.0, deadline - now), self._wake)
-        self._idle_wait = idle
-        before = self.reader.buffered
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-            self._idle_wait = False
-        if self.reader.buffered > before:
-            return
-        if self._closed or self._eof:
-            raise _Gone()
-        if idle and self._stopping:
-            raise _Close(R.SHUTDOWN)
-        now = self.loop.time()
-        if now >= self._deadline:
-            raise _Close(R.SESSION_TOO_LONG)
-        if now >= idle_deadline:
-            raise _Close(R.TIMEOUT)
-        if until is not None and now >= until:
-            raise _Close(R.TOO_SLOW)
-
-    async def _next(self, *, idle: bool = True) -> wire.Event:
-        """The reader's next event in command mode: a line, or why it is refused (never :class:`wire.NeedData`).
-
-        Once a line has begun it must end within ``command_timeout`` (input that trickles in does not reset a
-        deadline); an over-long line being discarded is not an idle wait.
-        """
-        reader = self.reader
-        until: float | None = None
-        while True:
-            event = reader.next_event()
-            if event is not NEED_DATA:
-                if event is CLOSED:
-                    raise _Gone()
-                return event
-            if until is None and reader.line_started:
-                until = self.loop.time() + self.policy.limits.command_timeout
-            await self._wait(idle=idle and not reader.discarding_line, until=until)
-
-    async def _read_line(self) -> bytes | Reply:
-        """One CRLF-terminated line without its CRLF, or the Reply for a bad line (too long, bare CR/LF)."""
-        event = await self._next()
-        return event.line if type(event) is wire.Command else _LINE_REFUSALS[type(event)]
-
-    async def _read_data(self) -> tuple[bytes | None, Reply | None]:
-        """The DATA content up to CRLF.CRLF (see :mod:`mxgate.core.smtp.wire`), the header hook called when the
-        header block has arrived. Returns ``(dot-unstuffed content, None)`` or ``(None, reply)``."""
-        limits = self.policy.limits
-        reader = self.reader
-        reader.start_data(self.policy.size_limit(self.state))
-        started = self.loop.time()
-        rate = limits.min_data_rate
-        refused: Reply | None = None
-        while True:
-            event = reader.next_event()
-            if event is NEED_DATA:
-                # the minimum rate: after a grace of command_timeout, min_data_rate bytes per second on average
-                until = started + limits.command_timeout + reader.data_received / rate if rate else None
-                await self._wait(until=until)
-            elif type(event) is wire.HeadersEnded:
-                refused = await self._end_of_headers(event.block)
-                if refused is not None:
-                    reader.refuse()
-            elif type(event) is wire.MessageEnded:
-                return event.content, None
-            elif type(event) is wire.MessageRefused:
-                return None, refused if event.reason is wire.Refusal.REFUSED else _DATA_REFUSALS[event.reason]
-            else:  # CLOSED
-                raise _Gone()
-
-    async def _read_chunk(self, size: int, into: bytearray | None) -> None:
-        """Exactly ``size`` octets of a BDAT chunk, appended to ``into`` (``None``: read and dropped). Nothing in
-        them is a command; what follows them is. The minimum data rate applies as for DATA."""
-        limits = self.policy.limits
-        rate = limits.min_data_rate
-        started = self.loop.time()
-        reader = self.reader
-        reader.start_chunk(size, into)
-        while True:
-            event = reader.next_event()
-            if type(event) is wire.ChunkEnded:
-                return
-            if event is CLOSED:
-                raise _Gone()
-            until = started + limits.command_timeout + reader.chunk_received / rate if rate else None
-            await self._wait(until=until)
-
-    # -- hooks -----------------------------------------------------------------------------------------------
+        super().connection_made(transport)
 
     # -- reverse DNS -------------------------------------------------------------------------------------------
 
@@ -416,10 +152,15 @@ class Connection(asyncio.Protocol):
         return self._rdns_known()
 
     def snapshot(self) -> Session:
+        """What hooks see of the session now. The same (immutable) object while nothing in it changed: a session
+        calls several hooks per message."""
         st = self.state
         conn = st.tx_connector if st.envelope.mail_from is not None else st.connector
         rdns = self._rdns_known()
-        return Session(
+        key = (conn, st.helo, st.tls, st.auth_user, rdns, st.peer_ip, self.peer, self.local, self.listener.config.name)
+        if self._snapshot is not None and key == self._snapshot[0]:
+            return self._snapshot[1]
+        session = Session(
             id=self.session_id,
             listener=self.listener.config.name,
             peer_ip=st.peer_ip,
@@ -434,6 +175,8 @@ class Connection(asyncio.Protocol):
             reverse_dns_status=rdns.status if rdns else None,
             stash=self.stash,
         )
+        self._snapshot = (key, session)
+        return session
 
     async def _veto(self, call: Awaitable[Verdict | None]) -> Verdict | None:
         """A receive veto hook; a plugin that raises or returns junk becomes 451 4.3.0 (logged with its name)."""
@@ -494,14 +237,6 @@ class Connection(asyncio.Protocol):
                 self.runtime.tracking.write(TrackEvent.REJECT, **record, repeated=repeated, session=self.session_id)
         self._rejects.clear()
 
-    async def _end_of_headers(self, block: bytes) -> Reply | None:
-        self._headers_msg = IncomingMessage(block, transaction.parse_headers(block))
-        verdict = await self._veto(
-            self.hooks.on_end_of_headers(self.snapshot(), self.state.envelope, self._headers_msg)
-        )
-        reply, ok, _ = self._outcome(verdict, R.OK)
-        return None if ok else reply
-
     # -- the session -----------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -521,10 +256,10 @@ class Connection(asyncio.Protocol):
             self.state.connector = self.policy.select_connector(self.state)
             started = True
             await self._session()
-        except _Close as close:
+        except Close as close:
             if close.reply is not None:
                 self._reply(close.reply)
-        except (_Gone, ConnectionError):
+        except (Gone, ConnectionError):
             pass
         except asyncio.CancelledError:
             raise
@@ -554,26 +289,26 @@ class Connection(asyncio.Protocol):
         if self.state.tls is not None:
             await self.hooks.on_event("tls_session", listener=listener, version=self.state.tls.version)
         if self.listener.stopping:
-            raise _Close(R.SHUTDOWN)
+            raise Close(R.SHUTDOWN)
         verdict = await self._veto(self.hooks.on_connect(self.snapshot()))
         if verdict is PLUGIN_FAILED:
             self.state.deferred = R.PLUGIN_ERROR  # greet, but no transaction gets through
         elif isinstance(verdict, Reject | TempFail | Disconnect):
             await self._rejected("connect", verdict.reply, "plugin")
-            raise _Close(verdict.reply)
+            raise Close(verdict.reply)
         self._reply(self.policy.banner())
         limits = self.policy.limits
         while True:
             # the reader's line limit is AUTH's (an initial response up to RFC 4954's 12,288 octets); others: 512
             event = await self._next()
             if type(event) is not wire.Command:
-                await self._bad(_LINE_REFUSALS[type(event)])
+                await self._bad(LINE_REFUSALS[type(event)])
                 continue
             line = event.line
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
             if verb == b"BDAT":  # its chunk follows at once: it must be read (or the session ends), whatever we say
-                await self.cmd_bdat(rest if len(line) + 2 <= limits.command_line else b"?")
+                await data.cmd_bdat(self, rest if len(line) + 2 <= limits.command_line else b"?")
                 continue
             if len(line) + 2 > limits.command_line and verb != b"AUTH":
                 await self._bad(R.LINE_TOO_LONG)
@@ -582,7 +317,7 @@ class Connection(asyncio.Protocol):
             if handler is None:
                 if verb in _FOREIGN_VERBS:  # an HTTP or proxy request at the SMTP port: not a confused client
                     await self._rejected("connect", R.FOREIGN_PROTOCOL, "protocol", command=verb.decode("ascii"))
-                    raise _Close(R.FOREIGN_PROTOCOL)
+                    raise Close(R.FOREIGN_PROTOCOL)
                 await self._bad(R.UNKNOWN)
                 continue
             try:
@@ -599,7 +334,7 @@ class Connection(asyncio.Protocol):
         """A bad command: answer (later and later past the soft error limit), count, and close after too many."""
         if self.policy.error(self.state):
             self._reply(reply)
-            raise _Close(R.TOO_MANY_ERRORS)
+            raise Close(R.TOO_MANY_ERRORS)
         delay = self.policy.error_delay(self.state)
         if delay > 0:
             self._flush()
@@ -627,7 +362,7 @@ class Connection(asyncio.Protocol):
         if verdict is not None and not isinstance(verdict, Accept):
             st.helo = None
             if isinstance(verdict, Disconnect):
-                raise _Close(verdict.reply)
+                raise Close(verdict.reply)
             self._reply(verdict.reply)
             return
         if esmtp:
@@ -649,7 +384,7 @@ class Connection(asyncio.Protocol):
         self._reply(R.RESET)
 
     async def cmd_quit(self, arg: str | None) -> None:
-        raise _Close(R.BYE)
+        raise Close(R.BYE)
 
     async def cmd_vrfy(self, arg: str | None) -> None:
         self._reply(R.VRFY)
@@ -672,25 +407,15 @@ class Connection(asyncio.Protocol):
             await self._bad(R.TLS_ACTIVE)
             return
         self._reply(R.TLS_READY)
-        await self._drain()
-        # RFC 3207 §4.2: whatever the client pipelined after STARTTLS is discarded, never executed under TLS.
-        self.reader.discard_buffered()
-        assert self.transport is not None
-        try:
-            transport = await self.loop.start_tls(
-                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("STARTTLS handshake failed", extra={"session": self.session_id, "error": repr(exc)})
-            self.transport.abort()
+        failure = await self._start_tls(ctx)
+        if failure is not None:
+            log.info("STARTTLS handshake failed", extra={"session": self.session_id, "error": repr(failure)})
             await self.hooks.on_event("tls_handshake_failed", listener=self.listener.config.name)
-            raise _Gone() from None
-        if transport is None:
-            raise _Gone()
-        self.transport = transport  # (input that arrived during the handshake came over TLS: kept)
+            raise Gone()
+        assert self.transport is not None
         st = self.state
         st.reset_after_tls()
-        ssl_object = transport.get_extra_info("ssl_object")
+        ssl_object = self.transport.get_extra_info("ssl_object")
         st.tls = tls_state(ssl_object, self.listener.client_verifier, now=self.runtime.clock())
         st.connector = self.policy.select_connector(st)
         await self.hooks.on_starttls(self.snapshot())
@@ -792,7 +517,7 @@ class Connection(asyncio.Protocol):
             if problem.code == 503:
                 await self._bad(problem)
             else:
-                await self._rejected("mail", problem, _reason(problem), sender=str(mail.sender))
+                await self._rejected("mail", problem, reject_reason(problem), sender=str(mail.sender))
                 await self._refuse(problem)
             return
         if st.deferred is not None:
@@ -805,7 +530,7 @@ class Connection(asyncio.Protocol):
             st.tx_connector = None
             await self._rejected("mail", reply, "plugin", sender=str(mail.sender))
             if close:
-                raise _Close(reply)
+                raise Close(reply)
             await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(
@@ -837,7 +562,7 @@ class Connection(asyncio.Protocol):
         problem = self.policy.check_rcpt(st, rcpt)
         if problem is not None:
             await self._rejected(
-                "rcpt", problem, _reason(problem), sender=str(st.envelope.mail_from), recipient=str(rcpt)
+                "rcpt", problem, reject_reason(problem), sender=str(st.envelope.mail_from), recipient=str(rcpt)
             )
             await self._refuse(problem)
             return
@@ -846,158 +571,13 @@ class Connection(asyncio.Protocol):
         if not ok:
             await self._rejected("rcpt", reply, "plugin", sender=str(st.envelope.mail_from), recipient=str(rcpt))
             if close:
-                raise _Close(reply)
+                raise Close(reply)
             await self._refuse(reply)
             return
         st.envelope = dataclasses.replace(
             st.envelope, rcpt_tos=(*st.envelope.rcpt_tos, rcpt), rcpt_dsn=(*st.envelope.rcpt_dsn, parsed.dsn)
         )
         self._reply(reply)
-
-    async def cmd_data(self, arg: str | None) -> None:
-        st = self.state
-        if arg:
-            await self._bad(R.NO_ARGS)
-            return
-        problem = self.policy.check_data(st)
-        if problem is not None:
-            await self._bad(problem)
-            return
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
-        self._transactions += 1
-        raw, refused = await self._read_data()
-        envelope = st.envelope
-        sender = str(envelope.mail_from)
-        try:
-            if refused is not None or raw is None:
-                reply = refused or R.QUEUE_ERROR
-                self._reply(reply)
-                await self._rejected("data", reply, _reason(reply), sender=sender, recipients=len(envelope.rcpt_tos))
-                if (reply is R.BARE_LF_DATA or reply is R.TEXT_LINE_TOO_LONG) and self.policy.error(st):
-                    raise _Close(R.TOO_MANY_ERRORS)
-                return
-            await self._accept_message(raw)
-        finally:
-            st.reset_transaction()
-
-    async def cmd_bdat(self, arg: bytes) -> None:
-        """RFC 3030 ``BDAT <octets> [LAST]``: the chunk is read exactly, never dot-unstuffed, never parsed for
-        commands; the assembled message meets DATA's rules (CRLF only, line length, size across chunks)."""
-        st = self.state
-        try:
-            size, last = parse_bdat(arg.strip(b" "))
-        except ParseError:
-            # we cannot tell where the chunk ends: reading on would run its octets as commands
-            await self._rejected("data", R.BDAT_SYNTAX, "syntax")
-            raise _Close(R.BDAT_SYNTAX) from None
-        problem = self.policy.check_bdat(st, size)
-        if problem is not None:
-            await self._read_chunk(size, None)
-            sender = str(st.envelope.mail_from) if st.envelope.mail_from is not None else None
-            st.reset_transaction()  # RFC 3030 §2: a failed chunk fails the transaction
-            if problem.code in (503, 530):
-                await self._bad(problem)
-            else:
-                await self._rejected("data", problem, _reason(problem), sender=sender)
-                self._reply(problem)
-            return
-        if st.chunks is None:
-            st.chunks = bytearray()
-            self._transactions += 1
-        await self._read_chunk(size, st.chunks)
-        if not last:
-            self._reply(Reply(250, "2.0.0", f"{size} octets received"))
-            return
-        raw = bytes(st.chunks)
-        st.chunks = None
-        envelope = st.envelope
-        sender = str(envelope.mail_from)
-        try:
-            refused = self.policy.check_text(raw)
-            if refused is None:
-                j = raw.find(b"\r\n\r\n")
-                refused = await self._end_of_headers(raw if j < 0 else raw[: j + 2])
-            if refused is not None:
-                self._reply(refused)
-                await self._rejected(
-                    "data", refused, _reason(refused), sender=sender, recipients=len(envelope.rcpt_tos)
-                )
-                if (refused is R.BARE_LF_DATA or refused is R.TEXT_LINE_TOO_LONG) and self.policy.error(st):
-                    raise _Close(R.TOO_MANY_ERRORS)
-                return
-            if raw and not raw.endswith(b"\r\n"):
-                raw += b"\r\n"  # a message ends with a line end (DATA's CRLF.CRLF guarantees one)
-            await self._accept_message(raw, data_command=False)
-        finally:
-            st.reset_transaction()
-
-    async def _accept_message(self, raw: bytes, *, data_command: bool = True) -> None:
-        """A received message (DATA's unstuffed, BDAT's assembled): ``on_end_of_data``, then the queue
-        (:mod:`mxgate.core.smtp.transaction`); ``250`` only once it is on disk."""
-        st = self.state
-        envelope = st.envelope
-        sender = str(envelope.mail_from)
-        # DATA's line lengths are checked here, once unstuffed (BDAT's in ReceivePolicy.check_text)
-        if data_command and transaction.too_long_lines(raw, self.policy.limits.text_line):
-            self._reply(R.TEXT_LINE_TOO_LONG)
-            await self._rejected("data", R.TEXT_LINE_TOO_LONG, "line_length", sender=sender)
-            return
-        message = transaction.message_of(raw, self._headers_msg)
-        self._headers_msg = None
-        verdict = await self._veto(self.hooks.on_end_of_data(self.snapshot(), envelope, message))
-        reply, ok, close = self._outcome(verdict, R.OK)
-        if not ok:
-            await self._rejected("data", reply, "plugin", sender=sender, recipients=len(envelope.rcpt_tos))
-            if close:
-                raise _Close(reply)
-            self._reply(reply)
-            return
-        rdns = await self._await_rdns()
-        listener = self.listener.config.name
-        sub = transaction.prepare(
-            st,
-            message,
-            hostname=self.policy.hostname,
-            listener=listener,
-            session_id=self.session_id,
-            ident=f"{self.session_id}.{self._transactions}",
-            rdns=rdns,
-            now=self.runtime.clock(),
-        )
-        queued = await transaction.submit(self.runtime, sub, session_id=self.session_id)
-        if isinstance(queued, tuple):
-            reply, reason = queued
-            self._reply(reply)
-            await self._rejected("data", reply, reason, sender=sender)
-            return
-        record = transaction.receive_record(
-            sub, st, queue_id=queued, listener=listener, connector=self._label_connector(), rdns=rdns
-        )
-        self.runtime.tracking.write(TrackEvent.RECEIVE, **record)
-        self._reply(f"250 2.0.0 Ok: queued as {queued}")
-        st.errors = 0  # a client that delivers mail starts over (max_errors counts errors "without delivering")
-        await self.hooks.on_event("message_received", listener=listener, connector=self._label_connector())
-
-
-def _reason(reply: Reply) -> str:
-    """A bounded label for ``message_rejected`` events."""
-    if reply.enhanced == "5.7.1" and "Relay" in reply.text:
-        return "relay"
-    if reply.enhanced == "5.7.1":
-        return "sender_restriction"
-    if reply.code == 530:
-        return "tls_required"
-    if reply.enhanced == "5.3.4":
-        return "size"
-    if reply.enhanced == "5.6.0":
-        return "smuggling"
-    if reply.enhanced == "4.5.3":
-        return "recipients"
-    if reply.enhanced == "5.1.2":
-        return "no_route"
-    if reply.enhanced == "4.3.0":
-        return "plugin"
-    return "policy" if reply.code >= 500 else "tempfail"
 
 
 Connection.COMMANDS = {
@@ -1007,7 +587,7 @@ Connection.COMMANDS = {
     b"AUTH": Connection.cmd_auth,
     b"MAIL": Connection.cmd_mail,
     b"RCPT": Connection.cmd_rcpt,
-    b"DATA": Connection.cmd_data,
+    b"DATA": data.cmd_data,
     b"RSET": Connection.cmd_rset,
     b"NOOP": Connection.cmd_noop,
     b"QUIT": Connection.cmd_quit,

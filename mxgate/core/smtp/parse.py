@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from mxgate.core.model import Address, DsnNotify, DsnRet, RecipientDsn, Reply
 from mxgate.core.textsafe import address_problem
@@ -215,6 +216,11 @@ def _params(text: str) -> tuple[tuple[str, str | None], ...]:
     return tuple(out)
 
 
+# the replies to a path that does not parse (made once: every MAIL and RCPT names them)
+_BAD_SENDER: Final = Reply(553, "5.1.7", "Bad sender address syntax")
+_BAD_RECIPIENT: Final = Reply(553, "5.1.3", "Bad recipient address syntax")
+
+
 def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -> MailCommand:
     """The argument of ``MAIL`` (everything after ``MAIL ``).
 
@@ -262,7 +268,7 @@ def parse_mail(arg: str, *, esmtp: bool = True, smtputf8_offered: bool = True) -
             utf8 = True
         else:
             raise ParseError(Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}"))
-    sender = parse_path(path, utf8=utf8, bad=Reply(553, "5.1.7", "Bad sender address syntax"), allow_null=True)
+    sender = parse_path(path, utf8=utf8, bad=_BAD_SENDER, allow_null=True)
     return MailCommand(sender, params, size, body, utf8, ret, envid, requiretls)
 
 
@@ -310,7 +316,7 @@ def parse_rcpt(arg: str, *, smtputf8: bool = False, postmaster_domain: str | Non
     dsn = RecipientDsn(notify, orcpt)
     if postmaster_domain and path.lower() == "<postmaster>":
         return RcptCommand(Address("postmaster", postmaster_domain.lower()), params, dsn)
-    rcpt = parse_path(path, utf8=smtputf8, bad=Reply(553, "5.1.3", "Bad recipient address syntax"), allow_null=False)
+    rcpt = parse_path(path, utf8=smtputf8, bad=_BAD_RECIPIENT, allow_null=False)
     return RcptCommand(rcpt, params, dsn)
 
 

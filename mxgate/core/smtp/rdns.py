@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import dns.rdtypes.ANY.PTR
-import dns.reversename
 
 from mxgate.core.model import ReverseDnsStatus
 
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from mxgate.core.dns import Resolver
     from mxgate.core.dns_answers import DnsAnswer
 
-__all__ = ["MAX_PTR_NAMES", "ReverseDns", "confirm", "lookup"]
+__all__ = ["MAX_PTR_NAMES", "ReverseDns", "confirm", "lookup", "reverse_query"]
 
 MAX_PTR_NAMES: Final = 10  # PTR names checked for forward confirmation (more is an abuse of the lookup)
 
@@ -74,18 +73,40 @@ def ptr_names(ptr: DnsAnswer) -> tuple[str, ...]:
     return tuple(out[:MAX_PTR_NAMES])
 
 
-async def lookup(resolver: Resolver, ip: str) -> ReverseDns:
-    """PTR of ``ip``, then A or AAAA of each PTR name (concurrently); never raises for DNS outcomes. The caller
-    bounds the time (``asyncio.wait_for``): a lookup that does not finish is ``FAILED``."""
+_REVERSE_CACHE_SIZE: Final = 4096
+_reverse_names: dict[str, tuple[str, str, str] | None] = {}
+
+
+def reverse_query(ip: str) -> tuple[str, str, str] | None:
+    """``(address, PTR name, forward type)`` for a client address (an IPv4-mapped IPv6 address as IPv4), ``None``
+    if it is not an address. Remembered (the same clients come back): parsing it is most of a cached lookup."""
+    if ip in _reverse_names:
+        return _reverse_names[ip]
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
+        query = None
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        query = (str(address), address.reverse_pointer + ".", "A" if address.version == 4 else "AAAA")
+    if len(_reverse_names) >= _REVERSE_CACHE_SIZE:
+        _reverse_names.clear()
+    _reverse_names[ip] = query
+    return query
+
+
+async def lookup(resolver: Resolver, ip: str) -> ReverseDns:
+    """PTR of ``ip``, then A or AAAA of each PTR name (concurrently); never raises for DNS outcomes. The caller
+    bounds the time (``asyncio.wait_for``): a lookup that does not finish is ``FAILED``."""
+    query = reverse_query(ip)
+    if query is None:
         return ReverseDns.failed()
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    ip = str(address)
-    ptr = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
+    ip, reverse, rdtype = query
+    ptr = await resolver.resolve(reverse, "PTR")
     names: Sequence[str] = () if ptr.is_failure else ptr_names(ptr)
-    rdtype = "A" if address.version == 4 else "AAAA"
-    answers = await asyncio.gather(*(resolver.resolve(n, rdtype) for n in names))
+    if len(names) == 1:  # the usual case: no task for one query
+        answers: Sequence[DnsAnswer] = (await resolver.resolve(names[0], rdtype),)
+    else:
+        answers = await asyncio.gather(*(resolver.resolve(n, rdtype) for n in names))
     return confirm(ip, ptr, dict(zip(names, answers, strict=True)))

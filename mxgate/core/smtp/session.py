@@ -18,7 +18,7 @@ from mxgate.core.config import Config, ListenerConfig
 from mxgate.core.model import Address, Envelope, Reply, TlsState
 from mxgate.core.smtp.parse import MailCommand
 
-__all__ = ["Limits", "R", "ReceivePolicy", "ReceiveState"]
+__all__ = ["Limits", "R", "ReceivePolicy", "ReceiveState", "reject_reason"]
 
 
 class R:
@@ -386,3 +386,24 @@ class ReceivePolicy:
         for each further one (a dictionary attack slows down; a client with a typo does not notice)."""
         over = state.errors - self.limits.soft_error_limit
         return over * self.limits.error_sleep if over > 0 else 0.0
+
+
+def reject_reason(reply: Reply) -> str:
+    """A bounded label for ``message_rejected`` events."""
+    if reply.enhanced == "5.7.1" and "Relay" in reply.text:
+        return "relay"
+    if reply.enhanced == "5.7.1":
+        return "sender_restriction"
+    if reply.code == 530:
+        return "tls_required"
+    if reply.enhanced == "5.3.4":
+        return "size"
+    if reply.enhanced == "5.6.0":
+        return "smuggling"
+    if reply.enhanced == "4.5.3":
+        return "recipients"
+    if reply.enhanced == "5.1.2":
+        return "no_route"
+    if reply.enhanced == "4.3.0":
+        return "plugin"
+    return "policy" if reply.code >= 500 else "tempfail"

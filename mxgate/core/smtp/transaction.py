@@ -1,7 +1,7 @@
 """From a finished transaction to a queue submission: the envelope and the received content (DATA's, unstuffed, or
 BDAT's, assembled) become the message the hooks see, the ``Received:`` header, the queue's metadata and recipient
 records, one ``runtime.submit`` call and the tracking record of the receipt. No sockets and no replies to the
-client: the server (:meth:`mxgate.core.smtp.connection.Connection._accept_message`) calls the ``on_end_of_data`` hook in
+client: the server (:func:`mxgate.core.smtp.data.accept_message`) calls the ``on_end_of_data`` hook in
 between and answers ``250`` only after :func:`submit` returned a queue id.
 """
 
@@ -79,20 +79,50 @@ def received_header(
     if len(recipients) == 1:
         by += f"\r\n\tfor <{recipients[0]}>"
     lines.append(by + ";")
-    lines.append(f"\t{email.utils.format_datetime(when)}")
+    lines.append(f"\t{_rfc5322_date(when)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+_last_date: tuple[tuple[datetime, Any], str] | None = None  # ((the second, its zone), its text)
+
+
+def _rfc5322_date(when: datetime) -> str:
+    """``email.utils.format_datetime`` (to the second), remembered for the last second asked."""
+    global _last_date
+    key = (when.replace(microsecond=0), when.tzinfo)  # (aware datetimes of one instant are equal across zones)
+    if _last_date is None or _last_date[0] != key:
+        _last_date = (key, email.utils.format_datetime(when))
+    return _last_date[1]
+
+
 def too_long_lines(raw: bytes, text_line: int) -> bool:
-    """A line of DATA content (unstuffed) over 998 octets; skips the split for content shorter than a line."""
-    return len(raw) > text_line and max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE
+    """A line of DATA content (unstuffed) over 998 octets (lines end at CRLF). Jumps from the last CRLF within
+    998 octets of a line's start to the next line: a handful of searches for a message of short lines, no copy."""
+    if len(raw) <= text_line:
+        return False
+    start, end = 0, len(raw)
+    while end - start > MAX_TEXT_LINE:
+        # a CRLF starting at most MAX_TEXT_LINE octets after ``start`` ends the line within the limit
+        crlf = raw.rfind(b"\r\n", start, start + MAX_TEXT_LINE + 2)
+        if crlf < 0:
+            return True
+        start = crlf + 2
+    return False
 
 
-def message_of(raw: bytes, head: IncomingMessage | None) -> IncomingMessage:
+def message_of(
+    raw: bytes, head: IncomingMessage | None, parsed: tuple[bytes, tuple[tuple[str, str], ...]] | None = None
+) -> IncomingMessage:
     """The message ``on_end_of_data`` sees: ``raw`` with its headers parsed, carrying the headers a plugin added
-    at end of headers (``head``: the message ``on_end_of_headers`` saw)."""
+    at end of headers (``head``: the message ``on_end_of_headers`` saw). ``parsed``: a header block already
+    parsed (``(block, parse_headers(block))``), used when it is exactly ``raw``'s header block."""
     j = raw.find(b"\r\n\r\n")
-    message = IncomingMessage(raw, parse_headers(raw if j < 0 else raw[: j + 2]))
+    end = len(raw) if j < 0 else j + 2
+    if parsed is not None and len(parsed[0]) == end and raw.startswith(parsed[0]):
+        headers = parsed[1]
+    else:
+        headers = parse_headers(raw if j < 0 else raw[:end])
+    message = IncomingMessage(raw, headers)
     if head is not None:  # headers a plugin added at end of headers, and metadata set then
         for edit in head.added_headers:
             message.add_header(edit.name, edit.value)
