@@ -32,7 +32,8 @@ from mxgate.core.dns_answers import DNSSEC_SELF_TEST, DnsAnswer, DnssecStatus, S
 from mxgate.core.errors import ConfigError, ConfigProblem, MxgateError
 from mxgate.core.files import private_file
 from mxgate.core.hookspecs import hookimpl
-from mxgate.core.http import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter, HttpServer
+from mxgate.core.http import HttpRouter, HttpServer
+from mxgate.core.http_wire import HttpConnection, HttpLimits, HttpRequest, HttpResponse
 from mxgate.core.messages import MessageOptions, QueuedMessage, QueuedRecipient, RecipientStatus
 from mxgate.core.metadata import MessageHeaders, MessageMeta
 from mxgate.core.migrations import MigrationRegistry

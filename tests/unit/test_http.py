@@ -6,7 +6,7 @@ import h11
 import pytest
 
 from mxgate import HttpConnection, HttpLimits, HttpRequest, HttpResponse, HttpRouter
-from mxgate.core.http import CLOSED, NEED_DATA, render_raw
+from mxgate.core.http_wire import CLOSED, NEED_DATA, render_raw
 
 GET = b"GET /metrics?x=1 HTTP/1.1\r\nHost: Example.Test:9925\r\nAccept: text/plain\r\n\r\n"
 

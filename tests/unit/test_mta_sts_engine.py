@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mxgate.connectors.outbound import OutboundConnector
-from mxgate.core.http import HttpRequest
+from mxgate.core.http_wire import HttpRequest
 from mxgate.core.outcomes import (
     Destination,
     HopHost,
