@@ -57,7 +57,7 @@ from mxgate.core.outcomes import (
     PeerVerification,
     TlsRptResult,
 )
-from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError, StaleSession
 from mxgate.core.tls import client_context, describe, peer_chain
 
 if TYPE_CHECKING:
@@ -281,13 +281,26 @@ class Deliverer:
         key: SessionKey | None = None
         if connector.connection_reuse and not self.pool.closed:
             key = SessionKey.of(connector, destination, next_hop, decision, host, enforce_hp, message)
-            session = await self.pool.checkout(key, connector)
-            if session is not None:
+            # Postfix's liveness check of a cached session, RSET, goes in front of the transaction (pipelined
+            # where the peer offers PIPELINING: one write and one round trip fewer per message); a session that
+            # fails it is dropped silently and the next one tried, then a new connection.
+            while (session := self.pool.take(key, connector)) is not None:
+                mark = len(rec.steps)
                 rec.steps.append(f"reusing session to {session.where} (message {session.messages + 1} on it)")
+                try:
+                    # None: this host cannot take the message (recorded); the same host on a new session could
+                    # not either, so on to the next host.
+                    result = await send_message(
+                        self.pool, session, key, connector, destination, host, message, rec, reset=True
+                    )
+                except StaleSession as exc:
+                    log.debug("pooled session unusable", extra={"peer": session.where, "error": str(exc)})
+                    session.client.abort()
+                    session.client.transcript.clear()
+                    del rec.steps[mark:]
+                    continue
                 await self.runtime.hooks.on_event("outbound_session_reused", connector=connector.name)
-                # None: this host cannot take the message (recorded); the same host on a new session could not
-                # either, so on to the next host.
-                return await send_message(self.pool, session, key, connector, destination, host, message, rec)
+                return result
         addresses = await self._addresses(host)
         if not addresses:
             rec.fail(no_address(host), f"{host.name}: no usable address")

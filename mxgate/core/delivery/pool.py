@@ -233,14 +233,22 @@ class SessionPool:
         session.client.quit_nowait()
         session.client.transcript.clear()
 
+    def take(self, key: SessionKey, connector: OutboundConnector) -> PooledSession | None:
+        """A pooled session that may carry another message, not checked yet: the caller sends RSET in front of
+        its transaction (:func:`~mxgate.core.delivery.transaction.send_message` with ``reset``, pipelined where
+        the peer offers PIPELINING) and, when that fails, takes the next one. Sessions the peer closed while idle,
+        or too old or too used, are closed silently."""
+        while (session := self._take(key)) is not None:
+            if self.reusable(session, connector):
+                return session
+            self._drop(session)
+        return None
+
     async def checkout(self, key: SessionKey, connector: OutboundConnector) -> PooledSession | None:
         """A pooled session that answers RSET with 250 (Postfix's liveness check). Sessions the peer closed
         while idle, or that fail the check, are closed silently: the caller then connects anew."""
-        while (session := self._take(key)) is not None:
+        while (session := self.take(key, connector)) is not None:
             client = session.client
-            if not self.reusable(session, connector):
-                self._drop(session)
-                continue
             try:
                 reply = await client.command("RSET", timeout=min(connector.command_timeout, RSET_TIMEOUT))
             except SmtpClientError as exc:
