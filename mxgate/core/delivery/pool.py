@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from mxgate.core.delivery.model import OutgoingMessage
+from mxgate.core.delivery.plan import Capabilities
 from mxgate.core.delivery.policy import TlsDecision
 from mxgate.core.outcomes import Destination, HopHost, HostPolicy, NextHop, PeerVerification, PolicyType, TlsLevel
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError
@@ -58,6 +60,15 @@ class SessionKey:
     report_source: str | None  # the report-only policy (MTA-STS testing), if any
     tls_optional: bool  # RFC 8689 TLS-Required: No
     auth_username: str | None
+    # worked out once: a key is looked up twice per message (take, then pool), and hashing its connector and
+    # policies field by field each time showed in profiles
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(_key_fields(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(
@@ -92,6 +103,9 @@ class SessionKey:
         )
 
 
+_key_fields = attrgetter(*(f.name for f in fields(SessionKey) if f.compare))
+
+
 @dataclass(eq=False)
 class PooledSession:
     """An established session (banner, EHLO, STARTTLS, verification, AUTH done) and what its first delivery
@@ -104,6 +118,7 @@ class PooledSession:
     opened: float  # loop time of the connect
     messages: int = 0  # transactions started on it
     timer: asyncio.TimerHandle | None = None  # idle expiry while pooled
+    capabilities: Capabilities | None = None  # what its EHLO offered, once worked out (fixed for the session)
 
 
 class SessionPool:

@@ -89,7 +89,9 @@ async def send_message(
         and verification.ok
         and verification.label in ("verified", "trusted")
     )
-    caps = capabilities_of(client)
+    caps = session.capabilities
+    if caps is None:
+        caps = session.capabilities = capabilities_of(client)
     if session.messages == 0:
         rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
     params, unmet = transaction_params(message, caps, session.where, verified_tls=verified_tls)
@@ -121,7 +123,7 @@ async def run_transaction(
     recipients = message.recipients
     outcomes: dict[str, RecipientOutcome] = {}
     accepted: list[str] = []
-    per_rcpt = rcpt_params(message, capabilities_of(client))
+    per_rcpt = rcpt_params(message, session.capabilities or capabilities_of(client))
     bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
     reset_timeout = min(connector.command_timeout, RSET_TIMEOUT)
     try:
