@@ -55,6 +55,7 @@ from mxgate.core.outcomes import (
     HopHost,
     NextHop,
     PeerVerification,
+    TlsPolicy,
     TlsRptResult,
 )
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpConnectionError, StaleSession
@@ -100,6 +101,8 @@ class Deliverer:
         self._probe = probe
         self._timeout_cap = timeout_cap
         self.pool = SessionPool(runtime.tasks, keep=reuse and not probe)
+        # the connector's own policy per (connector, domain): the same for every message of a destination
+        self._fallbacks: dict[tuple[int, str], TlsPolicy] = {}
 
     @property
     def idle_sessions(self) -> int:
@@ -142,7 +145,7 @@ class Deliverer:
                 return same_for_all(destination, message, FAILED, local_reply(550, "5.1.2", why), "5.1.2", rec)
             return same_for_all(destination, message, DEFERRED, local_reply(451, "4.4.3", why), "4.4.3", rec)
 
-        fallback = connector_policy(connector, destination)
+        fallback = self._fallback(connector, destination)
         if message.tls_optional:
             # RFC 8689 section 5: the recipient's policies (DANE, MTA-STS) are ignored; the connector's own
             # setting, which is the operator's local policy, still holds.
@@ -466,6 +469,17 @@ class Deliverer:
             return
         outcome = tls_outcome(connector, decision, client, host, report, queue_id, self.runtime.clock())
         await self.runtime.hooks.on_tls_outcome(outcome)
+
+    def _fallback(self, connector: OutboundConnector, destination: Destination) -> TlsPolicy:
+        """:func:`connector_policy`, made once per connector object and domain (keyed by identity: hashing a
+        connector compares every setting; the policy carries the connector itself, which tells a reused id)."""
+        key = (id(connector), destination.domain)
+        policy = self._fallbacks.get(key)
+        if policy is None or policy.data is not connector:
+            if len(self._fallbacks) >= 4096:
+                self._fallbacks.clear()
+            policy = self._fallbacks[key] = connector_policy(connector, destination)
+        return policy
 
     def _password(self, connector: OutboundConnector) -> str:
         if not connector.auth_password_file:

@@ -40,6 +40,8 @@ __all__ = [
 MAX_LINE = 4096  # longer than RFC 5321's 512 for replies: real servers send long texts
 MAX_REPLY_LINES = 200
 BDAT_CHUNK = 1024 * 1024  # bytes per BDAT chunk
+_LONE_CR = re.compile(rb"\r[^\n]")
+_DOT_LINE = re.compile(rb"\n\.")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 
 
@@ -118,8 +120,15 @@ def dot_stuff(data: bytes) -> bytes:
 
     Bare CR and LF become CRLF, so that nothing we relay can be read as an end of data (SMTP smuggling).
     """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf == data.count(b"\n") and not data.startswith(b".") and b"\n." not in data:
+    # clean CRLF lines: as many CR as LF and every CR followed by LF (then every LF follows a CR); the scans
+    # chosen for speed (bytes.count of two bytes and `in` are slower than these on a 10 KiB message)
+    if (
+        data.count(b"\r") == data.count(b"\n")
+        and not data.endswith(b"\r")
+        and _LONE_CR.search(data) is None
+        and not data.startswith(b".")
+        and _DOT_LINE.search(data) is None
+    ):
         # the usual case (what our own receive side queued): clean CRLF lines, no leading dot; nothing to change
         return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
