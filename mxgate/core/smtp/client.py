@@ -281,8 +281,14 @@ class SmtpClient:
         deadline = asyncio.get_running_loop().time() + (timeout if timeout is not None else self.timeout)
         code: int | None = None
         lines: list[str] = []
+        buffer = self._proto.buffer
         for _ in range(MAX_REPLY_LINES):
-            raw = await self._readline(deadline)
+            idx = buffer.find(b"\n")
+            if 0 <= idx < MAX_LINE:  # the line is here already (pipelined replies come together): no wait
+                raw = bytes(buffer[: idx + 1])
+                del buffer[: idx + 1]
+            else:
+                raw = await self._readline(deadline)
             text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
             if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
                 raise SmtpProtocolError(f"not an SMTP reply: {text[:80]!r}")
