@@ -20,7 +20,6 @@ import fcntl
 import ipaddress
 import json
 import logging
-import mmap
 import os
 import threading
 import time
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "tracking.jsonl"
 LOCK_NAME = "tracking.lock"
-GENERATION_NAME = "tracking.gen"  # 8 bytes, mapped by every writer: a rotation counter (see _reopen_if_rotated)
-RECHECK_SECONDS = 1.0  # how long a writer trusts the counter alone (a file moved or deleted by hand)
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024
 DEFAULT_FILES = 10
 
@@ -93,39 +90,14 @@ class TrackingLog:
         self.files = files
         self._lock = threading.Lock()
         self._ino = -1  # inode of the file open in _fh
-        self._generation: mmap.mmap | None = None
-        self._seen = 0  # the rotation counter when the name was last checked
-        self._recheck = 0.0  # monotonic time of the next stat of the name however the counter stands
         self._fh = self._open() if enabled else None
         self._pending: list[str] = []
-        if enabled:
-            self._generation = self._map_generation()
 
     def _open(self) -> TextIO:
         """The log file for appending; a new one is created 0600 (it names senders and clients)."""
         fh = os.fdopen(open_private(self.path), "a", encoding="utf-8")
         self._ino = os.fstat(fh.fileno()).st_ino
         return fh
-
-    def _map_generation(self) -> mmap.mmap | None:
-        """The shared rotation counter (``tracking.gen``, created 0600), mapped; ``None`` when it cannot be (then
-        every flush checks the name)."""
-        try:
-            fd = os.open(self.path.parent / GENERATION_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return None
-        try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)  # zeros; a concurrent writer doing the same changes nothing
-            return mmap.mmap(fd, 8)
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-
-    def _rotations(self) -> int:
-        gen = self._generation
-        return int.from_bytes(gen[:8], "little") if gen is not None else -1
 
     def write(
         self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None, **fields: Any
@@ -169,17 +141,8 @@ class TrackingLog:
                 log.warning("tracking log write failed", extra={"error": str(exc), "lines": len(lines)})
 
     def _reopen_if_rotated(self) -> None:
-        """Another process (a receive worker, or the main process) rotated the file: follow the name.
-
-        Every writer's rotation bumps a counter all writers map (no system call to read it), so the name is
-        looked at (``stat``, which on a busy loop thread also means giving up the GIL) only when the counter
-        moved, and otherwise once per :data:`RECHECK_SECONDS` (a file moved or deleted by hand)."""
+        """Another process (a receive worker, or the main process) rotated the file: follow the name."""
         assert self._fh is not None
-        rotations = self._rotations()
-        now = time.monotonic()
-        if rotations == self._seen and rotations >= 0 and now < self._recheck:
-            return
-        self._seen, self._recheck = rotations, now + RECHECK_SECONDS
         try:
             same = os.stat(self.path).st_ino == self._ino
         except FileNotFoundError:
@@ -208,22 +171,11 @@ class TrackingLog:
                     os.rename(self.path, rotated[0])
                 else:
                     self.path.unlink()
-                self._bump()
             self._fh.close()
             self._fh = self._open()
-            self._seen = self._rotations()
-
-    def _bump(self) -> None:
-        """Tell every writer that the name now points at a new file (under the rotation lock)."""
-        gen = self._generation
-        if gen is not None:
-            gen[:8] = ((self._rotations() + 1) % (1 << 62)).to_bytes(8, "little")
 
     def close(self) -> None:
         self.flush()
-        if self._generation is not None:
-            gen, self._generation = self._generation, None
-            gen.close()
         if self._fh is not None:
             fh, self._fh = self._fh, None
             try:

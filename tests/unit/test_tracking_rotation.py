@@ -8,8 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 from mxgate.core.tracking import TrackEvent, TrackingLog, log_files, read_records, trace
 
 
@@ -73,44 +71,3 @@ def test_search_streams_across_rotated_files_in_bounded_memory(tmp_path: Path) -
         tracemalloc.stop()
     assert found == [("RECEIVE", "Q0"), ("DELIVER", "Q0")]
     assert peak < 300_000, peak  # a few lines and the matching ids, not the 4 MB log
-
-
-def test_writers_look_at_the_name_only_when_the_rotation_counter_moved(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The flush on the event loop's path does not stat the file name every time: a rotation by any writer bumps
-    the shared counter (``tracking.gen``, 0600) and the others follow at their next flush; a file moved by hand is
-    followed within RECHECK_SECONDS."""
-    import mxgate.core.tracking as tracking
-
-    stats: list[object] = []
-    real_stat = os.stat
-
-    def counting_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
-        if str(path).endswith(tracking.FILE_NAME):
-            stats.append(path)
-        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(tracking.os, "stat", counting_stat)
-    a = TrackingLog(tmp_path, max_size=400, files=3)
-    b = TrackingLog(tmp_path, max_size=100_000, files=3)
-    try:
-        a.write(TrackEvent.REJECT, n=0)
-        b.write(TrackEvent.REJECT, n=1)
-        stats.clear()
-        for n in range(2, 6):
-            b.write(TrackEvent.REJECT, n=n)
-        assert stats == []  # nothing rotated: the counter alone
-        while not (tmp_path / "tracking.jsonl.1").exists():
-            a.write(TrackEvent.REJECT, n=-1)  # a rotates
-        b.write(TrackEvent.REJECT, n=100)  # b follows at once: the line is in the new file
-        assert json.loads((tmp_path / "tracking.jsonl").read_text().splitlines()[-1])["n"] == 100
-        assert (tmp_path / tracking.GENERATION_NAME).stat().st_mode & 0o777 == 0o600
-        os.rename(tmp_path / "tracking.jsonl", tmp_path / "moved.jsonl")  # by hand: no counter
-        monkeypatch.setattr(tracking, "RECHECK_SECONDS", 0.0)
-        b._recheck = 0.0
-        b.write(TrackEvent.REJECT, n=101)
-        assert json.loads((tmp_path / "tracking.jsonl").read_text())["n"] == 101
-    finally:
-        a.close()
-        b.close()
