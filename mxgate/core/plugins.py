@@ -246,6 +246,17 @@ def _check_wrappers(name: str, obj: Any) -> None:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One implementation of a hook as :meth:`Dispatcher.call` calls it."""
+
+    impl: pluggy.HookImpl
+    stats: HookStats
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    coroutine: bool
+
+
 class Dispatcher:
     """Calls hook implementations in pluggy's order, awaiting coroutines; times and counts every call."""
 
@@ -257,6 +268,7 @@ class Dispatcher:
         self.error_sink: Callable[[str, str, BaseException], None] | None = None
         self._firstresult: dict[str, bool] = {}
         self._plans: dict[str, tuple[tuple[pluggy.HookImpl, HookStats], ...]] = {}
+        self._call_plans: dict[str, tuple[_Call, ...]] = {}
         for name in dir(hookspecs):
             if name.startswith("mxgate_"):
                 spec = getattr(plugins.pm.hook, name).spec
@@ -276,34 +288,57 @@ class Dispatcher:
             )
         return plan
 
+    def _calls(self, hook: str) -> tuple[_Call, ...]:
+        """:meth:`_plan` with what each call needs looked up once: the function, the argument names, whether it
+        is a coroutine function (awaited without asking), the stats record."""
+        calls = self._call_plans.get(hook)
+        if calls is None:
+            calls = self._call_plans[hook] = tuple(
+                _Call(
+                    impl,
+                    stats,
+                    impl.function,
+                    tuple(impl.argnames),
+                    inspect.iscoroutinefunction(impl.function),
+                )
+                for impl, stats in self._plan(hook)
+            )
+        return calls
+
     async def call(self, hook: str, *, raise_errors: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
         """firstresult hooks: the first non-None result or None. Others: the list of non-None results.
         ``quiet``: an error is not logged here (the caller, which gets it raised, says it)."""
         first = self._firstresult[hook]
+        calls = self._call_plans.get(hook)
+        if calls is None:
+            calls = self._calls(hook)
+        if not calls:
+            return None if first else []
         results: list[Any] = []
-        for impl, stats in self._plan(hook):
-            args = {a: kwargs[a] for a in impl.argnames}
-            started = time.perf_counter()
+        perf_counter = time.perf_counter
+        for c in calls:
+            stats = c.stats
+            started = perf_counter()
             stats.calls += 1
             try:
-                result = impl.function(**args)
-                if inspect.isawaitable(result):
+                result = c.function(**{a: kwargs[a] for a in c.argnames})
+                if c.coroutine or inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
                 stats.errors += 1
-                stats.seconds += time.perf_counter() - started
-                await self.report_error(impl.plugin_name, hook, exc, logged=quiet and raise_errors)
+                stats.seconds += perf_counter() - started
+                await self.report_error(c.impl.plugin_name, hook, exc, logged=quiet and raise_errors)
                 if raise_errors:
-                    raise HookCallError(impl.plugin_name, hook, exc) from exc
+                    raise HookCallError(c.impl.plugin_name, hook, exc) from exc
                 continue
-            elapsed = time.perf_counter() - started
+            elapsed = perf_counter() - started
             stats.seconds += elapsed
             if self.trace:
                 log.debug(
                     "hook call",
                     extra={
                         "hook": hook,
-                        "plugin": impl.plugin_name,
+                        "plugin": c.impl.plugin_name,
                         "ms": round(elapsed * 1e3, 3),
                         "result": type(result).__name__,
                     },

@@ -40,6 +40,9 @@ LOCK_NAME = "tracking.lock"
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024
 DEFAULT_FILES = 10
 
+# json.dumps with arguments builds a new encoder on every call; one record per step of every message is hot
+_ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
 
 class TrackEvent(StrEnum):
     RECEIVE = "RECEIVE"
@@ -86,12 +89,15 @@ class TrackingLog:
         self.max_size = max_size
         self.files = files
         self._lock = threading.Lock()
+        self._ino = -1  # inode of the file open in _fh
         self._fh = self._open() if enabled else None
         self._pending: list[str] = []
 
     def _open(self) -> TextIO:
         """The log file for appending; a new one is created 0600 (it names senders and clients)."""
-        return os.fdopen(open_private(self.path), "a", encoding="utf-8")
+        fh = os.fdopen(open_private(self.path), "a", encoding="utf-8")
+        self._ino = os.fstat(fh.fileno()).st_ino
+        return fh
 
     def write(
         self, event: TrackEvent, *, queue_id: str | None = None, message_id: str | None = None, **fields: Any
@@ -105,7 +111,7 @@ class TrackingLog:
             "message_id": message_id,
             **{k: v for k, v in fields.items() if v is not None},
         }
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        line = _ENCODE(record) + "\n"
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -138,7 +144,7 @@ class TrackingLog:
         """Another process (a receive worker, or the main process) rotated the file: follow the name."""
         assert self._fh is not None
         try:
-            same = os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
+            same = os.stat(self.path).st_ino == self._ino
         except FileNotFoundError:
             same = False
         if not same:

@@ -255,4 +255,6 @@ def test_session_key_tells_apart_what_makes_sessions_different() -> None:
         key(dane("3 1 1 aa"), at=HopHost("mx.example.test", 2525, 10)),
     ]
     assert all(k != base for k in different) and len(set(different)) == len(different)
+    # the hash is worked out once, from every compared field: a pooled session is found under an equal new key
+    assert {base: "pooled"}[key(dane("3 1 1 aa"))] == "pooled" and not {k for k in different} & {base}
     assert (key(sts_testing).report_source, key(sts_testing).enforce_source) == ("mta_sts", "connector")

@@ -15,6 +15,7 @@ from mxgate.core.smtp.client import (
     SmtpConnectionError,
     SmtpProtocolError,
     SmtpReply,
+    StaleSession,
     dot_stuff,
     parse_enhanced,
 )
@@ -259,3 +260,81 @@ async def test_bdat_without_pipelining_waits_for_each_reply_and_stops_at_a_refus
     assert [r.code for r in rcpts] == [550] and final is None
     await client.quit()
     assert got[6:] == [b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<n@y.test>\r\n", b"QUIT\r\n"]
+
+
+async def test_reset_goes_in_front_of_the_pipelined_group(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    """A reused session's liveness check: RSET in the same write as MAIL/RCPT/DATA (RFC 2920 §3.1); a 250 lets
+    the transaction count; anything else raises StaleSession, whatever the rest of the group was answered."""
+    got: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-mx.example\r\n250 PIPELINING\r\n")
+        await w.drain()
+        for answers in (b"250 2.0.0 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n", b"421 4.3.2 going away\r\n" * 4):
+            for _ in range(4):  # the whole group before any answer: one write
+                got.append(await _line(r))
+            w.write(answers)
+            await w.drain()
+            if answers.startswith(b"250"):
+                while await _line(r) != b".\r\n":
+                    pass
+                w.write(b"250 2.0.0 queued\r\n")
+                await w.drain()
+        await _line(r)
+        w.close()
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    await client.ehlo("me.example")
+    mail, rcpts, data = await client.envelope("a@x.test", [], ["b@y.test"], reset=True, reset_timeout=5)
+    assert mail.code == 250 and [r.code for r in rcpts] == [250] and data is not None and data.code == 354
+    assert (await client.send_data(b"Subject: t\r\n\r\nbody\r\n")).code == 250
+    with pytest.raises(StaleSession, match="RSET answered 421"):
+        await client.envelope("a@x.test", [], ["b@y.test"], reset=True, reset_timeout=5)
+    client.abort()
+    group = [b"RSET\r\n", b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@y.test>\r\n", b"DATA\r\n"]
+    assert got == group * 2
+    start = client.transcript.index("C: RSET")
+    assert client.transcript[start : start + 5] == [
+        "C: RSET",
+        "C: MAIL FROM:<a@x.test>",
+        "C: RCPT TO:<b@y.test>",
+        "C: DATA",
+        "S: 250 2.0.0 reset",
+    ]
+
+
+async def test_reset_without_pipelining_and_on_a_dead_session(scripted: Callable[[Script], Awaitable[int]]) -> None:
+    """No PIPELINING: RSET waits for its 250 before MAIL (BDAT alike). A session the peer dropped raises
+    StaleSession, not a transaction failure."""
+    got: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 mx ESMTP\r\n")
+        await _line(r)
+        w.write(b"250-mx.example\r\n250 CHUNKING\r\n")
+        for reply in (b"250 reset\r\n", b"250 ok\r\n", b"250 ok\r\n"):  # RSET, MAIL, RCPT
+            got.append(await _line(r))
+            w.write(reply)
+        header = await _line(r)
+        got.append(header)
+        await asyncio.wait_for(r.readexactly(int(header.split()[1])), 5)
+        w.write(b"250 2.0.0 queued\r\n")
+        await w.drain()
+        w.close()  # dropped while idle
+
+    port = await scripted(script)
+    client = await SmtpClient.connect("127.0.0.1", port, timeout=5)
+    await client.ehlo("me.example")
+    mail, rcpts, final = await client.envelope_bdat("a@x.test", [], ["b@y.test"], b"x\r\n", reset=True)
+    assert mail.code == 250 and [r.code for r in rcpts] == [250] and final is not None and final.code == 250
+    assert got == [b"RSET\r\n", b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@y.test>\r\n", b"BDAT 3 LAST\r\n"]
+    for _ in range(100):  # until the EOF arrived (bounded)
+        if client.closed:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(StaleSession):
+        await client.envelope_bdat("a@x.test", [], ["b@y.test"], b"x\r\n", reset=True, reset_timeout=2)
+    client.abort()

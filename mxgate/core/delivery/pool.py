@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from mxgate.core.delivery.model import OutgoingMessage
+from mxgate.core.delivery.plan import Capabilities
 from mxgate.core.delivery.policy import TlsDecision
 from mxgate.core.outcomes import Destination, HopHost, HostPolicy, NextHop, PeerVerification, PolicyType, TlsLevel
 from mxgate.core.smtp.client import SmtpClient, SmtpClientError
@@ -58,6 +60,15 @@ class SessionKey:
     report_source: str | None  # the report-only policy (MTA-STS testing), if any
     tls_optional: bool  # RFC 8689 TLS-Required: No
     auth_username: str | None
+    # worked out once: a key is looked up twice per message (take, then pool), and hashing its connector and
+    # policies field by field each time showed in profiles
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(_key_fields(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(
@@ -92,6 +103,9 @@ class SessionKey:
         )
 
 
+_key_fields = attrgetter(*(f.name for f in fields(SessionKey) if f.compare))
+
+
 @dataclass(eq=False)
 class PooledSession:
     """An established session (banner, EHLO, STARTTLS, verification, AUTH done) and what its first delivery
@@ -104,6 +118,7 @@ class PooledSession:
     opened: float  # loop time of the connect
     messages: int = 0  # transactions started on it
     timer: asyncio.TimerHandle | None = None  # idle expiry while pooled
+    capabilities: Capabilities | None = None  # what its EHLO offered, once worked out (fixed for the session)
 
 
 class SessionPool:
@@ -233,14 +248,22 @@ class SessionPool:
         session.client.quit_nowait()
         session.client.transcript.clear()
 
+    def take(self, key: SessionKey, connector: OutboundConnector) -> PooledSession | None:
+        """A pooled session that may carry another message, not checked yet: the caller sends RSET in front of
+        its transaction (:func:`~mxgate.core.delivery.transaction.send_message` with ``reset``, pipelined where
+        the peer offers PIPELINING) and, when that fails, takes the next one. Sessions the peer closed while idle,
+        or too old or too used, are closed silently."""
+        while (session := self._take(key)) is not None:
+            if self.reusable(session, connector):
+                return session
+            self._drop(session)
+        return None
+
     async def checkout(self, key: SessionKey, connector: OutboundConnector) -> PooledSession | None:
         """A pooled session that answers RSET with 250 (Postfix's liveness check). Sessions the peer closed
         while idle, or that fail the check, are closed silently: the caller then connects anew."""
-        while (session := self._take(key)) is not None:
+        while (session := self.take(key, connector)) is not None:
             client = session.client
-            if not self.reusable(session, connector):
-                self._drop(session)
-                continue
             try:
                 reply = await client.command("RSET", timeout=min(connector.command_timeout, RSET_TIMEOUT))
             except SmtpClientError as exc:

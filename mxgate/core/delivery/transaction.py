@@ -30,9 +30,9 @@ from mxgate.core.delivery.plan import (
     rcpt_params,
     transaction_params,
 )
-from mxgate.core.delivery.pool import PooledSession, SessionKey, SessionPool
+from mxgate.core.delivery.pool import RSET_TIMEOUT, PooledSession, SessionKey, SessionPool
 from mxgate.core.outcomes import Destination, HopHost, PeerVerification
-from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply
+from mxgate.core.smtp.client import SmtpClient, SmtpClientError, SmtpReply, StaleSession
 
 if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
@@ -72,9 +72,15 @@ async def send_message(
     host: HopHost,
     message: OutgoingMessage,
     rec: AttemptLog,
+    *,
+    reset: bool = False,
 ) -> DeliveryResult | None:
     """The message over an established session: what it needs of the peer (SIZE, SMTPUTF8, 8BITMIME, from
-    the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``)."""
+    the session's EHLO), then the transaction. ``None`` when the peer cannot take it (recorded in ``rec``).
+
+    ``reset``: a pooled session not checked yet: RSET goes in front of the transaction (pipelined where offered);
+    :class:`~mxgate.core.smtp.client.StaleSession` is raised when it fails (nothing of the transaction counts:
+    the caller drops the session and tries another)."""
     client = session.client
     verification = session.verification
     verified_tls = (
@@ -83,7 +89,9 @@ async def send_message(
         and verification.ok
         and verification.label in ("verified", "trusted")
     )
-    caps = capabilities_of(client)
+    caps = session.capabilities
+    if caps is None:
+        caps = session.capabilities = capabilities_of(client)
     if session.messages == 0:
         rec.steps.append(f"{session.where}: extensions {describe_extensions(caps)}")
     params, unmet = transaction_params(message, caps, session.where, verified_tls=verified_tls)
@@ -94,7 +102,7 @@ async def send_message(
         client.transcript.clear()
         return None
     session.messages += 1
-    return await run_transaction(pool, session, key, connector, destination, host, message, params, rec)
+    return await run_transaction(pool, session, key, connector, destination, host, message, params, rec, reset=reset)
 
 
 async def run_transaction(
@@ -107,22 +115,37 @@ async def run_transaction(
     message: OutgoingMessage,
     params: list[str],
     rec: AttemptLog,
+    *,
+    reset: bool = False,
 ) -> DeliveryResult:
     client, tls_info, verification = session.client, session.tls_info, session.verification
     mx = host.name
     recipients = message.recipients
     outcomes: dict[str, RecipientOutcome] = {}
     accepted: list[str] = []
-    per_rcpt = rcpt_params(message, capabilities_of(client))
+    per_rcpt = rcpt_params(message, session.capabilities or capabilities_of(client))
     bdat = connector.chunking and client.supports("CHUNKING") and not message.verify_only
+    reset_timeout = min(connector.command_timeout, RSET_TIMEOUT)
     try:
         if bdat:
             mail, rcpts, data = await client.envelope_bdat(
-                message.sender, params, recipients, message.data, per_recipient=per_rcpt
+                message.sender,
+                params,
+                recipients,
+                message.data,
+                per_recipient=per_rcpt,
+                reset=reset,
+                reset_timeout=reset_timeout,
             )
         else:
             mail, rcpts, data = await client.envelope(
-                message.sender, params, recipients, data=not message.verify_only, per_recipient=per_rcpt
+                message.sender,
+                params,
+                recipients,
+                data=not message.verify_only,
+                per_recipient=per_rcpt,
+                reset=reset,
+                reset_timeout=reset_timeout,
             )
         if message.verify_only:
             return await callout_result(pool, session, key, connector, destination, host, message, rec, mail, rcpts)
@@ -172,6 +195,8 @@ async def run_transaction(
                     r, FAILED if final.is_permanent else DEFERRED, str(final), final.status, mx, True
                 )
         await pool.finish(session, key, connector, reset=not final.is_positive)
+    except StaleSession:
+        raise  # the pooled session failed its RSET: nothing was sent that counts; the caller takes another
     except SmtpClientError as exc:
         # Lost in the middle: whatever was not confirmed is deferred (at-least-once; RFC 5321 §6.1).
         client.abort()
