@@ -221,6 +221,7 @@ async def load_run(
     return result
 
 
+@pytest.mark.soak  # the one-process layout; `make test` keeps the production default's (a receive worker) below
 @pytest.mark.timeout(240)  # a load test: 57 s seen with the machine at well under half speed
 async def test_500_concurrent_mixed_sessions(tmp_path: Path) -> None:
     await load_run(tmp_path, sessions=500, waves=3, wave_seconds=3.0, good_share=0.7)
