@@ -10,7 +10,7 @@
 * :mod:`~mxgate.core.delivery.model`: the records hooks, the scheduler and the CLI see.
 """
 
-from mxgate.core.delivery.driver import AddressResolver, Deliverer
+from mxgate.core.delivery.driver import Deliverer
 from mxgate.core.delivery.model import DEFERRED, DELIVERED, FAILED, DeliveryResult, OutgoingMessage, RecipientOutcome
 from mxgate.core.delivery.plan import (
     AttemptFailure,
@@ -47,7 +47,6 @@ __all__ = [
     "FAILED",
     "QUIT_TIMEOUT",
     "RSET_TIMEOUT",
-    "AddressResolver",
     "AttemptFailure",
     "AttemptPlan",
     "Capabilities",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -67,11 +66,9 @@ if TYPE_CHECKING:
     from mxgate.connectors.outbound import OutboundConnector
     from mxgate.core.runtime import Runtime
 
-__all__ = ["AddressResolver", "Deliverer"]
+__all__ = ["Deliverer"]
 
 log = logging.getLogger(__name__)
-
-AddressResolver = Callable[[str], Awaitable[tuple[str, ...]]]
 
 
 class Deliverer:
@@ -91,13 +88,11 @@ class Deliverer:
         self,
         runtime: Runtime,
         *,
-        resolve_addresses: AddressResolver | None = None,
         reuse: bool = True,
         probe: bool = False,
         timeout_cap: float | None = None,
     ) -> None:
         self.runtime = runtime
-        self._resolve_addresses = resolve_addresses
         self._probe = probe
         self._timeout_cap = timeout_cap
         self.pool = SessionPool(runtime.tasks, keep=reuse and not probe)
@@ -252,8 +247,6 @@ class Deliverer:
             return host.addresses
         if is_ip(host.name):
             return (host.name.strip("[]"),)
-        if self._resolve_addresses is not None:
-            return await self._resolve_addresses(host.name)
         resolver = self.runtime.resolver
         if resolver is None:
             return ()
