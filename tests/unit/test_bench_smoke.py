@@ -160,13 +160,16 @@ def test_edge_relays_through_verified_tls_and_splits_cpu_by_stage(edge_results: 
         parts = st["stages_ms_per_msg"]
         assert set(parts) == {"receive", "queue", "deliver", "tls", "other"}
         assert all(_number(v) for v in parts.values()), parts
-        assert parts["receive"] > 0 and parts["deliver"] > 0
+        # the stages split each thread's /proc figure by perf's samples of it (199 Hz); on 40 messages a thread may
+        # get only a few samples, all in one library (TLS, SQLite), so a stage can read 0 while its thread did work
+        assert parts["receive"] > 0 and parts["deliver"] + parts["queue"] + parts["tls"] > 0, parts
         # the parts are measured per thread from /proc; together they cannot exceed the cgroup's total by more
         # than the rounding of a clock tick per thread
         assert st["attributed_ms_per_msg"] <= st["total_ms_per_msg"] * 1.1 + 1.0, st
         assert _number(st["ceilings"]["cores_msgs"])
     mx_units = edge["mxgate"]["stages"]["units_ms_per_msg"]
     assert "worker" in mx_units and "main: event loop" in mx_units  # the receive worker and the main process
+    assert mx_units["worker"] > 0 and mx_units["main: event loop"] > 0, mx_units  # both measured from /proc
     if "skipped" not in postfix:
         # qmgr may spend less than a clock tick on 40 messages and then has no figure of its own
         assert {"smtpd", "cleanup", "smtp"} <= set(postfix["stages"]["units_ms_per_msg"])
