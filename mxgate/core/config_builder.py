@@ -130,6 +130,10 @@ class _Builder:
         if hint in expected and (not isinstance(raw, hint) or (hint is int and isinstance(raw, bool))):
             self.problem(path, f"expected {meta.get('expects') or expected[hint]}, got {_describe(raw)}")
             return _BAD
+        if hint is str and "\x00" in raw:
+            # no user, path, host or name holds one, and the C library calls behind the checks refuse it
+            self.problem(path, "expected a string without NUL characters (\\u0000)")
+            return _BAD
         return raw
 
     def checked(self, value: Any, path: str, meta: Mapping[str, Any]) -> tuple[Any, bool]:

@@ -312,3 +312,11 @@ def test_config_objects_are_frozen() -> None:
         config.server.hostname = "evil"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.outbound_connector[0].extra["dane"] = "none"  # type: ignore[index]
+
+
+def test_nul_in_a_string_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    # TOML allows "\u0000"; the C library behind pwd/grp/socket refuses it with ValueError (found by fuzzing)
+    path = write(tmp_path, '[server]\nuser = "a\\u0000b"\nhostname = "mx\\u0000.example.org"\n' + BASE)
+    found = problems(path)
+    assert f"{path}: server.user: expected a string without NUL characters (\\u0000)" in found
+    assert f"{path}: server.hostname: expected a string without NUL characters (\\u0000)" in found

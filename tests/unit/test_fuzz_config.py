@@ -332,6 +332,7 @@ def test_fuzz_config_bytes(workdir: Path, data: bytes) -> None:
 @example({"listener": [{"name": "a", "address": "[::1]:99999999999999999999999"}]})
 @example({"dns": {"resolvers": [7, None, {"address": []}]}})
 @example({"plugins": {"priority": {"dane": 2**70}}})
+@example({"server": {"hostname": [], "user": "a\x00b", "group": "\x00"}, "dns": {"resolvers": ["127.0.0.1\x00:53"]}})
 def test_fuzz_config_documents(workdir: Path, doc: dict[str, Any]) -> None:
     _load_document(workdir, doc)
 
