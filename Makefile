@@ -35,8 +35,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# pytest-xdist: one test process per core (each starts its own DNS lab, CA and PostgreSQL once); a test takes the
+# next free process, so the long ones do not queue behind each other. `make unit` / `integration` run in one process.
 test: $(STAMP) deps lint typecheck
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=10
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
