@@ -269,7 +269,9 @@ def _sync_client(host: str, port: int, ctx: ssl.SSLContext, session: ssl.SSLSess
 
 async def test_server_allows_session_resumption(mx1: IssuedCert) -> None:
     client_ctx = tls.client_context(verify=False)
-    async for srv in _serve(_ctx_server(mx1)):
+    server_ctx = _ctx_server(mx1)
+    assert server_ctx.num_tickets == 1  # one TLS 1.3 ticket per full handshake, and it resumes
+    async for srv in _serve(server_ctx):
         reused, session = await asyncio.to_thread(_sync_client, srv.host, srv.port, client_ctx, None)
         assert not reused and isinstance(session, ssl.SSLSession)
         await asyncio.wait_for(srv.seen.get(), 5)
