@@ -136,6 +136,17 @@ async def _client(n: int, port: int, ledger: Ledger, stop: asyncio.Event, size: 
             await client.close()
 
 
+async def _under_load(ledger: Ledger, seconds: float, *, flowing: int = 5, timeout: float = 60) -> None:
+    """Wait until the (re)started gateway has acknowledged ``flowing`` more messages, then ``seconds`` more: a kill
+    lands while mail moves, however slowly a loaded machine brings the gateway up (a fixed pause alone once ended
+    every window before the first message: 0 acknowledged)."""
+    before, deadline = len(ledger.acked), time.monotonic() + timeout
+    while len(ledger.acked) < before + flowing:
+        assert time.monotonic() < deadline, f"the gateway acknowledged {len(ledger.acked) - before} in {timeout:.0f} s"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(seconds)
+
+
 async def _integrity(state: Path) -> list[str]:
     store = await QueueStore.open(state, release_leases=False)
     try:
@@ -196,7 +207,7 @@ async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: t
             await asyncio.to_thread(gw.start, port)
             tasks = [asyncio.ensure_future(_client(i, port, ledger, stop, size, 100_000)) for i in range(clients)]
             for k in range(kills):
-                await asyncio.sleep(rng.uniform(*load_seconds))
+                await _under_load(ledger, rng.uniform(*load_seconds))
                 assert gw.proc is not None and gw.proc.poll() is None, f"gateway died by itself:\n{gw.tail()}"
                 if receive_workers and k % 2 == 1:
                     workers = child_pids(gw.pid)
@@ -214,7 +225,7 @@ async def crash_run(tmp_path: Path, *, kills: int, clients: int, load_seconds: t
                 problems = await _integrity(state)
                 assert problems == [], f"integrity after kill {k + 1}: {problems}"
                 await asyncio.to_thread(gw.start, port)
-            await asyncio.sleep(rng.uniform(*load_seconds))
+            await _under_load(ledger, rng.uniform(*load_seconds))
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
             # drain: every acknowledged message must arrive (bounded)
